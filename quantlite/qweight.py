@@ -1,0 +1,283 @@
+"""QWeight: the whole quantized state of one Linear weight, and its flat-dict form (docs/FORMAT.md).
+
+For W (N, K) = (out_features, in_features), block size B along K, K padded up to Kp = ceil(K/B)*B:
+
+    W[n, k] ~= codebook[code(n, k)] * scale(n, k // B) + S[n, k]        for k < K
+
+where S is a sparse matrix of fp16 outliers in CSR form. At an outlier the dense code is the zero
+level, so S holds the whole value and the weight dequantizes to it exactly. Padding columns
+(K <= k < Kp) hold the zero code and are never part of the result.
+
+Scales are stored one of two ways:
+  * plain: `scales` (N, Kp/B) float16 or float32;
+  * double-quantized (QLoRA): `scale_codes` (N, Kp/B) uint8, decoded per group of 256 consecutive
+    scales (row-major order) as `scale_group_min[g] + code * scale_group_step[g]`, both float32.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from quantlite.errors import FormatError
+
+FORMAT_NAME = "quantlite.qweight"
+FORMAT_VERSION = 1
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, BLOCK_SIZE_MULTIPLE = 32, 256, 16
+SCALE_GROUP_SIZE = 256  # scales per fp32 (min, step) pair in double quantization
+MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so kernels can cache per weight
+class QWeight:
+    shape: tuple[int, int]           # (N, K) of the original weight
+    block_size: int                  # B: weights per scale, along K
+    method: str                      # "quantlite", "nf4" or "rtn": informational, the math is below
+    codebook: torch.Tensor           # (16,) float32, ascending, contains 0.0 exactly once
+    codes: torch.Tensor              # (N, Kp // 2) uint8, two codes per byte, low nibble = even column
+    outlier_row_ptr: torch.Tensor    # (N + 1,) int32, CSR row pointers into outlier_cols/vals
+    outlier_cols: torch.Tensor       # (nnz,) uint16 when K <= 65536 else int32, ascending in a row
+    outlier_vals: torch.Tensor       # (nnz,) float16, the whole weight value at that position
+    scales: torch.Tensor | None = None            # (N, Kp // B) float16 or float32; None if double-quantized
+    scale_codes: torch.Tensor | None = None       # (N, Kp // B) uint8, double-quantized scales
+    scale_group_min: torch.Tensor | None = None   # (ceil(N * Kp/B / 256),) float32
+    scale_group_step: torch.Tensor | None = None  # (ceil(N * Kp/B / 256),) float32
+
+    # ----------------------------------------------------------------- derived sizes
+    @property
+    def padded_k(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape[1] // self.block_size)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.scales is None
+
+    @property
+    def n_outliers(self) -> int:
+        return int(self.outlier_vals.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: all tensors of to_dict(), metadata included."""
+        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    # ----------------------------------------------------------------- math
+    def block_scales(self) -> torch.Tensor:
+        """(N, Kp // B) float32: the scales the math uses, decoded from double quantization if needed.
+        This is also the layout every kernel takes."""
+        if self.scales is not None:
+            return self.scales.float()
+        return decode_double_quant(self.scale_codes, self.scale_group_min, self.scale_group_step)
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """(N, Kp) uint8, one code per weight (padding columns included)."""
+        low = self.codes & 0x0F
+        high = self.codes >> 4
+        return torch.stack([low, high], dim=-1).reshape(self.shape[0], self.padded_k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, K) tensor of the given dtype. Computed in float32 (float64 if asked), outliers exact."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        n, k = self.shape
+        levels = self.codebook.to(compute)[self.unpacked_codes().long()]
+        scales = self.block_scales().to(compute).repeat_interleave(self.block_size, dim=1)
+        dense = (levels * scales)[:, :k]
+        if self.n_outliers:
+            rows = torch.repeat_interleave(
+                torch.arange(n, device=self.device), torch.diff(self.outlier_row_ptr.long())
+            )
+            dense[rows, self.outlier_cols.long()] += self.outlier_vals.to(compute)
+        return dense.to(dtype)
+
+    def to(self, device: torch.device | str) -> "QWeight":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return replace(self, **{k: v for k, v in moved.items() if isinstance(v, torch.Tensor)})
+
+    # ----------------------------------------------------------------- flat dict
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat {name: tensor}; names are prefix + the field names of docs/FORMAT.md."""
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "shape": list(self.shape),
+            "block_size": self.block_size,
+            "method": self.method,
+        }
+        out = {"meta": torch.frombuffer(bytearray(json.dumps(meta, sort_keys=True).encode()), dtype=torch.uint8)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value
+        return {prefix + name: tensor.contiguous() for name, tensor in out.items()}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "", name: str | None = None) -> "QWeight":
+        """Validate (docs/FORMAT.md, "What a reader must reject") and build. Raises FormatError."""
+        where = name or prefix.rstrip(".") or "qweight"
+
+        def fail(message: str) -> FormatError:
+            return FormatError(f"{where}: {message}")
+
+        def get(field: str, required: bool = True) -> torch.Tensor | None:
+            tensor = tensors.get(prefix + field)
+            if tensor is None and required:
+                raise fail(f"missing tensor '{prefix + field}'")
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                raise fail(f"'{prefix + field}' is not a tensor")
+            return tensor
+
+        meta = _parse_meta(get("meta"), fail)
+        n, k = meta["shape"]
+        block = meta["block_size"]
+        n_blocks = -(-k // block)
+        kp = n_blocks * block
+
+        codebook = get("codebook")
+        _expect(codebook, (16,), (torch.float32,), "codebook", fail)
+        if not torch.isfinite(codebook).all() or not bool((codebook[1:] > codebook[:-1]).all()):
+            raise fail("codebook must be 16 finite ascending float32 levels")
+        if int((codebook == 0).sum()) != 1:
+            raise fail("codebook must contain the level 0.0 exactly once")
+
+        codes = get("codes")
+        _expect(codes, (n, kp // 2), (torch.uint8,), "codes", fail)
+
+        scales = get("scales", required=False)
+        scale_codes = get("scale_codes", required=False)
+        group_min = get("scale_group_min", required=False)
+        group_step = get("scale_group_step", required=False)
+        if (scales is None) == (scale_codes is None):
+            raise fail("exactly one of 'scales' and 'scale_codes' must be present")
+        if scales is not None:
+            _expect(scales, (n, n_blocks), (torch.float16, torch.float32), "scales", fail)
+            if not torch.isfinite(scales).all() or bool((scales < 0).any()):
+                raise fail("scales must be finite and non-negative")
+        else:
+            n_groups = -(-(n * n_blocks) // SCALE_GROUP_SIZE)
+            _expect(scale_codes, (n, n_blocks), (torch.uint8,), "scale_codes", fail)
+            for label, tensor in (("scale_group_min", group_min), ("scale_group_step", group_step)):
+                if tensor is None:
+                    raise fail(f"double-quantized scales need '{prefix + label}'")
+                _expect(tensor, (n_groups,), (torch.float32,), label, fail)
+                if not torch.isfinite(tensor).all():
+                    raise fail(f"{label} must be finite")
+
+        row_ptr = get("outlier_row_ptr")
+        cols = get("outlier_cols")
+        vals = get("outlier_vals")
+        _expect(row_ptr, (n + 1,), (torch.int32,), "outlier_row_ptr", fail)
+        col_dtype = torch.uint16 if k <= 65536 else torch.int32
+        if cols.dim() != 1 or vals.dim() != 1 or cols.numel() != vals.numel():
+            raise fail(f"outlier_cols {tuple(cols.shape)} and outlier_vals {tuple(vals.shape)} must be 1-D of one length")
+        _expect(cols, (cols.numel(),), (col_dtype,), "outlier_cols", fail)
+        _expect(vals, (vals.numel(),), (torch.float16,), "outlier_vals", fail)
+        nnz = vals.numel()
+        ptr = row_ptr.long()
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+            raise fail(f"outlier_row_ptr must start at 0 and end at nnz={nnz}, got {int(ptr[0])}..{int(ptr[-1])}")
+        if bool((ptr[1:] < ptr[:-1]).any()):
+            raise fail("outlier_row_ptr decreases")
+        if nnz:
+            col = cols.long() if cols.dtype != torch.uint16 else cols.to(torch.int32).long()
+            if int(col.min()) < 0 or int(col.max()) >= k:
+                raise fail(f"an outlier column is outside [0, {k})")
+            same_row = torch.ones(nnz, dtype=torch.bool)
+            same_row[ptr[1:-1][ptr[1:-1] < nnz]] = False  # first entry of each row starts a new run
+            if bool(((col[1:] <= col[:-1]) & same_row[1:]).any()):
+                raise fail("outlier columns must be strictly ascending within a row")
+            if not torch.isfinite(vals).all():
+                raise fail("outlier values must be finite")
+
+        return cls(
+            shape=(n, k), block_size=block, method=meta["method"], codebook=codebook, codes=codes,
+            outlier_row_ptr=row_ptr, outlier_cols=cols, outlier_vals=vals, scales=scales,
+            scale_codes=scale_codes, scale_group_min=group_min, scale_group_step=group_step,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """One QWeight as a safetensors file (names without prefix)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.cpu() for k, v in self.to_dict().items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QWeight":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise FormatError(f"{path}: not a readable safetensors file ({error})") from error
+        return cls.from_dict(tensors, name=str(path))
+
+    def __repr__(self) -> str:
+        scales = "double-quantized" if self.double_quant else str(self.scales.dtype).replace("torch.", "")
+        return (
+            f"QWeight(shape={self.shape}, method={self.method!r}, block_size={self.block_size}, "
+            f"scales={scales}, outliers={self.n_outliers}, bits_per_weight={self.bits_per_weight:.3f})"
+        )
+
+
+def decode_double_quant(
+    scale_codes: torch.Tensor, scale_group_min: torch.Tensor, scale_group_step: torch.Tensor
+) -> torch.Tensor:
+    """(N, nb) uint8 codes -> (N, nb) float32 scales: min + code * step of the code's group of 256."""
+    flat = scale_codes.reshape(-1).float()
+    group = torch.arange(flat.numel(), device=flat.device) // SCALE_GROUP_SIZE
+    return (scale_group_min[group] + flat * scale_group_step[group]).reshape(scale_codes.shape)
+
+
+def _parse_meta(meta: torch.Tensor, fail) -> dict:
+    if meta.dtype != torch.uint8 or meta.dim() != 1 or meta.numel() > MAX_META_BYTES:
+        raise fail(f"'meta' must be 1-D uint8 of at most {MAX_META_BYTES} bytes")
+    try:
+        parsed = json.loads(bytes(meta.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise fail(f"'meta' is not UTF-8 JSON ({error})") from error
+    if not isinstance(parsed, dict) or parsed.get("format") != FORMAT_NAME:
+        raise fail(f"'meta' does not describe a {FORMAT_NAME}")
+    if parsed.get("version") != FORMAT_VERSION:
+        raise fail(f"format version {parsed.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    shape = parsed.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
+        raise fail(f"shape {shape!r} must be two positive integers below 2**31")
+    block = parsed.get("block_size")
+    if not (_is_int(block) and MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE and block % BLOCK_SIZE_MULTIPLE == 0):
+        raise fail(f"block_size {block!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+    if not isinstance(parsed.get("method"), str):
+        raise fail("'meta' must name the method")
+    if math.prod(shape) > 2**40:
+        raise fail(f"shape {shape} is absurdly large")
+    return parsed
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(tensor: torch.Tensor, shape: tuple, dtypes: tuple, label: str, fail) -> None:
+    if tensor.dtype not in dtypes:
+        allowed = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise fail(f"{label} has dtype {str(tensor.dtype).replace('torch.', '')}, expected {allowed}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise fail(f"{label} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
