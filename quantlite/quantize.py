@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlite.codebook import int4_codebook, nearest_code, nf4_codebook, zero_code
+from quantlite.codebook import int4_codebook, nearest_code, nf4_codebook
 from quantlite.errors import QuantizationInputError
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
@@ -89,7 +89,8 @@ def quantize(
     n_blocks = -(-k // block_size)
     padded_k = n_blocks * block_size
 
-    dense = torch.nn.functional.pad(w.detach().to(torch.float32, copy=True), (0, padded_k - k))
+    dense = torch.zeros(n, padded_k, dtype=torch.float32)  # (N, Kp): padding columns stay 0
+    dense[:, :k] = w.detach()
     column_weight = None
     if importance is not None:
         column_weight = torch.nn.functional.pad(importance.to(torch.float32), (0, padded_k - k))
@@ -114,9 +115,9 @@ def quantize(
         scales = decode_double_quant(**scale_fields)  # codes must use exactly what a reader decodes
 
     # 5. codes
+    # Outliers were zeroed and padding is 0, so both get the zero level's code here: 0 * (1/scale)
+    # lies strictly between the two midpoints around the level 0 (tests/test_quantize.py checks it).
     codes = _block_codes(blocks, scales.float(), codebook)
-    codes[rows, cols] = zero_code(codebook)
-    codes[:, k:] = zero_code(codebook)
 
     row_ptr = torch.zeros(n + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0).to(torch.int32)
