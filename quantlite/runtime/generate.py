@@ -1,0 +1,240 @@
+"""Text generation on a StreamingLlama: tokenizer and chat template, sampling, stop tokens, batching.
+
+A batch of prompts is left-padded to one length so that every layer load serves all of them
+(FlexGen's point: one read of a layer, many sequences). Prefill runs each whole prompt through each
+layer once; then one token per row per step, with a KV cache, until every row has stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from quantlite.errors import QuantliteError
+
+
+class GenerationError(QuantliteError, ValueError):
+    """Bad generation input: empty prompts, out-of-range options, a chat request without a template."""
+
+
+class Tokenizer:
+    """tokenizer.json (the `tokenizers` library) plus the chat template of tokenizer_config.json."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise GenerationError(f"{folder}: no tokenizer.json, so text cannot be tokenized (pass token ids instead)")
+        self.backend = FastTokenizer.from_file(str(folder / "tokenizer.json"))
+        settings_file = folder / "tokenizer_config.json"
+        self.settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        self.chat_template: str | None = self.settings.get("chat_template")
+        self.bos_token = self._token_text("bos_token")
+        self.eos_token = self._token_text("eos_token")
+        self.eos_token_id = self.backend.token_to_id(self.eos_token) if self.eos_token else None
+
+    def _token_text(self, key: str) -> str | None:
+        value = self.settings.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render the conversation with the model's own Jinja template, ending with the assistant's turn."""
+        if not self.chat_template:
+            raise GenerationError("this model's tokenizer_config.json has no chat_template; use a plain prompt")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise GenerationError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "", eos_token=self.eos_token or ""
+        )
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0            # summed over the batch, padding excluded
+    new_tokens: int = 0               # summed over the batch
+    time_to_first_token: float = 0.0  # seconds: prefill and the first sample
+    decode_seconds: float = 0.0       # seconds after the first token
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second per sequence after the first token (steps / time)."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]        # the new tokens of each prompt, stop token excluded
+    texts: list[str] | None           # their decoded text (None without a tokenizer)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (batch, vocab) float32 -> (batch,) int64. temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # drop the least likely tokens whose total probability stays within 1 - top_p; keep at least one
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[:, -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _prompt_ids(model, prompts, chat: bool, system: str | None) -> tuple[list[list[int]], bool]:
+    """Token ids of each prompt, and whether the prompts were text."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise GenerationError("no prompt given")
+    if all(isinstance(p, str) for p in prompts):
+        tokenizer = model.tokenizer
+        if chat:
+            head = [{"role": "system", "content": system}] if system else []
+            texts = [tokenizer.apply_chat_template(head + [{"role": "user", "content": p}]) for p in prompts]
+            ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            ids = [tokenizer.encode(p) for p in prompts]
+        as_text = True
+    elif all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
+        if chat:
+            raise GenerationError("chat=True needs text prompts (the template is applied to text)")
+        ids, as_text = [list(p) for p in prompts], False
+    else:
+        raise GenerationError("prompts must be strings or lists of token ids, not a mix")
+    vocab = model.config.vocab_size
+    for row, p in enumerate(ids):
+        if not p:
+            raise GenerationError(f"prompt {row} is empty after tokenization")
+        if min(p) < 0 or max(p) >= vocab:
+            raise GenerationError(f"prompt {row} has token ids outside [0, {vocab})")
+    return ids, as_text
+
+
+def _stop_ids(model, stop: Iterable[int | str], tokenizer: Tokenizer | None) -> tuple[set[int], list[str]]:
+    """Stop token ids (the config's and the tokenizer's EOS plus the ones given) and stop strings."""
+    ids: set[int] = set()
+    eos = model.packed.config.get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    strings = []
+    for item in stop:
+        (ids.add(item) if isinstance(item, int) else strings.append(item))
+    if strings and tokenizer is None:
+        raise GenerationError("stop strings need text prompts (token-id prompts are never decoded)")
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids, strings
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Iterable[int | str] = (),
+    chat: bool = False,
+    system: str | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Continue each prompt by up to max_new_tokens tokens, all prompts as one batch.
+
+    prompts: a string, a list of strings, a list of token ids, or a list of such lists.
+    temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with seed.
+    stop: extra stop token ids or stop strings (the model's EOS tokens always stop).
+    chat: wrap each prompt as a user turn in the model's chat template (system: an optional system turn).
+    on_token(row, token_id): called for every new token as soon as it is chosen (streaming output).
+    """
+    _check_options(max_new_tokens, temperature, top_k, top_p)
+    ids, as_text = _prompt_ids(model, prompts, chat, system)
+    stop_ids, stop_strings = _stop_ids(model, stop, model.tokenizer if as_text else None)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
+
+    # left padding: every row's last prompt token sits at the same index
+    batch, longest = len(ids), max(map(len, ids))
+    tokens = torch.zeros(batch, longest, dtype=torch.long)
+    valid = torch.zeros(batch, longest + max_new_tokens, dtype=torch.bool)
+    for row, p in enumerate(ids):
+        tokens[row, longest - len(p):] = torch.tensor(p)
+        valid[row, longest - len(p): longest] = True
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)  # (batch, longest)
+    padded = not bool(valid[:, :longest].all())
+    cache = model.new_cache(batch, longest + max_new_tokens)
+
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    start = time.perf_counter()
+    logits = model.forward(tokens, positions, valid[:, :longest] if padded else None, cache, last_only=True)
+    for step in range(max_new_tokens):
+        chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
+        if step == 0:
+            stats.time_to_first_token = time.perf_counter() - start
+        for row, token in enumerate(chosen.tolist()):
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+                continue
+            new_tokens[row].append(token)
+            stats.new_tokens += 1
+            if on_token is not None:
+                on_token(row, token)
+            if stop_strings and any(s in model.tokenizer.decode(new_tokens[row]) for s in stop_strings):
+                done[row] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        valid[:, longest + step] = True
+        positions = positions[:, -1:] + 1
+        logits = model.forward(chosen[:, None], positions, valid[:, : longest + step + 1] if padded else None, cache, last_only=True)
+        stats.decode_steps += 1
+    stats.decode_seconds = time.perf_counter() - start - stats.time_to_first_token
+
+    texts = None
+    if as_text:
+        texts = [_cut_at_stop(model.tokenizer.decode(t), stop_strings) for t in new_tokens]
+    return GenerationResult(token_ids=new_tokens, texts=texts, stats=stats)
+
+
+def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    cuts = [text.index(s) for s in stop_strings if s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,287 @@
+"""The Llama model math as plain functions over tensors, exact against transformers' LlamaForCausalLM.
+
+Nothing here knows where weights live (that is streaming.py): every function takes the tensors it
+needs. A decoder layer's weights come as a dict named relative to `model.layers.{i}.`:
+
+    input_layernorm.weight             (hidden,)                      float
+    self_attn.{q,k,v,o}_proj.weight    (n_out, n_in) float or QWeight  q: n_heads*head_dim out,
+                                                                       k, v: n_kv_heads*head_dim out
+    self_attn.{q,k,v,o}_proj.bias      (n_out,) float, only with attention_bias
+    post_attention_layernorm.weight    (hidden,)                      float
+    mlp.{gate,up,down}_proj.weight     (n_out, n_in) float or QWeight  gate, up: intermediate out
+    mlp.{gate,up,down}_proj.bias       (n_out,) float, only with mlp_bias
+
+Activations are (batch, seq, hidden) in the compute dtype; RoPE angles and softmax in float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantlite.errors import QuantliteError
+from quantlite.qweight import QWeight
+
+try:  # C's dispatcher picks the fastest live back-end; the torch reference until it exists
+    from quantlite.kernels.dispatch import qmatmul
+except ImportError:  # pragma: no cover - only before quantlite/kernels/dispatch.py lands
+    from quantlite.kernels.reference import qmatmul_reference as qmatmul
+
+
+class ModelConfigError(QuantliteError, ValueError):
+    """A config.json describes something this runtime cannot run exactly (the message says what)."""
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    max_position_embeddings: int
+    rope_type: str                  # one of ROPE_TYPES
+    rope_theta: float
+    rope_factor: float = 1.0        # linear, dynamic, llama3
+    rope_low_freq_factor: float = 1.0   # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position: int = 0  # llama3: the pre-training context length
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """Read an HF Llama config.json dict, in either spelling of the RoPE settings:
+    `rope_theta` + `rope_scaling` (transformers < 5) or `rope_parameters` (transformers >= 5)."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ModelConfigError(f"model_type {hf.get('model_type')!r} is not a Llama")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelConfigError(f"hidden_act {hf.get('hidden_act')!r}: only SwiGLU with silu is a Llama MLP")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise ModelConfigError(f"config.json needs a positive integer '{key}', got {hf.get(key)!r}")
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if heads % kv_heads:
+        raise ModelConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        raise ModelConfigError(f"head_dim {head_dim} must be even for RoPE")
+
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ModelConfigError(f"rope type {rope_type!r} is not supported; this runtime knows {', '.join(ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelConfigError("partial_rotary_factor != 1 is not a Llama setting")
+    max_positions = hf.get("max_position_embeddings", 2048)
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        max_position_embeddings=max_positions,
+        rope_type=rope_type,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", max_positions)),
+    )
+
+
+# ----------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: LlamaConfig, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, scaled as the config says.
+    seq_len (longest position + 1 in this call) matters only for "dynamic" NTK scaling."""
+    dim = config.head_dim
+    base = config.rope_theta
+    if config.rope_type == "dynamic":
+        # NTK-aware: past the trained context, raise the base so the lowest frequency still fits.
+        seq_len = max(seq_len, config.max_position_embeddings)
+        grow = config.rope_factor * seq_len / config.max_position_embeddings - (config.rope_factor - 1)
+        base = base * grow ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    elif config.rope_type == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, config)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    context = config.rope_original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (batch, seq) int64 -> cos, sin (batch, seq, head_dim) in dtype, angles in float32."""
+    inv_freq = rope_inv_freq(config, int(positions.max()) + 1, positions.device)
+    angles = positions[..., None].float() * inv_freq  # (batch, seq, head_dim // 2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, seq, head_dim); rotates the two halves of each head (the HF/NeoX layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# ----------------------------------------------------------------------------------- building blocks
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., hidden): normalised in float32, then scaled, in x's dtype (as transformers does)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight(N, K).T (+ bias): a fused dequant-matmul when the weight is quantized."""
+    if isinstance(weight, QWeight):
+        y = qmatmul(x, weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.dtype) -> torch.Tensor:
+    """input_ids (batch, seq) int64 -> (batch, seq, hidden) rows of the embedding in dtype.
+    A quantized table dequantizes only the rows asked for."""
+    if not isinstance(weight, QWeight):
+        return F.embedding(input_ids, weight).to(dtype)
+    rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
+    table = _dequantize_rows(weight, rows).to(dtype)  # (n_unique, hidden)
+    return table[inverse].reshape(*input_ids.shape, -1)
+
+
+def _dequantize_rows(qw: QWeight, rows: torch.Tensor) -> torch.Tensor:
+    """(len(rows), K) float32: the selected rows of qw.dequantize(), without the others."""
+    k = qw.shape[1]
+    codes = qw.codes[rows]  # (r, Kp // 2) uint8, low nibble = even column
+    unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(len(rows), -1).long()
+    scales = qw.block_scales()[rows].repeat_interleave(qw.block_size, dim=1)
+    dense = (qw.codebook.float()[unpacked] * scales)[:, :k]
+    row_ptr = qw.outlier_row_ptr.long()
+    for i, row in enumerate(rows.tolist()):
+        start, end = int(row_ptr[row]), int(row_ptr[row + 1])
+        if end > start:
+            dense[i, qw.outlier_cols[start:end].long()] += qw.outlier_vals[start:end].float()
+    return dense
+
+
+# ----------------------------------------------------------------------------------- attention
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation.
+
+    keys[i], values[i]: (batch, n_kv_heads, max_len, head_dim); the first `length` positions are filled.
+    A layer writes its new positions at [length, length + seq); `advance(seq)` after the last layer.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (batch, n_kv_heads, seq, head_dim) -> all keys and values so far, this call's included."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise QuantliteError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, seq: int) -> None:
+        self.length += seq
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """key_valid (batch, T) bool, False at padding -> (batch, 1, q_len, T) additive mask.
+    Query i sits at key index T - q_len + i and sees the valid keys at or before it. A query with
+    nothing to see (left padding) gets a uniform row instead of NaN; its output is never used."""
+    total = key_valid.shape[1]
+    query_index = torch.arange(total - q_len, total, device=key_valid.device)[:, None]
+    causal = torch.arange(total, device=key_valid.device)[None, :] <= query_index  # (q_len, T)
+    allowed = causal[None, None] & key_valid[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def self_attention(
+    x: torch.Tensor,
+    w: dict,
+    config: LlamaConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+) -> torch.Tensor:
+    """x (batch, seq, hidden) normalised input -> (batch, seq, hidden). mask None means plain causal
+    over this call's positions (no cache, no padding)."""
+    batch, seq, _ = x.shape
+    heads = (batch, seq, -1, config.head_dim)
+    q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")).view(heads).transpose(1, 2)
+    k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")).view(heads).transpose(1, 2)
+    v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")).view(heads).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (batch, heads | kv_heads, seq, head_dim)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (batch, kv_heads, T, head_dim)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+        scale=config.head_dim**-0.5, enable_gqa=config.num_heads != config.num_kv_heads,
+    )  # (batch, heads, seq, head_dim)
+    out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
+    return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+
+def swiglu_mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
+    """x (batch, seq, hidden) -> down(silu(gate(x)) * up(x))."""
+    gate = linear(x, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
+    up = linear(x, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+    return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    w: dict,
+    config: LlamaConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    layer: int = 0,
+) -> torch.Tensor:
+    """One pre-norm Llama block: x + attn(norm(x)), then + mlp(norm(.))."""
+    x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
+    return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
