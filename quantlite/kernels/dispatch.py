@@ -1,0 +1,142 @@
+"""qmatmul(x, qw): y = x @ qw.dequantize().T on the best back-end that can run here.
+
+Back-ends (docs/kernels.md):
+    "cuda"    native CUDA library (quantlite.kernels.native), CUDA tensors
+    "triton"  Triton kernel (quantlite.kernels.triton_qmatmul): CUDA tensors, or CPU tensors when
+              TRITON_INTERPRET=1 was set before the first import (slow: for tests)
+    "cpu"     native CPU library (quantlite.kernels.native), CPU tensors
+    "torch"   dequantize + F.linear (quantlite.kernels.reference): anywhere, the ground truth
+Default choice: a CUDA tensor takes "cuda", else "triton", else "torch"; a CPU tensor takes "cpu",
+else "torch" (the Triton interpreter is far slower than the reference on the CPU); any other
+device takes "torch".
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+from quantlite.errors import BackendUnavailable, QuantliteError
+from quantlite.kernels.prepared import prepare
+from quantlite.kernels.reference import qmatmul_reference
+from quantlite.qweight import QWeight
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class KernelInputError(QuantliteError, ValueError):
+    """qmatmul was given an input it cannot multiply (dtype, shape, device); the message names the sizes."""
+
+
+def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16/fp32 -> (..., N) in x's dtype, = x @ qw.dequantize().T.
+
+    backend: None (choose by x's device and what is live, see the module docstring), or one of
+    "cuda", "triton", "cpu", "torch"; a named back-end that cannot run raises BackendUnavailable
+    with the reason. The weight is moved to x's device once and cached (kernels.prepared)."""
+    _check_inputs(x, qw)
+    name = _choose_backend(x.device, backend)
+    n, k = qw.shape
+    rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if name == "torch":
+        y = qmatmul_reference(rows, qw)
+    elif name == "triton":
+        from quantlite.kernels.triton_qmatmul import qmatmul_triton
+
+        y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device))
+    else:
+        from quantlite.kernels import native
+
+        kernel = native.qmatmul_cuda if name == "cuda" else native.qmatmul_cpu
+        y = kernel(rows.contiguous(), qw)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def available_backends() -> dict[str, str | None]:
+    """{back-end: None when it can run here, else the reason it cannot}, in BACKENDS order."""
+    return dict(_backend_status())
+
+
+@lru_cache(maxsize=1)
+def _backend_status() -> tuple[tuple[str, str | None], ...]:
+    # Cached: qmatmul consults it on every call, and what is installed does not change in a process.
+    return (("cuda", _cuda_status()), ("triton", _triton_status()), ("cpu", _cpu_status()), ("torch", None))
+
+
+def _native_module():
+    """quantlite.kernels.native, or the reason it cannot be imported."""
+    try:
+        from quantlite.kernels import native
+    except ImportError as error:
+        return None, f"quantlite.kernels.native cannot be imported ({error})"
+    return native, None
+
+
+def _cuda_status() -> str | None:
+    if not torch.cuda.is_available():
+        return f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"
+    native, reason = _native_module()
+    return reason or native.cuda_status()
+
+
+def _cpu_status() -> str | None:
+    native, reason = _native_module()
+    return reason or native.cpu_status()
+
+
+def _triton_status() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        from quantlite.kernels import triton_qmatmul
+    except ImportError as error:
+        return f"the Triton kernel cannot be imported ({error})"
+    if triton_qmatmul.INTERPRETED or torch.cuda.is_available():
+        return None
+    return "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
+
+
+def _choose_backend(device: torch.device, backend: str | None) -> str:
+    status = dict(_backend_status())
+    if backend is None:
+        order = DEFAULT_ORDER.get(device.type, ("torch",))
+        return next(name for name in order if status[name] is None)
+    if backend not in status:
+        raise BackendUnavailable(f"unknown back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if status[backend] is not None:
+        raise BackendUnavailable(f"back-end {backend!r} is not available: {status[backend]}")
+    mismatch = _device_mismatch(backend, device)
+    if mismatch:
+        raise BackendUnavailable(f"back-end {backend!r} cannot take x on {device}: {mismatch}")
+    return backend
+
+
+def _device_mismatch(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on tensors of `device`, or None."""
+    if backend == "cuda" and device.type != "cuda":
+        return "it runs on CUDA tensors"
+    if backend == "cpu" and device.type != "cpu":
+        return "it runs on CPU tensors"
+    if backend == "triton" and device.type != "cuda":
+        from quantlite.kernels import triton_qmatmul
+
+        if not triton_qmatmul.INTERPRETED:
+            return "it runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    return None
+
+
+def _check_inputs(x: torch.Tensor, qw: QWeight) -> None:
+    if not isinstance(qw, QWeight):
+        raise KernelInputError(f"qmatmul needs a QWeight, got {type(qw).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise KernelInputError(f"qmatmul needs x as a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise KernelInputError(f"qmatmul takes x in float16, bfloat16 or float32, got {x.dtype}")
+    n, k = qw.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise KernelInputError(f"x has shape {tuple(x.shape)}: its last dimension must be K={k} of the (N={n}, K={k}) weight")

@@ -1,0 +1,209 @@
+"""Triton fused dequant-matmul: y (M, N) = x (M, K) @ dequant(W).T, NF4 codes + block scales + CSR outliers.
+
+One kernel, two specialisations chosen by the host from M (one file because both share every phase
+except the inner product, and a twin of the dequantisation would drift):
+  * decode  (M <= 4, memory-bound GEMV): the inner product is an FMA-and-reduce in fp32 registers;
+    split-K when the N tiles alone cannot fill the device, so every SM streams weight bytes.
+  * prefill (M > 4, compute-bound GEMM): the dequantised tile is cast to x's dtype and fed to tl.dot.
+
+Layouts (the compute layout of quantlite.kernels.prepared.prepare):
+    x        (M, K)        fp16 / bf16 / fp32, row stride stride_xm, unit column stride
+    codes    (N, Kp // 2)  uint8, two codes per byte, low nibble = even column (Kp = K padded to B)
+    scales   (N, Kp // B)  float32, one per block of B columns
+    codebook (16,)         float32, level of each code
+    row_ptr  (N + 1,)      int32, CSR row pointers; cols (nnz,) int32; vals (nnz,) float32
+    y        (M, N)        x's dtype (or (SPLIT_K, M, N) float32 partial sums when split)
+
+Tiling and work partition: program (pid_n, pid_m, pid_k) owns the output tile
+y[pid_m*BLOCK_M : +BLOCK_M, pid_n*BLOCK_N : +BLOCK_N] over its K range (the whole of K unless split):
+
+            K  --->   split 0          split 1          split 2
+         +----------------+----------------+----------------+
+    N    | pid_k = 0      | pid_k = 1      | pid_k = 2      |   one BLOCK_N x (K / SPLIT_K) strip of
+    |    | BLOCK_K steps  |                |                |   packed bytes per program: every weight
+    v    +----------------+----------------+----------------+   byte is read by exactly one program
+                                                                (per M tile; decode has one M tile).
+Each BLOCK_K step reads a (BLOCK_N, BLOCK_K // 2) tile of bytes and splits it into the even-column
+(low nibble) and odd-column (high nibble) halves; x is read as the matching even and odd halves, so no
+interleave shuffle is needed: y += x_even @ w_even.T + x_odd @ w_odd.T.
+
+    for k0 in my K range, step BLOCK_K:                    # main loop
+        bytes  = codes[n_tile, k0/2 : k0/2 + BLOCK_K/2]    # fetch
+        w_even = codebook[bytes & 15] * scale[n, k0 // B]  # dequant (both nibbles of a byte
+        w_odd  = codebook[bytes >> 4] * scale[n, k0 // B]  #   share one block since B is even)
+        acc   += x_even @ w_even.T + x_odd @ w_odd.T       # multiply
+    if pid_k == 0: acc += x[:, cols] * vals over each row's CSR segment   # outliers, same launch
+    store acc (cast to x's dtype, or float32 partials that the host sums)  # write
+
+Outliers never become a dense matrix: after the main loop the program walks the CSR segments of its
+BLOCK_N rows in lock step (as many steps as the longest segment, shorter ones masked) and gathers the
+x columns they name.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from quantlite.kernels.dispatch import KernelInputError
+from quantlite.kernels.prepared import PreparedWeight
+
+DECODE_MAX_M = 4       # above this, tl.dot on tensor cores beats FMA-and-reduce (decode inner product)
+PROGRAMS_PER_SM = 4    # split-K aims for this many programs per SM, so loads from several overlap
+
+
+@triton.jit
+def _dequantize_tile(codes_ptr, scales_ptr, codebook_ptr, offs_n, offs_byte, N, half_kp, stride_cn, stride_sn,
+                     B: tl.constexpr):
+    """(BLOCK_N, BLOCK_K // 2) bytes -> even-column and odd-column weights, float32."""
+    mask = (offs_n[:, None] < N) & (offs_byte[None, :] < half_kp)
+    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_byte[None, :], mask=mask, other=0)
+    scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + (2 * offs_byte[None, :]) // B, mask=mask, other=0.0)
+    w_even = tl.load(codebook_ptr + (packed & 15).to(tl.int32)) * scale
+    w_odd = tl.load(codebook_ptr + (packed >> 4).to(tl.int32)) * scale
+    return w_even, w_odd
+
+
+@triton.jit
+def _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm):
+    """acc (BLOCK_M, BLOCK_N) float32 += x[offs_m, col] * val for every CSR entry of rows offs_n."""
+    mask_n = offs_n < N
+    start = tl.load(row_ptr_ptr + offs_n, mask=mask_n, other=0)
+    length = tl.load(row_ptr_ptr + offs_n + 1, mask=mask_n, other=0) - start
+    for step in range(0, tl.max(length, axis=0)):
+        live = step < length
+        col = tl.load(cols_ptr + start + step, mask=live, other=0)
+        val = tl.load(vals_ptr + start + step, mask=live, other=0.0)
+        x_mask = (offs_m[:, None] < M) & live[None, :]
+        x_col = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=x_mask, other=0.0)
+        acc += x_col.to(tl.float32) * val[None, :]
+    return acc
+
+
+@triton.jit
+def _qmatmul_kernel(
+    # pointers
+    x_ptr, codes_ptr, scales_ptr, codebook_ptr, row_ptr_ptr, cols_ptr, vals_ptr, y_ptr,
+    # sizes
+    M, N, K, half_kp, k_per_split,
+    # strides (elements)
+    stride_xm, stride_cn, stride_sn, stride_yk, stride_ym,
+    # meta-parameters
+    B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_half = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # ---------------------------------------------------------------- main loop over my K range
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, 2 * half_kp)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_byte = k0 // 2 + offs_half
+        # fetch + dequant
+        w_even, w_odd = _dequantize_tile(codes_ptr, scales_ptr, codebook_ptr, offs_n, offs_byte, N, half_kp,
+                                         stride_cn, stride_sn, B)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + 2 * offs_byte[None, :]
+        m_mask = offs_m[:, None] < M
+        x_even = tl.load(x_rows, mask=m_mask & (2 * offs_byte[None, :] < K), other=0.0)
+        x_odd = tl.load(x_rows + 1, mask=m_mask & (2 * offs_byte[None, :] + 1 < K), other=0.0)
+        # multiply
+        if USE_DOT:
+            acc += tl.dot(x_even.to(DOT_DTYPE), tl.trans(w_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd.to(DOT_DTYPE), tl.trans(w_odd.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :], axis=2)
+            acc += tl.sum(x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
+
+    # ---------------------------------------------------------------- outliers (first split only)
+    if pid_k == 0:
+        acc = _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm)
+
+    # ---------------------------------------------------------------- write
+    y_tile = y_ptr + pid_k * stride_yk + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT:
+        tl.store(y_tile, acc, mask=y_mask)  # float32 partial sum, summed by the host
+    else:
+        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run on CPU
+# tensors through Triton's interpreter (slow, for tests) and need no GPU.
+INTERPRETED = isinstance(_qmatmul_kernel, InterpretedFunction)
+
+
+def _tile_config(m: int, block_size: int) -> dict:
+    """Tile sizes and inner product for M rows. Decode tiles keep BLOCK_M * BLOCK_N * BLOCK_K / 2
+    (the FMA-and-reduce product) at 8192 floats, 64 per thread of 4 warps."""
+    if m <= DECODE_MAX_M:
+        block_m = triton.next_power_of_2(m)
+        return dict(BLOCK_M=block_m, BLOCK_N=64 // block_m, BLOCK_K=max(256, block_size), USE_DOT=False)
+    block_m = 16 if m <= 16 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=max(64, block_size), USE_DOT=True)
+
+
+def _dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
+    """tl.dot's operand type: x's own, except bf16 in the interpreter, whose tl.dot (Triton 3.9,
+    interpreter.py create_dot) multiplies the raw uint16 storage of bf16 and returns garbage."""
+    if x_dtype == torch.bfloat16 and INTERPRETED:
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
+
+
+def _default_split(x: torch.Tensor, n_tiles: int, k_steps: int) -> int:
+    """Split K only on a GPU and only when the output tiles leave SMs idle (decode on narrow layers)."""
+    if x.device.type != "cuda":
+        return 1
+    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+    wanted = -(-PROGRAMS_PER_SM * n_sm // n_tiles)
+    return max(1, min(wanted, k_steps // 2))
+
+
+def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor | None = None,
+                   split_k: int | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16/fp32, contiguous rows -> y (M, N) in x's dtype (written into `out` if given).
+    `split_k` overrides the number of K splits (tests use it to cover the split path on the CPU)."""
+    # 1. check
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise KernelInputError(f"triton qmatmul: x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
+    m, k = x.shape
+    n = weight.n
+    if k != weight.k:
+        raise KernelInputError(f"triton qmatmul: x has K={k} but the weight is (N={n}, K={weight.k})")
+    if x.stride(1) != 1:
+        raise KernelInputError(f"triton qmatmul: x must have unit column stride, got strides {x.stride()}")
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise KernelInputError(f"triton qmatmul: out must be ({m}, {n}) {x.dtype} with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    config = _tile_config(m, weight.block_size)
+    half_kp = weight.codes.shape[1]
+    k_steps = triton.cdiv(2 * half_kp, config["BLOCK_K"])
+    grid_mn = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
+    split = split_k or _default_split(x, grid_mn[0] * grid_mn[1], k_steps)
+    split = max(1, min(split, k_steps))
+    k_per_split = triton.cdiv(k_steps, split) * config["BLOCK_K"]
+    split = triton.cdiv(2 * half_kp, k_per_split)  # a rounded-up K range can leave the last split empty
+
+    # 2. allocate
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    target = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+
+    # 3. launch
+    _qmatmul_kernel[(*grid_mn, split)](
+        x, weight.codes, weight.scales, weight.codebook, weight.row_ptr, weight.cols, weight.vals, target,
+        m, n, k, half_kp, k_per_split,
+        x.stride(0), weight.codes.stride(0), weight.scales.stride(0),
+        target.stride(0) if split > 1 else 0, target.stride(-2),
+        B=weight.block_size, DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT=split > 1, **config,
+    )
+    if split > 1:
+        y.copy_(target.sum(dim=0))  # the partial sums in a fixed order: results do not depend on timing
+    return y
