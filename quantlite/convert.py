@@ -1,0 +1,450 @@
+"""convert(src, out): a Hugging Face Llama folder or a GGUF file -> a packed directory (docs/FORMAT.md).
+
+The work is one job per output file (embedding, each decoder layer, final norm/head). A job reads its
+tensors one at a time, quantizes the Linear weights, and writes one safetensors file under a temporary
+name that is renamed into place when complete. So that an interrupted run can resume:
+  * `.quantlite-partial.json` records each finished file (sha256, size, tensor stats) and a fingerprint
+    of the source and settings; a rerun with the same arguments skips what is done;
+  * every file is a pure function of (source, settings), so the resumed result is byte-identical to an
+    uninterrupted run; the manifest's creation time is the first run's (or $SOURCE_DATE_EPOCH);
+  * `quantlite.json` is written last: a folder without it never looks complete.
+Memory: one tensor is in memory at a time, and a large tensor is quantized in row chunks
+(`quantize_in_row_chunks`), so peak memory follows the largest tensor, not the checkpoint
+(benchmarks/convert_memory.py, docs/convert.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+import quantlite
+from quantlite.errors import ConversionError, FormatError
+from quantlite.packed import (
+    EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, check_relative_path,
+    layer_file, sha256_file,
+)
+from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight
+from quantlite.quantize import MAX_OUTLIER_FRAC, METHODS, quantize
+from quantlite.sources import open_source
+from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
+
+PARTIAL_STATE = ".quantlite-partial.json"
+TEMP_SUFFIX = ".partial"
+# Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
+# ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
+MAX_CHUNK_WEIGHTS = 1 << 22
+DISK_MARGIN_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    method: str
+    block_size: int
+    outlier_frac: float
+    quantize_embedding: bool
+    quantize_lm_head: bool
+    no_quantize: bool
+
+    def quantizes(self, name: str) -> bool:
+        if self.no_quantize:
+            return False
+        if name == EMBEDDING:
+            return self.quantize_embedding
+        if name == LM_HEAD:
+            return self.quantize_lm_head
+        match = LAYER_NAME.fullmatch(name)
+        return bool(match) and match.group(2) in LINEAR_WEIGHTS
+
+    def as_manifest(self) -> dict:
+        defaults = METHODS[self.method]
+        return {
+            "method": None if self.no_quantize else self.method,
+            "block_size": self.block_size,
+            "outlier_frac": self.outlier_frac,
+            "codebook": defaults.codebook,
+            "scale_search": defaults.scale_search,
+            "double_quant": defaults.double_quant,
+            "quantized": "nothing (--no-quantize)" if self.no_quantize else "decoder Linear weights"
+            + (", embedding" if self.quantize_embedding else "") + (", lm_head" if self.quantize_lm_head else ""),
+            "quantize_embedding": self.quantize_embedding,
+            "quantize_lm_head": self.quantize_lm_head,
+            "no_quantize": self.no_quantize,
+        }
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    path: Path
+    manifest: dict
+    seconds: float
+    files_written: int
+    files_resumed: int
+
+    @property
+    def params_per_second(self) -> float:
+        return self.manifest["totals"]["params"] / max(self.seconds, 1e-9)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    method: str = "quantlite",
+    block_size: int = 64,
+    outlier_frac: float | None = None,
+    quantize_embedding: bool = False,
+    quantize_lm_head: bool = False,
+    no_quantize: bool = False,
+    overwrite: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
+
+    Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
+    quantlite.quantize.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
+    same layout with the original weights. Rerunning after an interruption resumes. Raises
+    ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
+    little disk space.
+    """
+    started = time.perf_counter()
+    settings = _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers)
+    source = open_source(src)
+    if source.dims.tied and quantize_lm_head and not quantize_embedding:
+        raise ConversionError(
+            "this model ties lm_head to the embedding: quantize the shared matrix with --quantize-embedding"
+        )
+    out = Path(out)
+    plan = _plan(source)
+    fingerprint = _fingerprint(source, settings)
+    state = _prepare_output(out, fingerprint, overwrite)
+    done: dict = state["done"]
+    resumed = len(done)
+    _check_disk_space(out, source, settings, plan, done)
+
+    params_of = {file: sum(math.prod(source.shapes[n]) for n in names) for file, names in plan.items()}
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
+               unit="param", unit_scale=True, desc="convert", disable=not progress)
+    if TOKENIZER_DIR not in done:
+        done[TOKENIZER_DIR] = _write_tokenizer(source, out)
+        _save_state(out, state)
+    todo = [(file, names) for file, names in plan.items() if file not in done]
+    for file, entry in _run_jobs(source, out, settings, todo, workers):
+        done[file] = entry
+        _save_state(out, state)
+        bar.update(params_of[file])
+    bar.close()
+
+    manifest = _manifest(source, settings, plan, done, state["created"])
+    _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+    (out / PARTIAL_STATE).unlink()
+    return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
+
+
+# --------------------------------------------------------------------------- quantization of one tensor
+def quantize_in_row_chunks(w: torch.Tensor, settings: Settings, name: str) -> tuple[QWeight, float | None]:
+    """(QWeight, SQNR in dB or None when exact) of a 2-D weight, quantized in chunks of whole rows.
+
+    Rows are independent in the format except for double-quantized scales, whose groups of 256
+    consecutive scales must not straddle two chunks: a chunk is a multiple of 256 / gcd(256, blocks
+    per row) rows. With no outliers the result is bit-identical to quantize(w); with outliers each
+    chunk keeps its own top fraction (docs/convert.md)."""
+    n, k = w.shape
+    n_blocks = -(-k // settings.block_size)
+    row_multiple = SCALE_GROUP_SIZE // math.gcd(SCALE_GROUP_SIZE, n_blocks)
+    rows = max(row_multiple, MAX_CHUNK_WEIGHTS // k // row_multiple * row_multiple)
+    parts, signal, noise = [], 0.0, 0.0
+    for start in range(0, n, rows):
+        chunk = w[start:start + rows]
+        part = quantize(chunk, method=settings.method, block_size=settings.block_size,
+                        outlier_frac=settings.outlier_frac, name=name)
+        original = chunk.to(torch.float64)
+        signal += float(original.square().sum())
+        noise += float((original - part.dequantize(torch.float64)).square().sum())
+        parts.append(part)
+    sqnr = None if noise == 0 else round(10 * math.log10(max(signal, 1e-300) / noise), 3)
+    return _concat_rows(parts), sqnr
+
+
+def _concat_rows(parts: list[QWeight]) -> QWeight:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    offsets = torch.cumsum(torch.tensor([0] + [p.n_outliers for p in parts[:-1]]), 0)
+    row_ptr = torch.cat([first.outlier_row_ptr[:1]] + [
+        p.outlier_row_ptr[1:] + int(offset) for p, offset in zip(parts, offsets)
+    ]).to(torch.int32)
+
+    def cat(field: str) -> torch.Tensor | None:
+        values = [getattr(p, field) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return QWeight(
+        shape=(sum(p.shape[0] for p in parts), first.shape[1]), block_size=first.block_size, method=first.method,
+        codebook=first.codebook, codes=cat("codes"), outlier_row_ptr=row_ptr, outlier_cols=cat("outlier_cols"),
+        outlier_vals=cat("outlier_vals"), scales=cat("scales"), scale_codes=cat("scale_codes"),
+        scale_group_min=cat("scale_group_min"), scale_group_step=cat("scale_group_step"),
+    )
+
+
+# --------------------------------------------------------------------------- one output file
+def write_shard(source, out: Path, settings: Settings, file: str, names: list[str]) -> dict:
+    """Read, quantize and write one output file; returns its manifest entry (sha256, size, tensor stats)."""
+    tensors: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict] = {}
+    for name in names:
+        w = source.read(name)
+        if settings.quantizes(name):
+            qw, sqnr = quantize_in_row_chunks(w, settings, name)
+            tensors.update(qw.to_dict(name + "."))
+            stats[name] = {"file": file, "shape": list(qw.shape), "stored": "qweight", "method": qw.method,
+                           "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
+                           "sqnr_db": sqnr, "bytes": qw.nbytes}
+        else:
+            tensors[name] = w.contiguous()
+            stats[name] = {"file": file, "shape": list(w.shape), "stored": str(w.dtype).replace("torch.", ""),
+                           "bytes": w.numel() * w.element_size()}
+        del w
+    from safetensors.torch import save_file
+
+    _write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+    return {"sha256": sha256_file(out / file), "size": (out / file).stat().st_size, "tensors": stats}
+
+
+_worker_sources: dict[str, object] = {}
+
+
+def _worker_job(src: str, out: Path, settings: Settings, file: str, names: list[str]) -> tuple[str, dict]:
+    if src not in _worker_sources:  # each worker process opens the source once
+        _worker_sources[src] = open_source(src)
+    return file, write_shard(_worker_sources[src], out, settings, file, names)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # N processes share the cores; threads inside each would oversubscribe them
+
+
+def _run_jobs(source, out: Path, settings: Settings, todo: list, workers: int):
+    """Yield (file, entry) as files finish: in this process, or in a pool of `workers` processes."""
+    if workers == 1 or len(todo) <= 1:
+        for file, names in todo:
+            yield file, write_shard(source, out, settings, file, names)
+        return
+    # spawn, not fork: a forked child would inherit torch's thread pool in an undefined state
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        futures = [pool.submit(_worker_job, str(source.path), out, settings, file, names) for file, names in todo]
+        try:
+            for future in futures:
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary path), flush it to disk, then rename: a reader sees all of the file or nothing."""
+    temp = path.with_name("." + path.name + TEMP_SUFFIX)
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise ConversionError(f"cannot write {path}: {error.strerror or error}; the folder stays incomplete "
+                              "(free space or fix the cause, then rerun the same command to resume)") from error
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_tokenizer(source, out: Path) -> dict:
+    """The tokenizer folder, built under a temporary name and renamed; returns {relative path: entry}."""
+    temp = out / ("." + TOKENIZER_DIR + TEMP_SUFFIX)
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        source.write_tokenizer(temp)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        os.replace(temp, out / TOKENIZER_DIR)
+    except OSError as error:
+        raise ConversionError(f"cannot write {out / TOKENIZER_DIR}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return {
+        f"{TOKENIZER_DIR}/{p.name}": {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted((out / TOKENIZER_DIR).iterdir())
+    }
+
+
+# --------------------------------------------------------------------------- plan, state, manifest
+def _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers) -> Settings:
+    if method not in METHODS:
+        raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (isinstance(block_size, int) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+            and block_size % BLOCK_SIZE_MULTIPLE == 0):
+        raise ConversionError(f"block size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+    frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
+    if not 0.0 <= frac <= MAX_OUTLIER_FRAC:
+        raise ConversionError(f"outlier fraction {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if no_quantize and (quantize_embedding or quantize_lm_head):
+        raise ConversionError("--no-quantize cannot be combined with --quantize-embedding or --quantize-lm-head")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ConversionError(f"workers {workers!r} must be a positive integer")
+    return Settings(method, block_size, frac, bool(quantize_embedding), bool(quantize_lm_head), bool(no_quantize))
+
+
+def _plan(source) -> dict[str, list[str]]:
+    """Output file -> the HF tensor names it holds, in the order they are written."""
+    plan = {EMBEDDING_FILE: [EMBEDDING]}
+    for layer in range(source.dims.layers):
+        prefix = f"model.layers.{layer}."
+        plan[layer_file(layer)] = sorted(n for n in source.shapes if n.startswith(prefix))
+    plan[FINAL_FILE] = [FINAL_NORM] + ([] if source.dims.tied else [LM_HEAD])
+    return plan
+
+
+def _fingerprint(source, settings: Settings) -> str:
+    identity = {"source": str(Path(source.path).resolve()), "files": source.identity(),
+                "settings": settings.as_manifest(), "format": FORMAT_VERSION, "tool": quantlite.__version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
+    """Check what `out` holds and return the partial state to continue from (fresh or resumed)."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+    if foreign:
+        raise ConversionError(f"{out} holds files quantlite did not write ({', '.join(foreign[:3])}); choose a new or empty folder")
+    state = _load_state(out)
+    complete = (out / MANIFEST).exists()
+    if (complete or (state and state.get("fingerprint") != fingerprint)) and not overwrite:
+        what = "a converted model" if complete else "an interrupted conversion of another source or with other settings"
+        raise ConversionError(f"{out} already holds {what}; pass --overwrite (overwrite=True) to replace it")
+    if complete or state is None or state.get("fingerprint") != fingerprint:
+        for path in out.iterdir():  # only our own names (checked above)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        created = os.environ.get("SOURCE_DATE_EPOCH")
+        created_at = datetime.fromtimestamp(int(created) if created else time.time(), timezone.utc)
+        state = {"fingerprint": fingerprint, "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "done": {}}
+    else:
+        state["done"] = {file: entry for file, entry in state["done"].items() if _still_intact(out, file, entry)}
+    for path in out.iterdir():
+        if path.name.endswith(TEMP_SUFFIX):  # left by an interrupted write
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _save_state(out, state)
+    return state
+
+
+def _ours(name: str) -> bool:
+    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
+        return True
+    try:
+        check_relative_path(name)
+    except FormatError:
+        return False
+    return True
+
+
+def _load_state(out: Path) -> dict | None:
+    try:
+        state = json.loads((out / PARTIAL_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(state, dict) and isinstance(state.get("done"), dict) and isinstance(state.get("created"), str)
+    return state if ok else None
+
+
+def _save_state(out: Path, state: dict) -> None:
+    _write_atomically(out / PARTIAL_STATE, lambda temp: temp.write_text(json.dumps(state, sort_keys=True)))
+
+
+def _still_intact(out: Path, file: str, entry: dict) -> bool:
+    """A file recorded as done counts only if it is still there, unchanged."""
+    try:
+        if file == TOKENIZER_DIR:
+            return all(sha256_file(out / name) == e["sha256"] for name, e in entry.items())
+        return (out / file).stat().st_size == entry["size"] and sha256_file(out / file) == entry["sha256"]
+    except (OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _check_disk_space(out: Path, source, settings: Settings, plan: dict, done: dict) -> None:
+    """Refuse up front when the estimated output does not fit."""
+    needed = DISK_MARGIN_BYTES
+    for file, names in plan.items():
+        if file in done:
+            continue
+        for name in names:
+            numel = math.prod(source.shapes[name])
+            if settings.quantizes(name):
+                # 4-bit codes, a 16-bit scale per block, 32 bits per outlier: an upper bound for every method
+                needed += numel // 2 + numel * 2 // settings.block_size + math.ceil(numel * settings.outlier_frac) * 4
+            else:
+                needed += numel * source.itemsize(name)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise ConversionError(f"{out}: the converted model needs about {needed / 2**20:.0f} MiB, "
+                              f"only {free / 2**20:.0f} MiB are free")
+
+
+def _manifest(source, settings: Settings, plan: dict, done: dict, created: str) -> dict:
+    files = dict(done[TOKENIZER_DIR])
+    tensors: dict[str, dict] = {}
+    for file in plan:
+        files[file] = {"sha256": done[file]["sha256"], "size": done[file]["size"]}
+        tensors.update(done[file]["tensors"])
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": source.config,
+        "quantization": settings.as_manifest(),
+        "layout": {"embedding": EMBEDDING_FILE, "layers": [layer_file(i) for i in range(source.dims.layers)],
+                   "final": FINAL_FILE, "tokenizer": TOKENIZER_DIR},
+        "files": files,
+        "tensors": tensors,
+        "totals": _totals(tensors, files),
+        "provenance": {"source": str(Path(source.path).resolve()), "source_kind": source.kind,
+                       "tool": f"quantlite {quantlite.__version__}", "torch": torch.__version__, "created": created},
+    }
+
+
+def _totals(tensors: dict[str, dict], files: dict[str, dict]) -> dict:
+    params = sum(math.prod(t["shape"]) for t in tensors.values())
+    quantized = {n: t for n, t in tensors.items() if t["stored"] == "qweight"}
+    quantized_params = sum(math.prod(t["shape"]) for t in quantized.values())
+    by_type: dict[str, list[float]] = {}
+    for name, t in quantized.items():
+        match = LAYER_NAME.fullmatch(name)
+        kind = match.group(2).removesuffix(".weight") if match else name
+        if t["sqnr_db"] is not None:
+            by_type.setdefault(kind, []).append(t["sqnr_db"])
+    weights_bytes = sum(f["size"] for name, f in files.items() if name.endswith(".safetensors"))
+    return {
+        "params": params,
+        "quantized_params": quantized_params,
+        "bytes": weights_bytes,
+        "fp16_bytes": 2 * params,
+        "bits_per_weight": round(8 * weights_bytes / params, 4),
+        "quantized_bits_per_weight": round(8 * sum(t["bytes"] for t in quantized.values()) / quantized_params, 4)
+        if quantized_params else None,
+        "outliers": sum(t["outliers"] for t in quantized.values()),
+        "sqnr_db_by_type": {kind: round(sum(v) / len(v), 3) for kind, v in sorted(by_type.items())},
+    }

@@ -1,0 +1,181 @@
+"""A llama-architecture GGUF file (llama.cpp's format), read with the `gguf` package tensor by tensor.
+
+Three things differ from a Hugging Face checkpoint, and each is undone here:
+  * names: `blk.7.attn_q.weight` is `model.layers.7.self_attn.q_proj.weight` (GGUF_NAMES);
+  * Q and K projections: llama.cpp's converter permutes their rows for its rotary layout (interleaved
+    pairs instead of HF's two halves); `unpermute_rows` is the inverse, as in transformers'
+    LlamaTensorProcessor (tests/test_convert_gguf.py checks every tensor against transformers' loader);
+  * the config and the tokenizer live in GGUF metadata: the config is rebuilt as the HF Llama
+    config.json that describes the same model, and transformers writes the tokenizer as tokenizer.json.
+Quantized GGUF tensors (Q4_1, Q8_0, ...) are dequantized to float32 on read.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantlite.errors import ConversionError
+from quantlite.sources.llama_layout import LM_HEAD, LlamaDims, all_shapes, llama_dims
+from quantlite.sources.tokenizer_files import TOKENIZER_FILES, finish_tokenizer_folder
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+# GGUF metadata key (after "llama.") -> HF config key, as transformers' GGUF_CONFIG_MAPPING["llama"].
+GGUF_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.dimension_count": "head_dim",
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+TOKEN_ID_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                 "padding_token_id": "pad_token_id", "unknown_token_id": "unk_token_id"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None for a tensor the Llama model does not use."""
+    if gguf_name in GGUF_NAMES:
+        return GGUF_NAMES[gguf_name]
+    match = GGUF_LAYER.fullmatch(gguf_name)
+    if match and match.group(2) in GGUF_LAYER_NAMES:
+        return f"model.layers.{int(match.group(1))}.{GGUF_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's Q/K row permutation. w (n_heads * head_dim, K): within each head llama.cpp
+    stores rows as (head_dim/2, 2) pairs; HF stores them as (2, head_dim/2) halves."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpoint:
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        try:
+            import gguf
+        except ImportError as error:
+            raise ConversionError("reading GGUF files needs the `gguf` package: pip install gguf") from error
+        self.path = Path(path)
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as error:
+            raise ConversionError(f"{self.path}: not a readable GGUF file ({error})") from error
+        self._fields = {name: self._field(name) for name in self._reader.fields}
+        architecture = self._fields.get("general.architecture")
+        if architecture != "llama":
+            raise ConversionError(f"{self.path}: GGUF architecture is {architecture!r}; quantlite converts 'llama'")
+        if "rope_freqs.weight" in {t.name for t in self._reader.tensors} or self._fields.get("llama.rope.scaling.type") not in (None, "none"):
+            raise ConversionError(f"{self.path}: RoPE scaling in GGUF files is not supported yet; convert the HF checkpoint instead")
+        self._tensors = {}
+        for tensor in self._reader.tensors:
+            name = hf_name(tensor.name)
+            if name is None:
+                raise ConversionError(f"{self.path}: unexpected GGUF tensor {tensor.name!r} for a Llama model")
+            self._tensors[name] = tensor
+        self.config = self._build_config()
+        self.dims: LlamaDims = llama_dims(self.config, lambda m: ConversionError(f"{self.path} (GGUF metadata): {m}"))
+        self.shapes = all_shapes(self.dims)
+        self._check_tensors()
+
+    # ----------------------------------------------------------------- the source surface
+    def itemsize(self, name: str) -> int:
+        return 4  # every tensor is dequantized to float32
+
+    def read(self, name: str) -> torch.Tensor:
+        import gguf
+
+        tensor = self._tensors[name]
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if name.endswith("self_attn.q_proj.weight"):
+            weights = unpermute_rows(weights, self.dims.heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            weights = unpermute_rows(weights, self.dims.kv_heads)
+        return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(self.shapes[name])
+
+    def write_tokenizer(self, folder: Path) -> None:
+        """transformers builds the tokenizer from GGUF metadata (its GGUF tokenizer converters)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as error:
+            raise ConversionError("turning a GGUF tokenizer into tokenizer.json needs transformers: pip install transformers") from error
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except (ValueError, KeyError, OSError, NotImplementedError) as error:
+            raise ConversionError(f"{self.path}: transformers cannot build its tokenizer ({error})") from error
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer.save_pretrained(scratch)
+            for name in Path(scratch).iterdir():
+                if name.name in TOKENIZER_FILES or name.suffix == ".jinja":
+                    (folder / name.name).write_bytes(name.read_bytes())
+        template = self._fields.get("tokenizer.chat_template")
+        finish_tokenizer_folder(folder, {"chat_template": template,
+                                         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token})
+
+    def identity(self) -> dict:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return {self.path.name: digest.hexdigest()}
+
+    # ----------------------------------------------------------------- metadata
+    def _field(self, name: str):
+        try:
+            return self._reader.fields[name].contents()
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+            return None  # unreadable metadata we do not need is not an error; needed keys are checked
+
+    def _build_config(self) -> dict:
+        config: dict = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+                        "tie_word_embeddings": LM_HEAD not in self._tensors}
+        for gguf_key, hf_key in GGUF_CONFIG_KEYS.items():
+            value = self._fields.get(f"llama.{gguf_key}")
+            if value is not None:
+                config[hf_key] = value
+        config.setdefault("rope_theta", 10000.0)  # llama.cpp's default when the key is absent
+        if "vocab_size" not in config and self._fields.get("tokenizer.ggml.tokens") is not None:
+            config["vocab_size"] = len(self._fields["tokenizer.ggml.tokens"])
+        for gguf_key, hf_key in TOKEN_ID_KEYS.items():
+            value = self._fields.get(f"tokenizer.ggml.{gguf_key}")
+            if value is not None:
+                config[hf_key] = value
+        return config
+
+    def _check_tensors(self) -> None:
+        present = set(self._tensors)
+        missing = sorted(set(self.shapes) - present)
+        if missing:
+            raise ConversionError(f"{self.path}: missing tensors {', '.join(missing[:5])} that the GGUF metadata implies")
+        for name, shape in self.shapes.items():
+            # GGUF lists dimensions fastest-first: (K, N) for a weight HF stores as (N, K)
+            gguf_shape = tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+            if gguf_shape != shape:
+                raise ConversionError(f"{self.path}: tensor {name!r} has shape {list(gguf_shape)}, the metadata implies {list(shape)}")
