@@ -12,7 +12,6 @@ A QWeight named W is stored as the tensors `W.meta`, `W.codes`, `W.scales`, ... 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from quantlite.errors import FormatError
 from quantlite.qweight import QWeight
+from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
@@ -56,14 +56,6 @@ def check_relative_path(name: object) -> str:
     if not known:
         raise FormatError(f"manifest path {name!r} is not a file name the packed format defines")
     return name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor | QWeight]:

@@ -11,7 +11,6 @@ Quantized GGUF tensors (Q4_1, Q8_0, ...) are dequantized to float32 on read.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from quantlite.errors import ConversionError
+from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import LM_HEAD, LlamaDims, all_shapes, llama_dims
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES, finish_tokenizer_folder
 
@@ -139,11 +139,7 @@ class GGUFCheckpoint:
                                          "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token})
 
     def identity(self) -> dict:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return {self.path.name: digest.hexdigest()}
+        return {self.path.name: sha256_file(self.path)}
 
     # ----------------------------------------------------------------- metadata
     def _field(self, name: str):

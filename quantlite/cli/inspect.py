@@ -1,0 +1,63 @@
+"""Show what a packed directory holds: config, per-file sizes, bits/weight, outliers, totals vs fp16.
+
+examples:
+  quantlite inspect ./smol-q4              # a table
+  quantlite inspect ./smol-q4 --json       # the same as JSON (config, files, tensors, totals)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SUMMARY = "show a packed model's config, per-layer sizes, bits/weight and outliers"
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="packed model folder")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def per_file(manifest: dict) -> dict[str, dict]:
+    """Output file -> {bytes, params, quantized, outliers, bits_per_weight}."""
+    rows: dict[str, dict] = {}
+    for tensor in manifest["tensors"].values():
+        row = rows.setdefault(tensor["file"], {"params": 0, "quantized": 0, "outliers": 0})
+        params = 1
+        for dim in tensor["shape"]:
+            params *= dim
+        row["params"] += params
+        if tensor["stored"] == "qweight":
+            row["quantized"] += params
+            row["outliers"] += tensor["outliers"]
+    for name, row in rows.items():
+        row["bytes"] = manifest["files"][name]["size"]
+        row["bits_per_weight"] = round(8 * row["bytes"] / row["params"], 3)
+    return dict(sorted(rows.items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlite.cli.convert import format_totals
+    from quantlite.packed import PackedModel
+
+    model = PackedModel.open(args.path)
+    manifest = model.manifest
+    files = per_file(manifest)
+    if args.json:
+        print(json.dumps({"path": str(model.path), "config": manifest["config"], "quantization": manifest["quantization"],
+                          "files": files, "totals": manifest["totals"], "provenance": manifest["provenance"]}, indent=1))
+        return 0
+    print(f"{model.path}  ({manifest['provenance'].get('source_kind')} source {manifest['provenance'].get('source')})")
+    print("config      " + ", ".join(f"{k}={manifest['config'].get(k)}" for k in CONFIG_KEYS))
+    quant = manifest["quantization"]
+    print(f"method      {quant.get('method')}, block size {quant.get('block_size')}, outlier fraction "
+          f"{quant.get('outlier_frac')}; quantized: {quant.get('quantized')}")
+    print(f"\n{'file':<26}{'MiB':>9}{'params':>13}{'quantized':>13}{'outliers':>10}{'bits/w':>8}")
+    for name, row in files.items():
+        print(f"{name:<26}{row['bytes'] / 2**20:9.2f}{row['params']:13,}{row['quantized']:13,}"
+              f"{row['outliers']:10,}{row['bits_per_weight']:8.3f}")
+    print()
+    print(format_totals(manifest["totals"]))
+    return 0
