@@ -1,0 +1,63 @@
+"""Perplexity of a packed quantlite directory, an HF checkpoint folder (the unquantized baseline) or
+a .gguf file, on a text file.
+
+Protocols:
+  gptq      (default) the whole file tokenized as is, non-overlapping windows of --ctx tokens,
+            ppl = exp(mean NLL over every predicted token) — the number quantization papers quote.
+  llamacpp  the same windows with BOS first (when the tokenizer has one), only the second half of
+            each window scored — comparable with llama.cpp's `perplexity` tool.
+
+Examples:
+  quantlite ppl ./packed --data ../shared/data/wiki.test.raw
+  quantlite ppl ./hf-smollm2 --data wiki.test.raw --ctx 512 --max-windows 40     # the baseline
+  quantlite ppl ./packed --data wiki.test.raw --ctx 512 --protocol llamacpp --json
+  quantlite ppl SmolLM2-135M-Instruct.Q4_1.gguf --data wiki.test.raw --max-windows 8
+"""
+from __future__ import annotations
+
+import argparse
+
+SUMMARY = "perplexity of a packed model, an HF folder or a GGUF file on a text file"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="packed quantlite directory, HF checkpoint folder, or .gguf file")
+    parser.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, evaluated as one token stream")
+    parser.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
+    parser.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate only the first N windows")
+    parser.add_argument("--protocol", choices=("gptq", "llamacpp"), default="gptq",
+                        help="gptq: score every predicted token (default); llamacpp: second half of each window")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from quantlite.eval.models import open_for_eval
+    from quantlite.eval.perplexity import EvaluationError, perplexity
+
+    data = Path(args.data)
+    try:
+        text = data.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"cannot read --data {data}: {error}") from error
+    model = open_for_eval(args.model, device=args.device)
+    token_ids = model.tokenize(text)
+    result = perplexity(
+        model.forward, token_ids, ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol,
+        bos_id=model.bos_id, batch_size=args.batch_size, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({"model": str(args.model), "data": str(data), **result.as_dict()}))
+    else:
+        print(f"model     {args.model} ({model.kind})")
+        print(f"data      {data} ({token_ids.numel()} tokens)")
+        print(f"protocol  {result.protocol}, ctx {result.ctx}")
+        print(f"windows   {result.windows}")
+        print(f"tokens    {result.tokens} scored")
+        print(f"ppl       {result.ppl:.4f}")
+        print(f"time      {result.seconds:.1f} s ({result.tokens / result.seconds:.0f} tokens/s)")
+    return 0
