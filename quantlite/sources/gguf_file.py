@@ -117,7 +117,8 @@ class GGUFCheckpoint:
             weights = unpermute_rows(weights, self.dims.heads)
         elif name.endswith("self_attn.k_proj.weight"):
             weights = unpermute_rows(weights, self.dims.kv_heads)
-        return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(self.shapes[name])
+        # a copy: float32 tensors come back as read-only views of the memory-mapped file
+        return torch.from_numpy(np.array(weights, dtype=np.float32, order="C")).reshape(self.shapes[name])
 
     def write_tokenizer(self, folder: Path) -> None:
         """transformers builds the tokenizer from GGUF metadata (its GGUF tokenizer converters)."""

@@ -1,0 +1,313 @@
+"""convert(): what lands in the packed directory, options, refusals, resume, disk space, workers.
+
+Every checkpoint here is a tiny random Llama (quantlite.sources.synthetic) with odd sizes: hidden 96 and
+intermediate 200 are not multiples of the block size, so padding is exercised in every layer.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantlite.convert import MAX_CHUNK_WEIGHTS, PARTIAL_STATE, Settings, convert, quantize_in_row_chunks
+from quantlite.errors import ConversionError, FormatError
+from quantlite.packed import MANIFEST, PackedModel
+from quantlite.qweight import QWeight
+from quantlite.quantize import quantize
+from quantlite.sources.hf import HFCheckpoint
+from quantlite.sources.llama_layout import LINEAR_WEIGHTS
+from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
+
+# Relative Frobenius error of 4-bit NF4 on Gaussian weights is about 0.09-0.11 (SQNR ~20 dB,
+# measured on these tiny models); 0.2 fails for a broken scale, code or nibble order (errors ~1).
+MAX_RELATIVE_ERROR = 0.2
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def checkpoint(tmp_path, generator) -> Path:
+    return write_random_llama(tmp_path / "hf", dtype=torch.bfloat16, generator=generator, max_shard_bytes=60_000)
+
+
+@pytest.mark.parametrize("dtype, method", [
+    (torch.float32, "quantlite"), (torch.float16, "nf4"), (torch.bfloat16, "rtn"), (torch.bfloat16, "quantlite"),
+])
+def test_linear_weights_are_exactly_what_quantize_gives(tmp_path, generator, dtype, method):
+    src = write_random_llama(tmp_path / "hf", dtype=dtype, generator=generator)
+    convert(src, tmp_path / "out", method=method, block_size=32, progress=False)
+    model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(src)
+    assert model.num_layers == TINY_CONFIG["num_hidden_layers"] and model.config == source.config
+    for layer in range(model.num_layers):
+        tensors = model.load_layer(layer)
+        for name, value in tensors.items():
+            original = source.read(f"model.layers.{layer}.{name}")
+            if name in LINEAR_WEIGHTS:
+                expected = quantize(original, method=method, block_size=32)
+                for field, tensor in expected.to_dict().items():
+                    assert torch.equal(value.to_dict()[field], tensor), (layer, name, field)
+                reference = original.to(torch.float64)
+                error = (value.dequantize(torch.float64) - reference).norm() / reference.norm()
+                assert error < MAX_RELATIVE_ERROR, (layer, name, float(error))
+            else:
+                assert value.dtype == dtype and torch.equal(value, original), (layer, name)
+    assert torch.equal(model.load_embedding(), source.read("model.embed_tokens.weight"))
+    final = model.load_final()
+    assert torch.equal(final["lm_head.weight"], source.read("lm_head.weight"))
+    assert torch.equal(final["model.norm.weight"], source.read("model.norm.weight"))
+
+
+def test_no_quantize_keeps_every_original_tensor(tmp_path, checkpoint):
+    convert(checkpoint, tmp_path / "out", no_quantize=True, progress=False)
+    model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(checkpoint)
+    seen = 0
+    for layer in range(model.num_layers):
+        for name, tensor in model.load_layer(layer).items():
+            original = source.read(f"model.layers.{layer}.{name}")
+            assert isinstance(tensor, torch.Tensor) and tensor.dtype == original.dtype and torch.equal(tensor, original)
+            seen += 1
+    assert seen == model.num_layers * 9
+    assert model.manifest["totals"]["quantized_params"] == 0 and model.manifest["quantization"]["method"] is None
+
+
+def test_embedding_and_lm_head_are_quantized_on_request(tmp_path, checkpoint):
+    convert(checkpoint, tmp_path / "out", quantize_embedding=True, quantize_lm_head=True, outlier_frac=0.01,
+            progress=False)
+    model = PackedModel.open(tmp_path / "out")
+    embedding, head = model.load_embedding(), model.load_final()["lm_head.weight"]
+    assert isinstance(embedding, QWeight) and isinstance(head, QWeight)
+    assert head.n_outliers == round(0.01 * head.shape[0] * head.shape[1])
+    stats = model.manifest["tensors"]["lm_head.weight"]
+    assert stats["stored"] == "qweight" and stats["outliers"] == head.n_outliers and stats["sqnr_db"] > 10
+
+
+def test_tied_model_has_no_lm_head_and_refuses_to_quantize_it_alone(tmp_path, generator):
+    src = write_random_llama(tmp_path / "hf", {**TINY_CONFIG, "tie_word_embeddings": True}, generator=generator)
+    convert(src, tmp_path / "out", progress=False)
+    assert set(PackedModel.open(tmp_path / "out").load_final()) == {"model.norm.weight"}
+    with pytest.raises(ConversionError, match="--quantize-embedding"):
+        convert(src, tmp_path / "out2", quantize_lm_head=True, progress=False)
+
+
+def test_refuses_what_is_not_a_llama_checkpoint(tmp_path, generator):
+    src = write_random_llama(tmp_path / "hf", generator=generator)
+    config = json.loads((src / "config.json").read_text())
+
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConversionError, match="not a Llama model"):
+        convert(src, tmp_path / "out", progress=False)
+
+    (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 208}))
+    with pytest.raises(ConversionError, match="gate_proj.weight' has shape"):
+        convert(src, tmp_path / "out", progress=False)
+
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ConversionError, match="missing tensors model.layers.2"):
+        convert(src, tmp_path / "out", progress=False)
+
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(ConversionError, match="not readable JSON"):
+        convert(src, tmp_path / "out", progress=False)
+
+    (src / "config.json").unlink()
+    with pytest.raises(ConversionError, match="config.json: missing"):
+        convert(src, tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match="no such file"):
+        convert(tmp_path / "nowhere", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_missing_or_lying_weight_files_are_refused(tmp_path, generator):
+    src = write_random_llama(tmp_path / "hf", generator=generator, max_shard_bytes=60_000)
+    shards = sorted(src.glob("model-*.safetensors"))
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-10])  # truncated: the header now lies
+    with pytest.raises(ConversionError, match="unreadable checkpoint file"):
+        convert(src, tmp_path / "out", progress=False)
+    shards[-1].unlink()
+    with pytest.raises(ConversionError, match="missing"):
+        convert(src, tmp_path / "out", progress=False)
+
+
+class _Trap:
+    """Unpickling this would create a file: proof that the converter never unpickles."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(str(marker))))
+    with pytest.raises(ConversionError, match="safetensors"):
+        convert(folder, tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match="never"):
+        convert(folder / "pytorch_model.bin", tmp_path / "out", progress=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "gptq"}, "unknown method"),
+    ({"block_size": 48 + 1}, "block size"),
+    ({"block_size": 512}, "block size"),
+    ({"outlier_frac": 0.5}, "outlier fraction"),
+    ({"workers": 0}, "workers"),
+    ({"no_quantize": True, "quantize_embedding": True}, "--no-quantize"),
+])
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, checkpoint, options, message):
+    with pytest.raises(ConversionError, match=message):
+        convert(checkpoint, tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_complete_output_is_not_overwritten_without_overwrite(tmp_path, checkpoint):
+    convert(checkpoint, tmp_path / "out", method="rtn", progress=False)
+    before = files_of(tmp_path / "out")
+    with pytest.raises(ConversionError, match="--overwrite"):
+        convert(checkpoint, tmp_path / "out", method="nf4", progress=False)
+    assert files_of(tmp_path / "out") == before
+    convert(checkpoint, tmp_path / "out", method="nf4", overwrite=True, progress=False)
+    assert PackedModel.open(tmp_path / "out").manifest["quantization"]["method"] == "nf4"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ConversionError, match="did not write"):
+        convert(checkpoint, foreign, overwrite=True, progress=False)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_interrupted_conversion_resumes_to_identical_bytes(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    convert(checkpoint, tmp_path / "straight", progress=False)
+
+    import quantlite.convert as convert_module
+
+    real_write_shard, calls = convert_module.write_shard, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(checkpoint, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(convert_module, "write_shard", real_write_shard)
+    assert not (tmp_path / "resumed" / MANIFEST).exists()
+    with pytest.raises(FormatError, match="interrupted conversion"):
+        PackedModel.open(tmp_path / "resumed")
+
+    summary = convert(checkpoint, tmp_path / "resumed", progress=False)
+    assert summary.files_resumed == 3  # tokenizer + the two shards written before the interruption
+    assert files_of(tmp_path / "resumed") == files_of(tmp_path / "straight")
+    assert not (tmp_path / "resumed" / PARTIAL_STATE).exists()
+
+
+def test_changed_source_is_not_mixed_into_an_interrupted_conversion(tmp_path, checkpoint, monkeypatch):
+    import quantlite.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        convert(checkpoint, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ConversionError, match="interrupted conversion of another source or with other settings"):
+        convert(checkpoint, tmp_path / "out", method="rtn", progress=False)
+    convert(checkpoint, tmp_path / "out", method="rtn", overwrite=True, progress=False)
+    assert PackedModel.open(tmp_path / "out").verify() == []
+
+
+def test_disk_space_is_checked_up_front(tmp_path, checkpoint, monkeypatch):
+    import quantlite.convert as convert_module
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    with pytest.raises(ConversionError, match=r"needs about \d+ MiB, only 1 MiB are free"):
+        convert(checkpoint, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_running_out_of_disk_leaves_nothing_that_looks_complete(tmp_path, checkpoint, monkeypatch):
+    import safetensors.torch
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def disk_full(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(ConversionError, match="No space left on device"):
+        convert(checkpoint, tmp_path / "out", progress=False)
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert MANIFEST not in left and not any(name.endswith(".partial") for name in left)
+    with pytest.raises(FormatError):
+        PackedModel.open(tmp_path / "out")
+    monkeypatch.undo()
+    assert convert(checkpoint, tmp_path / "out", progress=False).files_resumed == 2
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_bytes(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    convert(checkpoint, tmp_path / "one", method="nf4", progress=False)
+    convert(checkpoint, tmp_path / "two", method="nf4", workers=2, progress=False)
+    assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
+
+
+@pytest.mark.parametrize("method, outlier_frac", [("nf4", None), ("rtn", None), ("quantlite", 0.0)])
+def test_row_chunks_are_bit_identical_without_outliers(monkeypatch, generator, method, outlier_frac):
+    import quantlite.convert as convert_module
+
+    # 77 x 200 with block 32: 7 blocks per row, so a chunk must be a multiple of 256 rows to keep
+    # double-quantization groups whole; with 2**10 weights per chunk the floor (256 rows) applies,
+    # and a 600-row matrix splits into 256 + 256 + 88.
+    w = 0.02 * torch.randn(600, 200, generator=generator)
+    monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
+    settings = Settings(method, 32, 0.0 if outlier_frac is None else outlier_frac, False, False, False)
+    chunked, sqnr = quantize_in_row_chunks(w, settings, "w")
+    whole = quantize(w, method=method, block_size=32, outlier_frac=settings.outlier_frac)
+    for field, tensor in whole.to_dict().items():
+        assert torch.equal(chunked.to_dict()[field], tensor), field
+    assert 15 < sqnr < 30  # 4-bit on Gaussian weights: ~20 dB
+
+
+def test_row_chunks_with_outliers_keep_a_valid_csr(monkeypatch, generator):
+    import quantlite.convert as convert_module
+
+    w = 0.02 * torch.randn(600, 130, generator=generator)
+    w[::7, ::11] = 1.0  # plenty of outliers in every chunk
+    monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
+    chunked, _ = quantize_in_row_chunks(w, Settings("quantlite", 64, 0.01, False, False, False), "w")
+    rebuilt = QWeight.from_dict(chunked.to_dict())  # the reader's CSR checks
+    assert rebuilt.n_outliers == sum(round(0.01 * rows * 130) for rows in (256, 256, 88))
+    assert bool((rebuilt.dequantize()[::7, ::11] == 1.0).all())  # outliers are exact
+    assert MAX_CHUNK_WEIGHTS >= 1 << 20  # the real chunk is large: real tensors rarely split
+
+
+def test_tokenizer_files_are_copied_with_the_chat_template_folded_in(tmp_path, checkpoint):
+    (checkpoint / "tokenizer.json").write_text('{"version": "1.0"}')
+    (checkpoint / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    (checkpoint / "chat_template.jinja").write_text("{{ messages }}")
+    convert(checkpoint, tmp_path / "out", progress=False)
+    model = PackedModel.open(tmp_path / "out")
+    assert (model.tokenizer_dir / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    config = json.loads((model.tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config == {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages }}"}
+    assert "tokenizer/tokenizer.json" in model.manifest["files"] and model.verify() == []
