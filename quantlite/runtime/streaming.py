@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
 
@@ -115,7 +116,7 @@ class StreamingLlama:
         self._fixed_bytes = weights_nbytes({"e": self.embedding, "n": self.norm, "h": self.lm_head}) - (
             weights_nbytes({"h": self.lm_head}) if self.config.tie_word_embeddings else 0
         )
-        self.stats.bytes_read += self._file_bytes("embedding") + self._file_bytes("final")
+        self.stats.bytes_read += sum(packed.manifest["files"][name]["size"] for name in (EMBEDDING_FILE, FINAL_FILE))
         if self._fixed_bytes > self.memory_budget:
             raise MemoryBudgetError(
                 f"memory budget {format_size(self.memory_budget)} is below the {format_size(self._fixed_bytes)} "
@@ -139,11 +140,6 @@ class StreamingLlama:
         import psutil
 
         return int(psutil.virtual_memory().available * AUTO_BUDGET_FRACTION)
-
-    def _file_bytes(self, which: str) -> int:
-        """Bytes on disk of the embedding or final file, when the packed model tells (else 0)."""
-        counter = getattr(self.packed, f"{which}_nbytes", None)
-        return int(counter()) if callable(counter) else 0
 
     def _plan(self, first_layer_bytes: int, first_layer_disk: int) -> int:
         """How many leading layers stay resident. Device bytes of layer i are estimated from its shard
@@ -311,6 +307,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=Non
     embedding and the head; None = half the memory available now. Streamed layers, the KV cache
     and activations come on top. prefetch: read the next layer on a background thread.
     """
-    from quantlite.packed import PackedModel
-
     return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype)

