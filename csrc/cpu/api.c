@@ -1,0 +1,191 @@
+/* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
+ * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c and
+ * qmatmul_avx2.c. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "pool.h"
+#include "quantlite.h"
+#include "quantlite_checks.h"
+#include "quantlite_decode.h"
+
+/* Below this many weights one thread is faster: waking a worker costs a few microseconds, and a
+ * 576 x 576 GEMV (SmolLM2's attention projections) takes about 20. */
+#define PARALLEL_MIN_WEIGHTS (1 << 18)
+
+int ql_abi_version(void) { return QL_ABI_VERSION; }
+
+const char *ql_error_string(int status) {
+    switch (status) {
+        case QL_OK: return "success";
+        case QL_ERR_NULL_POINTER: return "a required pointer is NULL";
+        case QL_ERR_BAD_SIZE: return "a size (M, N, K or nnz) is out of range";
+        case QL_ERR_BAD_BLOCK_SIZE: return "block_size must be a multiple of 16 in [16, 4096]";
+        case QL_ERR_BAD_STRIDE: return "a row stride is smaller than its row";
+        case QL_ERR_BAD_DTYPE: return "dtype must be QL_F32, QL_F16 or QL_BF16";
+        case QL_ERR_BAD_ISA: return "this CPU does not support the instruction set asked for";
+        case QL_ERR_OUT_OF_MEMORY: return "out of host memory for scratch buffers";
+        case QL_ERR_BAD_OUTLIERS: return "outlier CSR is malformed (row_ptr must rise from 0 to nnz, columns lie in [0, K))";
+        case QL_ERR_NO_CUDA_DEVICE: return "no CUDA driver or device";
+        case QL_ERR_CUDA: return "a CUDA call failed (see ql_cuda_last_error)";
+        default: return "unknown quantlite status code";
+    }
+}
+
+/* ---------------------------------------------------------------- instruction sets */
+int ql_cpu_best_isa(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? QL_ISA_AVX2 : QL_ISA_SCALAR;
+}
+
+const char *ql_cpu_isa_name(int isa) {
+    switch (isa) {
+        case QL_ISA_SCALAR: return "scalar";
+        case QL_ISA_AVX2: return "avx2";
+        case QL_ISA_AUTO: return ql_cpu_isa_name(ql_cpu_best_isa());
+        default: return "unknown";
+    }
+}
+
+static int resolve_isa(int isa, int *resolved) {
+    const int best = ql_cpu_best_isa();
+    if (isa == QL_ISA_AUTO) isa = best;
+    if (isa != QL_ISA_SCALAR && isa != QL_ISA_AVX2) return QL_ERR_BAD_ISA;
+    if (isa == QL_ISA_AVX2 && best != QL_ISA_AVX2) return QL_ERR_BAD_ISA;
+    *resolved = isa;
+    return QL_OK;
+}
+
+static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int n_threads) {
+    if (n_rows * weights_per_row < PARALLEL_MIN_WEIGHTS) return n_rows;  /* one chunk: no hand-off */
+    if (n_threads <= 0) n_threads = ql_available_cores();
+    const int64_t per_chunk = n_rows / ((int64_t)n_threads * 4) + 1;    /* ~4 chunks per thread balance load */
+    return (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
+}
+
+/* row_ptr rises from 0 to nnz and every column lies in [0, K): the kernels index x with them. */
+static int check_outliers(const ql_weight *w) {
+    if (w->row_ptr[0] != 0 || w->row_ptr[w->n] != w->nnz) return QL_ERR_BAD_OUTLIERS;
+    for (int64_t n = 0; n < w->n; ++n)
+        if (w->row_ptr[n + 1] < w->row_ptr[n]) return QL_ERR_BAD_OUTLIERS;
+    for (int64_t e = 0; e < w->nnz; ++e)
+        if (w->cols[e] < 0 || w->cols[e] >= w->k) return QL_ERR_BAD_OUTLIERS;
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------- qmatmul */
+static void qmatmul_chunk_scalar(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_qmatmul_rows_scalar((const ql_matmul_job *)job, begin, end, thread_index);
+}
+
+static void qmatmul_chunk_avx2(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_qmatmul_rows_avx2((const ql_matmul_job *)job, begin, end, thread_index);
+}
+
+/* x (M, K) in any dtype -> x_perm (M, Kp) float32 (kernels.h), padding zero. */
+static void permute_x(const ql_matmul_job *job, float *x_perm) {
+    const int64_t k = job->w->k;
+    for (int64_t m = 0; m < job->m; ++m) {
+        const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
+        float *out = x_perm + m * job->padded_k;
+        for (int64_t c = 0; c < job->padded_k; ++c) out[ql_perm_position(c)] = c < k ? ql_load(x_row, job->dtype, c) : 0.0f;
+    }
+}
+
+int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
+                   int64_t y_row_stride, int dtype, int isa, int n_threads) {
+    int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
+    if (status == QL_OK) status = check_outliers(w);
+    if (status == QL_OK) status = resolve_isa(isa, &isa);
+    if (status != QL_OK) return status;
+
+    ql_matmul_job job = {
+        .w = w, .padded_k = ql_padded_k(w), .x = x, .m = m, .x_row_stride = x_row_stride,
+        .y = y, .y_row_stride = y_row_stride, .dtype = dtype,
+    };
+    const int64_t grain = row_grain(w->n, job.padded_k * m, n_threads);
+    if (isa == QL_ISA_SCALAR) {
+        ql_parallel_for(w->n, grain, n_threads, qmatmul_chunk_scalar, &job);
+        return QL_OK;
+    }
+
+    const int threads = n_threads > 0 ? n_threads : ql_available_cores();
+    job.scratch_floats_per_thread = ql_avx2_scratch_floats(&job);
+    float *x_perm = malloc(sizeof(float) * (size_t)(m * job.padded_k));
+    float *scratch = malloc(sizeof(float) * (size_t)(job.scratch_floats_per_thread * threads + 1));
+    if (x_perm == NULL || scratch == NULL) {
+        free(x_perm);
+        free(scratch);
+        return QL_ERR_OUT_OF_MEMORY;
+    }
+    permute_x(&job, x_perm);
+    job.x_perm = x_perm;
+    job.scratch = scratch;
+    ql_parallel_for(w->n, grain, threads, qmatmul_chunk_avx2, &job);
+    free(x_perm);
+    free(scratch);
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------- dequantize */
+typedef struct {
+    const ql_weight *w;
+    int64_t padded_k;
+    void *out;
+    int64_t out_row_stride;
+    int dtype;
+} dequantize_job;
+
+static void dequantize_chunk(void *context, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    const dequantize_job *job = context;
+    const ql_weight *w = job->w;
+    const int64_t n_blocks = job->padded_k / w->block_size;
+    for (int64_t n = begin; n < end; ++n) {
+        const uint8_t *code_row = w->codes + n * (job->padded_k / 2);
+        int64_t e = w->row_ptr[n];  /* next outlier of this row; columns ascend */
+        for (int64_t k = 0; k < w->k; ++k) {
+            float value = ql_weight_at(w->codebook, ql_code_at(code_row, k), w->scales[n * n_blocks + k / w->block_size]);
+            for (; e < w->row_ptr[n + 1] && w->cols[e] == k; ++e) value += w->vals[e];
+            ql_store(job->out, job->dtype, n * job->out_row_stride + k, value);
+        }
+    }
+}
+
+int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype, int n_threads) {
+    int status = ql_check_weight(w);
+    if (status == QL_OK && out == NULL) status = QL_ERR_NULL_POINTER;
+    if (status == QL_OK && out_row_stride < w->k) status = QL_ERR_BAD_STRIDE;
+    if (status == QL_OK) status = ql_check_dtype(dtype);
+    if (status == QL_OK) status = check_outliers(w);
+    if (status != QL_OK) return status;
+    dequantize_job job = {w, ql_padded_k(w), out, out_row_stride, dtype};
+    ql_parallel_for(w->n, row_grain(w->n, job.padded_k, n_threads), n_threads, dequantize_chunk, &job);
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------- the quantizer's encoder */
+static void encode_chunk_scalar(void *job, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    ql_encode_rows_scalar((const ql_encode_job *)job, begin, end);
+}
+
+static void encode_chunk_avx2(void *job, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    ql_encode_rows_avx2((const ql_encode_job *)job, begin, end);
+}
+
+int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *codebook, int64_t n,
+                        int64_t padded_k, int64_t block_size, const float *column_weight, uint8_t *codes,
+                        float *errors, int isa, int n_threads) {
+    if (blocks == NULL || scales == NULL || codebook == NULL || codes == NULL) return QL_ERR_NULL_POINTER;
+    if (block_size < 16 || block_size > QL_MAX_BLOCK_SIZE || block_size % 16 != 0) return QL_ERR_BAD_BLOCK_SIZE;
+    if (n <= 0 || padded_k <= 0 || padded_k % block_size != 0) return QL_ERR_BAD_SIZE;
+    int status = resolve_isa(isa, &isa);
+    if (status != QL_OK) return status;
+    ql_encode_job job = {blocks, scales, codebook, column_weight, padded_k, block_size, codes, errors};
+    ql_parallel_for(n, row_grain(n, padded_k, n_threads), n_threads,
+                    isa == QL_ISA_AVX2 ? encode_chunk_avx2 : encode_chunk_scalar, &job);
+    return QL_OK;
+}

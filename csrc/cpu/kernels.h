@@ -1,0 +1,64 @@
+/* The per-instruction-set kernels behind the CPU entry points (api.c). Each processes a range of
+ * output rows [n_begin, n_end) and is called from worker threads with disjoint ranges. */
+#ifndef QL_CPU_KERNELS_H
+#define QL_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#include "quantlite.h"
+
+typedef struct {
+    const ql_weight *w;
+    int64_t padded_k;        /* Kp = ceil(K / B) * B */
+    const void *x;           /* (M, K) in `dtype`, rows x_row_stride apart */
+    int64_t m, x_row_stride;
+    void *y;                 /* (M, N) in `dtype`, rows y_row_stride apart */
+    int64_t y_row_stride;
+    int dtype;
+    /* (M, Kp) float32, x with each group of 8 columns in the order (0, 2, 4, 6, 1, 3, 5, 7) and
+     * the padding zero: the order in which the AVX2 kernel decodes weights. AVX2 only. */
+    const float *x_perm;
+    float *scratch;                    /* AVX2 only: ql_avx2_scratch_floats(job) per thread */
+    int64_t scratch_floats_per_thread;
+} ql_matmul_job;
+
+/* Where column k of x sits in x_perm's row. */
+static inline int64_t ql_perm_position(int64_t k) {
+    return (k & ~(int64_t)7) + ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
+}
+
+/* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */
+#define QL_ROW_GRAIN 32
+
+typedef struct {
+    const float *blocks;         /* (N, Kp) float32 */
+    const float *scales;         /* (N, Kp / B) float32 */
+    const float *codebook;       /* (16,) float32 ascending */
+    const float *column_weight;  /* (Kp,) float32 or NULL */
+    int64_t padded_k, block_size;
+    uint8_t *codes;              /* (N, Kp / 2) uint8 out */
+    float *errors;               /* (N, Kp / B) float32 out, or NULL */
+} ql_encode_job;
+
+void ql_qmatmul_rows_scalar(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_avx2_scratch_floats(const ql_matmul_job *job);
+void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
+void ql_encode_rows_avx2(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
+
+/* Rows of one block's squared error, shared by both encoders: the quantizer's float32 arithmetic
+ * (w - level * scale), squared and weighted in double so the sum does not depend on its order. */
+static inline float ql_block_error(const float *w, const uint8_t *block_codes_unpacked,
+                                   const float *codebook, float scale, const float *column_weight,
+                                   int64_t count) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < count; ++j) {
+        float level_times_scale = codebook[block_codes_unpacked[j]] * scale;
+        float diff = w[j] - level_times_scale;
+        double squared = (double)diff * (double)diff;
+        sum += column_weight ? squared * column_weight[j] : squared;
+    }
+    return (float)sum;
+}
+
+#endif

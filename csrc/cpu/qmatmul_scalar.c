@@ -1,0 +1,55 @@
+/* Portable C kernels: qmatmul and the quantizer's encoder, written entirely in the per-element
+ * functions of quantlite_decode.h (the ones the CUDA kernels call), so that testing this file tests
+ * the GPU's math. Used on CPUs without AVX2 and by the tests; the AVX2 file is the fast path.
+ *
+ * qmatmul, per output row n and input row m:
+ *     acc = 0
+ *     for each block b:  acc += scale[n, b] * sum_{k in b, k < K} codebook[code(n, k)] * x[m, k]
+ *     y[m, n] = acc + sum over row n's outliers of val * x[m, col]
+ * (the scale is factored out of its block: one multiply per block instead of per weight). */
+#include "kernels.h"
+#include "quantlite_decode.h"
+
+void ql_qmatmul_rows_scalar(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
+    (void)thread_index;  /* needs no scratch */
+    const ql_weight *w = job->w;
+    const int64_t block = w->block_size, n_blocks = job->padded_k / block;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+        const uint8_t *code_row = w->codes + n * (job->padded_k / 2);   /* (Kp / 2,) */
+        const float *scale_row = w->scales + n * n_blocks;                /* (Kp / B,) */
+        for (int64_t m = 0; m < job->m; ++m) {
+            const void *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
+            float acc = 0.0f;
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const int64_t end = (b + 1) * block < w->k ? (b + 1) * block : w->k;
+                float block_sum = 0.0f;
+                for (int64_t k = b * block; k < end; ++k)
+                    block_sum += ql_level(w->codebook, ql_code_at(code_row, k)) * ql_load(x_row, job->dtype, k);
+                acc += block_sum * scale_row[b];
+            }
+            acc += ql_outlier_partial(w, n, x_row, job->dtype, 0, 1);
+            ql_store(job->y, job->dtype, m * job->y_row_stride + n, acc);
+        }
+    }
+}
+
+void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end) {
+    const int64_t block = job->block_size, n_blocks = job->padded_k / block;
+    float mid[15];
+    ql_midpoints(job->codebook, mid);
+    uint8_t block_codes[4096];  /* one block's codes, unpacked; B <= 4096 is checked by the caller */
+    for (int64_t n = n_begin; n < n_end; ++n) {
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const float *w = job->blocks + n * job->padded_k + b * block;
+            const float scale = job->scales[n * n_blocks + b];
+            const float reciprocal = ql_block_reciprocal(scale);
+            for (int64_t j = 0; j < block; ++j) block_codes[j] = (uint8_t)ql_encode_value(w[j] * reciprocal, mid);
+            uint8_t *packed = job->codes + n * (job->padded_k / 2) + b * (block / 2);
+            for (int64_t j = 0; j < block; j += 2) packed[j / 2] = (uint8_t)(block_codes[j] | block_codes[j + 1] << 4);
+            if (job->errors)
+                job->errors[n * n_blocks + b] = ql_block_error(
+                    w, block_codes, job->codebook, scale,
+                    job->column_weight ? job->column_weight + b * block : NULL, block);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+/* quantlite.h: the C ABI of quantlite's native kernels (CPU: libquantlite_cpu.so, CUDA:
+ * libquantlite_cuda.so). Plain C, no C++ or CUDA types, so any runtime can embed it.
+ *
+ * The operation (docs/native.md, docs/FORMAT.md for the stored form):
+ *
+ *     y[m, n] = sum_k x[m, k] * W[n, k]      W[n, k] = codebook[code(n, k)] * scales[n, k / B] + S[n, k]
+ *
+ * W is (N, K) = (out_features, in_features), quantized in blocks of B weights along K, K padded up to
+ * Kp = ceil(K / B) * B with the zero code; S is a sparse matrix of outliers in CSR form. The weight is
+ * handed over in the compute layout (quantlite.kernels.prepared): every array contiguous, row-major.
+ * x and y are row-major with a row stride (elements, >= K resp. >= N) and one dtype tag for both;
+ * every kernel accumulates in float32.
+ *
+ * Every function returns QL_OK (0) or an error code; ql_error_string() turns it into a message.
+ * The CUDA entry points take device pointers and enqueue on `stream` (a cudaStream_t, NULL = the
+ * legacy default stream); they return once the work is enqueued.
+ */
+#ifndef QUANTLITE_H
+#define QUANTLITE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QL_ABI_VERSION 1
+
+#if defined(_WIN32)
+#define QL_API __declspec(dllexport)
+#else
+#define QL_API __attribute__((visibility("default")))
+#endif
+
+/* ---------------------------------------------------------------- error codes */
+typedef enum {
+    QL_OK = 0,
+    QL_ERR_NULL_POINTER = 1,     /* a required pointer is NULL */
+    QL_ERR_BAD_SIZE = 2,         /* M, N or K <= 0, or nnz < 0 */
+    QL_ERR_BAD_BLOCK_SIZE = 3,   /* B not a multiple of 16 in [16, 4096] */
+    QL_ERR_BAD_STRIDE = 4,       /* a row stride smaller than the row */
+    QL_ERR_BAD_DTYPE = 5,        /* dtype tag not one of ql_dtype */
+    QL_ERR_BAD_ISA = 6,          /* the instruction set asked for is not supported by this CPU */
+    QL_ERR_OUT_OF_MEMORY = 7,    /* host scratch allocation failed */
+    QL_ERR_BAD_OUTLIERS = 8,     /* row_ptr not 0..nnz non-decreasing, or a column outside [0, K) */
+    QL_ERR_NO_CUDA_DEVICE = 9,   /* no CUDA driver or device */
+    QL_ERR_CUDA = 10             /* a CUDA runtime call or launch failed (see ql_cuda_last_error) */
+} ql_status;
+
+/* ---------------------------------------------------------------- dtype tags (x and y) */
+typedef enum {
+    QL_F32 = 0,   /* IEEE float32 */
+    QL_F16 = 1,   /* IEEE float16 */
+    QL_BF16 = 2   /* bfloat16 */
+} ql_dtype;
+
+/* ---------------------------------------------------------------- CPU instruction sets */
+typedef enum {
+    QL_ISA_AUTO = 0,    /* the best this CPU supports (cpuid at run time) */
+    QL_ISA_SCALAR = 1,  /* portable C */
+    QL_ISA_AVX2 = 2     /* AVX2 + FMA */
+} ql_isa;
+
+/* ---------------------------------------------------------------- the weight (compute layout) */
+typedef struct {
+    int64_t n;                /* N: output features (rows of W) */
+    int64_t k;                /* K: input features (columns of W, before padding) */
+    int64_t block_size;       /* B: weights per scale along K, a multiple of 16 */
+    const uint8_t *codes;     /* (N, Kp / 2) uint8: two codes per byte, low nibble = even column */
+    const float *scales;      /* (N, Kp / B) float32 */
+    const float *codebook;    /* (16,) float32 */
+    const int32_t *row_ptr;   /* (N + 1,) int32: CSR row pointers into cols / vals */
+    const int32_t *cols;      /* (nnz,) int32: column of each outlier, ascending in a row */
+    const float *vals;        /* (nnz,) float32: added to W at (row, col) */
+    int64_t nnz;              /* number of outliers (cols / vals may be NULL when 0) */
+} ql_weight;
+
+QL_API int ql_abi_version(void);
+QL_API const char *ql_error_string(int status);
+
+/* ---------------------------------------------------------------- CPU (libquantlite_cpu.so) */
+/* y (M, N) = x (M, K) @ W^T. x: rows of `x_row_stride` elements; y: rows of `y_row_stride`.
+ * n_threads <= 0: one per available core. isa: QL_ISA_AUTO unless a test wants one path. */
+QL_API int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
+                          void *y, int64_t y_row_stride, int dtype, int isa, int n_threads);
+
+/* out (N, K) = W, dense, in `dtype`, rows of `out_row_stride` elements. */
+QL_API int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype,
+                             int n_threads);
+
+/* The offline quantizer's inner step (bit-exact with quantlite/quantize.py):
+ *   blocks (N, Kp) float32, scales (N, Kp / B) float32, codebook (16,) float32 ascending
+ *   -> codes (N, Kp / 2) uint8, low nibble = even column: code = #{i : mid[i] < w * r}, with
+ *      mid[i] = (codebook[i] + codebook[i + 1]) / 2 and r = 1 / max(scale, FLT_MIN) if scale > 0 else 0.
+ *   errors (N, Kp / B) float32 or NULL: per block, sum_k column_weight[k] * (w - codebook[code] * scale)^2,
+ *      column_weight (Kp,) float32 or NULL (= all ones). */
+QL_API int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *codebook,
+                               int64_t n, int64_t padded_k, int64_t block_size,
+                               const float *column_weight, uint8_t *codes, float *errors,
+                               int isa, int n_threads);
+
+/* The instruction set QL_ISA_AUTO picks on this CPU, and its name ("avx2", "scalar"). */
+QL_API int ql_cpu_best_isa(void);
+QL_API const char *ql_cpu_isa_name(int isa);
+
+/* ---------------------------------------------------------------- CUDA (libquantlite_cuda.so) */
+/* Device pointers; `stream` is a cudaStream_t. M <= 8 (or fp32 x) runs the GEMV kernel, larger M
+ * with fp16 / bf16 x the tensor-core kernel. */
+QL_API int ql_cuda_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
+                           void *y, int64_t y_row_stride, int dtype, void *stream);
+QL_API int ql_cuda_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype,
+                              void *stream);
+/* Number of visible devices (QL_ERR_NO_CUDA_DEVICE when the driver is missing or reports none). */
+QL_API int ql_cuda_device_count(int *count);
+/* The message of the last CUDA runtime error seen by this library in this thread. */
+QL_API const char *ql_cuda_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QUANTLITE_H */

@@ -1,0 +1,285 @@
+"""ctypes binding of the native kernels (csrc/, C ABI in csrc/include/quantlite.h).
+
+One hop from Python to C: check shapes and dtypes here (errors name the sizes and the back-end),
+allocate the output, call the library. Libraries are built by `make native` into quantlite/_native/:
+    libquantlite_cpu.so    AVX2/FMA or scalar (chosen by cpuid at run time), threaded
+    libquantlite_cuda.so   GEMV + tensor-core kernels for sm_80 / 86 / 89 / 90
+`cpu_status()` / `cuda_status()` say None when a back-end can run, else why not.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import weakref
+from pathlib import Path
+
+import torch
+
+from quantlite.errors import QuantliteError
+from quantlite.kernels.prepared import PreparedWeight, prepare
+from quantlite.qweight import QWeight
+
+NATIVE_DIR = Path(__file__).resolve().parents[1] / "_native"
+CPU_LIBRARY = NATIVE_DIR / "libquantlite_cpu.so"
+CUDA_LIBRARY = NATIVE_DIR / "libquantlite_cuda.so"
+ABI_VERSION = 1  # QL_ABI_VERSION in quantlite.h
+
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
+ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2}                        # ql_isa
+
+
+class NativeKernelError(QuantliteError, ValueError):
+    """A native kernel refused its arguments (shapes, dtypes, devices) or reported an error."""
+
+
+class _Weight(ctypes.Structure):
+    """ql_weight: the compute layout of quantlite.kernels.prepared, as raw pointers."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("codes", ctypes.c_void_p),      # (N, Kp / 2) uint8, low nibble = even column
+        ("scales", ctypes.c_void_p),     # (N, Kp / B) float32
+        ("codebook", ctypes.c_void_p),   # (16,) float32
+        ("row_ptr", ctypes.c_void_p),    # (N + 1,) int32
+        ("cols", ctypes.c_void_p),       # (nnz,) int32
+        ("vals", ctypes.c_void_p),       # (nnz,) float32
+        ("nnz", ctypes.c_int64),
+    ]
+
+
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_MATMUL_ARGS = [ctypes.POINTER(_Weight), _PTR, _I64, _I64, _PTR, _I64, _INT]
+
+
+def _declare(library: ctypes.CDLL, name: str, argtypes: list, restype=ctypes.c_int) -> None:
+    function = getattr(library, name)
+    function.argtypes, function.restype = argtypes, restype
+
+
+@functools.cache
+def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it cannot be used)."""
+    if not path.exists():
+        return None, f"{path.name} is not built (run `make native`)"
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        return None, f"{path.name} does not load: {error}"
+    _declare(library, "ql_abi_version", [])
+    _declare(library, "ql_error_string", [_INT], ctypes.c_char_p)
+    if library.ql_abi_version() != ABI_VERSION:
+        return None, f"{path.name} has ABI version {library.ql_abi_version()}, this binding wants {ABI_VERSION} (rebuild: `make native`)"
+    if path == CPU_LIBRARY:
+        _declare(library, "ql_cpu_qmatmul", _MATMUL_ARGS + [_INT, _INT])
+        _declare(library, "ql_cpu_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _INT])
+        _declare(library, "ql_cpu_encode_codes", [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT])
+        _declare(library, "ql_cpu_best_isa", [])
+        _declare(library, "ql_cpu_isa_name", [_INT], ctypes.c_char_p)
+    else:
+        _declare(library, "ql_cuda_qmatmul", _MATMUL_ARGS + [_PTR])
+        _declare(library, "ql_cuda_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _PTR])
+        _declare(library, "ql_cuda_device_count", [ctypes.POINTER(ctypes.c_int)])
+        _declare(library, "ql_cuda_last_error", [], ctypes.c_char_p)
+    return library, None
+
+
+# ---------------------------------------------------------------------------- status
+def cpu_status() -> str | None:
+    """None when the CPU library is loaded and usable, else the reason."""
+    return _load(CPU_LIBRARY)[1]
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU library runs on this machine: "avx2" or "scalar"."""
+    library = _cpu_library()
+    return library.ql_cpu_isa_name(library.ql_cpu_best_isa()).decode()
+
+
+def cuda_status() -> str | None:
+    """None when the CUDA library is loaded and a CUDA device is visible to it and to torch."""
+    library, reason = _load(CUDA_LIBRARY)
+    if reason:
+        return reason
+    count = ctypes.c_int(0)
+    status = library.ql_cuda_device_count(ctypes.byref(count))
+    if status != 0:
+        return f"{CUDA_LIBRARY.name} loaded, but {library.ql_error_string(status).decode()}: {library.ql_cuda_last_error().decode()}"
+    if not torch.cuda.is_available():
+        return f"{CUDA_LIBRARY.name} sees {count.value} device(s), but this torch build has no CUDA"
+    return None
+
+
+def _cpu_library() -> ctypes.CDLL:
+    library, reason = _load(CPU_LIBRARY)
+    if reason:
+        raise NativeKernelError(f"native cpu back-end: {reason}")
+    return library
+
+
+def _cuda_library() -> ctypes.CDLL:
+    reason = cuda_status()
+    if reason:
+        raise NativeKernelError(f"native cuda back-end: {reason}")
+    return _load(CUDA_LIBRARY)[0]
+
+
+def _check(library: ctypes.CDLL, status: int, what: str) -> None:
+    if status != 0:
+        message = library.ql_error_string(status).decode()
+        if hasattr(library, "ql_cuda_last_error") and status == 10:  # QL_ERR_CUDA
+            message += f" ({library.ql_cuda_last_error().decode()})"
+        raise NativeKernelError(f"{what}: {message}")
+
+
+# ---------------------------------------------------------------------------- the weight as a C struct
+# QWeight -> (device -> (PreparedWeight, _Weight)); the struct points into the prepared tensors,
+# which the tuple keeps alive. Building it per call would cost more than a small GEMV.
+_structs: "weakref.WeakKeyDictionary[QWeight, dict[str, tuple[PreparedWeight, _Weight]]]" = weakref.WeakKeyDictionary()
+
+
+def _weight_struct(qw: QWeight, device: torch.device) -> _Weight:
+    per_device = _structs.setdefault(qw, {})
+    key = str(device)
+    if key not in per_device:
+        prepared = prepare(qw, device)
+        struct = _Weight(
+            n=prepared.n, k=prepared.k, block_size=prepared.block_size,
+            codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
+            codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
+            cols=prepared.cols.data_ptr() if prepared.n_outliers else None,
+            vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
+            nnz=prepared.n_outliers,
+        )
+        per_device[key] = (prepared, struct)
+    return per_device[key][1]
+
+
+def _as_rows(x: torch.Tensor, qw: QWeight, backend: str) -> torch.Tensor:
+    """x (..., K) -> a (M, K) view or copy whose rows are contiguous, after checking it."""
+    if not isinstance(x, torch.Tensor) or not isinstance(qw, QWeight):
+        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight), got ({type(x).__name__}, {type(qw).__name__})")
+    n, k = qw.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise NativeKernelError(
+            f"native {backend} qmatmul: x has shape {tuple(x.shape)}, its last size must be K={k} "
+            f"(the weight is N x K = {n} x {k})"
+        )
+    if x.dtype not in DTYPE_TAGS:
+        raise NativeKernelError(f"native {backend} qmatmul: x is {x.dtype}, expected float32, float16 or bfloat16")
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < k):
+        rows = rows.contiguous()
+    return rows
+
+
+def _row_stride(rows: torch.Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
+# ---------------------------------------------------------------------------- CPU
+def qmatmul_cpu(x: torch.Tensor, qw: QWeight, *, isa: str = "auto", n_threads: int | None = None) -> torch.Tensor:
+    """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ dequantize(qw).T,
+    accumulated in float32. isa: "auto", "avx2" or "scalar"; n_threads: default torch.get_num_threads()."""
+    library = _cpu_library()
+    rows = _as_rows(x, qw, "cpu")
+    if x.device.type != "cpu":
+        raise NativeKernelError(f"native cpu qmatmul: x is on {x.device}, expected the CPU")
+    if isa not in ISA_TAGS:
+        raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
+    n = qw.shape[0]
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)  # (M, N)
+    if rows.shape[0]:
+        weight = _weight_struct(qw, torch.device("cpu"))
+        status = library.ql_cpu_qmatmul(
+            ctypes.byref(weight), rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
+            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads(),
+        )
+        _check(library, status, f"native cpu qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, isa={isa})")
+    return out.reshape(*x.shape[:-1], n)
+
+
+def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads: int | None = None) -> torch.Tensor:
+    """(N, K) dense weight in `dtype` (float32/float16/bfloat16), decoded by the CPU library."""
+    library = _cpu_library()
+    if dtype not in DTYPE_TAGS:
+        raise NativeKernelError(f"native cpu dequantize: dtype {dtype} is not float32, float16 or bfloat16")
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype)
+    weight = _weight_struct(qw, torch.device("cpu"))
+    status = library.ql_cpu_dequantize(ctypes.byref(weight), out.data_ptr(), k, DTYPE_TAGS[dtype], n_threads or torch.get_num_threads())
+    _check(library, status, f"native cpu dequantize (N={n}, K={k})")
+    return out
+
+
+def encode_codes(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    codebook: torch.Tensor,
+    block_size: int,
+    column_weight: torch.Tensor | None = None,
+    want_errors: bool = False,
+    *,
+    isa: str = "auto",
+    n_threads: int | None = None,
+):
+    """The quantizer's code step, bit-exact with quantlite/quantize.py, multi-threaded.
+
+    blocks (N, Kp) float32 (or its (N, Kp/B, B) view), scales (N, Kp/B) float32, codebook (16,)
+    float32 ascending -> codes (N, Kp/2) uint8, low nibble = even column, where a weight's code is
+    the number of codebook midpoints below w * (1/scale) (0 for scale == 0). With want_errors, also
+    returns (N, Kp/B) float32: per block, sum of column_weight[k] * (w - codebook[code] * scale)**2
+    (column_weight (Kp,) float32, None = all ones; summed in float64, rounded once).
+    """
+    library = _cpu_library()
+    where = "native cpu encode_codes"
+    if blocks.dim() == 3:
+        if blocks.shape[2] != block_size:
+            raise NativeKernelError(f"{where}: blocks {tuple(blocks.shape)} does not end in the block size {block_size}")
+        blocks = blocks.reshape(blocks.shape[0], -1)
+    if blocks.dim() != 2 or blocks.dtype != torch.float32 or blocks.device.type != "cpu":
+        raise NativeKernelError(f"{where}: blocks must be a 2-D float32 CPU tensor (N, Kp), got {tuple(blocks.shape)} {blocks.dtype} on {blocks.device}")
+    n, padded_k = blocks.shape
+    if block_size <= 0 or padded_k % block_size:
+        raise NativeKernelError(f"{where}: Kp={padded_k} is not a multiple of block_size={block_size}")
+    n_blocks = padded_k // block_size
+    expected = {"scales": (scales, (n, n_blocks)), "codebook": (codebook, (16,))}
+    if column_weight is not None:
+        expected["column_weight"] = (column_weight, (padded_k,))
+    for label, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise NativeKernelError(f"{where}: {label} must be float32 {shape} on the CPU, got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+    blocks, scales, codebook = blocks.contiguous(), scales.contiguous(), codebook.contiguous()
+    column_weight = None if column_weight is None else column_weight.contiguous()
+    codes = torch.empty(n, padded_k // 2, dtype=torch.uint8)
+    errors = torch.empty(n, n_blocks, dtype=torch.float32) if want_errors else None
+    status = library.ql_cpu_encode_codes(
+        blocks.data_ptr(), scales.data_ptr(), codebook.data_ptr(), n, padded_k, block_size,
+        None if column_weight is None else column_weight.data_ptr(), codes.data_ptr(),
+        None if errors is None else errors.data_ptr(), ISA_TAGS[isa], n_threads or torch.get_num_threads(),
+    )
+    _check(library, status, f"{where} (N={n}, Kp={padded_k}, B={block_size})")
+    return (codes, errors) if want_errors else codes
+
+
+# ---------------------------------------------------------------------------- CUDA
+def qmatmul_cuda(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
+    """x (..., K) float32/float16/bfloat16 on a CUDA device -> (..., N) in x's dtype, enqueued on the
+    current stream. M <= 8 (and float32 x) runs the GEMV kernel, larger M the tensor-core kernel."""
+    library = _cuda_library()
+    rows = _as_rows(x, qw, "cuda")
+    if x.device.type != "cuda":
+        raise NativeKernelError(f"native cuda qmatmul: x is on {x.device}, expected a CUDA device")
+    n = qw.shape[0]
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        with torch.cuda.device(x.device):
+            weight = _weight_struct(qw, x.device)
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            status = library.ql_cuda_qmatmul(
+                ctypes.byref(weight), rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
+                DTYPE_TAGS[x.dtype], stream,
+            )
+        _check(library, status, f"native cuda qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, {x.device})")
+    return out.reshape(*x.shape[:-1], n)
