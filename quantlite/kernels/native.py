@@ -179,25 +179,42 @@ def _row_stride(rows: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------- CPU
-def qmatmul_cpu(x: torch.Tensor, qw: QWeight, *, isa: str = "auto", n_threads: int | None = None) -> torch.Tensor:
+def qmatmul_cpu(
+    x: torch.Tensor,
+    qw: QWeight,
+    *,
+    out: torch.Tensor | None = None,
+    isa: str = "auto",
+    n_threads: int | None = None,
+) -> torch.Tensor:
     """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ dequantize(qw).T,
-    accumulated in float32. isa: "auto", "avx2" or "scalar"; n_threads: default torch.get_num_threads()."""
+    accumulated in float32. out: optional (M, N) tensor of x's dtype whose rows are contiguous
+    (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
+    (..., N) when it is contiguous. isa: "auto", "avx2" or "scalar"; n_threads: default
+    torch.get_num_threads()."""
     library = _cpu_library()
     rows = _as_rows(x, qw, "cpu")
     if x.device.type != "cpu":
         raise NativeKernelError(f"native cpu qmatmul: x is on {x.device}, expected the CPU")
     if isa not in ISA_TAGS:
         raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
-    n = qw.shape[0]
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype)  # (M, N)
-    if rows.shape[0]:
+    m, n = rows.shape[0], qw.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype)
+    elif (out.shape != (m, n) or out.dtype != x.dtype or out.device.type != "cpu" or out.stride(1) != 1
+          or (m > 1 and out.stride(0) < n)):
+        raise NativeKernelError(
+            f"native cpu qmatmul: out must be a ({m}, {n}) {x.dtype} CPU tensor with contiguous rows, "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}"
+        )
+    if m:
         weight = _weight_struct(qw, torch.device("cpu"))
         status = library.ql_cpu_qmatmul(
-            ctypes.byref(weight), rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
+            ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows), out.data_ptr(), _row_stride(out),
             DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads(),
         )
-        _check(library, status, f"native cpu qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, isa={isa})")
-    return out.reshape(*x.shape[:-1], n)
+        _check(library, status, f"native cpu qmatmul (M={m}, N={n}, K={qw.shape[1]}, isa={isa})")
+    return out.reshape(*x.shape[:-1], n) if out.is_contiguous() else out
 
 
 def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads: int | None = None) -> torch.Tensor:

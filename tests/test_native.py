@@ -1,0 +1,197 @@
+"""The native CPU library (csrc/cpu via quantlite.kernels.native) against the float64 reference.
+
+Tolerance, and where it comes from: each output is a K-term float32 dot product of float32 weights
+(level * scale, one rounding) with x, so its error is at most about (K + 2) * 2**-24 times
+sum_k |x_k * W_nk| (the standard bound for recursive summation; we allow twice that), plus one
+rounding of the result into x's dtype (2**-11 relative for float16, 2**-8 for bfloat16). The bound
+is computed per element, so a wrong code, scale or outlier anywhere shows (test_a_wrong_code_is_caught).
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+
+import pytest
+import torch
+
+from quantlite.kernels import native
+from quantlite.kernels.native import NativeKernelError
+from quantlite.qweight import QWeight
+from quantlite.quantize import quantize
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OUTPUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+ISAS = ["scalar", "avx2"] if native.cpu_status() is None and native.cpu_isa() == "avx2" else ["scalar"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library_built():
+    reason = native.cpu_status()
+    if reason is not None:
+        pytest.fail(f"the CPU library must be built before these tests: {reason}")
+
+
+def random_weight(generator, n, k, block_size=64, outlier_frac=0.01, method="quantlite") -> QWeight:
+    # heavy-tailed weights (a few large ones per row) so scales and outliers both matter
+    w = torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator).add(0.1)
+    w += (torch.rand(n, k, generator=generator) < 0.01) * torch.randn(n, k, generator=generator) * 8
+    return quantize(w, block_size=block_size, method=method, outlier_frac=outlier_frac)
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, qw: QWeight) -> None:
+    weight = qw.dequantize(torch.float64)                       # (N, K) float64
+    x64 = x.reshape(-1, qw.shape[1]).double()                   # (M, K)
+    reference = x64 @ weight.T                                  # (M, N)
+    magnitude = x64.abs() @ weight.abs().T
+    k = qw.shape[1]
+    bound = 2 * (k + 2) * 2.0**-24 * magnitude + OUTPUT_ROUNDING[x.dtype] * reference.abs() + 1e-30
+    got = y.reshape(-1, qw.shape[0]).double()
+    assert torch.isfinite(got).all(), "NaN/Inf in the output (an element was not written?)"
+    excess = (got - reference).abs() / bound
+    worst = int(excess.argmax())
+    row, col = divmod(worst, qw.shape[0])
+    assert excess.max() <= 1.0, (
+        f"y[{row}, {col}] = {got[row, col].item()} vs reference {reference[row, col].item()} "
+        f"(bound {bound[row, col].item():.3g})"
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qmatmul_sweep_m_and_odd_shapes(generator, isa, dtype):
+    # N odd, K = 2B - 1 (padding inside the last block), M over the GEMV / GEMM switch (4 / 5) and
+    # past the 3-row register tile and 64.
+    qw = random_weight(generator, n=37, k=127, block_size=64)
+    for m in (1, 2, 3, 4, 5, 6, 8, 13, 64, 67):
+        x = torch.randn(m, 127, generator=generator).to(dtype)
+        out = torch.full((m, 37), float("nan"), dtype=dtype)
+        y = native.qmatmul_cpu(x, qw, out=out, isa=isa)
+        assert y.data_ptr() == out.data_ptr()
+        assert_matches_reference(y, x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block_size, k", [(32, 32), (32, 33), (48, 95), (48, 96), (64, 65), (128, 200), (256, 255)])
+def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_size, k):
+    # B = 48 leaves 8 bytes per block after the 16-byte steps: the AVX2 kernel's narrow tail.
+    qw = random_weight(generator, n=19, k=k, block_size=block_size)
+    for m in (1, 3, 7):
+        x = torch.randn(m, k, generator=generator)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("outlier_frac", [0.0, 0.2])
+@pytest.mark.parametrize("method", ["nf4", "rtn", "quantlite"])
+def test_qmatmul_methods_and_outliers(generator, isa, outlier_frac, method):
+    # none, or many outliers per row; fp32 / fp16 / double-quantized scales; NF4 and int4 codebooks
+    qw = random_weight(generator, n=41, k=160, outlier_frac=outlier_frac, method=method)
+    assert qw.n_outliers == round(outlier_frac * 41 * 160)
+    for m in (1, 9):
+        x = torch.randn(m, 160, generator=generator).to(torch.bfloat16)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_strided_x_and_out_leave_the_gaps_alone(generator, isa):
+    qw = random_weight(generator, n=23, k=100)
+    wide_x = torch.randn(6, 130, generator=generator)
+    x = wide_x[:, 10:110]                                  # (6, 100), row stride 130
+    wide_out = torch.full((6, 31), float("nan"))
+    out = wide_out[:, 4:27]                                # (6, 23), row stride 31
+    native.qmatmul_cpu(x, qw, out=out, isa=isa)
+    assert_matches_reference(out, x, qw)
+    assert torch.isnan(wide_out[:, :4]).all() and torch.isnan(wide_out[:, 27:]).all()
+
+
+def test_leading_dimensions_and_empty_input(generator):
+    qw = random_weight(generator, n=29, k=70)
+    x = torch.randn(2, 3, 70, generator=generator).to(torch.float16)
+    y = native.qmatmul_cpu(x, qw)
+    assert y.shape == (2, 3, 29) and y.dtype == torch.float16
+    assert_matches_reference(y, x, qw)
+    assert native.qmatmul_cpu(torch.empty(0, 70), qw).shape == (0, 29)
+
+
+def test_thread_counts_give_identical_results(generator):
+    # each output element is computed by one thread in a fixed order: bitwise equal for any count
+    qw = random_weight(generator, n=700, k=512)  # 700 * 512 weights: above the parallel threshold
+    for m in (1, 6):
+        x = torch.randn(m, 512, generator=generator)
+        results = [native.qmatmul_cpu(x, qw, n_threads=t) for t in (1, 2, 3)]
+        assert all(torch.equal(results[0], r) for r in results[1:])
+        assert_matches_reference(results[0], x, qw)
+
+
+def _qmatmul_in_child(queue, qw, x):
+    queue.put(native.qmatmul_cpu(x, qw, n_threads=2).tolist())  # a list: no tensor sharing across processes
+
+
+def test_forked_child_can_use_the_pool(generator):
+    # the parent's workers do not exist in a fork; the library must start its own, not wait forever
+    qw = random_weight(generator, n=700, k=512)
+    x = torch.randn(1, 512, generator=generator)
+    expected = native.qmatmul_cpu(x, qw, n_threads=2)  # starts the parent's pool
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_qmatmul_in_child, args=(queue, qw, x))
+    child.start()
+    result = queue.get(timeout=60)  # before join: a child blocks in exit until its queue is drained
+    child.join(timeout=10)
+    assert child.exitcode == 0, "the forked child crashed"
+    assert result == expected.tolist()
+
+
+def test_a_wrong_code_is_caught(generator):
+    # the tolerance is tight enough that one changed nibble in one row shows
+    qw = random_weight(generator, n=16, k=64, outlier_frac=0.0)
+    x = torch.randn(1, 64, generator=generator).abs() + 0.5
+    codes = qw.codes.clone()
+    codes[5, 3] ^= 0x08  # column 6's level moves by 8 steps
+    broken = QWeight(**{**qw.__dict__, "codes": codes})
+    with pytest.raises(AssertionError, match=r"y\[0, 5\]"):
+        assert_matches_reference(native.qmatmul_cpu(x, broken), x, qw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_qweight(generator, dtype):
+    qw = random_weight(generator, n=33, k=150, block_size=48, outlier_frac=0.05)
+    assert torch.equal(native.dequantize_cpu(qw, dtype), qw.dequantize(torch.float32).to(dtype))
+
+
+def test_bad_arguments_name_the_sizes(generator):
+    qw = random_weight(generator, n=8, k=64)
+    with pytest.raises(NativeKernelError, match=r"shape \(2, 63\).*K=64.*8 x 64"):
+        native.qmatmul_cpu(torch.randn(2, 63), qw)
+    with pytest.raises(NativeKernelError, match="float64"):
+        native.qmatmul_cpu(torch.randn(2, 64, dtype=torch.float64), qw)
+    with pytest.raises(NativeKernelError, match="isa 'sse9'"):
+        native.qmatmul_cpu(torch.randn(2, 64), qw, isa="sse9")
+    with pytest.raises(NativeKernelError, match=r"out must be a \(2, 8\)"):
+        native.qmatmul_cpu(torch.randn(2, 64), qw, out=torch.empty(2, 9))
+
+
+def test_library_rejects_a_malformed_outlier_table(generator):
+    # QWeight() skips from_dict's checks; the C library must still refuse to index x with a bad column
+    qw = random_weight(generator, n=4, k=64, outlier_frac=0.02)
+    cols = qw.outlier_cols.to(torch.int32).clone()
+    cols[0] = 64
+    broken = QWeight(**{**qw.__dict__, "outlier_cols": cols})
+    with pytest.raises(NativeKernelError, match=r"M=1, N=4, K=64.*outlier CSR is malformed"):
+        native.qmatmul_cpu(torch.randn(1, 64), broken)
+
+
+def test_error_strings_cover_every_status():
+    library = ctypes.CDLL(str(native.CPU_LIBRARY))
+    library.ql_error_string.restype = ctypes.c_char_p
+    messages = [library.ql_error_string(code).decode() for code in range(11)]
+    assert messages[0] == "success"
+    assert "unknown" not in " ".join(messages[1:]) and len(set(messages)) == 11
+    assert "unknown" in library.ql_error_string(99).decode()
+
+
+def test_status_reports():
+    assert native.cpu_status() is None
+    assert native.cpu_isa() in ("avx2", "scalar")
+    reason = native.cuda_status()
+    assert reason is None or isinstance(reason, str) and reason
