@@ -1,0 +1,168 @@
+"""QWeight's flat-dict format (docs/FORMAT.md): round trips, and what QWeight.from_dict must reject."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantlite.errors import FormatError
+from quantlite.qweight import FORMAT_NAME, QWeight
+from quantlite.quantize import quantize
+
+
+def meta_tensor(meta) -> torch.Tensor:
+    raw = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
+@pytest.fixture(params=["quantlite", "nf4", "rtn"])
+def qweight(request, generator) -> QWeight:
+    # 70 x 200 with block 64: K is padded to 256, so the last block of every row has 56 padding codes
+    w = 0.02 * torch.randn(70, 200, generator=generator)
+    w[3, 17] = 1.5  # an outlier the quantlite method keeps exactly
+    return quantize(w, method=request.param, block_size=64, outlier_frac=0.01 if request.param == "quantlite" else 0.0)
+
+
+def test_round_trip_through_dict_and_safetensors(qweight, tmp_path):
+    flat = qweight.to_dict("model.layers.0.mlp.down_proj.weight.")
+    assert all(name.startswith("model.layers.0.mlp.down_proj.weight.") for name in flat)
+    again = QWeight.from_dict(flat, prefix="model.layers.0.mlp.down_proj.weight.")
+    qweight.save(tmp_path / "w.safetensors")
+    loaded = QWeight.load(tmp_path / "w.safetensors")
+    for other in (again, loaded):
+        assert other.shape == qweight.shape and other.block_size == 64 and other.method == qweight.method
+        assert torch.equal(other.dequantize(torch.float64), qweight.dequantize(torch.float64))
+        for name, tensor in qweight.to_dict().items():
+            assert torch.equal(other.to_dict()[name], tensor), name
+
+
+def test_documented_layout(qweight):
+    """The facts docs/FORMAT.md states, checked against what quantize() writes."""
+    n, k = qweight.shape
+    assert qweight.codes.shape == (n, 256 // 2) and qweight.codes.dtype == torch.uint8
+    unpacked = qweight.unpacked_codes()
+    assert torch.equal(unpacked[:, 0::2], qweight.codes & 0x0F)  # low nibble = even column
+    zero = int((qweight.codebook == 0).nonzero())
+    assert bool((unpacked[:, k:] == zero).all())  # padding holds the zero code
+    assert qweight.outlier_row_ptr.dtype == torch.int32 and qweight.outlier_cols.dtype == torch.uint16
+    meta = json.loads(bytes(qweight.to_dict()["meta"].tolist()))
+    assert meta == {"format": FORMAT_NAME, "version": 1, "shape": [n, k], "block_size": 64, "method": qweight.method}
+    if qweight.double_quant:
+        assert qweight.scale_codes.shape == (n, 4) and qweight.scale_group_min.shape == (-(-n * 4 // 256),)
+    if qweight.n_outliers:
+        rows = torch.repeat_interleave(torch.arange(n), torch.diff(qweight.outlier_row_ptr.long()))
+        assert bool((unpacked[rows, qweight.outlier_cols.long()] == zero).all())  # zero code under outliers
+        assert qweight.dequantize()[3, 17] == torch.tensor(1.5, dtype=torch.float16).float()
+
+
+def _mutations(q: QWeight) -> list[tuple[str, dict, str]]:
+    d = q.to_dict()
+    n, _ = q.shape
+    cases = [
+        ("missing codes", {k: v for k, v in d.items() if k != "codes"}, "missing tensor 'codes'"),
+        ("codes int8", {**d, "codes": d["codes"].to(torch.int8)}, "codes has dtype int8"),
+        ("codes short", {**d, "codes": d["codes"][:, :-1].contiguous()}, "codes has shape"),
+        ("codebook desc", {**d, "codebook": d["codebook"].flip(0).contiguous()}, "ascending"),
+        ("codebook no zero", {**d, "codebook": d["codebook"] + 0.01}, "0.0 exactly once"),
+        ("codebook fp16", {**d, "codebook": d["codebook"].half()}, "codebook has dtype"),
+        ("row_ptr end", {**d, "outlier_row_ptr": d["outlier_row_ptr"] + 1}, "must start at 0"),
+        ("row_ptr int64", {**d, "outlier_row_ptr": d["outlier_row_ptr"].long()}, "outlier_row_ptr has dtype"),
+        ("cols vs vals", {**d, "outlier_cols": torch.zeros(q.n_outliers + 1, dtype=torch.uint16)}, "one length"),
+        ("meta version", {**d, "meta": meta_tensor({**_meta(d), "version": 2})}, "version 2 is not supported"),
+        ("meta format", {**d, "meta": meta_tensor({**_meta(d), "format": "gguf"})}, "does not describe"),
+        ("meta block", {**d, "meta": meta_tensor({**_meta(d), "block_size": 40})}, "block_size 40"),
+        ("meta shape", {**d, "meta": meta_tensor({**_meta(d), "shape": [n, 0]})}, "two positive integers"),
+        ("meta shape lie", {**d, "meta": meta_tensor({**_meta(d), "shape": [n + 1, 200]})}, "codes has shape"),
+        ("meta bool", {**d, "meta": meta_tensor({**_meta(d), "block_size": True})}, "block_size True"),
+        ("meta junk", {**d, "meta": meta_tensor(b"\xff\x00garbage")}, "not UTF-8 JSON"),
+        ("meta huge", {**d, "meta": torch.zeros(5000, dtype=torch.uint8)}, "at most 4096 bytes"),
+        ("meta empty", {**d, "meta": meta_tensor(b"")}, "not UTF-8 JSON"),
+    ]
+    if q.double_quant:
+        cases += [
+            ("both scales", {**d, "scales": torch.ones(n, 4)}, "exactly one of"),
+            ("no group min", {k: v for k, v in d.items() if k != "scale_group_min"}, "need 'scale_group_min'"),
+            ("group step nan", {**d, "scale_group_step": d["scale_group_step"] * float("nan")}, "must be finite"),
+        ]
+    else:
+        cases += [
+            ("no scales", {k: v for k, v in d.items() if k != "scales"}, "exactly one of"),
+            ("negative scale", {**d, "scales": -d["scales"]}, "non-negative"),
+            ("inf scale", {**d, "scales": d["scales"] * float("inf")}, "finite"),
+            ("scales int", {**d, "scales": d["scales"].int()}, "scales has dtype"),
+        ]
+    if q.n_outliers >= 2:
+        cols = d["outlier_cols"].clone()
+        cases += [
+            ("col out of range", {**d, "outlier_cols": torch.full_like(cols, 200)}, "outside"),
+            ("vals nan", {**d, "outlier_vals": d["outlier_vals"] * float("nan")}, "finite"),
+            ("row_ptr decreasing", {**d, "outlier_row_ptr": _decreasing(d["outlier_row_ptr"])}, "decreases"),
+            ("cols int32", {**d, "outlier_cols": cols.to(torch.int32)}, "outlier_cols has dtype"),
+        ]
+    return cases
+
+
+def _meta(d: dict) -> dict:
+    return json.loads(bytes(d["meta"].tolist()))
+
+
+def _decreasing(row_ptr: torch.Tensor) -> torch.Tensor:
+    changed = row_ptr.clone()
+    changed[1] = changed[-1]  # jumps to nnz then back down
+    return changed
+
+
+def test_every_violation_is_a_format_error(qweight):
+    for label, tensors, message in _mutations(qweight):
+        with pytest.raises(FormatError, match=message):
+            QWeight.from_dict(tensors, name=label)
+
+
+def test_unsorted_outlier_columns_within_a_row_are_refused(generator):
+    w = 0.02 * torch.randn(4, 64, generator=generator)
+    w[1, 5], w[1, 40] = 2.0, -2.0
+    q = quantize(w, outlier_frac=2 / 256)
+    d = q.to_dict()
+    assert q.n_outliers == 2 and d["outlier_row_ptr"].tolist() == [0, 0, 2, 2, 2]
+    with pytest.raises(FormatError, match="strictly ascending"):
+        QWeight.from_dict({**d, "outlier_cols": torch.tensor([40, 5], dtype=torch.int32).to(torch.uint16)})
+
+
+@settings(max_examples=60, deadline=1000)
+@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_arbitrary_meta_bytes_raise_only_format_error(raw):
+    base = quantize(torch.linspace(-1, 1, 64 * 4).reshape(4, 64), method="rtn").to_dict()
+    try:
+        QWeight.from_dict({**base, "meta": meta_tensor(raw)})
+    except FormatError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------- holes
+# Validation holes found while writing this file. Each test states the rule of docs/FORMAT.md that
+# QWeight.from_dict does not yet enforce; xfail(strict=True) turns into a failure the moment
+# quantlite/qweight.py is fixed, so the mark is removed then (the fixes are in the report to the lead).
+@pytest.mark.xfail(strict=True, reason="qweight._parse_meta lets RecursionError escape: catch it with the JSON errors")
+def test_deeply_nested_meta_is_a_format_error():
+    base = quantize(torch.linspace(-1, 1, 128).reshape(2, 64), method="rtn").to_dict()
+    with pytest.raises(FormatError):
+        QWeight.from_dict({**base, "meta": meta_tensor(b"[" * 4000)})
+
+
+@pytest.mark.xfail(strict=True, reason="from_dict accepts negative scale_group_min/step: decoded scales go negative")
+def test_double_quantized_scales_must_not_decode_negative(generator):
+    d = quantize(0.02 * torch.randn(8, 64, generator=generator)).to_dict()
+    with pytest.raises(FormatError):
+        QWeight.from_dict({**d, "scale_group_min": -d["scale_group_min"].abs() - 1.0})
+
+
+@pytest.mark.xfail(strict=True, reason="from_dict does not check that the dense code under each outlier is the zero code")
+def test_codes_under_outliers_must_be_the_zero_code(generator):
+    w = 0.02 * torch.randn(8, 64, generator=generator)
+    w[2, 9] = 3.0
+    d = quantize(w, outlier_frac=1 / 512).to_dict()
+    with pytest.raises(FormatError):
+        QWeight.from_dict({**d, "codes": torch.full_like(d["codes"], 0xFF)})
