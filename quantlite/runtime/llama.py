@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
 from quantlite.qweight import QWeight
-
-try:  # C's dispatcher picks the fastest live back-end; the torch reference until it exists
-    from quantlite.kernels.dispatch import qmatmul
-except ImportError:  # pragma: no cover - only before quantlite/kernels/dispatch.py lands
-    from quantlite.kernels.reference import qmatmul_reference as qmatmul
 
 
 class ModelConfigError(QuantliteError, ValueError):

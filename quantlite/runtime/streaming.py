@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels.prepared import prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
@@ -61,9 +62,18 @@ def format_size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def weights_nbytes(weights: dict) -> int:
-    """Bytes held by a dict of tensors and QWeights."""
-    return sum(w.nbytes if isinstance(w, QWeight) else w.numel() * w.element_size() for w in weights.values())
+def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> int:
+    """Bytes held by a dict of tensors and QWeights, every storage counted once; with prepared_on,
+    each QWeight's kernel layout on that device (kernels.prepared, cached) is counted too."""
+    storages: dict[int, int] = {}
+    for value in weights.values():
+        tensors = [value] if isinstance(value, torch.Tensor) else list(value.to_dict().values())
+        if isinstance(value, QWeight) and prepared_on is not None:
+            tensors += [t for t in vars(prepare(value, prepared_on)).values() if isinstance(t, torch.Tensor)]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def peak_rss_bytes() -> int:
@@ -107,15 +117,16 @@ class StreamingLlama:
         self.prefetch = prefetch
         self.stats = StreamStats()
         self.memory_budget = self._budget_bytes(memory_budget)
+        # where QWeights get their kernel layout built on load (None: the torch reference needs none)
+        self._prepared_on = self.device if _fused_kernels_live(self.device) else None
         self._tokenizer = None
 
         self.embedding = self._to_device(packed.load_embedding())  # (vocab, hidden) tensor or QWeight
         final = packed.load_final()
         self.norm = self._to_device(final["model.norm.weight"])    # (hidden,)
         self.lm_head = self.embedding if self.config.tie_word_embeddings else self._to_device(final["lm_head.weight"])
-        self._fixed_bytes = weights_nbytes({"e": self.embedding, "n": self.norm, "h": self.lm_head}) - (
-            weights_nbytes({"h": self.lm_head}) if self.config.tie_word_embeddings else 0
-        )
+        # a tied head is the embedding's own storage, counted once
+        self._fixed_bytes = weights_nbytes({"e": self.embedding, "n": self.norm, "h": self.lm_head}, self._prepared_on)
         self.stats.bytes_read += sum(packed.manifest["files"][name]["size"] for name in (EMBEDDING_FILE, FINAL_FILE))
         if self._fixed_bytes > self.memory_budget:
             raise MemoryBudgetError(
@@ -159,7 +170,10 @@ class StreamingLlama:
     # ------------------------------------------------------------------ loading
     def _to_device(self, value):
         if isinstance(value, QWeight):
-            return value if self.device.type == "cpu" else value.to(self.device)
+            value = value if self.device.type == "cpu" else value.to(self.device)
+            if self._prepared_on is not None:  # built here, on the loader thread, not in the matmul
+                prepare(value, self._prepared_on)
+            return value
         if value.is_floating_point():
             return value.to(self.device, self.dtype)
         return value.to(self.device)
@@ -188,16 +202,15 @@ class StreamingLlama:
         pending = self._pending.pop(index, None)
         weights = pending.result() if pending is not None else self._read_layer(index)
         self.stats.wait_seconds += time.perf_counter() - start
+        if len(self.stats.layer_bytes) <= index:  # first pass: learn the layer's size in memory
+            self.stats.layer_bytes.append(weights_nbytes(weights, self._prepared_on))
         if self._n_resident is None:
-            size = weights_nbytes(weights)
-            self._n_resident = self._plan(size, int(self.packed.layer_nbytes(index)))
+            self._n_resident = self._plan(self.stats.layer_bytes[index], int(self.packed.layer_nbytes(index)))
             self.stats.resident_layers = self._n_resident
             self.stats.streamed_layers = self.config.num_layers - self._n_resident
-        if len(self.stats.layer_bytes) <= index:
-            self.stats.layer_bytes.append(weights_nbytes(weights))
         if index < self._n_resident:
             self._resident[index] = weights
-            self.stats.resident_bytes += weights_nbytes(weights)
+            self.stats.resident_bytes += self.stats.layer_bytes[index]
         return weights
 
     def _next_streamed(self, index: int) -> int | None:
@@ -297,6 +310,16 @@ class StreamingLlama:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _fused_kernels_live(device: torch.device) -> bool:
+    """Whether qmatmul will run a fused kernel on this device (they take the prepared layout; the
+    torch reference does not, so preparing for it would only cost memory)."""
+    from quantlite.kernels.dispatch import available_backends
+
+    live = available_backends()
+    names = ("cuda", "triton") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+    return any(live.get(name) is None for name in names)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,

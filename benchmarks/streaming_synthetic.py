@@ -1,0 +1,234 @@
+"""Benchmark 1 (issue 4): a synthetic Llama far larger than the memory budget, streamed from disk.
+
+    .venv/bin/python -m benchmarks.streaming_synthetic --out /tmp/ql-synth-7b --budget 1GB
+
+Writes (once) a packed model of random 4-bit weights with Llama-2-7B shapes and 40 layers (>= 4 GB
+on disk), then measures in separate child processes (so each peak RSS is its own):
+  * the sequential read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED);
+  * "stream": decode steps with the budget; every shard is dropped from the page cache right after
+    it is read, so each step really reads the streamed layers from disk;
+  * "resident": the same steps with every layer in memory: the compute floor.
+Goal: time per decode step <= 1.2 x max(I/O floor, compute floor), where the I/O floor is the bytes a
+step reads divided by the measured bandwidth; peak RSS within the budget plus one streamed layer,
+the KV cache, activations and the interpreter's own baseline (printed separately).
+
+The helpers here (synthetic packed writer, cold reads, child runs) serve the other streaming benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.machine import describe
+from quantlite.codebook import nf4_codebook
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PackedModel, layer_file
+from quantlite.qweight import QWeight
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+READ_CHUNK = 64 << 20
+
+
+# ------------------------------------------------------------------------------ synthetic packed models
+def random_qweight(n: int, k: int, generator: torch.Generator, block_size: int = 64) -> QWeight:
+    """Random codes and plausible fp16 scales: the bytes and the math of a real 4-bit weight."""
+    blocks = -(-k // block_size)
+    return QWeight(
+        shape=(n, k), block_size=block_size, method="quantlite", codebook=nf4_codebook(),
+        codes=torch.randint(0, 256, (n, blocks * block_size // 2), dtype=torch.uint8, generator=generator),
+        outlier_row_ptr=torch.zeros(n + 1, dtype=torch.int32), outlier_cols=torch.zeros(0, dtype=torch.uint16),
+        outlier_vals=torch.zeros(0, dtype=torch.float16),
+        scales=(torch.rand(n, blocks, generator=generator) * 0.01 + 0.005).half(),
+    )
+
+
+def random_weight(n: int, k: int, generator: torch.Generator, quantized: bool) -> dict:
+    if quantized:
+        return random_qweight(n, k, generator).to_dict()
+    return {"": (torch.randn(n, k, generator=generator, dtype=torch.float32) * 0.02).half()}
+
+
+def layer_tensors(config: dict, index: int, generator: torch.Generator, quantized: bool) -> dict[str, torch.Tensor]:
+    hidden, inter, head_dim = config["hidden_size"], config["intermediate_size"], config["hidden_size"] // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    shapes = {
+        "self_attn.q_proj.weight": (config["num_attention_heads"] * head_dim, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, config["num_attention_heads"] * head_dim),
+        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden), "mlp.down_proj.weight": (hidden, inter),
+    }
+    prefix = f"model.layers.{index}."
+    tensors = {prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+               prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16)}
+    for name, (n, k) in shapes.items():
+        for field, tensor in random_weight(n, k, generator, quantized).items():
+            tensors[prefix + name + ("." + field if field else "")] = tensor
+    return tensors
+
+
+def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> PackedModel:
+    """A packed directory of random weights with `config`'s shapes (tied embeddings, 4-bit or fp16)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        return PackedModel.open(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                 "tie_word_embeddings": True, "torch_dtype": "float16", **config}
+    files: dict[str, dict] = {}
+
+    def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file(tensors, str(out / name))
+        digest = hashlib.sha256()
+        with open(out / name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(READ_CHUNK), b""):
+                digest.update(chunk)
+        files[name] = {"size": (out / name).stat().st_size, "sha256": digest.hexdigest()}
+
+    embedding = random_weight(config["vocab_size"], config["hidden_size"], generator, quantized)
+    write(EMBEDDING_FILE, {"model.embed_tokens.weight" + ("." + f if f else ""): t for f, t in embedding.items()})
+    write(FINAL_FILE, {"model.norm.weight": torch.ones(config["hidden_size"], dtype=torch.float16)})
+    for index in tqdm(range(config["num_hidden_layers"]), desc=f"writing {out.name}", unit="layer"):
+        write(layer_file(index), layer_tensors(config, index, generator, quantized))
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": hf_config,
+                "quantization": {"method": "synthetic-random" if quantized else "none"}, "files": files,
+                "tensors": {}, "provenance": {"source": "benchmarks/streaming_synthetic.py (random weights)"}}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return PackedModel.open(out)
+
+
+# ------------------------------------------------------------------------------ cold reads
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to forget the file's cached pages, so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class ColdPackedModel:
+    """A PackedModel whose every shard leaves the page cache right after it is read."""
+
+    def __init__(self, packed: PackedModel):
+        self.packed = packed
+
+    def __getattr__(self, name):
+        return getattr(self.packed, name)
+
+    def load_layer(self, index: int) -> dict:
+        tensors = self.packed.load_layer(index)
+        drop_from_page_cache(self.packed.path / layer_file(index))
+        return tensors
+
+
+def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
+    """Bytes/s of cold sequential reads of whole shards (up to max_bytes of them)."""
+    buffer = bytearray(READ_CHUNK)
+    total, start = 0, None
+    for index in range(packed.num_layers):
+        path = packed.path / layer_file(index)
+        drop_from_page_cache(path)
+        if start is None:
+            start = time.perf_counter()
+        with open(path, "rb", buffering=0) as handle:
+            while (got := handle.readinto(buffer)) > 0:
+                total += got
+        if total >= max_bytes:
+            break
+    return total / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ one measured run (child process)
+def measure_decode(path: Path, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
+    """Prefill a short prompt, then time `steps` decode steps; figures of this process only."""
+    import resource
+
+    from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes
+
+    baseline_rss = peak_rss_bytes()
+    packed = PackedModel.open(path)
+    for index in range(packed.num_layers):
+        drop_from_page_cache(path / layer_file(index))
+    source = ColdPackedModel(packed) if cold else packed
+    model = StreamingLlama(source, memory_budget=budget, prefetch=prefetch)
+    generator = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        cache = model.new_cache(1, prompt_len + steps + 1)
+        logits = model.forward(torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator), cache=cache, last_only=True)
+        times, reads = [], []
+        for _ in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            before = model.stats.bytes_read
+            start = time.perf_counter()
+            logits = model.forward(token, cache=cache, last_only=True)
+            times.append(time.perf_counter() - start)
+            reads.append(model.stats.bytes_read - before)
+    model.close()
+    return {"step_seconds": times, "step_bytes": reads, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
+            "resident_layers": model.stats.resident_layers, "layers": model.config.num_layers,
+            "resident_bytes": model.stats.resident_bytes, "max_layer_bytes": max(model.stats.layer_bytes),
+            "wait_seconds": model.stats.wait_seconds, "kv_bytes": cache.nbytes,
+            "utime": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
+
+
+def run_child(**kwargs) -> dict:
+    """measure_decode in a fresh interpreter: its peak RSS is not the parent's."""
+    code = ("import json, sys; from benchmarks.streaming_synthetic import measure_decode; "
+            "from pathlib import Path; k = json.loads(sys.argv[1]); k['path'] = Path(k['path']); "
+            "print('RESULT ' + json.dumps(measure_decode(**k)))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps({**kwargs, "path": str(kwargs["path"])})],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child run failed:\n{done.stdout}\n{done.stderr}")
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/ql-synth-7b"))
+    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--budget", default="1GB")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    print(describe())
+    packed = write_synthetic(args.out, {**LLAMA2_7B, "num_hidden_layers": args.layers}, quantized=True)
+    total = sum(f["size"] for f in packed.manifest["files"].values())
+    bandwidth = read_bandwidth(packed)
+    print(f"packed model: {gib(total)} on disk, {packed.num_layers} layers of {gib(packed.layer_nbytes(0))}; "
+          f"cold sequential read {bandwidth / 1e9:.2f} GB/s")
+
+    stream = run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True)
+    resident = run_child(path=args.out, budget="64GB", steps=args.steps, cold=False)
+    step = min(stream["step_seconds"])
+    compute_floor = min(resident["step_seconds"])
+    io_floor = max(stream["step_bytes"]) / bandwidth
+    floor = max(io_floor, compute_floor)
+    print(f"budget {args.budget}: {stream['resident_layers']} of {stream['layers']} layers resident, "
+          f"{gib(max(stream['step_bytes']))} read per decode step")
+    print(f"baseline (floor) : max(I/O {io_floor:.2f} s, compute {compute_floor:.2f} s) = {floor:.2f} s per step")
+    print(f"ours (streaming) : {step:.2f} s per step (all steps: {', '.join(f'{t:.2f}' for t in stream['step_seconds'])}; "
+          f"waited on the loader {stream['wait_seconds']:.2f} s in total)")
+    print(f"ratio            : {step / floor:.2f} x the floor (goal <= 1.2)")
+    print(f"peak RSS         : {gib(stream['peak_rss'])} (interpreter + torch before loading: {gib(stream['baseline_rss'])}; "
+          f"above that: {gib(stream['peak_rss'] - stream['baseline_rss'])}; budget {args.budget}, "
+          f"one layer {gib(stream['max_layer_bytes'])}, KV cache {stream['kv_bytes'] / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
