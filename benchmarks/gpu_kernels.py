@@ -5,6 +5,8 @@ qmatmul on Llama-3-8B and -70B layer shapes against torch bf16 F.linear (cuBLAS)
     .venv/bin/python -m benchmarks.gpu_kernels                        # tests, then every shape and M
     .venv/bin/python -m benchmarks.gpu_kernels --skip-tests --models 8b --m 1 16
     .venv/bin/python -m benchmarks.gpu_kernels --backends triton --markdown docs/kernels_h100.md
+    .venv/bin/python -m benchmarks.gpu_kernels --sweep --m 1 4 16         # also time other decode tiles
+    .venv/bin/python -m benchmarks.gpu_kernels --compile-only             # no GPU needed: sm_90 registers
 
 Goals (issue 5), as time ratios against bf16 F.linear on the same card in the same process:
     decode  M = 1:  >= 3x faster (>= 75% of copy bandwidth);  M = 16: >= 2.5x faster
@@ -21,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,9 @@ PREFILL_M = (512, 2048)
 GOALS = {1: 3.0, 16: 2.5}          # decode: minimum speedup over bf16
 PREFILL_MAX_SLOWDOWN = 1.3         # prefill: maximum time ratio ours / bf16
 L2_FLUSH_BYTES = 256 * 2**20       # rotate weight copies until this many bytes: well past an H100/H200 L2
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (BLOCK_N, BLOCK_K, num_warps) overrides tried by --sweep; BLOCK_N is per row of x in decode
+SWEEP_TILES = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8)]
 TEST_FILES = ("tests/test_triton_qmatmul.py", "tests/test_dispatch.py", "tests/test_qlinear.py")
 
 
@@ -56,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=50, help="timed calls per measurement (median reported)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests on the GPU first")
     parser.add_argument("--markdown", metavar="PATH", help="also write the results table to this Markdown file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="for M <= 16 also time the Triton kernel with each tile of SWEEP_TILES")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no GPU needed: compile the Triton kernel for sm_90 for each --m and --dtypes, "
+                             "print registers, spills and shared memory, and exit")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"],
+                        help="x dtypes for --compile-only (the timings use bf16)")
     args = parser.parse_args(argv)
     if any(m < 1 for m in args.m):
         parser.error(f"--m values must be positive, got {args.m}")
@@ -129,6 +142,29 @@ def bnb_linear():
     return quantize, run
 
 
+def compile_report(specs: list[tuple[int, str, int]]) -> list[str]:
+    """For each (M, dtype name, block size): ptxas' registers, stack (spills) and static shared memory
+    of the specialisation qmatmul_triton launches, compiled for sm_90."""
+    import triton
+
+    from quantlite.kernels.triton_qmatmul import DECODE_MAX_M, compile_for_gpu
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    lines = []
+    for m, dtype, block_size in specs:
+        split = m <= 16  # narrow outputs split K on a big GPU (quantlite.kernels.triton_qmatmul._default_split)
+        kernel = compile_for_gpu(m, DTYPES[dtype], block_size, split)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(kernel.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                   text=True, check=True).stdout
+        resources = next(line.split("Resource usage:")[-1].strip() for line in usage.splitlines() if "REG:" in line)
+        kind = "decode" if m <= DECODE_MAX_M else "prefill"
+        lines.append(f"sm_90 {kind:<7} M={m:<5} {dtype} B={block_size} split={split!s:<5} {resources}")
+    return lines
+
+
 def run_tests() -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
     files = [f for f in TEST_FILES + tuple(sorted(_native_test_files())) if os.path.exists(f)]
@@ -170,9 +206,21 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                     row[f"{backend}_ms"] = median_ms(lambda w: qmatmul(x, w, backend=backend), q_copies, args.iters)
                 rows.append(row)
                 print(format_row(row, backends, args.copy_gbs), flush=True)
+                if args.sweep and m <= 16:
+                    print_sweep(x, q_copies, row, args)
             del dense, qweight, q_copies, d_copies, b_copies
             torch.cuda.empty_cache()
     return rows
+
+
+def print_sweep(x: torch.Tensor, copies: list, row: dict, args: argparse.Namespace) -> None:
+    """Time the Triton kernel with each tile of SWEEP_TILES on this shape: the data behind _tile_config."""
+    from quantlite.kernels.prepared import prepare
+    from quantlite.kernels.triton_qmatmul import qmatmul_triton
+
+    for tile in SWEEP_TILES:
+        ms = median_ms(lambda w: qmatmul_triton(x, prepare(w, x.device), tile=tile), copies, args.iters)
+        print(f"    sweep {tile}: {ms:8.3f} ms ({row['bf16_ms'] / ms:.2f}x bf16)", flush=True)
 
 
 def format_row(row: dict, backends: list[str], copy_gbs: float) -> str:
@@ -222,6 +270,9 @@ def write_markdown(path: str, rows: list[dict], backends: list[str], summary: li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile_only:
+        print("\n".join(compile_report([(m, dtype, args.block_size) for dtype in args.dtypes for m in args.m])))
+        return 0
     if not torch.cuda.is_available():
         print(f"benchmarks.gpu_kernels needs a CUDA GPU, and torch {torch.__version__} sees none "
               f"(CUDA build: {torch.version.cuda or 'none'}). Run it on an H100/H200; on this machine the "

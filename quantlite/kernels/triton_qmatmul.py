@@ -139,22 +139,31 @@ def _qmatmul_kernel(
 INTERPRETED = isinstance(_qmatmul_kernel, InterpretedFunction)
 
 
-def _tile_config(m: int, block_size: int) -> dict:
-    """Tile sizes and inner product for M rows. Decode tiles keep BLOCK_M * BLOCK_N * BLOCK_K / 2
-    (the FMA-and-reduce product) at 8192 floats, 64 per thread of 4 warps."""
+def _tile_config(m: int, block_size: int, x_dtype: torch.dtype) -> dict:
+    """Meta-parameters for M rows of x, chosen without a GPU from what ptxas reports for sm_90
+    (`python -m benchmarks.gpu_kernels --compile-only`): no spills, and for decode few registers, so
+    that many programs, each with its loads in flight, share an SM. `--sweep` times others on a GPU."""
     if m <= DECODE_MAX_M:
+        # 8 x 512 at M = 1: 48 registers per thread (16 x 256 took 128). BLOCK_N shrinks as BLOCK_M
+        # grows so the FMA-and-reduce product keeps one size (48-56 registers at M = 2 and 4).
         block_m = triton.next_power_of_2(m)
-        return dict(BLOCK_M=block_m, BLOCK_N=64 // block_m, BLOCK_K=max(256, block_size), USE_DOT=False)
-    block_m = 16 if m <= 16 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=max(64, block_size), USE_DOT=True)
+        return dict(BLOCK_M=block_m, BLOCK_N=max(8 // block_m, 2), BLOCK_K=max(512, block_size), USE_DOT=False,
+                    num_warps=4)
+    if x_dtype == torch.float32:
+        # tl.dot in "ieee" float32 runs on FMA units: 64 x 64 spilled 816 bytes per thread, 32 x 32 on 8 warps none
+        return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32, BLOCK_K=max(64, block_size), USE_DOT=True,
+                    num_warps=8)
+    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=max(64, block_size), USE_DOT=True, num_warps=4)
 
 
-def _dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
-    """tl.dot's operand type: x's own, except bf16 in the interpreter, whose tl.dot (Triton 3.9,
-    interpreter.py create_dot) multiplies the raw uint16 storage of bf16 and returns garbage."""
+def _dtype_parameters(x_dtype: torch.dtype) -> dict:
+    """tl.dot's operand type and precision. The operands take x's type, except bf16 in the
+    interpreter, whose tl.dot (Triton 3.9, interpreter.py create_dot) multiplies the raw uint16
+    storage of bf16 and returns garbage. float32 stays exact ("ieee"), not TF32's 10-bit mantissa."""
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
     if x_dtype == torch.bfloat16 and INTERPRETED:
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
+        dot_dtype = tl.float32
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if x_dtype == torch.float32 else "tf32")
 
 
 def _default_split(x: torch.Tensor, n_tiles: int, k_steps: int) -> int:
@@ -167,9 +176,10 @@ def _default_split(x: torch.Tensor, n_tiles: int, k_steps: int) -> int:
 
 
 def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor | None = None,
-                   split_k: int | None = None) -> torch.Tensor:
+                   split_k: int | None = None, tile: dict | None = None) -> torch.Tensor:
     """x (M, K) fp16/bf16/fp32, contiguous rows -> y (M, N) in x's dtype (written into `out` if given).
-    `split_k` overrides the number of K splits (tests use it to cover the split path on the CPU)."""
+    `split_k` overrides the number of K splits (tests use it to cover the split path on the CPU);
+    `tile` overrides meta-parameters of _tile_config (BLOCK_N, BLOCK_K, num_warps: for tuning sweeps)."""
     # 1. check
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise KernelInputError(f"triton qmatmul: x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
@@ -182,7 +192,7 @@ def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor
     if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
         raise KernelInputError(f"triton qmatmul: out must be ({m}, {n}) {x.dtype} with unit column stride, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    config = _tile_config(m, weight.block_size)
+    config = _tile_config(m, weight.block_size, x.dtype) | (tile or {})
     half_kp = weight.codes.shape[1]
     k_steps = triton.cdiv(2 * half_kp, config["BLOCK_K"])
     grid_mn = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
@@ -201,9 +211,32 @@ def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor
         m, n, k, half_kp, k_per_split,
         x.stride(0), weight.codes.stride(0), weight.scales.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2),
-        B=weight.block_size, DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SPLIT=split > 1, **config,
+        B=weight.block_size, **_dtype_parameters(x.dtype), SPLIT=split > 1, **config,
     )
     if split > 1:
         y.copy_(target.sum(dim=0))  # the partial sums in a fixed order: results do not depend on timing
     return y
+
+
+def compile_for_gpu(m: int, x_dtype: torch.dtype, block_size: int, split: bool, capability: int = 90,
+                    tile: dict | None = None):
+    """Compile the specialisation that qmatmul_triton would launch for M rows, for a CUDA GPU of this
+    compute capability, on any machine (no GPU needed: Triton's bundled ptxas builds the cubin).
+    `tile` overrides meta-parameters as in qmatmul_triton. Returns Triton's CompiledKernel (.asm["cubin"])."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_for_gpu needs the compiled kernel: unset TRITON_INTERPRET before importing")
+    x_type = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[x_dtype]
+    signature = {"x_ptr": f"*{x_type}", "codes_ptr": "*u8", "scales_ptr": "*fp32", "codebook_ptr": "*fp32",
+                 "row_ptr_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp32",
+                 "y_ptr": "*fp32" if split else f"*{x_type}"}
+    signature |= {name: "i32" for name in ("M", "N", "K", "half_kp", "k_per_split", "stride_xm", "stride_cn",
+                                            "stride_sn", "stride_yk", "stride_ym")}
+    config = _tile_config(m, block_size, x_dtype) | (tile or {})
+    options = {"num_warps": config.pop("num_warps")}
+    constants = dict(B=block_size, SPLIT=split, **_dtype_parameters(x_dtype), **config)
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(fn=_qmatmul_kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
