@@ -5,7 +5,7 @@ qmatmul on Llama-3-8B and -70B layer shapes against torch bf16 F.linear (cuBLAS)
     .venv/bin/python -m benchmarks.gpu_kernels                        # tests, then every shape and M
     .venv/bin/python -m benchmarks.gpu_kernels --skip-tests --models 8b --m 1 16
     .venv/bin/python -m benchmarks.gpu_kernels --backends triton --markdown docs/kernels_h100.md
-    .venv/bin/python -m benchmarks.gpu_kernels --sweep --m 1 4 16         # also time other decode tiles
+    .venv/bin/python -m benchmarks.gpu_kernels --sweep --models 8b --skip-tests   # also time other tiles
     .venv/bin/python -m benchmarks.gpu_kernels --compile-only             # no GPU needed: sm_90 registers
 
 Goals (issue 5), as time ratios against bf16 F.linear on the same card in the same process:
@@ -40,8 +40,10 @@ GOALS = {1: 3.0, 16: 2.5}          # decode: minimum speedup over bf16
 PREFILL_MAX_SLOWDOWN = 1.3         # prefill: maximum time ratio ours / bf16
 L2_FLUSH_BYTES = 256 * 2**20       # rotate weight copies until this many bytes: well past an H100/H200 L2
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# (BLOCK_N, BLOCK_K, num_warps) overrides tried by --sweep; BLOCK_N is per row of x in decode
-SWEEP_TILES = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8)]
+# Meta-parameter overrides tried by --sweep (quantlite.kernels.triton_qmatmul._tile_config is the default)
+DECODE_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (4, 8, 16) for bk in (256, 512) for w in (4, 8)]
+PREFILL_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+                 for bm, bn, bk, w in ((64, 64, 128, 4), (64, 128, 64, 4), (128, 64, 64, 8), (128, 128, 64, 8))]
 TEST_FILES = ("tests/test_triton_qmatmul.py", "tests/test_dispatch.py", "tests/test_qlinear.py")
 
 
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests on the GPU first")
     parser.add_argument("--markdown", metavar="PATH", help="also write the results table to this Markdown file")
     parser.add_argument("--sweep", action="store_true",
-                        help="for M <= 16 also time the Triton kernel with each tile of SWEEP_TILES")
+                        help="also time the Triton kernel with each tile of DECODE_SWEEP / PREFILL_SWEEP")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU needed: compile the Triton kernel for sm_90 for each --m and --dtypes, "
                              "print registers, spills and shared memory, and exit")
@@ -143,8 +145,8 @@ def bnb_linear():
 
 
 def compile_report(specs: list[tuple[int, str, int]]) -> list[str]:
-    """For each (M, dtype name, block size): ptxas' registers, stack (spills) and static shared memory
-    of the specialisation qmatmul_triton launches, compiled for sm_90."""
+    """For each (M, dtype name, block size): ptxas' registers, stack (spills) and shared memory of the
+    specialisation qmatmul_triton launches, compiled for sm_90."""
     import triton
 
     from quantlite.kernels.triton_qmatmul import DECODE_MAX_M, compile_for_gpu
@@ -161,7 +163,8 @@ def compile_report(specs: list[tuple[int, str, int]]) -> list[str]:
                                    text=True, check=True).stdout
         resources = next(line.split("Resource usage:")[-1].strip() for line in usage.splitlines() if "REG:" in line)
         kind = "decode" if m <= DECODE_MAX_M else "prefill"
-        lines.append(f"sm_90 {kind:<7} M={m:<5} {dtype} B={block_size} split={split!s:<5} {resources}")
+        lines.append(f"sm_90 {kind:<7} M={m:<5} {dtype} B={block_size} split={split!s:<5} {resources} "
+                     f"(Triton's shared memory: {kernel.metadata.shared} bytes)")
     return lines
 
 
@@ -206,7 +209,7 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
                     row[f"{backend}_ms"] = median_ms(lambda w: qmatmul(x, w, backend=backend), q_copies, args.iters)
                 rows.append(row)
                 print(format_row(row, backends, args.copy_gbs), flush=True)
-                if args.sweep and m <= 16:
+                if args.sweep:
                     print_sweep(x, q_copies, row, args)
             del dense, qweight, q_copies, d_copies, b_copies
             torch.cuda.empty_cache()
@@ -214,11 +217,12 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
 
 
 def print_sweep(x: torch.Tensor, copies: list, row: dict, args: argparse.Namespace) -> None:
-    """Time the Triton kernel with each tile of SWEEP_TILES on this shape: the data behind _tile_config."""
+    """Time the Triton kernel with each tile of DECODE_SWEEP or PREFILL_SWEEP on this shape: the data
+    _tile_config's choices should come from."""
     from quantlite.kernels.prepared import prepare
-    from quantlite.kernels.triton_qmatmul import qmatmul_triton
+    from quantlite.kernels.triton_qmatmul import DECODE_MAX_M, qmatmul_triton
 
-    for tile in SWEEP_TILES:
+    for tile in DECODE_SWEEP if x.shape[0] <= DECODE_MAX_M else PREFILL_SWEEP:
         ms = median_ms(lambda w: qmatmul_triton(x, prepare(w, x.device), tile=tile), copies, args.iters)
         print(f"    sweep {tile}: {ms:8.3f} ms ({row['bf16_ms'] / ms:.2f}x bf16)", flush=True)
 
