@@ -56,7 +56,8 @@ def random_weight(n: int, k: int, generator: torch.Generator, quantized: bool) -
 
 
 def layer_tensors(config: dict, index: int, generator: torch.Generator, quantized: bool) -> dict[str, torch.Tensor]:
-    hidden, inter, head_dim = config["hidden_size"], config["intermediate_size"], config["hidden_size"] // config["num_attention_heads"]
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim
     shapes = {
         "self_attn.q_proj.weight": (config["num_attention_heads"] * head_dim, hidden), "self_attn.k_proj.weight": (kv, hidden),
@@ -85,6 +86,7 @@ def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> 
     hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                  "tie_word_embeddings": True, "torch_dtype": "float16", **config}
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
     files: dict[str, dict] = {}
 
     def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -95,9 +97,14 @@ def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> 
                 digest.update(chunk)
         files[name] = {"size": (out / name).stat().st_size, "sha256": digest.hexdigest()}
 
-    embedding = random_weight(config["vocab_size"], config["hidden_size"], generator, quantized)
-    write(EMBEDDING_FILE, {"model.embed_tokens.weight" + ("." + f if f else ""): t for f, t in embedding.items()})
-    write(FINAL_FILE, {"model.norm.weight": torch.ones(config["hidden_size"], dtype=torch.float16)})
+    def named(name: str, weight: dict) -> dict:
+        return {name + ("." + field if field else ""): tensor for field, tensor in weight.items()}
+
+    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, quantized)))
+    final = {"model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
+    if not hf_config["tie_word_embeddings"]:
+        final.update(named("lm_head.weight", random_weight(vocab, hidden, generator, quantized)))
+    write(FINAL_FILE, final)
     for index in tqdm(range(config["num_hidden_layers"]), desc=f"writing {out.name}", unit="layer"):
         write(layer_file(index), layer_tensors(config, index, generator, quantized))
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": hf_config,
@@ -150,7 +157,7 @@ def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
 
 
 # ------------------------------------------------------------------------------ one measured run (child process)
-def measure_decode(path: Path, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
+def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
     """Prefill a short prompt, then time `steps` decode steps; figures of this process only."""
     import resource
 
@@ -159,7 +166,7 @@ def measure_decode(path: Path, budget: str, steps: int, cold: bool, prefetch: bo
     baseline_rss = peak_rss_bytes()
     packed = PackedModel.open(path)
     for index in range(packed.num_layers):
-        drop_from_page_cache(path / layer_file(index))
+        drop_from_page_cache(packed.path / layer_file(index))
     source = ColdPackedModel(packed) if cold else packed
     model = StreamingLlama(source, memory_budget=budget, prefetch=prefetch)
     generator = torch.Generator().manual_seed(1)
@@ -182,17 +189,19 @@ def measure_decode(path: Path, budget: str, steps: int, cold: bool, prefetch: bo
             "utime": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
 
 
-def run_child(**kwargs) -> dict:
-    """measure_decode in a fresh interpreter: its peak RSS is not the parent's."""
-    code = ("import json, sys; from benchmarks.streaming_synthetic import measure_decode; "
-            "from pathlib import Path; k = json.loads(sys.argv[1]); k['path'] = Path(k['path']); "
-            "print('RESULT ' + json.dumps(measure_decode(**k)))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps({**kwargs, "path": str(kwargs["path"])})],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+def run_child(target: str = "benchmarks.streaming_synthetic:measure_decode", **kwargs) -> dict:
+    """target(**kwargs) ("module:function", JSON arguments) in a fresh interpreter: its peak RSS is
+    not the parent's. The function returns a JSON-able dict."""
+    module, function = target.split(":")
+    code = (f"import json, sys; from {module} import {function}; "
+            f"print('RESULT ' + json.dumps({function}(**json.loads(sys.argv[1]))))")
+    arguments = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
+    done = subprocess.run([sys.executable, "-c", code, arguments], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"child run failed:\n{done.stdout}\n{done.stderr}")
+    raise RuntimeError(f"child run {target} failed:\n{done.stdout}\n{done.stderr[-4000:]}")
 
 
 def gib(nbytes: float) -> str:

