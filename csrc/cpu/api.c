@@ -9,29 +9,11 @@
 #include "quantlite.h"
 #include "quantlite_checks.h"
 #include "quantlite_decode.h"
+#include "quantlite_status.h"
 
 /* Below this many weights one thread is faster: waking a worker costs a few microseconds, and a
  * 576 x 576 GEMV (SmolLM2's attention projections) takes about 20. */
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
-
-int ql_abi_version(void) { return QL_ABI_VERSION; }
-
-const char *ql_error_string(int status) {
-    switch (status) {
-        case QL_OK: return "success";
-        case QL_ERR_NULL_POINTER: return "a required pointer is NULL";
-        case QL_ERR_BAD_SIZE: return "a size (M, N, K or nnz) is out of range";
-        case QL_ERR_BAD_BLOCK_SIZE: return "block_size must be a multiple of 16 in [16, 4096]";
-        case QL_ERR_BAD_STRIDE: return "a row stride is smaller than its row";
-        case QL_ERR_BAD_DTYPE: return "dtype must be QL_F32, QL_F16 or QL_BF16";
-        case QL_ERR_BAD_ISA: return "this CPU does not support the instruction set asked for";
-        case QL_ERR_OUT_OF_MEMORY: return "out of host memory for scratch buffers";
-        case QL_ERR_BAD_OUTLIERS: return "outlier CSR is malformed (row_ptr must rise from 0 to nnz, columns lie in [0, K))";
-        case QL_ERR_NO_CUDA_DEVICE: return "no CUDA driver or device";
-        case QL_ERR_CUDA: return "a CUDA call failed (see ql_cuda_last_error)";
-        default: return "unknown quantlite status code";
-    }
-}
 
 /* ---------------------------------------------------------------- instruction sets */
 int ql_cpu_best_isa(void) {

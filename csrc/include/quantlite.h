@@ -44,7 +44,8 @@ typedef enum {
     QL_ERR_OUT_OF_MEMORY = 7,    /* host scratch allocation failed */
     QL_ERR_BAD_OUTLIERS = 8,     /* row_ptr not 0..nnz non-decreasing, or a column outside [0, K) */
     QL_ERR_NO_CUDA_DEVICE = 9,   /* no CUDA driver or device */
-    QL_ERR_CUDA = 10             /* a CUDA runtime call or launch failed (see ql_cuda_last_error) */
+    QL_ERR_CUDA = 10,            /* a CUDA runtime call or launch failed (see ql_cuda_last_error) */
+    QL_ERR_MISALIGNED = 11       /* CUDA: codes not 8-byte aligned (the kernels load them 8 or 16 bytes at a time) */
 } ql_status;
 
 /* ---------------------------------------------------------------- dtype tags (x and y) */

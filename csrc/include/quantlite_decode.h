@@ -5,9 +5,10 @@
  *     encode(v)    = #{i : mid[i] < v * r},  mid[i] = (codebook[i] + codebook[i+1]) / 2
  *
  * plus the conversions of x / y between float32 and float16 / bfloat16 (round to nearest even, as
- * torch's .to() does). The scalar CPU kernel is written entirely in these functions and the CUDA
- * kernels call the same ones, so the CPU tests cover the math the GPU runs; the AVX2 kernel is a
- * vectorised copy of it, tested against the same float64 reference.
+ * torch's .to() does). The scalar CPU kernel is written in these functions (ql_group_levels,
+ * ql_group_dot, ql_outlier_partial, ql_load / ql_store) and the CUDA GEMV kernel calls the same
+ * ones, so the CPU tests cover the math the GPU runs; the tensor-core kernel shares the group
+ * decode, and the AVX2 kernel is a vectorised copy, both tested against the same reference.
  */
 #ifndef QUANTLITE_DECODE_H
 #define QUANTLITE_DECODE_H
@@ -32,6 +33,15 @@ QL_HOSTDEV int ql_code_at(const uint8_t *code_row, int64_t k) {
 
 /* A code's level; kernels multiply a block's sum of level * x by the block's scale once. */
 QL_HOSTDEV float ql_level(const float *codebook, int code) { return codebook[code]; }
+
+/* Kernels read codes 8 bytes (16 columns) at a time; 16 always divides B, so a group never crosses
+ * a block. As two little-endian 32-bit words, column col0 + i is nibble i % 8 of word i / 8. */
+QL_HOSTDEV void ql_group_levels(uint32_t low_word, uint32_t high_word, const float *codebook, float levels[16]) {
+    for (int i = 0; i < 8; ++i) {
+        levels[i] = ql_level(codebook, (low_word >> (4 * i)) & 15u);
+        levels[8 + i] = ql_level(codebook, (high_word >> (4 * i)) & 15u);
+    }
+}
 
 /* One dequantized weight without its outlier. */
 QL_HOSTDEV float ql_weight_at(const float *codebook, int code, float scale) {
@@ -137,14 +147,26 @@ QL_HOSTDEV void ql_store(void *base, int dtype, int64_t index, float value) {
 #endif
 }
 
+/* ---------------------------------------------------------------- one group's dot product */
+/* sum_i levels[i] * x_row[col0 + i] over the group's columns below K (padding columns have no x). */
+QL_HOSTDEV float ql_group_dot(const float levels[16], const void *x_row, int dtype, int64_t col0, int64_t k) {
+    float sum = 0.0f;
+    if (col0 + 16 <= k) {
+        for (int i = 0; i < 16; ++i) sum += levels[i] * ql_load(x_row, dtype, col0 + i);
+    } else {
+        for (int i = 0; i < 16; ++i)
+            if (col0 + i < k) sum += levels[i] * ql_load(x_row, dtype, col0 + i);
+    }
+    return sum;
+}
+
 /* ---------------------------------------------------------------- outliers */
 /* Part of sum_e vals[e] * x_row[cols[e]] over row n's CSR entries e = first, first + step, ...
  * (a CUDA lane takes every 32nd entry; the CPU takes them all with first = 0, step = 1). */
-QL_HOSTDEV float ql_outlier_partial(const ql_weight *w, int64_t n, const void *x_row, int dtype,
-                                    int first, int step) {
+QL_HOSTDEV float ql_outlier_partial(const int32_t *row_ptr, const int32_t *cols, const float *vals, int64_t n,
+                                    const void *x_row, int dtype, int first, int step) {
     float sum = 0.0f;
-    for (int64_t e = w->row_ptr[n] + first; e < w->row_ptr[n + 1]; e += step)
-        sum += w->vals[e] * ql_load(x_row, dtype, w->cols[e]);
+    for (int64_t e = row_ptr[n] + first; e < row_ptr[n + 1]; e += step) sum += vals[e] * ql_load(x_row, dtype, cols[e]);
     return sum;
 }
 

@@ -300,3 +300,19 @@ def qmatmul_cuda(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
             )
         _check(library, status, f"native cuda qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, {x.device})")
     return out.reshape(*x.shape[:-1], n)
+
+
+def dequantize_cuda(qw: QWeight, dtype: torch.dtype = torch.float32, device: torch.device | str = "cuda") -> torch.Tensor:
+    """(N, K) dense weight in `dtype` on a CUDA device, decoded by the CUDA library."""
+    library = _cuda_library()
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in DTYPE_TAGS:
+        raise NativeKernelError(f"native cuda dequantize: needs a CUDA device and float32/float16/bfloat16, got {device}, {dtype}")
+    n, k = qw.shape
+    out = torch.empty(n, k, dtype=dtype, device=device)
+    with torch.cuda.device(device):
+        weight = _weight_struct(qw, device)
+        status = library.ql_cuda_dequantize(ctypes.byref(weight), out.data_ptr(), k, DTYPE_TAGS[dtype],
+                                            torch.cuda.current_stream(device).cuda_stream)
+    _check(library, status, f"native cuda dequantize (N={n}, K={k}, {device})")
+    return out
