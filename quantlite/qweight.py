@@ -177,8 +177,8 @@ class QWeight:
                 if tensor is None:
                     raise fail(f"double-quantized scales need '{prefix + label}'")
                 _expect(tensor, (n_groups,), (torch.float32,), label, fail)
-                if not torch.isfinite(tensor).all():
-                    raise fail(f"{label} must be finite")
+                if not torch.isfinite(tensor).all() or bool((tensor < 0).any()):
+                    raise fail(f"{label} must be finite and non-negative (scales decode to min + code * step)")
 
         row_ptr = get("outlier_row_ptr")
         cols = get("outlier_cols")
@@ -205,6 +205,10 @@ class QWeight:
                 raise fail("outlier columns must be strictly ascending within a row")
             if not torch.isfinite(vals).all():
                 raise fail("outlier values must be finite")
+            rows = torch.repeat_interleave(torch.arange(n), torch.diff(ptr))
+            under = (codes[rows, col // 2] >> (4 * (col % 2)).to(torch.uint8)) & 0x0F
+            if bool((under != int((codebook == 0).nonzero()[0, 0])).any()):
+                raise fail("the dense code under an outlier must be the zero level's code")
 
         return cls(
             shape=(n, k), block_size=block, method=meta["method"], codebook=codebook, codes=codes,
@@ -251,7 +255,7 @@ def _parse_meta(meta: torch.Tensor, fail) -> dict:
         raise fail(f"'meta' must be 1-D uint8 of at most {MAX_META_BYTES} bytes")
     try:
         parsed = json.loads(bytes(meta.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise fail(f"'meta' is not UTF-8 JSON ({error})") from error
     if not isinstance(parsed, dict) or parsed.get("format") != FORMAT_NAME:
         raise fail(f"'meta' does not describe a {FORMAT_NAME}")

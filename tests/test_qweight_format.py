@@ -142,24 +142,20 @@ def test_arbitrary_meta_bytes_raise_only_format_error(raw):
 
 
 # ---------------------------------------------------------------------------------------- holes
-# Validation holes found while writing this file. Each test states the rule of docs/FORMAT.md that
-# QWeight.from_dict does not yet enforce; xfail(strict=True) turns into a failure the moment
-# quantlite/qweight.py is fixed, so the mark is removed then (the fixes are in the report to the lead).
-@pytest.mark.xfail(strict=True, reason="qweight._parse_meta lets RecursionError escape: catch it with the JSON errors")
+# Validation holes found while writing this file, now closed in QWeight.from_dict: each test states a
+# rule of docs/FORMAT.md.
 def test_deeply_nested_meta_is_a_format_error():
     base = quantize(torch.linspace(-1, 1, 128).reshape(2, 64), method="rtn").to_dict()
     with pytest.raises(FormatError):
         QWeight.from_dict({**base, "meta": meta_tensor(b"[" * 4000)})
 
 
-@pytest.mark.xfail(strict=True, reason="from_dict accepts negative scale_group_min/step: decoded scales go negative")
 def test_double_quantized_scales_must_not_decode_negative(generator):
     d = quantize(0.02 * torch.randn(8, 64, generator=generator)).to_dict()
     with pytest.raises(FormatError):
         QWeight.from_dict({**d, "scale_group_min": -d["scale_group_min"].abs() - 1.0})
 
 
-@pytest.mark.xfail(strict=True, reason="from_dict does not check that the dense code under each outlier is the zero code")
 def test_codes_under_outliers_must_be_the_zero_code(generator):
     w = 0.02 * torch.randn(8, 64, generator=generator)
     w[2, 9] = 3.0
