@@ -41,6 +41,8 @@ x columns they name.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -167,12 +169,21 @@ def _dtype_parameters(x_dtype: torch.dtype) -> dict:
 
 
 def _default_split(x: torch.Tensor, n_tiles: int, k_steps: int) -> int:
-    """Split K only on a GPU and only when the output tiles leave SMs idle (decode on narrow layers)."""
+    """Split K only on a GPU and only when the output tiles leave SMs idle: a split costs two more
+    small launches (sum of the partials, cast), a few microseconds, which a layer that already
+    gives every SM two programs would not win back (decode of an 8B q_proj reads 8 MB: ~3 us)."""
     if x.device.type != "cuda":
         return 1
-    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+    n_sm = _sm_count(x.device)
+    if n_tiles >= 2 * n_sm:
+        return 1
     wanted = -(-PROGRAMS_PER_SM * n_sm // n_tiles)
     return max(1, min(wanted, k_steps // 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor | None = None,
