@@ -12,6 +12,8 @@ x's dtype once (u * |y|). A wrong nibble, scale, or a missing outlier is off by 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,3 +134,7 @@ def test_rejects_bad_shapes(generator):
         qmatmul_triton(torch.randn(64, 2, device=device).T, prepared)
     with pytest.raises(QuantliteError, match="2-D fp16/bf16/fp32"):
         qmatmul_triton(torch.randn(2, 64, device=device, dtype=torch.float64), prepared)
+    # 2**31 packed bytes (a stride-0 view: no memory) overflow the kernel's 32-bit offsets
+    huge = dataclasses.replace(prepared, codes=torch.empty(1, dtype=torch.uint8, device=device).expand(2**16, 2**15))
+    with pytest.raises(QuantliteError, match="32-bit indexing"):
+        qmatmul_triton(torch.randn(2, 64, device=device), huge)

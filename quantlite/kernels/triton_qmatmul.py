@@ -203,6 +203,10 @@ def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor
     if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
         raise KernelInputError(f"triton qmatmul: out must be ({m}, {n}) {x.dtype} with unit column stride, "
                          f"got {tuple(out.shape)} {out.dtype}")
+    largest = max(x.shape[0] * x.stride(0), weight.codes.numel(), weight.scales.numel(), m * n * (split_k or 1))
+    if largest >= 2**31:
+        raise KernelInputError(f"triton qmatmul: x ({m}, {k}) with a ({n}, {k}) weight needs offsets beyond the "
+                               f"kernel's 32-bit indexing ({largest} elements)")
     config = _tile_config(m, weight.block_size, x.dtype) | (tile or {})
     half_kp = weight.codes.shape[1]
     k_steps = triton.cdiv(2 * half_kp, config["BLOCK_K"])
