@@ -158,7 +158,8 @@ def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
 
 # ------------------------------------------------------------------------------ one measured run (child process)
 def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
-    """Prefill a short prompt, then time `steps` decode steps; figures of this process only."""
+    """Prefill a short prompt, then time `steps` decode steps; figures of this process only.
+    budget: a size, or "stream-all" for exactly the embedding + head (no decoder layer resident)."""
     import resource
 
     from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes
@@ -168,6 +169,9 @@ def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: boo
     for index in range(packed.num_layers):
         drop_from_page_cache(packed.path / layer_file(index))
     source = ColdPackedModel(packed) if cold else packed
+    if budget == "stream-all":  # just the embedding, norm and head: every decoder layer streams
+        with StreamingLlama(packed, memory_budget="1TB", prefetch=False) as probe:
+            budget = probe.stats.resident_bytes
     model = StreamingLlama(source, memory_budget=budget, prefetch=prefetch)
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():

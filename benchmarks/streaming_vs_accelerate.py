@@ -88,15 +88,19 @@ def prepare_baseline_checkpoint(gguf: Path, hf_dir: Path) -> None:
 
 def main() -> None:
     from quantlite.cli.demo import packed_model
-    from quantlite.fetch import smollm2_gguf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ql-bench-smollm2"))
     parser.add_argument("--budget", default="200MB")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF file (default: quantlite.fetch.smollm2_gguf())")
     args = parser.parse_args()
     print(describe())
-    gguf = smollm2_gguf()
+    if args.gguf is None:
+        from quantlite.fetch import smollm2_gguf
+
+        args.gguf = smollm2_gguf()
+    gguf = args.gguf
     prepare_baseline_checkpoint(gguf, args.work / "hf-fp32")
     packed = packed_model(args.work / "packed-4bit")
 

@@ -174,3 +174,12 @@ def test_cli_generate_batch_and_errors(packed_dir, capsys, generator, tmp_path):
     assert "memory budget" in capsys.readouterr().err
     assert cli_main(["generate", str(packed_dir)]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_cli_demo_reuses_a_complete_conversion(packed_dir, capsys, generator):
+    """With --out naming a complete packed model, demo neither fetches nor converts: it chats and reports."""
+    capsys.readouterr()
+    assert cli_main(["demo", "--out", str(packed_dir), "--prompt", random_text(generator, 3), "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "using the packed model" in err and "fetching" not in err
+    assert "time to first token" in out and "resident layers" in out
