@@ -28,9 +28,13 @@ def test_available_backends_names_every_backend_and_a_reason_for_each_dead_one()
         assert "CUDA" in status["cuda"]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU script runs this file on a GPU
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_backend_matches_reference_or_says_why_not(backend, qweight, generator):
-    x = torch.randn(5, 100, generator=generator)
+def test_each_backend_matches_reference_or_says_why_not(backend, device, qweight, generator):
+    x = torch.randn(5, 100, generator=generator).to(device)
     reason = available_backends()[backend] or dispatch._device_mismatch(backend, x.device)
     if reason is not None:
         with pytest.raises(BackendUnavailable, match=backend):
@@ -39,9 +43,10 @@ def test_each_backend_matches_reference_or_says_why_not(backend, qweight, genera
     assert_close_to_float64(qmatmul(x, qweight, backend=backend), x, qweight)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_default_backend_keeps_leading_dimensions_and_dtype(dtype, qweight, generator):
-    x = torch.randn(2, 3, 100, generator=generator).to(dtype)  # (batch, seq, K)
+def test_default_backend_keeps_leading_dimensions_and_dtype(dtype, device, qweight, generator):
+    x = torch.randn(2, 3, 100, generator=generator).to(device, dtype)  # (batch, seq, K)
     y = qmatmul(x, qweight)
     assert y.shape == (2, 3, 37) and y.dtype == dtype
     assert_close_to_float64(y.reshape(6, 37), x.reshape(6, 100), qweight)

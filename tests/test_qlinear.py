@@ -17,6 +17,7 @@ from test_triton_qmatmul import assert_close_to_float64
 # of this tiny model are O(1) after ~10 float32 layers of O(100)-term sums: 1e-4 is ~1000 units of
 # float32 roundoff, while quantization itself moves the logits by ~1e-2 (asserted below).
 LOGIT_ATOL = 1e-4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU script runs this file on a GPU
 
 
 def tiny_llama(generator: torch.Generator):
@@ -61,16 +62,18 @@ def test_from_linear_keeps_bias_and_matches_reference(generator):
     assert_close_to_float64((y - qlinear.bias).reshape(28, 23), x.reshape(28, 100), qlinear.qweight)
 
 
-def test_quantized_llama_matches_dequantized_reference_and_generates(generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_llama_matches_dequantized_reference_and_generates(device, generator):
     model = tiny_llama(generator)
-    original = copy.deepcopy(model)
+    original = copy.deepcopy(model).to(device)
     quantize_model(model, progress=False)
+    model.to(device)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QLinear), "lm_head is skipped"
     assert isinstance(model.model.layers[1].mlp.down_proj, QLinear)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 2 * 7
     reference = dequantized_twin(model)
 
-    ids = torch.randint(0, 96, (2, 9), generator=generator)
+    ids = torch.randint(0, 96, (2, 9), generator=generator).to(device)
     with torch.no_grad():
         logits = model(ids).logits
         expected = reference(ids).logits
@@ -111,6 +114,8 @@ def test_state_dict_round_trip_and_dtype_cast(generator):
     source.half()  # casts the bias, never the codes or scales
     assert source.bias.dtype == torch.float16 and source.qweight.codes is codes
     assert source(x.half()).dtype == torch.float16
+    source.to("meta")  # a device move takes the QWeight along (meta: a device this CPU machine has)
+    assert source.qweight.device.type == "meta" and source.qweight.codes.dtype == torch.uint8
 
 
 def test_linear_subclasses_are_left_alone():
