@@ -51,7 +51,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from quantlite.kernels.dispatch import KernelInputError
 from quantlite.kernels.prepared import PreparedWeight
 
-DECODE_MAX_M = 4       # above this, tl.dot on tensor cores beats FMA-and-reduce (decode inner product)
+# tl.dot works on tiles of at least 16 rows: for M <= 4 most of that would multiply padding, so
+# decode reduces with FMAs instead (a reasoned choice, not yet timed: benchmarks.gpu_kernels --sweep)
+DECODE_MAX_M = 4
 PROGRAMS_PER_SM = 4    # split-K aims for this many programs per SM, so loads from several overlap
 
 
@@ -86,9 +88,18 @@ def _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M
 @triton.jit
 def _qmatmul_kernel(
     # pointers
-    x_ptr, codes_ptr, scales_ptr, codebook_ptr, row_ptr_ptr, cols_ptr, vals_ptr, y_ptr,
+    x_ptr,          # (M, K) fp16 / bf16 / fp32, unit column stride
+    codes_ptr,      # (N, Kp // 2) uint8, low nibble = even column
+    scales_ptr,     # (N, Kp // B) float32
+    codebook_ptr,   # (16,) float32
+    row_ptr_ptr,    # (N + 1,) int32, CSR over rows
+    cols_ptr,       # (nnz,) int32
+    vals_ptr,       # (nnz,) float32
+    y_ptr,          # (M, N) x's dtype, or (SPLIT_K, M, N) float32 partial sums when SPLIT
     # sizes
-    M, N, K, half_kp, k_per_split,
+    M, N, K,
+    half_kp,        # Kp // 2: bytes per row of codes
+    k_per_split,    # columns per K split, a multiple of BLOCK_K
     # strides (elements)
     stride_xm, stride_cn, stride_sn, stride_yk, stride_ym,
     # meta-parameters
