@@ -46,6 +46,9 @@ TEMP_SUFFIX = ".partial"
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
 MAX_CHUNK_WEIGHTS = 1 << 22
 DISK_MARGIN_BYTES = 16 << 20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (the only way is to set it and put it back)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give; safetensors' writer creates files 0600
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     temp = path.with_name("." + path.name + TEMP_SUFFIX)
     try:
         write(temp)
+        os.chmod(temp, FILE_MODE)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
