@@ -73,7 +73,7 @@ def test_empty_batch(qweight):
 def test_default_choice_order(device, status, expected, monkeypatch):
     full = {"cuda": "off", "triton": "off", "cpu": "off", "torch": None} | status
     monkeypatch.setattr(dispatch, "_backend_status", lambda: tuple(full.items()))
-    assert dispatch._choose_backend(torch.device(device), None) == expected
+    assert dispatch.default_backend(device) == expected
 
 
 def test_named_backend_that_is_dead_raises_with_its_reason(monkeypatch):

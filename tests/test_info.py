@@ -22,7 +22,7 @@ def test_table_names_versions_and_each_backend(capsys):
     for expected in ("python", "torch", "triton", "transformers", "torch CUDA", "nvcc", torch.__version__):
         assert expected in out
     status = available_backends()
-    backend_lines = out.split("kernel back-ends\n", 1)[1].splitlines()
+    backend_lines = out.split("kernel back-ends\n", 1)[1].split("qmatmul's choice")[0].splitlines()
     assert len(backend_lines) == len(BACKENDS)
     for name, line in zip(BACKENDS, backend_lines):
         assert line.split(None, 1)[0] == name
@@ -32,6 +32,7 @@ def test_table_names_versions_and_each_backend(capsys):
 def test_json_is_the_same_report(capsys):
     report = json.loads(run_info(["--json"], capsys))
     assert report["backends"] == available_backends()
+    assert report["default_backend"]["cpu"] == ("cpu" if available_backends()["cpu"] is None else "torch")
     assert report["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert report["machine"]["gpu"] == ("none visible" if not torch.cuda.is_available() else report["machine"]["gpu"])
 

@@ -41,15 +41,19 @@ def run(args) -> int:
     print("kernel back-ends")
     for name, reason in report["backends"].items():
         print(f"  {name:<7} {'live' if reason is None else 'not available: ' + reason}")
+    print("qmatmul's choice when no back-end is named")
+    for device, name in report["default_backend"].items():
+        print(f"  {device} tensors -> {name}")
     return 0
 
 
 def collect() -> dict:
-    """{"versions": {...}, "machine": {...}, "backends": {name: None | reason}}."""
+    """{"versions": {...}, "machine": {...}, "backends": {name: None | reason},
+    "default_backend": {"cpu": name, "cuda": name}}."""
     import torch
 
     import quantlite
-    from quantlite.kernels.dispatch import available_backends
+    from quantlite.kernels.dispatch import available_backends, default_backend
 
     versions = {"quantlite": quantlite.__version__, "python": platform.python_version()}
     for package in PACKAGES:
@@ -67,7 +71,8 @@ def collect() -> dict:
         "cpu cores": os.cpu_count(),
         "gpu": ", ".join(gpus) or "none visible",
     }
-    return {"versions": versions, "machine": machine, "backends": available_backends()}
+    return {"versions": versions, "machine": machine, "backends": available_backends(),
+            "default_backend": {device: default_backend(device) for device in ("cpu", "cuda")}}
 
 
 def _nvcc_version() -> str:

@@ -57,6 +57,11 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
     return y.reshape(*x.shape[:-1], n)
 
 
+def default_backend(device: torch.device | str) -> str:
+    """The back-end qmatmul(x, qw) uses when x lives on `device` and no back-end is named."""
+    return _choose_backend(torch.device(device), None)
+
+
 def available_backends() -> dict[str, str | None]:
     """{back-end: None when it can run here, else the reason it cannot}, in BACKENDS order."""
     return dict(_backend_status())
