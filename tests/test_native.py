@@ -19,16 +19,13 @@ from quantlite.kernels.native import NativeKernelError
 from quantlite.qweight import QWeight
 from quantlite.quantize import quantize
 
+from test_native_helpers import ISAS, library_built  # noqa: F401 (a fixture)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OUTPUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-ISAS = ["scalar", "avx2"] if native.cpu_status() is None and native.cpu_isa() == "avx2" else ["scalar"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def library_built():
-    reason = native.cpu_status()
-    if reason is not None:
-        pytest.fail(f"the CPU library must be built before these tests: {reason}")
+pytestmark = pytest.mark.usefixtures("library_built")
 
 
 def random_weight(generator, n, k, block_size=64, outlier_frac=0.01, method="quantlite") -> QWeight:

@@ -12,14 +12,9 @@ from quantlite.codebook import int4_codebook, nf4_codebook
 from quantlite.kernels import native
 from quantlite.kernels.native import NativeKernelError
 
-ISAS = ["scalar", "avx2"] if native.cpu_status() is None and native.cpu_isa() == "avx2" else ["scalar"]
+from test_native_helpers import ISAS, library_built  # noqa: F401 (a fixture)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def library_built():
-    reason = native.cpu_status()
-    if reason is not None:
-        pytest.fail(f"the CPU library must be built before these tests: {reason}")
+pytestmark = pytest.mark.usefixtures("library_built")
 
 
 def torch_codes(blocks: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, block_size: int) -> torch.Tensor:

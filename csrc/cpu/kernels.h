@@ -61,4 +61,15 @@ static inline float ql_block_error(const float *w, const uint8_t *block_codes_un
     return (float)sum;
 }
 
+/* Packs one block's unpacked codes (low nibble = even column) and, when asked, stores its error. */
+static inline void ql_finish_block(const ql_encode_job *job, int64_t n, int64_t b, const uint8_t *block_codes,
+                                   const float *w, float scale) {
+    const int64_t block = job->block_size;
+    uint8_t *packed = job->codes + n * (job->padded_k / 2) + b * (block / 2);
+    for (int64_t j = 0; j < block; j += 2) packed[j / 2] = (uint8_t)(block_codes[j] | block_codes[j + 1] << 4);
+    if (job->errors)
+        job->errors[n * (job->padded_k / block) + b] = ql_block_error(
+            w, block_codes, job->codebook, scale, job->column_weight ? job->column_weight + b * block : NULL, block);
+}
+
 #endif

@@ -255,12 +255,7 @@ void ql_encode_rows_avx2(const ql_encode_job *job, int64_t n_begin, int64_t n_en
                 _mm256_storeu_si256((__m256i *)lane_codes, count);
                 for (int l = 0; l < 8; ++l) block_codes[j + l] = (uint8_t)lane_codes[l];
             }
-            uint8_t *packed = job->codes + n * (job->padded_k / 2) + b * (block / 2);
-            for (int64_t j = 0; j < block; j += 2) packed[j / 2] = (uint8_t)(block_codes[j] | block_codes[j + 1] << 4);
-            if (job->errors)
-                job->errors[n * n_blocks + b] = ql_block_error(
-                    w, block_codes, job->codebook, scale,
-                    job->column_weight ? job->column_weight + b * block : NULL, block);
+            ql_finish_block(job, n, b, block_codes, w, scale);
         }
     }
 }

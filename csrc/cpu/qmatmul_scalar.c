@@ -46,12 +46,7 @@ void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_
             const float scale = job->scales[n * n_blocks + b];
             const float reciprocal = ql_block_reciprocal(scale);
             for (int64_t j = 0; j < block; ++j) block_codes[j] = (uint8_t)ql_encode_value(w[j] * reciprocal, mid);
-            uint8_t *packed = job->codes + n * (job->padded_k / 2) + b * (block / 2);
-            for (int64_t j = 0; j < block; j += 2) packed[j / 2] = (uint8_t)(block_codes[j] | block_codes[j + 1] << 4);
-            if (job->errors)
-                job->errors[n * n_blocks + b] = ql_block_error(
-                    w, block_codes, job->codebook, scale,
-                    job->column_weight ? job->column_weight + b * block : NULL, block);
+            ql_finish_block(job, n, b, block_codes, w, scale);
         }
     }
 }

@@ -1,0 +1,147 @@
+"""The native CPU kernels against their baselines, in one run on this machine, as ratios.
+
+    .venv/bin/python -m benchmarks.cpu_kernels                 # qmatmul + encode_codes
+    .venv/bin/python -m benchmarks.cpu_kernels --runtime       # + SmolLM2 decode tokens/s
+
+1. qmatmul, M = 1 and 8, on 4096 x 4096, 11008 x 4096 and 4096 x 11008 (NF4, block 64, 0.5 %
+   outliers): native `qmatmul_cpu` against torch fp32 `F.linear` on the dequantized weight and
+   against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals (issue 6): M = 1 at >= 2.5x
+   torch fp32 (0.53 instead of 4 bytes per weight) and >= 10x bitsandbytes.
+2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
+   computes the absmax scales) and against the torch path of quantlite/quantize.py. Goal: >= 2x
+   bitsandbytes.
+3. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
+   CPU with the dispatch's choice (the native library) against the torch reference back-end.
+Times are medians of interleaved repeats (baseline and ours alternate, so a noisy neighbour hits
+both); all use torch's thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.machine import describe
+from quantlite.codebook import nf4_codebook
+from quantlite.kernels import native
+from quantlite.quantize import quantize
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in)
+
+
+def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
+    """{name: median seconds}, running every function once per round (after one warm-up each)."""
+    for fn in functions.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def bench_qmatmul(repeats: int, with_bnb: bool) -> None:
+    import bitsandbytes
+    import bitsandbytes.functional as bnb_functional
+
+    print("\n== qmatmul: ms per call (ratio = baseline / native)")
+    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'bnb 4bit':>10} {'native':>8} {'vs fp32':>8} {'vs bnb':>8}")
+    for n, k in SHAPES:
+        w = torch.randn(n, k)
+        qw = quantize(w, method="nf4", outlier_frac=0.005)
+        dense = qw.dequantize()  # (N, K) float32, what the fp32 baseline multiplies by
+        packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        for m in (1, 8):
+            x = torch.randn(m, k)
+            functions = {
+                "torch": lambda: torch.nn.functional.linear(x, dense),
+                "native": lambda: native.qmatmul_cpu(x, qw),
+            }
+            if with_bnb:
+                functions["bnb"] = lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
+            t = interleaved_medians(functions, repeats)
+            bnb_ms = f"{t['bnb'] * 1e3:10.2f}" if with_bnb else f"{'-':>10}"
+            bnb_ratio = f"{t['bnb'] / t['native']:7.1f}x" if with_bnb else f"{'-':>8}"
+            print(f"{n:>6} x {k:<5} {m:>3} {t['torch'] * 1e3:11.2f} {bnb_ms} {t['native'] * 1e3:8.2f} "
+                  f"{t['torch'] / t['native']:7.2f}x {bnb_ratio}")
+
+
+def torch_codes(blocks: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The torch computation encode_codes replaces (quantlite/quantize.py: multiply, bucketize, pack)."""
+    reciprocal = torch.where(scales > 0, 1.0 / scales.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = torch.bucketize(blocks * reciprocal.unsqueeze(2), (codebook[1:] + codebook[:-1]) / 2)
+    codes = codes.to(torch.uint8).reshape(blocks.shape[0], -1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def bench_encode(repeats: int) -> None:
+    import bitsandbytes.functional as bnb_functional
+
+    print("\n== encode_codes, 4096 x 4096 float32, block 64: M params/s (ratio = native / baseline)")
+    w = torch.randn(4096, 4096)
+    codebook = nf4_codebook()
+    blocks = w.view(4096, -1, 64)
+    scales = blocks.abs().amax(dim=2)
+    assert torch.equal(native.encode_codes(blocks, scales, codebook, 64), torch_codes(blocks, scales, codebook))
+    t = interleaved_medians({
+        "bnb quantize_4bit": lambda: bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4"),
+        "torch bucketize path": lambda: torch_codes(blocks, scales, codebook),
+        "native encode_codes": lambda: native.encode_codes(blocks, scales, codebook, 64),
+        "native + absmax scales": lambda: native.encode_codes(blocks, blocks.abs().amax(dim=2), codebook, 64),
+    }, repeats)
+    for name, seconds in t.items():
+        print(f"{name:>24}: {w.numel() / seconds / 1e6:8.0f} M params/s "
+              f"({t['bnb quantize_4bit'] / seconds:5.1f}x bnb, {t['torch bucketize path'] / seconds:5.1f}x torch)")
+
+
+def bench_runtime(tokens: int, packed: Path | None) -> None:
+    import quantlite.runtime.llama as llama
+    from quantlite.convert import convert
+    from quantlite.fetch import smollm2_gguf
+    from quantlite.kernels.dispatch import qmatmul
+    from quantlite.runtime.streaming import load
+
+    print(f"\n== SmolLM2-135M-Instruct decode on the CPU, {tokens} new tokens, greedy")
+    if packed is None:
+        packed = Path(tempfile.mkdtemp(prefix="quantlite-bench-")) / "smollm2"
+        convert(smollm2_gguf(), packed, progress=False)
+    results = {}
+    # the runtime calls llama.qmatmul; swapping it for the reference back-end is the baseline
+    for label, kernel in (("torch reference", lambda x, qw: qmatmul(x, qw, backend="torch")), ("native cpu", qmatmul)):
+        llama.qmatmul = kernel
+        with load(packed) as model:
+            model.generate("Once upon a time", max_new_tokens=2)  # warm-up: layers resident, weights prepared
+            result = model.generate("Once upon a time", max_new_tokens=tokens)
+        results[label] = result
+        print(f"{label:>16}: {result.stats.decode_tokens_per_second:6.1f} tokens/s "
+              f"({result.stats.decode_steps} decode steps): {result.texts[0][:60]!r}")
+    llama.qmatmul = qmatmul
+    native_rate = results["native cpu"].stats.decode_tokens_per_second
+    print(f"{'ratio':>16}: {native_rate / results['torch reference'].stats.decode_tokens_per_second:6.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-bnb-matmul", action="store_true", help="skip bitsandbytes matmul_4bit (slow: ~0.1-0.5 s a call)")
+    parser.add_argument("--runtime", action="store_true", help="also time SmolLM2 decoding (converts it first)")
+    parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime")
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    if native.cpu_status():
+        raise SystemExit(f"native CPU library not usable: {native.cpu_status()}")
+    print(f"machine: {describe()}; native isa: {native.cpu_isa()}")
+    bench_qmatmul(args.repeats, not args.no_bnb_matmul)
+    bench_encode(args.repeats)
+    if args.runtime:
+        bench_runtime(args.tokens, args.packed)
+
+
+if __name__ == "__main__":
+    main()
