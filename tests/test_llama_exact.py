@@ -96,9 +96,10 @@ def test_unquantized_logits_and_greedy_tokens_match_transformers(case, tmp_path,
         assert generated.token_ids[0] == greedy.tolist()
 
 
-def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generator):
-    reference, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=False, attention_bias=True)
-    quantlite.convert(folder, tmp_path / "packed", progress=False)
+@pytest.mark.parametrize("tied, quantize_embedding", [(False, False), (True, True)])
+def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generator, tied, quantize_embedding):
+    reference, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=tied, attention_bias=True)
+    quantlite.convert(folder, tmp_path / "packed", quantize_embedding=quantize_embedding, progress=False)
     packed = quantlite.PackedModel.open(tmp_path / "packed")
 
     quantized = 0
@@ -108,6 +109,10 @@ def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generat
                 if isinstance(value, QWeight):
                     layer.get_parameter(name).copy_(value.dequantize())
                     quantized += 1
+        embedding = packed.load_embedding()
+        assert isinstance(embedding, QWeight) == quantize_embedding
+        if quantize_embedding:  # tied: the head is the same dequantized table
+            reference.model.embed_tokens.weight.copy_(embedding.dequantize())
     assert quantized == 7 * BASE["num_hidden_layers"]  # every Linear of every layer is a QWeight
 
     input_ids = torch.randint(0, BASE["vocab_size"], (3, 19), generator=generator)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
+from quantlite.kernels.prepared import prepare
 from quantlite.qweight import QWeight
 
 
@@ -180,7 +181,9 @@ def _dequantize_rows(qw: QWeight, rows: torch.Tensor) -> torch.Tensor:
     k = qw.shape[1]
     codes = qw.codes[rows]  # (r, Kp // 2) uint8, low nibble = even column
     unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(len(rows), -1).long()
-    scales = qw.block_scales()[rows].repeat_interleave(qw.block_size, dim=1)
+    # the kernel layout's decoded scales: built once per weight (and already by the loader when a
+    # fused kernel is live), instead of decoding the whole (vocab, K // B) table on every call
+    scales = prepare(qw, qw.device).scales[rows].repeat_interleave(qw.block_size, dim=1)
     dense = (qw.codebook.float()[unpacked] * scales)[:, :k]
     row_ptr = qw.outlier_row_ptr.long()
     for i, row in enumerate(rows.tolist()):
