@@ -96,17 +96,18 @@ def test_matches_float64_reference(m, n, k, block_size, method, outlier_frac, sp
     assert_close_to_float64(y, x, qw)
 
 
-@pytest.mark.parametrize("m", [1, 3, 40])
-def test_long_and_empty_outlier_rows(m, generator):
-    """One row holds most outliers (its CSR segment is long), others none: lock-step walk with masks."""
+@pytest.mark.parametrize("m,split_k", [(1, None), (1, 3), (3, 2), (40, None), (40, 3)])
+def test_long_and_empty_outlier_rows(m, split_k, generator):
+    """One row holds most outliers (a CSR segment longer than a chunk of entries), others none; the
+    K splits share a tile's entries, so the shares cut through rows."""
     from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
     device = kernel_device()
     qw = random_weight(37, 160, generator, block_size=32, method="quantlite", outlier_frac=0.02, heavy_row=True)
     lengths = torch.diff(qw.outlier_row_ptr.long())
-    assert int(lengths.max()) > 20 and int((lengths == 0).sum()) > 0, "the weight does not have the intended CSR shape"
+    assert int(lengths.max()) > 64 and int((lengths == 0).sum()) > 0, "the weight does not have the intended CSR shape"
     x = torch.randn(m, 160, generator=generator).to(device)
-    y = qmatmul_triton(x, prepare(qw, device), out=torch.full((m, 37), float("nan"), device=device))
+    y = qmatmul_triton(x, prepare(qw, device), out=torch.full((m, 37), float("nan"), device=device), split_k=split_k)
     assert_close_to_float64(y, x, qw)
 
 

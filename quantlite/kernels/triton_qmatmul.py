@@ -32,12 +32,15 @@ interleave shuffle is needed: y += x_even @ w_even.T + x_odd @ w_odd.T.
         w_even = codebook[bytes & 15] * scale[n, k0 // B]  # dequant (both nibbles of a byte
         w_odd  = codebook[bytes >> 4] * scale[n, k0 // B]  #   share one block since B is even)
         acc   += x_even @ w_even.T + x_odd @ w_odd.T       # multiply
-    if pid_k == 0: acc += x[:, cols] * vals over each row's CSR segment   # outliers, same launch
+    for e in my share of the tile rows' CSR entries, CHUNK at a time:  # outliers, same launch
+        acc += (x[:, cols[e]] * vals[e]) @ onehot(row of e)
     store acc (cast to x's dtype, or float32 partials that the host sums)  # write
 
-Outliers never become a dense matrix: after the main loop the program walks the CSR segments of its
-BLOCK_N rows in lock step (as many steps as the longest segment, shorter ones masked) and gathers the
-x columns they name.
+Outliers never become a dense matrix: the CSR entries of the BLOCK_N rows of a tile are one
+contiguous range of cols/vals; each K split of the tile takes an equal share of it, CHUNK entries
+per step, gathers the x columns they name and scatters the products into acc's columns through a
+(CHUNK, BLOCK_N) one-hot matrix (tl.dot in prefill). A step per entry of the longest row instead
+would put ~20 dependent load rounds (K = 4096 at 0.5% outliers) on every program's critical path.
 """
 from __future__ import annotations
 
@@ -70,18 +73,35 @@ def _dequantize_tile(codes_ptr, scales_ptr, codebook_ptr, offs_n, offs_byte, N, 
 
 
 @triton.jit
-def _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm):
-    """acc (BLOCK_M, BLOCK_N) float32 += x[offs_m, col] * val for every CSR entry of rows offs_n."""
-    mask_n = offs_n < N
-    start = tl.load(row_ptr_ptr + offs_n, mask=mask_n, other=0)
-    length = tl.load(row_ptr_ptr + offs_n + 1, mask=mask_n, other=0) - start
-    for step in range(0, tl.max(length, axis=0)):
-        live = step < length
-        col = tl.load(cols_ptr + start + step, mask=live, other=0)
-        val = tl.load(vals_ptr + start + step, mask=live, other=0.0)
-        x_mask = (offs_m[:, None] < M) & live[None, :]
-        x_col = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=x_mask, other=0.0)
-        acc += x_col.to(tl.float32) * val[None, :]
+def _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm, part, n_parts,
+                  USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) float32 += x[m, col] * val over the CSR entries of rows offs_n.
+
+    The entries of consecutive rows are one contiguous range of cols/vals; program `part` of
+    `n_parts` (the K splits) takes an equal share of it, CHUNK entries per step: few dependent
+    load rounds per program, not one per entry of the longest row."""
+    big = 2**31 - 1  # row bounds of rows past N: no entry falls inside
+    row_start = tl.load(row_ptr_ptr + offs_n, mask=offs_n < N, other=big)        # (BLOCK_N,)
+    row_end = tl.load(row_ptr_ptr + offs_n + 1, mask=offs_n < N, other=big)      # (BLOCK_N,)
+    tile_start = tl.min(row_start, axis=0)
+    tile_end = tl.max(tl.where(offs_n < N, row_end, 0), axis=0)
+    share = tl.cdiv(tile_end - tile_start, n_parts)
+    first = tile_start + part * share
+    last = tl.minimum(first + share, tile_end)
+    for e0 in range(first, last, CHUNK):
+        offs_e = e0 + tl.arange(0, CHUNK)
+        live = offs_e < last
+        col = tl.load(cols_ptr + offs_e, mask=live, other=0)                                   # (CHUNK,)
+        val = tl.load(vals_ptr + offs_e, mask=live, other=0.0)                                 # (CHUNK,)
+        x_col = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
+                        mask=(offs_m[:, None] < M) & live[None, :], other=0.0)                 # (BLOCK_M, CHUNK)
+        contribution = x_col.to(tl.float32) * val[None, :]                                     # (BLOCK_M, CHUNK)
+        # which tile row each entry belongs to: (CHUNK, BLOCK_N) one-hot, so a product scatters
+        in_row = ((offs_e[:, None] >= row_start[None, :]) & (offs_e[:, None] < row_end[None, :])).to(tl.float32)
+        if USE_DOT:
+            acc += tl.dot(contribution, in_row, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(contribution[:, :, None] * in_row[None, :, :], axis=1)
     return acc
 
 
@@ -105,6 +125,7 @@ def _qmatmul_kernel(
     # meta-parameters
     B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    OUTLIER_CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -134,9 +155,9 @@ def _qmatmul_kernel(
             acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :], axis=2)
             acc += tl.sum(x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
 
-    # ---------------------------------------------------------------- outliers (first split only)
-    if pid_k == 0:
-        acc = _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm)
+    # ---------------------------------------------------------------- outliers (shared by the splits)
+    acc = _add_outliers(acc, x_ptr, row_ptr_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, N, stride_xm,
+                        pid_k, tl.num_programs(2), USE_DOT, DOT_PRECISION, OUTLIER_CHUNK)
 
     # ---------------------------------------------------------------- write
     y_tile = y_ptr + pid_k * stride_yk + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -161,12 +182,14 @@ def _tile_config(m: int, block_size: int, x_dtype: torch.dtype) -> dict:
         # grows so the FMA-and-reduce product keeps one size (48-56 registers at M = 2 and 4).
         block_m = triton.next_power_of_2(m)
         return dict(BLOCK_M=block_m, BLOCK_N=max(8 // block_m, 2), BLOCK_K=max(512, block_size), USE_DOT=False,
-                    num_warps=4)
+                    OUTLIER_CHUNK=64, num_warps=4)
     if x_dtype == torch.float32:
         # tl.dot in "ieee" float32 runs on FMA units: 64 x 64 spilled 816 bytes per thread, 32 x 32 on 8 warps none
         return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32, BLOCK_K=max(64, block_size), USE_DOT=True,
-                    num_warps=8)
-    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=max(64, block_size), USE_DOT=True, num_warps=4)
+                    OUTLIER_CHUNK=32, num_warps=8)
+    # outliers 32 entries per step: 64 spilled 96 bytes per thread at M = 64
+    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=max(64, block_size), USE_DOT=True,
+                OUTLIER_CHUNK=32, num_warps=4)
 
 
 def _dtype_parameters(x_dtype: torch.dtype) -> dict:
