@@ -77,9 +77,18 @@ def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> in
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set since it started (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set. On Linux, VmHWM of /proc/self/status: getrusage's ru_maxrss
+    would also count the parent's resident set at fork time (it survives exec), so a small child of a
+    big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 @dataclass
