@@ -17,6 +17,7 @@ import torch
 
 from quantlite.codebook import int4_codebook, nearest_code, nf4_codebook
 from quantlite.errors import QuantizationInputError
+from quantlite.gptq import gptq_codes
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
     BLOCK_SIZE_MULTIPLE,
@@ -69,9 +70,12 @@ def quantize(
     """Quantize a 2-D weight W (N, K) = (out_features, in_features).
 
     method: "quantlite" (default), "nf4" (plain, bitsandbytes-equivalent) or "rtn" (int4 absmax).
-    Options left as None take the method's default (METHODS). `importance` is an optional (K,)
-    non-negative weight per input column (e.g. the mean of x**2 over calibration text); outlier
-    selection and the scale search then minimise the error of the layer's output, not of W.
+    Options left as None take the method's default (METHODS). `importance` describes the layer's
+    input over a calibration text (quantlite.calibration), so the error of the layer's output is
+    minimised rather than the error of W:
+      (K,)   mean x**2 per input column: weights outlier selection and the scale search;
+      (K, K) E[x x^T]: outliers are selected with its diagonal, and the codes are chosen by GPTQ
+             error feedback (quantlite.gptq) — the setting behind docs/accuracy.md's default row.
     `name` only labels error messages.
     """
     if method not in METHODS:
@@ -91,8 +95,13 @@ def quantize(
 
     dense = torch.zeros(n, padded_k, dtype=torch.float32)  # (N, Kp): padding columns stay 0
     dense[:, :k] = w.detach()
+    hessian = None
+    if importance is not None and importance.dim() == 2:
+        # The scale search stays unweighted under GPTQ: weighting it by diag(H) measured worse
+        # (docs/accuracy.md, "What did not work").
+        hessian, importance = importance, importance.diagonal()
     column_weight = None
-    if importance is not None:
+    if importance is not None and hessian is None:
         column_weight = torch.nn.functional.pad(importance.to(torch.float32), (0, padded_k - k))
 
     # 2. outliers leave the dense matrix before any scale is computed
@@ -117,7 +126,11 @@ def quantize(
     # 5. codes
     # Outliers were zeroed and padding is 0, so both get the zero level's code here: 0 * (1/scale)
     # lies strictly between the two midpoints around the level 0 (tests/test_quantize.py checks it).
-    codes = _block_codes(blocks, scales.float(), codebook)
+    if hessian is None:
+        codes = _block_codes(blocks, scales.float(), codebook)
+    else:
+        codes, compensated = gptq_codes(w.detach().float(), scales.float(), codebook, hessian, rows, cols, block_size)
+        outlier_vals = compensated.to(torch.float16)
 
     row_ptr = torch.zeros(n + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0).to(torch.int32)
@@ -160,12 +173,17 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label) -
     if scale_dtype not in (torch.float16, torch.float32):
         raise QuantizationInputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
     if importance is not None:
-        if importance.shape != (w.shape[1],):
+        k = w.shape[1]
+        if importance.shape not in ((k,), (k, k)):
             raise QuantizationInputError(
-                f"importance must have shape ({w.shape[1]},) (one per input column), got {tuple(importance.shape)}"
+                f"importance must have shape ({k},) (mean x**2 per input column) or ({k}, {k}) (E[x x^T]), "
+                f"got {tuple(importance.shape)}"
             )
-        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
-            raise QuantizationInputError("importance must be finite and non-negative")
+        diagonal = importance.diagonal() if importance.dim() == 2 else importance
+        if not bool(torch.isfinite(importance).all()) or bool((diagonal < 0).any()):
+            raise QuantizationInputError("importance must be finite, with a non-negative (diagonal) per column")
+        if importance.dim() == 2 and not torch.allclose(importance, importance.T, rtol=1e-4, atol=1e-6 * float(diagonal.max())):
+            raise QuantizationInputError(f"importance ({k}, {k}) must be symmetric: it is E[x x^T]")
 
 
 def _safe_reciprocal(scales: torch.Tensor) -> torch.Tensor:
