@@ -1,7 +1,14 @@
-/* The worker pool of pool.h: one mutex, two condition variables, an atomic chunk counter.
+/* The worker pool of pool.h.
  *
- * Why a pool and not threads per call: a SmolLM2 decode step makes ~210 qmatmul calls of ~50 us
- * each; starting threads costs tens of microseconds per call, waking a sleeping worker a few. */
+ * Why a pool and not threads per call: a SmolLM2 decode step makes ~210 qmatmul calls of tens of
+ * microseconds each; starting threads costs tens of microseconds per call, waking a sleeping one a few.
+ *
+ * Why the caller never waits for a worker to wake up: on a loaded machine (this one is shared) a
+ * woken thread may not run for milliseconds. Chunks are handed out from one atomic ticket, and
+ * the caller takes chunks itself from the start; it then waits only for chunks that some thread
+ * has actually begun. A worker that wakes late finds no chunk left and goes back to sleep.
+ * The ticket holds the job's generation in its high 32 bits, so a worker still holding an old
+ * job's arguments can never take a chunk of a newer job. */
 #define _GNU_SOURCE
 #include "pool.h"
 
@@ -13,25 +20,27 @@
 #define QL_MAX_THREADS 256
 
 typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t work_ready;   /* a new job (generation changed) */
-    pthread_cond_t work_done;    /* the last busy worker left the job */
-    pthread_mutex_t call_lock;   /* one ql_parallel_for at a time */
-    int n_workers;               /* threads started besides the caller */
-    uint64_t generation;         /* bumped once per job */
-    int wanted;                  /* workers that take part in the current job */
-    int busy;                    /* workers still inside the current job */
-    /* the current job */
     ql_chunk_fn fn;
     void *context;
     int64_t total, grain;
-    atomic_int_fast64_t next;
+    uint32_t chunks;
+    uint32_t generation;
+} ql_job;
+
+typedef struct {
+    pthread_mutex_t lock;        /* guards job, generation, wanted, n_workers */
+    pthread_cond_t work_ready;   /* a new job was posted */
+    pthread_mutex_t call_lock;   /* one ql_parallel_for at a time */
+    int n_workers;               /* threads started besides the caller */
+    int wanted;                  /* workers (by index) that take part in the current job */
+    ql_job job;
+    _Atomic uint64_t ticket;     /* generation << 32 | next chunk */
+    _Atomic uint32_t completed;  /* chunks of the current job finished */
 } ql_pool;
 
 static ql_pool pool = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .work_ready = PTHREAD_COND_INITIALIZER,
-    .work_done = PTHREAD_COND_INITIALIZER,
     .call_lock = PTHREAD_MUTEX_INITIALIZER,
 };
 
@@ -44,27 +53,32 @@ int ql_available_cores(void) {
     return 1;
 }
 
-static void run_chunks(int thread_index) {
+/* Runs chunks of `job` until none is left or a newer job has replaced it. */
+static void run_chunks(const ql_job *job, int thread_index) {
+    uint64_t ticket = atomic_load(&pool.ticket);
     for (;;) {
-        int64_t begin = atomic_fetch_add(&pool.next, pool.grain);
-        if (begin >= pool.total) return;
-        int64_t end = begin + pool.grain < pool.total ? begin + pool.grain : pool.total;
-        pool.fn(pool.context, begin, end, thread_index);
+        if ((uint32_t)(ticket >> 32) != job->generation || (uint32_t)ticket >= job->chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + 1)) continue;
+        const int64_t begin = (int64_t)(uint32_t)ticket * job->grain;
+        const int64_t end = begin + job->grain < job->total ? begin + job->grain : job->total;
+        job->fn(job->context, begin, end, thread_index);
+        atomic_fetch_add_explicit(&pool.completed, 1, memory_order_release);
+        ticket = atomic_load(&pool.ticket);
     }
 }
 
 static void *worker_main(void *arg) {
     const int index = (int)(intptr_t)arg;
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     pthread_mutex_lock(&pool.lock);
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.work_ready, &pool.lock);
-        seen = pool.generation;
+        while (pool.job.generation == seen) pthread_cond_wait(&pool.work_ready, &pool.lock);
+        seen = pool.job.generation;
         if (index >= pool.wanted) continue;  /* this job asked for fewer threads */
+        const ql_job job = pool.job;         /* a snapshot: the caller may post the next job meanwhile */
         pthread_mutex_unlock(&pool.lock);
-        run_chunks(index + 1);
+        run_chunks(&job, index + 1);
         pthread_mutex_lock(&pool.lock);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.work_done);
     }
     return NULL;
 }
@@ -75,10 +89,7 @@ static void forget_workers_after_fork(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_mutex_init(&pool.call_lock, NULL);
     pthread_cond_init(&pool.work_ready, NULL);
-    pthread_cond_init(&pool.work_done, NULL);
     pool.n_workers = 0;
-    pool.generation = 0;
-    pool.busy = 0;
 }
 
 static void start_workers(int count) {
@@ -104,9 +115,9 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     if (grain < 1) grain = 1;
     if (n_threads <= 0) n_threads = ql_available_cores();
     if (n_threads > QL_MAX_THREADS) n_threads = QL_MAX_THREADS;
-    int64_t chunks = (total + grain - 1) / grain;
+    const int64_t chunks = (total + grain - 1) / grain;
     int helpers = (int)(chunks < n_threads ? chunks : n_threads) - 1;
-    if (helpers <= 0) {
+    if (helpers <= 0 || chunks > UINT32_MAX) {
         fn(context, 0, total, 0);  /* one chunk or one thread: no hand-off at all */
         return;
     }
@@ -115,21 +126,16 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pthread_mutex_lock(&pool.lock);
     start_workers(helpers);
     if (pool.n_workers < helpers) helpers = pool.n_workers;  /* a thread failed to start: run with fewer */
-    pool.fn = fn;
-    pool.context = context;
-    pool.total = total;
-    pool.grain = grain;
-    atomic_store(&pool.next, 0);
+    const ql_job job = {fn, context, total, grain, (uint32_t)chunks, pool.job.generation + 1};
+    pool.job = job;
     pool.wanted = helpers;
-    pool.busy = helpers;
-    pool.generation++;
+    atomic_store(&pool.completed, 0);
+    atomic_store(&pool.ticket, (uint64_t)job.generation << 32);
     pthread_cond_broadcast(&pool.work_ready);
     pthread_mutex_unlock(&pool.lock);
 
-    run_chunks(0);
-
-    pthread_mutex_lock(&pool.lock);
-    while (pool.busy > 0) pthread_cond_wait(&pool.work_done, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
+    run_chunks(&job, 0);
+    /* only chunks some worker has begun are left: they finish without waiting for the scheduler */
+    while (atomic_load_explicit(&pool.completed, memory_order_acquire) < job.chunks) sched_yield();
     pthread_mutex_unlock(&pool.call_lock);
 }
