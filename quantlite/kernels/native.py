@@ -112,10 +112,17 @@ def cuda_status() -> str | None:
 
 
 def _cpu_library() -> ctypes.CDLL:
-    library, reason = _load(CPU_LIBRARY)
-    if reason:
-        raise NativeKernelError(f"native cpu back-end: {reason}")
-    return library
+    global _cpu_library_loaded
+    if _cpu_library_loaded is None:  # a global, not only functools.cache: this runs ~200 times a token
+        library, reason = _load(CPU_LIBRARY)
+        if reason:
+            raise NativeKernelError(f"native cpu back-end: {reason}")
+        _cpu_library_loaded = library
+    return _cpu_library_loaded
+
+
+_cpu_library_loaded: ctypes.CDLL | None = None
+_CPU = torch.device("cpu")
 
 
 def _cuda_library() -> ctypes.CDLL:
@@ -208,7 +215,7 @@ def qmatmul_cpu(
             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}"
         )
     if m:
-        weight = _weight_struct(qw, torch.device("cpu"))
+        weight = _weight_struct(qw, _CPU)
         status = library.ql_cpu_qmatmul(
             ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows), out.data_ptr(), _row_stride(out),
             DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads(),
@@ -224,7 +231,7 @@ def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads
         raise NativeKernelError(f"native cpu dequantize: dtype {dtype} is not float32, float16 or bfloat16")
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype)
-    weight = _weight_struct(qw, torch.device("cpu"))
+    weight = _weight_struct(qw, _CPU)
     status = library.ql_cpu_dequantize(ctypes.byref(weight), out.data_ptr(), k, DTYPE_TAGS[dtype], n_threads or torch.get_num_threads())
     _check(library, status, f"native cpu dequantize (N={n}, K={k})")
     return out
