@@ -5,7 +5,8 @@
 Exactly the 405B shapes (hidden 16384, 128 heads, 8 KV heads, head_dim 128, MLP 53248, vocab 128256,
 untied head) with random 4-bit weights, a few decoder layers only (each is ~1.7 GB packed; 126 would be
 ~215 GB). Every layer streams from disk (the budget holds the embedding and head only) with the page
-cache dropped after each read. Measured: peak RSS (which does not grow with the layer count: one
+cache dropped after each read; a second run with every layer resident gives the compute floor.
+Measured: peak RSS (which does not grow with the layer count: one
 layer computes while the next is read) and seconds per layer of a decode step; extrapolated:
 seconds per token for 126 layers, and the I/O floor of reading 126 layers at the measured bandwidth.
 The famous claim to compare with: "405B on an 8 GB GPU, ~5 GB peak" (AirLLM).
@@ -41,11 +42,16 @@ def main() -> None:
 
     run = run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True)
     per_layer = min(run["step_seconds"]) / args.layers
+    resident = run_child(path=args.out, budget="1TB", steps=args.steps, cold=False)
+    compute_per_layer = min(resident["step_seconds"]) / args.layers
+    io_per_layer = layer_disk / bandwidth
     print(f"resident layers  : {run['resident_layers']} of {run['layers']} (budget {args.budget}: embedding + head "
           f"{gib(run['resident_bytes'])})")
     print(f"peak RSS         : {gib(run['peak_rss'])} measured with {args.layers} layers "
           f"(interpreter + torch baseline {gib(run['baseline_rss'])}); one layer in memory {gib(run['max_layer_bytes'])}")
-    print(f"decode step      : {per_layer:.2f} s per layer (steps: {', '.join(f'{t:.2f}' for t in run['step_seconds'])} s)")
+    print(f"decode step      : {per_layer:.2f} s per layer streamed (steps: {', '.join(f'{t:.2f}' for t in run['step_seconds'])} s); "
+          f"floor max(I/O {io_per_layer:.2f} s, compute {compute_per_layer:.2f} s with every layer resident) = "
+          f"{max(io_per_layer, compute_per_layer):.2f} s, ratio {per_layer / max(io_per_layer, compute_per_layer):.2f}")
     print(f"extrapolated     : {FULL_LAYERS} layers -> {per_layer * FULL_LAYERS:.0f} s per token; "
           f"I/O floor {FULL_LAYERS * layer_disk / bandwidth:.0f} s per token at {bandwidth / 1e9:.2f} GB/s; "
           f"peak memory stays {gib(run['peak_rss'])} (layers stream; KV cache {FULL_LAYERS * run['kv_bytes'] / args.layers / 2**20:.1f} MiB "

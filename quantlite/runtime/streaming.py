@@ -16,6 +16,7 @@ Bytes read, layer loads, time spent waiting on the loader and peak memory are co
 """
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -29,7 +30,7 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import prepare
-from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
 
@@ -190,12 +191,29 @@ class StreamingLlama:
     def _read_layer(self, index: int) -> dict:
         """Runs on the loader thread (or inline without prefetch): read one shard, move it to the device."""
         start = time.perf_counter()
+        if self.prefetch:
+            self._hint_readahead(self._next_streamed(index))
         weights = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
         with self._lock:
             self.stats.load_seconds += time.perf_counter() - start
             self.stats.bytes_read += int(self.packed.layer_nbytes(index))
             self.stats.layer_loads += 1
         return weights
+
+    def _hint_readahead(self, index: int | None) -> None:
+        """Ask the kernel to start reading the shard after this one into the page cache, so the disk
+        keeps working while this shard is validated and prepared (CPU work). Only a hint: no memory
+        of this process, and nothing happens where posix_fadvise does not exist."""
+        if index is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.packed.path / layer_file(index), os.O_RDONLY)
+        except OSError:
+            return  # the read itself will report a missing shard with the packed reader's error
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def _request(self, index: int | None) -> None:
         """Start reading a streamed layer in the background (no-op if resident, pending or off)."""
