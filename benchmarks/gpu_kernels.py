@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import describe
-from quantlite.codebook import nf4_codebook
+from quantlite.codebook import nf4_codebook, zero_code
 from quantlite.qweight import QWeight
 
 # (hidden, kv_dim, intermediate) -> the five distinct Linear shapes (N, K) of one decoder layer.
@@ -42,6 +42,7 @@ L2_FLUSH_BYTES = 256 * 2**20       # rotate weight copies until this many bytes:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Meta-parameter overrides tried by --sweep (quantlite.kernels.triton_qmatmul._tile_config is the default)
 DECODE_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (4, 8, 16) for bk in (256, 512) for w in (4, 8)]
+SPLIT_SWEEP = (1, 2, 4, 8)
 PREFILL_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
                  for bm, bn, bk, w in ((64, 64, 128, 4), (64, 128, 64, 4), (128, 64, 64, 8), (128, 128, 64, 8))]
 TEST_FILES = ("tests/test_triton_qmatmul.py", "tests/test_dispatch.py", "tests/test_qlinear.py")
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests on the GPU first")
     parser.add_argument("--markdown", metavar="PATH", help="also write the results table to this Markdown file")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the Triton kernel with each tile of DECODE_SWEEP / PREFILL_SWEEP")
+                        help="also time the Triton kernel with each tile of DECODE_SWEEP / PREFILL_SWEEP "
+                             "and, for M <= 16, each K split of SPLIT_SWEEP")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU needed: compile the Triton kernel for sm_90 for each --m and --dtypes, "
                              "print registers, spills and shared memory, and exit")
@@ -84,15 +86,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_qweight(n: int, k: int, block_size: int, outlier_frac: float, device: str) -> QWeight:
-    """A valid QWeight of shape (N, K): random codes and scales, round(outlier_frac * K) outliers per row."""
+    """A valid QWeight of shape (N, K): random codes and scales, round(outlier_frac * K) outliers per
+    row, and the zero level's code under each outlier and in the padding (docs/FORMAT.md)."""
     n_blocks = -(-k // block_size)
     per_row = round(outlier_frac * k)
     # one random column in each of per_row equal strides of K: distinct and ascending by construction
     stride = k // max(per_row, 1)
     cols = torch.arange(per_row, device=device) * stride + torch.randint(0, stride, (n, per_row), device=device)
+    codebook = nf4_codebook().to(device)
+    codes = torch.randint(0, 16, (n, n_blocks * block_size), dtype=torch.uint8, device=device)  # (N, Kp)
+    codes[:, k:] = zero_code(codebook)
+    codes.scatter_(1, cols, zero_code(codebook))
     return QWeight(
-        shape=(n, k), block_size=block_size, method="nf4", codebook=nf4_codebook().to(device),
-        codes=torch.randint(0, 256, (n, n_blocks * block_size // 2), dtype=torch.uint8, device=device),
+        shape=(n, k), block_size=block_size, method="nf4", codebook=codebook,
+        codes=codes[:, 0::2] | (codes[:, 1::2] << 4),  # (N, Kp // 2), low nibble = even column
         outlier_row_ptr=(torch.arange(n + 1, device=device) * per_row).to(torch.int32),
         outlier_cols=cols.reshape(-1).to(torch.int32).to(torch.uint16 if k <= 65536 else torch.int32),
         outlier_vals=torch.randn(n * per_row, device=device).to(torch.float16),
@@ -225,6 +232,9 @@ def print_sweep(x: torch.Tensor, copies: list, row: dict, args: argparse.Namespa
     for tile in DECODE_SWEEP if x.shape[0] <= DECODE_MAX_M else PREFILL_SWEEP:
         ms = median_ms(lambda w: qmatmul_triton(x, prepare(w, x.device), tile=tile), copies, args.iters)
         print(f"    sweep {tile}: {ms:8.3f} ms ({row['bf16_ms'] / ms:.2f}x bf16)", flush=True)
+    for split in SPLIT_SWEEP if x.shape[0] <= 16 else ():
+        ms = median_ms(lambda w: qmatmul_triton(x, prepare(w, x.device), split_k=split), copies, args.iters)
+        print(f"    sweep split_k={split} (default tile): {ms:8.3f} ms ({row['bf16_ms'] / ms:.2f}x bf16)", flush=True)
 
 
 def format_row(row: dict, backends: list[str], copy_gbs: float) -> str:

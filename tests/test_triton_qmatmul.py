@@ -111,6 +111,19 @@ def test_long_and_empty_outlier_rows(m, split_k, generator):
     assert_close_to_float64(y, x, qw)
 
 
+def test_split_counters_are_reset_for_the_next_launch(generator):
+    """Split-K reduces in the launch through per-tile arrival counters, which the last split resets."""
+    from quantlite.kernels.triton_qmatmul import _split_counters, qmatmul_triton
+
+    device = kernel_device()
+    qw = random_weight(19, 640, generator, block_size=64, method="quantlite", outlier_frac=0.01)
+    for m in (1, 2, 20):
+        x = torch.randn(m, 640, generator=generator).to(device)
+        y = qmatmul_triton(x, prepare(qw, device), out=torch.full((m, 19), float("nan"), device=device), split_k=2)
+        assert_close_to_float64(y, x, qw)
+    assert int(_split_counters(torch.device(device), 1).abs().sum()) == 0
+
+
 def test_strided_rows_of_x(generator):
     """x may be a column slice of a wider tensor: only unit column stride is required."""
     from quantlite.kernels.triton_qmatmul import qmatmul_triton

@@ -12,7 +12,7 @@ Layouts (the compute layout of quantlite.kernels.prepared.prepare):
     scales   (N, Kp // B)  float32, one per block of B columns
     codebook (16,)         float32, level of each code
     row_ptr  (N + 1,)      int32, CSR row pointers; cols (nnz,) int32; vals (nnz,) float32
-    y        (M, N)        x's dtype (or (SPLIT_K, M, N) float32 partial sums when split)
+    y        (M, N)        x's dtype; when K is split also (SPLIT_K, M, N) float32 partial sums
 
 Tiling and work partition: program (pid_n, pid_m, pid_k) owns the output tile
 y[pid_m*BLOCK_M : +BLOCK_M, pid_n*BLOCK_N : +BLOCK_N] over its K range (the whole of K unless split):
@@ -34,7 +34,9 @@ interleave shuffle is needed: y += x_even @ w_even.T + x_odd @ w_odd.T.
         acc   += x_even @ w_even.T + x_odd @ w_odd.T       # multiply
     for e in my share of the tile rows' CSR entries, CHUNK at a time:  # outliers, same launch
         acc += (x[:, cols[e]] * vals[e]) @ onehot(row of e)
-    store acc (cast to x's dtype, or float32 partials that the host sums)  # write
+    if split: store acc as a float32 partial; the tile's last split to arrive   # write
+              (atomic counter) sums the partials in split order into y
+    else:     store acc cast to x's dtype
 
 Outliers never become a dense matrix: the CSR entries of the BLOCK_N rows of a tile are one
 contiguous range of cols/vals; each K split of the tile takes an equal share of it, CHUNK entries
@@ -57,7 +59,9 @@ from quantlite.kernels.prepared import PreparedWeight
 # tl.dot works on tiles of at least 16 rows: for M <= 4 most of that would multiply padding, so
 # decode reduces with FMAs instead (a reasoned choice, not yet timed: benchmarks.gpu_kernels --sweep)
 DECODE_MAX_M = 4
-PROGRAMS_PER_SM = 4    # split-K aims for this many programs per SM, so loads from several overlap
+# Split-K aims for this many programs per SM so that enough loads are in flight to cover DRAM latency
+# (a decode program has 2 KB of weight bytes in flight per step; not yet timed: gpu_kernels --sweep)
+PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -115,13 +119,15 @@ def _qmatmul_kernel(
     row_ptr_ptr,    # (N + 1,) int32, CSR over rows
     cols_ptr,       # (nnz,) int32
     vals_ptr,       # (nnz,) float32
-    y_ptr,          # (M, N) x's dtype, or (SPLIT_K, M, N) float32 partial sums when SPLIT
+    y_ptr,          # (M, N) x's dtype
+    partial_ptr,    # (SPLIT_K, M, N) float32 partial sums, when SPLIT
+    counters_ptr,   # (tiles,) int32, zero between launches: splits of each tile that have finished
     # sizes
     M, N, K,
     half_kp,        # Kp // 2: bytes per row of codes
     k_per_split,    # columns per K split, a multiple of BLOCK_K
     # strides (elements)
-    stride_xm, stride_cn, stride_sn, stride_yk, stride_ym,
+    stride_xm, stride_cn, stride_sn, stride_ym, stride_pk, stride_pm,
     # meta-parameters
     B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
@@ -160,10 +166,23 @@ def _qmatmul_kernel(
                         pid_k, tl.num_programs(2), USE_DOT, DOT_PRECISION, OUTLIER_CHUNK)
 
     # ---------------------------------------------------------------- write
-    y_tile = y_ptr + pid_k * stride_yk + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_tile = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT:
-        tl.store(y_tile, acc, mask=y_mask)  # float32 partial sum, summed by the host
+        # Split-K in one launch: park this split's partial sum; the split of the tile that arrives
+        # last adds all of them in split order (the result does not depend on timing) and writes y.
+        partial_tile = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
+        tl.store(partial_tile + pid_k * stride_pk, acc, mask=y_mask)
+        tl.debug_barrier()  # all threads' partials are stored before the arrival is counted (release)
+        counter = counters_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(0, tl.num_programs(2)):
+                # .cg: from L2, where the other SMs' partials are; this SM's L1 may hold stale lines
+                total += tl.load(partial_tile + split * stride_pk, mask=y_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_tile, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(counter, 0)  # every split has arrived: reset for the next launch on this stream
     else:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -203,15 +222,11 @@ def _dtype_parameters(x_dtype: torch.dtype) -> dict:
 
 
 def _default_split(x: torch.Tensor, n_tiles: int, k_steps: int) -> int:
-    """Split K only on a GPU and only when the output tiles leave SMs idle: a split costs two more
-    small launches (sum of the partials, cast), a few microseconds, which a layer that already
-    gives every SM two programs would not win back (decode of an 8B q_proj reads 8 MB: ~3 us)."""
+    """Split K only on a GPU, and only when the output tiles alone give an SM fewer than
+    PROGRAMS_PER_SM programs (decode of most layers: 8B q_proj at M = 1 has 512 tiles of 8 rows)."""
     if x.device.type != "cuda":
         return 1
-    n_sm = _sm_count(x.device)
-    if n_tiles >= 2 * n_sm:
-        return 1
-    wanted = -(-PROGRAMS_PER_SM * n_sm // n_tiles)
+    wanted = -(-PROGRAMS_PER_SM * _sm_count(x.device) // n_tiles)
     return max(1, min(wanted, k_steps // 2))
 
 
@@ -250,21 +265,34 @@ def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor
     k_per_split = triton.cdiv(k_steps, split) * config["BLOCK_K"]
     split = triton.cdiv(2 * half_kp, k_per_split)  # a rounded-up K range can leave the last split empty
 
-    # 2. allocate
+    # 2. allocate (partials: the caching allocator, no launch; counters: kept zeroed by the kernel)
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    partials = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    counters = _split_counters(x.device, grid_mn[0] * grid_mn[1]) if split > 1 else weight.row_ptr
 
     # 3. launch
     _qmatmul_kernel[(*grid_mn, split)](
-        x, weight.codes, weight.scales, weight.codebook, weight.row_ptr, weight.cols, weight.vals, target,
+        x, weight.codes, weight.scales, weight.codebook, weight.row_ptr, weight.cols, weight.vals, y, partials,
+        counters,
         m, n, k, half_kp, k_per_split,
-        x.stride(0), weight.codes.stride(0), weight.scales.stride(0),
-        target.stride(0) if split > 1 else 0, target.stride(-2),
+        x.stride(0), weight.codes.stride(0), weight.scales.stride(0), y.stride(0),
+        partials.stride(0) if split > 1 else 0, partials.stride(-2),
         B=weight.block_size, **_dtype_parameters(x.dtype), SPLIT=split > 1, **config,
     )
-    if split > 1:
-        y.copy_(target.sum(dim=0))  # the partial sums in a fixed order: results do not depend on timing
     return y
+
+
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """(>= tiles,) int32 zeros for the split-K arrivals, one buffer per device and stream: the kernel
+    resets each counter it uses, so the buffer is zeroed once, not per launch (a memset is a launch)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _counters or _counters[key].numel() < tiles:
+        _counters[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def compile_for_gpu(m: int, x_dtype: torch.dtype, block_size: int, split: bool, capability: int = 90,
@@ -280,9 +308,9 @@ def compile_for_gpu(m: int, x_dtype: torch.dtype, block_size: int, split: bool, 
     x_type = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[x_dtype]
     signature = {"x_ptr": f"*{x_type}", "codes_ptr": "*u8", "scales_ptr": "*fp32", "codebook_ptr": "*fp32",
                  "row_ptr_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp32",
-                 "y_ptr": "*fp32" if split else f"*{x_type}"}
+                 "y_ptr": f"*{x_type}", "partial_ptr": "*fp32", "counters_ptr": "*i32"}
     signature |= {name: "i32" for name in ("M", "N", "K", "half_kp", "k_per_split", "stride_xm", "stride_cn",
-                                            "stride_sn", "stride_yk", "stride_ym")}
+                                            "stride_sn", "stride_ym", "stride_pk", "stride_pm")}
     config = _tile_config(m, block_size, x_dtype) | (tile or {})
     options = {"num_warps": config.pop("num_warps")}
     constants = dict(B=block_size, SPLIT=split, **_dtype_parameters(x_dtype), **config)
