@@ -32,12 +32,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print("versions")
-    for name, version in report["versions"].items():
-        print(f"  {name:<13} {version}")
-    print("machine")
-    for name, value in report["machine"].items():
-        print(f"  {name:<13} {value}")
+    for section in ("versions", "machine"):
+        print(section)
+        for name, value in report[section].items():
+            print(f"  {name:<13} {value}")
     print("kernel back-ends")
     for name, reason in report["backends"].items():
         print(f"  {name:<7} {'live' if reason is None else 'not available: ' + reason}")
