@@ -24,7 +24,7 @@ from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
 
 SMALL = {**TINY_CONFIG, "hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 1,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40}
-FUZZ = settings(max_examples=40, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=30, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
