@@ -36,11 +36,11 @@ def main() -> None:
     print(describe())
     packed = write_synthetic(args.out, {**LLAMA_405B, "num_hidden_layers": args.layers}, quantized=True)
     layer_disk = packed.layer_nbytes(0)
-    bandwidth = read_bandwidth(packed)
-    print(f"{args.layers} layers of Llama-3.1-405B shapes, {gib(layer_disk)} per layer on disk; "
-          f"cold sequential read {bandwidth / 1e9:.2f} GB/s")
-
+    before = read_bandwidth(packed)
     run = run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True)
+    bandwidth = max(before, read_bandwidth(packed))  # shared disk: the faster measurement is the stricter floor
+    print(f"{args.layers} layers of Llama-3.1-405B shapes, {gib(layer_disk)} per layer on disk; "
+          f"cold sequential read {bandwidth / 1e9:.2f} GB/s (best of before and after the run)")
     per_layer = min(run["step_seconds"]) / args.layers
     resident = run_child(path=args.out, budget="1TB", steps=args.steps, cold=False)
     compute_per_layer = min(resident["step_seconds"]) / args.layers

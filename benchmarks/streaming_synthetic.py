@@ -4,7 +4,8 @@
 
 Writes (once) a packed model of random 4-bit weights with Llama-2-7B shapes and 40 layers (>= 4 GB
 on disk), then measures in separate child processes (so each peak RSS is its own):
-  * the sequential read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED);
+  * the sequential read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED),
+    just before and just after the streamed run (the faster one sets the floor: the disk is shared);
   * "stream": decode steps with the budget; every shard is dropped from the page cache right after
     it is read, so each step really reads the streamed layers from disk;
   * "resident": the same steps with every layer in memory: the compute floor.
@@ -222,11 +223,13 @@ def main() -> None:
     print(describe())
     packed = write_synthetic(args.out, {**LLAMA2_7B, "num_hidden_layers": args.layers}, quantized=True)
     total = sum(f["size"] for f in packed.manifest["files"].values())
-    bandwidth = read_bandwidth(packed)
-    print(f"packed model: {gib(total)} on disk, {packed.num_layers} layers of {gib(packed.layer_nbytes(0))}; "
-          f"cold sequential read {bandwidth / 1e9:.2f} GB/s")
-
+    before = read_bandwidth(packed)
     stream = run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True)
+    after = read_bandwidth(packed)
+    # the disk is shared: the faster of the two measurements is the stricter floor
+    bandwidth = max(before, after)
+    print(f"packed model: {gib(total)} on disk, {packed.num_layers} layers of {gib(packed.layer_nbytes(0))}; "
+          f"cold sequential read {before / 1e9:.2f} GB/s before the run, {after / 1e9:.2f} GB/s after")
     resident = run_child(path=args.out, budget="64GB", steps=args.steps, cold=False)
     step = min(stream["step_seconds"])
     compute_floor = min(resident["step_seconds"])
