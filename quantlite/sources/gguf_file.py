@@ -87,11 +87,10 @@ class GGUFCheckpoint:
             self._reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError, KeyError, IndexError, TypeError) as error:
             raise ConversionError(f"{self.path}: not a readable GGUF file ({error})") from error
-        self._fields = {name: self._field(name) for name in self._reader.fields}
-        architecture = self._fields.get("general.architecture")
+        architecture = self._field("general.architecture")
         if architecture != "llama":
             raise ConversionError(f"{self.path}: GGUF architecture is {architecture!r}; quantlite converts 'llama'")
-        if "rope_freqs.weight" in {t.name for t in self._reader.tensors} or self._fields.get("llama.rope.scaling.type") not in (None, "none"):
+        if "rope_freqs.weight" in {t.name for t in self._reader.tensors} or self._field("llama.rope.scaling.type") not in (None, "none"):
             raise ConversionError(f"{self.path}: RoPE scaling in GGUF files is not supported yet; convert the HF checkpoint instead")
         self._tensors = {}
         for tensor in self._reader.tensors:
@@ -135,7 +134,7 @@ class GGUFCheckpoint:
             for name in Path(scratch).iterdir():
                 if name.name in TOKENIZER_FILES or name.suffix == ".jinja":
                     (folder / name.name).write_bytes(name.read_bytes())
-        template = self._fields.get("tokenizer.chat_template")
+        template = self._field("tokenizer.chat_template")
         finish_tokenizer_folder(folder, {"chat_template": template,
                                          "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token})
 
@@ -144,6 +143,9 @@ class GGUFCheckpoint:
 
     # ----------------------------------------------------------------- metadata
     def _field(self, name: str):
+        """A metadata value, decoded on demand (the token list alone is 49k strings), or None."""
+        if name not in self._reader.fields:
+            return None
         try:
             return self._reader.fields[name].contents()
         except (ValueError, IndexError, TypeError, UnicodeDecodeError):
@@ -154,14 +156,14 @@ class GGUFCheckpoint:
                         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
                         "tie_word_embeddings": LM_HEAD not in self._tensors}
         for gguf_key, hf_key in GGUF_CONFIG_KEYS.items():
-            value = self._fields.get(f"llama.{gguf_key}")
+            value = self._field(f"llama.{gguf_key}")
             if value is not None:
                 config[hf_key] = value
         config.setdefault("rope_theta", 10000.0)  # llama.cpp's default when the key is absent
-        if "vocab_size" not in config and self._fields.get("tokenizer.ggml.tokens") is not None:
-            config["vocab_size"] = len(self._fields["tokenizer.ggml.tokens"])
+        if "vocab_size" not in config and self._field("tokenizer.ggml.tokens") is not None:
+            config["vocab_size"] = len(self._field("tokenizer.ggml.tokens"))
         for gguf_key, hf_key in TOKEN_ID_KEYS.items():
-            value = self._fields.get(f"tokenizer.ggml.{gguf_key}")
+            value = self._field(f"tokenizer.ggml.{gguf_key}")
             if value is not None:
                 config[hf_key] = value
         return config
