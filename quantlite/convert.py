@@ -140,17 +140,16 @@ def convert(
     params_of = {file: sum(math.prod(source.shapes[n]) for n in names) for file, names in plan.items()}
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
-               unit="param", unit_scale=True, desc="convert", disable=not progress)
     if TOKENIZER_DIR not in done:
         done[TOKENIZER_DIR] = _write_tokenizer(source, out)
         _save_state(out, state)
     todo = [(file, names) for file, names in plan.items() if file not in done]
-    for file, entry in _run_jobs(source, out, settings, todo, workers):
-        done[file] = entry
-        _save_state(out, state)
-        bar.update(params_of[file])
-    bar.close()
+    with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
+              unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
+        for file, entry in _run_jobs(source, out, settings, todo, workers):
+            done[file] = entry
+            _save_state(out, state)
+            bar.update(params_of[file])
 
     manifest = _manifest(source, settings, plan, done, state["created"])
     _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
@@ -160,7 +159,7 @@ def convert(
 
 # --------------------------------------------------------------------------- quantization of one tensor
 def quantize_in_row_chunks(w: torch.Tensor, settings: Settings, name: str) -> tuple[QWeight, float | None]:
-    """(QWeight, SQNR in dB or None when exact) of a 2-D weight, quantized in chunks of whole rows.
+    """(QWeight, SQNR in dB or None when exact) of w (N, K) float, quantized in chunks of whole rows.
 
     Rows are independent in the format except for double-quantized scales, whose groups of 256
     consecutive scales must not straddle two chunks: a chunk is a multiple of 256 / gcd(256, blocks
@@ -345,7 +344,9 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
     if complete or state is None or state.get("fingerprint") != fingerprint:
         for path in out.iterdir():  # only our own names (checked above)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        created = os.environ.get("SOURCE_DATE_EPOCH")
+        created = os.environ.get("SOURCE_DATE_EPOCH", "")  # the reproducible-builds convention
+        if created and not created.isdigit():
+            raise ConversionError(f"SOURCE_DATE_EPOCH={created!r} must be a number of seconds since 1970")
         created_at = datetime.fromtimestamp(int(created) if created else time.time(), timezone.utc)
         state = {"fingerprint": fingerprint, "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "done": {}}
     else:
