@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.cpu_kernels                 # qmatmul + encode_codes
     .venv/bin/python -m benchmarks.cpu_kernels --runtime       # + SmolLM2 decode tokens/s
+    .venv/bin/python -m benchmarks.cpu_kernels --threads 1 --cpu-time   # steadiest on a shared machine
 
 1. qmatmul, M = 1 and 8, on 4096 x 4096, 11008 x 4096 and 4096 x 11008 (NF4, block 64, 0.5 %
    outliers): native `qmatmul_cpu` against torch fp32 `F.linear` on the dequantized weight and
@@ -13,7 +14,7 @@
 3. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
    CPU with the dispatch's choice (the native library) against the torch reference back-end.
 Times are medians of interleaved repeats (baseline and ours alternate, so a noisy neighbour hits
-both); all use torch's thread count.
+both); all use torch's thread count (--threads sets it; 1 is the steadiest on a shared machine).
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ from quantlite.quantize import quantize
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in)
 
 
+# Wall time by default. With one thread, every baseline and our kernel run on the calling thread,
+# and --cpu-time measures that thread's CPU time instead: on a machine shared with other jobs the
+# wall clock mostly measures the neighbours (here: 1.6 ms of CPU took 6.4 ms of wall time).
+CLOCK = time.perf_counter
+
+
 def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
     """{name: median seconds}, running every function once per round (after one warm-up each)."""
     for fn in functions.values():
@@ -40,9 +47,9 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(CLOCK() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -133,10 +140,20 @@ def main() -> None:
     parser.add_argument("--runtime", action="store_true", help="also time SmolLM2 decoding (converts it first)")
     parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (the native calls use the same count)")
+    parser.add_argument("--cpu-time", action="store_true", help="with --threads 1: time the calling thread's CPU time, not the wall clock")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if args.threads != 1:
+            raise SystemExit("--cpu-time needs --threads 1 (other threads' CPU time would not be counted)")
+        global CLOCK
+        CLOCK = time.thread_time
     if native.cpu_status():
         raise SystemExit(f"native CPU library not usable: {native.cpu_status()}")
-    print(f"machine: {describe()}; native isa: {native.cpu_isa()}")
+    print(f"machine: {describe()}; native isa: {native.cpu_isa()}; "
+          f"clock: {'CPU time of the calling thread' if args.cpu_time else 'wall'}")
     bench_qmatmul(args.repeats, not args.no_bnb_matmul)
     bench_encode(args.repeats)
     if args.runtime:

@@ -76,10 +76,23 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(sum);
 }
 
+/* Row n's outliers against one row of x_perm: 8 at a time with a gather (a scalar loop took
+ * ~0.4 ms of a 2.2 ms 4096 x 4096 GEMV at 0.5 % outliers), then the rest one by one. */
 static inline float outlier_sum(const ql_weight *w, int64_t n, const float *x_perm_row) {
-    float sum = 0.0f;
-    for (int64_t e = w->row_ptr[n]; e < w->row_ptr[n + 1]; ++e)
-        sum += w->vals[e] * x_perm_row[ql_perm_position(w->cols[e])];
+    int64_t e = w->row_ptr[n];
+    const int64_t end = w->row_ptr[n + 1];
+    __m256 acc = _mm256_setzero_ps();
+    for (; e + 8 <= end; e += 8) {
+        const __m256i col = _mm256_loadu_si256((const __m256i *)(w->cols + e));
+        /* ql_perm_position, 8 lanes: (k & ~7) + 4 * (k & 1) + (k & 7) / 2 */
+        const __m256i position = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_and_si256(col, _mm256_set1_epi32(~7)),
+                             _mm256_slli_epi32(_mm256_and_si256(col, _mm256_set1_epi32(1)), 2)),
+            _mm256_srli_epi32(_mm256_and_si256(col, _mm256_set1_epi32(7)), 1));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w->vals + e), _mm256_i32gather_ps(x_perm_row, position, 4), acc);
+    }
+    float sum = horizontal_sum(acc);
+    for (; e < end; ++e) sum += w->vals[e] * x_perm_row[ql_perm_position(w->cols[e])];
     return sum;
 }
 
