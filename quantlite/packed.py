@@ -65,10 +65,7 @@ def group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tor
     claimed: set[str] = set()
     for prefix in prefixes:
         fields = {n: t for n, t in tensors.items() if n.startswith(prefix + ".")}
-        try:
-            grouped[prefix] = QWeight.from_dict(fields, prefix=prefix + ".", name=f"{where}: {prefix}")
-        except RecursionError as error:  # deeply nested `meta` JSON: QWeight.from_dict lets this through
-            raise FormatError(f"{where}: {prefix}.meta nests too deeply") from error
+        grouped[prefix] = QWeight.from_dict(fields, prefix=prefix + ".", name=f"{where}: {prefix}")
         claimed.update(fields)
     for name, tensor in tensors.items():
         if name not in claimed:
