@@ -55,6 +55,18 @@ def test_default_backend_keeps_leading_dimensions_and_dtype(dtype, device, qweig
     assert_close_to_float64(vector[None], x[0, 0][None], qweight)
 
 
+def test_gradient_flows_through_the_reference_and_fused_backends_refuse_it(qweight, generator):
+    x = torch.randn(4, 100, generator=generator, requires_grad=True)
+    upstream = torch.randn(4, 37, generator=generator)
+    (qmatmul(x, qweight) * upstream).sum().backward()  # default choice: "torch" when a gradient is needed
+    expected = upstream.double() @ qweight.dequantize(torch.float64)  # d/dx of sum(upstream * x @ W.T)
+    assert torch.allclose(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendUnavailable, match="no backward pass"):
+        qmatmul(x, qweight, backend="cpu")
+    with torch.no_grad():
+        assert qmatmul(x, qweight).shape == (4, 37)
+
+
 def test_empty_batch(qweight):
     assert qmatmul(torch.empty(0, 4, 100), qweight).shape == (0, 4, 37)
 

@@ -8,7 +8,7 @@ Back-ends (docs/kernels.md):
     "torch"   dequantize + F.linear (quantlite.kernels.reference): anywhere, the ground truth
 Default choice: a CUDA tensor takes "cuda", else "triton", else "torch"; a CPU tensor takes "cpu",
 else "torch" (the Triton interpreter is far slower than the reference on the CPU); any other
-device takes "torch".
+device takes "torch". When x requires grad, "torch" (the only back-end with a backward pass).
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
 
     backend: None (choose by x's device and what is live, see the module docstring), or one of
     "cuda", "triton", "cpu", "torch"; a named back-end that cannot run raises BackendUnavailable
-    with the reason. The weight is moved to x's device once and cached (kernels.prepared)."""
+    with the reason. Only "torch" has a backward pass: when x requires grad (outside no_grad) it is
+    the choice, and naming another is an error. The weight is moved to x's device once and cached
+    (kernels.prepared)."""
     _check_inputs(x, qw)
-    name = _choose_backend(x.device, backend)
+    name = _choose_backend(x.device, backend, needs_grad=x.requires_grad and torch.is_grad_enabled())
     n, k = qw.shape
     rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
     if rows.shape[0] == 0:
@@ -58,7 +60,8 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
 
 
 def default_backend(device: torch.device | str) -> str:
-    """The back-end qmatmul(x, qw) uses when x lives on `device` and no back-end is named."""
+    """The back-end qmatmul(x, qw) uses when x lives on `device` and no back-end is named (and no
+    gradient is needed: then it is always "torch")."""
     return _choose_backend(torch.device(device), None)
 
 
@@ -106,8 +109,13 @@ def _triton_status() -> str | None:
     return "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
 
 
-def _choose_backend(device: torch.device, backend: str | None) -> str:
+def _choose_backend(device: torch.device, backend: str | None, needs_grad: bool = False) -> str:
     status = dict(_backend_status())
+    if needs_grad and backend not in (None, "torch"):
+        raise BackendUnavailable(f"back-end {backend!r} has no backward pass and x requires grad; "
+                                 "use backend='torch' (or None), or run under torch.no_grad()")
+    if needs_grad:
+        return "torch"  # the reference is differentiable with respect to x (the weight is frozen)
     if backend is None:
         order = DEFAULT_ORDER.get(device.type, ("torch",))
         return next(name for name in order if status[name] is None)
