@@ -311,3 +311,26 @@ def test_tokenizer_files_are_copied_with_the_chat_template_folded_in(tmp_path, c
     config = json.loads((model.tokenizer_dir / "tokenizer_config.json").read_text())
     assert config == {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages }}"}
     assert "tokenizer/tokenizer.json" in model.manifest["files"] and model.verify() == []
+
+
+def test_index_and_dtypes_that_disagree_with_the_files_are_refused(tmp_path, generator):
+    from safetensors.torch import load_file, save_file
+
+    src = write_random_llama(tmp_path / "hf", generator=generator, max_shard_bytes=60_000)
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = list(index["weight_map"].values())
+    first = next(f for f in files if files.count(f) >= 2)  # stays in the index after one tensor moves
+    second = next(f for f in files if f != first)
+    moved = next(name for name, file in index["weight_map"].items() if file == first)
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], moved: second}}))
+    with pytest.raises(ConversionError, match=f"places '{moved}' in {second}, but it is in {first}"):
+        convert(src, tmp_path / "out", progress=False)
+    index_path.write_text(json.dumps(index))
+
+    shard = src / first
+    tensors = load_file(str(shard))
+    tensors[moved] = tensors[moved].to(torch.int8)
+    save_file(tensors, str(shard))
+    with pytest.raises(ConversionError, match="int8; expected float32, float16 or bfloat16"):
+        convert(src, tmp_path / "out", progress=False)
