@@ -78,3 +78,12 @@ def test_help_teaches_with_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_inspect_of_a_manifest_without_statistics_is_a_clean_error(converted, capsys):
+    manifest = json.loads((converted / MANIFEST).read_text())
+    del manifest["totals"]
+    (converted / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["inspect", str(converted)]) == 2
+    assert "lacks the statistics" in capsys.readouterr().err

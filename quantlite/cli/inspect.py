@@ -40,11 +40,17 @@ def per_file(manifest: dict) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from quantlite.cli.convert import format_totals
+    from quantlite.errors import FormatError
     from quantlite.packed import PackedModel
 
     model = PackedModel.open(args.path)
     manifest = model.manifest
-    files = per_file(manifest)
+    try:
+        files = per_file(manifest)
+        totals = format_totals(manifest["totals"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        # the reader needs only files and config; the statistics are optional for other writers
+        raise FormatError(f"{model.path}: the manifest lacks the statistics inspect shows ({error!r})") from error
     if args.json:
         print(json.dumps({"path": str(model.path), "config": manifest["config"], "quantization": manifest["quantization"],
                           "files": files, "totals": manifest["totals"], "provenance": manifest["provenance"]}, indent=1))
@@ -59,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<26}{row['bytes'] / 2**20:9.2f}{row['params']:13,}{row['quantized']:13,}"
               f"{row['outliers']:10,}{row['bits_per_weight']:8.3f}")
     print()
-    print(format_totals(manifest["totals"]))
+    print(totals)
     return 0
