@@ -259,7 +259,7 @@ def _parse_meta(meta: torch.Tensor, fail) -> dict:
         raise fail(f"'meta' is not UTF-8 JSON ({error})") from error
     if not isinstance(parsed, dict) or parsed.get("format") != FORMAT_NAME:
         raise fail(f"'meta' does not describe a {FORMAT_NAME}")
-    if parsed.get("version") != FORMAT_VERSION:
+    if not _is_int(parsed.get("version")) or parsed["version"] != FORMAT_VERSION:
         raise fail(f"format version {parsed.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
     shape = parsed.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):

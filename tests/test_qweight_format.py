@@ -164,7 +164,6 @@ def test_codes_under_outliers_must_be_the_zero_code(generator):
         QWeight.from_dict({**d, "codes": torch.full_like(d["codes"], 0xFF)})
 
 
-@pytest.mark.xfail(strict=True, reason="_parse_meta compares version with ==, so true and 1.0 pass as 1: check _is_int first")
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_version_must_be_the_integer_1(version):
     base = quantize(torch.linspace(-1, 1, 128).reshape(2, 64), method="rtn").to_dict()
