@@ -38,6 +38,13 @@ def _run(command: list[str], capture: bool = False) -> str:
     return (result.stdout + result.stderr) if capture else ""
 
 
+def _install(built: Path, library: Path) -> Path:
+    """Move a freshly linked library into place with a rename: a process that has the old one
+    loaded keeps its (unlinked) file, where writing over it in place could crash that process."""
+    os.replace(built, library)
+    return library
+
+
 def build_cpu() -> Path:
     compiler = os.environ.get("CC", "cc")
     objects = []
@@ -48,9 +55,9 @@ def build_cpu() -> Path:
         extra = AVX2_FLAGS if source.stem.endswith("_avx2") else []
         _run([compiler, *C_FLAGS, *extra, f"-I{CSRC / 'include'}", "-c", str(source), "-o", str(obj)])
         objects.append(str(obj))
-    library = OUT_DIR / "libquantlite_cpu.so"
-    _run([compiler, "-shared", "-pthread", *objects, "-o", str(library), "-lm"])
-    return library
+    built = obj_dir / "libquantlite_cpu.so"
+    _run([compiler, "-shared", "-pthread", *objects, "-o", str(built), "-lm"])
+    return _install(built, OUT_DIR / "libquantlite_cpu.so")
 
 
 def find_nvcc() -> str | None:
@@ -94,11 +101,12 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 def build_cuda(nvcc: str) -> Path:
     sources = [str(path) for path in sorted((CSRC / "cuda").glob("*.cu"))]
-    library = OUT_DIR / "libquantlite_cuda.so"
+    (BUILD_DIR / "cuda").mkdir(parents=True, exist_ok=True)
+    built = BUILD_DIR / "cuda" / "libquantlite_cuda.so"
     gencode = [flag for arch in CUDA_ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
     log = _run(
         [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Xptxas", "-v",
-         "--threads", "0", f"-I{CSRC / 'include'}", *gencode, *sources, "-o", str(library)],
+         "--threads", "0", f"-I{CSRC / 'include'}", *gencode, *sources, "-o", str(built)],
         capture=True,
     )
     table = _resource_table(log)
@@ -114,7 +122,7 @@ def build_cuda(nvcc: str) -> Path:
             f"build_native: {len(spilled)} kernel/arch pairs spill registers (table above); a spill is a bug to "
             "explain or fix (QUANTLITE_ALLOW_SPILLS=1 accepts it while investigating)"
         )
-    return library
+    return _install(built, OUT_DIR / "libquantlite_cuda.so")
 
 
 class BuildNative(Command):
