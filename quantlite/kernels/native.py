@@ -26,6 +26,7 @@ ABI_VERSION = 1  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2}                        # ql_isa
+QL_ERR_CUDA = 10                                                       # ql_status: see ql_cuda_last_error
 
 
 class NativeKernelError(QuantliteError, ValueError):
@@ -135,7 +136,7 @@ def _cuda_library() -> ctypes.CDLL:
 def _check(library: ctypes.CDLL, status: int, what: str) -> None:
     if status != 0:
         message = library.ql_error_string(status).decode()
-        if hasattr(library, "ql_cuda_last_error") and status == 10:  # QL_ERR_CUDA
+        if status == QL_ERR_CUDA:
             message += f" ({library.ql_cuda_last_error().decode()})"
         raise NativeKernelError(f"{what}: {message}")
 
