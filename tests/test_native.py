@@ -90,6 +90,16 @@ def test_qmatmul_methods_and_outliers(generator, isa, outlier_frac, method):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n, k, block_size", [(3, 70001, 64), (1, 10, 256)])
+def test_wide_rows_with_int32_columns_and_a_single_short_row(generator, isa, n, k, block_size):
+    # K > 65536 stores outlier columns as int32; K < B leaves a single, mostly padded block
+    qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.01)
+    for m in (1, 6):
+        x = torch.randn(m, k, generator=generator)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_strided_x_and_out_leave_the_gaps_alone(generator, isa):
     qw = random_weight(generator, n=23, k=100)
     wide_x = torch.randn(6, 130, generator=generator)
