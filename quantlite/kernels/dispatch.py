@@ -37,8 +37,8 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
     backend: None (choose by x's device and what is live, see the module docstring), or one of
     "cuda", "triton", "cpu", "torch"; a named back-end that cannot run raises BackendUnavailable
     with the reason. Only "torch" has a backward pass: when x requires grad (outside no_grad) it is
-    the choice, and naming another is an error. The weight is moved to x's device once and cached
-    (kernels.prepared)."""
+    the choice, and naming another is an error. The fused back-ends move the weight to x's device
+    once and cache it (kernels.prepared); the reference dequantizes it on every call."""
     _check_inputs(x, qw)
     name = _choose_backend(x.device, backend, needs_grad=x.requires_grad and torch.is_grad_enabled())
     n, k = qw.shape
@@ -102,7 +102,7 @@ def _triton_status() -> str | None:
         return "triton is not installed (pip install triton)"
     try:
         from quantlite.kernels import triton_qmatmul
-    except ImportError as error:
+    except (ImportError, RuntimeError) as error:  # a triton built for another torch/CUDA fails either way
         return f"the Triton kernel cannot be imported ({error})"
     if triton_qmatmul.INTERPRETED or torch.cuda.is_available():
         return None
@@ -111,6 +111,8 @@ def _triton_status() -> str | None:
 
 def _choose_backend(device: torch.device, backend: str | None, needs_grad: bool = False) -> str:
     status = dict(_backend_status())
+    if backend is not None and backend not in status:
+        raise BackendUnavailable(f"unknown back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
     if needs_grad and backend not in (None, "torch"):
         raise BackendUnavailable(f"back-end {backend!r} has no backward pass and x requires grad; "
                                  "use backend='torch' (or None), or run under torch.no_grad()")
@@ -119,8 +121,6 @@ def _choose_backend(device: torch.device, backend: str | None, needs_grad: bool 
     if backend is None:
         order = DEFAULT_ORDER.get(device.type, ("torch",))
         return next(name for name in order if status[name] is None)
-    if backend not in status:
-        raise BackendUnavailable(f"unknown back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
     if status[backend] is not None:
         raise BackendUnavailable(f"back-end {backend!r} is not available: {status[backend]}")
     mismatch = _device_mismatch(backend, device)
