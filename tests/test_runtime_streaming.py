@@ -119,3 +119,17 @@ def test_full_forward_with_left_padding_matches_unpadded_rows(packed_dir, genera
     # float32 rounding of a different reduction length (masked keys) only
     assert (padded[0, 3:] - alone_short[0]).abs().max() <= 1e-4 * alone_short.abs().max()
     assert (padded[1] - alone_long[0]).abs().max() <= 1e-4 * alone_long.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streaming_matches_cpu(packed_dir, generator):
+    """The same code path on a GPU: fp16 activations (11-bit mantissa, ~5e-4 per rounding, a few
+    dozen roundings deep here), so <= 1e-2 relative against the float32 CPU logits."""
+    input_ids = torch.randint(0, BASE["vocab_size"], (2, 9), generator=generator)
+    with quantlite.load(packed_dir) as model:
+        expected = model(input_ids)
+    with quantlite.load(packed_dir, device="cuda", memory_budget="1GB") as model:
+        got = model(input_ids).cpu()
+        assert model.generate(input_ids[0, :4].tolist(), max_new_tokens=4).token_ids[0]  # the decode path runs
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-2
