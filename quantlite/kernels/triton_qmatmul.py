@@ -4,7 +4,8 @@ One kernel, two specialisations chosen by the host from M (one file because both
 except the inner product, and a twin of the dequantisation would drift):
   * decode  (M <= 4, memory-bound GEMV): the inner product is an FMA-and-reduce in fp32 registers;
     split-K when the N tiles alone cannot fill the device, so every SM streams weight bytes.
-  * prefill (M > 4, compute-bound GEMM): the dequantised tile is cast to x's dtype and fed to tl.dot.
+  * prefill (M > 4; a compute-bound GEMM for long prompts): the dequantised tile is cast to x's
+    dtype and fed to tl.dot (tensor cores); K is split for narrow outputs as in decode.
 
 Layouts (the compute layout of quantlite.kernels.prepared.prepare):
     x        (M, K)        fp16 / bf16 / fp32, row stride stride_xm, unit column stride
@@ -27,11 +28,11 @@ Each BLOCK_K step reads a (BLOCK_N, BLOCK_K // 2) tile of bytes and splits it in
 (low nibble) and odd-column (high nibble) halves; x is read as the matching even and odd halves, so no
 interleave shuffle is needed: y += x_even @ w_even.T + x_odd @ w_odd.T.
 
-    for k0 in my K range, step BLOCK_K:                    # main loop
-        bytes  = codes[n_tile, k0/2 : k0/2 + BLOCK_K/2]    # fetch
-        w_even = codebook[bytes & 15] * scale[n, k0 // B]  # dequant (both nibbles of a byte
-        w_odd  = codebook[bytes >> 4] * scale[n, k0 // B]  #   share one block since B is even)
-        acc   += x_even @ w_even.T + x_odd @ w_odd.T       # multiply
+    for k0 in my K range, step BLOCK_K:                           # main loop
+        bytes  = codes[n_tile, k0/2 + j], j < BLOCK_K/2         # fetch
+        w_even = codebook[bytes & 15] * scale[n, (k0 + 2j) // B]  # dequant (both nibbles of a byte
+        w_odd  = codebook[bytes >> 4] * scale[n, (k0 + 2j) // B]  #   share one block: B is even)
+        acc   += x_even @ w_even.T + x_odd @ w_odd.T              # multiply
     for e in my share of the tile rows' CSR entries, CHUNK at a time:  # outliers, same launch
         acc += (x[:, cols[e]] * vals[e]) @ onehot(row of e)
     if split: store acc as a float32 partial; the tile's last split to arrive   # write
