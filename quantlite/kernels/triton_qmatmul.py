@@ -29,7 +29,7 @@ Each BLOCK_K step reads a (BLOCK_N, BLOCK_K // 2) tile of bytes and splits it in
 interleave shuffle is needed: y += x_even @ w_even.T + x_odd @ w_odd.T.
 
     for k0 in my K range, step BLOCK_K:                           # main loop
-        bytes  = codes[n_tile, k0/2 + j], j < BLOCK_K/2         # fetch
+        bytes  = codes[n_tile, k0/2 + j], j < BLOCK_K/2           # fetch
         w_even = codebook[bytes & 15] * scale[n, (k0 + 2j) // B]  # dequant (both nibbles of a byte
         w_odd  = codebook[bytes >> 4] * scale[n, (k0 + 2j) // B]  #   share one block: B is even)
         acc   += x_even @ w_even.T + x_odd @ w_odd.T              # multiply
