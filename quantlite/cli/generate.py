@@ -55,8 +55,9 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def print_stats(model, result, out=sys.stderr) -> None:
-    """The figures --stats promises, one per line."""
+def print_stats(model, result, out=None) -> None:
+    """The figures --stats promises, one per line (to stderr unless `out` is given)."""
+    out = out or sys.stderr
     from quantlite.runtime.streaming import format_size
 
     s, io = result.stats, model.stats
@@ -73,8 +74,9 @@ def print_stats(model, result, out=sys.stderr) -> None:
         print(f"{label:>20}: {value}", file=out)
 
 
-def stream_printer(tokenizer, out=sys.stdout):
+def stream_printer(tokenizer, out=None):
     """on_token callback for one sequence: print the text each new token adds (UTF-8 safe)."""
+    out = out or sys.stdout
     tokens: list[int] = []
     printed = 0
 
