@@ -83,6 +83,7 @@ def test_batched_generation_equals_each_prompt_alone(packed_dir, generator):
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=generator).tolist() for n in (3, 9, 6)]
     with quantlite.load(packed_dir) as model:
         batched = model.generate(prompts, max_new_tokens=8).token_ids
+        assert model.generate(torch.tensor(prompts[1]), max_new_tokens=8).token_ids[0] == batched[1]  # a tensor prompt
         alone = [model.generate(p, max_new_tokens=8).token_ids[0] for p in prompts]
     assert batched == alone
 

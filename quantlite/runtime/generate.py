@@ -120,6 +120,8 @@ def _check_options(max_new_tokens, temperature, top_k, top_p) -> None:
 
 def _prompt_ids(model, prompts, chat: bool, system: str | None) -> tuple[list[list[int]], bool]:
     """Token ids of each prompt, and whether the prompts were text."""
+    if isinstance(prompts, torch.Tensor):  # (seq,) or (batch, seq) token ids
+        prompts = prompts.tolist()
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
@@ -166,7 +168,7 @@ def _stop_ids(model, stop: Iterable[int | str], tokenizer: Tokenizer | None) -> 
 @torch.inference_mode()
 def generate(
     model,
-    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -179,7 +181,8 @@ def generate(
 ) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens, all prompts as one batch.
 
-    prompts: a string, a list of strings, a list of token ids, or a list of such lists.
+    prompts: a string, a list of strings, a list of token ids, a list of such lists, or a
+    (seq,) / (batch, seq) tensor of token ids.
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with seed.
     stop: extra stop token ids or stop strings (the model's EOS tokens always stop).
     chat: wrap each prompt as a user turn in the model's chat template (system: an optional system turn).
