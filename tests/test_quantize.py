@@ -113,7 +113,9 @@ def test_outliers_stop_stretching_the_scale(generator):
     block = slice(0, 64)
     plain_error = (plain.dequantize()[5, block] - w[5, block]).norm()
     outlier_error = (with_outliers.dequantize()[5, block] - w[5, block]).norm()
-    assert outlier_error < plain_error / 10
+    # stretched to 3.0, the scale rounds the block's other weights (sigma 0.02) to 0: error ~ their norm;
+    # without the outlier NF4 keeps ~10 % of it (SQNR ~ 20 dB); half that gain is the bound
+    assert outlier_error < plain_error / 5
 
 
 def test_importance_steers_outlier_choice(generator):
