@@ -10,8 +10,8 @@ docs/accuracy.md (between the result markers) and plotted in docs/accuracy.png.
 Every row is "fake quantization": each Linear weight except lm_head (and the embedding) is replaced
 by quantize(w).dequantize() in transformers' float32 model — the same weights a packed model
 computes with. Perplexity: protocol gptq, windows of --ctx tokens from the start of the file.
-Calibration (rows marked "calibrated"): E[x x^T] of every Linear input over 16 windows of --ctx
-tokens taken from the END of the same file; the script checks that they do not overlap the
+Calibration (rows marked "calibrated"): E[x x^T] of every Linear input over --calibration-windows
+windows of --ctx tokens taken from the END of the same file; the script checks that they do not overlap the
 evaluated windows. Results are kept per row in --results (JSON) so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ from benchmarks.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-CALIBRATION_WINDOWS = 16
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -128,22 +127,37 @@ def quantizer_for(row: Row):
     return lambda w, name, stats: quantize(w, name=name, **row.options)
 
 
-def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, results: dict, results_path: Path) -> None:
+def _calibration(model, token_ids: torch.Tensor, ctx: int, cache: Path | None) -> dict[str, torch.Tensor]:
+    """E[x x^T] of every Linear input over `token_ids`, kept in `cache` (keyed by the exact tokens)
+    because on a shared 2-core machine it takes minutes for SmolLM2."""
     from quantlite.calibration import collect_input_stats
+
+    key = f"{token_ids.numel()}:{int(token_ids.sum())}:{int((token_ids * torch.arange(token_ids.numel())).sum())}"
+    if cache is not None and cache.exists():
+        stored = torch.load(cache, weights_only=True)
+        if stored.get("key") == key:
+            return stored["stats"]
+    stats = collect_input_stats(model, token_ids, ctx=ctx, max_windows=None, full=True)
+    if cache is not None:
+        torch.save({"key": key, "stats": stats}, cache)
+    return stats
+
+
+def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibration_windows: int, results: dict,
+            results_path: Path, calibration_cache: Path | None = None) -> None:
     from quantlite.eval import fake_quantized, perplexity
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, subject = open_model(subject_name, Path(tmp))
     token_ids = tokenizer(subject.data.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    n_windows = token_ids.numel() // ctx
-    calibration_start = (n_windows - CALIBRATION_WINDOWS) * ctx
+    calibration_start = token_ids.numel() - calibration_windows * ctx  # the file's last tokens
     if windows * ctx > calibration_start:
         raise SystemExit(f"{subject_name}: {windows} evaluated windows would overlap the calibration text")
     forward = lambda ids: model(ids, use_cache=False).logits  # noqa: E731
     stats = None
     table = results.setdefault(subject.name, {"title": subject.title, "source": subject.model_source, "rows": {}})
     table.update(ctx=ctx, windows=windows, tokens_in_file=token_ids.numel(),
-                 calibration=f"tokens {calibration_start}..{calibration_start + CALIBRATION_WINDOWS * ctx} of the same file")
+                 calibration=f"{calibration_windows} windows, tokens {calibration_start}..{calibration_start + calibration_windows * ctx} of the same file")
     for row in rows:
         done = table["rows"].get(row.key)
         if done and done["windows"] == windows and done["ctx"] == ctx:
@@ -154,8 +168,7 @@ def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, results:
             result, bits = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False), 32.0
         else:
             if row.calibrated and stats is None:
-                stats = collect_input_stats(model, token_ids[calibration_start:], ctx=ctx,
-                                            max_windows=CALIBRATION_WINDOWS, full=True)
+                stats = _calibration(model, token_ids[calibration_start:], ctx, calibration_cache)
             with fake_quantized(model, quantizer_for(row), importance=stats) as fake:
                 result = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False)
             bits = fake.bits_per_weight
@@ -231,6 +244,9 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all): " + ", ".join(r.key for r in ROWS))
     parser.add_argument("--windows", type=int, default=40, help="evaluated windows per model (default 40)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--calibration-windows", type=int, default=16, help="calibration windows from the end of the file (default 16)")
+    parser.add_argument("--calibration-cache", type=Path, default=None,
+                        help="keep the calibration statistics in PATH.<model>.pt, reused when the tokens match")
     parser.add_argument("--results", type=Path, default=Path("/tmp/quantlite-accuracy.json"), help="per-row results, resumed")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "accuracy.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "accuracy.png")
@@ -241,10 +257,14 @@ def main() -> None:
     if not args.render:
         print(f"machine: {describe()}")
         results["machine"] = describe()
-        wanted = set(args.rows.split(",")) if args.rows else None
-        rows = [r for r in ROWS if wanted is None or r.key in wanted]
+        by_key = {r.key: r for r in ROWS}
+        unknown = set(args.rows.split(",")) - set(by_key) if args.rows else set()
+        if unknown:
+            parser.error(f"unknown rows {', '.join(sorted(unknown))}; choose from {', '.join(by_key)}")
+        rows = ROWS if args.rows is None else [by_key[key] for key in args.rows.split(",")]  # in the order given
         for subject in args.models.split(","):
-            measure(subject.strip(), rows, args.windows, args.ctx, results, args.results)
+            cache = None if args.calibration_cache is None else args.calibration_cache.with_suffix(f".{subject.strip()}.pt")
+            measure(subject.strip(), rows, args.windows, args.ctx, args.calibration_windows, results, args.results, cache)
     render(results, args.doc, args.plot)
     print(f"wrote {args.doc} and {args.plot}")
 
