@@ -118,3 +118,21 @@ def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generat
     input_ids = torch.randint(0, BASE["vocab_size"], (3, 19), generator=generator)
     with quantlite.load(tmp_path / "packed") as model, torch.no_grad():
         assert relative_error(model(input_ids), reference(input_ids).logits) <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "yarn"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral"}, "model_type"),
+        ({"num_key_value_heads": 3}, "multiple"),
+        ({"hidden_size": None}, "hidden_size"),
+    ],
+)
+def test_configs_it_cannot_run_exactly_are_refused(change, message):
+    from quantlite.runtime.llama import ModelConfigError, config_from_hf
+
+    config = {**BASE, "model_type": "llama", "hidden_act": "silu", **change}
+    with pytest.raises(ModelConfigError, match=message):
+        config_from_hf(config)
