@@ -17,6 +17,7 @@ _EXPORTS = {
     "nf4_codebook": "quantlite.codebook",
     "qmatmul": "quantlite.kernels.dispatch",
     "available_backends": "quantlite.kernels.dispatch",
+    "default_backend": "quantlite.kernels.dispatch",
     "QLinear": "quantlite.qlinear",
     "quantize_model": "quantlite.qlinear",
     "convert": "quantlite.convert",

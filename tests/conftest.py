@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (slow but exact); it must be chosen
+# before triton is first imported, so plain `pytest` tests them too (`make test` sets it as well).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
