@@ -168,7 +168,8 @@ class QWeight:
             raise fail("exactly one of 'scales' and 'scale_codes' must be present")
         if scales is not None:
             _expect(scales, (n, n_blocks), (torch.float16, torch.float32), "scales", fail)
-            if not torch.isfinite(scales).all() or bool((scales < 0).any()):
+            lowest, highest = torch.aminmax(scales)  # one pass; a NaN makes both NaN
+            if not (math.isfinite(float(highest)) and float(lowest) >= 0):
                 raise fail("scales must be finite and non-negative")
         else:
             n_groups = -(-(n * n_blocks) // SCALE_GROUP_SIZE)

@@ -69,18 +69,20 @@ class SafetensorsFile:
         entry = self.entries.get(name)
         if entry is None:
             raise FormatError(f"{self.path}: no tensor named {name!r}")
-        buffer = bytearray(entry.nbytes)
+        # torch.empty, not bytearray: a bytearray is zero-filled first, which cost half the load time
+        # of a 1.6 GB layer (benchmarks/streaming_405b.py)
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
         try:
             with open(self.path, "rb") as handle:
                 handle.seek(self.data_start + entry.begin)
-                got = handle.readinto(buffer)
+                got = handle.readinto(buffer.numpy())
         except OSError as error:
             raise FormatError(f"{self.path}: cannot read tensor {name!r} ({error.strerror or error})") from error
         if got != entry.nbytes:
             raise FormatError(f"{self.path}: file ends inside tensor {name!r} (truncated after it was opened?)")
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+        return buffer.view(entry.dtype).reshape(entry.shape)
 
     def read_all(self) -> dict[str, torch.Tensor]:
         return {name: self.read(name) for name in self.entries}
