@@ -116,7 +116,7 @@ class BitsandbytesNF4:
 
 
 def quantizer_for(row: Row):
-    from quantlite.quantize import quantize
+    from quantlite.quantizer import quantize
 
     if row.key == "bnb":
         return lambda w, name, stats: BitsandbytesNF4(w)

@@ -41,10 +41,10 @@ write_random_llama(sys.argv[1], json.loads(sys.argv[2]), dtype=torch.float16, ma
 CHILD = """
 import json, resource, sys, time
 mode, src, out, method, workers = sys.argv[1:6]
-import torch, quantlite.convert
+import torch, quantlite.converter
 started = time.perf_counter()
 if mode == "convert":
-    quantlite.convert.convert(src, out, method=method, workers=int(workers), progress=False)
+    quantlite.converter.convert(src, out, method=method, workers=int(workers), progress=False)
 self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 worker_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest worker process, if any
 print(json.dumps({"peak_bytes": self_kib * 1024, "worker_peak_bytes": worker_kib * 1024,

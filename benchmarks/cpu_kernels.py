@@ -9,7 +9,7 @@
    against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals (issue 6): M = 1 at >= 2.5x
    torch fp32 (0.53 instead of 4 bytes per weight) and >= 10x bitsandbytes.
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
-   computes the absmax scales) and against the torch path of quantlite/quantize.py. Goal: >= 2x
+   computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
 3. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
    CPU with the dispatch's choice (the native library) against the torch reference back-end.
@@ -29,7 +29,7 @@ import torch
 from benchmarks.machine import describe
 from quantlite.codebook import nf4_codebook
 from quantlite.kernels import native
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in)
 
@@ -80,7 +80,7 @@ def bench_qmatmul(repeats: int, with_bnb: bool) -> None:
 
 
 def torch_codes(blocks: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The torch computation encode_codes replaces (quantlite/quantize.py: multiply, bucketize, pack)."""
+    """The torch computation encode_codes replaces (quantlite/quantizer.py: multiply, bucketize, pack)."""
     reciprocal = torch.where(scales > 0, 1.0 / scales.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
     codes = torch.bucketize(blocks * reciprocal.unsqueeze(2), (codebook[1:] + codebook[:-1]) / 2)
     codes = codes.to(torch.uint8).reshape(blocks.shape[0], -1)
@@ -109,7 +109,7 @@ def bench_encode(repeats: int) -> None:
 
 def bench_runtime(tokens: int, packed: Path | None) -> None:
     import quantlite.runtime.llama as llama
-    from quantlite.convert import convert
+    from quantlite.converter import convert
     from quantlite.fetch import smollm2_gguf
     from quantlite.kernels.dispatch import qmatmul
     from quantlite.runtime.streaming import load

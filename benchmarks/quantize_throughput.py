@@ -13,7 +13,7 @@ import time
 import torch
 
 from benchmarks.machine import describe
-from quantlite.quantize import METHODS, quantize
+from quantlite.quantizer import METHODS, quantize
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 

@@ -12,15 +12,15 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "QWeight": "quantlite.qweight",
-    "quantize": "quantlite.quantize",
-    "METHODS": "quantlite.quantize",
+    "quantize": "quantlite.quantizer",
+    "METHODS": "quantlite.quantizer",
     "nf4_codebook": "quantlite.codebook",
     "qmatmul": "quantlite.kernels.dispatch",
     "available_backends": "quantlite.kernels.dispatch",
     "default_backend": "quantlite.kernels.dispatch",
     "QLinear": "quantlite.qlinear",
     "quantize_model": "quantlite.qlinear",
-    "convert": "quantlite.convert",
+    "convert": "quantlite.converter",
     "PackedModel": "quantlite.packed",
     "load": "quantlite.runtime.streaming",
     "StreamingLlama": "quantlite.runtime.streaming",

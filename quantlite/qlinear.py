@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from quantlite.errors import QuantizationInputError
 from quantlite.kernels.dispatch import qmatmul
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 from quantlite.qweight import QWeight
 
 QWEIGHT_PREFIX = "qweight."
@@ -93,7 +93,7 @@ def quantize_model(model: nn.Module, *, skip: Iterable[str] = ("lm_head",), prog
 
     skip: module names left in full precision, matched against the full dotted name or its last
     part ("lm_head" skips "lm_head", "down_proj" skips every "model.layers.*.mlp.down_proj").
-    quant_options go to quantlite.quantize (method, block_size, outlier_frac, ...)."""
+    quant_options go to quantlite.quantize(method, block_size, outlier_frac, ...)."""
     if not isinstance(model, nn.Module):
         raise QuantizationInputError(f"quantize_model needs a torch nn.Module, got {type(model).__name__}")
     if type(model) is nn.Linear:

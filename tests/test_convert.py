@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlite.convert import MAX_CHUNK_WEIGHTS, PARTIAL_STATE, Settings, convert, quantize_in_row_chunks
+from quantlite.converter import MAX_CHUNK_WEIGHTS, PARTIAL_STATE, Settings, convert, quantize_in_row_chunks
 from quantlite.errors import ConversionError, FormatError
 from quantlite.packed import MANIFEST, PackedModel
 from quantlite.qweight import QWeight
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 from quantlite.sources.hf import HFCheckpoint
 from quantlite.sources.llama_layout import LINEAR_WEIGHTS
 from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
@@ -193,7 +193,7 @@ def test_interrupted_conversion_resumes_to_identical_bytes(tmp_path, checkpoint,
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     convert(checkpoint, tmp_path / "straight", progress=False)
 
-    import quantlite.convert as convert_module
+    import quantlite.converter as convert_module
 
     real_write_shard, calls = convert_module.write_shard, []
 
@@ -218,7 +218,7 @@ def test_interrupted_conversion_resumes_to_identical_bytes(tmp_path, checkpoint,
 
 
 def test_changed_source_is_not_mixed_into_an_interrupted_conversion(tmp_path, checkpoint, monkeypatch):
-    import quantlite.convert as convert_module
+    import quantlite.converter as convert_module
 
     monkeypatch.setattr(convert_module, "write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -231,7 +231,7 @@ def test_changed_source_is_not_mixed_into_an_interrupted_conversion(tmp_path, ch
 
 
 def test_disk_space_is_checked_up_front(tmp_path, checkpoint, monkeypatch):
-    import quantlite.convert as convert_module
+    import quantlite.converter as convert_module
 
     real = shutil.disk_usage
     monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
@@ -273,7 +273,7 @@ def test_worker_processes_write_the_same_bytes(tmp_path, checkpoint, monkeypatch
 
 @pytest.mark.parametrize("method, outlier_frac", [("nf4", None), ("rtn", None), ("quantlite", 0.0)])
 def test_row_chunks_are_bit_identical_without_outliers(monkeypatch, generator, method, outlier_frac):
-    import quantlite.convert as convert_module
+    import quantlite.converter as convert_module
 
     # 77 x 200 with block 32: 7 blocks per row, so a chunk must be a multiple of 256 rows to keep
     # double-quantization groups whole; with 2**10 weights per chunk the floor (256 rows) applies,
@@ -289,7 +289,7 @@ def test_row_chunks_are_bit_identical_without_outliers(monkeypatch, generator, m
 
 
 def test_row_chunks_with_outliers_keep_a_valid_csr(monkeypatch, generator):
-    import quantlite.convert as convert_module
+    import quantlite.converter as convert_module
 
     w = 0.02 * torch.randn(600, 130, generator=generator)
     w[::13, ::29] = 1.0  # 100, 100 and 35 per chunk: fewer than each chunk's 333, 333 and 114 outliers

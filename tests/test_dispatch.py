@@ -8,7 +8,7 @@ import torch
 from quantlite.errors import BackendUnavailable, QuantliteError
 from quantlite.kernels import dispatch
 from quantlite.kernels.dispatch import BACKENDS, KernelInputError, available_backends, qmatmul
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 from test_triton_qmatmul import DTYPES, assert_close_to_float64
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantlite.kernels import native
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 

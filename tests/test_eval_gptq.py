@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantlite.errors import QuantizationInputError
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 
 def output_error(w: torch.Tensor, qw, h: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quantlite.eval.metrics import MetricError, relative_error, sqnr_db, tensor_error
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 
 def test_known_noise_level(generator):

@@ -17,7 +17,7 @@ import torch
 from quantlite.kernels import native
 from quantlite.kernels.native import NativeKernelError
 from quantlite.qweight import QWeight
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 from test_native_helpers import ISAS, library_built  # noqa: F401 (a fixture)
 

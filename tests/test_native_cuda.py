@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quantlite.kernels import native
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 needs_cuda = pytest.mark.skipif(native.cuda_status() is not None, reason=f"CUDA back-end not live: {native.cuda_status()}")
 WEIGHT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

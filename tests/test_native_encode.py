@@ -1,4 +1,4 @@
-"""encode_codes (the quantizer's fast path) equals the torch computation of quantlite/quantize.py bit
+"""encode_codes (the quantizer's fast path) equals the torch computation of quantlite/quantizer.py bit
 for bit: normalized = w * r with r = 1 / max(scale, FLT_MIN) for scale > 0 else 0 (a float32 multiply
 by the float32 reciprocal), code = the number of float32 midpoints strictly below it, packed two per
 byte with the even column in the low nibble. The reference below spells that out in torch, so the

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlite.convert import convert
+from quantlite.converter import convert
 from quantlite.errors import FormatError
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, MANIFEST, PackedModel, layer_file
 from quantlite.qweight import QWeight

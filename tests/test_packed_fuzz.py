@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantlite.convert import convert
+from quantlite.converter import convert
 from quantlite.errors import QuantliteError
 from quantlite.packed import MANIFEST, PackedModel
 from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama

@@ -138,9 +138,9 @@ def test_packed_model_equals_fake_quantization(stories260k_hf, shared_data, tmp_
     operations agree to ~1e-6 relative in the logits; 1e-5 on the perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantlite.convert import convert
+    from quantlite.converter import convert
     from quantlite.eval import fake_quantized
-    from quantlite.quantize import quantize
+    from quantlite.quantizer import quantize
 
     packed = tmp_path / "packed"
     convert(stories260k_hf, packed, progress=False)

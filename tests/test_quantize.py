@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from quantlite.codebook import zero_code
 from quantlite.errors import QuantizationInputError
-from quantlite.quantize import METHODS, quantize
+from quantlite.quantizer import METHODS, quantize
 from quantlite.qweight import SCALE_GROUP_SIZE
 
 BLOCK_SIZES = [32, 48, 64, 96, 128, 256]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from quantlite.errors import FormatError
 from quantlite.qweight import FORMAT_NAME, QWeight
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 
 def meta_tensor(meta) -> torch.Tensor:

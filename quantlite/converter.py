@@ -36,7 +36,7 @@ from quantlite.packed import (
     layer_file, sha256_file,
 )
 from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight
-from quantlite.quantize import MAX_OUTLIER_FRAC, METHODS, quantize
+from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
 from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
 
@@ -117,7 +117,7 @@ def convert(
     """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
-    quantlite.quantize.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
+    quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
     same layout with the original weights. Rerunning after an interruption resumes. Raises
     ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
     little disk space.
