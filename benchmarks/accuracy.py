@@ -238,6 +238,18 @@ def _plot(results: dict, plot: Path) -> None:
     plt.close(figure)
 
 
+def merge_results(paths: list[Path]) -> dict:
+    """One results dict from several runs (e.g. one per model or per set of rows); later files win per row."""
+    merged: dict = {}
+    for path in paths:
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, dict) and key in merged:
+                merged[key]["rows"].update(value["rows"])
+            else:
+                merged[key] = value
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="stories260k,smollm2", help="comma-separated: smollm2, stories260k")
@@ -250,11 +262,14 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("/tmp/quantlite-accuracy.json"), help="per-row results, resumed")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "accuracy.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "accuracy.png")
-    parser.add_argument("--render", action="store_true", help="only rewrite the doc and the plot from --results")
+    parser.add_argument("--render", nargs="*", type=Path, metavar="RESULTS",
+                        help="only rewrite the doc and the plot, from these result files merged (default: --results)")
     args = parser.parse_args()
 
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    if not args.render:
+    if args.render is not None:
+        results = merge_results(args.render or [args.results])
+    else:
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}
         print(f"machine: {describe()}")
         results["machine"] = describe()
         by_key = {r.key: r for r in ROWS}
