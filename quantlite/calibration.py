@@ -41,7 +41,7 @@ def collect_input_stats(
     """
     from tqdm.auto import tqdm
 
-    from quantlite.eval.perplexity import window_starts
+    from quantlite.eval.ppl import window_starts
 
     if token_ids.dim() != 1 or token_ids.dtype != torch.int64:
         raise CalibrationError(f"token_ids must be a 1-D int64 tensor, got {tuple(token_ids.shape)} {token_ids.dtype}")

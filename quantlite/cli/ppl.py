@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quantlite.eval.models import open_for_eval
-    from quantlite.eval.perplexity import EvaluationError, perplexity
+    from quantlite.eval.ppl import EvaluationError, perplexity
 
     data = Path(args.data)
     try:

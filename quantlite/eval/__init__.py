@@ -11,7 +11,7 @@
 from quantlite.eval.fake_quant import FakeQuantStats, fake_quantized, linear_weights
 from quantlite.eval.metrics import MetricError, TensorError, relative_error, sqnr_db, tensor_error
 from quantlite.eval.models import EvalModel, open_for_eval
-from quantlite.eval.perplexity import PROTOCOLS, EvaluationError, PerplexityResult, perplexity, window_starts
+from quantlite.eval.ppl import PROTOCOLS, EvaluationError, PerplexityResult, perplexity, window_starts
 
 __all__ = [
     "PROTOCOLS", "EvalModel", "EvaluationError", "FakeQuantStats", "MetricError", "PerplexityResult",

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from quantlite.eval.perplexity import EvaluationError
+from quantlite.eval.ppl import EvaluationError
 
 MANIFEST_NAME = "quantlite.json"
 
