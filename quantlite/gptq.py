@@ -41,33 +41,37 @@ def gptq_codes(
     codes (N, Kp) uint8 (zero level at outliers and in padding), outlier values (nnz,) float32."""
     n, k = w.shape
     padded_k = scales.shape[1] * block_size
-    upper = _inverse_cholesky(hessian, k)                                         # (K, K) float32
-    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k]              # (N, K) float32
+    upper = _inverse_cholesky(hessian, k)                                          # (K, K) float32
+    # Everything is kept transposed, (K, N): column j of W is row j here, so each step of the loop
+    # reads and writes contiguous memory.
+    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T.contiguous()  # (K, N) float32
     inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    is_outlier = torch.zeros(n, k, dtype=torch.bool)
-    is_outlier[outlier_rows, outlier_cols] = True
+    is_outlier = torch.zeros(k, n, dtype=torch.bool)
+    is_outlier[outlier_cols, outlier_rows] = True
+    has_outlier = is_outlier.any(dim=1).tolist()
 
-    work = w.to(torch.float32, copy=True)                     # (N, K) updated in place as errors flow right
-    codes = torch.zeros(n, padded_k, dtype=torch.uint8)
+    work = w.T.to(torch.float32).contiguous()                 # (K, N) updated in place as errors flow down
+    codes = torch.empty(k, n, dtype=torch.uint8)
     zero = int((codebook == 0).nonzero()[0, 0])
-    codes[:, k:] = zero
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
-        block = work[:, start:end]                             # view: updates land in `work`
-        errors = torch.empty(n, end - start)                   # (N, block) scaled errors e_j / U[j, j]
+        errors = torch.empty(end - start, n)                   # (block, N) scaled errors e_j / U[j, j]
         for j in range(end - start):
             column = start + j
-            x = block[:, j]
-            code = nearest_code(x * inverse_scale[:, column], codebook)
-            quantized = codebook[code.long()] * column_scale[:, column]
-            keep = is_outlier[:, column]
-            quantized = torch.where(keep, x, quantized)
-            code[keep] = zero
-            codes[:, column] = code
-            errors[:, j] = (x - quantized) / upper[column, column]
-            block[:, j:] -= errors[:, j : j + 1] * upper[column, column:end]
-        work[:, end:] -= errors @ upper[start:end, end:]
-    return codes, work[outlier_rows, outlier_cols]
+            x = work[column]
+            code = nearest_code(x * inverse_scale[column], codebook)
+            quantized = codebook[code.long()] * column_scale[column]
+            if has_outlier[column]:
+                keep = is_outlier[column]
+                quantized = torch.where(keep, x, quantized)
+                code[keep] = zero
+            codes[column] = code
+            torch.div(x - quantized, upper[column, column], out=errors[j])
+            work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]
+        work[end:] -= upper[start:end, end:].T @ errors
+    stored = torch.full((n, padded_k), zero, dtype=torch.uint8)  # padding columns keep the zero level
+    stored[:, :k] = codes.T
+    return stored, work[outlier_cols, outlier_rows]
 
 
 def _inverse_cholesky(hessian: torch.Tensor, k: int) -> torch.Tensor:
