@@ -159,7 +159,8 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label) -
         raise QuantizationInputError(f"{label} must be floating point (fp32, fp16, bf16), got {w.dtype}")
     if w.device.type != "cpu":
         raise QuantizationInputError(f"{label} must be on the CPU (quantization is offline), got {w.device}")
-    largest = float(w.abs().max())  # NaN propagates through max, so this one pass checks both
+    lowest, highest = torch.aminmax(w)  # one pass, no |w| temporary; a NaN propagates to both
+    largest = max(-float(lowest), float(highest))
     if not math.isfinite(largest):
         row, col = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise QuantizationInputError(f"{label} holds {w[row, col].item()} at position ({row}, {col})")
