@@ -8,6 +8,10 @@ name that is renamed into place when complete. So that an interrupted run can re
   * every file is a pure function of (source, settings), so the resumed result is byte-identical to an
     uninterrupted run; the manifest's creation time is the first run's (or $SOURCE_DATE_EPOCH);
   * `quantlite.json` is written last: a folder without it never looks complete.
+Calibration (optional, `calibration=TEXT_FILE`): before the jobs, the unquantized model runs once over
+windows of the text and the second moment E[x x^T] of every Linear's input is kept in
+`.quantlite-calibration.safetensors`; each Linear is then quantized with it (GPTQ error feedback,
+docs/accuracy.md). That pass holds the whole unquantized model in memory (transformers).
 Memory: one tensor is in memory at a time, and a large tensor is quantized in row chunks
 (`quantize_in_row_chunks`), so peak memory follows the largest tensor, not the checkpoint
 (benchmarks/convert_memory.py, docs/convert.md).
@@ -22,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,6 +45,7 @@ from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
 
 PARTIAL_STATE = ".quantlite-partial.json"
+CALIBRATION_STATS = ".quantlite-calibration.safetensors"
 TEMP_SUFFIX = ".partial"
 # Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
@@ -59,6 +64,7 @@ class Settings:
     quantize_embedding: bool
     quantize_lm_head: bool
     no_quantize: bool
+    calibration: dict | None = None  # {"sha256", "bytes", "windows", "ctx"} of the calibration text
 
     def quantizes(self, name: str) -> bool:
         if self.no_quantize:
@@ -84,6 +90,7 @@ class Settings:
             "quantize_embedding": self.quantize_embedding,
             "quantize_lm_head": self.quantize_lm_head,
             "no_quantize": self.no_quantize,
+            "calibration": self.calibration,
         }
 
 
@@ -113,17 +120,24 @@ def convert(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = True,
+    calibration: str | Path | None = None,
+    calibration_windows: int = 16,
+    calibration_ctx: int = 512,
 ) -> ConversionSummary:
     """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
-    same layout with the original weights. Rerunning after an interruption resumes. Raises
+    same layout with the original weights. `calibration` (a UTF-8 text file) turns on calibrated
+    quantization over `calibration_windows` windows of `calibration_ctx` tokens from its start.
+    Rerunning after an interruption resumes. Raises
     ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
     little disk space.
     """
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers)
+    if calibration is not None:
+        settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
     if source.dims.tied and quantize_lm_head and not quantize_embedding:
         raise ConversionError(
@@ -143,6 +157,8 @@ def convert(
     if TOKENIZER_DIR not in done:
         done[TOKENIZER_DIR] = _write_tokenizer(source, out)
         _save_state(out, state)
+    if settings.calibration and not (out / CALIBRATION_STATS).exists():
+        _write_calibration_stats(source, out, Path(calibration), settings.calibration, progress)
     todo = [(file, names) for file, names in plan.items() if file not in done]
     with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
               unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
@@ -154,11 +170,14 @@ def convert(
     manifest = _manifest(source, settings, plan, done, state["created"])
     _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
     (out / PARTIAL_STATE).unlink()
+    (out / CALIBRATION_STATS).unlink(missing_ok=True)
     return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
 
 
 # --------------------------------------------------------------------------- quantization of one tensor
-def quantize_in_row_chunks(w: torch.Tensor, settings: Settings, name: str) -> tuple[QWeight, float | None]:
+def quantize_in_row_chunks(
+    w: torch.Tensor, settings: Settings, name: str, importance: torch.Tensor | None = None
+) -> tuple[QWeight, float | None]:
     """(QWeight, SQNR in dB or None when exact) of w (N, K) float, quantized in chunks of whole rows.
 
     Rows are independent in the format except for double-quantized scales, whose groups of 256
@@ -173,7 +192,7 @@ def quantize_in_row_chunks(w: torch.Tensor, settings: Settings, name: str) -> tu
     for start in range(0, n, rows):
         chunk = w[start:start + rows]
         part = quantize(chunk, method=settings.method, block_size=settings.block_size,
-                        outlier_frac=settings.outlier_frac, name=name)
+                        outlier_frac=settings.outlier_frac, importance=importance, name=name)
         original = chunk.to(torch.float64)
         signal += float(original.square().sum())
         noise += float((original - part.dequantize(torch.float64)).square().sum())
@@ -211,7 +230,8 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
     for name in names:
         w = source.read(name)
         if settings.quantizes(name):
-            qw, sqnr = quantize_in_row_chunks(w, settings, name)
+            importance = _read_calibration_stats(out, name) if settings.calibration else None
+            qw, sqnr = quantize_in_row_chunks(w, settings, name, importance)
             tensors.update(qw.to_dict(name + "."))
             stats[name] = {"file": file, "shape": list(qw.shape), "stored": "qweight", "method": qw.method,
                            "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
@@ -295,6 +315,59 @@ def _write_tokenizer(source, out: Path) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- calibration
+def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
+    if no_quantize:
+        raise ConversionError("--calibration has no use with --no-quantize")
+    if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
+        raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
+    path = Path(text_file)
+    if not path.is_file():
+        raise ConversionError(f"calibration text {path} is not a readable file")
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "windows": windows, "ctx": ctx}
+
+
+def _write_calibration_stats(source, out: Path, text_file: Path, calibration: dict, progress: bool) -> None:
+    """Run the unquantized model (transformers, float32) over the calibration text and keep E[x x^T]
+    of every Linear's input; Linears that read one tensor (q/k/v, gate/up) share one matrix."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlite.calibration import collect_input_stats
+
+    folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"calibration text {text_file}: {error}") from error
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+    if ids.numel() < calibration["ctx"]:
+        raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    stats = collect_input_stats(model, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
+                                full=True, progress=progress)
+    del model
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name_of: dict[int, str] = {}
+    for name, matrix in stats.items():
+        aliases[name] = first_name_of.setdefault(id(matrix), name)
+        if aliases[name] == name:
+            stored[name] = matrix.contiguous()
+    _write_atomically(out / CALIBRATION_STATS,
+                      lambda temp: save_file(stored, str(temp), metadata={"aliases": json.dumps(aliases)}))
+
+
+def _read_calibration_stats(out: Path, name: str) -> torch.Tensor | None:
+    """E[x x^T] (K, K) of the input of Linear weight `name`, or None when calibration did not see it."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / CALIBRATION_STATS), framework="pt") as stats:
+        key = json.loads(stats.metadata()["aliases"]).get(name)
+        return None if key is None else stats.get_tensor(key)
+
+
 # --------------------------------------------------------------------------- plan, state, manifest
 def _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers) -> Settings:
     if method not in METHODS:
@@ -359,7 +432,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
 
 
 def _ours(name: str) -> bool:
-    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
+    if name in (MANIFEST, PARTIAL_STATE, CALIBRATION_STATS, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
         return True
     try:
         check_relative_path(name)

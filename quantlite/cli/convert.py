@@ -14,6 +14,7 @@ examples:
   quantlite convert ./llama ./llama-nf4 --method nf4 --block-size 128
   quantlite convert ./llama ./llama-q4 --outlier-frac 0.01 --quantize-lm-head
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
+  quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=int, default=1, help="processes converting layers in parallel (default 1)")
+    parser.add_argument("--calibration", type=Path, default=None, metavar="TEXT_FILE",
+                        help="calibrate on this text (GPTQ error feedback, docs/accuracy.md); loads the whole "
+                             "unquantized model once; must not overlap text you evaluate on")
+    parser.add_argument("--calibration-windows", type=int, default=16, help="windows of calibration text (default 16)")
+    parser.add_argument("--calibration-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -48,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,
         quantize_embedding=args.quantize_embedding, quantize_lm_head=args.quantize_lm_head,
         no_quantize=args.no_quantize, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet,
+        calibration=args.calibration, calibration_windows=args.calibration_windows,
+        calibration_ctx=args.calibration_ctx,
     )
     totals = summary.manifest["totals"]
     resumed = f", {summary.files_resumed} resumed" if summary.files_resumed else ""
