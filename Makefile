@@ -8,8 +8,9 @@ PIP    := $(PY) -m pip
 # torch is pinned exactly: any looser requirement lets pip fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+NATIVE := quantlite/_native/.built
 
-.PHONY: setup native demo test test-fast bench clean
+.PHONY: setup native demo test clean
 
 setup: $(STAMP)
 
@@ -20,8 +21,12 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install --quiet "$(TORCH)" -e ".[test,triton]"
 	touch $(STAMP)
 
-native: setup
+native: $(NATIVE)
+
+# rebuilt only when csrc/ or setup.py change (the CUDA part takes a minute or two on 2 cores)
+$(NATIVE): $(STAMP) setup.py $(shell find csrc -type f)
 	$(PY) setup.py build_native
+	touch $(NATIVE)
 
 demo: native
 	$(VENV)/bin/quantlite demo
@@ -29,8 +34,5 @@ demo: native
 test: native
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
-bench: native
-	$(PY) -m benchmarks.run_all
-
 clean:
-	rm -rf $(VENV) build *.egg-info quantlite/_native/*.so .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info quantlite/_native/*.so $(NATIVE) .pytest_cache .hypothesis
