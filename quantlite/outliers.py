@@ -8,8 +8,9 @@ weight's magnitude, times sqrt(E[x_j^2]) of its input column when calibration st
 
 Selection is exact (the `count` largest scores) without a full top-k over all N*K scores: a strided
 sample of the scores gives a threshold a little below the count-th largest, one comparison pass
-keeps the few candidates above it, and top-k runs on those only (docs/accuracy.md: 4096x4096 with
-0.5 %, the full top-k was most of the data-free quantizer's time after the scale search).
+keeps the few candidates above it, and top-k runs on those only; a boolean mask over the candidates
+keeps the indices ascending without sorting them (a full top-k over N*K scores and the sort of its
+indices were the cost of the old rule).
 """
 from __future__ import annotations
 
