@@ -222,7 +222,10 @@ def _plot(results: dict, plot: Path) -> None:
     marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x"}
     for axis, subject in zip(axes[0], subjects):
         rows = subject["rows"]
+        known = {row.key for row in ROWS}
         for key, r in rows.items():
+            if key not in known:  # a row dropped from the study, still in an old result file
+                continue
             if key == "fp32":
                 axis.axhline(r["ppl"], color="grey", linestyle="--", linewidth=1, label="float32")
                 continue
