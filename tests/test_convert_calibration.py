@@ -3,7 +3,6 @@ quantized with it (GPTQ), exactly as quantize(w, importance=...) does it; record
 
 import pytest
 import torch
-from test_llama2c import stories260k_hf  # noqa: F401  (session fixture: llama2.c stories260K as an HF folder)
 
 from quantlite.calibration import collect_input_stats
 from quantlite.converter import CALIBRATION_STATS, convert

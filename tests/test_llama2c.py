@@ -1,30 +1,14 @@
 """scripts/llama2c_to_hf.py: the llama2.c stories260K checkpoint becomes an HF Llama folder that
 greedily decodes exactly the tokens llama2.c's run.c produces (golden ids from ../shared/data/README.md)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llama2c_to_hf.py"
+from conftest import load_llama2c_script
+
 # README.md of the shared data: greedy decoding from BOS with llama2.c's run.c, first 24 ids.
 GOLDEN_IDS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292]
 GOLDEN_TEXT = "Once upon a time, there was a little girl named Lily."
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("llama2c_to_hf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def stories260k_hf(shared_data, tmp_path_factory) -> Path:
-    """stories260K as an HF folder, converted once per test session."""
-    out = tmp_path_factory.mktemp("stories260k-hf")
-    assert load_script().main([str(shared_data / "stories260K.bin"), str(shared_data / "tok512.model"), str(out)]) == 0
-    return out
 
 
 def test_greedy_decode_matches_llama2c(stories260k_hf):
@@ -50,7 +34,7 @@ def test_config_describes_the_checkpoint(stories260k_hf):
 
 
 def test_rejects_bad_files(shared_data, tmp_path):
-    script = load_script()
+    script = load_llama2c_script()
     truncated = tmp_path / "truncated.bin"
     truncated.write_bytes((shared_data / "stories260K.bin").read_bytes()[:5000])
     with pytest.raises(script.Llama2cFormatError, match="header implies"):

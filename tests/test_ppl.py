@@ -9,7 +9,6 @@ import torch
 
 from quantlite.cli import main as cli_main
 from quantlite.eval.ppl import EvaluationError, perplexity, window_starts
-from test_llama2c import stories260k_hf  # noqa: F401  (session fixture: the converted tiny model)
 
 
 class Bigram:
