@@ -40,7 +40,9 @@ def error_bound(qw, w: torch.Tensor) -> torch.Tensor:
     book = qw.codebook.double()
     half_gap = (book[1:] - book[:-1]).max() / 2
     scales = qw.block_scales().double().repeat_interleave(qw.block_size, dim=1)[:, : qw.shape[1]]
-    beyond = (w.double().abs() - scales * book.abs().max()).clamp(min=0)
+    w = w.double()
+    # the outermost levels differ in size for int4 (-8/7 and 1), so each sign has its own
+    beyond = torch.maximum(w - scales * book.max(), scales * book.min() - w).clamp(min=0)
     return scales * half_gap + beyond
 
 
