@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from quantlite.codebook import zero_code
 from quantlite.errors import FormatError
 
 FORMAT_NAME = "quantlite.qweight"
@@ -208,7 +209,7 @@ class QWeight:
                 raise fail("outlier values must be finite")
             rows = torch.repeat_interleave(torch.arange(n), torch.diff(ptr))
             under = (codes[rows, col // 2] >> (4 * (col % 2)).to(torch.uint8)) & 0x0F
-            if bool((under != int((codebook == 0).nonzero()[0, 0])).any()):
+            if bool((under != zero_code(codebook)).any()):
                 raise fail("the dense code under an outlier must be the zero level's code")
 
         return cls(
