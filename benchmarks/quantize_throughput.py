@@ -13,6 +13,7 @@ import time
 import torch
 
 from benchmarks.machine import describe
+from quantlite.eval.metrics import sqnr_db
 from quantlite.quantizer import METHODS, quantize
 
 SHAPES = [(4096, 4096), (11008, 4096)]
@@ -26,11 +27,6 @@ def best_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def sqnr_db(w: torch.Tensor, approx: torch.Tensor) -> float:
-    w, approx = w.double(), approx.double()
-    return float(10 * torch.log10(w.square().sum() / (w - approx).square().sum()))
 
 
 def student_t(shape, dof: int, generator) -> torch.Tensor:
