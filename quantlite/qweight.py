@@ -6,7 +6,8 @@ For W (N, K) = (out_features, in_features), block size B along K, K padded up to
 
 where S is a sparse matrix of fp16 outliers in CSR form. At an outlier the dense code is the zero
 level, so S holds the whole value and the weight dequantizes to it exactly. Padding columns
-(K <= k < Kp) hold the zero code and are never part of the result.
+(K <= k < Kp) hold the zero code and are never part of the result. A weight without outliers
+stores no CSR tensors at all (in memory it still has an all-zero row_ptr, which kernels read).
 
 Scales are stored one of two ways:
   * plain: `scales` (N, Kp/B) float16 or float32;
@@ -30,6 +31,8 @@ FORMAT_VERSION = 1
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, BLOCK_SIZE_MULTIPLE = 32, 256, 16
 SCALE_GROUP_SIZE = 256  # scales per fp32 (min, step) pair in double quantization
 MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
+# Stored together, or (when there are no outliers) not at all.
+OUTLIER_FIELDS = ("outlier_row_ptr", "outlier_cols", "outlier_vals")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so kernels can cache per weight
@@ -114,18 +117,13 @@ class QWeight:
 
     # ----------------------------------------------------------------- flat dict
     def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Flat {name: tensor}; names are prefix + the field names of docs/FORMAT.md."""
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "shape": list(self.shape),
-            "block_size": self.block_size,
-            "method": self.method,
-        }
-        out = {"meta": torch.frombuffer(bytearray(json.dumps(meta, sort_keys=True).encode()), dtype=torch.uint8)}
+        """Flat {name: tensor}; names are prefix + the field names of docs/FORMAT.md. Without
+        outliers the three CSR tensors are left out (they would hold nothing but N + 1 zeros)."""
+        meta = _meta_json(self.shape, self.block_size, self.method)
+        out = {"meta": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not (f.name in OUTLIER_FIELDS and self.n_outliers == 0):
                 out[f.name] = value
         return {prefix + name: tensor.contiguous() for name, tensor in out.items()}
 
@@ -182,11 +180,16 @@ class QWeight:
                 if not torch.isfinite(tensor).all() or bool((tensor < 0).any()):
                     raise fail(f"{label} must be finite and non-negative (scales decode to min + code * step)")
 
-        row_ptr = get("outlier_row_ptr")
-        cols = get("outlier_cols")
-        vals = get("outlier_vals")
-        _expect(row_ptr, (n + 1,), (torch.int32,), "outlier_row_ptr", fail)
         col_dtype = torch.uint16 if k <= 65536 else torch.int32
+        row_ptr, cols, vals = (get(field, required=False) for field in OUTLIER_FIELDS)
+        present = [field for field, tensor in zip(OUTLIER_FIELDS, (row_ptr, cols, vals)) if tensor is not None]
+        if not present:  # no outliers: nothing stored
+            row_ptr = torch.zeros(n + 1, dtype=torch.int32)
+            cols, vals = torch.zeros(0, dtype=col_dtype), torch.zeros(0, dtype=torch.float16)
+        elif len(present) < len(OUTLIER_FIELDS):
+            missing = [prefix + field for field in OUTLIER_FIELDS if field not in present]
+            raise fail(f"the outlier tensors come all three or not at all; missing {', '.join(repr(m) for m in missing)}")
+        _expect(row_ptr, (n + 1,), (torch.int32,), "outlier_row_ptr", fail)
         if cols.dim() != 1 or vals.dim() != 1 or cols.numel() != vals.numel():
             raise fail(f"outlier_cols {tuple(cols.shape)} and outlier_vals {tuple(vals.shape)} must be 1-D of one length")
         _expect(cols, (cols.numel(),), (col_dtype,), "outlier_cols", fail)
@@ -250,6 +253,30 @@ def decode_double_quant(
     flat = scale_codes.reshape(-1).float()
     group = torch.arange(flat.numel(), device=flat.device) // SCALE_GROUP_SIZE
     return (scale_group_min[group] + flat * scale_group_step[group]).reshape(scale_codes.shape)
+
+
+def stored_nbytes(
+    shape: tuple[int, int], block_size: int, method: str, *, double_quant: bool, scale_dtype: torch.dtype,
+    n_outliers: int,
+) -> int:
+    """The bytes a QWeight of these settings stores (its `nbytes`), computed without building it:
+    the quantizer sizes the outlier table to a bit budget with this."""
+    n, k = shape
+    n_blocks = -(-k // block_size)
+    size = len(_meta_json(shape, block_size, method)) + 16 * 4 + n * n_blocks * block_size // 2  # meta, codebook, codes
+    if double_quant:
+        size += n * n_blocks + 2 * 4 * -(-(n * n_blocks) // SCALE_GROUP_SIZE)  # codes + fp32 (min, step) per group
+    else:
+        size += n * n_blocks * torch.finfo(scale_dtype).bits // 8
+    if n_outliers:
+        column_bytes = 2 if k <= 65536 else 4
+        size += 4 * (n + 1) + n_outliers * (column_bytes + 2)  # int32 row_ptr, columns, fp16 values
+    return size
+
+
+def _meta_json(shape: tuple[int, int], block_size: int, method: str) -> bytes:
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shape": list(shape), "block_size": block_size, "method": method}
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 def _parse_meta(meta: torch.Tensor, fail) -> dict:

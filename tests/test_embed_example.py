@@ -35,8 +35,9 @@ def example(tmp_path_factory) -> Path:
     return binary
 
 
-def write_case(directory: Path, generator, method: str, n: int, k: int, m: int, corrupt: bool = False):
-    qw = quantize(torch.randn(n, k, generator=generator), method=method, outlier_frac=0.01)
+def write_case(directory: Path, generator, method: str, n: int, k: int, m: int, corrupt: bool = False,
+               outlier_frac: float = 0.01):
+    qw = quantize(torch.randn(n, k, generator=generator), method=method, outlier_frac=outlier_frac)
     x = torch.randn(m, k, generator=generator)
     y = torch.nn.functional.linear(x.double(), qw.dequantize(torch.float64)).float()
     if corrupt:
@@ -46,10 +47,13 @@ def write_case(directory: Path, generator, method: str, n: int, k: int, m: int, 
     return directory / "weight.safetensors", directory / "io.safetensors"
 
 
-@pytest.mark.parametrize("method, n, k, m", [("quantlite", 97, 320, 1), ("nf4", 64, 257, 6), ("rtn", 33, 64, 70)])
-def test_example_runs_a_qmatmul_without_python(example, tmp_path, generator, method, n, k, m):
-    # quantlite: double-quantized scales; nf4: float32 scales; rtn: float16 scales and int4 levels
-    weight, io = write_case(tmp_path, generator, method, n, k, m)
+@pytest.mark.parametrize("method, n, k, m, outlier_frac", [
+    ("quantlite", 97, 320, 1, 0.01), ("nf4", 64, 257, 6, 0.01), ("rtn", 33, 64, 70, 0.01), ("quantlite", 48, 192, 2, 0.0),
+])
+def test_example_runs_a_qmatmul_without_python(example, tmp_path, generator, method, n, k, m, outlier_frac):
+    # quantlite: double-quantized scales; nf4: float32 scales; rtn: float16 scales and int4 levels;
+    # outlier_frac 0: a file without the outlier tensors
+    weight, io = write_case(tmp_path, generator, method, n, k, m, outlier_frac=outlier_frac)
     result = subprocess.run([str(example), str(weight), str(io)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"M={m} N={n} K={k}" in result.stdout and "OK" in result.stdout

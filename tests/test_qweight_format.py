@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantlite.errors import FormatError
-from quantlite.qweight import FORMAT_NAME, QWeight
+from quantlite.qweight import FORMAT_NAME, OUTLIER_FIELDS, QWeight, stored_nbytes
 from quantlite.quantizer import quantize
 
 
@@ -58,6 +58,26 @@ def test_documented_layout(qweight):
         assert qweight.dequantize()[3, 17] == torch.tensor(1.5, dtype=torch.float16).float()
 
 
+def test_a_weight_without_outliers_stores_no_csr_tensors(qweight):
+    stored = qweight.to_dict()
+    assert all((name in stored) == (qweight.n_outliers > 0) for name in OUTLIER_FIELDS)
+    again = QWeight.from_dict(stored)
+    assert torch.equal(again.outlier_row_ptr, qweight.outlier_row_ptr)  # all zeros when nothing is stored
+    assert again.outlier_cols.dtype == torch.uint16 and again.outlier_vals.dtype == torch.float16
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 80), k=st.integers(1, 300), block=st.sampled_from([32, 64, 128, 256]),
+       method=st.sampled_from(["quantlite", "nf4", "rtn"]), double_quant=st.booleans(),
+       scale_dtype=st.sampled_from([torch.float16, torch.float32]), outliers=st.integers(0, 40))
+def test_stored_nbytes_is_what_to_dict_stores(n, k, block, method, double_quant, scale_dtype, outliers):
+    w = torch.randn(n, k)
+    q = quantize(w, method=method, block_size=block, double_quant=double_quant, scale_dtype=scale_dtype,
+                 outlier_frac=min(outliers, n * k) / (n * k) * 0.25)
+    assert q.nbytes == stored_nbytes((n, k), block, method, double_quant=double_quant, scale_dtype=scale_dtype,
+                                     n_outliers=q.n_outliers)
+
+
 def _mutations(q: QWeight) -> list[tuple[str, dict, str]]:
     d = q.to_dict()
     n, _ = q.shape
@@ -68,9 +88,6 @@ def _mutations(q: QWeight) -> list[tuple[str, dict, str]]:
         ("codebook desc", {**d, "codebook": d["codebook"].flip(0).contiguous()}, "ascending"),
         ("codebook no zero", {**d, "codebook": d["codebook"] + 0.01}, "0.0 exactly once"),
         ("codebook fp16", {**d, "codebook": d["codebook"].half()}, "codebook has dtype"),
-        ("row_ptr end", {**d, "outlier_row_ptr": d["outlier_row_ptr"] + 1}, "must start at 0"),
-        ("row_ptr int64", {**d, "outlier_row_ptr": d["outlier_row_ptr"].long()}, "outlier_row_ptr has dtype"),
-        ("cols vs vals", {**d, "outlier_cols": torch.zeros(q.n_outliers + 1, dtype=torch.uint16)}, "one length"),
         ("meta version", {**d, "meta": meta_tensor({**_meta(d), "version": 2})}, "version 2 is not supported"),
         ("meta format", {**d, "meta": meta_tensor({**_meta(d), "format": "gguf"})}, "does not describe"),
         ("meta block", {**d, "meta": meta_tensor({**_meta(d), "block_size": 40})}, "block_size 40"),
@@ -94,9 +111,19 @@ def _mutations(q: QWeight) -> list[tuple[str, dict, str]]:
             ("inf scale", {**d, "scales": d["scales"] * float("inf")}, "finite"),
             ("scales int", {**d, "scales": d["scales"].int()}, "scales has dtype"),
         ]
+    if q.n_outliers == 0:  # the CSR tensors are absent; adding only some of them is refused
+        cases += [
+            ("only cols", {**d, "outlier_cols": torch.zeros(0, dtype=torch.uint16)}, "all three or not at all"),
+            ("no row_ptr", {**d, "outlier_cols": torch.zeros(0, dtype=torch.uint16),
+                            "outlier_vals": torch.zeros(0, dtype=torch.float16)}, "missing 'outlier_row_ptr'"),
+        ]
     if q.n_outliers >= 2:
         cols = d["outlier_cols"].clone()
         cases += [
+            ("row_ptr end", {**d, "outlier_row_ptr": d["outlier_row_ptr"] + 1}, "must start at 0"),
+            ("row_ptr int64", {**d, "outlier_row_ptr": d["outlier_row_ptr"].long()}, "outlier_row_ptr has dtype"),
+            ("cols vs vals", {**d, "outlier_cols": torch.zeros(q.n_outliers + 1, dtype=torch.uint16)}, "one length"),
+            ("no vals", {k: v for k, v in d.items() if k != "outlier_vals"}, "missing 'outlier_vals'"),
             ("col out of range", {**d, "outlier_cols": torch.full_like(cols, 200)}, "outside"),
             ("vals nan", {**d, "outlier_vals": d["outlier_vals"] * float("nan")}, "finite"),
             ("row_ptr decreasing", {**d, "outlier_row_ptr": _decreasing(d["outlier_row_ptr"])}, "decreases"),

@@ -234,14 +234,15 @@ int main(int argc, char **argv) {
         free(group_min);
         free(group_step);
     }
-    const tensor *row_ptr_t = find(&weight_file, "outlier_row_ptr", 1);
-    const tensor *cols_t = find(&weight_file, "outlier_cols", 1);
-    const int64_t nnz = numel(cols_t);
-    int32_t *row_ptr = malloc(sizeof(int32_t) * (size_t)(n + 1));
+    /* the outlier CSR; a weight without outliers stores none of its three tensors */
+    const tensor *row_ptr_t = find(&weight_file, "outlier_row_ptr", 0);
+    const tensor *cols_t = row_ptr_t ? find(&weight_file, "outlier_cols", 1) : NULL;
+    const int64_t nnz = cols_t ? numel(cols_t) : 0;
+    int32_t *row_ptr = calloc((size_t)(n + 1), sizeof(int32_t));
     int32_t *cols = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
-    for (int64_t i = 0; i <= n; ++i) row_ptr[i] = (int32_t)element(row_ptr_t, i);
+    for (int64_t i = 0; row_ptr_t && i <= n; ++i) row_ptr[i] = (int32_t)element(row_ptr_t, i);
     for (int64_t i = 0; i < nnz; ++i) cols[i] = (int32_t)element(cols_t, i);
-    float *vals = to_floats(find(&weight_file, "outlier_vals", 1));
+    float *vals = row_ptr_t ? to_floats(find(&weight_file, "outlier_vals", 1)) : malloc(sizeof(float));
     const ql_weight weight = {n, k, block_size, codes->data, scales, codebook, row_ptr, cols, vals, nnz};
 
     /* 2. x and the expected y */
