@@ -61,6 +61,7 @@ class Settings:
     method: str
     block_size: int
     outlier_frac: float
+    max_bits_per_weight: float | None  # caps each tensor's outlier table (quantize(max_bits_per_weight=))
     quantize_embedding: bool
     quantize_lm_head: bool
     no_quantize: bool
@@ -82,6 +83,7 @@ class Settings:
             "method": None if self.no_quantize else self.method,
             "block_size": self.block_size,
             "outlier_frac": self.outlier_frac,
+            "max_bits_per_weight": self.max_bits_per_weight,
             "codebook": defaults.codebook,
             "scale_search": defaults.scale_search,
             "double_quant": defaults.double_quant,
@@ -114,6 +116,7 @@ def convert(
     method: str = "quantlite",
     block_size: int = 64,
     outlier_frac: float | None = None,
+    max_bits_per_weight: float | None = None,
     quantize_embedding: bool = False,
     quantize_lm_head: bool = False,
     no_quantize: bool = False,
@@ -128,14 +131,16 @@ def convert(
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
-    same layout with the original weights. `calibration` (a UTF-8 text file) turns on calibrated
+    same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
+    quantlite.quantize (left as None: the method's default fraction, capped by its bit budget). `calibration` (a UTF-8 text file) turns on calibrated
     quantization over `calibration_windows` windows of `calibration_ctx` tokens from its start.
     Rerunning after an interruption resumes. Raises
     ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
     little disk space.
     """
     started = time.perf_counter()
-    settings = _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers)
+    settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quantize_embedding,
+                               quantize_lm_head, no_quantize, workers)
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
@@ -192,7 +197,8 @@ def quantize_in_row_chunks(
     for start in range(0, n, rows):
         chunk = w[start:start + rows]
         part = quantize(chunk, method=settings.method, block_size=settings.block_size,
-                        outlier_frac=settings.outlier_frac, importance=importance, name=name)
+                        outlier_frac=settings.outlier_frac, max_bits_per_weight=settings.max_bits_per_weight,
+                        importance=importance, name=name)
         original = chunk.to(torch.float64)
         signal += float(original.square().sum())
         noise += float((original - part.dequantize(torch.float64)).square().sum())
@@ -369,7 +375,8 @@ def _read_calibration_stats(out: Path, name: str) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- plan, state, manifest
-def _check_settings(method, block_size, outlier_frac, quantize_embedding, quantize_lm_head, no_quantize, workers) -> Settings:
+def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quantize_embedding, quantize_lm_head,
+                    no_quantize, workers) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not (isinstance(block_size, int) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
@@ -378,11 +385,18 @@ def _check_settings(method, block_size, outlier_frac, quantize_embedding, quanti
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
     if not 0.0 <= frac <= MAX_OUTLIER_FRAC:
         raise ConversionError(f"outlier fraction {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if max_bits_per_weight is None and outlier_frac is None:
+        max_bits_per_weight = METHODS[method].max_bits_per_weight  # the default fraction comes with its cap
+    if max_bits_per_weight is not None and not (
+        isinstance(max_bits_per_weight, (int, float)) and math.isfinite(max_bits_per_weight) and max_bits_per_weight > 0
+    ):
+        raise ConversionError(f"max bits per weight {max_bits_per_weight!r} must be a positive number")
     if no_quantize and (quantize_embedding or quantize_lm_head):
         raise ConversionError("--no-quantize cannot be combined with --quantize-embedding or --quantize-lm-head")
     if not (isinstance(workers, int) and workers >= 1):
         raise ConversionError(f"workers {workers!r} must be a positive integer")
-    return Settings(method, block_size, frac, bool(quantize_embedding), bool(quantize_lm_head), bool(no_quantize))
+    return Settings(method, block_size, frac, max_bits_per_weight, bool(quantize_embedding), bool(quantize_lm_head),
+                    bool(no_quantize))
 
 
 def _plan(source) -> dict[str, list[str]]:

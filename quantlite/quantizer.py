@@ -28,6 +28,7 @@ from quantlite.qweight import (
     SCALE_GROUP_SIZE,
     QWeight,
     decode_double_quant,
+    stored_nbytes,
 )
 
 MAX_OUTLIER_FRAC = 0.25
@@ -41,14 +42,17 @@ class MethodDefaults:
     scale_search: bool     # search shrunken scales for the least squared error
     double_quant: bool     # 8-bit scales with an fp32 (min, step) per 256 scales
     scale_dtype: torch.dtype
+    # The default outlier fraction shrinks (to 0 if need be) so the tensor's all-in size stays within
+    # this many bits per weight; None: no cap. An explicit outlier_frac is not capped unless
+    # max_bits_per_weight is given too.
+    max_bits_per_weight: float | None = None
 
 
 METHODS: dict[str, MethodDefaults] = {
-    # NF4, 1 % outliers chosen before the scales, MSE scale search, double-quantized scales; with
-    # importance=E[x x^T] the codes come from GPTQ error feedback. docs/accuracy.md: calibrated, this
-    # keeps 41 % (SmolLM2) and 39 % (stories260K) of plain NF4's perplexity increase, 4.50 bits/weight
-    # on SmolLM2; 0.5 % outliers kept 56 % on SmolLM2.
-    "quantlite": MethodDefaults("nf4", 0.01, True, True, torch.float16),
+    # NF4, up to 1 % outliers chosen before the scales (as many as fit 4.5 bits/weight all-in), MSE
+    # scale search, double-quantized scales; with importance=E[x x^T] the codes come from GPTQ error
+    # feedback. docs/accuracy.md has what this keeps of plain NF4's perplexity increase, and why.
+    "quantlite": MethodDefaults("nf4", 0.01, True, True, torch.float16, max_bits_per_weight=4.5),
     # bitsandbytes-equivalent NF4: absmax scales kept in float32 exactly as bitsandbytes stores them.
     "nf4": MethodDefaults("nf4", 0.0, False, False, torch.float32),
     # symmetric round-to-nearest int4, absmax scales.
@@ -70,6 +74,7 @@ def quantize(
     double_quant: bool | None = None,
     scale_dtype: torch.dtype | None = None,
     importance: torch.Tensor | None = None,
+    max_bits_per_weight: float | None = None,
     name: str | None = None,
 ) -> QWeight:
     """Quantize a 2-D weight W (N, K) = (out_features, in_features).
@@ -81,18 +86,23 @@ def quantize(
       (K,)   mean x**2 per input column: weights outlier selection and the scale search;
       (K, K) E[x x^T]: outliers are selected with its diagonal, and the codes are chosen by GPTQ
              error feedback (quantlite.gptq) — the setting behind docs/accuracy.md's default row.
+    max_bits_per_weight caps the outlier table so the whole stored tensor (QWeight.nbytes) stays
+    within that many bits per weight, when the rest of it leaves room; with outlier_frac left as
+    None it defaults to the method's cap (quantlite: 4.5), an explicit outlier_frac is kept as given.
     `name` only labels error messages.
     """
     if method not in METHODS:
         raise QuantizationInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     defaults = METHODS[method]
-    outlier_frac = defaults.outlier_frac if outlier_frac is None else outlier_frac
+    if outlier_frac is None:
+        outlier_frac = defaults.outlier_frac
+        max_bits_per_weight = defaults.max_bits_per_weight if max_bits_per_weight is None else max_bits_per_weight
     scale_search = defaults.scale_search if scale_search is None else scale_search
     double_quant = defaults.double_quant if double_quant is None else double_quant
     scale_dtype = defaults.scale_dtype if scale_dtype is None else scale_dtype
     label = f"tensor {name!r}" if name else "the tensor"
 
-    _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label)
+    _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label)
     n, k = w.shape
     codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
     n_blocks = -(-k // block_size)
@@ -112,6 +122,8 @@ def quantize(
 
     # 2. outliers leave the dense matrix before any scale is computed
     n_outliers = round(outlier_frac * n * k)
+    if max_bits_per_weight is not None:
+        n_outliers = min(n_outliers, _outliers_within(max_bits_per_weight, (n, k), block_size, method, double_quant, scale_dtype))
     rows, cols = select_outliers(dense[:, :k], n_outliers, block_size, importance)
     outlier_vals = dense[rows, cols].to(torch.float16)
     dense[rows, cols] = 0.0
@@ -150,7 +162,18 @@ def quantize(
     )
 
 
-def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label) -> None:
+def _outliers_within(max_bits_per_weight, shape, block_size, method, double_quant, scale_dtype) -> int:
+    """The most outliers a tensor can store and stay within max_bits_per_weight all-in (0 when the
+    codes and scales alone leave no room for the row pointers and one outlier)."""
+    budget = math.floor(max_bits_per_weight * shape[0] * shape[1] / 8)
+    size = functools.partial(stored_nbytes, shape, block_size, method, double_quant=double_quant, scale_dtype=scale_dtype)
+    if size(n_outliers=1) > budget:
+        return 0
+    bytes_per_outlier = size(n_outliers=2) - size(n_outliers=1)
+    return 1 + (budget - size(n_outliers=1)) // bytes_per_outlier
+
+
+def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label) -> None:
     if not isinstance(w, torch.Tensor):
         raise QuantizationInputError(f"{label} must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
@@ -180,6 +203,10 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, label) -
         raise QuantizationInputError(f"outlier_frac {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
     if scale_dtype not in (torch.float16, torch.float32):
         raise QuantizationInputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    if max_bits_per_weight is not None and not (
+        isinstance(max_bits_per_weight, (int, float)) and math.isfinite(max_bits_per_weight) and max_bits_per_weight > 0
+    ):
+        raise QuantizationInputError(f"max_bits_per_weight {max_bits_per_weight!r} must be a positive number of bits")
     if importance is not None:
         k = w.shape[1]
         if importance.shape not in ((k,), (k, k)):

@@ -163,6 +163,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
     ({"block_size": 48 + 1}, "block size"),
     ({"block_size": 512}, "block size"),
     ({"outlier_frac": 0.5}, "outlier fraction"),
+    ({"max_bits_per_weight": -1.0}, "max bits per weight"),
     ({"workers": 0}, "workers"),
     ({"no_quantize": True, "quantize_embedding": True}, "--no-quantize"),
 ])
@@ -170,6 +171,18 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, checkpoint
     with pytest.raises(ConversionError, match=message):
         convert(checkpoint, tmp_path / "out", progress=False, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_outlier_fraction_comes_with_its_bit_budget(tmp_path, checkpoint):
+    convert(checkpoint, tmp_path / "default", progress=False)
+    convert(checkpoint, tmp_path / "explicit", outlier_frac=0.01, progress=False)
+    default, explicit = (PackedModel.open(tmp_path / name).manifest for name in ("default", "explicit"))
+    assert default["quantization"]["max_bits_per_weight"] == 4.5 and default["quantization"]["outlier_frac"] == 0.01
+    assert explicit["quantization"]["max_bits_per_weight"] is None
+    for name, entry in default["tensors"].items():
+        if entry["stored"] == "qweight":  # outliers only where they fit the budget
+            assert entry["outliers"] <= explicit["tensors"][name]["outliers"]
+            assert entry["bits_per_weight"] <= 4.5 or entry["outliers"] == 0, name
 
 
 def test_complete_output_is_not_overwritten_without_overwrite(tmp_path, checkpoint):
@@ -280,7 +293,7 @@ def test_row_chunks_are_bit_identical_without_outliers(monkeypatch, generator, m
     # and a 600-row matrix splits into 256 + 256 + 88.
     w = 0.02 * torch.randn(600, 200, generator=generator)
     monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
-    settings = Settings(method, 32, 0.0 if outlier_frac is None else outlier_frac, False, False, False)
+    settings = Settings(method, 32, 0.0 if outlier_frac is None else outlier_frac, None, False, False, False)
     chunked, sqnr = quantize_in_row_chunks(w, settings, "w")
     whole = quantize(w, method=method, block_size=32, outlier_frac=settings.outlier_frac)
     for field, tensor in whole.to_dict().items():
@@ -294,7 +307,7 @@ def test_row_chunks_with_outliers_keep_a_valid_csr(monkeypatch, generator):
     w = 0.02 * torch.randn(600, 130, generator=generator)
     w[::13, ::29] = 1.0  # 100, 100 and 35 per chunk: fewer than each chunk's 333, 333 and 114 outliers
     monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
-    chunked, _ = quantize_in_row_chunks(w, Settings("quantlite", 64, 0.01, False, False, False), "w")
+    chunked, _ = quantize_in_row_chunks(w, Settings("quantlite", 64, 0.01, None, False, False, False), "w")
     rebuilt = QWeight.from_dict(chunked.to_dict())  # the reader's CSR checks
     assert rebuilt.n_outliers == sum(round(0.01 * rows * 130) for rows in (256, 256, 88))
     assert bool((rebuilt.dequantize()[::13, ::29] == 1.0).all())  # the largest weights are outliers, kept exactly

@@ -164,9 +164,26 @@ def test_bits_per_weight_counts_every_byte(generator):
         assert qw.bits_per_weight == pytest.approx(8 * stored / w.numel())
     # the default stays within the 4.5 bits/weight budget on a real-sized matrix
     assert quantize(w).bits_per_weight <= 4.5
-    # plain NF4: 4 bits + an fp32 absmax per 64 (as bitsandbytes stores it) + the CSR row pointers
-    # (+ ~0.001 for the codebook and the meta JSON)
-    assert quantize(w, method="nf4").bits_per_weight == pytest.approx(4 + 32 / 64 + 32 / 1024, abs=2e-3)
+    # plain NF4: 4 bits + an fp32 absmax per 64, as bitsandbytes stores it (+ ~0.001 for the codebook
+    # and the meta JSON); without outliers no CSR tensors are stored
+    assert quantize(w, method="nf4").bits_per_weight == pytest.approx(4 + 32 / 64, abs=2e-3)
+
+
+@pytest.mark.parametrize("n, k", [(576, 576), (192, 576), (64, 172), (32, 64), (300, 100)])
+def test_the_default_outlier_table_fits_the_bit_budget(generator, n, k):
+    w = torch.randn(n, k, generator=generator)
+    qw = quantize(w)
+    without = quantize(w, outlier_frac=0.0)
+    if without.bits_per_weight <= 4.5 - 32 / k:  # room for the row pointers and some outliers
+        assert qw.bits_per_weight <= 4.5 and qw.n_outliers > 0
+        # as many as fit: one more outlier would cross the budget, or the 1 % cap is reached
+        more = quantize(w, outlier_frac=(qw.n_outliers + 1) / (n * k))
+        assert more.bits_per_weight > 4.5 or qw.n_outliers == round(0.01 * n * k)
+    else:  # small tensors: codes, scales and metadata leave no room, so no outliers at all
+        assert qw.n_outliers == 0 and qw.nbytes == without.nbytes
+    # an explicit fraction is taken as given; a budget given with it caps it
+    assert quantize(w, outlier_frac=0.02).n_outliers == round(0.02 * n * k)
+    assert quantize(w, outlier_frac=0.02, max_bits_per_weight=4.5).bits_per_weight <= max(4.5, without.bits_per_weight)
 
 
 def test_default_beats_plain_nf4_on_heavy_tails(generator):
@@ -214,6 +231,9 @@ def test_non_finite_input_names_position_and_tensor(value):
         ({"scale_dtype": torch.bfloat16}, "scale_dtype"),
         ({"importance": torch.ones(63)}, "importance"),
         ({"importance": -torch.ones(64)}, "importance"),
+        ({"max_bits_per_weight": 0}, "max_bits_per_weight"),
+        ({"max_bits_per_weight": float("nan")}, "max_bits_per_weight"),
+        ({"max_bits_per_weight": "4.5"}, "max_bits_per_weight"),
     ],
 )
 def test_rejects_bad_options(options, message):

@@ -12,7 +12,7 @@ examples:
   quantlite convert ./SmolLM2-135M ./smol-q4                      # default method "quantlite"
   quantlite convert model.Q4_1.gguf ./smol-q4 --workers 2          # GGUF input, two processes
   quantlite convert ./llama ./llama-nf4 --method nf4 --block-size 128
-  quantlite convert ./llama ./llama-q4 --outlier-frac 0.01 --quantize-lm-head
+  quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --quantize-lm-head
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
 """
@@ -33,7 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "nf4: plain NF4 as bitsandbytes; rtn: int4 round-to-nearest")
     parser.add_argument("--block-size", type=int, default=64, help="weights per scale along the input dimension (default 64)")
     parser.add_argument("--outlier-frac", type=float, default=None,
-                        help="fraction of weights kept exactly in fp16 (default: the method's, 0.005 for quantlite)")
+                        help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
+                             "0.01, as many as fit 4.5 bits/weight per tensor)")
+    parser.add_argument("--max-bits-per-weight", type=float, default=None, metavar="BITS",
+                        help="cap each tensor's outlier table so the tensor stays within BITS bits/weight all-in "
+                             "(default: 4.5 for quantlite when --outlier-frac is not given, else no cap)")
     parser.add_argument("--quantize-embedding", action="store_true", help="also quantize model.embed_tokens")
     parser.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (untied models)")
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = convert(
         args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,
-        quantize_embedding=args.quantize_embedding, quantize_lm_head=args.quantize_lm_head,
+        max_bits_per_weight=args.max_bits_per_weight, quantize_embedding=args.quantize_embedding, quantize_lm_head=args.quantize_lm_head,
         no_quantize=args.no_quantize, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet,
         calibration=args.calibration, calibration_windows=args.calibration_windows,
         calibration_ctx=args.calibration_ctx,
