@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     print("config      " + ", ".join(f"{k}={manifest['config'].get(k)}" for k in CONFIG_KEYS))
     quant = manifest["quantization"]
     print(f"method      {quant.get('method')}, block size {quant.get('block_size')}, outlier fraction "
-          f"{quant.get('outlier_frac')}; quantized: {quant.get('quantized')}")
+          f"{quant.get('outlier_frac')}" + (f" within {quant['max_bits_per_weight']} bits/weight"
+          if quant.get("max_bits_per_weight") else "") + f"; quantized: {quant.get('quantized')}")
     print(f"\n{'file':<26}{'MiB':>9}{'params':>13}{'quantized':>13}{'outliers':>10}{'bits/w':>8}")
     for name, row in files.items():
         print(f"{name:<26}{row['bytes'] / 2**20:9.2f}{row['params']:13,}{row['quantized']:13,}"
