@@ -10,6 +10,13 @@ quantize(w, importance=...).
 Linears that read the same tensor (q/k/v projections; gate/up) share one statistic: it is computed
 once and the returned dict holds the same tensor object under each of their names.
 
+Two ways to run the model, same statistics (up to float rounding):
+  collect_input_stats          any torch model in memory (forward hooks on its nn.Linear modules);
+  stream_input_stats           a checkpoint source (quantlite.sources) one decoder layer at a time,
+                               through quantlite.runtime.llama's model math: peak memory is one layer
+                               plus the hidden states of the calibration windows, as in the runtime.
+                               This is what `quantlite convert --calibration` uses.
+
 The calibration text must not overlap the evaluation text (benchmarks/accuracy.py takes it from the
 part of the evaluation file after the evaluated windows, and says so).
 """
@@ -43,8 +50,7 @@ def collect_input_stats(
 
     from quantlite.eval.ppl import window_starts
 
-    if token_ids.dim() != 1 or token_ids.dtype != torch.int64:
-        raise CalibrationError(f"token_ids must be a 1-D int64 tensor, got {tuple(token_ids.shape)} {token_ids.dtype}")
+    _check_token_ids(token_ids)
     linears = {
         name: module for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip)
@@ -52,39 +58,112 @@ def collect_input_stats(
     if not linears:
         raise CalibrationError("the model has no nn.Linear layers to calibrate")
     starts = window_starts(token_ids.numel(), ctx, max_windows)
-    sums: dict[str, torch.Tensor] = {}   # owner name -> float64 running sum, (K,) or (K, K)
-    counts: dict[str, int] = {}          # owner name -> rows of x seen
-    owner_of: dict[str, str] = {}        # linear name -> the name whose statistic it shares
-    last = {"input": None, "owner": None}
+    moments = _SecondMoments(full)
 
     def hook_for(name: str):
-        def hook(_module, inputs, _output):
-            if inputs[0] is last["input"]:  # same tensor as the Linear just before: share its sum
-                owner_of[name] = last["owner"]
-                return
-            last["input"], last["owner"] = inputs[0], name
-            owner_of[name] = name
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()  # (tokens, K)
-            # float32 products, float64 running sum: one window's sum is exact enough, many add up
-            moment = x.T @ x if full else x.square().sum(dim=0)
-            if name in sums:
-                sums[name] += moment.double()
-            else:
-                sums[name] = moment.double()
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
+        return lambda _module, inputs, _output: moments.add(name, inputs[0])
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in linears.items()]
     try:
         with torch.inference_mode():
             for start in tqdm(starts, desc="calibration", unit="window", disable=not progress):
                 model(token_ids[start : start + ctx].unsqueeze(0))
-                last["input"] = None  # never match a tensor across windows
+                moments.next_pass()
     finally:
         for handle in handles:
             handle.remove()
-    missing = sorted(set(linears) - set(owner_of))
+    missing = sorted(set(linears) - set(moments.owner_of))
     if missing:
         raise CalibrationError(f"{len(missing)} Linear layers never ran in the forward pass, e.g. {missing[0]!r}")
-    means = {owner: (sums[owner] / counts[owner]).float() for owner in sums}
-    return {f"{name}.weight": means[owner_of[name]] for name in linears}
+    return {f"{name}.weight": mean for name, mean in moments.means().items()}
+
+
+def stream_input_stats(
+    source,
+    token_ids: torch.Tensor,
+    *,
+    ctx: int = 512,
+    max_windows: int | None = 16,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """E[x x^T] (K, K) float32 of the input of every decoder Linear weight of `source` (a checkpoint
+    of quantlite.sources: `config`, `shapes`, `read(name)`), keyed by weight name like
+    collect_input_stats(..., full=True). Each window of `ctx` tokens is a sequence of its own, as in a
+    forward pass of the whole model; computed in float32 one decoder layer at a time."""
+    from tqdm.auto import tqdm
+
+    from quantlite.eval.ppl import window_starts
+    from quantlite.runtime import llama
+
+    _check_token_ids(token_ids)
+    config = llama.config_from_hf(source.config)
+    windows = torch.stack([token_ids[s : s + ctx] for s in window_starts(token_ids.numel(), ctx, max_windows)])
+    cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
+    stats: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        hidden = llama.embed(windows, source.read("model.embed_tokens.weight").float(), torch.float32)  # (W, ctx, hidden)
+        for layer in tqdm(range(config.num_layers), desc="calibration", unit="layer", disable=not progress):
+            prefix = f"model.layers.{layer}."
+            moments = _SecondMoments(full=True)
+            weights = {}
+            for name in (n for n in source.shapes if n.startswith(prefix)):
+                short, tensor = name[len(prefix):], source.read(name).float()
+                is_linear = short.endswith("_proj.weight")
+                weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
+            for window in range(hidden.shape[0]):  # one sequence at a time: its activations only
+                hidden[window] = llama.decoder_layer(hidden[window : window + 1], weights, config, cos, sin, layer=layer)[0]
+                moments.next_pass()
+            stats.update(moments.means())
+    return stats
+
+
+def _check_token_ids(token_ids: torch.Tensor) -> None:
+    if token_ids.dim() != 1 or token_ids.dtype != torch.int64:
+        raise CalibrationError(f"token_ids must be a 1-D int64 tensor, got {tuple(token_ids.shape)} {token_ids.dtype}")
+
+
+class _RecordsInput:
+    """Stands in for a Linear weight in the model math: F.linear(x, this) hands x to `record`, then
+    computes with the real weight (torch's __torch_function__ protocol)."""
+
+    def __init__(self, weight: torch.Tensor, record):
+        self.weight, self.record = weight, record
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        stand_in = next(a for a in args if isinstance(a, cls))
+        stand_in.record(args[0])
+        return func(*(a.weight if isinstance(a, cls) else a for a in args), **(kwargs or {}))
+
+
+class _SecondMoments:
+    """Running E[x x^T] (full) or E[x^2] per column of named inputs. Consecutive inputs that are the
+    same tensor (q/k/v read one normalised x, gate/up another) share one statistic: it is computed once
+    and means() returns the same tensor object under each name."""
+
+    def __init__(self, full: bool):
+        self.full = full
+        self.sums: dict[str, torch.Tensor] = {}   # owner name -> float64 running sum, (K,) or (K, K)
+        self.counts: dict[str, int] = {}          # owner name -> rows of x seen
+        self.owner_of: dict[str, str] = {}        # input name -> the name whose statistic it shares
+        self.last_input, self.last_owner = None, None
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if x is self.last_input:  # same tensor as the input just before: share its sum
+            self.owner_of[name] = self.last_owner
+            return
+        self.last_input, self.last_owner = x, name
+        self.owner_of[name] = name
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (tokens, K)
+        # float32 products, float64 running sum: one window's sum is exact enough, many add up
+        moment = (rows.T @ rows if self.full else rows.square().sum(dim=0)).double()
+        self.sums[name] = self.sums[name] + moment if name in self.sums else moment
+        self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+
+    def next_pass(self) -> None:
+        """A new forward pass begins: never share a statistic across passes."""
+        self.last_input = None
+
+    def means(self) -> dict[str, torch.Tensor]:
+        mean_of = {owner: (total / self.counts[owner]).float() for owner, total in self.sums.items()}
+        return {name: mean_of[owner] for name, owner in self.owner_of.items()}

@@ -11,7 +11,8 @@ name that is renamed into place when complete. So that an interrupted run can re
 Calibration (optional, `calibration=TEXT_FILE`): before the jobs, the unquantized model runs once over
 windows of the text and the second moment E[x x^T] of every Linear's input is kept in
 `.quantlite-calibration.safetensors`; each Linear is then quantized with it (GPTQ error feedback,
-docs/accuracy.md). That pass holds the whole unquantized model in memory (transformers).
+docs/accuracy.md). That pass reads one decoder layer at a time (quantlite.calibration.stream_input_stats),
+so it needs one layer in float32 plus the calibration windows' hidden states, not the whole model.
 Memory: one tensor is in memory at a time, and a large tensor is quantized in row chunks
 (`quantize_in_row_chunks`), so peak memory follows the largest tensor, not the checkpoint
 (benchmarks/convert_memory.py, docs/convert.md).
@@ -334,12 +335,13 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
 
 
 def _write_calibration_stats(source, out: Path, text_file: Path, calibration: dict, progress: bool) -> None:
-    """Run the unquantized model (transformers, float32) over the calibration text and keep E[x x^T]
-    of every Linear's input; Linears that read one tensor (q/k/v, gate/up) share one matrix."""
+    """Run the unquantized model (float32, one decoder layer in memory at a time) over the calibration
+    text and keep E[x x^T] of every Linear's input; Linears that read one tensor (q/k/v, gate/up)
+    share one matrix."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from quantlite.calibration import collect_input_stats
+    from quantlite.calibration import stream_input_stats
 
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
     try:
@@ -350,10 +352,7 @@ def _write_calibration_stats(source, out: Path, text_file: Path, calibration: di
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    stats = collect_input_stats(model, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
-                                full=True, progress=progress)
-    del model
+    stats = stream_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"], progress=progress)
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name_of: dict[int, str] = {}

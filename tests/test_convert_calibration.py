@@ -4,11 +4,12 @@ quantized with it (GPTQ), exactly as quantize(w, importance=...) does it; record
 import pytest
 import torch
 
-from quantlite.calibration import collect_input_stats
+from quantlite.calibration import collect_input_stats, stream_input_stats
 from quantlite.converter import CALIBRATION_STATS, convert
 from quantlite.errors import ConversionError
 from quantlite.packed import PackedModel
 from quantlite.quantizer import quantize
+from quantlite.sources import open_source
 
 
 @pytest.fixture
@@ -30,6 +31,7 @@ def test_calibrated_conversion_equals_quantize_with_the_statistics(stories260k_h
     assert calibration["windows"] == 4 and calibration["ctx"] == 256 and len(calibration["sha256"]) == 64
     assert not (out / CALIBRATION_STATS).exists()  # a temporary of the conversion
 
+    # the statistics of transformers' own forward pass (hooks on its nn.Linear modules), computed here
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(calibration_text.read_text(), return_tensors="pt").input_ids[0]
     stats = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
@@ -40,6 +42,24 @@ def test_calibrated_conversion_equals_quantize_with_the_statistics(stories260k_h
         expected = quantize(w, importance=stats[f"model.layers.2.{name}"])
         assert torch.equal(stored.dequantize(), expected.dequantize())
         assert not torch.equal(stored.dequantize(), quantize(w).dequantize())  # calibration changed the codes
+
+
+def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):
+    """stream_input_stats (one layer at a time, quantlite's model math) against collect_input_stats
+    (transformers' forward pass with hooks): the same E[x x^T], and the same sharing (q/k/v, gate/up)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(stories260k_hf)(calibration_text.read_text(), return_tensors="pt").input_ids[0]
+    whole = collect_input_stats(model, ids, ctx=128, max_windows=3, full=True, progress=False)
+    streamed = stream_input_stats(open_source(stories260k_hf), ids, ctx=128, max_windows=3, progress=False)
+    assert set(streamed) == set(whole) and len(whole) == 7 * model.config.num_hidden_layers
+    for name, expected in whole.items():
+        # float32 products summed in float64: the two forward passes may round differently in the last bits
+        torch.testing.assert_close(streamed[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    q, k, gate, up, down = (f"model.layers.1.{n}" for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))
+    assert streamed[q] is streamed[k] and streamed[gate] is streamed[up] and streamed[down] is not streamed[up]
 
 
 def test_calibration_refusals(stories260k_hf, calibration_text, tmp_path):
