@@ -78,6 +78,19 @@ def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block_size, k", [(32, 1100), (48, 1201), (64, 1537), (128, 700), (256, 2000)])
+def test_qmatmul_k_slices_of_the_register_path(generator, isa, block_size, k):
+    # The AVX2 register path (M <= 8) cuts K into slices of x that fit in L1 once M > 4 (512 columns
+    # at M = 8, rounded down to whole blocks: several slices here, the last one short). M = 4 / 5 is
+    # its switch from scaled sums to scaled levels, 8 / 9 the switch to the GEMM. N = 70 leaves a
+    # partial chunk of 32 rows; 2 % outliers give 14-40 per row.
+    qw = random_weight(generator, n=70, k=k, block_size=block_size, outlier_frac=0.02)
+    for m in (4, 5, 7, 8, 9):
+        x = torch.randn(m, k, generator=generator)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("outlier_frac", [0.0, 0.2])
 @pytest.mark.parametrize("method", ["nf4", "rtn", "quantlite"])
 def test_qmatmul_methods_and_outliers(generator, isa, outlier_frac, method):

@@ -65,14 +65,18 @@ static void qmatmul_chunk_avx2(void *job, int64_t begin, int64_t end, int thread
     ql_qmatmul_rows_avx2((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
-/* x (M, K) in any dtype -> x_perm (M, Kp) float32 (kernels.h), padding zero. */
-static void permute_x(const ql_matmul_job *job, float *x_perm) {
+/* x (M, K) in any dtype -> x_packed (Kp / 8, M, 8) and x_columns (K, M) float32 (kernels.h). */
+static void pack_x(const ql_matmul_job *job, float *x_packed, float *x_columns) {
     const int64_t k = job->w->k;
     for (int64_t m = 0; m < job->m; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
-        float *out = x_perm + m * job->padded_k;
-        for (int64_t c = 0; c < job->padded_k; ++c) out[ql_perm_position(c)] = c < k ? ql_load(x_row, job->dtype, c) : 0.0f;
+        for (int64_t c = 0; c < job->padded_k; ++c) {
+            const float value = c < k ? ql_load(x_row, job->dtype, c) : 0.0f;
+            x_packed[ql_packed_position(c, m, job->m)] = value;
+            if (c < k) x_columns[c * job->m + m] = value;
+        }
     }
+    memset(x_columns + k * job->m, 0, 8 * sizeof(float));
 }
 
 int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
@@ -94,18 +98,22 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
     job.scratch_floats_per_thread = ql_avx2_scratch_floats(&job);
-    float *x_perm = malloc(sizeof(float) * (size_t)(m * job.padded_k));
+    float *x_packed = malloc(sizeof(float) * (size_t)(m * job.padded_k));
+    float *x_columns = malloc(sizeof(float) * (size_t)(m * w->k + 8));
     float *scratch = malloc(sizeof(float) * (size_t)(job.scratch_floats_per_thread * threads + 1));
-    if (x_perm == NULL || scratch == NULL) {
-        free(x_perm);
+    if (x_packed == NULL || x_columns == NULL || scratch == NULL) {
+        free(x_packed);
+        free(x_columns);
         free(scratch);
         return QL_ERR_OUT_OF_MEMORY;
     }
-    permute_x(&job, x_perm);
-    job.x_perm = x_perm;
+    pack_x(&job, x_packed, x_columns);
+    job.x_packed = x_packed;
+    job.x_columns = x_columns;
     job.scratch = scratch;
     ql_parallel_for(w->n, grain, threads, qmatmul_chunk_avx2, &job);
-    free(x_perm);
+    free(x_packed);
+    free(x_columns);
     free(scratch);
     return QL_OK;
 }

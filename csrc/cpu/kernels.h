@@ -15,16 +15,21 @@ typedef struct {
     void *y;                 /* (M, N) in `dtype`, rows y_row_stride apart */
     int64_t y_row_stride;
     int dtype;
-    /* (M, Kp) float32, x with each group of 8 columns in the order (0, 2, 4, 6, 1, 3, 5, 7) and
-     * the padding zero: the order in which the AVX2 kernel decodes weights. AVX2 only. */
-    const float *x_perm;
+    /* (Kp / 8, M, 8) float32, AVX2 only: x cut into groups of 8 columns, each group holding the M
+     * rows' 8 values one after another (so the rows a kernel reads together are adjacent), each
+     * row's 8 in the order (0, 2, 4, 6, 1, 3, 5, 7) in which the AVX2 kernel decodes weights; the
+     * padding columns are zero. */
+    const float *x_packed;
+    /* (K, M) float32 + 8 zeros, AVX2 only: x transposed, so that the outliers of a column meet up
+     * to 8 rows of x in one load (the 8 zeros keep the last column's load inside the buffer). */
+    const float *x_columns;
     float *scratch;                    /* AVX2 only: ql_avx2_scratch_floats(job) per thread */
     int64_t scratch_floats_per_thread;
 } ql_matmul_job;
 
-/* Where column k of x sits in x_perm's row. */
-static inline int64_t ql_perm_position(int64_t k) {
-    return (k & ~(int64_t)7) + ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
+/* Where column k of x's row m sits in x_packed, for M rows. */
+static inline int64_t ql_packed_position(int64_t k, int64_t m, int64_t rows) {
+    return (k & ~(int64_t)7) * rows + m * 8 + ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
 }
 
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */

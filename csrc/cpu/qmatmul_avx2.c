@@ -1,8 +1,11 @@
 /* AVX2 + FMA kernels for y (M, N) = x (M, K) @ W^T (this file alone is compiled with -mavx2 -mfma;
  * api.c calls it only when cpuid reports both).
  *
- * Layouts: codes (N, Kp / 2) uint8, low nibble = even column; scales (N, Kp / B) float32; x_perm
- * (M, Kp) float32, x in the order the decode produces weights (below), made by api.c per call.
+ * Layouts: codes (N, Kp / 2) uint8, low nibble = even column; scales (N, Kp / B) float32. api.c
+ * makes two float32 copies of x per call (kernels.h): x_packed (Kp / 8, M, 8), per group of 8
+ * columns the M rows' values side by side, each row's 8 in the order the decode produces weights
+ * (below), so that every load a kernel issues is a fixed offset from one pointer and a K-slice of
+ * x is one contiguous piece of memory; and x_columns (K, M), x transposed, for the outliers.
  * Work partition: api.c hands each thread chunks of QL_ROW_GRAIN output rows (all M for each).
  *
  * Decode: 32 codes (16 bytes) -> 32 floats with in-lane byte shuffles only. The 16 float32 levels
@@ -16,24 +19,36 @@
  * shuffle the weights back, x is stored once per call in the same order, so the products line up.
  *
  * Two paths, by the number of input rows M:
- *   GEMV, M <= 4 (decode): each weight row is streamed once and decoded in registers.
+ *   Register path, M <= 8 (decode, batched decode, short prefill chunks): 32 weights are decoded
+ *   into 4 registers and multiplied into all M rows of x, one 8-lane accumulator per row.
+ *     M <= 4: whole weight rows, one after the other (x, at most 4 x 44 KiB, streams from L2);
  *       for each block b of row n:
- *           partial[r] = sum over the block of level * x_perm[r]      (r < M, FMA)
+ *           partial[r] = sum over the block of level * x[r]      (r < M, FMA)
  *           total[r] += partial[r] * scale[n, b]
- *       y[r, n] = sum(total[r]) + outliers
- *     The shuffles bound it, not memory: with the decode replaced by a plain cast, the same C loop
- *     ran 2.2x faster.
- *   GEMM, M > 4 (prefill): per chunk of QL_ROW_GRAIN weight rows and a slice of K, decode (and
+ *       The shuffles bound M = 1, not memory: with the decode replaced by a plain cast, the same
+ *       C loop ran 2.2x faster.
+ *     5 <= M <= 8: 2 M accumulators would not fit the 16 ymm registers, so the levels are scaled
+ *       first (level * scale, the rounding the GEMM's weights get too) and FMAed straight into
+ *       the row's total. Per chunk of QL_ROW_GRAIN weight rows, K is cut into slices whose
+ *       piece of x (M x slice floats) fits in half of L1; every row of the chunk passes over one
+ *       slice before the next (else 32 x loads per 32 weights would come from L2).
+ *     The 8-lane totals go to a (rows, M, 8) buffer; per output row they are reduced to one vector
+ *     (lane m = row m of x) with horizontal adds.
+ *   GEMM, M > 8 (prefill): per chunk of QL_ROW_GRAIN weight rows and a slice of K, decode (and
  *       scale) the slice into a float buffer (L1/L2), then a 3 x 4 register tile (3 rows of x, 4
  *       weight rows, 12 accumulators) runs over it: each decoded weight is reused by all M rows.
- * Outliers are added per output element after the dense part. */
+ * Outliers are added per output row after the dense part, up to 8 rows of x at once: per outlier
+ * one broadcast of its value, one load of x_columns (its column, 8 rows) and one FMA. */
 #include <immintrin.h>
 #include <string.h>
 
 #include "kernels.h"
 #include "quantlite_decode.h"
 
-#define GEMV_MAX_ROWS 4     /* rows of x one GEMV pass serves */
+#define LANES 8                      /* floats per ymm register */
+#define REGISTER_MAX_M LANES         /* M up to this: the register path (one vector of results per weight row) */
+#define SCALED_SUM_MAX_M 4           /* M up to this: scale each block's sum, not the levels */
+#define REGISTER_X_SLICE_BYTES 16384 /* x's K-slice in the register path (M > 4): half of L1d */
 #define GEMM_ROW_TILE 4     /* weight rows per register tile */
 #define GEMM_X_TILE 3       /* x rows per register tile: 3 x 4 accumulators + 3 x + 1 weight = 16 ymm */
 #define GEMM_K_SLICE 256    /* columns decoded at once: 32 rows x 256 x 4 B = 32 KiB, about L1 */
@@ -76,7 +91,7 @@ static inline __attribute__((always_inline)) void decode32(const level_planes *p
     out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));  /* code bytes 12-15 */
 }
 
-/* ---------------------------------------------------------------- helpers */
+/* ---------------------------------------------------------------- outputs */
 static inline float horizontal_sum(__m256 v) {
     __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
@@ -84,75 +99,133 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(sum);
 }
 
-/* Row n's outliers against one row of x_perm: 8 at a time with a gather (a scalar loop took
- * ~0.4 ms of a 2.2 ms 4096 x 4096 GEMV at 0.5 % outliers), then the rest one by one. */
-static inline float outlier_sum(const ql_weight *w, int64_t n, const float *x_perm_row) {
-    int64_t e = w->row_ptr[n];
-    const int64_t end = w->row_ptr[n + 1];
-    __m256 acc = _mm256_setzero_ps();
-    for (; e + 8 <= end; e += 8) {
-        const __m256i col = _mm256_loadu_si256((const __m256i *)(w->cols + e));
-        /* ql_perm_position, 8 lanes: (k & ~7) + 4 * (k & 1) + (k & 7) / 2 */
-        const __m256i position = _mm256_add_epi32(
-            _mm256_add_epi32(_mm256_and_si256(col, _mm256_set1_epi32(~7)),
-                             _mm256_slli_epi32(_mm256_and_si256(col, _mm256_set1_epi32(1)), 2)),
-            _mm256_srli_epi32(_mm256_and_si256(col, _mm256_set1_epi32(7)), 1));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w->vals + e), _mm256_i32gather_ps(x_perm_row, position, 4), acc);
-    }
-    float sum = horizontal_sum(acc);
-    for (; e < end; ++e) sum += w->vals[e] * x_perm_row[ql_perm_position(w->cols[e])];
-    return sum;
+/* lane m = the sum of v[m]'s 8 lanes. */
+static inline __m256 lane_sums(const __m256 v[LANES]) {
+    const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 q0123 = _mm256_hadd_ps(h01, h23), q4567 = _mm256_hadd_ps(h45, h67);  /* per 128-bit half */
+    return _mm256_add_ps(_mm256_permute2f128_ps(q0123, q4567, 0x20), _mm256_permute2f128_ps(q0123, q4567, 0x31));
 }
 
-/* ---------------------------------------------------------------- GEMV (M <= 4) */
-/* One weight row n against `rows` rows of x. Per block: sum level * x in ACCS independent
- * accumulators per row (FMA latency is 4 cycles; one chain per row would stall at M = 1), then
- * total += scale * that sum. */
-static inline __attribute__((always_inline)) void gemv_row(const ql_matmul_job *job, const level_planes *planes,
-                                                           int64_t n, const int rows) {
-    const int ACCS = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+/* lane m = row n's outliers against x row m0 + m (lanes past M hold garbage): one broadcast, one
+ * load of x_columns and one FMA per outlier, for up to 8 rows of x at once. */
+static inline __m256 outlier_sums(const ql_matmul_job *job, int64_t n, int64_t m0) {
     const ql_weight *w = job->w;
-    const int64_t block = w->block_size, kp = job->padded_k, n_blocks = kp / block;
-    const int64_t wide_bytes = block / 2 / 16 * 16;        /* bytes per block in 16-byte steps */
-    const uint8_t *code_row = w->codes + n * (kp / 2);     /* (Kp / 2,) */
-    const float *scale_row = w->scales + n * n_blocks;      /* (Kp / B,) */
-    const float *x = job->x_perm;                          /* (rows, Kp) permuted order */
+    const float *x = job->x_columns + m0;
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* two chains: FMA latency */
+    int64_t e = w->row_ptr[n];
+    const int64_t end = w->row_ptr[n + 1];
+    for (; e + 2 <= end; e += 2) {
+        even = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e), _mm256_loadu_ps(x + w->cols[e] * job->m), even);
+        odd = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e + 1), _mm256_loadu_ps(x + w->cols[e + 1] * job->m), odd);
+    }
+    if (e < end) even = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e), _mm256_loadu_ps(x + w->cols[e] * job->m), even);
+    return _mm256_add_ps(even, odd);
+}
 
-    __m256 total[GEMV_MAX_ROWS], partial[GEMV_MAX_ROWS][4], levels[4];
-    for (int r = 0; r < rows; ++r) total[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        for (int r = 0; r < rows; ++r)
-            for (int a = 0; a < ACCS; ++a) partial[r][a] = _mm256_setzero_ps();
-        const uint8_t *bytes = code_row + b * (block / 2);
-        const float *xb = x + b * block;
+/* y[m0 + m, n] = lane m of dense (m < x_rows) + row n's outliers. */
+static inline void store_outputs(const ql_matmul_job *job, int64_t n, int64_t m0, int x_rows, __m256 dense) {
+    float values[LANES];
+    _mm256_storeu_ps(values, _mm256_add_ps(dense, outlier_sums(job, n, m0)));
+    for (int m = 0; m < x_rows; ++m) ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n, values[m]);
+}
+
+/* ---------------------------------------------------------------- register path (M <= 8) */
+/* In this path x_rows is M, a compile-time constant in each copy the dispatch instantiates. */
+
+/* acc[r][i % accs] += levels[i] * x row r's i-th group of 8 columns, for i < count; x points at
+ * x_packed's first group (x_rows rows of 8 floats per group). */
+static inline __attribute__((always_inline)) void accumulate(const __m256 levels[4], const int count, const float *x,
+                                                             __m256 acc[REGISTER_MAX_M][4], const int x_rows,
+                                                             const int accs) {
+    for (int i = 0; i < count; ++i)
+        for (int r = 0; r < x_rows; ++r)
+            acc[r][i % accs] = _mm256_fmadd_ps(levels[i], _mm256_loadu_ps(x + (i * x_rows + r) * 8), acc[r][i % accs]);
+}
+
+/* Weight row n, columns [k0, k0 + length) (whole blocks), against all x_rows rows of x; the
+ * 8-lane partial sums are added to row_sums (x_rows, 8). */
+static inline __attribute__((always_inline)) void row_slice(const ql_matmul_job *job, const level_planes *planes,
+                                                            int64_t n, int64_t k0, int64_t length, float *row_sums,
+                                                            const int x_rows) {
+    /* Up to 4 rows: per block, sum level * x, then scale that sum once (total += scale * partial),
+     * in `accs` independent chains per row (FMA latency is 4 cycles: one chain would stall at M = 1).
+     * More rows: registers are short, so the levels are scaled (4 multiplies per 32 weights, the
+     * rounding of the weights the GEMM path has too) and each row has one chain, its total. */
+    const int scale_sums = x_rows <= SCALED_SUM_MAX_M;
+    const int accs = x_rows == 1 ? 4 : x_rows == 2 ? 2 : 1;
+    const ql_weight *w = job->w;
+    const int64_t block = w->block_size, kp = job->padded_k;
+    const int64_t wide_bytes = block / 2 / 16 * 16;       /* bytes per block in 16-byte steps */
+    const uint8_t *bytes = w->codes + n * (kp / 2) + k0 / 2;
+    const float *scales = w->scales + n * (kp / block) + k0 / block;
+    const float *x = job->x_packed + k0 * x_rows;         /* 1 byte of codes = 2 columns = 2 * x_rows floats */
+
+    __m256 total[REGISTER_MAX_M], acc[REGISTER_MAX_M][4], levels[4];
+    for (int r = 0; r < x_rows; ++r) {
+        total[r] = _mm256_setzero_ps();
+        for (int a = 0; a < accs; ++a) acc[r][a] = _mm256_setzero_ps();
+    }
+    for (int64_t start = 0; start < length; start += block, bytes += block / 2, x += block * x_rows) {
+        const __m256 scale = _mm256_broadcast_ss(scales + start / block);
+        if (scale_sums)
+            for (int r = 0; r < x_rows; ++r)
+                for (int a = 0; a < accs; ++a) acc[r][a] = _mm256_setzero_ps();
         for (int64_t j = 0; j < wide_bytes; j += 16) {
             decode32(planes, bytes + j, levels, 0);
-            for (int i = 0; i < 4; ++i)
-                for (int r = 0; r < rows; ++r)
-                    partial[r][i % ACCS] = _mm256_fmadd_ps(levels[i], _mm256_loadu_ps(xb + r * kp + 2 * j + 8 * i), partial[r][i % ACCS]);
+            if (!scale_sums)
+                for (int i = 0; i < 4; ++i) levels[i] = _mm256_mul_ps(levels[i], scale);
+            accumulate(levels, 4, x + 2 * j * x_rows, acc, x_rows, accs);
         }
         if (wide_bytes < block / 2) {  /* B = 48, 80, ...: 8 bytes left */
             decode32(planes, bytes + wide_bytes, levels, 1);
-            for (int i = 0; i < 2; ++i)
-                for (int r = 0; r < rows; ++r)
-                    partial[r][i % ACCS] = _mm256_fmadd_ps(levels[i], _mm256_loadu_ps(xb + r * kp + 2 * wide_bytes + 8 * i), partial[r][i % ACCS]);
+            if (!scale_sums)
+                for (int i = 0; i < 2; ++i) levels[i] = _mm256_mul_ps(levels[i], scale);
+            accumulate(levels, 2, x + 2 * wide_bytes * x_rows, acc, x_rows, accs);
         }
-        const __m256 scale = _mm256_broadcast_ss(scale_row + b);
-        for (int r = 0; r < rows; ++r) {
-            __m256 sum = partial[r][0];
-            for (int a = 1; a < ACCS; ++a) sum = _mm256_add_ps(sum, partial[r][a]);
-            total[r] = _mm256_fmadd_ps(sum, scale, total[r]);
-        }
+        if (scale_sums)
+            for (int r = 0; r < x_rows; ++r) {
+                __m256 sum = acc[r][0];
+                for (int a = 1; a < accs; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+                total[r] = _mm256_fmadd_ps(sum, scale, total[r]);
+            }
     }
-    for (int r = 0; r < rows; ++r) {
-        float value = horizontal_sum(total[r]) + outlier_sum(w, n, x + r * kp);
-        ql_store(job->y, job->dtype, r * job->y_row_stride + n, value);
+    for (int r = 0; r < x_rows; ++r) {
+        float *sums = row_sums + r * 8;
+        _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), scale_sums ? total[r] : acc[r][0]));
     }
 }
 
-/* ---------------------------------------------------------------- GEMM (M > 4) */
+/* Columns per K-slice. Up to 4 rows of x, whole rows: x streams from L2 (at most 16 loads per 32
+ * weights) and the codes stream in order. More: whole blocks, x's slice (x_rows * slice * 4 B)
+ * within REGISTER_X_SLICE_BYTES, so that it stays in L1 while the chunk's weight rows pass over it. */
+static int64_t register_slice_length(int64_t block, int64_t kp, int64_t x_rows) {
+    if (x_rows <= SCALED_SUM_MAX_M) return kp;
+    const int64_t fitting = REGISTER_X_SLICE_BYTES / (4 * x_rows) / block * block;
+    return fitting < block ? block : fitting > kp ? kp : fitting;
+}
+
+/* Weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all x_rows = M rows of x. */
+static inline __attribute__((always_inline)) void register_rows(const ql_matmul_job *job, const level_planes *planes,
+                                                                int64_t n0, int64_t rows, float *sums,
+                                                                const int x_rows) {
+    const int64_t kp = job->padded_k, slice = register_slice_length(job->w->block_size, kp, x_rows);
+    memset(sums, 0, sizeof(float) * rows * x_rows * 8);  /* (rows, x_rows, 8) */
+    for (int64_t k0 = 0; k0 < kp; k0 += slice) {
+        const int64_t length = kp - k0 < slice ? kp - k0 : slice;
+        for (int64_t r = 0; r < rows; ++r) row_slice(job, planes, n0 + r, k0, length, sums + r * x_rows * 8, x_rows);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        __m256 row_sums[LANES];
+        for (int m = 0; m < LANES; ++m)
+            row_sums[m] = m < x_rows ? _mm256_loadu_ps(sums + (r * x_rows + m) * 8) : _mm256_setzero_ps();
+        store_outputs(job, n0 + r, 0, x_rows, lane_sums(row_sums));
+    }
+}
+
+/* ---------------------------------------------------------------- GEMM (M > 8) */
 /* Weight row n, columns [k0, k0 + length) (whole blocks), dequantized and scaled into out, in
- * x_perm's order. */
+ * x_packed's column order. */
 static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t kp, int64_t n, int64_t k0,
                          int64_t length, float *out) {
     const int64_t block = w->block_size, wide_bytes = block / 2 / 16 * 16;
@@ -172,17 +245,18 @@ static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t
     }
 }
 
-/* sums (x_rows, 4) += x (x_rows, length) . weights (4, length)^T, both in x_perm order. */
-static inline __attribute__((always_inline)) void register_tile(const float *x, int64_t x_stride,
+/* sums (x_rows, 4) += x (x_rows, length) . weights (4, length)^T; x points into x_packed (rows
+ * of a group 8 floats apart, groups x_group_stride apart), weights in x_packed's column order. */
+static inline __attribute__((always_inline)) void register_tile(const float *x, int64_t x_group_stride,
                                                                 const float *weights, int64_t w_stride,
                                                                 int64_t length, float *sums,
                                                                 int64_t sums_stride, const int x_rows) {
     __m256 acc[GEMM_X_TILE][GEMM_ROW_TILE];
     for (int i = 0; i < x_rows; ++i)
         for (int r = 0; r < GEMM_ROW_TILE; ++r) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < length; k += 8) {
+    for (int64_t k = 0; k < length; k += 8, x += x_group_stride) {
         __m256 xv[GEMM_X_TILE];
-        for (int i = 0; i < x_rows; ++i) xv[i] = _mm256_loadu_ps(x + i * x_stride + k);
+        for (int i = 0; i < x_rows; ++i) xv[i] = _mm256_loadu_ps(x + 8 * i);
         for (int r = 0; r < GEMM_ROW_TILE; ++r) {
             const __m256 wv = _mm256_loadu_ps(weights + r * w_stride + k);
             for (int i = 0; i < x_rows; ++i) acc[i][r] = _mm256_fmadd_ps(xv[i], wv, acc[i][r]);
@@ -192,21 +266,21 @@ static inline __attribute__((always_inline)) void register_tile(const float *x, 
         for (int r = 0; r < GEMM_ROW_TILE; ++r) sums[i * sums_stride + r] += horizontal_sum(acc[i][r]);
 }
 
-static int64_t slice_length(int64_t block) {
+static int64_t gemm_slice_length(int64_t block) {
     return block >= GEMM_K_SLICE ? block : GEMM_K_SLICE / block * block;
 }
 
 int64_t ql_avx2_scratch_floats(const ql_matmul_job *job) {
-    if (job->m <= GEMV_MAX_ROWS) return 0;
-    return QL_ROW_GRAIN * slice_length(job->w->block_size) + job->m * QL_ROW_GRAIN;
+    if (job->m <= REGISTER_MAX_M) return QL_ROW_GRAIN * job->m * LANES;
+    return QL_ROW_GRAIN * gemm_slice_length(job->w->block_size) + job->m * QL_ROW_GRAIN;
 }
 
 /* Weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all M rows of x. */
 static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int64_t n0, int64_t rows, float *scratch) {
     const ql_weight *w = job->w;
-    const int64_t kp = job->padded_k, slice = slice_length(w->block_size);
+    const int64_t kp = job->padded_k, slice = gemm_slice_length(w->block_size);
     const int64_t tiles = (rows + GEMM_ROW_TILE - 1) / GEMM_ROW_TILE;
-    float *weights = scratch;                          /* (tiles * 4, slice) float32, x_perm order */
+    float *weights = scratch;                          /* (tiles * 4, slice) float32, x_packed's column order */
     float *sums = scratch + QL_ROW_GRAIN * slice;      /* (M, QL_ROW_GRAIN) float32 */
     memset(sums, 0, sizeof(float) * job->m * QL_ROW_GRAIN);
     for (int64_t k0 = 0; k0 < kp; k0 += slice) {
@@ -216,39 +290,42 @@ static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int6
             else memset(weights + r * slice, 0, sizeof(float) * length);  /* tile padding */
         }
         for (int64_t m0 = 0; m0 < job->m; m0 += GEMM_X_TILE) {
-            const float *x = job->x_perm + m0 * kp + k0;
+            const float *x = job->x_packed + k0 * job->m + m0 * 8;
             for (int64_t t = 0; t < tiles; ++t) {
                 const float *tile_weights = weights + t * GEMM_ROW_TILE * slice;
                 float *tile_sums = sums + m0 * QL_ROW_GRAIN + t * GEMM_ROW_TILE;
                 switch (job->m - m0 < GEMM_X_TILE ? job->m - m0 : GEMM_X_TILE) {
-                    case 1: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 1); break;
-                    case 2: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 2); break;
-                    default: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 3); break;
+                    case 1: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 1); break;
+                    case 2: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 2); break;
+                    default: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 3); break;
                 }
             }
         }
     }
-    for (int64_t m = 0; m < job->m; ++m)
-        for (int64_t r = 0; r < rows; ++r) {
-            float value = sums[m * QL_ROW_GRAIN + r] + outlier_sum(w, n0 + r, job->x_perm + m * kp);
-            ql_store(job->y, job->dtype, m * job->y_row_stride + n0 + r, value);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t m0 = 0; m0 < job->m; m0 += LANES) {
+            const int x_rows = job->m - m0 < LANES ? (int)(job->m - m0) : LANES;
+            float dense[LANES] = {0};
+            for (int m = 0; m < x_rows; ++m) dense[m] = sums[(m0 + m) * QL_ROW_GRAIN + r];
+            store_outputs(job, n0 + r, m0, x_rows, _mm256_loadu_ps(dense));
         }
 }
 
 void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
     const level_planes planes = make_planes(job->w->codebook);
-    if (job->m > GEMV_MAX_ROWS) {
-        float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
-        for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN)
-            gemm_rows(job, &planes, n0, n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN, scratch);
-        return;
-    }
-    for (int64_t n = n_begin; n < n_end; ++n) {
+    float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
+        const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
         switch (job->m) {  /* a constant row count lets the compiler keep every accumulator in a register */
-            case 1: gemv_row(job, &planes, n, 1); break;
-            case 2: gemv_row(job, &planes, n, 2); break;
-            case 3: gemv_row(job, &planes, n, 3); break;
-            default: gemv_row(job, &planes, n, 4); break;
+            case 1: register_rows(job, &planes, n0, rows, scratch, 1); break;
+            case 2: register_rows(job, &planes, n0, rows, scratch, 2); break;
+            case 3: register_rows(job, &planes, n0, rows, scratch, 3); break;
+            case 4: register_rows(job, &planes, n0, rows, scratch, 4); break;
+            case 5: register_rows(job, &planes, n0, rows, scratch, 5); break;
+            case 6: register_rows(job, &planes, n0, rows, scratch, 6); break;
+            case 7: register_rows(job, &planes, n0, rows, scratch, 7); break;
+            case 8: register_rows(job, &planes, n0, rows, scratch, 8); break;
+            default: gemm_rows(job, &planes, n0, rows, scratch); break;
         }
     }
 }
