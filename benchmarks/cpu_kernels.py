@@ -3,11 +3,13 @@
     .venv/bin/python -m benchmarks.cpu_kernels                 # qmatmul + encode_codes
     .venv/bin/python -m benchmarks.cpu_kernels --runtime       # + SmolLM2 decode tokens/s
     .venv/bin/python -m benchmarks.cpu_kernels --threads 1 --cpu-time   # steadiest on a shared machine
+    .venv/bin/python -m benchmarks.cpu_kernels --m 1,4,8,16 --no-bnb-matmul   # other batch sizes
 
-1. qmatmul, M = 1 and 8, on 4096 x 4096, 11008 x 4096 and 4096 x 11008 (NF4, block 64, 0.5 %
-   outliers): native `qmatmul_cpu` against torch fp32 `F.linear` on the dequantized weight and
-   against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals (issue 6): M = 1 at >= 2.5x
-   torch fp32 (0.53 instead of 4 bytes per weight) and >= 10x bitsandbytes.
+1. qmatmul, M = 1 and 8 (--m), on 4096 x 4096, 11008 x 4096 and 4096 x 11008 (NF4, block 64,
+   0.5 % outliers): native `qmatmul_cpu` against torch fp32 `F.linear` on the dequantized weight
+   and against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals (issue 6): M = 1 at
+   >= 2.5x torch fp32 (0.53 instead of 4 bytes per weight) and >= 10x bitsandbytes; M = 8 (batched
+   decoding, prefill chunks) at >= 10x bitsandbytes and >= 2x torch fp32.
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
    computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
@@ -53,7 +55,7 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def bench_qmatmul(repeats: int, with_bnb: bool) -> None:
+def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     import bitsandbytes
     import bitsandbytes.functional as bnb_functional
 
@@ -64,7 +66,7 @@ def bench_qmatmul(repeats: int, with_bnb: bool) -> None:
         qw = quantize(w, method="nf4", outlier_frac=0.005)
         dense = qw.dequantize()  # (N, K) float32, what the fp32 baseline multiplies by
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        for m in (1, 8):
+        for m in batch_sizes:
             x = torch.randn(m, k)
             functions = {
                 "torch": lambda: torch.nn.functional.linear(x, dense),
@@ -136,6 +138,7 @@ def bench_runtime(tokens: int, packed: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--m", default="1,8", help="comma-separated batch sizes M for qmatmul (default 1,8)")
     parser.add_argument("--no-bnb-matmul", action="store_true", help="skip bitsandbytes matmul_4bit (slow: ~0.1-0.5 s a call)")
     parser.add_argument("--runtime", action="store_true", help="also time SmolLM2 decoding (converts it first)")
     parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime")
@@ -154,7 +157,7 @@ def main() -> None:
         raise SystemExit(f"native CPU library not usable: {native.cpu_status()}")
     print(f"machine: {describe()}; native isa: {native.cpu_isa()}; "
           f"clock: {'CPU time of the calling thread' if args.cpu_time else 'wall'}")
-    bench_qmatmul(args.repeats, not args.no_bnb_matmul)
+    bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")])
     bench_encode(args.repeats)
     if args.runtime:
         bench_runtime(args.tokens, args.packed)

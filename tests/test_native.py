@@ -78,12 +78,12 @@ def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("block_size, k", [(32, 1100), (48, 1201), (64, 1537), (128, 700), (256, 2000)])
+@pytest.mark.parametrize("block_size, k", [(32, 2100), (48, 2201), (64, 3137), (128, 2500), (256, 4000)])
 def test_qmatmul_k_slices_of_the_register_path(generator, isa, block_size, k):
-    # The AVX2 register path (M <= 8) cuts K into slices of x that fit in L1 once M > 4 (512 columns
-    # at M = 8, rounded down to whole blocks: several slices here, the last one short). M = 4 / 5 is
+    # The AVX2 register path (M <= 8) cuts K into slices of 32 KiB of x once M > 4 (1024 columns at
+    # M = 8, rounded down to whole blocks: 2-4 slices here, the last one short). M = 4 / 5 is
     # its switch from scaled sums to scaled levels, 8 / 9 the switch to the GEMM. N = 70 leaves a
-    # partial chunk of 32 rows; 2 % outliers give 14-40 per row.
+    # partial chunk of 32 rows; 2 % outliers give 40-80 per row.
     qw = random_weight(generator, n=70, k=k, block_size=block_size, outlier_frac=0.02)
     for m in (4, 5, 7, 8, 9):
         x = torch.randn(m, k, generator=generator)

@@ -30,8 +30,10 @@
  *     5 <= M <= 8: 2 M accumulators would not fit the 16 ymm registers, so the levels are scaled
  *       first (level * scale, the rounding the GEMM's weights get too) and FMAed straight into
  *       the row's total. Per chunk of QL_ROW_GRAIN weight rows, K is cut into slices whose
- *       piece of x (M x slice floats) fits in half of L1; every row of the chunk passes over one
- *       slice before the next (else 32 x loads per 32 weights would come from L2).
+ *       piece of x (M x slice floats) is 32 KiB, the size of L1d; every row of the chunk passes
+ *       over one slice before the next (else 32 x loads per 32 weights would come from L2 or,
+ *       at K = 11008, L3). Half that (16 KiB) measured 5-15 % slower at M = 8: the codes come in
+ *       shorter runs per row.
  *     The 8-lane totals go to a (rows, M, 8) buffer; per output row they are reduced to one vector
  *     (lane m = row m of x) with horizontal adds.
  *   GEMM, M > 8 (prefill): per chunk of QL_ROW_GRAIN weight rows and a slice of K, decode (and
@@ -48,7 +50,7 @@
 #define LANES 8                      /* floats per ymm register */
 #define REGISTER_MAX_M LANES         /* M up to this: the register path (one vector of results per weight row) */
 #define SCALED_SUM_MAX_M 4           /* M up to this: scale each block's sum, not the levels */
-#define REGISTER_X_SLICE_BYTES 16384 /* x's K-slice in the register path (M > 4): half of L1d */
+#define REGISTER_X_SLICE_BYTES 32768 /* x's K-slice in the register path (M > 4): the size of L1d */
 #define GEMM_ROW_TILE 4     /* weight rows per register tile */
 #define GEMM_X_TILE 3       /* x rows per register tile: 3 x 4 accumulators + 3 x + 1 weight = 16 ymm */
 #define GEMM_K_SLICE 256    /* columns decoded at once: 32 rows x 256 x 4 B = 32 KiB, about L1 */
@@ -197,8 +199,9 @@ static inline __attribute__((always_inline)) void row_slice(const ql_matmul_job 
 }
 
 /* Columns per K-slice. Up to 4 rows of x, whole rows: x streams from L2 (at most 16 loads per 32
- * weights) and the codes stream in order. More: whole blocks, x's slice (x_rows * slice * 4 B)
- * within REGISTER_X_SLICE_BYTES, so that it stays in L1 while the chunk's weight rows pass over it. */
+ * weights) and the codes stream in order (slicing measured slower there). More: whole blocks, x's
+ * slice (x_rows * slice * 4 B) within REGISTER_X_SLICE_BYTES, so that it stays close while the
+ * chunk's weight rows pass over it. */
 static int64_t register_slice_length(int64_t block, int64_t kp, int64_t x_rows) {
     if (x_rows <= SCALED_SUM_MAX_M) return kp;
     const int64_t fitting = REGISTER_X_SLICE_BYTES / (4 * x_rows) / block * block;
