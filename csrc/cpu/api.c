@@ -65,14 +65,14 @@ static void qmatmul_chunk_avx2(void *job, int64_t begin, int64_t end, int thread
     ql_qmatmul_rows_avx2((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
-/* x (M, K) in any dtype -> x_packed (Kp / 8, M, 8) and x_columns (K, M) float32 (kernels.h). */
+/* x (M, K) in any dtype -> x_packed and x_columns (K, M) float32 (kernels.h). */
 static void pack_x(const ql_matmul_job *job, float *x_packed, float *x_columns) {
     const int64_t k = job->w->k;
     for (int64_t m = 0; m < job->m; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
         for (int64_t c = 0; c < job->padded_k; ++c) {
             const float value = c < k ? ql_load(x_row, job->dtype, c) : 0.0f;
-            x_packed[ql_packed_position(c, m, job->m)] = value;
+            x_packed[ql_packed_position(c, m, job->m, job->padded_k)] = value;
             if (c < k) x_columns[c * job->m + m] = value;
         }
     }

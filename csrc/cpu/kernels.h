@@ -15,10 +15,10 @@ typedef struct {
     void *y;                 /* (M, N) in `dtype`, rows y_row_stride apart */
     int64_t y_row_stride;
     int dtype;
-    /* (Kp / 8, M, 8) float32, AVX2 only: x cut into groups of 8 columns, each group holding the M
-     * rows' 8 values one after another (so the rows a kernel reads together are adjacent), each
-     * row's 8 in the order (0, 2, 4, 6, 1, 3, 5, 7) in which the AVX2 kernel decodes weights; the
-     * padding columns are zero. */
+    /* AVX2 only: x in float32, each row's groups of 8 columns in the order (0, 2, 4, 6, 1, 3, 5, 7)
+     * in which the AVX2 kernel decodes weights, padding columns zero. M <= 8: (Kp / 8, M, 8), per
+     * group the M rows side by side (the register path reads them together); M > 8: (M, Kp), row
+     * after row (the GEMM's x tiles, measured faster so at K = 11008). */
     const float *x_packed;
     /* (K, M) float32 + 8 zeros, AVX2 only: x transposed, so that the outliers of a column meet up
      * to 8 rows of x in one load (the 8 zeros keep the last column's load inside the buffer). */
@@ -27,9 +27,13 @@ typedef struct {
     int64_t scratch_floats_per_thread;
 } ql_matmul_job;
 
-/* Where column k of x's row m sits in x_packed, for M rows. */
-static inline int64_t ql_packed_position(int64_t k, int64_t m, int64_t rows) {
-    return (k & ~(int64_t)7) * rows + m * 8 + ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
+/* Rows of x up to which x_packed interleaves them per group of 8 columns. */
+#define QL_PACKED_MAX_M 8
+
+/* Where column k of x's row m sits in x_packed, for M rows of Kp columns. */
+static inline int64_t ql_packed_position(int64_t k, int64_t m, int64_t rows, int64_t padded_k) {
+    const int64_t in_group = ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
+    return rows <= QL_PACKED_MAX_M ? (k & ~(int64_t)7) * rows + m * 8 + in_group : m * padded_k + (k & ~(int64_t)7) + in_group;
 }
 
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */

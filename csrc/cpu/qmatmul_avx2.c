@@ -2,10 +2,12 @@
  * api.c calls it only when cpuid reports both).
  *
  * Layouts: codes (N, Kp / 2) uint8, low nibble = even column; scales (N, Kp / B) float32. api.c
- * makes two float32 copies of x per call (kernels.h): x_packed (Kp / 8, M, 8), per group of 8
- * columns the M rows' values side by side, each row's 8 in the order the decode produces weights
- * (below), so that every load a kernel issues is a fixed offset from one pointer and a K-slice of
- * x is one contiguous piece of memory; and x_columns (K, M), x transposed, for the outliers.
+ * makes two float32 copies of x per call (kernels.h): x_packed, each row's groups of 8 columns in
+ * the order the decode produces weights (below); for M <= 8 (Kp / 8, M, 8), per group the M rows
+ * side by side, so that every load of the register path is a fixed offset from one pointer and a
+ * K-slice of x is one contiguous piece of memory; for M > 8 (M, Kp), row after row, for the GEMM
+ * (interleaved, its M = 9..16 ran up to 30 % slower at K = 11008); and x_columns (K, M), x
+ * transposed, for the outliers.
  * Work partition: api.c hands each thread chunks of QL_ROW_GRAIN output rows (all M for each).
  *
  * Decode: 32 codes (16 bytes) -> 32 floats with in-lane byte shuffles only. The 16 float32 levels
@@ -48,7 +50,7 @@
 #include "quantlite_decode.h"
 
 #define LANES 8                      /* floats per ymm register */
-#define REGISTER_MAX_M LANES         /* M up to this: the register path (one vector of results per weight row) */
+#define REGISTER_MAX_M QL_PACKED_MAX_M /* M up to this: the register path (one vector of results per weight row) */
 #define SCALED_SUM_MAX_M 4           /* M up to this: scale each block's sum, not the levels */
 #define REGISTER_X_SLICE_BYTES 32768 /* x's K-slice in the register path (M > 4): the size of L1d */
 #define GEMM_ROW_TILE 4     /* weight rows per register tile */
@@ -248,18 +250,18 @@ static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t
     }
 }
 
-/* sums (x_rows, 4) += x (x_rows, length) . weights (4, length)^T; x points into x_packed (rows
- * of a group 8 floats apart, groups x_group_stride apart), weights in x_packed's column order. */
-static inline __attribute__((always_inline)) void register_tile(const float *x, int64_t x_group_stride,
+/* sums (x_rows, 4) += x (x_rows, length) . weights (4, length)^T; x points into x_packed (M > 8:
+ * rows Kp floats apart, groups of 8 columns one after the other), weights in its column order. */
+static inline __attribute__((always_inline)) void register_tile(const float *x, int64_t x_stride,
                                                                 const float *weights, int64_t w_stride,
                                                                 int64_t length, float *sums,
                                                                 int64_t sums_stride, const int x_rows) {
     __m256 acc[GEMM_X_TILE][GEMM_ROW_TILE];
     for (int i = 0; i < x_rows; ++i)
         for (int r = 0; r < GEMM_ROW_TILE; ++r) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < length; k += 8, x += x_group_stride) {
+    for (int64_t k = 0; k < length; k += 8) {
         __m256 xv[GEMM_X_TILE];
-        for (int i = 0; i < x_rows; ++i) xv[i] = _mm256_loadu_ps(x + 8 * i);
+        for (int i = 0; i < x_rows; ++i) xv[i] = _mm256_loadu_ps(x + i * x_stride + k);
         for (int r = 0; r < GEMM_ROW_TILE; ++r) {
             const __m256 wv = _mm256_loadu_ps(weights + r * w_stride + k);
             for (int i = 0; i < x_rows; ++i) acc[i][r] = _mm256_fmadd_ps(xv[i], wv, acc[i][r]);
@@ -293,14 +295,14 @@ static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int6
             else memset(weights + r * slice, 0, sizeof(float) * length);  /* tile padding */
         }
         for (int64_t m0 = 0; m0 < job->m; m0 += GEMM_X_TILE) {
-            const float *x = job->x_packed + k0 * job->m + m0 * 8;
+            const float *x = job->x_packed + m0 * kp + k0;
             for (int64_t t = 0; t < tiles; ++t) {
                 const float *tile_weights = weights + t * GEMM_ROW_TILE * slice;
                 float *tile_sums = sums + m0 * QL_ROW_GRAIN + t * GEMM_ROW_TILE;
                 switch (job->m - m0 < GEMM_X_TILE ? job->m - m0 : GEMM_X_TILE) {
-                    case 1: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 1); break;
-                    case 2: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 2); break;
-                    default: register_tile(x, 8 * job->m, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 3); break;
+                    case 1: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 1); break;
+                    case 2: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 2); break;
+                    default: register_tile(x, kp, tile_weights, slice, length, tile_sums, QL_ROW_GRAIN, 3); break;
                 }
             }
         }
