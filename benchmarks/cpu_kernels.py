@@ -15,8 +15,9 @@
    bitsandbytes.
 3. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
    CPU with the dispatch's choice (the native library) against the torch reference back-end.
-Times are medians of interleaved repeats (baseline and ours alternate, so a noisy neighbour hits
-both); all use torch's thread count (--threads sets it; 1 is the steadiest on a shared machine).
+Times are medians of interleaved repeats (a baseline and ours alternate, so a noisy neighbour hits
+both; each baseline is paired with ours on its own); all use torch's thread count (--threads sets
+it, default all cores; 1 is the steadiest on a shared machine).
 """
 from __future__ import annotations
 
@@ -59,8 +60,12 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     import bitsandbytes
     import bitsandbytes.functional as bnb_functional
 
-    print("\n== qmatmul: ms per call (ratio = baseline / native)")
-    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'bnb 4bit':>10} {'native':>8} {'vs fp32':>8} {'vs bnb':>8}")
+    # Each ratio comes from its own interleaved pair: bitsandbytes' OpenMP threads keep spinning for a
+    # while after each of its calls and slow whatever runs next on the other core, so a native call
+    # timed right after one would be charged for bitsandbytes' threads (at 2 threads, M = 1 measured
+    # 1.68 ms for 4096 x 4096 after bitsandbytes calls, 1.25 ms after torch's).
+    print("\n== qmatmul: ms per call (ratio = baseline / native, each pair timed on its own)")
+    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'vs fp32':>8} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
         qw = quantize(w, method="nf4", outlier_frac=0.005)
@@ -68,17 +73,15 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
         for m in batch_sizes:
             x = torch.randn(m, k)
-            functions = {
-                "torch": lambda: torch.nn.functional.linear(x, dense),
-                "native": lambda: native.qmatmul_cpu(x, qw),
-            }
+            ours = lambda: native.qmatmul_cpu(x, qw)  # noqa: E731
+            fp32 = interleaved_medians({"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours}, repeats)
+            row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
+                   f"{fp32['torch'] / fp32['native']:7.2f}x")
             if with_bnb:
-                functions["bnb"] = lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
-            t = interleaved_medians(functions, repeats)
-            bnb_ms = f"{t['bnb'] * 1e3:10.2f}" if with_bnb else f"{'-':>10}"
-            bnb_ratio = f"{t['bnb'] / t['native']:7.1f}x" if with_bnb else f"{'-':>8}"
-            print(f"{n:>6} x {k:<5} {m:>3} {t['torch'] * 1e3:11.2f} {bnb_ms} {t['native'] * 1e3:8.2f} "
-                  f"{t['torch'] / t['native']:7.2f}x {bnb_ratio}")
+                bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
+                                           "native": ours}, repeats)
+                row += f" {bnb['bnb'] * 1e3:10.2f} {bnb['native'] * 1e3:8.2f} {bnb['bnb'] / bnb['native']:7.1f}x"
+            print(row)
 
 
 def torch_codes(blocks: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
