@@ -13,14 +13,16 @@ once and the returned dict holds the same tensor object under each of their name
 Two ways to run the model, same statistics (up to float rounding):
   collect_input_stats          any torch model in memory (forward hooks on its nn.Linear modules);
   stream_input_stats           a checkpoint source (quantlite.sources) one decoder layer at a time,
-                               through quantlite.runtime.llama's model math: peak memory is one layer
-                               plus the hidden states of the calibration windows, as in the runtime.
-                               This is what `quantlite convert --calibration` uses.
+  (iter_layer_input_stats:     through quantlite.runtime.llama's model math: peak memory is one layer
+   the same, layer by layer)   plus the hidden states of the calibration windows, as in the runtime.
+                               `quantlite convert --calibration` uses the per-layer form.
 
 The calibration text must not overlap the evaluation text (benchmarks/accuracy.py takes it from the
 part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -88,8 +90,25 @@ def stream_input_stats(
 ) -> dict[str, torch.Tensor]:
     """E[x x^T] (K, K) float32 of the input of every decoder Linear weight of `source` (a checkpoint
     of quantlite.sources: `config`, `shapes`, `read(name)`), keyed by weight name like
-    collect_input_stats(..., full=True). Each window of `ctx` tokens is a sequence of its own, as in a
-    forward pass of the whole model; computed in float32 one decoder layer at a time."""
+    collect_input_stats(..., full=True): iter_layer_input_stats gathered into one dict."""
+    stats: dict[str, torch.Tensor] = {}
+    for _layer, layer_stats in iter_layer_input_stats(source, token_ids, ctx=ctx, max_windows=max_windows, progress=progress):
+        stats.update(layer_stats)
+    return stats
+
+
+def iter_layer_input_stats(
+    source,
+    token_ids: torch.Tensor,
+    *,
+    ctx: int = 512,
+    max_windows: int | None = 16,
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer index, {weight name: E[x x^T]}) for each decoder layer in order, computed in float32
+    with one layer's weights in memory at a time; a consumer that stores or uses each layer's
+    statistics before asking for the next holds one layer's worth of them. Each window of `ctx`
+    tokens is a sequence of its own, as in a forward pass of the whole model."""
     from tqdm.auto import tqdm
 
     from quantlite.eval.ppl import window_starts
@@ -99,22 +118,22 @@ def stream_input_stats(
     config = llama.config_from_hf(source.config)
     windows = torch.stack([token_ids[s : s + ctx] for s in window_starts(token_ids.numel(), ctx, max_windows)])
     cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
-    stats: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         hidden = llama.embed(windows, source.read("model.embed_tokens.weight").float(), torch.float32)  # (W, ctx, hidden)
-        for layer in tqdm(range(config.num_layers), desc="calibration", unit="layer", disable=not progress):
-            prefix = f"model.layers.{layer}."
-            moments = _SecondMoments(full=True)
-            weights = {}
-            for name in (n for n in source.shapes if n.startswith(prefix)):
-                short, tensor = name[len(prefix):], source.read(name).float()
-                is_linear = short.endswith("_proj.weight")
-                weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
+    for layer in tqdm(range(config.num_layers), desc="calibration", unit="layer", disable=not progress):
+        prefix = f"model.layers.{layer}."
+        moments = _SecondMoments(full=True)
+        weights = {}
+        for name in (n for n in source.shapes if n.startswith(prefix)):
+            short, tensor = name[len(prefix):], source.read(name).float()
+            is_linear = short.endswith("_proj.weight")
+            weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
+        with torch.inference_mode():
             for window in range(hidden.shape[0]):  # one sequence at a time: its activations only
                 hidden[window] = llama.decoder_layer(hidden[window : window + 1], weights, config, cos, sin, layer=layer)[0]
                 moments.next_pass()
-            stats.update(moments.means())
-    return stats
+        del weights
+        yield layer, moments.means()
 
 
 def _check_token_ids(token_ids: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ name that is renamed into place when complete. So that an interrupted run can re
   * `quantlite.json` is written last: a folder without it never looks complete.
 Calibration (optional, `calibration=TEXT_FILE`): before the jobs, the unquantized model runs once over
 windows of the text and the second moment E[x x^T] of every Linear's input is kept in
-`.quantlite-calibration.safetensors`; each Linear is then quantized with it (GPTQ error feedback,
+`.quantlite-calibration/` (one file per layer); each Linear is then quantized with it (GPTQ error feedback,
 docs/accuracy.md). That pass reads one decoder layer at a time (quantlite.calibration.stream_input_stats),
 so it needs one layer in float32 plus the calibration windows' hidden states, not the whole model.
 Memory: one tensor is in memory at a time, and a large tensor is quantized in row chunks
@@ -46,7 +46,8 @@ from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
 
 PARTIAL_STATE = ".quantlite-partial.json"
-CALIBRATION_STATS = ".quantlite-calibration.safetensors"
+CALIBRATION_STATS = ".quantlite-calibration"  # a folder: layer-00007.safetensors per layer, then COMPLETE
+CALIBRATION_COMPLETE = "COMPLETE"
 TEMP_SUFFIX = ".partial"
 # Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
@@ -163,7 +164,7 @@ def convert(
     if TOKENIZER_DIR not in done:
         done[TOKENIZER_DIR] = _write_tokenizer(source, out)
         _save_state(out, state)
-    if settings.calibration and not (out / CALIBRATION_STATS).exists():
+    if settings.calibration and not (out / CALIBRATION_STATS / CALIBRATION_COMPLETE).exists():
         _write_calibration_stats(source, out, Path(calibration), settings.calibration, progress)
     todo = [(file, names) for file, names in plan.items() if file not in done]
     with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
@@ -176,7 +177,7 @@ def convert(
     manifest = _manifest(source, settings, plan, done, state["created"])
     _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
     (out / PARTIAL_STATE).unlink()
-    (out / CALIBRATION_STATS).unlink(missing_ok=True)
+    shutil.rmtree(out / CALIBRATION_STATS, ignore_errors=True)
     return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
 
 
@@ -336,12 +337,13 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
 
 def _write_calibration_stats(source, out: Path, text_file: Path, calibration: dict, progress: bool) -> None:
     """Run the unquantized model (float32, one decoder layer in memory at a time) over the calibration
-    text and keep E[x x^T] of every Linear's input; Linears that read one tensor (q/k/v, gate/up)
-    share one matrix."""
+    text and keep E[x x^T] of every Linear's input, one file per layer written as soon as the layer
+    is done (so one layer's statistics are in memory at a time); Linears that read one tensor
+    (q/k/v, gate/up) share one matrix."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from quantlite.calibration import stream_input_stats
+    from quantlite.calibration import iter_layer_input_stats
 
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
     try:
@@ -352,23 +354,30 @@ def _write_calibration_stats(source, out: Path, text_file: Path, calibration: di
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
-    stats = stream_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"], progress=progress)
-    stored: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first_name_of: dict[int, str] = {}
-    for name, matrix in stats.items():
-        aliases[name] = first_name_of.setdefault(id(matrix), name)
-        if aliases[name] == name:
-            stored[name] = matrix.contiguous()
-    _write_atomically(out / CALIBRATION_STATS,
-                      lambda temp: save_file(stored, str(temp), metadata={"aliases": json.dumps(aliases)}))
+    folder = out / CALIBRATION_STATS
+    folder.mkdir(exist_ok=True)
+    layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"], progress=progress)
+    for layer, stats in layers:
+        stored: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}
+        first_name_of: dict[int, str] = {}
+        for name, matrix in stats.items():
+            aliases[name] = first_name_of.setdefault(id(matrix), name)
+            if aliases[name] == name:
+                stored[name] = matrix.contiguous()
+        _write_atomically(folder / layer_file(layer),
+                          lambda temp: save_file(stored, str(temp), metadata={"aliases": json.dumps(aliases)}))
+    _write_atomically(folder / CALIBRATION_COMPLETE, lambda temp: temp.write_text("all layers\n"))
 
 
 def _read_calibration_stats(out: Path, name: str) -> torch.Tensor | None:
     """E[x x^T] (K, K) of the input of Linear weight `name`, or None when calibration did not see it."""
     from safetensors import safe_open
 
-    with safe_open(str(out / CALIBRATION_STATS), framework="pt") as stats:
+    match = LAYER_NAME.fullmatch(name)
+    if match is None:
+        return None
+    with safe_open(str(out / CALIBRATION_STATS / layer_file(int(match.group(1)))), framework="pt") as stats:
         key = json.loads(stats.metadata()["aliases"]).get(name)
         return None if key is None else stats.get_tensor(key)
 

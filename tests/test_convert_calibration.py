@@ -44,6 +44,31 @@ def test_calibrated_conversion_equals_quantize_with_the_statistics(stories260k_h
         assert not torch.equal(stored.dequantize(), quantize(w).dequantize())  # calibration changed the codes
 
 
+def test_a_conversion_interrupted_after_calibration_reuses_the_statistics(stories260k_hf, calibration_text, tmp_path,
+                                                                         monkeypatch):
+    import quantlite.converter as converter
+
+    options = dict(calibration=calibration_text, calibration_windows=2, calibration_ctx=128, progress=False)
+    convert(stories260k_hf, tmp_path / "whole", **options)
+    real_write_shard = converter.write_shard
+
+    def interrupted(source, out, settings, file, names):
+        if file == "layer-00002.safetensors":
+            raise KeyboardInterrupt
+        return real_write_shard(source, out, settings, file, names)
+
+    monkeypatch.setattr(converter, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(stories260k_hf, tmp_path / "resumed", **options)
+    assert (tmp_path / "resumed" / CALIBRATION_STATS / "COMPLETE").exists()
+    monkeypatch.setattr(converter, "write_shard", real_write_shard)
+    monkeypatch.setattr("quantlite.calibration.iter_layer_input_stats", lambda *a, **k: pytest.fail("statistics computed again"))
+    convert(stories260k_hf, tmp_path / "resumed", **options)
+    for path in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert (tmp_path / "resumed" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not (tmp_path / "resumed" / CALIBRATION_STATS).exists()
+
+
 def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):
     """stream_input_stats (one layer at a time, quantlite's model math) against collect_input_stats
     (transformers' forward pass with hooks): the same E[x x^T], and the same sharing (q/k/v, gate/up)."""
