@@ -15,14 +15,15 @@ Two ways to run the model, same statistics (up to float rounding):
   stream_input_stats           a checkpoint source (quantlite.sources) one decoder layer at a time,
   (iter_layer_input_stats:     through quantlite.runtime.llama's model math: peak memory is one layer
    the same, layer by layer)   plus the hidden states of the calibration windows, as in the runtime.
-                               `quantlite convert --calibration` uses the per-layer form.
+                               `quantlite convert --calibration` uses the per-layer form, in
+                               GPTQ's sequential order (each layer sees the quantized layers before).
 
 The calibration text must not overlap the evaluation text (benchmarks/accuracy.py takes it from the
 part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -104,11 +105,17 @@ def iter_layer_input_stats(
     ctx: int = 512,
     max_windows: int | None = 16,
     progress: bool = True,
+    forward_weights: Callable[[int], dict] | None = None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(layer index, {weight name: E[x x^T]}) for each decoder layer in order, computed in float32
     with one layer's weights in memory at a time; a consumer that stores or uses each layer's
     statistics before asking for the next holds one layer's worth of them. Each window of `ctx`
-    tokens is a sequence of its own, as in a forward pass of the whole model."""
+    tokens is a sequence of its own, as in a forward pass of the whole model.
+
+    The windows reach layer i + 1 through layer i's float weights, or, with `forward_weights`,
+    through forward_weights(i) (a layer dict as quantlite.runtime.llama.decoder_layer takes, e.g.
+    the layer as quantized), called after the consumer has had layer i's statistics: GPTQ's
+    sequential order, in which each layer is calibrated on the errors of the layers before it."""
     from tqdm.auto import tqdm
 
     from quantlite.eval.ppl import window_starts
@@ -118,6 +125,16 @@ def iter_layer_input_stats(
     config = llama.config_from_hf(source.config)
     windows = torch.stack([token_ids[s : s + ctx] for s in window_starts(token_ids.numel(), ctx, max_windows)])
     cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
+
+    def run_layer(layer: int, weights: dict, update: bool, moments: _SecondMoments | None = None) -> None:
+        with torch.inference_mode():
+            for window in range(hidden.shape[0]):  # one sequence at a time: its activations only
+                out = llama.decoder_layer(hidden[window : window + 1], weights, config, cos, sin, layer=layer)
+                if update:
+                    hidden[window] = out[0]
+                if moments is not None:
+                    moments.next_pass()
+
     with torch.inference_mode():
         hidden = llama.embed(windows, source.read("model.embed_tokens.weight").float(), torch.float32)  # (W, ctx, hidden)
     for layer in tqdm(range(config.num_layers), desc="calibration", unit="layer", disable=not progress):
@@ -128,12 +145,11 @@ def iter_layer_input_stats(
             short, tensor = name[len(prefix):], source.read(name).float()
             is_linear = short.endswith("_proj.weight")
             weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
-        with torch.inference_mode():
-            for window in range(hidden.shape[0]):  # one sequence at a time: its activations only
-                hidden[window] = llama.decoder_layer(hidden[window : window + 1], weights, config, cos, sin, layer=layer)[0]
-                moments.next_pass()
+        run_layer(layer, weights, update=forward_weights is None, moments=moments)
         del weights
         yield layer, moments.means()
+        if forward_weights is not None:
+            run_layer(layer, forward_weights(layer), update=True)
 
 
 def _check_token_ids(token_ids: torch.Tensor) -> None:

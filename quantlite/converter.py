@@ -8,11 +8,12 @@ name that is renamed into place when complete. So that an interrupted run can re
   * every file is a pure function of (source, settings), so the resumed result is byte-identical to an
     uninterrupted run; the manifest's creation time is the first run's (or $SOURCE_DATE_EPOCH);
   * `quantlite.json` is written last: a folder without it never looks complete.
-Calibration (optional, `calibration=TEXT_FILE`): before the jobs, the unquantized model runs once over
-windows of the text and the second moment E[x x^T] of every Linear's input is kept in
-`.quantlite-calibration/` (one file per layer); each Linear is then quantized with it (GPTQ error feedback,
-docs/accuracy.md). That pass reads one decoder layer at a time (quantlite.calibration.stream_input_stats),
-so it needs one layer in float32 plus the calibration windows' hidden states, not the whole model.
+Calibration (optional, `calibration=TEXT_FILE`): the decoder layers are converted one after the other
+while windows of the text run through the model: for each layer, the second moment E[x x^T] of every
+Linear's input, then its Linears quantized with it (GPTQ error feedback, docs/accuracy.md), then the
+windows pass through the layer as written, to the next (GPTQ's sequential order;
+quantlite.calibration.iter_layer_input_stats). One layer in float32, its statistics and the windows'
+hidden states are in memory, not the model; nothing is stored besides the shards.
 Memory: one tensor is in memory at a time, and a large tensor is quantized in row chunks
 (`quantize_in_row_chunks`), so peak memory follows the largest tensor, not the checkpoint
 (benchmarks/convert_memory.py, docs/convert.md).
@@ -38,16 +39,15 @@ import quantlite
 from quantlite.errors import ConversionError, FormatError
 from quantlite.packed import (
     EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, check_relative_path,
-    layer_file, sha256_file,
+    group_tensors, layer_file, sha256_file,
 )
 from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight
 from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
 from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
+from quantlite.sources.safetensors_file import SafetensorsFile
 
 PARTIAL_STATE = ".quantlite-partial.json"
-CALIBRATION_STATS = ".quantlite-calibration"  # a folder: layer-00007.safetensors per layer, then COMPLETE
-CALIBRATION_COMPLETE = "COMPLETE"
 TEMP_SUFFIX = ".partial"
 # Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
@@ -164,12 +164,15 @@ def convert(
     if TOKENIZER_DIR not in done:
         done[TOKENIZER_DIR] = _write_tokenizer(source, out)
         _save_state(out, state)
-    if settings.calibration and not (out / CALIBRATION_STATS / CALIBRATION_COMPLETE).exists():
-        _write_calibration_stats(source, out, Path(calibration), settings.calibration, progress)
     todo = [(file, names) for file, names in plan.items() if file not in done]
     with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
               unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
-        for file, entry in _run_jobs(source, out, settings, todo, workers):
+        jobs = [_run_jobs(source, out, settings, todo, workers)]
+        layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
+        if settings.calibration and layers:  # the decoder layers one after the other, then the rest
+            jobs = [_calibrated_layers(source, out, settings, Path(calibration), plan, done),
+                    _run_jobs(source, out, settings, [job for job in todo if job not in layers], workers)]
+        for file, entry in (item for job in jobs for item in job):
             done[file] = entry
             _save_state(out, state)
             bar.update(params_of[file])
@@ -177,7 +180,6 @@ def convert(
     manifest = _manifest(source, settings, plan, done, state["created"])
     _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
     (out / PARTIAL_STATE).unlink()
-    shutil.rmtree(out / CALIBRATION_STATS, ignore_errors=True)
     return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
 
 
@@ -231,15 +233,16 @@ def _concat_rows(parts: list[QWeight]) -> QWeight:
 
 
 # --------------------------------------------------------------------------- one output file
-def write_shard(source, out: Path, settings: Settings, file: str, names: list[str]) -> dict:
-    """Read, quantize and write one output file; returns its manifest entry (sha256, size, tensor stats)."""
+def write_shard(source, out: Path, settings: Settings, file: str, names: list[str],
+                importance: dict[str, torch.Tensor] | None = None) -> dict:
+    """Read, quantize and write one output file; returns its manifest entry (sha256, size, tensor stats).
+    `importance`: calibration statistics by weight name (quantize's importance=)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
     for name in names:
         w = source.read(name)
         if settings.quantizes(name):
-            importance = _read_calibration_stats(out, name) if settings.calibration else None
-            qw, sqnr = quantize_in_row_chunks(w, settings, name, importance)
+            qw, sqnr = quantize_in_row_chunks(w, settings, name, (importance or {}).get(name))
             tensors.update(qw.to_dict(name + "."))
             stats[name] = {"file": file, "shape": list(qw.shape), "stored": "qweight", "method": qw.method,
                            "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
@@ -335,12 +338,11 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "windows": windows, "ctx": ctx}
 
 
-def _write_calibration_stats(source, out: Path, text_file: Path, calibration: dict, progress: bool) -> None:
-    """Run the unquantized model (float32, one decoder layer in memory at a time) over the calibration
-    text and keep E[x x^T] of every Linear's input, one file per layer written as soon as the layer
-    is done (so one layer's statistics are in memory at a time); Linears that read one tensor
-    (q/k/v, gate/up) share one matrix."""
-    from safetensors.torch import save_file
+def _calibrated_layers(source, out: Path, settings: Settings, text_file: Path, plan: dict, done: dict):
+    """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
+    statistics in GPTQ's sequential order: the calibration windows reach each layer through the
+    layers before it as written (quantized), so a layer's statistics include their errors. Layers
+    already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
     from transformers import AutoTokenizer
 
     from quantlite.calibration import iter_layer_input_stats
@@ -352,34 +354,22 @@ def _write_calibration_stats(source, out: Path, text_file: Path, calibration: di
         raise ConversionError(f"calibration text {text_file}: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+    calibration = settings.calibration
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
-    folder = out / CALIBRATION_STATS
-    folder.mkdir(exist_ok=True)
-    layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"], progress=progress)
+
+    def as_written(layer: int) -> dict:
+        """Layer `layer` as its shard holds it, named relative to the layer, floats as float32."""
+        prefix = f"model.layers.{layer}."
+        loaded = group_tensors(SafetensorsFile(out / layer_file(layer)).read_all(), str(out / layer_file(layer)))
+        return {name[len(prefix):]: value if isinstance(value, QWeight) else value.float() for name, value in loaded.items()}
+
+    layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
+                                    progress=False, forward_weights=as_written)  # convert's bar counts the layers
     for layer, stats in layers:
-        stored: dict[str, torch.Tensor] = {}
-        aliases: dict[str, str] = {}
-        first_name_of: dict[int, str] = {}
-        for name, matrix in stats.items():
-            aliases[name] = first_name_of.setdefault(id(matrix), name)
-            if aliases[name] == name:
-                stored[name] = matrix.contiguous()
-        _write_atomically(folder / layer_file(layer),
-                          lambda temp: save_file(stored, str(temp), metadata={"aliases": json.dumps(aliases)}))
-    _write_atomically(folder / CALIBRATION_COMPLETE, lambda temp: temp.write_text("all layers\n"))
-
-
-def _read_calibration_stats(out: Path, name: str) -> torch.Tensor | None:
-    """E[x x^T] (K, K) of the input of Linear weight `name`, or None when calibration did not see it."""
-    from safetensors import safe_open
-
-    match = LAYER_NAME.fullmatch(name)
-    if match is None:
-        return None
-    with safe_open(str(out / CALIBRATION_STATS / layer_file(int(match.group(1)))), framework="pt") as stats:
-        key = json.loads(stats.metadata()["aliases"]).get(name)
-        return None if key is None else stats.get_tensor(key)
+        file = layer_file(layer)
+        if file not in done:
+            yield file, write_shard(source, out, settings, file, plan[file], importance=stats)
 
 
 # --------------------------------------------------------------------------- plan, state, manifest
@@ -454,7 +444,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
 
 
 def _ours(name: str) -> bool:
-    if name in (MANIFEST, PARTIAL_STATE, CALIBRATION_STATS, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
+    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
         return True
     try:
         check_relative_path(name)

@@ -1,14 +1,16 @@
-"""convert(..., calibration=TEXT): E[x x^T] from the unquantized model over the text, then every Linear
-quantized with it (GPTQ), exactly as quantize(w, importance=...) does it; recorded in the manifest."""
+"""convert(..., calibration=TEXT): the decoder layers in GPTQ's sequential order — E[x x^T] of every
+Linear's input over the text, reached through the layers before as written (quantized), then every
+Linear quantized with it exactly as quantize(w, importance=...) does; recorded in the manifest."""
 
 import pytest
 import torch
 
-from quantlite.calibration import collect_input_stats, stream_input_stats
-from quantlite.converter import CALIBRATION_STATS, convert
+from quantlite.calibration import collect_input_stats, iter_layer_input_stats, stream_input_stats
+from quantlite.converter import convert
 from quantlite.errors import ConversionError
 from quantlite.packed import PackedModel
 from quantlite.quantizer import quantize
+from quantlite.qweight import QWeight
 from quantlite.sources import open_source
 
 
@@ -21,7 +23,8 @@ def calibration_text(shared_data, tmp_path):
     return path
 
 
-def test_calibrated_conversion_equals_quantize_with_the_statistics(stories260k_hf, calibration_text, tmp_path):
+def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statistics(stories260k_hf, calibration_text,
+                                                                                   tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "packed"
@@ -29,22 +32,40 @@ def test_calibrated_conversion_equals_quantize_with_the_statistics(stories260k_h
                       calibration_ctx=256, progress=False)
     calibration = summary.manifest["quantization"]["calibration"]
     assert calibration["windows"] == 4 and calibration["ctx"] == 256 and len(calibration["sha256"]) == 64
-    assert not (out / CALIBRATION_STATS).exists()  # a temporary of the conversion
-
-    # the statistics of transformers' own forward pass (hooks on its nn.Linear modules), computed here
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing left besides the model
+    packed = PackedModel.open(out)
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(calibration_text.read_text(), return_tensors="pt").input_ids[0]
-    stats = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
-    packed = PackedModel.open(out)
+    float_stats = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
+
+    # Layer 0 has no layer before it: its statistics are those of transformers' own forward pass
+    # (hooks on its nn.Linear modules), bit for bit, so the stored codes are quantize()'s.
     for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
-        stored = packed.load_layer(2)[name]
-        w = model.state_dict()[f"model.layers.2.{name}"]
-        expected = quantize(w, importance=stats[f"model.layers.2.{name}"])
-        assert torch.equal(stored.dequantize(), expected.dequantize())
-        assert not torch.equal(stored.dequantize(), quantize(w).dequantize())  # calibration changed the codes
+        w = model.state_dict()[f"model.layers.0.{name}"]
+        expected = quantize(w, importance=float_stats[f"model.layers.0.{name}"])
+        assert torch.equal(packed.load_layer(0)[name].dequantize(), expected.dequantize())
+        assert not torch.equal(expected.dequantize(), quantize(w).dequantize())  # calibration changed the codes
+
+    # Layer 2 is calibrated on inputs that went through layers 0 and 1 as stored. Reference: the same
+    # statistics from transformers with those two layers' weights replaced by the stored ones.
+    for layer in (0, 1):
+        for name, qw in packed.load_layer(layer).items():
+            if name.endswith("_proj.weight"):
+                model.get_submodule(f"model.layers.{layer}.{name[:-len('.weight')]}").weight.data = qw.dequantize()
+    sequential = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
+    ours = dict(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=256, max_windows=4, progress=False,
+                                       forward_weights=lambda i: {k: v if isinstance(v, QWeight) else v.float()
+                                                                  for k, v in packed.load_layer(i).items()}))[2]
+    for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        key = f"model.layers.2.{name}"
+        # the fused kernel and F.linear on dequantized weights sum in different orders
+        torch.testing.assert_close(ours[key], sequential[key], rtol=1e-4, atol=1e-5 * float(sequential[key].abs().max()))
+        assert not torch.allclose(ours[key], float_stats[key], rtol=1e-3)  # the quantized layers 0-1 changed them
+        w = open_source(stories260k_hf).read(key).float()  # the model above holds layers 0-1 replaced, not 2
+        assert torch.equal(packed.load_layer(2)[name].dequantize(), quantize(w, importance=ours[key]).dequantize())
 
 
-def test_a_conversion_interrupted_after_calibration_reuses_the_statistics(stories260k_hf, calibration_text, tmp_path,
+def test_an_interrupted_calibrated_conversion_resumes_to_identical_bytes(stories260k_hf, calibration_text, tmp_path,
                                                                          monkeypatch):
     import quantlite.converter as converter
 
@@ -52,21 +73,19 @@ def test_a_conversion_interrupted_after_calibration_reuses_the_statistics(storie
     convert(stories260k_hf, tmp_path / "whole", **options)
     real_write_shard = converter.write_shard
 
-    def interrupted(source, out, settings, file, names):
+    def interrupted(source, out, settings, file, names, importance=None):
         if file == "layer-00002.safetensors":
             raise KeyboardInterrupt
-        return real_write_shard(source, out, settings, file, names)
+        return real_write_shard(source, out, settings, file, names, importance)
 
     monkeypatch.setattr(converter, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(stories260k_hf, tmp_path / "resumed", **options)
-    assert (tmp_path / "resumed" / CALIBRATION_STATS / "COMPLETE").exists()
     monkeypatch.setattr(converter, "write_shard", real_write_shard)
-    monkeypatch.setattr("quantlite.calibration.iter_layer_input_stats", lambda *a, **k: pytest.fail("statistics computed again"))
-    convert(stories260k_hf, tmp_path / "resumed", **options)
+    summary = convert(stories260k_hf, tmp_path / "resumed", **options)
+    assert summary.files_resumed == 3  # tokenizer, layers 0 and 1: read back, run, not quantized again
     for path in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert (tmp_path / "resumed" / path.name).read_bytes() == path.read_bytes(), path.name
-    assert not (tmp_path / "resumed" / CALIBRATION_STATS).exists()
 
 
 def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):

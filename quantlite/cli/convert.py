@@ -44,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=int, default=1, help="processes converting layers in parallel (default 1)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="TEXT_FILE",
-                        help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): one pass of the "
-                             "unquantized model, one layer at a time; must not overlap text you evaluate on")
+                        help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
+                             "converted in order, each on the text as it leaves the quantized layers before it; "
+                             "must not overlap text you evaluate on")
     parser.add_argument("--calibration-windows", type=int, default=16, help="windows of calibration text (default 16)")
     parser.add_argument("--calibration-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
