@@ -82,7 +82,9 @@ def test_quantized_llama_matches_dequantized_reference_and_generates(device, gen
     assert (logits - unquantized).abs().max() > 100 * LOGIT_ATOL, "quantize_model changed nothing"
 
     prompt = ids[:1, :4]
-    tokens = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    # an explicit mask: without one, generate() takes every id equal to pad_token_id (0) for padding
+    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                            pad_token_id=0)
     assert tokens.shape == (1, 14) and torch.equal(tokens[:, :4], prompt)
     # Greedy tokens of the quantized model are the reference's argmax at each step, up to a tie
     # within the logit tolerance (teacher forcing on the reference avoids flaky near-ties).
