@@ -134,9 +134,10 @@ def convert(
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
     same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
-    quantlite.quantize (left as None: the method's default fraction, capped by its bit budget). `calibration` (a UTF-8 text file) turns on calibrated
-    quantization over `calibration_windows` windows of `calibration_ctx` tokens from its start.
-    Rerunning after an interruption resumes. Raises
+    quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
+    `calibration` (a UTF-8 text file) turns on calibrated quantization over `calibration_windows`
+    windows of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential
+    order. Rerunning after an interruption resumes. Raises
     ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
     little disk space.
     """
@@ -362,7 +363,8 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: Path, p
         """Layer `layer` as its shard holds it, named relative to the layer, floats as float32."""
         prefix = f"model.layers.{layer}."
         loaded = group_tensors(SafetensorsFile(out / layer_file(layer)).read_all(), str(out / layer_file(layer)))
-        return {name[len(prefix):]: value if isinstance(value, QWeight) else value.float() for name, value in loaded.items()}
+        return {name[len(prefix):]: value if isinstance(value, QWeight) else value.float()
+                for name, value in loaded.items()}
 
     layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
                                     progress=False, forward_weights=as_written)  # convert's bar counts the layers
