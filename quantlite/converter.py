@@ -48,6 +48,14 @@ from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS
 from quantlite.sources.safetensors_file import SafetensorsFile
 
 PARTIAL_STATE = ".quantlite-partial.json"
+# calibration="self": the text is sampled from the unquantized model itself, one sequence per window,
+# each starting from one of these prompts, by the runtime from a float copy of the model kept here.
+SELF_CALIBRATION = "self"
+SELF_CALIBRATION_DIR = ".quantlite-self-calibration"
+SELF_CALIBRATION_PROMPTS = ("The", "In 1998,", "Once upon a time", "Scientists have", "The history of", "A recipe for",
+                            "def main():", "Dear", "The following", "According to", "She said", "In mathematics,",
+                            "The city of", "Chapter 1", "Breaking news:", "My favorite")
+SELF_CALIBRATION_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 0}
 TEMP_SUFFIX = ".partial"
 # Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
@@ -135,9 +143,9 @@ def convert(
     quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
     same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file) turns on calibrated quantization over `calibration_windows`
-    windows of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential
-    order. Rerunning after an interruption resumes. Raises
+    `calibration` (a UTF-8 text file, or the string "self" for text sampled from the model itself)
+    turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
+    from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption resumes. Raises
     ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
     little disk space.
     """
@@ -171,7 +179,7 @@ def convert(
         jobs = [_run_jobs(source, out, settings, todo, workers)]
         layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
         if settings.calibration and layers:  # the decoder layers one after the other, then the rest
-            jobs = [_calibrated_layers(source, out, settings, Path(calibration), plan, done),
+            jobs = [_calibrated_layers(source, out, settings, calibration, plan, done, progress),
                     _run_jobs(source, out, settings, [job for job in todo if job not in layers], workers)]
         for file, entry in (item for job in jobs for item in job):
             done[file] = entry
@@ -333,13 +341,40 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
         raise ConversionError("--calibration has no use with --no-quantize")
     if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
         raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
+    if _is_self_calibration(text_file):
+        return {"file": SELF_CALIBRATION, "windows": windows, "ctx": ctx, "sampling": SELF_CALIBRATION_SAMPLING}
     path = Path(text_file)
     if not path.is_file():
         raise ConversionError(f"calibration text {path} is not a readable file")
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "windows": windows, "ctx": ctx}
 
 
-def _calibrated_layers(source, out: Path, settings: Settings, text_file: Path, plan: dict, done: dict):
+def _is_self_calibration(text_file) -> bool:
+    """The string "self" (not a Path: a file of that name is given as Path("self") or "./self")."""
+    return isinstance(text_file, str) and text_file == SELF_CALIBRATION
+
+
+def _sampled_calibration_text(source, out: Path, calibration: dict, progress: bool) -> str:
+    """Text the unquantized model writes itself: one sequence per calibration window, a prompt of
+    SELF_CALIBRATION_PROMPTS continued by ctx sampled tokens, generated as one batch by the streaming
+    runtime from a float copy of the model in OUT/.quantlite-self-calibration (removed after)."""
+    from tqdm import tqdm
+
+    from quantlite.runtime.streaming import load
+
+    scratch = out / SELF_CALIBRATION_DIR
+    convert(source.path, scratch, no_quantize=True, overwrite=True, progress=False)
+    prompts = [SELF_CALIBRATION_PROMPTS[i % len(SELF_CALIBRATION_PROMPTS)] for i in range(calibration["windows"])]
+    with load(scratch) as model, tqdm(total=len(prompts) * calibration["ctx"], unit="token", unit_scale=True,
+                                      desc="calibration text", disable=not progress) as bar:
+        result = model.generate(prompts, max_new_tokens=calibration["ctx"], on_token=lambda _row, _token: bar.update(),
+                                **calibration["sampling"])
+    shutil.rmtree(scratch)
+    return "\n\n".join(prompt + text for prompt, text in zip(prompts, result.texts))
+
+
+def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,
+                       progress: bool):
     """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
     statistics in GPTQ's sequential order: the calibration windows reach each layer through the
     layers before it as written (quantized), so a layer's statistics include their errors. Layers
@@ -349,13 +384,16 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: Path, p
     from quantlite.calibration import iter_layer_input_stats
 
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
-    try:
-        text = text_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConversionError(f"calibration text {text_file}: {error}") from error
+    calibration = settings.calibration
+    if _is_self_calibration(text_file):
+        text = _sampled_calibration_text(source, out, calibration, progress)
+    else:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConversionError(f"calibration text {text_file}: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
-    calibration = settings.calibration
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
 
@@ -446,7 +484,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
 
 
 def _ours(name: str) -> bool:
-    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR) or name.endswith(TEMP_SUFFIX):
+    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR, SELF_CALIBRATION_DIR) or name.endswith(TEMP_SUFFIX):
         return True
     try:
         check_relative_path(name)

@@ -88,6 +88,18 @@ def test_an_interrupted_calibrated_conversion_resumes_to_identical_bytes(stories
         assert (tmp_path / "resumed" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
+def test_self_calibration_samples_its_own_text_reproducibly(stories260k_hf, tmp_path):
+    options = dict(calibration="self", calibration_windows=2, calibration_ctx=96, progress=False)
+    first = convert(stories260k_hf, tmp_path / "a", **options)
+    convert(stories260k_hf, tmp_path / "b", **options)
+    convert(stories260k_hf, tmp_path / "plain", progress=False)
+    assert first.manifest["quantization"]["calibration"]["file"] == "self"
+    assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # the float copy is gone
+    shard = "layer-00003.safetensors"
+    assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()  # seeded sampling
+    assert (tmp_path / "a" / shard).read_bytes() != (tmp_path / "plain" / shard).read_bytes()  # it calibrated
+
+
 def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):
     """stream_input_stats (one layer at a time, quantlite's model math) against collect_input_stats
     (transformers' forward pass with hooks): the same E[x x^T], and the same sharing (q/k/v, gate/up)."""

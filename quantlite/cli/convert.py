@@ -15,6 +15,7 @@ examples:
   quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --quantize-lm-head
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
+  quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
 """
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=int, default=1, help="processes converting layers in parallel (default 1)")
-    parser.add_argument("--calibration", type=Path, default=None, metavar="TEXT_FILE",
+    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self",
                         help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
                              "converted in order, each on the text as it leaves the quantized layers before it; "
-                             "must not overlap text you evaluate on")
+                             "must not overlap text you evaluate on. 'self': on text the model samples itself "
+                             "(no data needed; a file named self is ./self)")
     parser.add_argument("--calibration-windows", type=int, default=16, help="windows of calibration text (default 16)")
     parser.add_argument("--calibration-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
