@@ -145,9 +145,9 @@ def convert(
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
     `calibration` (a UTF-8 text file, or the string "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
-    from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption resumes. Raises
-    ConversionError for unusable input, an existing complete `out` without `overwrite`, or too
-    little disk space.
+    from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
+    resumes. Raises ConversionError for unusable input, an existing complete `out` without
+    `overwrite`, or too little disk space.
     """
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quantize_embedding,
