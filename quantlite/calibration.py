@@ -12,11 +12,12 @@ once and the returned dict holds the same tensor object under each of their name
 
 Two ways to run the model, same statistics (up to float rounding):
   collect_input_stats          any torch model in memory (forward hooks on its nn.Linear modules);
-  stream_input_stats           a checkpoint source (quantlite.sources) one decoder layer at a time,
-  (iter_layer_input_stats:     through quantlite.runtime.llama's model math: peak memory is one layer
-   the same, layer by layer)   plus the hidden states of the calibration windows, as in the runtime.
-                               `quantlite convert --calibration` uses the per-layer form, in
-                               GPTQ's sequential order (each layer sees the quantized layers before).
+  iter_layer_input_stats       a checkpoint source (quantlite.sources) one decoder layer at a time,
+                               through quantlite.runtime.llama's model math, yielding each layer's
+                               statistics: peak memory is one layer plus the hidden states of the
+                               calibration windows, as in the runtime. `quantlite convert
+                               --calibration` uses it in GPTQ's sequential order (each layer sees
+                               the quantized layers before it).
 
 The calibration text must not overlap the evaluation text (benchmarks/accuracy.py takes it from the
 part of the evaluation file after the evaluated windows, and says so).
@@ -79,23 +80,6 @@ def collect_input_stats(
     if missing:
         raise CalibrationError(f"{len(missing)} Linear layers never ran in the forward pass, e.g. {missing[0]!r}")
     return {f"{name}.weight": mean for name, mean in moments.means().items()}
-
-
-def stream_input_stats(
-    source,
-    token_ids: torch.Tensor,
-    *,
-    ctx: int = 512,
-    max_windows: int | None = 16,
-    progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """E[x x^T] (K, K) float32 of the input of every decoder Linear weight of `source` (a checkpoint
-    of quantlite.sources: `config`, `shapes`, `read(name)`), keyed by weight name like
-    collect_input_stats(..., full=True): iter_layer_input_stats gathered into one dict."""
-    stats: dict[str, torch.Tensor] = {}
-    for _layer, layer_stats in iter_layer_input_stats(source, token_ids, ctx=ctx, max_windows=max_windows, progress=progress):
-        stats.update(layer_stats)
-    return stats
 
 
 def iter_layer_input_stats(

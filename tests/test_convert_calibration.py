@@ -5,7 +5,7 @@ Linear quantized with it exactly as quantize(w, importance=...) does; recorded i
 import pytest
 import torch
 
-from quantlite.calibration import collect_input_stats, iter_layer_input_stats, stream_input_stats
+from quantlite.calibration import collect_input_stats, iter_layer_input_stats
 from quantlite.converter import convert
 from quantlite.errors import ConversionError
 from quantlite.packed import PackedModel
@@ -101,14 +101,15 @@ def test_self_calibration_samples_its_own_text_reproducibly(stories260k_hf, tmp_
 
 
 def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):
-    """stream_input_stats (one layer at a time, quantlite's model math) against collect_input_stats
+    """iter_layer_input_stats (one layer at a time, quantlite's model math) against collect_input_stats
     (transformers' forward pass with hooks): the same E[x x^T], and the same sharing (q/k/v, gate/up)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(calibration_text.read_text(), return_tensors="pt").input_ids[0]
     whole = collect_input_stats(model, ids, ctx=128, max_windows=3, full=True, progress=False)
-    streamed = stream_input_stats(open_source(stories260k_hf), ids, ctx=128, max_windows=3, progress=False)
+    layers = iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=128, max_windows=3, progress=False)
+    streamed = {name: stats for _layer, layer_stats in layers for name, stats in layer_stats.items()}
     assert set(streamed) == set(whole) and len(whole) == 7 * model.config.num_hidden_layers
     for name, expected in whole.items():
         # float32 products summed in float64: the two forward passes may round differently in the last bits

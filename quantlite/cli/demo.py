@@ -39,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def default_out(calibrated: bool) -> Path:
     cache = os.environ.get("QUANTLITE_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "quantlite") / (PACKED_NAME + ("-selfcal" if calibrated else ""))
+    folder = Path(cache) if cache else Path.home() / ".cache" / "quantlite"
+    return folder / (PACKED_NAME + ("-selfcal" if calibrated else ""))
 
 
 def packed_model(out: Path, calibrated: bool) -> Path:
