@@ -7,8 +7,8 @@ CPU: every csrc/cpu/*.c with the system C compiler ($CC, default cc); files name
 -mavx2 -mfma and are only called after a run-time cpuid check, so the library runs on any x86-64
 (no -march=native). CUDA: csrc/cuda/*.cu for sm_80, sm_86, sm_89 and sm_90, compiled in parallel
 (nvcc --threads); ptxas reports registers and spills per kernel, printed as a table, and a spill
-fails the build (set QUANTLITE_ALLOW_SPILLS=1 to accept it while investigating). Without nvcc the
-CUDA library is skipped with a notice. A compile error fails the build.
+fails the build (set QUANTLITE_ALLOW_SPILLS=1 to accept it while investigating). Without nvcc, or
+with QUANTLITE_CUDA=0, the CUDA library is skipped with a notice. A compile error fails the build.
 """
 import os
 import re
@@ -138,6 +138,9 @@ class BuildNative(Command):
     def run(self):
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         print(f"build_native: CPU library -> {build_cpu()}")
+        if os.environ.get("QUANTLITE_CUDA") == "0":
+            print("build_native: notice: QUANTLITE_CUDA=0, skipping the CUDA library")
+            return
         nvcc = find_nvcc()
         if nvcc is None:
             print("build_native: notice: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda); "
