@@ -25,7 +25,7 @@ OUT_DIR = ROOT / "quantlite" / "_native"
 BUILD_DIR = ROOT / "build" / "native"
 CUDA_ARCHS = ("80", "86", "89", "90")
 C_FLAGS = ["-O3", "-std=c11", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
-AVX2_FLAGS = ["-mavx2", "-mfma"]
+ISA_FLAGS = {"_avx2": ["-mavx2", "-mfma"], "_avx512": ["-mavx2", "-mfma", "-mavx512f"]}  # by file-name suffix
 
 
 def _run(command: list[str], capture: bool = False) -> str:
@@ -52,7 +52,7 @@ def build_cpu() -> Path:
     obj_dir.mkdir(parents=True, exist_ok=True)
     for source in sorted((CSRC / "cpu").glob("*.c")):
         obj = obj_dir / (source.stem + ".o")
-        extra = AVX2_FLAGS if source.stem.endswith("_avx2") else []
+        extra = next((flags for suffix, flags in ISA_FLAGS.items() if source.stem.endswith(suffix)), [])
         _run([compiler, *C_FLAGS, *extra, f"-I{CSRC / 'include'}", "-c", str(source), "-o", str(obj)])
         objects.append(str(obj))
     built = obj_dir / "libquantlite_cpu.so"

@@ -16,6 +16,7 @@ import torch
 
 from quantlite.kernels import native
 from quantlite.kernels.native import NativeKernelError
+from quantlite.kernels.prepared import prepare
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 
@@ -68,9 +69,26 @@ def test_qmatmul_sweep_m_and_odd_shapes(generator, isa, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("block_size, k", [(32, 32), (32, 33), (48, 95), (48, 96), (64, 65), (128, 200), (256, 255)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qmatmul_every_m_up_to_70(generator, isa, dtype):
+    # Every M from 1 to 70: each register tile, the AVX-512 kernel's x tiles of 8 rows with every
+    # remainder, and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
+    # and padding inside the last block; N = 37: an odd number of rows (a weight row tile of 2 plus
+    # a single row), no outliers in some rows.
+    qw = random_weight(generator, n=37, k=300, block_size=64, outlier_frac=0.003)
+    for m in range(1, 71):
+        x = torch.randn(m, 300, generator=generator).to(dtype)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block_size, k", [(32, 32), (32, 33), (48, 95), (48, 96), (64, 65), (128, 200), (256, 255),
+                                           (64, 127), (64, 128), (64, 129), (32, 256), (48, 384), (48, 431),
+                                           (128, 1000), (256, 513)])
 def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_size, k):
-    # B = 48 leaves 8 bytes per block after the 16-byte steps: the AVX2 kernel's narrow tail.
+    # B = 48 leaves 8 bytes per block after the 16-byte steps: the AVX2 kernel's narrow tail, and its
+    # blocks straddle the AVX-512 kernel's 128-column strips. K around 128 and 256: whole strips, one
+    # column more or less.
     qw = random_weight(generator, n=19, k=k, block_size=block_size)
     for m in (1, 3, 7):
         x = torch.randn(m, k, generator=generator)
@@ -162,6 +180,68 @@ def test_forked_child_can_use_the_pool(generator):
     assert result == expected.tolist()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_codes_ending_at_a_page_boundary_are_not_overread(generator, isa):
+    # The AVX-512 kernel loads 64 bytes at byte offsets 0..3; it must never touch a byte past the last
+    # row's codes. The codes are copied to end exactly at an inaccessible page: a read past them
+    # would kill the process (run in a child so that a crash fails this test, not the session).
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    qw = random_weight(generator, n=5, k=448, block_size=64, outlier_frac=0.0)  # 224 bytes a row: 3.5 strips
+    x = torch.randn(3, 448, generator=generator)
+    child = context.Process(target=_qmatmul_with_guarded_codes, args=(queue, qw, x, isa))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, f"the child died (exit code {child.exitcode}): a read past the codes?"
+    assert_matches_reference(torch.tensor(queue.get(timeout=10)), x, qw)
+
+
+def _qmatmul_with_guarded_codes(queue, qw, x, isa):
+    import mmap
+
+    page = mmap.PAGESIZE
+    codes = qw.codes.contiguous().numpy().tobytes()
+    pages = (len(codes) + page - 1) // page + 1
+    region = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    guard = base + (pages - 1) * page
+    start = guard - len(codes)
+    ctypes.memmove(start, codes, len(codes))
+    assert libc.mprotect(guard, page, 0) == 0  # PROT_NONE
+    prepared = prepare(qw, "cpu")
+    weight = native._Weight(n=prepared.n, k=prepared.k, block_size=prepared.block_size, codes=start,
+                            scales=prepared.scales.data_ptr(), codebook=prepared.codebook.data_ptr(),
+                            row_ptr=prepared.row_ptr.data_ptr(), cols=None, vals=None, nnz=0)
+    y = torch.empty(x.shape[0], prepared.n)
+    library = native._cpu_library()
+    status = library.ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(),
+                                    prepared.n, 0, native.ISA_TAGS[isa], 2)
+    queue.put(y.tolist() if status == 0 else status)
+
+
+def test_auto_is_the_best_isa_bitwise(generator):
+    qw = random_weight(generator, n=70, k=700)
+    for m in (1, 5, 12):
+        x = torch.randn(m, 700, generator=generator)
+        assert torch.equal(native.qmatmul_cpu(x, qw), native.qmatmul_cpu(x, qw, isa=native.cpu_isa()))
+
+
+def test_an_instruction_set_past_the_cpus_is_refused(generator):
+    # QL_ISA_AVX512 + 1 exists on no CPU; asking the library for it directly must fail cleanly
+    qw = random_weight(generator, n=4, k=64)
+    prepared = prepare(qw, "cpu")
+    weight = native._Weight(n=4, k=64, block_size=64, codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
+                            codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
+                            cols=prepared.cols.data_ptr(), vals=prepared.vals.data_ptr(), nnz=prepared.n_outliers)
+    x, y = torch.randn(1, 64), torch.empty(1, 4)
+    library = native._cpu_library()
+    too_high = max(native.ISA_TAGS.values()) + 1
+    assert library.ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), 1, 64, y.data_ptr(), 4, 0, too_high, 1) == 6
+    assert library.ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), 1, 64, y.data_ptr(), 4, 0, -1, 1) == 6
+
+
 def test_a_wrong_code_is_caught(generator):
     # the tolerance is tight enough that one changed nibble in one row shows
     qw = random_weight(generator, n=16, k=64, outlier_frac=0.0)
@@ -212,6 +292,7 @@ def test_error_strings_cover_every_status():
 
 def test_status_reports():
     assert native.cpu_status() is None
-    assert native.cpu_isa() in ("avx2", "scalar")
+    assert native.cpu_isa() in ("avx512", "avx2", "scalar")
+    assert native.cpu_isas()[0] == "scalar" and native.cpu_isas()[-1] == native.cpu_isa()
     reason = native.cuda_status()
     assert reason is None or isinstance(reason, str) and reason

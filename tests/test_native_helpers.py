@@ -6,7 +6,11 @@ import pytest
 
 from quantlite.kernels import native
 
-ISAS = ["scalar", "avx2"] if native.cpu_status() is None and native.cpu_isa() == "avx2" else ["scalar"]
+# Every level the library has, each forced in turn; a level is skipped only where cpuid says this CPU
+# lacks it (scalar always runs).
+_SUPPORTED = native.cpu_isas() if native.cpu_status() is None else ["scalar"]
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in _SUPPORTED, reason=f"cpuid: this CPU has no {isa}"))
+        for isa in ("scalar", "avx2", "avx512")]
 
 
 @pytest.fixture(scope="module")

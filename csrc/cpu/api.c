@@ -1,6 +1,6 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
- * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c and
- * qmatmul_avx2.c. */
+ * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
+ * qmatmul_avx2.c and qmatmul_avx512.c. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,15 +16,19 @@
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* ---------------------------------------------------------------- instruction sets */
+/* Levels are ordered: a CPU with one runs every lower one (AVX-512 F CPUs all have AVX2 and FMA).
+ * __builtin_cpu_supports also checks that the OS saves the registers (XGETBV). */
 int ql_cpu_best_isa(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? QL_ISA_AVX2 : QL_ISA_SCALAR;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return QL_ISA_SCALAR;
+    return __builtin_cpu_supports("avx512f") ? QL_ISA_AVX512 : QL_ISA_AVX2;
 }
 
 const char *ql_cpu_isa_name(int isa) {
     switch (isa) {
         case QL_ISA_SCALAR: return "scalar";
         case QL_ISA_AVX2: return "avx2";
+        case QL_ISA_AVX512: return "avx512";
         case QL_ISA_AUTO: return ql_cpu_isa_name(ql_cpu_best_isa());
         default: return "unknown";
     }
@@ -33,8 +37,7 @@ const char *ql_cpu_isa_name(int isa) {
 static int resolve_isa(int isa, int *resolved) {
     const int best = ql_cpu_best_isa();
     if (isa == QL_ISA_AUTO) isa = best;
-    if (isa != QL_ISA_SCALAR && isa != QL_ISA_AVX2) return QL_ERR_BAD_ISA;
-    if (isa == QL_ISA_AVX2 && best != QL_ISA_AVX2) return QL_ERR_BAD_ISA;
+    if (isa < QL_ISA_SCALAR || isa > best) return QL_ERR_BAD_ISA;
     *resolved = isa;
     return QL_OK;
 }
@@ -65,15 +68,28 @@ static void qmatmul_chunk_avx2(void *job, int64_t begin, int64_t end, int thread
     ql_qmatmul_rows_avx2((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
-/* x (M, K) in any dtype -> x_packed and x_columns (K, M) float32 (kernels.h). */
-static void pack_x(const ql_matmul_job *job, float *x_packed, float *x_columns) {
+static void qmatmul_chunk_avx512(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_qmatmul_rows_avx512((const ql_matmul_job *)job, begin, end, thread_index);
+}
+
+/* Floats of x_packed for each kernel (kernels.h); the AVX-512 one covers whole 128-column strips. */
+static int64_t x_packed_floats(const ql_matmul_job *job, int isa) {
+    if (isa == QL_ISA_AVX2) return job->m * job->padded_k;
+    return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
+}
+
+/* x (M, K) in any dtype -> x_packed in the kernel's order and x_columns (K, M) float32 (kernels.h);
+ * every padding column is zero. */
+static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x_packed_count, float *x_columns) {
     const int64_t k = job->w->k;
+    memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
     for (int64_t m = 0; m < job->m; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
-        for (int64_t c = 0; c < job->padded_k; ++c) {
-            const float value = c < k ? ql_load(x_row, job->dtype, c) : 0.0f;
-            x_packed[ql_packed_position(c, m, job->m, job->padded_k)] = value;
-            if (c < k) x_columns[c * job->m + m] = value;
+        for (int64_t c = 0; c < k; ++c) {
+            const float value = ql_load(x_row, job->dtype, c);
+            x_packed[isa == QL_ISA_AVX2 ? ql_packed_position(c, m, job->m, job->padded_k)
+                                        : ql_avx512_x_position(c, m, job->m, job->padded_k)] = value;
+            x_columns[c * job->m + m] = value;
         }
     }
     memset(x_columns + k * job->m, 0, 8 * sizeof(float));
@@ -97,8 +113,10 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     }
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
-    job.scratch_floats_per_thread = ql_avx2_scratch_floats(&job);
-    float *x_packed = malloc(sizeof(float) * (size_t)(m * job.padded_k));
+    job.scratch_floats_per_thread = isa == QL_ISA_AVX2 ? ql_avx2_scratch_floats(&job) : ql_avx512_scratch_floats(&job);
+    const int64_t x_packed_count = x_packed_floats(&job, isa);
+    /* 64-byte aligned (the AVX-512 kernel's aligned loads); aligned_alloc wants a multiple of 64 */
+    float *x_packed = aligned_alloc(64, (sizeof(float) * (size_t)x_packed_count + 63) / 64 * 64);
     float *x_columns = malloc(sizeof(float) * (size_t)(m * w->k + 8));
     float *scratch = malloc(sizeof(float) * (size_t)(job.scratch_floats_per_thread * threads + 1));
     if (x_packed == NULL || x_columns == NULL || scratch == NULL) {
@@ -107,11 +125,11 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
         free(scratch);
         return QL_ERR_OUT_OF_MEMORY;
     }
-    pack_x(&job, x_packed, x_columns);
+    pack_x(&job, isa, x_packed, x_packed_count, x_columns);
     job.x_packed = x_packed;
     job.x_columns = x_columns;
     job.scratch = scratch;
-    ql_parallel_for(w->n, grain, threads, qmatmul_chunk_avx2, &job);
+    ql_parallel_for(w->n, grain, threads, isa == QL_ISA_AVX2 ? qmatmul_chunk_avx2 : qmatmul_chunk_avx512, &job);
     free(x_packed);
     free(x_columns);
     free(scratch);
@@ -175,7 +193,8 @@ int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *c
     int status = resolve_isa(isa, &isa);
     if (status != QL_OK) return status;
     ql_encode_job job = {blocks, scales, codebook, column_weight, padded_k, block_size, codes, errors};
+    /* the encoder has no AVX-512 code: an AVX-512 CPU runs its AVX2 code */
     ql_parallel_for(n, row_grain(n, padded_k, n_threads), n_threads,
-                    isa == QL_ISA_AVX2 ? encode_chunk_avx2 : encode_chunk_scalar, &job);
+                    isa == QL_ISA_SCALAR ? encode_chunk_scalar : encode_chunk_avx2, &job);
     return QL_OK;
 }

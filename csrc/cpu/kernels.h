@@ -15,15 +15,16 @@ typedef struct {
     void *y;                 /* (M, N) in `dtype`, rows y_row_stride apart */
     int64_t y_row_stride;
     int dtype;
-    /* AVX2 only: x in float32, each row's groups of 8 columns in the order (0, 2, 4, 6, 1, 3, 5, 7)
+    /* AVX2: x in float32, each row's groups of 8 columns in the order (0, 2, 4, 6, 1, 3, 5, 7)
      * in which the AVX2 kernel decodes weights, padding columns zero. M <= 8: (Kp / 8, M, 8), per
      * group the M rows side by side (the register path reads them together); M > 8: (M, Kp), row
-     * after row (the GEMM's x tiles, measured faster so at K = 11008). */
+     * after row (the GEMM's x tiles, measured faster so at K = 11008). AVX-512: tiles of 8 rows
+     * in strips of 128 columns (ql_avx512_x_position). */
     const float *x_packed;
-    /* (K, M) float32 + 8 zeros, AVX2 only: x transposed, so that the outliers of a column meet up
+    /* (K, M) float32 + 8 zeros, AVX2 and AVX-512: x transposed, so that the outliers of a column meet up
      * to 8 rows of x in one load (the 8 zeros keep the last column's load inside the buffer). */
     const float *x_columns;
-    float *scratch;                    /* AVX2 only: ql_avx2_scratch_floats(job) per thread */
+    float *scratch;                    /* ql_avx2_scratch_floats / ql_avx512_scratch_floats per thread */
     int64_t scratch_floats_per_thread;
 } ql_matmul_job;
 
@@ -34,6 +35,21 @@ typedef struct {
 static inline int64_t ql_packed_position(int64_t k, int64_t m, int64_t rows, int64_t padded_k) {
     const int64_t in_group = ((k & 1) ? 4 : 0) + ((k & 7) >> 1);
     return rows <= QL_PACKED_MAX_M ? (k & ~(int64_t)7) * rows + m * 8 + in_group : m * padded_k + (k & ~(int64_t)7) + in_group;
+}
+
+/* x rows per tile of the AVX-512 kernel, and where column k of x's row m sits in its x_packed
+ * (64-byte aligned, M * strips * 128 floats): tile t = rows 8t .. 8t + x_rows - 1, x_rows =
+ * min(8, M - 8t), stored as (strips, 8, x_rows, 16) with strips = ceil(Kp / 128); lane l of vector
+ * v of strip s is column 128 s + 8 l + v, the order in which the kernel decodes a strip's codes. */
+#define QL_AVX512_X_TILE 8
+#define QL_AVX512_STRIP 128
+
+static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, int64_t padded_k) {
+    const int64_t strips = (padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP;
+    const int64_t tile = m / QL_AVX512_X_TILE, left = rows - tile * QL_AVX512_X_TILE;
+    const int64_t x_rows = left < QL_AVX512_X_TILE ? left : QL_AVX512_X_TILE;
+    const int64_t strip = k / QL_AVX512_STRIP, lane = (k % QL_AVX512_STRIP) / 8, v = k % 8;
+    return tile * QL_AVX512_X_TILE * strips * QL_AVX512_STRIP + ((strip * 8 + v) * x_rows + m % QL_AVX512_X_TILE) * 16 + lane;
 }
 
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */
@@ -52,6 +68,8 @@ typedef struct {
 void ql_qmatmul_rows_scalar(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 int64_t ql_avx2_scratch_floats(const ql_matmul_job *job);
+void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_avx512_scratch_floats(const ql_matmul_job *job);
 void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
 void ql_encode_rows_avx2(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
 

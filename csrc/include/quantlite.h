@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 1
+#define QL_ABI_VERSION 2  /* 2: QL_ISA_AVX512 */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -59,7 +59,8 @@ typedef enum {
 typedef enum {
     QL_ISA_AUTO = 0,    /* the best this CPU supports (cpuid at run time) */
     QL_ISA_SCALAR = 1,  /* portable C */
-    QL_ISA_AVX2 = 2     /* AVX2 + FMA */
+    QL_ISA_AVX2 = 2,    /* AVX2 + FMA */
+    QL_ISA_AVX512 = 3   /* AVX-512 F (qmatmul; the encoder runs its AVX2 code there) */
 } ql_isa;
 
 /* ---------------------------------------------------------------- the weight (compute layout) */
@@ -81,7 +82,8 @@ QL_API const char *ql_error_string(int status);
 
 /* ---------------------------------------------------------------- CPU (libquantlite_cpu.so) */
 /* y (M, N) = x (M, K) @ W^T. x: rows of `x_row_stride` elements; y: rows of `y_row_stride`.
- * n_threads <= 0: one per available core. isa: QL_ISA_AUTO unless a test wants one path. */
+ * n_threads <= 0: one per available core. isa: QL_ISA_AUTO unless a test wants one path (any level
+ * up to ql_cpu_best_isa(); a higher one is QL_ERR_BAD_ISA). */
 QL_API int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
                           void *y, int64_t y_row_stride, int dtype, int isa, int n_threads);
 
@@ -100,7 +102,8 @@ QL_API int ql_cpu_encode_codes(const float *blocks, const float *scales, const f
                                const float *column_weight, uint8_t *codes, float *errors,
                                int isa, int n_threads);
 
-/* The instruction set QL_ISA_AUTO picks on this CPU, and its name ("avx2", "scalar"). */
+/* The instruction set QL_ISA_AUTO picks on this CPU (the highest it supports; every lower level runs
+ * too), and its name ("avx512", "avx2", "scalar"). */
 QL_API int ql_cpu_best_isa(void);
 QL_API const char *ql_cpu_isa_name(int isa);
 

@@ -2,7 +2,7 @@
 
 One hop from Python to C: check shapes and dtypes here (errors name the sizes and the back-end),
 allocate the output, call the library. Libraries are built by `make native` into quantlite/_native/:
-    libquantlite_cpu.so    AVX2/FMA or scalar (chosen by cpuid at run time), threaded
+    libquantlite_cpu.so    AVX-512, AVX2/FMA or scalar (chosen by cpuid at run time), threaded
     libquantlite_cuda.so   GEMV + tensor-core kernels for sm_80 / 86 / 89 / 90
 `cpu_status()` / `cuda_status()` say None when a back-end can run, else why not.
 """
@@ -22,10 +22,10 @@ from quantlite.qweight import QWeight
 NATIVE_DIR = Path(__file__).resolve().parents[1] / "_native"
 CPU_LIBRARY = NATIVE_DIR / "libquantlite_cpu.so"
 CUDA_LIBRARY = NATIVE_DIR / "libquantlite_cuda.so"
-ABI_VERSION = 1  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 2  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
-ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2}                        # ql_isa
+ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
 QL_ERR_CUDA = 10                                                       # ql_status: see ql_cuda_last_error
 
 
@@ -93,9 +93,15 @@ def cpu_status() -> str | None:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU library runs on this machine: "avx2" or "scalar"."""
+    """The instruction set the CPU library runs on this machine: "avx512", "avx2" or "scalar"."""
     library = _cpu_library()
     return library.ql_cpu_isa_name(library.ql_cpu_best_isa()).decode()
+
+
+def cpu_isas() -> list[str]:
+    """Every instruction set qmatmul_cpu(isa=...) runs on this machine, lowest first (cpuid)."""
+    best = _cpu_library().ql_cpu_best_isa()
+    return [name for name, tag in ISA_TAGS.items() if 0 < tag <= best]
 
 
 def cuda_status() -> str | None:
@@ -198,7 +204,8 @@ def qmatmul_cpu(
     """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ dequantize(qw).T,
     accumulated in float32. out: optional (M, N) tensor of x's dtype whose rows are contiguous
     (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
-    (..., N) when it is contiguous. isa: "auto", "avx2" or "scalar"; n_threads: default
+    (..., N) when it is contiguous. isa: "auto" (the best, cpu_isa()), "avx512", "avx2" or "scalar"
+    (any level up to cpu_isa()); n_threads: default
     torch.get_num_threads()."""
     library = _cpu_library()
     rows = _as_rows(x, qw, "cpu")
