@@ -57,6 +57,10 @@ def test_example_runs_a_qmatmul_without_python(example, tmp_path, generator, met
     result = subprocess.run([str(example), str(weight), str(io)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"M={m} N={n} K={k}" in result.stdout and "OK" in result.stdout
+    # the automatic choice is printed, and every instruction set this CPU has was run and checked
+    assert f"isa={native.cpu_isa()} (auto)" in result.stdout
+    for isa in native.cpu_isas():
+        assert f"{isa:<6} ok:" in result.stdout
 
 
 def test_example_reports_a_wrong_result(example, tmp_path, generator):
