@@ -4,12 +4,21 @@
     .venv/bin/python -m benchmarks.cpu_kernels --runtime       # + SmolLM2 decode tokens/s
     .venv/bin/python -m benchmarks.cpu_kernels --threads 1 --cpu-time   # steadiest on a shared machine
     .venv/bin/python -m benchmarks.cpu_kernels --m 1,4,8,16 --no-bnb-matmul   # other batch sizes
+    .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
 
-1. qmatmul, M = 1 and 8 (--m), on 4096 x 4096, 11008 x 4096 and 4096 x 11008 (NF4, block 64,
-   0.5 % outliers): native `qmatmul_cpu` against torch fp32 `F.linear` on the dequantized weight
-   and against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals (issue 6): M = 1 at
-   >= 2.5x torch fp32 (0.53 instead of 4 bytes per weight) and >= 10x bitsandbytes; M = 8 (batched
-   decoding, prefill chunks) at >= 10x bitsandbytes and >= 2x torch fp32.
+0. Bandwidth (issue 12): M = 1 on 4096 x 4096 and 11008 x 4096, all threads: the bytes the kernel
+   reads per call (codes, float32 scales and the CSR outliers of the compute layout) over its time,
+   as a fraction of this machine's DRAM read bandwidth, measured in the same process and
+   interleaved with it: torch.sum over a float32 buffer of max(1 GiB, 3 x L3). The kernel cycles
+   through copies of the weight that together also exceed 2 x L3, so every call reads from DRAM as
+   in a model (one weight called over and over sits in L3: printed as "hot" for comparison). Goal:
+   >= 0.70 of the DRAM bandwidth.
+1. qmatmul, M = 1, 8, 16 and 128 (--m; 128 = prefill), on 4096 x 4096, 11008 x 4096 and
+   4096 x 11008 (NF4, block 64, 0.5 % outliers): native `qmatmul_cpu` (the ISA cpuid picks, and
+   forced to AVX2 for comparison) against torch fp32 `F.linear` on the dequantized weight and
+   against bitsandbytes' CPU `matmul_4bit` on the same weights. Goals: issue 6 (M = 1 >= 2.5x
+   torch fp32, >= 10x bitsandbytes; M = 8 >= 2x torch fp32, >= 10x bitsandbytes) and issue 12
+   (prefill not slower than torch fp32).
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
    computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
@@ -22,6 +31,7 @@ it, default all cores; 1 is the steadiest on a shared machine).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -32,6 +42,8 @@ import torch
 from benchmarks.machine import describe
 from quantlite.codebook import nf4_codebook
 from quantlite.kernels import native
+from quantlite.kernels.prepared import prepare
+from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in)
@@ -56,6 +68,57 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def l3_bytes() -> int:
+    """The last-level cache of CPU 0 (sysfs), or 256 MiB when sysfs does not say."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[size[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 256 << 20
+
+
+def weight_copy(qw: QWeight) -> QWeight:
+    """The same weight in fresh memory (every tensor cloned), so its compute layout is fresh too."""
+    return QWeight(**{name: value.clone() if isinstance(value, torch.Tensor) else value
+                      for name, value in qw.__dict__.items()})
+
+
+def bytes_read(qw: QWeight) -> int:
+    """Bytes of the compute layout one M = 1 call reads: codes, float32 scales, CSR row_ptr/cols/vals."""
+    layout = prepare(qw, "cpu")
+    return sum(t.numel() * t.element_size() for t in (layout.codes, layout.scales, layout.row_ptr, layout.cols, layout.vals))
+
+
+def bench_bandwidth(repeats: int) -> None:
+    l3 = l3_bytes()
+    buffer = torch.ones(max(1 << 30, 3 * l3) // 4)  # float32
+    read_dram = lambda: buffer.sum()  # noqa: E731
+    print(f"\n== M = 1 against DRAM read bandwidth ({torch.get_num_threads()} threads; torch.sum over "
+          f"{buffer.numel() * 4 / 2**30:.2f} GiB, L3 {l3 / 2**20:.0f} MiB)")
+    print(f"{'N x K':>13} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} {'fraction':>8}"
+          f" {'hot ms':>7} {'hot GB/s':>8}")
+    for n, k in SHAPES[:2]:
+        qw = quantize(torch.randn(n, k), method="nf4", outlier_frac=0.005)
+        per_call = bytes_read(qw)
+        copies = [qw] + [weight_copy(qw) for _ in range(math.ceil(2 * l3 / per_call))]
+        x = torch.randn(1, k)
+        for copy in copies:
+            native.qmatmul_cpu(x, copy)  # prepares every copy's layout before timing
+
+        def cold() -> None:
+            for copy in copies:
+                native.qmatmul_cpu(x, copy)
+
+        t = interleaved_medians({"dram": read_dram, "cold": cold, "hot": lambda: native.qmatmul_cpu(x, qw)}, repeats)
+        bandwidth = buffer.numel() * 4 / t["dram"]
+        cold_call = t["cold"] / len(copies)
+        print(f"{n:>6} x {k:<5} {per_call / 1e6:8.2f} {len(copies):>6} {bandwidth / 1e9:9.1f} {cold_call * 1e3:9.3f} "
+              f"{per_call / cold_call / 1e9:6.1f} {per_call / cold_call / bandwidth:8.2f} {t['hot'] * 1e3:7.3f} "
+              f"{per_call / t['hot'] / 1e9:8.1f}")
+        del copies
+    del buffer
+
+
 def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     import bitsandbytes
     import bitsandbytes.functional as bnb_functional
@@ -64,8 +127,11 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     # while after each of its calls and slow whatever runs next on the other core, so a native call
     # timed right after one would be charged for bitsandbytes' threads (at 2 threads, M = 1 measured
     # 1.68 ms for 4096 x 4096 after bitsandbytes calls, 1.25 ms after torch's).
-    print("\n== qmatmul: ms per call (ratio = baseline / native, each pair timed on its own)")
-    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'vs fp32':>8} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
+    isa = native.cpu_isa()
+    print(f"\n== qmatmul: ms per call (ratio = baseline / native {isa}, each group timed on its own; "
+          f"'avx2' = the same call forced to AVX2)")
+    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'avx2':>8} {'vs fp32':>8} {'bnb 4bit':>10} "
+          f"{'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
         qw = quantize(w, method="nf4", outlier_frac=0.005)
@@ -74,9 +140,10 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
         for m in batch_sizes:
             x = torch.randn(m, k)
             ours = lambda: native.qmatmul_cpu(x, qw)  # noqa: E731
-            fp32 = interleaved_medians({"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours}, repeats)
+            fp32 = interleaved_medians({"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours,
+                                        "avx2": lambda: native.qmatmul_cpu(x, qw, isa="avx2")}, repeats)
             row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
-                   f"{fp32['torch'] / fp32['native']:7.2f}x")
+                   f"{fp32['avx2'] * 1e3:8.2f} {fp32['torch'] / fp32['native']:7.2f}x")
             if with_bnb:
                 bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
                                            "native": ours}, repeats)
@@ -141,7 +208,8 @@ def bench_runtime(tokens: int, packed: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--m", default="1,8", help="comma-separated batch sizes M for qmatmul (default 1,8)")
+    parser.add_argument("--m", default="1,8,16,128", help="comma-separated batch sizes M for qmatmul (default 1,8,16,128)")
+    parser.add_argument("--only", choices=["bandwidth", "qmatmul", "encode"], help="run one section")
     parser.add_argument("--no-bnb-matmul", action="store_true", help="skip bitsandbytes matmul_4bit (slow: ~0.1-0.5 s a call)")
     parser.add_argument("--runtime", action="store_true", help="also time SmolLM2 decoding (converts it first)")
     parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime")
@@ -160,8 +228,12 @@ def main() -> None:
         raise SystemExit(f"native CPU library not usable: {native.cpu_status()}")
     print(f"machine: {describe()}; native isa: {native.cpu_isa()}; "
           f"clock: {'CPU time of the calling thread' if args.cpu_time else 'wall'}")
-    bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")])
-    bench_encode(args.repeats)
+    if args.only in (None, "bandwidth"):
+        bench_bandwidth(args.repeats)
+    if args.only in (None, "qmatmul"):
+        bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")])
+    if args.only in (None, "encode"):
+        bench_encode(args.repeats)
     if args.runtime:
         bench_runtime(args.tokens, args.packed)
 
