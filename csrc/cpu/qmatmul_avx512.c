@@ -84,6 +84,43 @@ static inline __attribute__((always_inline)) __m512i code_indices(const uint8_t 
     return (v & 1) ? _mm512_srli_epi32(c, 4) : c;
 }
 
+/* One strip (128 columns, code bytes from `byte0` of each row) of weight rows codes[0 .. R - 1]
+ * against x_rows rows of x (x: the strip's 8 x x_rows vectors), added to total (R, x_rows). `full`
+ * is a constant: every strip but the last loads its codes at byte offsets 0..3; the last, short
+ * one loads the row's remaining dwords (tail_dwords) once and shifts. */
+static inline __attribute__((always_inline)) void strip(const strip_scales *entry, __m512 codebook,
+                                                        const uint8_t *const *codes, const float *const *scales,
+                                                        int64_t byte0, __mmask16 tail_dwords, const float *x,
+                                                        __m512 total[][8], const int R, const int x_rows,
+                                                        const int full) {
+    const int scale_sums = x_rows <= SUM_TILE_MAX_X_ROWS;
+    __m512 scale[TILE_WEIGHT_ROWS], partial[TILE_WEIGHT_ROWS][8];
+    __m512i masked[TILE_WEIGHT_ROWS];
+    for (int r = 0; r < R; ++r) {
+        _mm_prefetch((const char *)codes[r] + byte0 + PREFETCH_BYTES, _MM_HINT_T0);
+        scale[r] = _mm512_permutexvar_ps(entry->lane_block, _mm512_maskz_loadu_ps(entry->blocks, scales[r] + entry->first_block));
+        masked[r] = full ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi32(tail_dwords, codes[r] + byte0);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {
+        __m512 level[TILE_WEIGHT_ROWS];
+        for (int r = 0; r < R; ++r) {
+            level[r] = _mm512_permutexvar_ps(code_indices(codes[r] + byte0, v, full, masked[r]), codebook);
+            if (!scale_sums) level[r] = _mm512_mul_ps(level[r], scale[r]);
+        }
+        for (int m = 0; m < x_rows; ++m) {
+            const __m512 xv = _mm512_load_ps(x + (v * x_rows + m) * 16);
+            for (int r = 0; r < R; ++r) {
+                if (!scale_sums) total[r][m] = _mm512_fmadd_ps(level[r], xv, total[r][m]);
+                else partial[r][m] = v ? _mm512_fmadd_ps(level[r], xv, partial[r][m]) : _mm512_mul_ps(level[r], xv);
+            }
+        }
+    }
+    if (scale_sums)
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < x_rows; ++m) total[r][m] = _mm512_fmadd_ps(partial[r][m], scale[r], total[r][m]);
+}
+
 /* Weight rows n0 .. n0 + R - 1 against one tile of x_rows rows of x (x: the tile's first float in
  * x_packed, (strips, 8, x_rows, 16)); sums (R, x_rows) = the dense dot products. */
 static inline __attribute__((always_inline)) void tile(const ql_matmul_job *job, const strip_scales *table,
@@ -92,47 +129,21 @@ static inline __attribute__((always_inline)) void tile(const ql_matmul_job *job,
     const ql_weight *w = job->w;
     const int64_t row_bytes = job->padded_k / 2, n_blocks = job->padded_k / w->block_size;
     const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
-    const int scale_sums = x_rows <= SUM_TILE_MAX_X_ROWS;
     const uint8_t *codes[TILE_WEIGHT_ROWS];
     const float *scales[TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; ++r) {
         codes[r] = w->codes + (n0 + r) * row_bytes;
         scales[r] = w->scales + (n0 + r) * n_blocks;
     }
-    __m512 total[TILE_WEIGHT_ROWS][8], partial[TILE_WEIGHT_ROWS][8];
+    __m512 total[TILE_WEIGHT_ROWS][8];
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < x_rows; ++m) total[r][m] = _mm512_setzero_ps();
-
-    for (int64_t s = 0; s < strips; ++s, x += 8 * x_rows * 16) {
-        const int full = s + 1 < strips;
-        const __mmask16 tail_dwords = full ? 0 : (__mmask16)((1u << ((row_bytes - s * STRIP_BYTES) / 4)) - 1);
-        __m512 scale[TILE_WEIGHT_ROWS];
-        __m512i masked[TILE_WEIGHT_ROWS];
-        for (int r = 0; r < R; ++r) {
-            _mm_prefetch((const char *)codes[r] + s * STRIP_BYTES + PREFETCH_BYTES, _MM_HINT_T0);
-            scale[r] = _mm512_permutexvar_ps(table[s].lane_block,
-                                             _mm512_maskz_loadu_ps(table[s].blocks, scales[r] + table[s].first_block));
-            masked[r] = full ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi32(tail_dwords, codes[r] + s * STRIP_BYTES);
-        }
-#pragma GCC unroll 8
-        for (int v = 0; v < 8; ++v) {
-            __m512 level[TILE_WEIGHT_ROWS];
-            for (int r = 0; r < R; ++r) {
-                level[r] = _mm512_permutexvar_ps(code_indices(codes[r] + s * STRIP_BYTES, v, full, masked[r]), codebook);
-                if (!scale_sums) level[r] = _mm512_mul_ps(level[r], scale[r]);
-            }
-            for (int m = 0; m < x_rows; ++m) {
-                const __m512 xv = _mm512_load_ps(x + (v * x_rows + m) * 16);
-                for (int r = 0; r < R; ++r) {
-                    if (!scale_sums) total[r][m] = _mm512_fmadd_ps(level[r], xv, total[r][m]);
-                    else partial[r][m] = v ? _mm512_fmadd_ps(level[r], xv, partial[r][m]) : _mm512_mul_ps(level[r], xv);
-                }
-            }
-        }
-        if (scale_sums)
-            for (int r = 0; r < R; ++r)
-                for (int m = 0; m < x_rows; ++m) total[r][m] = _mm512_fmadd_ps(partial[r][m], scale[r], total[r][m]);
-    }
+    const int64_t x_per_strip = 8 * x_rows * 16;
+    int64_t s = 0;
+    for (; s + 1 < strips; ++s)
+        strip(table + s, codebook, codes, scales, s * STRIP_BYTES, 0, x + s * x_per_strip, total, R, x_rows, 1);
+    const __mmask16 tail_dwords = (__mmask16)((1u << ((row_bytes - s * STRIP_BYTES) / 4)) - 1);
+    strip(table + s, codebook, codes, scales, s * STRIP_BYTES, tail_dwords, x + s * x_per_strip, total, R, x_rows, 0);
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < x_rows; ++m) sums[r * x_rows + m] = _mm512_reduce_add_ps(total[r][m]);
 }
