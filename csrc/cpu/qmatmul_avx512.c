@@ -27,12 +27,11 @@
  *     5 to 8 x rows (larger batches, prefill): the 8 level vectors are scaled first (level * scale,
  *       the weight's one rounding) and FMAed straight into total (2 x 8 = 16 accumulators), so each
  *       decode serves up to 8 x rows.
- * Totals span the whole K: each output is reduced once (vreduceps) and its CSR outliers are added
+ * Totals span the whole K: each output is reduced once (_mm512_reduce_add_ps), its CSR outliers added
  * from x_columns (K, M), as in the AVX2 kernel. The codes are prefetched PREFETCH_BYTES ahead.
  * Work partition: api.c hands each thread chunks of QL_ROW_GRAIN output rows (all M for each); a
  * chunk runs its x tiles one after the other over the same weight rows (in L2 by then). */
 #include <immintrin.h>
-#include <string.h>
 
 #include "kernels.h"
 #include "quantlite_decode.h"
