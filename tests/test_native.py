@@ -72,7 +72,7 @@ def test_qmatmul_sweep_m_and_odd_shapes(generator, isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qmatmul_every_m_up_to_70(generator, isa, dtype):
     # Every M from 1 to 70: each register tile, the AVX-512 kernel's x tiles of 8 rows with every
-    # remainder, and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
+    # remainder, its switch to the GEMM path (32 / 33), and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
     # and padding inside the last block; N = 37: an odd number of rows (a weight row tile of 2 plus
     # a single row), no outliers in some rows.
     qw = random_weight(generator, n=37, k=300, block_size=64, outlier_frac=0.003)
@@ -90,7 +90,7 @@ def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_
     # blocks straddle the AVX-512 kernel's 128-column strips. K around 128 and 256: whole strips, one
     # column more or less.
     qw = random_weight(generator, n=19, k=k, block_size=block_size)
-    for m in (1, 3, 7):
+    for m in (1, 3, 7, 40):  # 40: the AVX-512 GEMM path (M > 32)
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
@@ -103,7 +103,7 @@ def test_qmatmul_k_slices_of_the_register_path(generator, isa, block_size, k):
     # its switch from scaled sums to scaled levels, 8 / 9 the switch to the GEMM. N = 70 leaves a
     # partial chunk of 32 rows; 2 % outliers give 40-80 per row.
     qw = random_weight(generator, n=70, k=k, block_size=block_size, outlier_frac=0.02)
-    for m in (4, 5, 7, 8, 9):
+    for m in (4, 5, 7, 8, 9, 33):  # 33: the AVX-512 GEMM path, its panels of 2 strips over many K slices
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
