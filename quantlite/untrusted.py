@@ -61,6 +61,11 @@ def _link_roots(root: Path) -> list[Path]:
 
 def read_json(path: Path, error: Error, max_bytes: int = MAX_JSON_BYTES):
     """The JSON value in `path` (already checked to be a regular file), within the limits above."""
+    return parse_json(read_limited(path, error, max_bytes), path, error)
+
+
+def read_limited(path: Path, error: Error, max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of `path` (already checked to be a regular file), refused beyond max_bytes."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
@@ -68,7 +73,7 @@ def read_json(path: Path, error: Error, max_bytes: int = MAX_JSON_BYTES):
         raise error(f"{path}: cannot read ({err.strerror or err})") from err
     if len(data) > max_bytes:
         raise error(f"{path}: larger than {max_bytes} bytes, refusing to parse")
-    return parse_json(data, path, error)
+    return data
 
 
 def parse_json(data: bytes | str, where, error: Error):
