@@ -397,7 +397,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"calibration text {text_file}: {error}") from error
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")

@@ -74,8 +74,15 @@ def _open_transformers(folder: Path, gguf_file: str | None, device: str, kind: s
     from transformers import AutoModelForCausalLM
 
     where = folder / gguf_file if gguf_file else folder
+    if gguf_file is None and not any(folder.glob("*.safetensors")):
+        from quantlite.sources import PICKLE_ADVICE, PICKLE_SUFFIXES
+
+        if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+            raise EvaluationError(f"{folder}: {PICKLE_ADVICE}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        # never code from the folder (trust_remote_code), never a pickle (use_safetensors): see sources.PICKLE_ADVICE
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                     trust_remote_code=False, use_safetensors=gguf_file is None)
     except (OSError, ValueError, KeyError) as error:
         raise EvaluationError(f"transformers cannot load {where}: {error}") from error
     model = model.to(device).eval()
@@ -86,6 +93,6 @@ def _auto_tokenizer(folder: Path, gguf_file: str | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise EvaluationError(f"no usable tokenizer in {folder}: {error}") from error

@@ -134,7 +134,8 @@ class GGUFCheckpoint:
         except ImportError as error:
             raise ConversionError("turning a GGUF tokenizer into tokenizer.json needs transformers: pip install transformers") from error
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                      trust_remote_code=False)
         except (ValueError, KeyError, OSError, NotImplementedError) as error:
             raise ConversionError(f"{self.path}: transformers cannot build its tokenizer ({error})") from error
         with tempfile.TemporaryDirectory() as scratch:
