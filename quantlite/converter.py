@@ -262,6 +262,8 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
                            "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
                            "sqnr_db": sqnr, "bytes": qw.nbytes}
         else:
+            if not bool(torch.isfinite(w).all()):  # the reader refuses it (docs/FORMAT.md): never write it
+                raise ConversionError(f"{source.path}: tensor {name!r} holds NaN or Inf; a packed model's float tensors must be finite")
             tensors[name] = w.contiguous()
             stats[name] = {"file": file, "shape": list(w.shape), "stored": str(w.dtype).replace("torch.", ""),
                            "bytes": w.numel() * w.element_size()}

@@ -92,13 +92,15 @@ def _check_value_types(config: dict, error: Callable[[str], Exception]) -> None:
     rope = config.get("rope_parameters") or config.get("rope_scaling")
     if rope is not None and not isinstance(rope, dict):
         raise error(f"config rope_scaling/rope_parameters = {rope!r} must be an object")
-    values = [(key, config.get(key)) for key in NUMBERS] + [(f"rope {key}", (rope or {}).get(key)) for key in ROPE_NUMBERS]
+    present = object()  # a key given as null is not a key left out: the runtime would read None
+    values = [(key, config.get(key, present)) for key in NUMBERS] + [
+        (f"rope {key}", (rope or {}).get(key, present)) for key in ROPE_NUMBERS]
     for key, value in values:
-        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+        if value is not present and not (_is_number(value) and math.isfinite(value) and value > 0):
             raise error(f"config {key!r} = {value!r} must be a positive finite number")
-    for key, value in [("max_position_embeddings", config.get("max_position_embeddings"))] + [
-            (f"rope {key}", (rope or {}).get(key)) for key in ROPE_COUNTS]:
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_DIMENSION):
+    for key, value in [("max_position_embeddings", config.get("max_position_embeddings", present))] + [
+            (f"rope {key}", (rope or {}).get(key, present)) for key in ROPE_COUNTS]:
+        if value is not present and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_DIMENSION):
             raise error(f"config {key!r} = {value!r} must be a positive integer up to {MAX_DIMENSION}")
     for key in ("hidden_act", "model_type"):
         if config.get(key) is not None and not isinstance(config[key], str):
