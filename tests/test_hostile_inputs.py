@@ -360,3 +360,38 @@ def test_inspect_escapes_control_characters_from_the_manifest(packed, capsys):
     assert cli_main(["inspect", str(packed)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out
+
+
+def write_tiny_gguf(path: Path, odd_tensor: str | None = None) -> None:
+    """A 1-layer Llama GGUF (float32 tensors); `odd_tensor` is stored as int32 instead."""
+    import gguf
+    import numpy as np
+
+    from quantlite.sources.gguf_file import GGUF_LAYER_NAMES, GGUF_NAMES
+    from quantlite.sources.llama_layout import all_shapes
+
+    dims = llama_dims(SMALL, ValueError)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("context_length", 256), ("block_count", 1), ("feed_forward_length", dims.intermediate),
+                       ("embedding_length", dims.hidden), ("attention.head_count", dims.heads),
+                       ("attention.head_count_kv", dims.kv_heads), ("vocab_size", dims.vocab)]:
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()} | {
+        f"model.layers.0.{hf}": f"blk.0.{name}" for name, hf in GGUF_LAYER_NAMES.items()}
+    for name, shape in all_shapes(dims).items():
+        array = np.zeros(shape, dtype=np.int32 if to_gguf[name] == odd_tensor else np.float32)
+        writer.add_tensor(to_gguf[name], array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_an_unreadable_gguf_tensor_type_is_refused_before_anything_is_written(tmp_path):
+    write_tiny_gguf(tmp_path / "ok.gguf")
+    assert open_source(tmp_path / "ok.gguf").shapes  # the writer above makes a valid file
+    write_tiny_gguf(tmp_path / "odd.gguf", odd_tensor="blk.0.ffn_down.weight")
+    with pytest.raises(ConversionError, match="blk.0.ffn_down.weight.*I32"):
+        convert(tmp_path / "odd.gguf", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
