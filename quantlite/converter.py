@@ -483,7 +483,8 @@ def _output_lock(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        if os.fstat(handle).st_size == 0:  # ours are empty: a user's file of that name is left alone
+            path.unlink(missing_ok=True)
         os.close(handle)
 
 

@@ -6,7 +6,6 @@ lock guards OUT against a second convert; a conversion killed mid-write resumes 
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -82,53 +81,51 @@ def test_output_under_a_file_or_in_proc_is_a_clear_error(tmp_path, checkpoint):
             convert(checkpoint, out, progress=False)
 
 
-CONVERT = [sys.executable, "-m", "quantlite", "convert", "--quiet"]
+SLOW_CONVERT = """
+import sys, time, safetensors.torch as st
+real = st.save_file
+def slow(tensors, path, metadata=None):  # layer-00001 stays under its temporary name for a minute
+    real(tensors, path, metadata=metadata)
+    if "layer-00001" in path:
+        time.sleep(60)
+st.save_file = slow
+from quantlite.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_slow_convert(checkpoint: Path, out: Path) -> subprocess.Popen:
+    """A `quantlite convert` child, returned once it is writing .layer-00001.safetensors.partial."""
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", "--quiet", str(checkpoint), str(out)],
+                             cwd=Path(__file__).resolve().parents[1])
+    temp, deadline = out / ".layer-00001.safetensors.partial", time.monotonic() + 120
+    while not temp.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    if not temp.exists():
+        child.kill()
+        pytest.fail("the child never reached the slow write")
+    return child
 
 
 def test_kill_9_mid_write_then_rerun_and_overwrite_work(tmp_path, checkpoint):
     """A child process is killed while a shard's temporary file exists; the rerun cleans it and resumes."""
     out = tmp_path / "out"
-    script = ("import sys, time, safetensors.torch as st\n"
-              "real = st.save_file\n"
-              "def slow(t, p, metadata=None):\n"
-              "    real(t, p, metadata=metadata)\n"
-              "    if 'layer-00001' in p: time.sleep(60)\n"
-              "st.save_file = slow\n"
-              "from quantlite.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    child = subprocess.Popen([sys.executable, "-c", script, "convert", "--quiet", str(checkpoint), str(out)],
-                             cwd=Path(__file__).resolve().parents[1])
-    temp = out / ".layer-00001.safetensors.partial"
-    deadline = time.monotonic() + 120
-    while not temp.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.05)
-    assert temp.exists(), "the child never reached the slow write"
+    child = start_slow_convert(checkpoint, out)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (out / MANIFEST).exists() and (out / PARTIAL_STATE).exists()
 
     summary = convert(checkpoint, out, progress=False)
-    assert summary.files_resumed >= 2 and not temp.exists() and not (out / LOCK_FILE).exists()
-    assert PackedModel.open(out).verify() == []
+    assert summary.files_resumed >= 2 and not (out / ".layer-00001.safetensors.partial").exists()
+    assert not (out / LOCK_FILE).exists() and PackedModel.open(out).verify() == []
     convert(checkpoint, out, method="rtn", overwrite=True, progress=False)
     assert PackedModel.open(out).verify() == []
 
 
 def test_a_second_convert_into_the_same_folder_is_refused_by_the_lock(tmp_path, checkpoint):
     out = tmp_path / "out"
-    script = ("import sys, time, safetensors.torch as st\n"
-              "real = st.save_file\n"
-              "def slow(t, p, metadata=None):\n"
-              "    real(t, p, metadata=metadata); time.sleep(60)\n"
-              "st.save_file = slow\n"
-              "from quantlite.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    child = subprocess.Popen([sys.executable, "-c", script, "convert", "--quiet", str(checkpoint), str(out)],
-                             cwd=Path(__file__).resolve().parents[1])
+    child = start_slow_convert(checkpoint, out)
     try:
-        deadline = time.monotonic() + 120
-        while not any(out.glob(".*.safetensors.partial")) and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.05)
         with pytest.raises(ConversionError, match="being written by another `quantlite convert`"):
             convert(checkpoint, out, progress=False)
         with pytest.raises(ConversionError, match="being written by another"):

@@ -11,10 +11,7 @@ MAX_NEW_TOKENS = 1 << 20  # the KV cache is allocated for prompt + max_new_token
 def count(limit: int):
     """A positive integer up to `limit`."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        value = _integer(text)
         if not 1 <= value <= limit:
             raise argparse.ArgumentTypeError(f"{value} must be between 1 and {limit}")
         return value
@@ -24,13 +21,17 @@ def count(limit: int):
 
 def seed(text: str) -> int:
     """torch.Generator.manual_seed takes [0, 2**64)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} must be in [0, 2**64)")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def finite_float(low: float, high: float = math.inf):
