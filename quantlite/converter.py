@@ -20,13 +20,15 @@ Memory: one tensor is in memory at a time, and a large tensor is quantized in ro
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -34,6 +36,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import quantlite
 from quantlite.errors import ConversionError, FormatError
@@ -46,8 +49,11 @@ from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
 from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
 from quantlite.sources.safetensors_file import SafetensorsFile
+from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
+from quantlite.untrusted import parse_json
 
 PARTIAL_STATE = ".quantlite-partial.json"
+LOCK_FILE = ".quantlite.lock"  # flock()ed while a convert writes OUT; the kernel drops it if the process dies
 # calibration="self": the text is sampled from the unquantized model itself, one sequence per window,
 # each starting from one of these prompts, by the runtime from a float copy of the model kept here.
 SELF_CALIBRATION = "self"
@@ -61,9 +67,7 @@ TEMP_SUFFIX = ".partial"
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
 MAX_CHUNK_WEIGHTS = 1 << 22
 DISK_MARGIN_BYTES = 16 << 20
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (the only way is to set it and put it back)
-FILE_MODE = 0o666 & ~_UMASK  # what open() would give; safetensors' writer creates files 0600
+FILE_MODE = 0o644  # explicit: safetensors' writer creates files 0600, and the model is meant to be shared
 
 
 @dataclass(frozen=True)
@@ -162,34 +166,35 @@ def convert(
     out = Path(out)
     plan = _plan(source)
     fingerprint = _fingerprint(source, settings)
-    state = _prepare_output(out, fingerprint, overwrite)
-    done: dict = state["done"]
-    resumed = len(done)
-    _check_disk_space(out, source, settings, plan, done)
+    with _output_lock(out):  # released (and removed) however convert ends
+        state = _prepare_output(out, fingerprint, overwrite, plan)
+        done: dict = state["done"]
+        resumed = len(done)
+        _check_disk_space(out, source, settings, plan, done)
 
-    params_of = {file: sum(math.prod(source.shapes[n]) for n in names) for file, names in plan.items()}
-    from tqdm import tqdm
+        params_of = {file: sum(math.prod(source.shapes[n]) for n in names) for file, names in plan.items()}
+        from tqdm import tqdm
 
-    if TOKENIZER_DIR not in done:
-        done[TOKENIZER_DIR] = _write_tokenizer(source, out)
-        _save_state(out, state)
-    todo = [(file, names) for file, names in plan.items() if file not in done]
-    with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
-              unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
-        jobs = [_run_jobs(source, out, settings, todo, workers)]
-        layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
-        if settings.calibration and layers:  # the decoder layers one after the other, then the rest
-            jobs = [_calibrated_layers(source, out, settings, calibration, plan, done, progress),
-                    _run_jobs(source, out, settings, [job for job in todo if job not in layers], workers)]
-        for file, entry in (item for job in jobs for item in job):
-            done[file] = entry
+        if TOKENIZER_DIR not in done:
+            done[TOKENIZER_DIR] = _write_tokenizer(source, out)
             _save_state(out, state)
-            bar.update(params_of[file])
+        todo = [(file, names) for file, names in plan.items() if file not in done]
+        with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
+                  unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
+            jobs = [_run_jobs(source, out, settings, todo, workers)]
+            layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
+            if settings.calibration and layers:  # the decoder layers one after the other, then the rest
+                jobs = [_calibrated_layers(source, out, settings, calibration, plan, done, progress),
+                        _run_jobs(source, out, settings, [job for job in todo if job not in layers], workers)]
+            for file, entry in (item for job in jobs for item in job):
+                done[file] = entry
+                _save_state(out, state)
+                bar.update(params_of[file])
 
-    manifest = _manifest(source, settings, plan, done, state["created"])
-    _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
-    (out / PARTIAL_STATE).unlink()
-    return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
+        manifest = _manifest(source, settings, plan, done, state["created"])
+        _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+        (out / PARTIAL_STATE).unlink()
+        return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
 
 
 # --------------------------------------------------------------------------- quantization of one tensor
@@ -257,6 +262,8 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
                            "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
                            "sqnr_db": sqnr, "bytes": qw.nbytes}
         else:
+            if not bool(torch.isfinite(w).all()):  # the reader refuses it (docs/FORMAT.md): never write it
+                raise ConversionError(f"{source.path}: tensor {name!r} holds NaN or Inf; a packed model's float tensors must be finite")
             tensors[name] = w.contiguous()
             stats[name] = {"file": file, "shape": list(w.shape), "stored": str(w.dtype).replace("torch.", ""),
                            "bytes": w.numel() * w.element_size()}
@@ -300,16 +307,16 @@ def _run_jobs(source, out: Path, settings: Settings, todo: list, workers: int):
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(temporary path), flush it to disk, then rename: a reader sees all of the file or nothing."""
-    temp = path.with_name("." + path.name + TEMP_SUFFIX)
+    temp = path.with_name(_temp_name(path.name))
     try:
         write(temp)
         os.chmod(temp, FILE_MODE)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # SafetensorError: save_file's own I/O failure (a full disk)
         temp.unlink(missing_ok=True)
-        raise ConversionError(f"cannot write {path}: {error.strerror or error}; the folder stays incomplete "
+        raise ConversionError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}; the folder stays incomplete "
                               "(free space or fix the cause, then rerun the same command to resume)") from error
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -318,7 +325,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def _write_tokenizer(source, out: Path) -> dict:
     """The tokenizer folder, built under a temporary name and renamed; returns {relative path: entry}."""
-    temp = out / ("." + TOKENIZER_DIR + TEMP_SUFFIX)
+    temp = out / _temp_name(TOKENIZER_DIR)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
@@ -392,7 +399,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"calibration text {text_file}: {error}") from error
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
@@ -453,22 +460,53 @@ def _fingerprint(source, settings: Settings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
-    """Check what `out` holds and return the partial state to continue from (fresh or resumed)."""
+@contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Create `out` if needed and hold OUT/.quantlite.lock (flock) while the body runs: a second convert
+    into the same folder stops with a clear message instead of interleaving its files with ours."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as error:
+        raise ConversionError(f"cannot write into {out}: {error.strerror or error}") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(handle).st_ino != os.stat(path).st_ino:  # the file was removed by its last holder
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(handle)
+        raise ConversionError(f"{out} is being written by another `quantlite convert` (it holds {LOCK_FILE}); "
+                              "wait for it to finish, or stop it and rerun to resume") from None
+    try:
+        yield
+    finally:
+        if os.fstat(handle).st_size == 0:  # ours are empty: a user's file of that name is left alone
+            path.unlink(missing_ok=True)
+        os.close(handle)
+
+
+def _prepare_output(out: Path, fingerprint: str, overwrite: bool, plan: dict) -> dict:
+    """Check what `out` holds and return the partial state to continue from (fresh or resumed).
+
+    Only what quantlite recorded as its own (the manifest's files, the partial state's finished and
+    planned files, their temporary names) is ever removed or replaced; anything else in `out`, a
+    symlink or a FIFO under one of our names included, stops the conversion, --overwrite or not."""
+    owned = _owned_paths(out)
+    foreign = _foreign_entries(out, owned)
     if foreign:
-        raise ConversionError(f"{out} holds files quantlite did not write ({', '.join(foreign[:3])}); choose a new or empty folder")
+        raise ConversionError(f"{out} holds files quantlite did not write ({', '.join(foreign[:3])}"
+                              f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); choose a new or empty "
+                              "folder (--overwrite replaces only a folder of quantlite's own output)")
     state = _load_state(out)
-    complete = (out / MANIFEST).exists()
+    complete = MANIFEST in owned
     if (complete or (state and state.get("fingerprint") != fingerprint)) and not overwrite:
         what = "a converted model" if complete else "an interrupted conversion of another source or with other settings"
         raise ConversionError(f"{out} already holds {what}; pass --overwrite (overwrite=True) to replace it")
     if complete or state is None or state.get("fingerprint") != fingerprint:
-        for path in out.iterdir():  # only our own names (checked above)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove(out, owned)
         created = os.environ.get("SOURCE_DATE_EPOCH", "")  # the reproducible-builds convention
         if created and not created.isdigit():
             raise ConversionError(f"SOURCE_DATE_EPOCH={created!r} must be a number of seconds since 1970")
@@ -476,16 +514,77 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
         state = {"fingerprint": fingerprint, "created": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "done": {}}
     else:
         state["done"] = {file: entry for file, entry in state["done"].items() if _still_intact(out, file, entry)}
-    for path in out.iterdir():
-        if path.name.endswith(TEMP_SUFFIX):  # left by an interrupted write
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove(out, {path for path in owned if path.split("/")[0].endswith(TEMP_SUFFIX)})  # left by a killed write
+    state["planned"] = [*plan, TOKENIZER_DIR]  # recorded before anything is written: all of it is ours
     _save_state(out, state)
     return state
 
 
-def _ours(name: str) -> bool:
-    if name in (MANIFEST, PARTIAL_STATE, TOKENIZER_DIR, SELF_CALIBRATION_DIR) or name.endswith(TEMP_SUFFIX):
-        return True
+def _owned_paths(out: Path) -> set[str]:
+    """Relative paths in `out` that quantlite wrote (or may have been writing), from its own records."""
+    owned = {LOCK_FILE, PARTIAL_STATE, _temp_name(PARTIAL_STATE)}
+    names: set[str] = set()
+    manifest = _load_own_json(out / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME and isinstance(manifest.get("files"), dict):
+        owned.update((MANIFEST, _temp_name(MANIFEST)))
+        names.update(manifest["files"])
+    state = _load_state(out)
+    if state is not None:
+        owned.add(_temp_name(MANIFEST))
+        for file, entry in state["done"].items():
+            names.update(entry if file == TOKENIZER_DIR and isinstance(entry, dict) else [file])
+        names.update(name for name in state.get("planned", []) if isinstance(name, str))
+    for name in names:
+        if name == TOKENIZER_DIR:
+            owned.update(f"{TOKENIZER_DIR}/{file}" for file in TOKENIZER_FILES)
+        elif _is_format_path(name):
+            owned.add(name)
+        else:
+            continue
+        if "/" not in name:
+            owned.add(_temp_name(name))
+        if name.startswith(TOKENIZER_DIR):  # the folder is built under a temporary name, then renamed
+            owned.update(f"{_temp_name(TOKENIZER_DIR)}/{file}" for file in (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE))
+    scratch = out / SELF_CALIBRATION_DIR  # a conversion of its own (calibration="self")
+    if scratch.is_dir() and not scratch.is_symlink():
+        owned.update(f"{SELF_CALIBRATION_DIR}/{path}" for path in _owned_paths(scratch) if path != LOCK_FILE)
+    return owned
+
+
+def _foreign_entries(out: Path, owned: set[str]) -> list[str]:
+    """Entries of `out` (recursively, symlinks not followed) that are not regular files quantlite owns."""
+    folders = {path.rsplit("/", 1)[0] for path in owned if "/" in path}
+    folders |= {folder.rsplit("/", 1)[0] for folder in folders if "/" in folder}
+    foreign: list[str] = []
+
+    def walk(folder: Path, prefix: str) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            relative = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                (walk(Path(entry.path), relative + "/") if relative in folders else foreign.append(relative + "/"))
+            elif relative not in owned or not entry.is_file(follow_symlinks=False):
+                foreign.append(relative)
+
+    walk(out, "")
+    return foreign
+
+
+def _remove(out: Path, paths: set[str]) -> None:
+    """Remove these owned files (never the lock we hold), then the folders they leave empty."""
+    for path in sorted(paths - {LOCK_FILE}, key=lambda p: -p.count("/")):
+        (out / path).unlink(missing_ok=True)
+    for folder in sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p}, key=lambda p: -p.count("/")):
+        try:
+            (out / folder).rmdir()
+        except OSError:
+            pass  # not empty (a file of ours that stays) or already gone
+
+
+def _temp_name(name: str) -> str:
+    return "." + name + TEMP_SUFFIX
+
+
+def _is_format_path(name: object) -> bool:
     try:
         check_relative_path(name)
     except FormatError:
@@ -493,12 +592,21 @@ def _ours(name: str) -> bool:
     return True
 
 
-def _load_state(out: Path) -> dict | None:
+def _load_own_json(path: Path):
+    """A JSON file quantlite wrote in OUT, or None when absent, not a regular file, or unreadable."""
     try:
-        state = json.loads((out / PARTIAL_STATE).read_text())
+        if not path.is_file() or path.is_symlink():
+            return None
+        return parse_json(path.read_bytes(), path, ValueError)
     except (OSError, ValueError):
         return None
+
+
+def _load_state(out: Path) -> dict | None:
+    state = _load_own_json(out / PARTIAL_STATE)
     ok = isinstance(state, dict) and isinstance(state.get("done"), dict) and isinstance(state.get("created"), str)
+    if ok and not isinstance(state.get("planned", []), list):
+        ok = False
     return state if ok else None
 
 
@@ -510,7 +618,9 @@ def _still_intact(out: Path, file: str, entry: dict) -> bool:
     """A file recorded as done counts only if it is still there, unchanged."""
     try:
         if file == TOKENIZER_DIR:
-            return all(sha256_file(out / name) == e["sha256"] for name, e in entry.items())
+            return all(_is_format_path(name) and sha256_file(out / name) == e["sha256"] for name, e in entry.items())
+        if not _is_format_path(file):
+            return False
         return (out / file).stat().st_size == entry["size"] and sha256_file(out / file) == entry["sha256"]
     except (OSError, KeyError, TypeError, AttributeError):
         return False
@@ -518,7 +628,7 @@ def _still_intact(out: Path, file: str, entry: dict) -> bool:
 
 def _check_disk_space(out: Path, source, settings: Settings, plan: dict, done: dict) -> None:
     """Refuse up front when the estimated output does not fit."""
-    needed = DISK_MARGIN_BYTES
+    needed = DISK_MARGIN_BYTES + (0 if TOKENIZER_DIR in done else source.tokenizer_nbytes())
     for file, names in plan.items():
         if file in done:
             continue

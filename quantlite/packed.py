@@ -12,7 +12,7 @@ A QWeight named W is stored as the tensors `W.meta`, `W.codes`, `W.scales`, ... 
 """
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
+from quantlite.untrusted import check_regular_file, read_json
 
 MANIFEST = "quantlite.json"
 FORMAT_NAME = "quantlite.packed"
@@ -59,19 +60,20 @@ def check_relative_path(name: object) -> str:
 
 
 def group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor | QWeight]:
-    """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a QWeight named X."""
-    prefixes = [m.group(1) for m in map(QWEIGHT_FIELD.fullmatch, tensors) if m]
-    grouped: dict[str, torch.Tensor | QWeight] = {}
-    claimed: set[str] = set()
-    for prefix in prefixes:
-        fields = {n: t for n, t in tensors.items() if n.startswith(prefix + ".")}
-        grouped[prefix] = QWeight.from_dict(fields, prefix=prefix + ".", name=f"{where}: {prefix}")
-        claimed.update(fields)
+    """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a QWeight named X, whose
+    fields are the tensors `X.<field>`. Linear in the number of tensors (a shard may hold thousands)."""
+    fields: dict[str, dict[str, torch.Tensor]] = {m.group(1): {} for m in map(QWEIGHT_FIELD.fullmatch, tensors) if m}
+    plain: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name not in claimed:
-            if name in grouped:
-                raise FormatError(f"{where}: {name!r} is stored both plain and quantized")
-            grouped[name] = tensor
+        prefix = name.rpartition(".")[0]
+        (fields[prefix] if prefix in fields else plain)[name] = tensor
+    grouped: dict[str, torch.Tensor | QWeight] = {
+        prefix: QWeight.from_dict(group, prefix=prefix + ".", name=f"{where}: {prefix}") for prefix, group in fields.items()
+    }
+    for name, tensor in plain.items():
+        if name in grouped:
+            raise FormatError(f"{where}: {name!r} is stored both plain and quantized")
+        grouped[name] = tensor
     return grouped
 
 
@@ -89,17 +91,14 @@ class PackedModel:
     def open(cls, path: str | Path) -> "PackedModel":
         path = Path(path)
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
+        if not path.is_dir() or not check_regular_file(manifest_path, path, FormatError):
             hint = " (an interrupted conversion: rerun the same convert command to finish it)" if path.is_dir() and any(path.iterdir()) else ""
             raise FormatError(f"{path}: no {MANIFEST}, so not a packed quantlite model{hint}")
-        try:
-            if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise FormatError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-            raise FormatError(f"{manifest_path}: not readable JSON ({error.__class__.__name__}: {error})") from error
+        manifest = read_json(manifest_path, FormatError, MAX_MANIFEST_BYTES)
         model = cls(path, _check_manifest(manifest, manifest_path))
         model._check_files_present()
+        for problem in model.path_problems():
+            raise FormatError(f"{path}/{problem}")
         return model
 
     # ----------------------------------------------------------------- contract
@@ -129,16 +128,30 @@ class PackedModel:
     def tokenizer_dir(self) -> Path:
         return self.path / TOKENIZER_DIR
 
+    def path_problems(self) -> list[str]:
+        """Listed files that exist but are not regular files reached without a symlink (a link out of the
+        folder, a FIFO that would block the reader): checked when the folder is opened, and by verify."""
+        problems = [f"{TOKENIZER_DIR}: is a symbolic link; quantlite reads only regular files inside {self.path}"
+                    ] if os.path.islink(self.path / TOKENIZER_DIR) else []
+        for name in self.manifest["files"]:
+            try:
+                check_regular_file(self.path / name, self.path, FormatError)
+            except FormatError as error:
+                problems.append(f"{name}: {str(error).replace(str(self.path / name), 'it')}")
+        return problems
+
     # ----------------------------------------------------------------- verification
     def verify(self, progress: bool = False) -> list[str]:
         """Every problem found, one message per file naming it (empty when all is well): missing or extra
         files, sizes, sha256 against the manifest, and each shard's structure against the config."""
         from tqdm import tqdm
 
-        problems = []
+        problems = self.path_problems()
         files = self.manifest["files"]
         for name in tqdm(sorted(files), desc="verify", unit="file", disable=not progress):
             file_path = self.path / name
+            if any(problem.startswith(name + ":") for problem in problems):
+                continue
             if not file_path.is_file():
                 problems.append(f"{name}: missing")
                 continue
@@ -149,11 +162,13 @@ class PackedModel:
                 problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
             elif name.endswith(".safetensors"):
                 problems.extend(self._structure_problem(name))
-        listed = set(files)
-        for stray in sorted(p for p in self.path.rglob("*") if p.is_file()):
-            relative = stray.relative_to(self.path).as_posix()
-            if relative != MANIFEST and relative not in listed:
-                problems.append(f"{relative}: not listed in the manifest")
+        listed = set(files) | {MANIFEST}
+        for folder, subfolders, names in os.walk(self.path):  # symlinks are listed, not followed
+            relative = Path(folder).relative_to(self.path).as_posix()
+            strays = [name for name in names + [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
+                      if (name if relative == "." else f"{relative}/{name}") not in listed]
+            problems.extend(f"{name if relative == '.' else f'{relative}/{name}'}: not listed in the manifest"
+                            for name in sorted(strays))
         return problems
 
     def _structure_problem(self, name: str) -> list[str]:
@@ -192,6 +207,8 @@ class PackedModel:
                 raise FormatError(f"{where}: {tensor_name} has shape {list(shape)}, the config implies {list(expected[tensor_name])}")
             if not isinstance(value, QWeight) and not value.is_floating_point():
                 raise FormatError(f"{where}: {tensor_name} has dtype {value.dtype}, expected a float tensor")
+            if not isinstance(value, QWeight) and not bool(torch.isfinite(value).all()):
+                raise FormatError(f"{where}: {tensor_name} holds NaN or Inf (docs/FORMAT.md: plain tensors must be finite)")
 
     def _check_files_present(self) -> None:
         expected = {EMBEDDING_FILE, FINAL_FILE, *(layer_file(i) for i in range(self.num_layers))}

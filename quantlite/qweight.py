@@ -50,6 +50,34 @@ class QWeight:
     scale_group_min: torch.Tensor | None = None   # (ceil(N * Kp/B / 256),) float32
     scale_group_step: torch.Tensor | None = None  # (ceil(N * Kp/B / 256),) float32
 
+    def __post_init__(self) -> None:
+        """Sizes and dtypes every kernel relies on, checked however the QWeight was built (a hand-built
+        one whose `codes` are smaller than its shape would make the native kernel read out of bounds).
+        Values (scales, outliers' columns) are from_dict's to check; this costs no pass over the data."""
+        where = f"QWeight{tuple(self.shape)}"
+        if not (isinstance(self.shape, tuple) and len(self.shape) == 2 and all(isinstance(d, int) and d > 0 for d in self.shape)):
+            raise FormatError(f"QWeight shape {self.shape!r} must be two positive integers")
+        if not (isinstance(self.block_size, int) and self.block_size > 0 and self.block_size % 2 == 0):
+            raise FormatError(f"{where}: block_size {self.block_size!r} must be a positive even integer")
+        n, nb = self.shape[0], self.n_blocks
+        expected = {"codebook": ((16,), (torch.float32,)), "codes": ((n, self.padded_k // 2), (torch.uint8,)),
+                    "outlier_row_ptr": ((n + 1,), (torch.int32,)),
+                    "outlier_cols": ((self.outlier_vals.numel(),), (torch.uint16, torch.int32)),
+                    "outlier_vals": ((self.outlier_cols.numel(),), (torch.float16,))}
+        if self.scales is not None:
+            expected["scales"] = ((n, nb), (torch.float16, torch.float32))
+        else:
+            groups = -(-(n * nb) // SCALE_GROUP_SIZE)
+            expected.update(scale_codes=((n, nb), (torch.uint8,)), scale_group_min=((groups,), (torch.float32,)),
+                            scale_group_step=((groups,), (torch.float32,)))
+        for field, (shape, dtypes) in expected.items():
+            tensor = getattr(self, field)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
+                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise FormatError(f"{where}: {field} is {got}, expected {shape} of {', '.join(map(str, dtypes))}")
+            if tensor.device != self.codes.device:
+                raise FormatError(f"{where}: {field} is on {tensor.device}, codes on {self.codes.device}")
+
     # ----------------------------------------------------------------- derived sizes
     @property
     def padded_k(self) -> int:
@@ -179,6 +207,8 @@ class QWeight:
                 _expect(tensor, (n_groups,), (torch.float32,), label, fail)
                 if not torch.isfinite(tensor).all() or bool((tensor < 0).any()):
                     raise fail(f"{label} must be finite and non-negative (scales decode to min + code * step)")
+            if not torch.isfinite(group_min + 255 * group_step).all():  # the largest code, in float32 as decoded
+                raise fail("double-quantized scales decode to Inf (scale_group_min + 255 * scale_group_step overflows)")
 
         col_dtype = torch.uint16 if k <= 65536 else torch.int32
         row_ptr, cols, vals = (get(field, required=False) for field in OUTLIER_FIELDS)

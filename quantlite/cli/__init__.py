@@ -4,12 +4,15 @@ Each sub-command lives in its own module of this package and exposes three names
     SUMMARY: str                      one line, shown in `quantlite --help`
     configure(parser) -> None         adds its arguments (module-level imports stay light: no torch)
     run(args) -> int                  does the work, returns the exit status
-Errors of the project's own types (quantlite.errors.QuantliteError) are printed as one line, exit 2.
+Errors of the project's own types (quantlite.errors.QuantliteError) are printed as one line, exit 2
+(`verify` exits 1 for a damaged folder). Any other exception is a bug: it is printed as one line with
+a request to report it (QUANTLITE_DEBUG=1 shows the traceback), exit 1. docs/reliability.md.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> module, in the order a newcomer meets them.
@@ -75,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `quantlite inspect OUT | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except Exception as error:  # the last guard: every input the families of docs/reliability.md name has its own message
+        if os.environ.get("QUANTLITE_DEBUG"):
+            raise
+        print(f"quantlite {args.command}: unexpected error: {error.__class__.__name__}: {str(error)[:300]} "
+              "(a bug: please report it with the command; QUANTLITE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

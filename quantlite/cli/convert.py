@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from quantlite.cli import arguments
+
 SUMMARY = "convert an HF Llama folder or a .gguf file into packed 4-bit per-layer shards"
 METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
 
@@ -43,14 +45,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (untied models)")
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
-    parser.add_argument("--workers", type=int, default=1, help="processes converting layers in parallel (default 1)")
+    parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1)")
     parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self",
                         help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
                              "converted in order, each on the text as it leaves the quantized layers before it; "
                              "must not overlap text you evaluate on. 'self': on text the model samples itself "
                              "(no data needed; a file named self is ./self)")
-    parser.add_argument("--calibration-windows", type=int, default=16, help="windows of calibration text (default 16)")
-    parser.add_argument("--calibration-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=16, help="windows of calibration text (default 16)")
+    parser.add_argument("--calibration-ctx", type=arguments.count(1 << 20), default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

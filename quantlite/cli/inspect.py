@@ -38,6 +38,13 @@ def per_file(manifest: dict) -> dict[str, dict]:
     return dict(sorted(rows.items()))
 
 
+def printable(value: object) -> str:
+    """str(value) with control characters escaped: a manifest's provenance or config strings must not
+    reach the terminal as ANSI/OSC escape sequences (which can retitle, recolour or hide output)."""
+    text = str(value)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def run(args: argparse.Namespace) -> int:
     from quantlite.cli.convert import format_totals
     from quantlite.errors import FormatError
@@ -55,16 +62,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(model.path), "config": manifest["config"], "quantization": manifest["quantization"],
                           "files": files, "totals": manifest["totals"], "provenance": manifest["provenance"]}, indent=1))
         return 0
-    print(f"{model.path}  ({manifest['provenance'].get('source_kind')} source {manifest['provenance'].get('source')})")
-    print("config      " + ", ".join(f"{k}={manifest['config'].get(k)}" for k in CONFIG_KEYS))
+    provenance = manifest["provenance"]
+    print(printable(f"{model.path}  ({provenance.get('source_kind')} source {provenance.get('source')})"))
+    print(printable("config      " + ", ".join(f"{k}={manifest['config'].get(k)}" for k in CONFIG_KEYS)))
     quant = manifest["quantization"]
-    print(f"method      {quant.get('method')}, block size {quant.get('block_size')}, outlier fraction "
-          f"{quant.get('outlier_frac')}" + (f" within {quant['max_bits_per_weight']} bits/weight"
-          if quant.get("max_bits_per_weight") else "") + f"; quantized: {quant.get('quantized')}")
+    print(printable(f"method      {quant.get('method')}, block size {quant.get('block_size')}, outlier fraction "
+                    f"{quant.get('outlier_frac')}" + (f" within {quant['max_bits_per_weight']} bits/weight"
+                    if quant.get("max_bits_per_weight") else "") + f"; quantized: {quant.get('quantized')}"))
     print(f"\n{'file':<26}{'MiB':>9}{'params':>13}{'quantized':>13}{'outliers':>10}{'bits/w':>8}")
     for name, row in files.items():
-        print(f"{name:<26}{row['bytes'] / 2**20:9.2f}{row['params']:13,}{row['quantized']:13,}"
+        print(f"{printable(name):<26}{row['bytes'] / 2**20:9.2f}{row['params']:13,}{row['quantized']:13,}"
               f"{row['outliers']:10,}{row['bits_per_weight']:8.3f}")
     print()
-    print(totals)
+    print("\n".join(map(printable, totals.splitlines())))
     return 0

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 
+from quantlite.cli import arguments
+
 SUMMARY = "perplexity of a packed model, an HF folder or a GGUF file on a text file"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="packed quantlite directory, HF checkpoint folder, or .gguf file")
     parser.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, evaluated as one token stream")
-    parser.add_argument("--ctx", type=int, default=2048, help="tokens per window (default 2048)")
-    parser.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate only the first N windows")
+    parser.add_argument("--ctx", type=arguments.count(1 << 20), default=2048, help="tokens per window (default 2048)")
+    parser.add_argument("--max-windows", type=arguments.count(2**31 - 1), default=None, metavar="N", help="evaluate only the first N windows")
     parser.add_argument("--protocol", choices=("gptq", "llamacpp"), default="gptq",
                         help="gptq: score every predicted token (default); llamacpp: second half of each window")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+    parser.add_argument("--batch-size", type=arguments.count(4096), default=1, metavar="B", help="windows per forward pass (default 1)")
+    parser.add_argument("--device", type=arguments.device, default="cpu", help="torch device to run the model on (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

@@ -23,12 +23,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlite.cli.inspect import printable
     from quantlite.packed import PackedModel
 
     model = PackedModel.open(args.path)
     problems = model.verify(progress=not args.quiet)
     for problem in problems:
-        print(f"{model.path}/{problem}", file=sys.stderr)
+        print(printable(f"{model.path}/{problem}"), file=sys.stderr)
     if problems:
         print(f"{model.path}: {len(problems)} problem(s)", file=sys.stderr)
         return 1

@@ -65,7 +65,10 @@ def _open_packed(path: Path, device: str) -> EvalModel:
     from quantlite.packed import PackedModel
     from quantlite.runtime.streaming import load
 
+    from quantlite.runtime.generate import Tokenizer
+
     packed = PackedModel.open(path)
+    Tokenizer(packed.tokenizer_dir)  # the tokenizer files' own checks (regular files, JSON limits) first
     model = load(path, device=device)
     return EvalModel(model, _auto_tokenizer(packed.tokenizer_dir, None), "packed", path)
 
@@ -74,9 +77,16 @@ def _open_transformers(folder: Path, gguf_file: str | None, device: str, kind: s
     from transformers import AutoModelForCausalLM
 
     where = folder / gguf_file if gguf_file else folder
+    if gguf_file is None and not any(folder.glob("*.safetensors")):
+        from quantlite.sources import PICKLE_ADVICE, PICKLE_SUFFIXES
+
+        if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+            raise EvaluationError(f"{folder}: {PICKLE_ADVICE}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
+        # never code from the folder (trust_remote_code), never a pickle (use_safetensors): see sources.PICKLE_ADVICE
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                     trust_remote_code=False, use_safetensors=gguf_file is None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise EvaluationError(f"transformers cannot load {where}: {error}") from error
     model = model.to(device).eval()
     return EvalModel(lambda ids: model(ids.to(device), use_cache=False).logits, _auto_tokenizer(folder, gguf_file), kind, where)
@@ -86,6 +96,6 @@ def _auto_tokenizer(folder: Path, gguf_file: str | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError) as error:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise EvaluationError(f"no usable tokenizer in {folder}: {error}") from error

@@ -6,8 +6,11 @@ layer once; then one token per row per step, with a KV cache, until every row ha
 """
 from __future__ import annotations
 
-import json
+import os
+import sys
 import time
+from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,25 +26,42 @@ class GenerationError(QuantliteError, ValueError):
 
 
 class Tokenizer:
-    """tokenizer.json (the `tokenizers` library) plus the chat template of tokenizer_config.json."""
+    """tokenizer.json (the `tokenizers` library) plus the chat template of tokenizer_config.json.
+
+    Both files come from a folder nobody vouches for (quantlite.untrusted): regular files only, JSON
+    within size/depth/digit limits; the chat template renders in jinja2's sandbox under a time, loop
+    and output-size cap (MAX_TEMPLATE_SECONDS, ...), so a hostile template ends in a GenerationError."""
 
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer as FastTokenizer
 
+        from quantlite.untrusted import check_regular_file, parse_json, read_json, read_limited
+
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
+        if os.path.islink(folder) or not check_regular_file(folder / "tokenizer.json", folder, GenerationError):
             raise GenerationError(f"{folder}: no tokenizer.json, so text cannot be tokenized (pass token ids instead)")
-        self.backend = FastTokenizer.from_file(str(folder / "tokenizer.json"))
+        data = read_limited(folder / "tokenizer.json", GenerationError)
+        parse_json(data, folder / "tokenizer.json", GenerationError)  # depth and digits before the library sees it
+        try:
+            self.backend = FastTokenizer.from_str(data.decode("utf-8"))
+        except Exception as error:  # the tokenizers library raises plain Exception for a bad file
+            raise GenerationError(f"{folder / 'tokenizer.json'}: not a usable tokenizer ({str(error)[:200]})") from error
         settings_file = folder / "tokenizer_config.json"
-        self.settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        self.chat_template: str | None = self.settings.get("chat_template")
+        self.settings = read_json(settings_file, GenerationError) if check_regular_file(settings_file, folder, GenerationError) else {}
+        if not isinstance(self.settings, dict):
+            raise GenerationError(f"{settings_file}: not a JSON object")
+        template = self.settings.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise GenerationError(f"{settings_file}: chat_template must be a string (one template)")
+        self.chat_template: str | None = template
         self.bos_token = self._token_text("bos_token")
         self.eos_token = self._token_text("eos_token")
         self.eos_token_id = self.backend.token_to_id(self.eos_token) if self.eos_token else None
 
     def _token_text(self, key: str) -> str | None:
         value = self.settings.get(key)
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -53,17 +73,76 @@ class Tokenizer:
         """Render the conversation with the model's own Jinja template, ending with the assistant's turn."""
         if not self.chat_template:
             raise GenerationError("this model's tokenizer_config.json has no chat_template; use a plain prompt")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
 
         def raise_exception(message):
             raise GenerationError(f"chat template: {message}")
 
-        # the environment transformers renders chat templates in (some templates use {% break %})
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "", eos_token=self.eos_token or ""
-        )
+        variables = dict(messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+                         eos_token=self.eos_token or "")
+        try:
+            with _time_limit(MAX_TEMPLATE_SECONDS):
+                parts, size = [], 0
+                for part in env.from_string(self.chat_template).generate(**variables):
+                    size += len(part)
+                    if size > MAX_TEMPLATE_OUTPUT:
+                        raise GenerationError(f"chat template: output longer than {MAX_TEMPLATE_OUTPUT} characters")
+                    parts.append(part)
+        except GenerationError:
+            raise
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
+                MemoryError) as error:
+            raise GenerationError(f"chat template failed: {error.__class__.__name__}: {str(error)[:200]}") from error
+        return "".join(parts)
+
+
+# A chat template renders a few messages in well under a millisecond; these caps end hostile ones.
+MAX_TEMPLATE_SECONDS = 2.0
+MAX_TEMPLATE_OUTPUT = 1 << 20  # characters rendered, and the size of any string or list `*` may build
+
+
+@lru_cache(maxsize=1)
+def _bounded_sandbox():
+    """The environment class, built on first use (importing jinja2 at module load costs ~50 ms)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """transformers' environment for chat templates (some use {% break %}), with `*` and `**` that
+        cannot build a giant string, list or integer in one C call the time limit could not interrupt."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and isinstance(right, int) and hasattr(left, "__len__") and len(left) * right > MAX_TEMPLATE_OUTPUT \
+                    or operator == "*" and isinstance(left, int) and hasattr(right, "__len__") and len(right) * left > MAX_TEMPLATE_OUTPUT:
+                raise GenerationError(f"chat template: a sequence repeated beyond {MAX_TEMPLATE_OUTPUT} items")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 1 << 16:
+                raise GenerationError("chat template: an integer power too large")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise GenerationError inside the Python code running in this thread once `seconds` have passed:
+    a line tracer checks the clock every 1000 lines (jinja2 compiles templates to Python, so every
+    loop iteration runs lines). The previous tracer (a debugger, coverage) is put back after."""
+    deadline, previous, lines = time.monotonic() + seconds, sys.gettrace(), 0
+
+    def on_line(frame, event, arg):
+        nonlocal lines
+        lines += 1
+        if lines % 1000 == 0 and time.monotonic() > deadline:
+            raise GenerationError(f"chat template: rendering took longer than {seconds:g} s (a runaway loop?)")
+        return on_line
+
+    sys.settrace(lambda frame, event, arg: on_line)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 @dataclass

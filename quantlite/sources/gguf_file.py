@@ -11,7 +11,9 @@ Quantized GGUF tensors (Q4_1, Q8_0, ...) are dequantized to float32 on read.
 """
 from __future__ import annotations
 
+import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -53,6 +55,11 @@ GGUF_CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "vocab_size": "vocab_size",
 }
+# The header walk before gguf.GGUFReader sees the file: every count is bounded by the bytes left.
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type id -> bytes
+GGUF_STRING, GGUF_ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 3    # llama.cpp writes flat arrays; nested ones exist in the spec, not in Llama files
+MAX_TENSOR_DIMS = 4    # GGML_MAX_DIMS
 TOKEN_ID_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
                  "padding_token_id": "pad_token_id", "unknown_token_id": "unk_token_id"}
 
@@ -83,9 +90,10 @@ class GGUFCheckpoint:
         except ImportError as error:
             raise ConversionError("reading GGUF files needs the `gguf` package: pip install gguf") from error
         self.path = Path(path)
+        check_header(self.path)
         try:
             self._reader = gguf.GGUFReader(str(self.path))
-        except (ValueError, OSError, KeyError, IndexError, TypeError) as error:
+        except (ValueError, OSError, KeyError, IndexError, TypeError, AssertionError, OverflowError, struct.error) as error:
             raise ConversionError(f"{self.path}: not a readable GGUF file ({error})") from error
         architecture = self._field("general.architecture")
         if architecture != "llama":
@@ -126,7 +134,8 @@ class GGUFCheckpoint:
         except ImportError as error:
             raise ConversionError("turning a GGUF tokenizer into tokenizer.json needs transformers: pip install transformers") from error
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                      trust_remote_code=False)
         except (ValueError, KeyError, OSError, NotImplementedError) as error:
             raise ConversionError(f"{self.path}: transformers cannot build its tokenizer ({error})") from error
         with tempfile.TemporaryDirectory() as scratch:
@@ -137,6 +146,10 @@ class GGUFCheckpoint:
         template = self._field("tokenizer.chat_template")
         finish_tokenizer_folder(folder, {"chat_template": template,
                                          "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token})
+
+    def tokenizer_nbytes(self) -> int:
+        """An upper bound for tokenizer.json: the metadata (token list, merges) as JSON, a few times over."""
+        return 4 * int(min(t.data_offset for t in self._reader.tensors)) if self._reader.tensors else 0
 
     def identity(self) -> dict:
         return {self.path.name: sha256_file(self.path)}
@@ -169,6 +182,13 @@ class GGUFCheckpoint:
         return config
 
     def _check_tensors(self) -> None:
+        import gguf
+
+        readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *gguf.quants._type_traits}
+        for name, tensor in self._tensors.items():  # before anything is written, not midway
+            if tensor.tensor_type not in readable or tensor.tensor_type in INTEGER_TYPES:
+                raise ConversionError(f"{self.path}: tensor {tensor.name!r} is of GGUF type "
+                                      f"{getattr(tensor.tensor_type, 'name', tensor.tensor_type)}, which quantlite cannot read")
         present = set(self._tensors)
         missing = sorted(set(self.shapes) - present)
         if missing:
@@ -178,3 +198,71 @@ class GGUFCheckpoint:
             gguf_shape = tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
             if gguf_shape != shape:
                 raise ConversionError(f"{self.path}: tensor {name!r} has shape {list(gguf_shape)}, the metadata implies {list(shape)}")
+
+
+INTEGER_TYPES = {24, 25, 26, 27}  # I8, I16, I32, I64: not weights
+
+
+def check_header(path: Path) -> None:
+    """Walk the GGUF header (metadata and tensor infos) and refuse it before any count in it is trusted:
+    a 113-byte file declaring a 2**40-element array must not make the reader allocate without end.
+    Every string, array and tensor count must fit in the bytes that are left in the file."""
+    def fail(message: str) -> ConversionError:
+        return ConversionError(f"{path}: not a readable GGUF file ({message})")
+
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(24)
+            if len(header) < 24 or header[:4] != b"GGUF":
+                raise fail("no GGUF magic")
+            version, n_tensors, n_fields = struct.unpack("<IQQ", header[4:])
+            if version not in (2, 3):
+                raise fail(f"GGUF version {version}; quantlite reads versions 2 and 3")
+
+            def take(count: int, what: str) -> bytes:
+                if count > size - handle.tell():
+                    raise fail(f"{what} of {count} bytes runs past the end of the {size}-byte file")
+                return handle.read(count)
+
+            def number(fmt: str, what: str) -> int:
+                return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
+
+            def string(what: str) -> None:
+                take(number("Q", what), what)
+
+            def value(kind: int, depth: int) -> None:
+                if kind in GGUF_SCALAR_SIZES:
+                    take(GGUF_SCALAR_SIZES[kind], "a value")
+                elif kind == GGUF_STRING:
+                    string("a string")
+                elif kind == GGUF_ARRAY and depth < MAX_ARRAY_DEPTH:
+                    item, count = number("I", "an array type"), number("Q", "an array length")
+                    least = GGUF_SCALAR_SIZES.get(item, 8 if item == GGUF_STRING else 12)
+                    if count * least > size - handle.tell():
+                        raise fail(f"an array of {count} items cannot fit in the {size}-byte file")
+                    if item in GGUF_SCALAR_SIZES:
+                        take(count * least, "an array")
+                    else:
+                        for _ in range(count):
+                            value(item, depth + 1)
+                else:
+                    raise fail(f"unknown or too deeply nested value type {kind}")
+
+            if n_fields * 13 > size or n_tensors * 24 > size:  # the smallest field and tensor info
+                raise fail(f"{n_fields} metadata fields and {n_tensors} tensors cannot fit in {size} bytes")
+            for _ in range(n_fields):
+                string("a key")
+                value(number("I", "a value type"), 0)
+            for _ in range(n_tensors):
+                string("a tensor name")
+                dims = number("I", "a dimension count")
+                if dims > MAX_TENSOR_DIMS:
+                    raise fail(f"a tensor with {dims} dimensions")
+                shape = [number("Q", "a dimension") for _ in range(dims)]
+                number("I", "a tensor type")
+                number("Q", "a tensor offset")
+                if any(d >= 2**40 for d in shape):
+                    raise fail(f"a tensor of shape {shape}")
+    except OSError as error:
+        raise ConversionError(f"{path}: cannot read ({error.strerror or error})") from error

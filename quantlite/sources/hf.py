@@ -2,7 +2,6 @@
 model.safetensors.index.json, and tokenizer files. Tensors are read one at a time (SafetensorsFile)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,11 +12,11 @@ from quantlite.sources import PICKLE_ADVICE, PICKLE_SUFFIXES
 from quantlite.sources.llama_layout import LM_HEAD, LlamaDims, all_shapes, llama_dims
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, finish_tokenizer_folder
+from quantlite.untrusted import check_regular_file, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_JSON_BYTES = 64 * 1024 * 1024
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; it is recomputed
 
 
@@ -26,7 +25,7 @@ class HFCheckpoint:
 
     def __init__(self, folder: Path):
         self.path = Path(folder)
-        self.config = _read_json(self.path / "config.json")
+        self.config = _read_json(self.path / "config.json", self.path)
         self.dims: LlamaDims = llama_dims(self.config, lambda m: ConversionError(f"{self.path / 'config.json'}: {m}"))
         self._files = {name: self._open(name) for name in self._weight_files()}
         self._where = self._locate_tensors()
@@ -41,10 +40,20 @@ class HFCheckpoint:
         return self._files[self._where[name]].read(name)
 
     def write_tokenizer(self, folder: Path) -> None:
-        for name in TOKENIZER_FILES + (CHAT_TEMPLATE_FILE,):
-            if (self.path / name).is_file():
-                shutil.copyfile(self.path / name, folder / name)
+        for name in self._tokenizer_files():  # the bytes are copied, never a link
+            shutil.copyfile(self.path / name, folder / name, follow_symlinks=True)
         finish_tokenizer_folder(folder, {})
+
+    def tokenizer_nbytes(self) -> int:
+        return sum((self.path / name).stat().st_size for name in self._tokenizer_files())
+
+    def _tokenizer_files(self) -> list[str]:
+        return [name for name in TOKENIZER_FILES + (CHAT_TEMPLATE_FILE,) if self._is_file(name)]
+
+    def _is_file(self, name: str) -> bool:
+        """Whether the folder has `name` as a regular file (a symlink must resolve inside the folder,
+        or into a Hugging Face cache's blobs/); raises ConversionError for anything else under that name."""
+        return check_regular_file(self.path / name, self.path, ConversionError, follow_links=True)
 
     def identity(self) -> dict:
         files = sorted({*self._files, "config.json"})
@@ -52,8 +61,8 @@ class HFCheckpoint:
 
     # ----------------------------------------------------------------- checks
     def _weight_files(self) -> list[str]:
-        if (self.path / INDEX_FILE).exists():
-            weight_map = _read_json(self.path / INDEX_FILE).get("weight_map")
+        if self._is_file(INDEX_FILE):
+            weight_map = _read_json(self.path / INDEX_FILE, self.path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{self.path / INDEX_FILE}: no 'weight_map'")
             files = sorted(set(weight_map.values()))
@@ -63,7 +72,7 @@ class HFCheckpoint:
             self._index = weight_map
             return files
         self._index = None
-        if (self.path / SINGLE_FILE).exists():
+        if self._is_file(SINGLE_FILE):
             return [SINGLE_FILE]
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -71,7 +80,7 @@ class HFCheckpoint:
         raise ConversionError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (the weights are missing)")
 
     def _open(self, name: str) -> SafetensorsFile:
-        if not (self.path / name).is_file():
+        if not self._is_file(name):
             raise ConversionError(f"{self.path / name}: missing (named by the checkpoint's index)")
         try:
             return SafetensorsFile(self.path / name)
@@ -107,15 +116,10 @@ class HFCheckpoint:
                 raise ConversionError(f"{self.path}: tensor {name!r} is {entry.dtype}; expected float32, float16 or bfloat16")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ConversionError(f"{path}: larger than {MAX_JSON_BYTES} bytes, refusing to parse")
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ConversionError(f"{path}: missing (a Hugging Face checkpoint folder needs it)") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{path}: not readable JSON ({error})") from error
+def _read_json(path: Path, folder: Path) -> dict:
+    if not check_regular_file(path, folder, ConversionError, follow_links=True):
+        raise ConversionError(f"{path}: missing (a Hugging Face checkpoint folder needs it)")
+    value = read_json(path, ConversionError)
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return value

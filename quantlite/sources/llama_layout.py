@@ -5,6 +5,7 @@ packed-model reader checks every shard against it before handing tensors to the 
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def llama_dims(config: object, error: Callable[[str], Exception]) -> LlamaDims:
     """Check that `config` (an HF config.json dict) describes a Llama model; raise error(message) if not."""
     if not isinstance(config, dict):
         raise error("config is not a JSON object")
+    if not isinstance(config.get("architectures") or [], list):
+        raise error(f"config 'architectures' = {config['architectures']!r} must be a list")
     architectures = config.get("architectures") or []
     if config.get("model_type") not in LLAMA_MODEL_TYPES and "LlamaForCausalLM" not in architectures:
         raise error(
@@ -56,6 +59,7 @@ def llama_dims(config: object, error: Callable[[str], Exception]) -> LlamaDims:
             raise error(f"config {key!r} = {value!r} must be a positive integer up to {limit}")
         return value
 
+    _check_value_types(config, error)
     hidden, heads = count("hidden_size"), count("num_attention_heads")
     kv_heads = count("num_key_value_heads", heads)
     if heads % kv_heads:
@@ -70,6 +74,43 @@ def llama_dims(config: object, error: Callable[[str], Exception]) -> LlamaDims:
     if dims.head_dim % 2:
         raise error(f"head_dim {dims.head_dim} must be even for rotary embeddings")
     return dims
+
+
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+NUMBERS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "partial_rotary_factor")
+ROPE_COUNTS = ("original_max_position_embeddings",)
+
+
+def _check_value_types(config: dict, error: Callable[[str], Exception]) -> None:
+    """The values the runtime reads besides the sizes must have their JSON type, so a checkpoint that
+    converts and verifies also runs: "tie_word_embeddings": "false" is not read as true, nor
+    "rms_norm_eps": "abc" left to fail at the first token."""
+    for key in FLAGS:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise error(f"config {key!r} = {config[key]!r} must be true or false")
+    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    if rope is not None and not isinstance(rope, dict):
+        raise error(f"config rope_scaling/rope_parameters = {rope!r} must be an object")
+    present = object()  # a key given as null is not a key left out: the runtime would read None
+    values = [(key, config.get(key, present)) for key in NUMBERS] + [
+        (f"rope {key}", (rope or {}).get(key, present)) for key in ROPE_NUMBERS]
+    for key, value in values:
+        if value is not present and not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise error(f"config {key!r} = {value!r} must be a positive finite number")
+    for key, value in [("max_position_embeddings", config.get("max_position_embeddings", present))] + [
+            (f"rope {key}", (rope or {}).get(key, present)) for key in ROPE_COUNTS]:
+        if value is not present and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_DIMENSION):
+            raise error(f"config {key!r} = {value!r} must be a positive integer up to {MAX_DIMENSION}")
+    for key in ("hidden_act", "model_type"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise error(f"config {key!r} = {config[key]!r} must be a string")
+    if rope is not None and not isinstance(rope.get("rope_type", rope.get("type", "default")), str):
+        raise error("config rope type must be a string")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def layer_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:

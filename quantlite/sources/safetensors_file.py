@@ -15,7 +15,6 @@ The file (https://github.com/huggingface/safetensors, little-endian):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import FormatError
+from quantlite.untrusted import parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_DIMS = 8
@@ -103,10 +103,7 @@ class SafetensorsFile:
         return handle.read(length)
 
     def _parse_header(self, header_bytes: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-            raise self._fail(f"header is not UTF-8 JSON ({error.__class__.__name__})") from error
+        header = parse_json(header_bytes, f"{self.path}: header", FormatError)  # depth and digit limits
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         metadata = header.pop("__metadata__", {})

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from quantlite.errors import ConversionError
+from quantlite.untrusted import check_regular_file, read_json, read_limited
 
 # The only names a packed tokenizer folder may contain (the manifest reader rejects any other).
 TOKENIZER_FILES = (
@@ -23,16 +24,21 @@ def finish_tokenizer_folder(folder: Path, defaults: dict[str, str]) -> None:
     """Fold chat_template.jinja into tokenizer_config.json and fill keys the file lacks from `defaults`
     (e.g. bos_token / eos_token read from the model's metadata). Writes deterministically."""
     config_path = folder / "tokenizer_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{config_path}: not readable JSON ({error})") from error
+    config = read_json(config_path, ConversionError) if check_regular_file(config_path, folder, ConversionError) else {}
     if not isinstance(config, dict):
         raise ConversionError(f"{config_path}: not a JSON object")
+    tokenizer_path = folder / "tokenizer.json"
+    if check_regular_file(tokenizer_path, folder, ConversionError):
+        read_json(tokenizer_path, ConversionError)  # refused now, not when a user first generates
     template_path = folder / CHAT_TEMPLATE_FILE
-    if template_path.exists():
-        config.setdefault("chat_template", template_path.read_text(encoding="utf-8"))
+    if check_regular_file(template_path, folder, ConversionError):
+        try:
+            config.setdefault("chat_template", read_limited(template_path, ConversionError).decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConversionError(f"{template_path}: the chat template is not UTF-8 text ({error})") from error
         template_path.unlink()
+    if not isinstance(config.get("chat_template", ""), (str, type(None))):
+        raise ConversionError(f"{config_path}: chat_template must be a string")
     for key, value in defaults.items():
         if value is not None:
             config.setdefault(key, value)

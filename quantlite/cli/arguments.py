@@ -1,0 +1,65 @@
+"""argparse types shared by the sub-commands: each refuses a bad value with one line naming it (exit 2),
+before any model is read, instead of a traceback from deep inside torch."""
+from __future__ import annotations
+
+import argparse
+import math
+
+MAX_NEW_TOKENS = 1 << 20  # the KV cache is allocated for prompt + max_new_tokens up front
+
+
+def count(limit: int):
+    """A positive integer up to `limit`."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{value} must be between 1 and {limit}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def seed(text: str) -> int:
+    """torch.Generator.manual_seed takes [0, 2**64)."""
+    value = _integer(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 2**64)")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def finite_float(low: float, high: float = math.inf):
+    """A finite number in [low, high] (NaN compares false with everything, so it is refused by name)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number in [{low}, {high}]")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N, and only where it exists."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: quantlite runs on cpu or cuda")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible here")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return text
