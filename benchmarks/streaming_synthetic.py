@@ -74,8 +74,9 @@ def layer_tensors(config: dict, index: int, generator: torch.Generator, quantize
     return tensors
 
 
-def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> PackedModel:
-    """A packed directory of random weights with `config`'s shapes (tied embeddings, 4-bit or fp16)."""
+def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0, quantized_embedding: bool | None = None) -> PackedModel:
+    """A packed directory of random weights with `config`'s shapes (tied embeddings unless config
+    says otherwise; 4-bit or fp16; the embedding as `quantized_embedding`, default: as the rest)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -101,7 +102,8 @@ def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> 
     def named(name: str, weight: dict) -> dict:
         return {name + ("." + field if field else ""): tensor for field, tensor in weight.items()}
 
-    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, quantized)))
+    embedding_quantized = quantized if quantized_embedding is None else quantized_embedding
+    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, embedding_quantized)))
     final = {"model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
     if not hf_config["tie_word_embeddings"]:
         final.update(named("lm_head.weight", random_weight(vocab, hidden, generator, quantized)))
@@ -200,6 +202,30 @@ def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: boo
             "resident_bytes": model.stats.resident_bytes, "max_layer_bytes": max(model.stats.layer_bytes),
             "wait_seconds": model.stats.wait_seconds, "kv_bytes": cache.nbytes,
             "utime": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
+
+
+def measure_peak_growth(path: str, budget: int, steps: int) -> dict:
+    """Peak RSS growth over the resident set just before the model opens (VmHWM reset through
+    /proc/self/clear_refs; Linux), over `steps` decode steps with `budget`. Run it in a child process."""
+    from quantlite.kernels.dispatch import qmatmul
+    from quantlite.runtime.streaming import StreamingLlama
+
+    # first the one-time costs that are not the model's: the back-ends' imports (triton is ~100 MiB
+    # of RSS), the native library and its thread pool
+    qmatmul(torch.randn(1, 256), random_qweight(64, 256, torch.Generator().manual_seed(0)))
+    status = Path("/proc/self/status").read_text()
+    before = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    model = StreamingLlama(PackedModel.open(path), memory_budget=budget)
+    with torch.inference_mode():
+        cache = model.new_cache(1, steps + 2)
+        token = torch.tensor([[1, 2]])
+        for _ in range(steps):
+            token = model.forward(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    return {"growth": peak - before, "resident_layers": model.stats.resident_layers, "head_resident": model.plan.head_resident,
+            "embedding_resident": model.stats.embedding_resident, "fixed": model.sizes.embedding + model.sizes.head}
 
 
 def run_child(target: str = "benchmarks.streaming_synthetic:measure_decode", **kwargs) -> dict:
