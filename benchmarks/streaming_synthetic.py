@@ -146,6 +146,21 @@ class ColdPackedModel:
         drop_from_page_cache(self.packed.path / layer_file(index))
         return tensors
 
+    def load_final(self) -> dict:
+        tensors = self.packed.load_final()
+        drop_from_page_cache(self.packed.path / FINAL_FILE)
+        return tensors
+
+    def load_embedding(self):
+        table = self.packed.load_embedding()
+        drop_from_page_cache(self.packed.path / EMBEDDING_FILE)
+        return table
+
+    def load_embedding_rows(self, rows):
+        table = self.packed.load_embedding_rows(rows)
+        drop_from_page_cache(self.packed.path / EMBEDDING_FILE)
+        return table
+
 
 def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
     """Bytes/s of cold sequential reads of whole shards (up to max_bytes of them), with the access
@@ -170,34 +185,39 @@ def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
 # ------------------------------------------------------------------------------ one measured run (child process)
 def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
     """Prefill a short prompt, then time `steps` decode steps; figures of this process only.
-    budget: a size, or "stream-all" for exactly the embedding + head (no decoder layer resident)."""
+    budget: a size, or "stream-all" for the smallest budget that streams (the final norm and two
+    slots of the largest unit: no decoder layer, head or embedding resident)."""
     import resource
 
-    from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes
+    from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes, unit_sizes
 
     baseline_rss = peak_rss_bytes()
     packed = PackedModel.open(path)
     for index in range(packed.num_layers):
         drop_from_page_cache(packed.path / layer_file(index))
     source = ColdPackedModel(packed) if cold else packed
-    if budget == "stream-all":  # just the embedding, norm and head: every decoder layer streams
-        with StreamingLlama(packed, memory_budget="1TB", prefetch=False) as probe:
-            budget = probe.stats.resident_bytes
+    if budget == "stream-all":
+        sizes = unit_sizes(packed, torch.float32)
+        budget = sizes.norm + (2 if prefetch else 1) * max(sizes.layers + [sizes.head])
     model = StreamingLlama(source, memory_budget=budget, prefetch=prefetch)
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         cache = model.new_cache(1, prompt_len + steps + 1)
         logits = model.forward(torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator), cache=cache, last_only=True)
-        times, reads = [], []
+        times, reads, counts = [], [], []
         for _ in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
-            before = model.stats.bytes_read
+            before = model.decode_reads()
             start = time.perf_counter()
             logits = model.forward(token, cache=cache, last_only=True)
             times.append(time.perf_counter() - start)
-            reads.append(model.stats.bytes_read - before)
+            after = model.decode_reads()
+            counts.append({key: after[key] - before[key] for key in after})
+            reads.append(counts[-1]["bytes"])
     model.close()
-    return {"step_seconds": times, "step_bytes": reads, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
+    return {"step_seconds": times, "step_bytes": reads, "step_reads": counts, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
+            "budget": model.memory_budget, "head_resident": model.plan.head_resident, "embedding_resident": model.stats.embedding_resident,
+            "load_seconds": model.stats.load_seconds,
             "resident_layers": model.stats.resident_layers, "layers": model.config.num_layers,
             "resident_bytes": model.stats.resident_bytes, "max_layer_bytes": max(model.stats.layer_bytes),
             "wait_seconds": model.stats.wait_seconds, "kv_bytes": cache.nbytes,

@@ -37,7 +37,7 @@ from quantlite.kernels.prepared import compute_ready, prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
-from quantlite.sources.safetensors_file import SafetensorsFile
+from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -88,7 +88,9 @@ def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: lis
     """An upper bound, from the header alone, on the bytes the tensors `names` (default: all) of a
     shard take once loaded and made compute-ready: their stored bytes, plus float32 scales decoded
     from fp16 or double-quantized storage, int32 outlier columns and float32 outlier values (the
-    kernel layout), plus plain float tensors converted to the compute dtype."""
+    kernel layout), plus plain float tensors converted to the compute dtype. Stored scales large
+    enough to get a buffer of their own (SafetensorsFile.read_all) are counted once, as float32:
+    they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts 1.67 GiB."""
     total = 0
     for name, entry in shard.entries.items():
         if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
@@ -97,8 +99,11 @@ def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: lis
         owner, field_name = name.rsplit(".", 1) if "." in name else ("", name)
         numel = entry.nbytes // entry.dtype.itemsize
         if owner + ".meta" in shard.entries:  # a field of a QWeight
-            if field_name in ("scales", "scale_codes", "outlier_cols", "outlier_vals") and entry.dtype != torch.float32:
-                total += numel * 4
+            if field_name in ("scales", "scale_codes") and entry.dtype != torch.float32:
+                # decoded to float32 (compute_ready); stored scales in a buffer of their own are freed
+                total += numel * 4 - (entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0)
+            elif field_name in ("outlier_cols", "outlier_vals"):
+                total += numel * 4  # the layout's int32 / float32 copies, next to the stored ones
             elif field_name == "codes" and owner + ".outlier_row_ptr" not in shard.entries:
                 total += (entry.shape[0] + 1) * 4  # the all-zero row pointers made in memory
         elif entry.dtype.is_floating_point and entry.dtype != compute_dtype:
@@ -113,6 +118,17 @@ class UnitSizes:
     layers: list[int]
     head: int
     embedding: int  # the whole table (== head when tied)
+
+
+def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
+    """memory_nbytes of the final norm, each layer, the head and the embedding table of `packed`."""
+    def size(name: str, names: list[str] | None = None) -> int:
+        return memory_nbytes(SafetensorsFile(packed.path / name), dtype, names)
+
+    embedding = size(EMBEDDING_FILE)
+    head = embedding if packed.config.get("tie_word_embeddings") else size(FINAL_FILE, [HEAD])
+    return UnitSizes(norm=size(FINAL_FILE, [NORM]), layers=[size(layer_file(i)) for i in range(packed.num_layers)],
+                     head=head, embedding=embedding)
 
 
 @dataclass(frozen=True)
@@ -253,16 +269,11 @@ class StreamingLlama:
 
     def _plan(self) -> Residency:
         """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
-        def size(name: str, names: list[str] | None = None) -> int:
-            return memory_nbytes(SafetensorsFile(self.packed.path / name), self.dtype, names)
-
-        embedding = size(EMBEDDING_FILE)
-        self.sizes = UnitSizes(norm=size(FINAL_FILE, [NORM]), layers=[size(layer_file(i)) for i in range(self.config.num_layers)],
-                               head=embedding if self.config.tie_word_embeddings else size(FINAL_FILE, [HEAD]), embedding=embedding)
-        sizes, tied = self.sizes, self.config.tie_word_embeddings
-        plan = plan_residency(self.memory_budget, sizes.norm, sizes.layers, sizes.head, embedding, tied, self.prefetch)
+        self.sizes = sizes = unit_sizes(self.packed, self.dtype)
+        tied = self.config.tie_word_embeddings
+        plan = plan_residency(self.memory_budget, sizes.norm, sizes.layers, sizes.head, sizes.embedding, tied, self.prefetch)
         self.stats.resident_bytes = (sizes.norm + sum(sizes.layers[: plan.resident_layers]) + (sizes.head if plan.head_resident else 0)
-                                     + (embedding if plan.embedding_resident and not tied else 0))
+                                     + (sizes.embedding if plan.embedding_resident and not tied else 0))
         return plan
 
     # ------------------------------------------------------------------ loading
