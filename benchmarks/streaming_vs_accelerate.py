@@ -27,15 +27,17 @@ from benchmarks.streaming_synthetic import run_child
 PROMPT = "Explain in two sentences why the sky is blue."
 
 
-def decode_seconds_per_token(generate, new_tokens: int) -> tuple[float, float]:
-    """(decode seconds per token, time to first token) from two timed greedy generations."""
+def decode_seconds_per_token(generate, new_tokens: int, layer_reads) -> tuple[float, float, float]:
+    """(decode seconds per token, time to first token, decoder layers read per decoded token) from
+    two timed greedy generations; layer_reads() is the side's running count of layer reads."""
     generate(2)  # warm-up: first touches, lazy initialisation
-    start = time.perf_counter()
+    reads, start = layer_reads(), time.perf_counter()
     generate(1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
+    first, prefill_reads = time.perf_counter() - start, layer_reads() - reads
+    reads, start = layer_reads(), time.perf_counter()
     generate(1 + new_tokens)
-    return (time.perf_counter() - start - first) / new_tokens, first
+    elapsed, total_reads = time.perf_counter() - start, layer_reads() - reads
+    return (elapsed - first) / new_tokens, first, (total_reads - prefill_reads) / new_tokens
 
 
 def run_accelerate(hf_dir: str, offload_dir: str, new_tokens: int) -> dict:
@@ -62,12 +64,7 @@ def run_accelerate(hf_dir: str, offload_dir: str, new_tokens: int) -> dict:
         with torch.no_grad():
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    per_token, first = decode_seconds_per_token(generate, new_tokens)
-    before = calls[0]
-    generate(1)
-    prefill_calls = calls[0] - before
-    generate(1 + new_tokens)
-    reads = (calls[0] - before - 2 * prefill_calls) / new_tokens
+    per_token, first, reads = decode_seconds_per_token(generate, new_tokens, lambda: calls[0])
     return {"per_token": per_token, "first": first, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline,
             "layers_read_per_token": reads,
             "where": f"bf16, {len(on_disk)} of {layers} decoder layers on disk (offload folder), embedding/norm/head in memory"}
@@ -88,15 +85,7 @@ def run_quantlite(packed_dir: str, new_tokens: int) -> dict:
     def generate(n):
         return model.generate(PROMPT, max_new_tokens=n, chat=True)
 
-    per_token, first = decode_seconds_per_token(generate, new_tokens)
-    before = model.decode_reads()
-    prefill = generate(1)
-    middle = model.decode_reads()
-    generate(1 + new_tokens)
-    after = model.decode_reads()
-    prefill_layers = middle["layers"] - before["layers"]
-    reads = (after["layers"] - middle["layers"] - prefill_layers) / new_tokens
-    assert prefill.stats.new_tokens == 1
+    per_token, first, reads = decode_seconds_per_token(generate, new_tokens, lambda: model.decode_reads()["layers"])
     return {"per_token": per_token, "first": first, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline,
             "layers_read_per_token": reads,
             "where": f"4-bit, {model.stats.resident_layers} of {model.config.num_layers} decoder layers resident "
@@ -130,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ql-bench-smollm2"))
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians are reported")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating; medians are reported")
     parser.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF file (default: quantlite.fetch.smollm2_gguf())")
     args = parser.parse_args()
     print(describe())
