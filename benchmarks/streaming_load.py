@@ -36,6 +36,8 @@ def page_cache_bandwidth(paths: list[Path], repeats: int) -> float:
 
 
 def main() -> None:
+    import torch
+
     from quantlite.packed import PackedModel, layer_file
     from quantlite.runtime.streaming import StreamingLlama, unit_sizes
 
@@ -51,7 +53,7 @@ def main() -> None:
     packed = PackedModel.open(args.packed)
     paths = [packed.path / layer_file(i) for i in range(packed.num_layers)]
     shard = statistics.mean(p.stat().st_size for p in paths)
-    sizes = unit_sizes(packed, __import__("torch").float32)
+    sizes = unit_sizes(packed, torch.float32)
     model = StreamingLlama(packed, memory_budget=sizes.norm + sizes.head + 2 * max(sizes.layers), prefetch=True)
 
     def timed_load(index: int) -> tuple[float, float]:

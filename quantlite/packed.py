@@ -144,12 +144,16 @@ class PackedModel:
                                          {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
             return shard.read_slices(EMBEDDING, ranges)
         table = self._embedding_table(shard)  # the whole table's small tensors, checked
-        field = lambda name: f"{EMBEDDING}.{name}"  # noqa: E731
+
+        def field(name: str) -> str:
+            return f"{EMBEDDING}.{name}"
+
         if table.scales is not None:
             scales = shard.read_slices(field("scales"), ranges).float()
         else:
             codes = shard.read_slices(field("scale_codes"), ranges)  # (r, nb) uint8
-            index = rows[:, None] * codes.shape[1] + torch.arange(codes.shape[1])  # row-major scale index
+            # qweight.decode_double_quant for these rows: a scale's group is its row-major index // 256
+            index = rows[:, None] * codes.shape[1] + torch.arange(codes.shape[1])
             group = index // SCALE_GROUP_SIZE
             scales = table.scale_group_min[group] + codes.float() * table.scale_group_step[group]
         ptr = table.outlier_row_ptr.long()
