@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import threading
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from safetensors.torch import save_file
 
 import quantlite
 from benchmarks.streaming_synthetic import run_child, write_synthetic
+from quantlite.errors import FormatError
 from quantlite.packed import PackedModel
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.runtime.streaming import MemoryBudgetError, StreamingLlama, parse_size, plan_residency
 from quantlite.sources.checksum import sha256_file
+from quantlite.sources.safetensors_file import SafetensorsFile
 from test_llama_exact import BASE, build_checkpoint, module_generator
 
 LAYERS = 4
@@ -236,3 +239,20 @@ def test_cuda_streaming_matches_cpu(packed_dir, generator):
         got = model(input_ids).cpu()
         assert model.generate(input_ids[0, :4].tolist(), max_new_tokens=4).token_ids[0]  # the decode path runs
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-2
+
+
+def test_a_shard_changed_on_disk_is_checked_in_full_again(packed_dir, tmp_path):
+    """A re-read of an unchanged shard checks its structure only; once the file is written (a NaN
+    put into a codebook in place: same size, same header), the next read checks every value again."""
+    folder = shutil.copytree(packed_dir, tmp_path / "p")
+    packed = PackedModel.open(folder)
+    packed.load_layer(0)
+    packed.load_layer(0)  # unchanged: structure only
+    path = folder / "layer-00000.safetensors"
+    shard = SafetensorsFile(path)
+    entry = next(e for name, e in shard.entries.items() if name.endswith(".codebook"))
+    with open(path, "r+b") as handle:
+        handle.seek(shard.data_start + entry.begin)
+        handle.write(struct.pack("<f", float("nan")))
+    with pytest.raises(FormatError, match="codebook"):
+        packed.load_layer(0)
