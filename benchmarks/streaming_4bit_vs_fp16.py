@@ -6,7 +6,8 @@ Two packed models of random weights with TinyLlama-1.1B shapes (hidden 2048, 22 
 4 KV heads, MLP 5632, vocab 32000): one fp16 (~2.1 GB), one 4-bit (~0.6 GB). Each runs the same decode
 steps in its own child process with the same memory budget and prefetch on, the page cache dropped
 after every shard read (cold disk), and the decode tokens/s are compared. Goal: >= 3x for 4-bit. A second round gives each model
-just its embedding and head ("stream-all"), so that every decoder layer streams in both.
+the smallest budget that streams ("stream-all": two slots of its largest unit), so that every decoder
+layer streams in both.
 (AirLLM turns prefetch off in its 4-bit mode and ends up slower than fp16; here the loader thread
 reads 4-bit shards like any other.)
 """

@@ -10,8 +10,8 @@ on disk), then measures in separate child processes (so each peak RSS is its own
     it is read, so each step really reads the streamed layers from disk;
   * "resident": the same steps with every layer in memory: the compute floor.
 Goal: time per decode step <= 1.2 x max(I/O floor, compute floor), where the I/O floor is the bytes a
-step reads divided by the measured bandwidth; peak RSS within the budget plus one streamed layer,
-the KV cache, activations and the interpreter's own baseline (printed separately).
+step reads divided by the measured bandwidth; peak RSS within the budget (which counts the streamed
+layers in flight) plus the KV cache, activations and the interpreter's own baseline (printed separately).
 
 The helpers here (synthetic packed writer, cold reads, child runs) serve the other streaming benchmarks.
 """
@@ -74,8 +74,9 @@ def layer_tensors(config: dict, index: int, generator: torch.Generator, quantize
     return tensors
 
 
-def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> PackedModel:
-    """A packed directory of random weights with `config`'s shapes (tied embeddings, 4-bit or fp16)."""
+def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0, quantized_embedding: bool | None = None) -> PackedModel:
+    """A packed directory of random weights with `config`'s shapes (tied embeddings unless config
+    says otherwise; 4-bit or fp16; the embedding as `quantized_embedding`, default: as the rest)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -101,7 +102,8 @@ def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0) -> 
     def named(name: str, weight: dict) -> dict:
         return {name + ("." + field if field else ""): tensor for field, tensor in weight.items()}
 
-    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, quantized)))
+    embedding_quantized = quantized if quantized_embedding is None else quantized_embedding
+    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, embedding_quantized)))
     final = {"model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
     if not hf_config["tie_word_embeddings"]:
         final.update(named("lm_head.weight", random_weight(vocab, hidden, generator, quantized)))
@@ -144,6 +146,21 @@ class ColdPackedModel:
         drop_from_page_cache(self.packed.path / layer_file(index))
         return tensors
 
+    def load_final(self) -> dict:
+        tensors = self.packed.load_final()
+        drop_from_page_cache(self.packed.path / FINAL_FILE)
+        return tensors
+
+    def load_embedding(self):
+        table = self.packed.load_embedding()
+        drop_from_page_cache(self.packed.path / EMBEDDING_FILE)
+        return table
+
+    def load_embedding_rows(self, rows):
+        table = self.packed.load_embedding_rows(rows)
+        drop_from_page_cache(self.packed.path / EMBEDDING_FILE)
+        return table
+
 
 def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
     """Bytes/s of cold sequential reads of whole shards (up to max_bytes of them), with the access
@@ -168,38 +185,67 @@ def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> float:
 # ------------------------------------------------------------------------------ one measured run (child process)
 def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: bool = True, prompt_len: int = 4) -> dict:
     """Prefill a short prompt, then time `steps` decode steps; figures of this process only.
-    budget: a size, or "stream-all" for exactly the embedding + head (no decoder layer resident)."""
+    budget: a size, or "stream-all" for the smallest budget that streams (the final norm and two
+    slots of the largest unit: no decoder layer, head or embedding resident)."""
     import resource
 
-    from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes
+    from quantlite.runtime.streaming import StreamingLlama, peak_rss_bytes, unit_sizes
 
     baseline_rss = peak_rss_bytes()
     packed = PackedModel.open(path)
     for index in range(packed.num_layers):
         drop_from_page_cache(packed.path / layer_file(index))
     source = ColdPackedModel(packed) if cold else packed
-    if budget == "stream-all":  # just the embedding, norm and head: every decoder layer streams
-        with StreamingLlama(packed, memory_budget="1TB", prefetch=False) as probe:
-            budget = probe.stats.resident_bytes
+    if budget == "stream-all":
+        sizes = unit_sizes(packed, torch.float32)
+        budget = sizes.norm + (2 if prefetch else 1) * max(sizes.layers + [sizes.head])
     model = StreamingLlama(source, memory_budget=budget, prefetch=prefetch)
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         cache = model.new_cache(1, prompt_len + steps + 1)
         logits = model.forward(torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator), cache=cache, last_only=True)
-        times, reads = [], []
+        times, reads, counts = [], [], []
         for _ in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
-            before = model.stats.bytes_read
+            before = model.decode_reads()
             start = time.perf_counter()
             logits = model.forward(token, cache=cache, last_only=True)
             times.append(time.perf_counter() - start)
-            reads.append(model.stats.bytes_read - before)
+            after = model.decode_reads()
+            counts.append({key: after[key] - before[key] for key in after})
+            reads.append(counts[-1]["bytes"])
     model.close()
-    return {"step_seconds": times, "step_bytes": reads, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
+    return {"step_seconds": times, "step_bytes": reads, "step_reads": counts, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
+            "budget": model.memory_budget, "head_resident": model.plan.head_resident, "embedding_resident": model.stats.embedding_resident,
+            "load_seconds": model.stats.load_seconds,
             "resident_layers": model.stats.resident_layers, "layers": model.config.num_layers,
             "resident_bytes": model.stats.resident_bytes, "max_layer_bytes": max(model.stats.layer_bytes),
             "wait_seconds": model.stats.wait_seconds, "kv_bytes": cache.nbytes,
             "utime": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
+
+
+def measure_peak_growth(path: str, budget: int, steps: int) -> dict:
+    """Peak RSS growth over the resident set just before the model opens (VmHWM reset through
+    /proc/self/clear_refs; Linux), over `steps` decode steps with `budget`. Run it in a child process."""
+    from quantlite.kernels.dispatch import qmatmul
+    from quantlite.runtime.streaming import StreamingLlama
+
+    # first the one-time costs that are not the model's: the back-ends' imports (triton is ~100 MiB
+    # of RSS), the native library and its thread pool
+    qmatmul(torch.randn(1, 256), random_qweight(64, 256, torch.Generator().manual_seed(0)))
+    status = Path("/proc/self/status").read_text()
+    before = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    model = StreamingLlama(PackedModel.open(path), memory_budget=budget)
+    with torch.inference_mode():
+        cache = model.new_cache(1, steps + 2)
+        token = torch.tensor([[1, 2]])
+        for _ in range(steps):
+            token = model.forward(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    return {"growth": peak - before, "resident_layers": model.stats.resident_layers, "head_resident": model.plan.head_resident,
+            "embedding_resident": model.stats.embedding_resident, "fixed": model.sizes.embedding + model.sizes.head}
 
 
 def run_child(target: str = "benchmarks.streaming_synthetic:measure_decode", **kwargs) -> dict:
@@ -243,8 +289,11 @@ def main() -> None:
     compute_floor = min(resident["step_seconds"])
     io_floor = max(stream["step_bytes"]) / bandwidth
     floor = max(io_floor, compute_floor)
-    print(f"budget {args.budget}: {stream['resident_layers']} of {stream['layers']} layers resident, "
-          f"{gib(max(stream['step_bytes']))} read per decode step")
+    reads = stream["step_reads"][-1]
+    print(f"budget {args.budget}: {stream['resident_layers']} of {stream['layers']} layers resident, head "
+          f"{'resident' if stream['head_resident'] else 'streamed'}, embedding {'resident' if stream['embedding_resident'] else 'on disk'}; "
+          f"per decode step {reads['layers']} layers, {reads['heads']} head and {reads['embedding_rows']} embedding rows read, "
+          f"{gib(max(stream['step_bytes']))}")
     print(f"baseline (floor) : max(I/O {io_floor:.2f} s, compute {compute_floor:.2f} s) = {floor:.2f} s per step")
     print(f"ours (streaming) : {step:.2f} s per step (all steps: {', '.join(f'{t:.2f}' for t in stream['step_seconds'])}; "
           f"waited on the loader {stream['wait_seconds']:.2f} s in total)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import FormatError
-from quantlite.qweight import QWeight
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
 from quantlite.sources.safetensors_file import SafetensorsFile
@@ -59,16 +59,17 @@ def check_relative_path(name: object) -> str:
     return name
 
 
-def group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor | QWeight]:
+def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bool = True) -> dict[str, torch.Tensor | QWeight]:
     """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a QWeight named X, whose
-    fields are the tensors `X.<field>`. Linear in the number of tensors (a shard may hold thousands)."""
+    fields are the tensors `X.<field>`. Linear in the number of tensors (a shard may hold thousands).
+    check_values: see QWeight.from_dict."""
     fields: dict[str, dict[str, torch.Tensor]] = {m.group(1): {} for m in map(QWEIGHT_FIELD.fullmatch, tensors) if m}
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         prefix = name.rpartition(".")[0]
         (fields[prefix] if prefix in fields else plain)[name] = tensor
     grouped: dict[str, torch.Tensor | QWeight] = {
-        prefix: QWeight.from_dict(group, prefix=prefix + ".", name=f"{where}: {prefix}") for prefix, group in fields.items()
+        prefix: QWeight.from_dict(group, prefix=prefix + ".", name=f"{where}: {prefix}", check_values=check_values) for prefix, group in fields.items()
     }
     for name, tensor in plain.items():
         if name in grouped:
@@ -86,6 +87,9 @@ class PackedModel:
         self.config: dict = manifest["config"]
         self.dims = llama_dims(self.config, lambda m: FormatError(f"{path / MANIFEST}: config: {m}"))
         self.num_layers: int = self.dims.layers
+        # shard name -> SafetensorsFile.identity of its last read whose values passed every check
+        self._values_checked: dict[str, tuple] = {}
+        self._embedding_index: tuple | None = None  # (file identity, the embedding QWeight's small tensors)
 
     @classmethod
     def open(cls, path: str | Path) -> "PackedModel":
@@ -123,6 +127,73 @@ class PackedModel:
         loaded = self._load(FINAL_FILE)
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.dims))
         return loaded
+
+    def load_embedding_rows(self, rows: torch.Tensor) -> torch.Tensor | QWeight:
+        """rows (r,) int64 -> the embedding table restricted to those rows, (r, hidden): a tensor, or a
+        QWeight of r rows (scales decoded to float32, outliers of those rows only), every value
+        checked. Reads only those rows' bytes (positioned reads), never the whole table."""
+        file_path = self.path / EMBEDDING_FILE
+        shard = SafetensorsFile(file_path)
+        where = f"{file_path}: {EMBEDDING}"
+        if shard.file_size != self.manifest["files"][EMBEDDING_FILE]["size"]:
+            raise FormatError(f"{file_path}: {shard.file_size} bytes, the manifest says {self.manifest['files'][EMBEDDING_FILE]['size']}")
+        ranges = [(row, row + 1) for row in rows.tolist()]
+        if EMBEDDING in shard.entries:  # a plain table
+            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: _stand_in(shard.entries[EMBEDDING])},
+                                         {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+            return shard.read_slices(EMBEDDING, ranges)
+        table = self._embedding_table(shard)  # the whole table's small tensors, checked
+
+        def field(name: str) -> str:
+            return f"{EMBEDDING}.{name}"
+
+        if table.scales is not None:
+            scales = shard.read_slices(field("scales"), ranges).float()
+        else:
+            codes = shard.read_slices(field("scale_codes"), ranges)  # (r, nb) uint8
+            # qweight.decode_double_quant for these rows: a scale's group is its row-major index // 256
+            index = rows[:, None] * codes.shape[1] + torch.arange(codes.shape[1])
+            group = index // SCALE_GROUP_SIZE
+            scales = table.scale_group_min[group] + codes.float() * table.scale_group_step[group]
+        ptr = table.outlier_row_ptr.long()
+        spans = [(int(ptr[row]), int(ptr[row + 1])) for row in rows.tolist()]
+        counts = torch.tensor([end - start for start, end in spans], dtype=torch.int32)
+        has_outliers = field("outlier_cols") in shard.entries
+        subset = QWeight(
+            shape=(len(ranges), table.shape[1]), block_size=table.block_size, method=table.method, codebook=table.codebook,
+            codes=shard.read_slices(field("codes"), ranges),
+            outlier_row_ptr=torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0, dtype=torch.int32)]),
+            outlier_cols=shard.read_slices(field("outlier_cols"), spans) if has_outliers else table.outlier_cols,
+            outlier_vals=shard.read_slices(field("outlier_vals"), spans) if has_outliers else table.outlier_vals,
+            scales=scales,
+        )
+        return QWeight.from_dict(subset.to_dict(), name=f"{where} rows")  # every value of these rows checked
+
+    def _embedding_table(self, shard: SafetensorsFile) -> QWeight:
+        """The embedding QWeight's small tensors (meta, codebook, scale groups, outlier row pointers),
+        read and checked once per file state; codes, scales and outliers are left empty."""
+        if self._embedding_index is not None and self._embedding_index[0] == shard.identity:
+            return self._embedding_index[1]
+        prefix = EMBEDDING + "."
+        small = ("meta", "codebook", "scale_group_min", "scale_group_step", "outlier_row_ptr")
+        fields = shard.read_all([prefix + name for name in small if prefix + name in shard.entries])
+        # stand-ins of the right shapes and dtypes for the big fields, so that from_dict checks the rest
+        for name in ("codes", "scales", "scale_codes", "outlier_cols", "outlier_vals"):
+            entry = shard.entries.get(prefix + name)
+            if entry is not None:
+                fields[prefix + name] = _stand_in(entry)
+        table = QWeight.from_dict(fields, prefix=prefix, name=f"{shard.path}: {EMBEDDING}", check_values=False)
+        self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: table}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+        ptr = table.outlier_row_ptr.long()
+        nnz = shard.entries[prefix + "outlier_vals"].shape[0] if prefix + "outlier_vals" in shard.entries else 0
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
+            raise FormatError(f"{shard.path}: {EMBEDDING}: outlier_row_ptr must rise from 0 to nnz={nnz}")
+        for label in ("scale_group_min", "scale_group_step"):
+            tensor = getattr(table, label)
+            if tensor is not None and not (torch.isfinite(tensor).all() and bool((tensor >= 0).all())):
+                raise FormatError(f"{shard.path}: {EMBEDDING}: {label} must be finite and non-negative")
+        self._embedding_index = (shard.identity, table)
+        return table
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -194,7 +265,14 @@ class PackedModel:
         size = file_path.stat().st_size if file_path.is_file() else None
         if size != self.manifest["files"][name]["size"]:
             raise FormatError(f"{file_path}: {'missing' if size is None else f'{size} bytes'}, the manifest says {self.manifest['files'][name]['size']}")
-        return group_tensors(SafetensorsFile(file_path).read_all(), str(file_path))
+        shard = SafetensorsFile(file_path)
+        # the values (scales, codebook, outlier table) are checked in full on the first read of a shard;
+        # a later read of the same file unchanged (same inode, size, mtime and ctime; the header is
+        # parsed and checked again) checks the structure only: a streamed layer is re-read every token
+        unchanged = self._values_checked.get(name) == shard.identity
+        grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
+        self._values_checked[name] = shard.identity
+        return grouped
 
     def _check_names_and_shapes(self, name: str, loaded: dict, expected: dict[str, tuple]) -> None:
         where = self.path / name
@@ -218,6 +296,11 @@ class PackedModel:
 
     def __repr__(self) -> str:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
+
+
+def _stand_in(entry) -> torch.Tensor:
+    """One element viewed as a safetensors entry's shape and dtype: enough for the structure checks."""
+    return torch.empty((), dtype=entry.dtype).expand(entry.shape)
 
 
 def _check_manifest(manifest: object, where: Path) -> dict:

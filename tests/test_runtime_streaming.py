@@ -2,17 +2,29 @@
 
 The reference for the logits here is the same packed model with every layer resident: streaming
 must not change a single bit (the same kernels run on the same tensors), so equality is exact.
+No timing is asserted here (benchmarks/streaming_*.py measure speed).
 """
 from __future__ import annotations
 
+import json
+import shutil
+import struct
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import quantlite
-from quantlite.runtime.streaming import MemoryBudgetError, StreamingLlama, parse_size
+from benchmarks.streaming_synthetic import run_child, write_synthetic
+from quantlite.errors import FormatError
 from quantlite.packed import PackedModel
+from quantlite.qweight import QWeight
+from quantlite.quantizer import quantize
+from quantlite.runtime.streaming import MemoryBudgetError, StreamingLlama, parse_size, plan_residency
+from quantlite.sources.checksum import sha256_file
+from quantlite.sources.safetensors_file import SafetensorsFile
 from test_llama_exact import BASE, build_checkpoint, module_generator
 
 LAYERS = 4
@@ -54,38 +66,132 @@ def test_everything_resident_when_it_fits_and_second_pass_reads_nothing(packed_d
         read_after_first = model.stats.bytes_read
         second = model(input_ids)
         assert model.stats.resident_layers == LAYERS and model.stats.streamed_layers == 0
-        assert model.stats.layer_loads == LAYERS
+        assert model.stats.head_resident and model.stats.embedding_resident
+        assert model.stats.layer_loads == LAYERS and model.stats.embedding_rows_read == 0
         assert model.stats.bytes_read == read_after_first  # nothing read on the second pass
         assert torch.equal(first, second)
 
 
+def unit_sizes(packed_dir) -> tuple[int, list[int], int]:
+    """(final norm, [layer], head) bytes as the runtime plans them (from the shard headers)."""
+    with quantlite.load(packed_dir, memory_budget="1GB") as model:
+        return model.sizes.norm, model.sizes.layers, model.sizes.head
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_small_budget_streams_the_rest_and_changes_nothing(packed_dir, generator, prefetch):
+@pytest.mark.parametrize("head_streams", [False, True])
+def test_small_budget_streams_and_changes_nothing(packed_dir, generator, prefetch, head_streams):
+    """Logits bit-identical to the all-resident model; each pass reads exactly the streamed layers
+    (and the head when it streams) and the embedding rows of its tokens, as the counters say."""
     input_ids = torch.randint(0, BASE["vocab_size"], (2, 9), generator=generator)
     with quantlite.load(packed_dir, memory_budget="1GB") as model:
         expected = model(input_ids)
-        fixed, layer = model.stats.resident_bytes - sum(model.stats.layer_bytes), max(model.stats.layer_bytes)
-
-    # room for the embedding and head, one resident layer, and the prefetch slot
-    budget = fixed + layer * (2 if prefetch else 1) + layer // 2
+    norm, layers, head = unit_sizes(packed_dir)
+    slots = 2 if prefetch else 1
+    assert min(layers) > head  # the fixture's layers are larger than its head, which the budgets below use
+    if head_streams:  # one byte short of keeping the head next to the slots: everything streams
+        budget = norm + slots * max(layers) + head - 1
+    else:  # the head and one layer resident, the rest streamed
+        budget = norm + head + layers[0] + slots * max(layers)
     recording = RecordingPacked(PackedModel.open(packed_dir))
     with StreamingLlama(recording, memory_budget=budget, prefetch=prefetch) as model:
+        assert model.plan.head_resident is not head_streams
+        assert not model.stats.embedding_resident
+        streamed = LAYERS - model.stats.resident_layers
+        assert streamed >= LAYERS - 1
         assert torch.equal(model(input_ids), expected)
-        assert model.stats.resident_layers == 1 and model.stats.streamed_layers == LAYERS - 1
-        assert model.stats.resident_bytes <= budget
-        before = model.stats.bytes_read
+        before = model.decode_reads()
         assert torch.equal(model(input_ids), expected)
-        # the second pass reads exactly the streamed layers' shards
-        assert model.stats.bytes_read - before == shard_bytes(packed_dir, range(1, LAYERS))
-        loaders = {thread for _, thread in recording.reads}
-    assert [index for index, _ in recording.reads] == [0, 1, 2, 3, 1, 2, 3]
+        after = model.decode_reads()
+        assert after["layers"] - before["layers"] == streamed
+        assert after["heads"] - before["heads"] == (1 if head_streams else 0)
+        assert after["embedding_rows"] - before["embedding_rows"] == len(torch.unique(input_ids))
+        head_file = "final.safetensors" if not model.config.tie_word_embeddings else "embedding.safetensors"
+        expected_bytes = (shard_bytes(packed_dir, range(LAYERS - streamed, LAYERS))
+                          + (model.packed.manifest["files"][head_file]["size"] if head_streams else 0)
+                          + after["embedding_bytes"] - before["embedding_bytes"])
+        assert after["bytes"] - before["bytes"] == expected_bytes
+        loaders = {thread for index, thread in recording.reads if index >= LAYERS - streamed}
     main = threading.main_thread().name
     assert (loaders == {main}) if not prefetch else (main not in loaders)
 
 
-def test_budget_below_the_fixed_parts_is_refused(packed_dir):
-    with pytest.raises(MemoryBudgetError, match="embedding"):
+def test_generation_streamed_equals_resident(packed_dir, generator):
+    """Greedy decoding with a KV cache: the same tokens whether every unit streams or none does."""
+    prompt = torch.randint(0, BASE["vocab_size"], (7,), generator=generator).tolist()
+    with quantlite.load(packed_dir, memory_budget="1GB") as model:
+        expected = model.generate([prompt], max_new_tokens=6).token_ids
+    norm, layers, head = unit_sizes(packed_dir)
+    with quantlite.load(packed_dir, memory_budget=norm + 2 * max(layers + [head])) as model:
+        assert model.stats.resident_layers == 0 and not model.plan.head_resident
+        assert model.generate([prompt], max_new_tokens=6).token_ids == expected
+
+
+def test_embedding_rows_on_demand_equal_the_table(packed_dir, tmp_path, generator):
+    """load_embedding_rows reads only the rows asked for, and they equal those of the whole table:
+    a plain table (the fixture's), and a 4-bit one with double-quantized scales and outliers."""
+    packed = PackedModel.open(packed_dir)
+    rows = torch.unique(torch.randint(0, BASE["vocab_size"], (9,), generator=generator))
+    table = packed.load_embedding()
+    plain = table if isinstance(table, torch.Tensor) else table.dequantize()
+    got = packed.load_embedding_rows(rows)
+    assert torch.equal(got if isinstance(got, torch.Tensor) else got.dequantize(), plain[rows])
+
+    quantized = quantize(plain.float(), method="quantlite", outlier_frac=0.02, double_quant=True)
+    assert quantized.n_outliers and quantized.double_quant
+    folder = copy_with_embedding(packed_dir, tmp_path / "q", quantized)
+    got = PackedModel.open(folder).load_embedding_rows(rows)
+    assert got.n_outliers == int(sum(quantized.outlier_row_ptr[r + 1] - quantized.outlier_row_ptr[r] for r in rows.tolist()))
+    assert torch.equal(got.dequantize(), quantized.dequantize()[rows])
+
+
+def copy_with_embedding(source, destination, table: QWeight):
+    """A copy of a packed directory whose embedding.safetensors holds `table` (manifest updated)."""
+    shutil.copytree(source, destination)
+    path = destination / "embedding.safetensors"
+    save_file({k: v.contiguous() for k, v in table.to_dict("model.embed_tokens.weight.").items()}, str(path))
+    manifest = json.loads((destination / "quantlite.json").read_text())
+    manifest["files"]["embedding.safetensors"] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    (destination / "quantlite.json").write_text(json.dumps(manifest))
+    return destination
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_plan_residency(prefetch):
+    slots = 2 if prefetch else 1
+    layers, head, embedding = [10] * 4, 7, 30
+    assert plan_residency(10**6, 1, layers, head, embedding, False, prefetch).embedding_resident
+    # room for the head, one layer and the slots: the head stays, the embedding goes to disk
+    plan = plan_residency(1 + head + 10 + slots * 10, 1, layers, head, embedding, False, prefetch)
+    assert (plan.resident_layers, plan.head_resident, plan.embedding_resident) == (1, True, False)
+    # a tied head that stays serves the embedding rows
+    assert plan_residency(1 + head + 10 + slots * 10, 1, layers, head, head, True, prefetch).embedding_resident
+    # just the slots: everything streams, the head too
+    plan = plan_residency(1 + slots * 10, 1, layers, head, embedding, False, prefetch)
+    assert (plan.resident_layers, plan.head_resident, plan.slot_bytes) == (0, False, 10)
+    with pytest.raises(MemoryBudgetError, match="streaming needs"):
+        plan_residency(slots * 10, 1, layers, head, embedding, False, prefetch)
+
+
+def test_budget_below_the_streaming_slots_is_refused(packed_dir):
+    with pytest.raises(MemoryBudgetError, match="streaming needs"):
         quantlite.load(packed_dir, memory_budget=1000)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_peak_rss_stays_within_a_budget_below_embedding_plus_head(tmp_path):
+    """A model whose float embedding (64 MiB in memory) and 4-bit head (8.5 MiB) together exceed the
+    budget: the embedding stays on disk (its rows read on demand), and the process's peak RSS grows
+    by no more than the budget plus 24 MiB (KV cache, activations, logits, allocator slack)."""
+    config = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                  vocab_size=32768, num_hidden_layers=3, tie_word_embeddings=False)
+    write_synthetic(tmp_path / "m", config, quantized=True, quantized_embedding=False)
+    norm, layers, head = unit_sizes(tmp_path / "m")
+    budget = norm + 2 * max(layers + [head]) + 2**20
+    result = run_child("benchmarks.streaming_synthetic:measure_peak_growth", path=tmp_path / "m", budget=budget, steps=3)
+    assert budget < result["fixed"]
+    assert not result["embedding_resident"]
+    assert result["growth"] <= budget + 24 * 2**20, (result, budget)
 
 
 @pytest.mark.parametrize("text, expected", [("1GB", 10**9), ("512MiB", 2**29), ("1.5 GiB", 3 * 2**29), ("2000", 2000), (3e6, 3_000_000)])
@@ -133,3 +239,20 @@ def test_cuda_streaming_matches_cpu(packed_dir, generator):
         got = model(input_ids).cpu()
         assert model.generate(input_ids[0, :4].tolist(), max_new_tokens=4).token_ids[0]  # the decode path runs
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-2
+
+
+def test_a_shard_changed_on_disk_is_checked_in_full_again(packed_dir, tmp_path):
+    """A re-read of an unchanged shard checks its structure only; once the file is written (a NaN
+    put into a codebook in place: same size, same header), the next read checks every value again."""
+    folder = shutil.copytree(packed_dir, tmp_path / "p")
+    packed = PackedModel.open(folder)
+    packed.load_layer(0)
+    packed.load_layer(0)  # unchanged: structure only
+    path = folder / "layer-00000.safetensors"
+    shard = SafetensorsFile(path)
+    entry = next(e for name, e in shard.entries.items() if name.endswith(".codebook"))
+    with open(path, "r+b") as handle:
+        handle.seek(shard.data_start + entry.begin)
+        handle.write(struct.pack("<f", float("nan")))
+    with pytest.raises(FormatError, match="codebook"):
+        packed.load_layer(0)

@@ -11,7 +11,7 @@
 Examples:
   quantlite demo
   quantlite demo --prompt "Write a haiku about autumn." --max-new-tokens 64
-  quantlite demo --out ./smollm2-q4 --memory-budget 40MB      # force most layers to stream
+  quantlite demo --out ./smollm2-q4 --memory-budget 120MB     # every decoder layer streams
   quantlite demo --no-calibration                             # convert in seconds, data-free
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help=f"packed model directory (default: $QUANTLITE_CACHE/{PACKED_NAME}-selfcal, "
                         "or without -selfcal with --no-calibration; QUANTLITE_CACHE defaults to ~/.cache/quantlite)")
     parser.add_argument("--device", type=arguments.device, default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 40MB (default: half of free memory)")
+    parser.add_argument("--memory-budget", help="bytes for every weight in memory, streamed ones in flight included, e.g. 120MB (default: half of free memory)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="convert without calibration (seconds instead of minutes; lower quality)")
 

@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=arguments.seed, help="seed for sampling (reproducible output)")
     parser.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     parser.add_argument("--device", type=arguments.device, default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument("--memory-budget", help="bytes for resident layers, e.g. 1GB or 800MiB (default: half of free memory)")
+    parser.add_argument("--memory-budget", help="bytes for every weight in memory (resident ones and the streamed ones in flight), e.g. 1GB or 800MiB (default: half of free memory)")
     parser.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     parser.add_argument("--stats", action="store_true", help="print speed, memory and I/O figures at the end")
 

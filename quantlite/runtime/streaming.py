@@ -2,17 +2,21 @@
 
     load(path, device, memory_budget, prefetch) -> StreamingLlama
 
-A forward pass walks the layers in order. Layers 0..R-1 are *resident*: read once, then kept on the
-device. Layers R..L-1 are *streamed*: read from their shard, moved to the device, run, dropped.
-R is the largest count whose bytes fit the memory budget next to the embedding, the final norm and
-head, and one slot for the layer being prefetched (no slot needed when every layer fits: then a second
-pass reads nothing from disk).
+The memory budget covers every weight in memory at once: what stays resident, and the streamed
+weights in flight (the one computing and, with prefetch, the one being read). The units are the
+decoder layers 0..L-1 and the head (unit L); their sizes in memory are known from the shard headers
+before anything is read (`memory_nbytes`). The plan (`plan_residency`):
+  * everything fits (embedding, head, all layers): all resident, a second pass reads nothing;
+  * otherwise the embedding stays on disk (a step reads the rows of its tokens, `PackedModel.
+    load_embedding_rows`, never the table; a tied head that is resident serves them instead), and
+    of "head resident" and "head streamed" the one that keeps more bytes resident is chosen; layers
+    0..R-1 are resident, R..L-1 (and the head, if streamed) are read on every pass into one of two
+    slots (one with prefetch off), each as large as the largest streamed unit.
 
-A single loader thread reads the next streamed layer while the current layer computes, for 4-bit
-shards too; one read is in flight at a time so at most two streamed layers are in memory. At the
-start of each pass it begins reading layer R while the resident layers compute.
+A single loader thread reads the next streamed unit while the current one computes; one read is in
+flight at a time. While the head computes, the first streamed unit of the next pass is read.
 
-Bytes read, layer loads, time spent waiting on the loader and peak memory are counted in `stats`.
+Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
 from __future__ import annotations
 
@@ -29,18 +33,21 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.prepared import prepare
+from quantlite.kernels.prepared import compute_ready, prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
+from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 AUTO_BUDGET_FRACTION = 0.5  # memory_budget=None: half of the memory available when loading
+HEAD = "lm_head.weight"
+NORM = "model.norm.weight"
 
 
 class MemoryBudgetError(QuantliteError, ValueError):
-    """The memory budget is malformed, or too small for the parts that must stay in memory."""
+    """The memory budget is malformed, or too small for the parts that must be in memory."""
 
 
 def parse_size(text: str | int | float) -> int:
@@ -68,13 +75,99 @@ def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> in
     each QWeight's kernel layout on that device (kernels.prepared, cached) is counted too."""
     storages: dict[int, int] = {}
     for value in weights.values():
-        tensors = [value] if isinstance(value, torch.Tensor) else list(value.to_dict().values())
+        tensors = [value] if isinstance(value, torch.Tensor) else [t for n, t in value.to_dict().items() if n != "meta"]
         if isinstance(value, QWeight) and prepared_on is not None:
             tensors += [t for t in vars(prepare(value, prepared_on)).values() if isinstance(t, torch.Tensor)]
         for tensor in tensors:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None) -> int:
+    """An upper bound, from the header alone, on the bytes the tensors `names` (default: all) of a
+    shard take once loaded and made compute-ready: their stored bytes, plus float32 scales decoded
+    from fp16 or double-quantized storage, int32 outlier columns and float32 outlier values (the
+    kernel layout), plus plain float tensors converted to the compute dtype. Stored scales large
+    enough to get a buffer of their own (SafetensorsFile.read_all) are counted once, as float32:
+    they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts 1.67 GiB."""
+    total = 0
+    for name, entry in shard.entries.items():
+        if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
+            continue
+        total += entry.nbytes
+        owner, field_name = name.rsplit(".", 1) if "." in name else ("", name)
+        numel = entry.nbytes // entry.dtype.itemsize
+        if owner + ".meta" in shard.entries:  # a field of a QWeight
+            if field_name in ("scales", "scale_codes") and entry.dtype != torch.float32:
+                # decoded to float32 (compute_ready); stored scales in a buffer of their own are freed
+                total += numel * 4 - (entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0)
+            elif field_name in ("outlier_cols", "outlier_vals"):
+                total += numel * 4  # the layout's int32 / float32 copies, next to the stored ones
+            elif field_name == "codes" and owner + ".outlier_row_ptr" not in shard.entries:
+                total += (entry.shape[0] + 1) * 4  # the all-zero row pointers made in memory
+        elif entry.dtype.is_floating_point and entry.dtype != compute_dtype:
+            total += numel * compute_dtype.itemsize
+    return total
+
+
+@dataclass(frozen=True)
+class UnitSizes:
+    """Bytes in memory (memory_nbytes, from the headers) of what a plan places."""
+    norm: int
+    layers: list[int]
+    head: int
+    embedding: int  # the whole table (== head when tied)
+
+
+def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
+    """memory_nbytes of the final norm, each layer, the head and the embedding table of `packed`."""
+    def size(name: str, names: list[str] | None = None) -> int:
+        return memory_nbytes(SafetensorsFile(packed.path / name), dtype, names)
+
+    embedding = size(EMBEDDING_FILE)
+    head = embedding if packed.config.get("tie_word_embeddings") else size(FINAL_FILE, [HEAD])
+    return UnitSizes(norm=size(FINAL_FILE, [NORM]), layers=[size(layer_file(i)) for i in range(packed.num_layers)],
+                     head=head, embedding=embedding)
+
+
+@dataclass(frozen=True)
+class Residency:
+    resident_layers: int       # layers 0..R-1 stay in memory
+    head_resident: bool
+    embedding_resident: bool   # False: rows read on demand (or served by a resident tied head)
+    slot_bytes: int            # room kept for each streamed unit in flight (0 when nothing streams)
+    slots: int                 # streamed units in memory at once: 2 with prefetch, 1 without
+
+
+def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedding: int, tied: bool,
+                   prefetch: bool) -> Residency:
+    """Where each unit lives under `budget` bytes (see the module docstring). `fixed`: the final norm;
+    `embedding`: the table's bytes (ignored when tied: the head is the table). Raises MemoryBudgetError."""
+    room = budget - fixed
+    slots = 2 if prefetch else 1
+    if sum(layers) + head + (0 if tied else embedding) <= room:
+        return Residency(len(layers), True, True, 0, slots)
+    best: tuple[int, Residency] | None = None
+    for head_resident in (True, False):
+        left = room - (head if head_resident else 0)
+        for resident in range(len(layers), -1, -1):
+            streamed = layers[resident:] + ([] if head_resident else [head])
+            slot = max(streamed, default=0)
+            if sum(layers[:resident]) + slots * slot <= left:
+                kept = sum(layers[:resident]) + (head if head_resident else 0)
+                option = Residency(resident, head_resident, tied and head_resident, slot, slots)
+                if best is None or kept > best[0]:
+                    best = (kept, option)
+                break
+    if best is None:
+        largest = max(layers + [head])
+        raise MemoryBudgetError(
+            f"memory budget {format_size(budget)} is below the {format_size(fixed + slots * largest)} that streaming needs: "
+            f"{slots} x the largest unit ({format_size(largest)}, a decoder layer or the head"
+            + (", computing while the next is read)" if prefetch else ")") + " plus the final norm"
+        )
+    return best[1]
 
 
 def peak_rss_bytes() -> int:
@@ -94,15 +187,22 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class StreamStats:
-    bytes_read: int = 0           # shard bytes read from disk (layer_nbytes of every load, embedding, head)
+    bytes_read: int = 0           # bytes read from disk: shards of every unit load, embedding rows
     layer_loads: int = 0          # decoder-layer reads, resident ones counted once
+    head_loads: int = 0           # reads of the head (once if resident, every pass if streamed)
+    head_bytes_read: int = 0      # the head's shard bytes, summed over its loads
+    embedding_rows_read: int = 0  # rows read on demand (the table on disk)
+    embedding_bytes_read: int = 0  # the whole table once if resident, else the bytes of those rows
     load_seconds: float = 0.0     # loader time: read + move to device
-    wait_seconds: float = 0.0     # compute time lost waiting for a layer that was not ready
+    wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     passes: int = 0               # forward passes over all layers
     resident_layers: int = 0
     streamed_layers: int = 0
-    resident_bytes: int = 0       # device bytes of the resident layers, embedding and head
-    layer_bytes: list[int] = field(default_factory=list)  # device bytes of each layer, as first loaded
+    head_resident: bool = True
+    embedding_resident: bool = True
+    resident_bytes: int = 0       # planned bytes of the resident layers, embedding, head and norm
+    slot_bytes: int = 0           # planned room of one streamed unit in flight
+    layer_bytes: list[int] = field(default_factory=list)  # measured bytes of each layer, as first loaded
 
     def peak_memory_bytes(self, device: torch.device) -> int:
         if device.type == "cuda":
@@ -131,25 +231,34 @@ class StreamingLlama:
         self._prepared_on = self.device if _fused_kernels_live(self.device) else None
         self._tokenizer = None
 
-        self.embedding = self._to_device(packed.load_embedding())  # (vocab, hidden) tensor or QWeight
-        final = packed.load_final()
-        self.norm = self._to_device(final["model.norm.weight"])    # (hidden,)
-        self.lm_head = self.embedding if self.config.tie_word_embeddings else self._to_device(final["lm_head.weight"])
-        # a tied head is the embedding's own storage, counted once
-        self._fixed_bytes = weights_nbytes({"e": self.embedding, "n": self.norm, "h": self.lm_head}, self._prepared_on)
-        self.stats.bytes_read += sum(packed.manifest["files"][name]["size"] for name in (EMBEDDING_FILE, FINAL_FILE))
-        if self._fixed_bytes > self.memory_budget:
-            raise MemoryBudgetError(
-                f"memory budget {format_size(self.memory_budget)} is below the {format_size(self._fixed_bytes)} "
-                "that the embedding, final norm and head need in memory"
-            )
-        self.stats.resident_bytes = self._fixed_bytes
-
         self._resident: dict[int, dict] = {}
-        self._n_resident: int | None = None  # planned at the first layer load, when sizes are known
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlite-loader") if prefetch else None
+        # the loader's torch ops are small and memory-bound: one intra-op thread (a per-thread setting
+        # with OpenMP), so they neither fight the matmuls' thread team nor wait on its barrier (on 2
+        # busy cores a 1536-row repeat_interleave took 40 ms with 2 threads, 0.04 ms with 1)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlite-loader", initializer=torch.set_num_threads,
+                                          initargs=(1,)) if prefetch else None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
+
+        self.plan = self._plan()
+        # the units read on every pass, in order: layers R..L-1, then the head (num_layers) if it streams
+        self._streamed = list(range(self.plan.resident_layers, self.config.num_layers))
+        self._streamed += [] if self.plan.head_resident else [self.config.num_layers]
+        final = packed.load_final()  # every tensor checked once; the head is dropped again if it streams
+        self.stats.bytes_read += packed.manifest["files"][FINAL_FILE]["size"]
+        self.norm = self._to_device(final[NORM])  # (hidden,)
+        self.embedding = None  # (vocab, hidden) tensor or QWeight when resident; None: rows on demand
+        self.lm_head = None    # (vocab, hidden) tensor or QWeight when resident; None: streamed
+        if self.plan.head_resident:
+            self.lm_head = self._to_device(packed.load_embedding() if self.config.tie_word_embeddings else final[HEAD])
+            self._count_load(self.config.num_layers, already_counted=not self.config.tie_word_embeddings)
+        del final
+        if self.plan.embedding_resident:
+            self.embedding = self.lm_head if self.config.tie_word_embeddings else self._read_embedding()
+        self.stats.resident_layers = self.plan.resident_layers
+        self.stats.streamed_layers = self.config.num_layers - self.plan.resident_layers
+        self.stats.head_resident, self.stats.embedding_resident = self.plan.head_resident, self.embedding is not None
+        self.stats.slot_bytes = self.plan.slot_bytes
 
     # ------------------------------------------------------------------ sizes and the plan
     def _budget_bytes(self, memory_budget) -> int:
@@ -162,43 +271,63 @@ class StreamingLlama:
 
         return int(psutil.virtual_memory().available * AUTO_BUDGET_FRACTION)
 
-    def _plan(self, first_layer_bytes: int, first_layer_disk: int) -> int:
-        """How many leading layers stay resident. Device bytes of layer i are estimated from its shard
-        size at the ratio layer 0 showed (the same dtypes in every layer)."""
-        ratio = first_layer_bytes / max(first_layer_disk, 1)
-        sizes = [int(self.packed.layer_nbytes(i) * ratio) for i in range(self.config.num_layers)]
-        room = self.memory_budget - self._fixed_bytes
-        if sum(sizes) <= room:
-            return self.config.num_layers
-        room -= max(sizes) if self.prefetch else 0  # the slot of the layer being prefetched
-        resident, used = 0, 0
-        while resident < len(sizes) and used + sizes[resident] <= room:
-            used += sizes[resident]
-            resident += 1
-        return resident
+    def _plan(self) -> Residency:
+        """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
+        self.sizes = sizes = unit_sizes(self.packed, self.dtype)
+        tied = self.config.tie_word_embeddings
+        plan = plan_residency(self.memory_budget, sizes.norm, sizes.layers, sizes.head, sizes.embedding, tied, self.prefetch)
+        self.stats.resident_bytes = (sizes.norm + sum(sizes.layers[: plan.resident_layers]) + (sizes.head if plan.head_resident else 0)
+                                     + (sizes.embedding if plan.embedding_resident and not tied else 0))
+        return plan
 
     # ------------------------------------------------------------------ loading
     def _to_device(self, value):
         if isinstance(value, QWeight):
-            value = value if self.device.type == "cpu" else value.to(self.device)
             if self._prepared_on is not None:  # built here, on the loader thread, not in the matmul
-                prepare(value, self._prepared_on)
-            return value
+                return compute_ready(value, self._prepared_on)
+            return value if self.device.type == "cpu" else value.to(self.device)
         if value.is_floating_point():
             return value.to(self.device, self.dtype)
         return value.to(self.device)
 
-    def _read_layer(self, index: int) -> dict:
-        """Runs on the loader thread (or inline without prefetch): read one shard, move it to the device."""
+    def _read_embedding(self):
+        table = self._to_device(self.packed.load_embedding())
+        nbytes = self.packed.manifest["files"][EMBEDDING_FILE]["size"]
+        self.stats.embedding_bytes_read += nbytes
+        self.stats.bytes_read += nbytes
+        return table
+
+    def _read_unit(self, index: int):
+        """Runs on the loader thread (or inline without prefetch): layer `index` (a dict of weights),
+        or the head (index == num_layers)."""
         start = time.perf_counter()
         if self.prefetch:
             self._hint_readahead(self._next_streamed(index))
-        weights = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
+        if index < self.config.num_layers:
+            unit = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
+        elif self.config.tie_word_embeddings:
+            unit = self._to_device(self.packed.load_embedding())
+        else:
+            unit = self._to_device(self.packed.load_final()[HEAD])
         with self._lock:
             self.stats.load_seconds += time.perf_counter() - start
-            self.stats.bytes_read += int(self.packed.layer_nbytes(index))
+        return unit
+
+    def _count_load(self, index: int, already_counted: bool = False) -> None:
+        """Counters of a unit taken for compute after a read (counted when used, not when read: a
+        unit prefetched for a pass that never comes is not counted)."""
+        nbytes = self.packed.manifest["files"][self._unit_file(index)]["size"]
+        if index < self.config.num_layers:
             self.stats.layer_loads += 1
-        return weights
+        else:
+            self.stats.head_loads += 1
+            self.stats.head_bytes_read += nbytes
+        self.stats.bytes_read += 0 if already_counted else nbytes
+
+    def _unit_file(self, index: int) -> str:
+        if index < self.config.num_layers:
+            return layer_file(index)
+        return EMBEDDING_FILE if self.config.tie_word_embeddings else FINAL_FILE
 
     def _hint_readahead(self, index: int | None) -> None:
         """Ask the kernel to start reading the shard after this one into the page cache, so the disk
@@ -207,7 +336,7 @@ class StreamingLlama:
         if index is None or not hasattr(os, "posix_fadvise"):
             return
         try:
-            fd = os.open(self.packed.path / layer_file(index), os.O_RDONLY)
+            fd = os.open(self.packed.path / self._unit_file(index), os.O_RDONLY)
         except OSError:
             return  # the read itself will report a missing shard with the packed reader's error
         try:
@@ -216,35 +345,48 @@ class StreamingLlama:
             os.close(fd)
 
     def _request(self, index: int | None) -> None:
-        """Start reading a streamed layer in the background (no-op if resident, pending or off)."""
-        if index is None or self._loader is None or index in self._resident or index in self._pending:
+        """Start reading a streamed unit in the background (no-op if pending, None or prefetch off)."""
+        if index is None or self._loader is None or index in self._pending:
             return
-        self._pending[index] = self._loader.submit(self._read_layer, index)
+        self._pending[index] = self._loader.submit(self._read_unit, index)
 
-    def _layer(self, index: int) -> dict:
-        """The weights of layer `index`, from memory, from the loader, or read now."""
+    def _unit(self, index: int):
+        """Layer `index`'s weights or the head (index == num_layers): from memory, from the loader,
+        or read now."""
+        if index == self.config.num_layers and self.lm_head is not None:
+            return self.lm_head
         if index in self._resident:
             return self._resident[index]
         start = time.perf_counter()
         pending = self._pending.pop(index, None)
-        weights = pending.result() if pending is not None else self._read_layer(index)
+        unit = pending.result() if pending is not None else self._read_unit(index)
         self.stats.wait_seconds += time.perf_counter() - start
-        if len(self.stats.layer_bytes) <= index:  # first pass: learn the layer's size in memory
-            self.stats.layer_bytes.append(weights_nbytes(weights, self._prepared_on))
-        if self._n_resident is None:
-            self._n_resident = self._plan(self.stats.layer_bytes[index], int(self.packed.layer_nbytes(index)))
-            self.stats.resident_layers = self._n_resident
-            self.stats.streamed_layers = self.config.num_layers - self._n_resident
-        if index < self._n_resident:
-            self._resident[index] = weights
-            self.stats.resident_bytes += self.stats.layer_bytes[index]
-        return weights
+        self._count_load(index)
+        if index < self.config.num_layers:
+            if len(self.stats.layer_bytes) <= index:  # first pass: the layer's measured size in memory
+                self.stats.layer_bytes.append(weights_nbytes(unit, self._prepared_on))
+            if index < self.plan.resident_layers:
+                self._resident[index] = unit
+        return unit
 
     def _next_streamed(self, index: int) -> int | None:
-        """The first layer after `index` that has to be read (None at the end of the pass)."""
-        first = self._n_resident if self._n_resident is not None else 0
-        nxt = max(index + 1, first)
-        return nxt if nxt < self.config.num_layers else None
+        """The first streamed unit after `index` (-1: before the pass); after the last one, the first
+        of the next pass. None when nothing streams."""
+        later = [unit for unit in self._streamed if unit > index]
+        return later[0] if later else (self._streamed[0] if self._streamed else None)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, seq) -> (batch, seq, hidden): from the resident table, or from the rows
+        of these tokens read now."""
+        if self.embedding is not None:
+            return llama.embed(input_ids, self.embedding, self.dtype)
+        rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), return_inverse=True)
+        table = self.packed.load_embedding_rows(rows)  # (len(rows), hidden)
+        nbytes = table.nbytes if isinstance(table, QWeight) else table.numel() * table.element_size()
+        self.stats.embedding_rows_read += len(rows)
+        self.stats.embedding_bytes_read += nbytes
+        self.stats.bytes_read += nbytes
+        return llama.embed(inverse.reshape(input_ids.shape).to(self.device), self._to_device(table), self.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -272,10 +414,10 @@ class StreamingLlama:
                 key_valid = torch.ones(batch, (cache.length if cache else 0) + seq, dtype=torch.bool)
             mask = llama.attention_mask(key_valid.to(self.device), seq, self.dtype)
 
-        self._request(self._next_streamed(-1))  # the first streamed layer loads while resident ones run
-        x = llama.embed(input_ids, self.embedding, self.dtype)  # (batch, seq, hidden)
+        self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
+        x = self._embed(input_ids)  # (batch, seq, hidden)
         for index in range(self.config.num_layers):
-            weights = self._layer(index)
+            weights = self._unit(index)
             self._request(self._next_streamed(index))
             x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
             del weights  # a streamed layer is freed here, before the next one is taken
@@ -285,7 +427,9 @@ class StreamingLlama:
         if last_only:
             x = x[:, -1:]
         x = llama.rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return llama.linear(x, self.lm_head).float()
+        head = self._unit(self.config.num_layers)  # (vocab, hidden), resident or streamed
+        self._request(self._next_streamed(self.config.num_layers))  # the next pass's first streamed unit
+        return llama.linear(x, head).float()
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -324,6 +468,12 @@ class StreamingLlama:
     def peak_memory_bytes(self) -> int:
         return self.stats.peak_memory_bytes(self.device)
 
+    def decode_reads(self) -> dict:
+        """Counters to diff around a step: how many layers, heads and embedding rows were read."""
+        s = self.stats
+        return {"layers": s.layer_loads, "heads": s.head_loads, "head_bytes": s.head_bytes_read,
+                "embedding_rows": s.embedding_rows_read, "embedding_bytes": s.embedding_bytes_read, "bytes": s.bytes_read}
+
     def close(self) -> None:
         """Stop the loader thread and drop every layer held."""
         if self._loader is not None:
@@ -353,8 +503,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=Non
          dtype: torch.dtype | None = None) -> StreamingLlama:
     """Open a packed model directory (quantlite convert) for streaming inference.
 
-    memory_budget: bytes (int) or a size string ("1GB", "800MiB") for the resident layers, the
-    embedding and the head; None = half the memory available now. Streamed layers, the KV cache
-    and activations come on top. prefetch: read the next layer on a background thread.
+    memory_budget: bytes (int) or a size string ("1GB", "800MiB") for every weight in memory at
+    once: resident layers, embedding, head, and the streamed units in flight; None = half the memory
+    available now. The KV cache, activations and the interpreter come on top. prefetch: read the
+    next streamed unit on a background thread while this one computes.
     """
     return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype)
