@@ -141,7 +141,9 @@ class PackedModel:
         if EMBEDDING in shard.entries:  # a plain table
             self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: _stand_in(shard.entries[EMBEDDING])},
                                          {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
-            return shard.read_slices(EMBEDDING, ranges)
+            rows_read = shard.read_slices(EMBEDDING, ranges)
+            _check_finite(rows_read, f"{where} rows")
+            return rows_read
         table = self._embedding_table(shard)  # the whole table's small tensors, checked
 
         def field(name: str) -> str:
@@ -271,6 +273,9 @@ class PackedModel:
         # parsed and checked again) checks the structure only: a streamed layer is re-read every token
         unchanged = self._values_checked.get(name) == shard.identity
         grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
+        if not unchanged:
+            for tensor_name, value in grouped.items():
+                _check_finite(value, f"{file_path}: {tensor_name}")
         self._values_checked[name] = shard.identity
         return grouped
 
@@ -285,8 +290,6 @@ class PackedModel:
                 raise FormatError(f"{where}: {tensor_name} has shape {list(shape)}, the config implies {list(expected[tensor_name])}")
             if not isinstance(value, QWeight) and not value.is_floating_point():
                 raise FormatError(f"{where}: {tensor_name} has dtype {value.dtype}, expected a float tensor")
-            if not isinstance(value, QWeight) and not bool(torch.isfinite(value).all()):
-                raise FormatError(f"{where}: {tensor_name} holds NaN or Inf (docs/FORMAT.md: plain tensors must be finite)")
 
     def _check_files_present(self) -> None:
         expected = {EMBEDDING_FILE, FINAL_FILE, *(layer_file(i) for i in range(self.num_layers))}
@@ -296,6 +299,12 @@ class PackedModel:
 
     def __repr__(self) -> str:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
+
+
+def _check_finite(value: torch.Tensor | QWeight, where: str) -> None:
+    """docs/FORMAT.md: plain float tensors must be finite (a QWeight's values are from_dict's)."""
+    if not isinstance(value, QWeight) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise FormatError(f"{where} holds NaN or Inf (docs/FORMAT.md: plain tensors must be finite)")
 
 
 def _stand_in(entry) -> torch.Tensor:
