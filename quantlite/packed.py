@@ -210,7 +210,7 @@ class PackedModel:
             try:
                 check_regular_file(self.path / name, self.path, FormatError)
             except FormatError as error:
-                problems.append(f"{name}: {str(error).replace(str(self.path / name), 'it')}")
+                problems.append(f"{name}: {str(error).replace(str(self.path / name) + ' ', '')}")
         return problems
 
     # ----------------------------------------------------------------- verification
