@@ -4,8 +4,10 @@
     quantize_model(model)                       # every nn.Linear but lm_head -> QLinear (method "quantlite")
     quantize_model(model, method="nf4", skip=("lm_head", "down_proj"))
 
-forward is `qmatmul(x, qweight) + bias` (quantlite.kernels.dispatch picks the back-end), the same call
-the streaming runtime makes. The QWeight is frozen state, not a Parameter: `.to(device)` moves it,
+forward is `torch.ops.quantlite.qmatmul(x, <qweight's tensors>) + bias` (quantlite.kernels.torch_op:
+a custom op around the dispatcher's qmatmul, the call the streaming runtime makes), so torch.compile
+(fullgraph=True) and torch.export capture a model of QLinears without graph breaks, and x gets a
+gradient (the weight is frozen). The QWeight is frozen state, not a Parameter: `.to(device)` moves it,
 dtype casts (`model.half()`) leave its codes and scales alone and only change the bias, and
 `state_dict()` holds its flat dict under `<module>.qweight.*` (docs/FORMAT.md names).
 """
@@ -18,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlite.errors import QuantizationInputError
-from quantlite.kernels.dispatch import qmatmul
+from quantlite.kernels import torch_op
 from quantlite.quantizer import quantize
 from quantlite.qweight import QWeight
 
@@ -35,8 +37,16 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise QuantizationInputError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-        self.qweight = qweight  # (out_features, in_features) 4-bit codes + scales + CSR outliers
+        self.qweight = qweight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def qweight(self) -> QWeight:
+        return self._qweight  # (out_features, in_features) 4-bit codes + scales + CSR outliers
+
+    @qweight.setter
+    def qweight(self, qweight: QWeight) -> None:
+        self._qweight = torch_op.remember(qweight)  # the op finds it (and the kernels' cached layout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **quant_options) -> "QLinear":
@@ -51,7 +61,7 @@ class QLinear(nn.Module):
         return cls(qweight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(x, self.qweight)
+        y = torch_op.qmatmul(x, self.qweight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -69,6 +79,10 @@ class QLinear(nn.Module):
         if device != self.qweight.device:
             self.qweight = self.qweight.to(device)
         return self
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle set __dict__ without the property
+        super().__setstate__(state)
+        torch_op.remember(self._qweight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
