@@ -24,6 +24,7 @@ _EXPORTS = {
     "PackedModel": "quantlite.packed",
     "load": "quantlite.runtime.streaming",
     "StreamingLlama": "quantlite.runtime.streaming",
+    "to_transformers": "quantlite.integrations.huggingface",
     "eval": "quantlite.eval",
 }
 

@@ -1,0 +1,1 @@
+"""quantlite inside other tools: transformers (huggingface.py) and lm-evaluation-harness (lm_eval.py)."""

@@ -1,0 +1,77 @@
+"""quantlite.to_transformers: the packed model as transformers' LlamaForCausalLM with QLinear layers,
+against quantlite's own streaming runtime on the same packed folder.
+
+Both run the same float32 math on the same weights: QLinear and the runtime call the same qmatmul on
+the same QWeights, and the runtime's attention, RoPE and norms follow transformers' (test_llama_exact
+holds them to 1e-4 relative in the unquantized case). So the tolerance is that case's 1e-4 relative
+(max |diff| / max |logit|); identical results are what is observed. Greedy tokens must be identical.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import quantlite  # noqa: E402
+from quantlite.errors import FormatError  # noqa: E402
+from quantlite.qlinear import QLinear  # noqa: E402
+from test_llama_exact import BASE, build_checkpoint, relative_error  # noqa: E402
+
+
+def assert_matches_runtime(packed_dir, hf_model, generator, vocab: int) -> None:
+    input_ids = torch.randint(0, vocab, (2, 11), generator=generator)
+    prompt = input_ids[0, :6]
+    with quantlite.load(packed_dir) as runtime, torch.no_grad():
+        expected = runtime(input_ids)
+        logits = hf_model(input_ids).logits
+        assert logits.dtype == torch.float32 and logits.shape == expected.shape
+        assert relative_error(logits, expected) <= 1e-4
+        greedy = hf_model.generate(prompt[None], max_new_tokens=10, do_sample=False)[0, len(prompt):]
+        assert greedy.tolist() == runtime.generate(prompt.tolist(), max_new_tokens=10).token_ids[0]
+
+
+@pytest.mark.parametrize("tied, quantize_embedding", [(False, False), (True, True), (True, False)])
+def test_logits_and_greedy_tokens_equal_the_runtime(tmp_path, generator, tied, quantize_embedding):
+    _, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=tied, attention_bias=True, mlp_bias=True)
+    quantlite.convert(folder, tmp_path / "packed", quantize_embedding=quantize_embedding, progress=False)
+    model = quantlite.to_transformers(tmp_path / "packed")
+
+    assert type(model) is transformers.LlamaForCausalLM and not model.training
+    layers = model.model.layers
+    assert all(isinstance(getattr(layer.self_attn, p), QLinear) for layer in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all(isinstance(getattr(layer.mlp, p), QLinear) for layer in layers for p in ("gate_proj", "up_proj", "down_proj"))
+    assert layers[0].self_attn.q_proj.bias is not None and layers[1].mlp.down_proj.bias is not None
+    # no dense copy of a quantized Linear: the only 2-D float Parameters are the embedding and a plain head
+    matrices = {id(p) for p in model.parameters() if p.dim() == 2}
+    dense_head = not isinstance(model.lm_head, QLinear)
+    assert matrices == {id(model.model.embed_tokens.weight)} | ({id(model.lm_head.weight)} if dense_head else set())
+    assert isinstance(model.lm_head, QLinear) == (tied and quantize_embedding)
+    if tied and not quantize_embedding:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(not t.is_meta and t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+
+    assert_matches_runtime(tmp_path / "packed", model, generator, BASE["vocab_size"])
+
+
+def test_gradients_reach_the_input_side_through_qlinear(tmp_path, generator):
+    """What an adapter trained on top needs: the loss differentiates through every QLinear."""
+    _, folder = build_checkpoint(tmp_path, generator)
+    quantlite.convert(folder, tmp_path / "packed", progress=False)
+    model = quantlite.to_transformers(tmp_path / "packed")
+    input_ids = torch.randint(0, BASE["vocab_size"], (1, 9), generator=generator)
+    model(input_ids, labels=input_ids).loss.backward()
+    first_norm = model.model.layers[0].input_layernorm.weight  # before every QLinear of the model
+    assert first_norm.grad is not None and bool(first_norm.grad.abs().sum() > 0)
+
+
+def test_a_folder_that_is_not_packed_is_refused(tmp_path):
+    with pytest.raises(FormatError, match="not a packed quantlite model"):
+        quantlite.to_transformers(tmp_path)
+
+
+@pytest.mark.slow  # a 4-bit conversion of a 135M model
+def test_smollm2_matches_the_runtime(smollm2_gguf, tmp_path, generator):
+    quantlite.convert(smollm2_gguf, tmp_path / "packed", progress=False)
+    model = quantlite.to_transformers(tmp_path / "packed")
+    assert_matches_runtime(tmp_path / "packed", model, generator, model.config.vocab_size)
