@@ -107,16 +107,17 @@ def test_generate_until_stops_at_the_first_stop_string(adapter):
     assert cut == free[:free.index(stop)]
 
 
-def test_lm_eval_runs_local_tasks_with_the_quantlite_model(packed, adapter, tmp_path, monkeypatch):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+DOCS = [{"question": "Lily went to the", "choices": ["park", "moon", "sea"], "answer": 0},
+        {"question": "She saw a big", "choices": ["cat", "dog"], "answer": 1},
+        {"question": "Once upon a", "choices": ["time", "table", "tree"], "answer": 0}]
 
+
+@pytest.fixture
+def local_task(tmp_path, monkeypatch):
+    """A folder holding the multiple-choice task quantlite_local_choice over DOCS, as lm_eval's --include_path."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    docs = [{"question": "Lily went to the", "choices": ["park", "moon", "sea"], "answer": 0},
-            {"question": "She saw a big", "choices": ["cat", "dog"], "answer": 1},
-            {"question": "Once upon a", "choices": ["time", "table", "tree"], "answer": 0}]
     data = tmp_path / "choices.jsonl"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "local_choice.yaml").write_text(
         "task: quantlite_local_choice\n"
@@ -129,13 +130,43 @@ def test_lm_eval_runs_local_tasks_with_the_quantlite_model(packed, adapter, tmp_
         "doc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n"
     )
-    results = lm_eval.simple_evaluate(model="quantlite", model_args=f"path={packed}", tasks=["quantlite_local_choice"],
-                                      batch_size=2, task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-                                      log_samples=False, bootstrap_iters=0)
-    accuracy = results["results"]["quantlite_local_choice"]["acc,none"]
+    return tmp_path / "tasks"
 
+
+def expected_accuracy(adapter) -> float:
+    """The share of DOCS whose answer has the highest log-likelihood, asked of the adapter directly
+    (" " is lm_eval's default target_delimiter between question and choice)."""
     right = 0
-    for doc in docs:  # the choice with the highest log-likelihood, asked of the adapter directly (" ": lm_eval's target_delimiter)
+    for doc in DOCS:
         scores = adapter.loglikelihood([request("loglikelihood", doc["question"], " " + c) for c in doc["choices"]], disable_tqdm=True)
         right += max(range(len(scores)), key=lambda i: scores[i][0]) == doc["answer"]
-    assert accuracy == pytest.approx(right / len(docs))
+    return right / len(DOCS)
+
+
+def test_lm_eval_runs_a_local_task_with_the_quantlite_model(packed, adapter, local_task):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(model="quantlite", model_args=f"path={packed}", tasks=["quantlite_local_choice"],
+                                      batch_size=2, task_manager=TaskManager(include_path=str(local_task)),
+                                      log_samples=False, bootstrap_iters=0)
+    assert results["results"]["quantlite_local_choice"]["acc,none"] == pytest.approx(expected_accuracy(adapter))
+
+
+@pytest.mark.slow  # a fresh interpreter importing lm_eval, datasets and torch: ~20 s
+def test_command_line_model_quantlite(packed, adapter, local_task, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "-m", "quantlite.integrations.lm_eval", "--model", "quantlite", "--model_args",
+               f"path={packed}", "--tasks", "quantlite_local_choice", "--include_path", str(local_task),
+               "--batch_size", "2", "--output_path", str(tmp_path / "out")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result_file,) = (tmp_path / "out").rglob("results_*.json")
+    accuracy = json.loads(result_file.read_text())["results"]["quantlite_local_choice"]["acc,none"]
+    assert accuracy == pytest.approx(expected_accuracy(adapter))

@@ -9,7 +9,7 @@
 `lm_eval.simple_evaluate(model="quantlite", model_args="path=packed/", tasks=[...])`.
 
 model_args: path (the packed folder), memory_budget (as quantlite.load: "2GB", ...), device ("cpu",
-"cuda"), max_length (tokens per forward pass; default the config's max_position_embeddings).
+"cuda"; default the GPU when torch sees one, else the CPU), max_length (tokens per forward pass; default the config's max_position_embeddings).
 
 Scoring follows lm_eval's HF model: a context's trailing spaces move to the continuation, the
 continuation's tokens are those of context + continuation past the context's own tokens (no special
@@ -18,6 +18,8 @@ than max_length keeps its last max_length + 1 tokens. Every layer is read once p
 sequences, so --batch_size sets how many forward passes share one read of the weights.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from lm_eval.api.model import LM
@@ -36,7 +38,12 @@ class QuantliteLM(LM):
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise QuantliteError(f"batch_size must be a positive integer for quantlite, got {batch_size!r}")
-        self.model = load(path, memory_budget=memory_budget, device=device or "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm_eval's command line passes --device (default cuda:0) even on a machine without one
+            if device is not None:
+                logging.getLogger(__name__).warning("device %s: no CUDA device visible, running on the CPU", device)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load(path, memory_budget=memory_budget, device=device)
         self.tokenizer = self.model.tokenizer
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
