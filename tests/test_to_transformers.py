@@ -75,3 +75,17 @@ def test_smollm2_matches_the_runtime(smollm2_gguf, tmp_path, generator):
     quantlite.convert(smollm2_gguf, tmp_path / "packed", progress=False)
     model = quantlite.to_transformers(tmp_path / "packed")
     assert_matches_runtime(tmp_path / "packed", model, generator, model.config.vocab_size)
+
+
+def test_text_generation_pipeline_answers_as_the_runtime(stories260k_hf, tmp_path):
+    """stories260K (../shared/data) has a real tokenizer: the transformers pipeline on top of the
+    converted model writes the runtime's greedy continuation."""
+    quantlite.convert(stories260k_hf, tmp_path / "packed", progress=False)
+    model = quantlite.to_transformers(tmp_path / "packed")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "packed" / "tokenizer")
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Once upon a time"
+    (answer,) = pipe(prompt, max_new_tokens=16, do_sample=False)
+    with quantlite.load(tmp_path / "packed") as runtime:
+        expected = runtime.generate([prompt], max_new_tokens=16).texts[0]
+    assert answer["generated_text"] == prompt + expected
