@@ -89,3 +89,40 @@ def test_text_generation_pipeline_answers_as_the_runtime(stories260k_hf, tmp_pat
     with quantlite.load(tmp_path / "packed") as runtime:
         expected = runtime.generate([prompt], max_new_tokens=16).texts[0]
     assert answer["generated_text"] == prompt + expected
+
+
+def test_lora_adapter_on_qlinear_layers(tmp_path, generator):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    from quantlite.integrations.peft import LoraQLinear, lora_config
+    from test_triton_qmatmul import UNIT_ROUNDOFF
+
+    _, folder = build_checkpoint(tmp_path, generator)
+    quantlite.convert(folder, tmp_path / "packed", progress=False)
+    model = quantlite.to_transformers(tmp_path / "packed")
+    input_ids = torch.randint(0, BASE["vocab_size"], (2, 9), generator=generator)
+    with torch.no_grad():
+        base_logits = model(input_ids).logits
+    adapted = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    layer = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraQLinear) and isinstance(layer.base_layer, QLinear)
+    with torch.no_grad():  # B starts at zero: the adapted model is the base model
+        assert torch.equal(adapted(input_ids).logits, base_logits)
+
+    adapted(input_ids, labels=input_ids).loss.backward()
+    trained = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert all(adapted.get_parameter(name).grad is not None for name in trained)
+
+    with torch.no_grad():  # y = QLinear(x) + scaling * x @ A.T @ B.T, against float64
+        layer.lora_B["default"].weight.normal_(generator=generator)
+        x = torch.randn(5, BASE["hidden_size"], generator=generator)
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        scaling = layer.scaling["default"]
+        w64 = layer.base_layer.qweight.dequantize(torch.float64)  # (N, K)
+        x64 = x.double()
+        assert layer.base_layer.bias is None  # no attention bias in this checkpoint
+        expected = x64 @ w64.T + scaling * (x64 @ a.T @ b.T)  # (5, N)
+        magnitude = x64.abs() @ w64.abs().T + scaling * ((x64.abs() @ a.abs().T) @ b.abs().T)
+        # float32 sums of K terms (base), K then r terms (adapter), and the final additions
+        bound = (BASE["hidden_size"] + 4 + 4) * UNIT_ROUNDOFF[torch.float32] * magnitude
+        assert bool(((layer(x).double() - expected).abs() <= bound).all())

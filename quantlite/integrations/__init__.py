@@ -1,1 +1,2 @@
-"""quantlite inside other tools: transformers (huggingface.py) and lm-evaluation-harness (lm_eval.py)."""
+"""quantlite inside other tools: transformers (huggingface.py), PEFT LoRA (peft.py) and
+lm-evaluation-harness (lm_eval.py)."""
