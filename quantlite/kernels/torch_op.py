@@ -56,14 +56,12 @@ def dequantize(qw: QWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.ops.quantlite.dequantize(*weight_arguments(qw), dtype)
 
 
-def _qweight(codebook, codes, outlier_row_ptr, outlier_cols, outlier_vals, scales, scale_codes,
-             scale_group_min, scale_group_step, n, k, block_size, method) -> QWeight:
-    """The remembered QWeight holding exactly these tensors, else a new one over them (checked by
-    QWeight: sizes and dtypes; works on fake tensors too)."""
-    given = dict(codebook=codebook, codes=codes, outlier_row_ptr=outlier_row_ptr, outlier_cols=outlier_cols,
-                 outlier_vals=outlier_vals, scales=scales, scale_codes=scale_codes,
-                 scale_group_min=scale_group_min, scale_group_step=scale_group_step)
-    known = _known.get(id(codes))
+def _qweight(*arguments) -> QWeight:
+    """The QWeight behind weight_arguments(...): the remembered one holding exactly these tensors, else
+    a new one over them (QWeight checks their sizes and dtypes; works on fake tensors too)."""
+    given = dict(zip(_TENSOR_FIELDS, arguments))
+    n, k, block_size, method = arguments[len(_TENSOR_FIELDS):]
+    known = _known.get(id(given["codes"]))
     if known is not None and all(getattr(known, name) is tensor for name, tensor in given.items()):
         return known
     return QWeight(shape=(n, k), block_size=block_size, method=method, **given)
