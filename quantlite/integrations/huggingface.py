@@ -1,7 +1,7 @@
 """to_transformers(packed_dir): a packed quantlite model as the Hugging Face model class of its checkpoint.
 
     model = quantlite.to_transformers("packed/")          # e.g. LlamaForCausalLM, float32, CPU
-    tokenizer = transformers.AutoTokenizer.from_pretrained("packed/tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained("packed/tokenizer", trust_remote_code=False)
     model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)
 
 The model is built from the manifest's config (no download) with its parameters on the meta device,
@@ -42,7 +42,8 @@ def to_transformers(packed_dir: str | Path):
     packed = PackedModel.open(packed_dir)
     config = transformers.AutoConfig.for_model(**packed.config)
     with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # the config comes from a folder nobody vouches for: an `auto_map` in it never runs code
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
 
     for index in range(packed.num_layers):
         tensors = packed.load_layer(index)
