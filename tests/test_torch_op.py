@@ -122,7 +122,7 @@ def test_compile_inductor_fullgraph(generator):
     assert torch.equal(hidden, eager_hidden)  # both call the same kernel on the same x
 
 
-def test_export_captures_the_op_and_runs_other_batch_sizes(generator):
+def test_export_captures_the_op_and_runs_other_batch_sizes(generator, tmp_path):
     model = TwoLayers(generator)
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (torch.randn(3, 5, 100, generator=generator),),
@@ -133,3 +133,6 @@ def test_export_captures_the_op_and_runs_other_batch_sizes(generator):
     hidden, y = program.module()(x)
     assert y.shape == (7, 5, 24)
     assert_layers_close_to_float64(model, x, hidden, y)
+    torch.export.save(program, tmp_path / "model.pt2")  # the op and the weight tensors serialize
+    reloaded = torch.export.load(tmp_path / "model.pt2").module()(x)
+    assert torch.equal(reloaded[0], hidden) and torch.equal(reloaded[1], y)
