@@ -40,22 +40,23 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
     the choice, and naming another is an error. The fused back-ends move the weight to x's device
     once and cache it (kernels.prepared); the reference dequantizes it on every call."""
     _check_inputs(x, qw)
-    name = _choose_backend(x.device, backend, needs_grad=x.requires_grad and torch.is_grad_enabled())
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    name = _default_choice(x.device.type) if backend is None and not needs_grad else \
+        _choose_backend(x.device, backend, needs_grad)
+    if name in ("cpu", "cuda"):  # the native kernels take (..., K) as is (~120 calls a decode token)
+        from quantlite.kernels import native
+
+        return native.qmatmul_cpu(x, qw) if name == "cpu" else native.qmatmul_cuda(x, qw)
     n, k = qw.shape
     rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if name == "torch":
         y = qmatmul_reference(rows, qw)
-    elif name == "triton":
+    else:
         from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
         y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device))
-    else:
-        from quantlite.kernels import native
-
-        kernel = native.qmatmul_cuda if name == "cuda" else native.qmatmul_cpu
-        y = kernel(rows.contiguous(), qw)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -107,6 +108,12 @@ def _triton_status() -> str | None:
     if triton_qmatmul.INTERPRETED or torch.cuda.is_available():
         return None
     return "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
+
+
+@lru_cache(maxsize=None)
+def _default_choice(device_type: str) -> str:
+    """The first live back-end of DEFAULT_ORDER for a device type (cached: asked on every call)."""
+    return _choose_backend(torch.device(device_type), None)
 
 
 def _choose_backend(device: torch.device, backend: str | None, needs_grad: bool = False) -> str:

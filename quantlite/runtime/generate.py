@@ -6,6 +6,8 @@ layer once; then one token per row per step, with a KV cache, until every row ha
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.runtime import llama
 
 
 class GenerationError(QuantliteError, ValueError):
@@ -73,11 +76,18 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds: prefill and the first sample
     decode_seconds: float = 0.0       # seconds after the first token
     decode_steps: int = 0
+    decode_matmul_seconds: float = 0.0     # of decode_seconds: in the matmuls (qmatmul / F.linear)
+    decode_attention_seconds: float = 0.0  # of decode_seconds: KV-cache update and attention
 
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens per second per sequence after the first token (steps / time)."""
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def decode_other_seconds(self) -> float:
+        """Of decode_seconds: everything else (norms, RoPE, Python, sampling, waiting on the loader)."""
+        return max(self.decode_seconds - self.decode_matmul_seconds - self.decode_attention_seconds, 0.0)
 
 
 @dataclass
@@ -209,34 +219,59 @@ def generate(
     done = [False] * batch
     start = time.perf_counter()
     logits = model.forward(tokens, positions, valid[:, :longest] if padded else None, cache, last_only=True)
-    for step in range(max_new_tokens):
-        chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
-        if step == 0:
-            stats.time_to_first_token = time.perf_counter() - start
-        for row, token in enumerate(chosen.tolist()):
-            if done[row]:
-                continue
-            if token in stop_ids:
-                done[row] = True
-                continue
-            new_tokens[row].append(token)
-            stats.new_tokens += 1
-            if on_token is not None:
-                on_token(row, token)
-            if stop_strings and any(s in model.tokenizer.decode(new_tokens[row]) for s in stop_strings):
-                done[row] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        valid[:, longest + step] = True
-        positions = positions[:, -1:] + 1
-        logits = model.forward(chosen[:, None], positions, valid[:, : longest + step + 1] if padded else None, cache, last_only=True)
-        stats.decode_steps += 1
+    with _decode_threads(model.device):
+        for step in range(max_new_tokens):
+            chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
+            if step == 0:
+                stats.time_to_first_token = time.perf_counter() - start
+                ops_before = dataclasses.replace(llama.OP_SECONDS)
+            for row, token in enumerate(chosen.tolist()):
+                if done[row]:
+                    continue
+                if token in stop_ids:
+                    done[row] = True
+                    continue
+                new_tokens[row].append(token)
+                stats.new_tokens += 1
+                if on_token is not None:
+                    on_token(row, token)
+                if stop_strings and any(s in model.tokenizer.decode(new_tokens[row]) for s in stop_strings):
+                    done[row] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            valid[:, longest + step] = True
+            positions = positions[:, -1:] + 1
+            logits = model.forward(chosen[:, None], positions, valid[:, : longest + step + 1] if padded else None, cache, last_only=True)
+            stats.decode_steps += 1
     stats.decode_seconds = time.perf_counter() - start - stats.time_to_first_token
+    stats.decode_matmul_seconds = llama.OP_SECONDS.matmul - ops_before.matmul
+    stats.decode_attention_seconds = llama.OP_SECONDS.attention - ops_before.attention
 
     texts = None
     if as_text:
         texts = [_cut_at_stop(model.tokenizer.decode(t), stop_strings) for t in new_tokens]
     return GenerationResult(token_ids=new_tokens, texts=texts, stats=stats)
+
+
+@contextlib.contextmanager
+def _decode_threads(device: torch.device):
+    """Decode steps on the CPU run torch's own ops on one thread; the native kernels keep the threads
+    torch had. A step's torch ops are tiny (one token): the few that torch parallelises (SDPA,
+    batched matmul) wake its OpenMP pool for microseconds of work, and its workers then spin on the
+    core that the kernel's pool needs. Measured on 2 busy cores: SDPA at one query 0.41 ms with two
+    torch threads, 0.02 ms with one (docs/runtime.md). Prefill (large matmuls) keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    from quantlite.kernels import native
+
+    threads = torch.get_num_threads()
+    with native.cpu_threads(threads):
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _cut_at_stop(text: str, stop_strings: list[str]) -> str:

@@ -193,7 +193,7 @@ class StreamingLlama:
         start = time.perf_counter()
         if self.prefetch:
             self._hint_readahead(self._next_streamed(index))
-        weights = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
+        weights = {name: self._to_device(value) for name, value in llama.fuse_projections(self.packed.load_layer(index)).items()}
         with self._lock:
             self.stats.load_seconds += time.perf_counter() - start
             self.stats.bytes_read += int(self.packed.layer_nbytes(index))
