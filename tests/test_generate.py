@@ -166,7 +166,8 @@ def test_cli_generate_streams_and_reports_stats(packed_dir, capsys, generator):
     assert status == 0
     with quantlite.load(packed_dir) as model:
         assert out.strip() == model.generate(prompt, max_new_tokens=5).texts[0].strip()
-    for label in ("time to first token", "decode speed", "peak memory", "bytes read", "resident layers"):
+    for label in ("time to first token", "decode speed", "decode step", "matmuls", "attention", "peak memory",
+                  "bytes read", "resident layers"):
         assert label in err
 
 

@@ -13,6 +13,8 @@ device takes "torch". When x requires grad, "torch" (the only back-end with a ba
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from functools import lru_cache
 
 import torch
@@ -24,6 +26,7 @@ from quantlite.qweight import QWeight
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NO_GPU_FOR_TRITON = "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -101,13 +104,17 @@ def _cpu_status() -> str | None:
 def _triton_status() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
+        # without a GPU or the interpreter the kernel cannot run, and importing triton to learn so
+        # would cost every CPU process 100 MB of RSS
+        return NO_GPU_FOR_TRITON
     try:
         from quantlite.kernels import triton_qmatmul
     except (ImportError, RuntimeError) as error:  # a triton built for another torch/CUDA fails either way
         return f"the Triton kernel cannot be imported ({error})"
     if triton_qmatmul.INTERPRETED or torch.cuda.is_available():
         return None
-    return "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
+    return NO_GPU_FOR_TRITON
 
 
 @lru_cache(maxsize=None)

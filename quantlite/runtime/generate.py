@@ -219,7 +219,7 @@ def generate(
     done = [False] * batch
     start = time.perf_counter()
     logits = model.forward(tokens, positions, valid[:, :longest] if padded else None, cache, last_only=True)
-    with _decode_threads(model.device):
+    with _decode_threads(model):
         for step in range(max_new_tokens):
             chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
             if step == 0:
@@ -254,17 +254,21 @@ def generate(
 
 
 @contextlib.contextmanager
-def _decode_threads(device: torch.device):
-    """Decode steps on the CPU run torch's own ops on one thread; the native kernels keep the threads
-    torch had. A step's torch ops are tiny (one token): the few that torch parallelises (SDPA,
-    batched matmul) wake its OpenMP pool for microseconds of work, and its workers then spin on the
-    core that the kernel's pool needs. Measured on 2 busy cores: SDPA at one query 0.41 ms with two
-    torch threads, 0.02 ms with one (docs/runtime.md). Prefill (large matmuls) keeps every thread."""
-    if device.type != "cpu":
+def _decode_threads(model):
+    """Decode steps whose matmuls all run in the native CPU kernels (quantized layers and head) run
+    torch's own ops on one thread; the kernels keep the threads torch had. Those ops are tiny (one
+    token): the few that torch parallelises (SDPA, batched matmul) wake its OpenMP pool for
+    microseconds of work, and its workers then spin on the core the kernel's pool needs. Measured on
+    2 busy cores: SDPA at one query 0.41 ms with two torch threads, 0.02 ms with one
+    (docs/runtime.md). Prefill, and float weights (F.linear is torch's), keep every thread."""
+    from quantlite.kernels import native
+    from quantlite.kernels.dispatch import default_backend
+    from quantlite.qweight import QWeight
+
+    quantized = model.packed.manifest["quantization"].get("method") is not None and isinstance(model.lm_head, QWeight)
+    if not (quantized and default_backend(model.device) == "cpu"):
         yield
         return
-    from quantlite.kernels import native
-
     threads = torch.get_num_threads()
     with native.cpu_threads(threads):
         torch.set_num_threads(1)
