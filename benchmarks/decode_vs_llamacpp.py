@@ -12,7 +12,10 @@ for 128 tokens without an end-of-sequence), greedy, --threads threads each, ever
 Each run is its own fresh process (its own peak RSS), one warm-up generation first; the runs
 alternate between the two and the medians are printed.
   llama.cpp: Llama(n_threads=T, n_threads_batch=T, n_batch=512, n_ctx=prompt + new tokens), its own
-             defaults otherwise (mmap, flash attention "auto"); greedy by its own sampler (top_k=1).
+             defaults otherwise (mmap, flash attention "auto", extra weight buffer types: AMX and
+             repacking); greedy by its own sampler (top_k=1). Where its AMX path traps (a CPU that
+             advertises AMX under a hypervisor that does not enable it: SIGILL), the run is repeated
+             with the extra buffer types off, and the output says so.
   quantlite: torch.set_num_threads(T); model.generate(ids, max_new_tokens=N) (greedy).
 Time to first token = prefill + first sample; decode tokens/s = (tokens after the first) / their time.
 Goal: quantlite >= 0.6x llama.cpp's decode tokens/s, peak RSS <= 400 MB.
@@ -25,11 +28,15 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.machine import describe
-from benchmarks.streaming_synthetic import run_child
-
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 GOAL_RATIO, GOAL_RSS_MB = 0.6, 400
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM, as quantlite.runtime.streaming.peak_rss_bytes reads it, but without importing torch:
+    this module is all the llama.cpp child imports, so its peak RSS is llama.cpp's own."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def default_packed() -> Path:
@@ -57,7 +64,6 @@ def run_quantlite(packed: str, prompt_ids: list[int], new_tokens: int, threads: 
     import torch
 
     import quantlite
-    from quantlite.runtime.streaming import peak_rss_bytes
 
     torch.set_num_threads(threads)
     model = quantlite.load(packed)
@@ -70,13 +76,38 @@ def run_quantlite(packed: str, prompt_ids: list[int], new_tokens: int, threads: 
                       "rest": s.decode_other_seconds, "decode": s.decode_seconds}}
 
 
-def run_llamacpp(gguf: str, prompt_ids: list[int], new_tokens: int, threads: int) -> dict:
+def llama_cpp_model(gguf: str, extra_bufts: bool, **options):
+    """llama_cpp.Llama(gguf, **options). extra_bufts=False sets llama.cpp's model parameter
+    use_extra_bufts (AMX and repacked weight layouts) off, which llama-cpp-python does not expose."""
+    import llama_cpp
     from llama_cpp import Llama
 
-    from quantlite.runtime.streaming import peak_rss_bytes
+    if not extra_bufts:
+        default = llama_cpp.llama_cpp.llama_model_default_params
 
-    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                n_ctx=len(prompt_ids) + new_tokens + 8, verbose=False)
+        def without_extra_bufts():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
+    return Llama(model_path=gguf, verbose=False, **options)
+
+
+def llama_cpp_extra_bufts_run(gguf: Path) -> bool:
+    """Whether llama.cpp runs here with its extra buffer types (a 2-token probe in a child process)."""
+    from benchmarks.streaming_synthetic import run_child
+
+    try:
+        run_child("benchmarks.decode_vs_llamacpp:run_llamacpp", gguf=gguf, prompt_ids=[1, 2], new_tokens=2, threads=1)
+        return True
+    except RuntimeError:
+        return False
+
+
+def run_llamacpp(gguf: str, prompt_ids: list[int], new_tokens: int, threads: int, extra_bufts: bool = True) -> dict:
+    llm = llama_cpp_model(gguf, extra_bufts, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          n_ctx=len(prompt_ids) + new_tokens + 8)
 
     def generate(n: int) -> tuple[list[int], list[float]]:
         tokens, stamps = [], []
@@ -103,20 +134,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating (medians printed)")
     args = parser.parse_args()
 
+    from benchmarks.machine import describe
+    from benchmarks.streaming_synthetic import run_child  # imports torch: never in the llama.cpp child
     from quantlite.fetch import smollm2_gguf
     from quantlite.runtime.generate import Tokenizer
 
     gguf = args.gguf or smollm2_gguf()
     packed = packed_model(gguf, args.packed or default_packed())
     prompt_ids = Tokenizer(packed / "tokenizer").encode(PROMPT)
+    extra_bufts = llama_cpp_extra_bufts_run(gguf)
     print(describe())
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} threads each; prompt {len(prompt_ids)} tokens; "
           f"{args.repeats} runs each, alternating, medians")
+    if not extra_bufts:
+        print("llama.cpp: its AMX path traps on this machine (SIGILL), so extra buffer types (AMX, repacking) are off")
     for new_tokens in args.new_tokens:
         runs: dict[str, list[dict]] = {"llama.cpp": [], "quantlite": []}
         for _ in range(args.repeats):
-            runs["llama.cpp"].append(run_child("benchmarks.decode_vs_llamacpp:run_llamacpp", gguf=gguf,
-                                               prompt_ids=prompt_ids, new_tokens=new_tokens, threads=args.threads))
+            runs["llama.cpp"].append(run_child("benchmarks.decode_vs_llamacpp:run_llamacpp", gguf=gguf, prompt_ids=prompt_ids,
+                                               new_tokens=new_tokens, threads=args.threads, extra_bufts=extra_bufts))
             runs["quantlite"].append(run_child("benchmarks.decode_vs_llamacpp:run_quantlite", packed=packed,
                                                prompt_ids=prompt_ids, new_tokens=new_tokens, threads=args.threads))
         med = {name: {key: statistics.median(r[key] for r in rs) for key in ("ttft", "decode_tps", "peak_rss")}

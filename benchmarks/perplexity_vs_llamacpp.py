@@ -11,6 +11,7 @@ default "gptq" protocol, what `quantlite ppl --ctx 512 --max-windows 40` runs).
              window per forward (the whole window is one M = ctx pass through each qmatmul).
   llama.cpp: Llama(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=T, n_threads_batch=T,
              logits_all=True); per window reset() + eval(window), then the same log-softmax NLL.
+             Extra buffer types off where its AMX path traps (as in benchmarks/decode_vs_llamacpp.py).
 Each runs in its own process after one warm-up window. Tokens/s = windows * ctx / seconds (every
 token goes through the model). Goal: quantlite >= 0.5x llama.cpp's tokens/s.
 """
@@ -22,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.decode_vs_llamacpp import default_packed, packed_model
+from benchmarks.decode_vs_llamacpp import default_packed, llama_cpp_extra_bufts_run, llama_cpp_model, packed_model
 from benchmarks.machine import describe
 from benchmarks.streaming_synthetic import run_child
 
@@ -52,13 +53,12 @@ def run_quantlite(packed: str, windows: list[list[int]], threads: int) -> dict:
     return {"seconds": result.seconds, "ppl": result.ppl}
 
 
-def run_llamacpp(gguf: str, windows: list[list[int]], threads: int) -> dict:
+def run_llamacpp(gguf: str, windows: list[list[int]], threads: int, extra_bufts: bool) -> dict:
     import numpy as np
-    from llama_cpp import Llama
 
     ctx = len(windows[0])
-    llm = Llama(model_path=gguf, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads, n_threads_batch=threads,
-                logits_all=True, verbose=False)
+    llm = llama_cpp_model(gguf, extra_bufts, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True)
 
     def evaluate(window: list[int]) -> tuple[float, int]:
         llm.reset()
@@ -95,11 +95,15 @@ def main() -> None:
     if len(ids) < args.windows * args.ctx:
         raise SystemExit(f"{args.data} has {len(ids)} tokens, fewer than {args.windows} x {args.ctx}")
     windows = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.windows)]
+    extra_bufts = llama_cpp_extra_bufts_run(gguf)
     print(describe())
+    if not extra_bufts:
+        print("llama.cpp: its AMX path traps on this machine (SIGILL), so extra buffer types (AMX, repacking) are off")
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} threads each; {args.windows} windows x {args.ctx} tokens "
           f"of {args.data.name}, every token after a window's first scored")
     results = {
-        "llama.cpp": run_child("benchmarks.perplexity_vs_llamacpp:run_llamacpp", gguf=gguf, windows=windows, threads=args.threads),
+        "llama.cpp": run_child("benchmarks.perplexity_vs_llamacpp:run_llamacpp", gguf=gguf, windows=windows,
+                               threads=args.threads, extra_bufts=extra_bufts),
         "quantlite": run_child("benchmarks.perplexity_vs_llamacpp:run_quantlite", packed=packed, windows=windows, threads=args.threads),
     }
     tokens = args.windows * args.ctx
