@@ -44,7 +44,7 @@ from quantlite.packed import (
     EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, check_relative_path,
     group_tensors, layer_file, sha256_file,
 )
-from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight
+from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight, concat_rows
 from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
 from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
@@ -222,28 +222,7 @@ def quantize_in_row_chunks(
         noise += float((original - part.dequantize(torch.float64)).square().sum())
         parts.append(part)
     sqnr = None if noise == 0 else round(10 * math.log10(max(signal, 1e-300) / noise), 3)
-    return _concat_rows(parts), sqnr
-
-
-def _concat_rows(parts: list[QWeight]) -> QWeight:
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    offsets = torch.cumsum(torch.tensor([0] + [p.n_outliers for p in parts[:-1]]), 0)
-    row_ptr = torch.cat([first.outlier_row_ptr[:1]] + [
-        p.outlier_row_ptr[1:] + int(offset) for p, offset in zip(parts, offsets)
-    ]).to(torch.int32)
-
-    def cat(field: str) -> torch.Tensor | None:
-        values = [getattr(p, field) for p in parts]
-        return None if values[0] is None else torch.cat(values)
-
-    return QWeight(
-        shape=(sum(p.shape[0] for p in parts), first.shape[1]), block_size=first.block_size, method=first.method,
-        codebook=first.codebook, codes=cat("codes"), outlier_row_ptr=row_ptr, outlier_cols=cat("outlier_cols"),
-        outlier_vals=cat("outlier_vals"), scales=cat("scales"), scale_codes=cat("scale_codes"),
-        scale_group_min=cat("scale_group_min"), scale_group_step=cat("scale_group_step"),
-    )
+    return concat_rows(parts), sqnr
 
 
 # --------------------------------------------------------------------------- one output file

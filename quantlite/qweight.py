@@ -286,6 +286,38 @@ class QWeight:
         )
 
 
+def concat_rows(parts: list[QWeight]) -> QWeight:
+    """One QWeight whose rows are the rows of `parts` in order: the same dequantized values.
+
+    The parts must share K, the block size and the codebook. Double-quantized scales are joined as
+    they are when every part but the last holds whole groups of SCALE_GROUP_SIZE scales (the
+    converter's row chunks do); otherwise the result keeps decoded float32 scales (the layout the
+    kernels use anyway), since a group cannot straddle two parts' (min, step) pairs."""
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.shape[1], part.block_size) != (first.shape[1], first.block_size) or not torch.equal(part.codebook, first.codebook):
+            raise ValueError(f"concat_rows: a ({part.shape}, B={part.block_size}) part does not match "
+                             f"the first ({first.shape}, B={first.block_size}) in K, block size or codebook")
+    if len(parts) == 1:
+        return first
+    offsets = torch.cumsum(torch.tensor([0] + [p.n_outliers for p in parts[:-1]]), 0)
+    row_ptr = torch.cat([first.outlier_row_ptr[:1]] + [
+        p.outlier_row_ptr[1:] + int(offset) for p, offset in zip(parts, offsets)
+    ]).to(torch.int32)
+    groups_align = all(p.scale_codes is not None and p.scale_codes.numel() % SCALE_GROUP_SIZE == 0 for p in parts[:-1])
+    if any(p.double_quant for p in parts) and not (all(p.double_quant for p in parts) and groups_align):
+        scales = {"scales": torch.cat([p.block_scales() for p in parts])}
+    else:
+        scales = {name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+                  for name in ("scales", "scale_codes", "scale_group_min", "scale_group_step")}
+    return QWeight(
+        shape=(sum(p.shape[0] for p in parts), first.shape[1]), block_size=first.block_size, method=first.method,
+        codebook=first.codebook, codes=torch.cat([p.codes for p in parts]), outlier_row_ptr=row_ptr,
+        outlier_cols=torch.cat([p.outlier_cols for p in parts]), outlier_vals=torch.cat([p.outlier_vals for p in parts]),
+        **scales,
+    )
+
+
 def decode_double_quant(
     scale_codes: torch.Tensor, scale_group_min: torch.Tensor, scale_group_step: torch.Tensor
 ) -> torch.Tensor:

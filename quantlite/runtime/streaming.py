@@ -304,7 +304,12 @@ class StreamingLlama:
         if self.prefetch:
             self._hint_readahead(self._next_streamed(index))
         if index < self.config.num_layers:
-            unit = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
+            layer = self.packed.load_layer(index)
+            if index < self.plan.resident_layers:
+                # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
+                # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
+                layer = llama.fuse_projections(layer)
+            unit = {name: self._to_device(value) for name, value in layer.items()}
         elif self.config.tie_word_embeddings:
             unit = self._to_device(self.packed.load_embedding())
         else:
