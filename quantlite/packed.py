@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import FormatError
+from quantlite.q8weight import Q8Weight, read_quantized
 from quantlite.qweight import QWeight
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
@@ -27,7 +28,8 @@ from quantlite.sources.tokenizer_files import TOKENIZER_FILES
 
 MANIFEST = "quantlite.json"
 FORMAT_NAME = "quantlite.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head and embedding may be Q8Weights, floats 16-bit (docs/FORMAT.md)
+READABLE_VERSIONS = (1, 2)  # a version-1 directory is a version-2 one that uses none of that
 EMBEDDING_FILE = "embedding.safetensors"
 FINAL_FILE = "final.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -65,7 +67,7 @@ def group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tor
     claimed: set[str] = set()
     for prefix in prefixes:
         fields = {n: t for n, t in tensors.items() if n.startswith(prefix + ".")}
-        grouped[prefix] = QWeight.from_dict(fields, prefix=prefix + ".", name=f"{where}: {prefix}")
+        grouped[prefix] = read_quantized(fields, prefix=prefix + ".", name=f"{where}: {prefix}")
         claimed.update(fields)
     for name, tensor in tensors.items():
         if name not in claimed:
@@ -187,10 +189,10 @@ class PackedModel:
             missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
             raise FormatError(f"{where}: tensors differ from the config (missing {missing[:3]}, unexpected {extra[:3]})")
         for tensor_name, value in loaded.items():
-            shape = value.shape if isinstance(value, QWeight) else tuple(value.shape)
+            shape = value.shape if isinstance(value, (QWeight, Q8Weight)) else tuple(value.shape)
             if tuple(shape) != expected[tensor_name]:
                 raise FormatError(f"{where}: {tensor_name} has shape {list(shape)}, the config implies {list(expected[tensor_name])}")
-            if not isinstance(value, QWeight) and not value.is_floating_point():
+            if not isinstance(value, (QWeight, Q8Weight)) and not value.is_floating_point():
                 raise FormatError(f"{where}: {tensor_name} has dtype {value.dtype}, expected a float tensor")
 
     def _check_files_present(self) -> None:
@@ -212,8 +214,9 @@ def _check_manifest(manifest: object, where: Path) -> dict:
         raise fail("not a JSON object")
     if manifest.get("format") != FORMAT_NAME:
         raise fail(f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise fail(f"format version {manifest.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    if type(manifest.get("version")) is not int or manifest["version"] not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise fail(f"format version {manifest.get('version')!r} is not supported (this reader knows {readable})")
     for key in ("config", "quantization", "files", "tensors", "provenance"):
         if not isinstance(manifest.get(key), dict):
             raise fail(f"{key!r} must be a JSON object")

@@ -143,7 +143,9 @@ class QWeight:
                 raise fail(f"'{prefix + field}' is not a tensor")
             return tensor
 
-        meta = _parse_meta(get("meta"), fail)
+        meta = parse_meta(get("meta"), fail)
+        if not isinstance(meta.get("method"), str):
+            raise fail("'meta' must name the method")
         n, k = meta["shape"]
         block = meta["block_size"]
         n_blocks = -(-k // block)
@@ -279,25 +281,24 @@ def _meta_json(shape: tuple[int, int], block_size: int, method: str) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def _parse_meta(meta: torch.Tensor, fail) -> dict:
+def parse_meta(meta: torch.Tensor, fail, format_name: str = FORMAT_NAME, version: int = FORMAT_VERSION) -> dict:
+    """The checks every quantized format's `meta` shares (JSON, format, version, shape, block size)."""
     if meta.dtype != torch.uint8 or meta.dim() != 1 or meta.numel() > MAX_META_BYTES:
         raise fail(f"'meta' must be 1-D uint8 of at most {MAX_META_BYTES} bytes")
     try:
         parsed = json.loads(bytes(meta.tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise fail(f"'meta' is not UTF-8 JSON ({error})") from error
-    if not isinstance(parsed, dict) or parsed.get("format") != FORMAT_NAME:
-        raise fail(f"'meta' does not describe a {FORMAT_NAME}")
-    if not _is_int(parsed.get("version")) or parsed["version"] != FORMAT_VERSION:
-        raise fail(f"format version {parsed.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    if not isinstance(parsed, dict) or parsed.get("format") != format_name:
+        raise fail(f"'meta' does not describe a {format_name}")
+    if not _is_int(parsed.get("version")) or parsed["version"] != version:
+        raise fail(f"{format_name} version {parsed.get('version')!r} is not supported (this reader knows {version})")
     shape = parsed.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
         raise fail(f"shape {shape!r} must be two positive integers below 2**31")
     block = parsed.get("block_size")
     if not (_is_int(block) and MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE and block % BLOCK_SIZE_MULTIPLE == 0):
         raise fail(f"block_size {block!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
-    if not isinstance(parsed.get("method"), str):
-        raise fail("'meta' must name the method")
     if math.prod(shape) > 2**40:
         raise fail(f"shape {shape} is absurdly large")
     return parsed

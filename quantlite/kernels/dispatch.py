@@ -9,6 +9,8 @@ Back-ends (docs/kernels.md):
 Default choice: a CUDA tensor takes "cuda", else "triton", else "torch"; a CPU tensor takes "cpu",
 else "torch" (the Triton interpreter is far slower than the reference on the CPU); any other
 device takes "torch". When x requires grad, "torch" (the only back-end with a backward pass).
+A Q8Weight (block-scaled int8: the head and embedding) has kernels on "cpu" and "torch" only; on a
+CUDA device it takes "torch", and naming "cuda" or "triton" for it is an error (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import torch
 from quantlite.errors import BackendUnavailable, QuantliteError
 from quantlite.kernels.prepared import prepare
 from quantlite.kernels.reference import qmatmul_reference
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT4_ONLY_BACKENDS = ("cuda", "triton")  # no kernel for Q8Weight yet: it falls back to "torch"
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -31,7 +35,7 @@ class KernelInputError(QuantliteError, ValueError):
     """qmatmul was given an input it cannot multiply (dtype, shape, device); the message names the sizes."""
 
 
-def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16/fp32 -> (..., N) in x's dtype, = x @ qw.dequantize().T.
 
     backend: None (choose by x's device and what is live, see the module docstring), or one of
@@ -41,12 +45,20 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
     once and cache it (kernels.prepared); the reference dequantizes it on every call."""
     _check_inputs(x, qw)
     name = _choose_backend(x.device, backend, needs_grad=x.requires_grad and torch.is_grad_enabled())
+    if isinstance(qw, Q8Weight) and name in INT4_ONLY_BACKENDS:
+        if backend is not None:
+            raise BackendUnavailable(f"back-end {backend!r} has no int8 kernel (the weight is a Q8Weight); use 'cpu' or 'torch'")
+        name = "torch"
     n, k = qw.shape
     rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if name == "torch":
         y = qmatmul_reference(rows, qw)
+    elif isinstance(qw, Q8Weight):  # name == "cpu"
+        from quantlite.kernels import native
+
+        y = native.qmatmul_int8_cpu(rows, qw)
     elif name == "triton":
         from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
@@ -144,8 +156,8 @@ def _device_mismatch(backend: str, device: torch.device) -> str | None:
 
 
 def _check_inputs(x: torch.Tensor, qw: QWeight) -> None:
-    if not isinstance(qw, QWeight):
-        raise KernelInputError(f"qmatmul needs a QWeight, got {type(qw).__name__}")
+    if not isinstance(qw, (QWeight, Q8Weight)):
+        raise KernelInputError(f"qmatmul needs a QWeight or Q8Weight, got {type(qw).__name__}")
     if not isinstance(x, torch.Tensor):
         raise KernelInputError(f"qmatmul needs x as a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:

@@ -31,6 +31,7 @@ import torch
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
 
@@ -179,6 +180,8 @@ class StreamingLlama:
 
     # ------------------------------------------------------------------ loading
     def _to_device(self, value):
+        if isinstance(value, Q8Weight):  # its kernels read the stored tensors: nothing to prepare
+            return value if self.device.type == "cpu" else value.to(self.device)
         if isinstance(value, QWeight):
             value = value if self.device.type == "cpu" else value.to(self.device)
             if self._prepared_on is not None:  # built here, on the loader thread, not in the matmul
