@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from quantlite.errors import FormatError, QuantizationInputError
+from quantlite.errors import QuantizationInputError
 from quantlite.qweight import (
-    BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MAX_META_BYTES, MIN_BLOCK_SIZE, QWeight, _expect, _is_int, parse_meta,
+    BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MAX_META_BYTES, MIN_BLOCK_SIZE, BlockQuantized, QWeight, _expect, _is_int,
+    field_reader, parse_meta,
 )
 
 FORMAT_NAME = "quantlite.q8weight"
@@ -29,7 +30,7 @@ METHOD = "int8"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, like QWeight
-class Q8Weight:
+class Q8Weight(BlockQuantized):
     shape: tuple[int, int]   # (N, K) of the original weight
     block_size: int          # B: weights per scale, along K
     qs: torch.Tensor         # (N, Kp) int8, in [-127, 127], padding columns 0
@@ -37,23 +38,6 @@ class Q8Weight:
 
     method = METHOD          # what the manifest and repr call it
     n_outliers = 0           # the interface QWeight offers to size reports
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.shape[1] // self.block_size)
-
-    @property
-    def padded_k(self) -> int:
-        return self.n_blocks * self.block_size
-
-    @property
-    def nbytes(self) -> int:
-        """Every stored byte: all tensors of to_dict(), metadata included."""
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
     @property
     def device(self) -> torch.device:
@@ -83,17 +67,7 @@ class Q8Weight:
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "", name: str | None = None) -> "Q8Weight":
         """Validate (docs/FORMAT.md, section 1b) and build. Raises FormatError naming the tensor."""
-        where = name or prefix.rstrip(".") or "q8weight"
-
-        def fail(message: str) -> FormatError:
-            return FormatError(f"{where}: {message}")
-
-        def get(field: str) -> torch.Tensor:
-            tensor = tensors.get(prefix + field)
-            if not isinstance(tensor, torch.Tensor):
-                raise fail(f"missing tensor '{prefix + field}'")
-            return tensor
-
+        fail, get = field_reader(tensors, prefix, name or prefix.rstrip(".") or "q8weight")
         meta = parse_meta(get("meta"), fail, FORMAT_NAME, FORMAT_VERSION)
         (n, k), block = meta["shape"], meta["block_size"]
         n_blocks = -(-k // block)

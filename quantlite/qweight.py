@@ -35,8 +35,33 @@ MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
 OUTLIER_FIELDS = ("outlier_row_ptr", "outlier_cols", "outlier_vals")
 
 
+class BlockQuantized:
+    """The sizes every block-quantized weight (QWeight, quantlite.q8weight.Q8Weight) derives from its
+    shape, block size and flat dict."""
+
+    shape: tuple[int, int]
+    block_size: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape[1] // self.block_size)
+
+    @property
+    def padded_k(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: all tensors of to_dict(), metadata included."""
+        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so kernels can cache per weight
-class QWeight:
+class QWeight(BlockQuantized):
     shape: tuple[int, int]           # (N, K) of the original weight
     block_size: int                  # B: weights per scale, along K
     method: str                      # "quantlite", "nf4" or "rtn": informational, the math is below
@@ -52,29 +77,12 @@ class QWeight:
 
     # ----------------------------------------------------------------- derived sizes
     @property
-    def padded_k(self) -> int:
-        return self.n_blocks * self.block_size
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.shape[1] // self.block_size)
-
-    @property
     def double_quant(self) -> bool:
         return self.scales is None
 
     @property
     def n_outliers(self) -> int:
         return int(self.outlier_vals.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Every stored byte: all tensors of to_dict(), metadata included."""
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
     @property
     def device(self) -> torch.device:
@@ -130,19 +138,7 @@ class QWeight:
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "", name: str | None = None) -> "QWeight":
         """Validate (docs/FORMAT.md, "What a reader must reject") and build. Raises FormatError."""
-        where = name or prefix.rstrip(".") or "qweight"
-
-        def fail(message: str) -> FormatError:
-            return FormatError(f"{where}: {message}")
-
-        def get(field: str, required: bool = True) -> torch.Tensor | None:
-            tensor = tensors.get(prefix + field)
-            if tensor is None and required:
-                raise fail(f"missing tensor '{prefix + field}'")
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                raise fail(f"'{prefix + field}' is not a tensor")
-            return tensor
-
+        fail, get = field_reader(tensors, prefix, name or prefix.rstrip(".") or "qweight")
         meta = parse_meta(get("meta"), fail)
         if not isinstance(meta.get("method"), str):
             raise fail("'meta' must name the method")
@@ -246,6 +242,23 @@ class QWeight:
             f"QWeight(shape={self.shape}, method={self.method!r}, block_size={self.block_size}, "
             f"scales={scales}, outliers={self.n_outliers}, bits_per_weight={self.bits_per_weight:.3f})"
         )
+
+
+def field_reader(tensors: dict[str, torch.Tensor], prefix: str, where: str):
+    """(fail, get) for a from_dict: fail(message) is a FormatError naming `where`; get(field,
+    required=True) is the tensor stored under prefix + field, or None when absent and not required."""
+    def fail(message: str) -> FormatError:
+        return FormatError(f"{where}: {message}")
+
+    def get(field: str, required: bool = True) -> torch.Tensor | None:
+        tensor = tensors.get(prefix + field)
+        if tensor is None and required:
+            raise fail(f"missing tensor '{prefix + field}'")
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise fail(f"'{prefix + field}' is not a tensor")
+        return tensor
+
+    return fail, get
 
 
 def decode_double_quant(
