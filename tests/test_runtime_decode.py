@@ -55,7 +55,7 @@ def model_dirs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("decode")
     reference, folder = build_checkpoint(tmp_path, module_generator(), tie_word_embeddings=True,
                                          attention_bias=True, mlp_bias=True)
-    quantlite.convert(folder, tmp_path / "q4", quantize_embedding=True, progress=False)
+    quantlite.convert(folder, tmp_path / "q4", embedding="q4", head="q4", progress=False)
     quantlite.convert(folder, tmp_path / "float", no_quantize=True, progress=False)
     return reference, tmp_path
 

@@ -18,6 +18,7 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import PreparedWeight, prepare
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
 NATIVE_DIR = Path(__file__).resolve().parents[1] / "_native"
@@ -51,6 +52,18 @@ class _Weight(ctypes.Structure):
     ]
 
 
+class _WeightInt8(ctypes.Structure):
+    """ql_weight_int8: a Q8Weight's stored tensors, as raw pointers."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("qs", ctypes.c_void_p),         # (N, Kp) int8
+        ("scales", ctypes.c_void_p),     # (N, Kp / B) float16
+    ]
+
+
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _MATMUL_ARGS = [ctypes.POINTER(_Weight), _PTR, _I64, _I64, _PTR, _I64, _INT]
 
@@ -77,6 +90,7 @@ def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
         _declare(library, "ql_cpu_qmatmul", _MATMUL_ARGS + [_INT, _INT])
         _declare(library, "ql_cpu_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_encode_codes", [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT])
+        _declare(library, "ql_cpu_qmatmul_int8", [ctypes.POINTER(_WeightInt8), _PTR, _I64, _I64, _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_best_isa", [])
         _declare(library, "ql_cpu_isa_name", [_INT], ctypes.c_char_p)
     else:
@@ -189,8 +203,8 @@ def _weight_pointer(qw: QWeight, device: torch.device):
 
 def _as_rows(x: torch.Tensor, qw: QWeight, backend: str) -> torch.Tensor:
     """x (..., K) -> a (M, K) view or copy whose rows are contiguous, after checking it."""
-    if not isinstance(x, torch.Tensor) or not isinstance(qw, QWeight):
-        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight), got ({type(x).__name__}, {type(qw).__name__})")
+    if not isinstance(x, torch.Tensor) or not isinstance(qw, (QWeight, Q8Weight)):
+        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight or Q8Weight), got ({type(x).__name__}, {type(qw).__name__})")
     n, k = qw.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise NativeKernelError(
@@ -330,6 +344,24 @@ def encode_codes(
     )
     _check(library, status, f"{where} (N={n}, Kp={padded_k}, B={block_size})")
     return (codes, errors) if want_errors else codes
+
+
+def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = None) -> torch.Tensor:
+    """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ qw.dequantize().T
+    for a block-scaled int8 weight (csrc/cpu/qmatmul_int8.c), accumulated in float32."""
+    library = _cpu_library()
+    rows = _as_rows(x, qw, "cpu")
+    if x.device.type != "cpu" or qw.device.type != "cpu":
+        raise NativeKernelError(f"native cpu int8 qmatmul: x is on {x.device}, the weight on {qw.device}; both must be on the CPU")
+    (n, k), m = qw.shape, rows.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m:
+        qs, scales = qw.qs.contiguous(), qw.scales.contiguous()
+        weight = _WeightInt8(n=n, k=k, block_size=qw.block_size, qs=qs.data_ptr(), scales=scales.data_ptr())
+        status = library.ql_cpu_qmatmul_int8(ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows),
+                                             out.data_ptr(), n, DTYPE_TAGS[x.dtype], n_threads or _cpu_threads or torch.get_num_threads())
+        _check(library, status, f"native cpu int8 qmatmul (M={m}, N={n}, K={k})")
+    return out.reshape(*x.shape[:-1], n)
 
 
 # ---------------------------------------------------------------------------- CUDA

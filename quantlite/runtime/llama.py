@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
 from quantlite.kernels.prepared import prepare
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight, concat_rows
 
 
@@ -181,7 +182,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor | QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight(N, K).T (+ bias): a fused dequant-matmul when the weight is quantized."""
     start = time.perf_counter()
-    y = qmatmul(x, weight) if isinstance(weight, QWeight) else F.linear(x, weight)
+    y = qmatmul(x, weight) if isinstance(weight, (QWeight, Q8Weight)) else F.linear(x, weight)
     OP_SECONDS.matmul += time.perf_counter() - start
     return y if bias is None else y + bias
 
@@ -228,10 +229,11 @@ def projections(x: torch.Tensor, w: dict, group: str) -> torch.Tensor:
 def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.dtype) -> torch.Tensor:
     """input_ids (batch, seq) int64 -> (batch, seq, hidden) rows of the embedding in dtype.
     A quantized table dequantizes only the rows asked for."""
-    if not isinstance(weight, QWeight):
+    if not isinstance(weight, (QWeight, Q8Weight)):
         return F.embedding(input_ids, weight).to(dtype)
     rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
-    table = _dequantize_rows(weight, rows).to(dtype)  # (n_unique, hidden)
+    table = weight.dequantize_rows(rows) if isinstance(weight, Q8Weight) else _dequantize_rows(weight, rows)
+    table = table.to(dtype)  # (n_unique, hidden)
     return table[inverse].reshape(*input_ids.shape, -1)
 
 
