@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import torch
 from benchmarks.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; QUANTLITE_SHARED_DATA names another place (a git worktree elsewhere)
+SHARED = Path(os.environ.get("QUANTLITE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 # QLoRA's offset: the normal quantile range is cut at 0.9677 so the extreme levels are not infinite
 # (bitsandbytes.functional.create_normal_map uses the same number).
@@ -21,7 +20,10 @@ def nf4_codebook() -> torch.Tensor:
     Returns (16,) float32, ascending."""
     # The quantile positions are float32 (torch.linspace) and the ppf values are rounded to float32
     # before the division, as in QLoRA's reference code, so the table equals bitsandbytes' NF4 table
-    # bit for bit (tests/test_codebook.py).
+    # bit for bit (tests/test_codebook.py). scipy is imported here, not at the top: the runtime never
+    # builds a codebook (each tensor stores its own), and scipy costs it 70 MB of RSS.
+    from scipy.stats import norm
+
     positive = norm.ppf(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].numpy().astype(np.float64))  # 8, largest first
     negative = -norm.ppf(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].numpy().astype(np.float64))  # 7
     levels = torch.tensor(np.concatenate([positive, [0.0], negative]), dtype=torch.float32).sort().values

@@ -44,7 +44,8 @@ from quantlite.packed import (
     EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, check_relative_path,
     group_tensors, layer_file, sha256_file,
 )
-from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight
+from quantlite.q8weight import Q8Weight, quantize_int8
+from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight, concat_rows
 from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
 from quantlite.sources import open_source
 from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
@@ -54,6 +55,14 @@ from quantlite.untrusted import parse_json
 
 PARTIAL_STATE = ".quantlite-partial.json"
 LOCK_FILE = ".quantlite.lock"  # flock()ed while a convert writes OUT; the kernel drops it if the process dies
+# How the embedding and the output head may be stored: "q4" the conversion's 4-bit method, "q8"
+# block-scaled int8 (quantlite.q8weight), "float" unquantized. The default q8 costs about 0.1 %
+# perplexity where q4 costs more than 1 % (docs/accuracy.md, "The head and the embedding").
+WIDTHS = ("q8", "q4", "float")
+DEFAULT_WIDTH = "q8"
+# Unquantized tensors (norms, a float head) are stored in 16 bits: the source's own 16-bit dtype, and
+# bfloat16 for a float32 source (its range, unlike float16's, is float32's). The runtime computes in float32.
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # calibration="self": the text is sampled from the unquantized model itself, one sequence per window,
 # each starting from one of these prompts, by the runtime from a float copy of the model kept here.
 SELF_CALIBRATION = "self"
@@ -76,20 +85,31 @@ class Settings:
     block_size: int
     outlier_frac: float
     max_bits_per_weight: float | None  # caps each tensor's outlier table (quantize(max_bits_per_weight=))
-    quantize_embedding: bool
-    quantize_lm_head: bool
+    embedding: str                     # one of WIDTHS; a tied head is the embedding
+    head: str                          # one of WIDTHS
+    float_dtype: str | None            # a key of FLOAT_DTYPES, or None: see float_dtype_for
     no_quantize: bool
     calibration: dict | None = None  # {"sha256", "bytes", "windows", "ctx"} of the calibration text
 
-    def quantizes(self, name: str) -> bool:
+    def width(self, name: str) -> str:
+        """How tensor `name` is stored: "q4", "q8" or "float" (WIDTHS)."""
         if self.no_quantize:
-            return False
+            return "float"
         if name == EMBEDDING:
-            return self.quantize_embedding
+            return self.embedding
         if name == LM_HEAD:
-            return self.quantize_lm_head
+            return self.head
         match = LAYER_NAME.fullmatch(name)
-        return bool(match) and match.group(2) in LINEAR_WEIGHTS
+        return "q4" if match and match.group(2) in LINEAR_WEIGHTS else "float"
+
+    def float_dtype_for(self, source_dtype: torch.dtype) -> torch.dtype:
+        """The dtype an unquantized tensor is stored in: --float-dtype when given; else the source's
+        (its 16-bit dtype, or anything under --no-quantize); else bfloat16 for a float32 source."""
+        if self.float_dtype is not None:
+            return FLOAT_DTYPES[self.float_dtype]
+        if self.no_quantize or source_dtype != torch.float32:
+            return source_dtype
+        return torch.bfloat16
 
     def as_manifest(self) -> dict:
         defaults = METHODS[self.method]
@@ -101,10 +121,12 @@ class Settings:
             "codebook": defaults.codebook,
             "scale_search": defaults.scale_search,
             "double_quant": defaults.double_quant,
-            "quantized": "nothing (--no-quantize)" if self.no_quantize else "decoder Linear weights"
-            + (", embedding" if self.quantize_embedding else "") + (", lm_head" if self.quantize_lm_head else ""),
-            "quantize_embedding": self.quantize_embedding,
-            "quantize_lm_head": self.quantize_lm_head,
+            "quantized": "nothing (--no-quantize)" if self.no_quantize else "decoder Linear weights (4-bit)"
+            + "".join(f", {part} ({'4-bit' if width == 'q4' else 'int8'})" for part, width
+                      in (("embedding", self.embedding), ("lm_head", self.head)) if width != "float"),
+            "embedding": "float" if self.no_quantize else self.embedding,
+            "head": "float" if self.no_quantize else self.head,
+            "float_dtype": self.float_dtype,
             "no_quantize": self.no_quantize,
             "calibration": self.calibration,
         }
@@ -131,8 +153,9 @@ def convert(
     block_size: int = 64,
     outlier_frac: float | None = None,
     max_bits_per_weight: float | None = None,
-    quantize_embedding: bool = False,
-    quantize_lm_head: bool = False,
+    head: str = DEFAULT_WIDTH,
+    embedding: str = DEFAULT_WIDTH,
+    float_dtype: str | None = None,
     no_quantize: bool = False,
     overwrite: bool = False,
     workers: int = 1,
@@ -144,8 +167,11 @@ def convert(
     """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
-    quantlite.quantizer.METHODS); the embedding and lm_head only when asked; `no_quantize` writes the
-    same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
+    quantlite.quantizer.METHODS); the output head and the embedding as `head` and `embedding` say
+    (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"), a tied head being the
+    embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
+    "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
+    the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
     `calibration` (a UTF-8 text file, or the string "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
@@ -154,14 +180,15 @@ def convert(
     `overwrite`, or too little disk space.
     """
     started = time.perf_counter()
-    settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quantize_embedding,
-                               quantize_lm_head, no_quantize, workers)
+    settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
+                               float_dtype, no_quantize, workers)
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
-    if source.dims.tied and quantize_lm_head and not quantize_embedding:
+    if source.dims.tied and settings.head != settings.embedding and not no_quantize:
         raise ConversionError(
-            "this model ties lm_head to the embedding: quantize the shared matrix with --quantize-embedding"
+            f"this model ties lm_head to the embedding, one matrix: give --head and --embedding the same width "
+            f"(got head {settings.head}, embedding {settings.embedding})"
         )
     out = Path(out)
     plan = _plan(source)
@@ -211,39 +238,30 @@ def quantize_in_row_chunks(
     n_blocks = -(-k // settings.block_size)
     row_multiple = SCALE_GROUP_SIZE // math.gcd(SCALE_GROUP_SIZE, n_blocks)
     rows = max(row_multiple, MAX_CHUNK_WEIGHTS // k // row_multiple * row_multiple)
-    parts, signal, noise = [], 0.0, 0.0
-    for start in range(0, n, rows):
-        chunk = w[start:start + rows]
-        part = quantize(chunk, method=settings.method, block_size=settings.block_size,
-                        outlier_frac=settings.outlier_frac, max_bits_per_weight=settings.max_bits_per_weight,
-                        importance=importance, name=name)
-        original = chunk.to(torch.float64)
+    parts = [quantize(w[start:start + rows], method=settings.method, block_size=settings.block_size,
+                      outlier_frac=settings.outlier_frac, max_bits_per_weight=settings.max_bits_per_weight,
+                      importance=importance, name=name) for start in range(0, n, rows)]
+    return concat_rows(parts), _sqnr_db(w, parts, rows)
+
+
+def quantize_int8_in_row_chunks(w: torch.Tensor, block_size: int, name: str) -> tuple[Q8Weight, float | None]:
+    """(Q8Weight, SQNR in dB or None when exact) of w (N, K) float, in chunks of whole rows (the rows
+    of block-scaled int8 are independent, so the result is that of quantize_int8(w))."""
+    rows = max(1, MAX_CHUNK_WEIGHTS // w.shape[1])
+    parts = [quantize_int8(w[start:start + rows], block_size, name) for start in range(0, w.shape[0], rows)]
+    whole = Q8Weight(shape=tuple(w.shape), block_size=block_size, qs=torch.cat([p.qs for p in parts]),
+                     scales=torch.cat([p.scales for p in parts]))
+    return whole, _sqnr_db(w, parts, rows)
+
+
+def _sqnr_db(w: torch.Tensor, parts: list, rows: int) -> float | None:
+    """10 log10(|w|^2 / |w - dequantized|^2) over chunks of `rows` rows (parts[i] is chunk i), None when exact."""
+    signal = noise = 0.0
+    for index, part in enumerate(parts):
+        original = w[index * rows:(index + 1) * rows].to(torch.float64)
         signal += float(original.square().sum())
         noise += float((original - part.dequantize(torch.float64)).square().sum())
-        parts.append(part)
-    sqnr = None if noise == 0 else round(10 * math.log10(max(signal, 1e-300) / noise), 3)
-    return _concat_rows(parts), sqnr
-
-
-def _concat_rows(parts: list[QWeight]) -> QWeight:
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    offsets = torch.cumsum(torch.tensor([0] + [p.n_outliers for p in parts[:-1]]), 0)
-    row_ptr = torch.cat([first.outlier_row_ptr[:1]] + [
-        p.outlier_row_ptr[1:] + int(offset) for p, offset in zip(parts, offsets)
-    ]).to(torch.int32)
-
-    def cat(field: str) -> torch.Tensor | None:
-        values = [getattr(p, field) for p in parts]
-        return None if values[0] is None else torch.cat(values)
-
-    return QWeight(
-        shape=(sum(p.shape[0] for p in parts), first.shape[1]), block_size=first.block_size, method=first.method,
-        codebook=first.codebook, codes=cat("codes"), outlier_row_ptr=row_ptr, outlier_cols=cat("outlier_cols"),
-        outlier_vals=cat("outlier_vals"), scales=cat("scales"), scale_codes=cat("scale_codes"),
-        scale_group_min=cat("scale_group_min"), scale_group_step=cat("scale_group_step"),
-    )
+    return None if noise == 0 else round(10 * math.log10(max(signal, 1e-300) / noise), 3)
 
 
 # --------------------------------------------------------------------------- one output file
@@ -255,16 +273,21 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
     stats: dict[str, dict] = {}
     for name in names:
         w = source.read(name)
-        if settings.quantizes(name):
-            qw, sqnr = quantize_in_row_chunks(w, settings, name, (importance or {}).get(name))
+        width = settings.width(name)
+        if width != "float":
+            if width == "q4":
+                qw, sqnr = quantize_in_row_chunks(w, settings, name, (importance or {}).get(name))
+            else:
+                qw, sqnr = quantize_int8_in_row_chunks(w, settings.block_size, name)
             tensors.update(qw.to_dict(name + "."))
-            stats[name] = {"file": file, "shape": list(qw.shape), "stored": "qweight", "method": qw.method,
+            stats[name] = {"file": file, "shape": list(qw.shape), "stored": STORED[width], "method": qw.method,
                            "bits_per_weight": round(qw.bits_per_weight, 4), "outliers": qw.n_outliers,
                            "sqnr_db": sqnr, "bytes": qw.nbytes}
         else:
             if not bool(torch.isfinite(w).all()):  # the reader refuses it (docs/FORMAT.md): never write it
                 raise ConversionError(f"{source.path}: tensor {name!r} holds NaN or Inf; a packed model's float tensors must be finite")
-            tensors[name] = w.contiguous()
+            w = w.to(settings.float_dtype_for(w.dtype)).contiguous()
+            tensors[name] = w
             stats[name] = {"file": file, "shape": list(w.shape), "stored": str(w.dtype).replace("torch.", ""),
                            "bytes": w.numel() * w.element_size()}
         del w
@@ -274,6 +297,7 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
     return {"sha256": sha256_file(out / file), "size": (out / file).stat().st_size, "tensors": stats}
 
 
+STORED = {"q4": "qweight", "q8": "q8weight"}  # the manifest's "stored" of a quantized tensor, by width
 _worker_sources: dict[str, object] = {}
 
 
@@ -420,7 +444,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
 
 
 # --------------------------------------------------------------------------- plan, state, manifest
-def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quantize_embedding, quantize_lm_head,
+def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head, float_dtype,
                     no_quantize, workers) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -436,12 +460,14 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, quant
         isinstance(max_bits_per_weight, (int, float)) and math.isfinite(max_bits_per_weight) and max_bits_per_weight > 0
     ):
         raise ConversionError(f"max bits per weight {max_bits_per_weight!r} must be a positive number")
-    if no_quantize and (quantize_embedding or quantize_lm_head):
-        raise ConversionError("--no-quantize cannot be combined with --quantize-embedding or --quantize-lm-head")
+    for part, width in (("embedding", embedding), ("head", head)):
+        if width not in WIDTHS:
+            raise ConversionError(f"{part} width {width!r} is not one of {', '.join(WIDTHS)}")
+    if float_dtype is not None and float_dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"float dtype {float_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     if not (isinstance(workers, int) and workers >= 1):
         raise ConversionError(f"workers {workers!r} must be a positive integer")
-    return Settings(method, block_size, frac, max_bits_per_weight, bool(quantize_embedding), bool(quantize_lm_head),
-                    bool(no_quantize))
+    return Settings(method, block_size, frac, max_bits_per_weight, embedding, head, float_dtype, bool(no_quantize))
 
 
 def _plan(source) -> dict[str, list[str]]:
@@ -634,11 +660,14 @@ def _check_disk_space(out: Path, source, settings: Settings, plan: dict, done: d
             continue
         for name in names:
             numel = math.prod(source.shapes[name])
-            if settings.quantizes(name):
+            width = settings.width(name)
+            if width == "q4":
                 # 4-bit codes, a 16-bit scale per block, 32 bits per outlier: an upper bound for every method
                 needed += numel // 2 + numel * 2 // settings.block_size + math.ceil(numel * settings.outlier_frac) * 4
+            elif width == "q8":
+                needed += numel + numel * 2 // settings.block_size  # int8 + a float16 scale per block
             else:
-                needed += numel * source.itemsize(name)
+                needed += numel * source.itemsize(name)  # an upper bound: float32 may be stored in 16 bits
     free = shutil.disk_usage(out).free
     if needed > free:
         raise ConversionError(f"{out}: the converted model needs about {needed / 2**20:.0f} MiB, "
@@ -668,12 +697,12 @@ def _manifest(source, settings: Settings, plan: dict, done: dict, created: str) 
 
 def _totals(tensors: dict[str, dict], files: dict[str, dict]) -> dict:
     params = sum(math.prod(t["shape"]) for t in tensors.values())
-    quantized = {n: t for n, t in tensors.items() if t["stored"] == "qweight"}
+    quantized = {n: t for n, t in tensors.items() if t["stored"] in STORED.values()}
     quantized_params = sum(math.prod(t["shape"]) for t in quantized.values())
     by_type: dict[str, list[float]] = {}
     for name, t in quantized.items():
         match = LAYER_NAME.fullmatch(name)
-        kind = match.group(2).removesuffix(".weight") if match else name
+        kind = (match.group(2) if match else name.removeprefix("model.")).removesuffix(".weight")
         if t["sqnr_db"] is not None:
             by_type.setdefault(kind, []).append(t["sqnr_db"])
     weights_bytes = sum(f["size"] for name, f in files.items() if name.endswith(".safetensors"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import FormatError
+from quantlite.q8weight import Q8Weight, read_quantized
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
@@ -28,7 +29,8 @@ from quantlite.untrusted import check_regular_file, read_json
 
 MANIFEST = "quantlite.json"
 FORMAT_NAME = "quantlite.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head and embedding may be Q8Weights, floats 16-bit (docs/FORMAT.md)
+READABLE_VERSIONS = (1, 2)  # a version-1 directory is a version-2 one that uses none of that
 EMBEDDING_FILE = "embedding.safetensors"
 FINAL_FILE = "final.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -59,8 +61,9 @@ def check_relative_path(name: object) -> str:
     return name
 
 
-def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bool = True) -> dict[str, torch.Tensor | QWeight]:
-    """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a QWeight named X, whose
+def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bool = True) -> dict[str, torch.Tensor | QWeight | Q8Weight]:
+    """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a quantized weight named X (QWeight or
+    Q8Weight, as its meta says), whose
     fields are the tensors `X.<field>`. Linear in the number of tensors (a shard may hold thousands).
     check_values: see QWeight.from_dict."""
     fields: dict[str, dict[str, torch.Tensor]] = {m.group(1): {} for m in map(QWEIGHT_FIELD.fullmatch, tensors) if m}
@@ -68,8 +71,8 @@ def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bo
     for name, tensor in tensors.items():
         prefix = name.rpartition(".")[0]
         (fields[prefix] if prefix in fields else plain)[name] = tensor
-    grouped: dict[str, torch.Tensor | QWeight] = {
-        prefix: QWeight.from_dict(group, prefix=prefix + ".", name=f"{where}: {prefix}", check_values=check_values) for prefix, group in fields.items()
+    grouped: dict[str, torch.Tensor | QWeight | Q8Weight] = {
+        prefix: read_quantized(group, prefix=prefix + ".", name=f"{where}: {prefix}", check_values=check_values) for prefix, group in fields.items()
     }
     for name, tensor in plain.items():
         if name in grouped:
@@ -128,9 +131,9 @@ class PackedModel:
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.dims))
         return loaded
 
-    def load_embedding_rows(self, rows: torch.Tensor) -> torch.Tensor | QWeight:
-        """rows (r,) int64 -> the embedding table restricted to those rows, (r, hidden): a tensor, or a
-        QWeight of r rows (scales decoded to float32, outliers of those rows only), every value
+    def load_embedding_rows(self, rows: torch.Tensor) -> torch.Tensor | QWeight | Q8Weight:
+        """rows (r,) int64 -> the embedding table restricted to those rows, (r, hidden): a tensor, a
+        Q8Weight of r rows, or a QWeight of r rows (scales decoded to float32, outliers of those rows only), every value
         checked. Reads only those rows' bytes (positioned reads), never the whole table."""
         file_path = self.path / EMBEDDING_FILE
         shard = SafetensorsFile(file_path)
@@ -144,6 +147,14 @@ class PackedModel:
             rows_read = shard.read_slices(EMBEDDING, ranges)
             _check_finite(rows_read, f"{where} rows")
             return rows_read
+        if f"{EMBEDDING}.qs" in shard.entries:  # a Q8Weight table: each row's int8 values and scales
+            fields = {name: shard.read_slices(f"{EMBEDDING}.{name}", ranges) for name in ("qs", "scales")}
+            header = Q8Weight.from_dict({**shard.read_all([f"{EMBEDDING}.meta"]), **{
+                f"{EMBEDDING}.{name}": _stand_in(shard.entries[f"{EMBEDDING}.{name}"]) for name in ("qs", "scales")}},
+                prefix=EMBEDDING + ".", name=where, check_values=False)
+            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: header}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+            subset = Q8Weight(shape=(len(ranges), header.shape[1]), block_size=header.block_size, **fields)
+            return Q8Weight.from_dict(subset.to_dict(), name=f"{where} rows")  # every value of these rows checked
         table = self._embedding_table(shard)  # the whole table's small tensors, checked
 
         def field(name: str) -> str:
@@ -285,10 +296,10 @@ class PackedModel:
             missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
             raise FormatError(f"{where}: tensors differ from the config (missing {missing[:3]}, unexpected {extra[:3]})")
         for tensor_name, value in loaded.items():
-            shape = value.shape if isinstance(value, QWeight) else tuple(value.shape)
+            shape = value.shape if isinstance(value, (QWeight, Q8Weight)) else tuple(value.shape)
             if tuple(shape) != expected[tensor_name]:
                 raise FormatError(f"{where}: {tensor_name} has shape {list(shape)}, the config implies {list(expected[tensor_name])}")
-            if not isinstance(value, QWeight) and not value.is_floating_point():
+            if not isinstance(value, (QWeight, Q8Weight)) and not value.is_floating_point():
                 raise FormatError(f"{where}: {tensor_name} has dtype {value.dtype}, expected a float tensor")
 
     def _check_files_present(self) -> None:
@@ -301,9 +312,9 @@ class PackedModel:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
 
 
-def _check_finite(value: torch.Tensor | QWeight, where: str) -> None:
-    """docs/FORMAT.md: plain float tensors must be finite (a QWeight's values are from_dict's)."""
-    if not isinstance(value, QWeight) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+def _check_finite(value: torch.Tensor | QWeight | Q8Weight, where: str) -> None:
+    """docs/FORMAT.md: plain float tensors must be finite (a quantized weight's values are its from_dict's)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise FormatError(f"{where} holds NaN or Inf (docs/FORMAT.md: plain tensors must be finite)")
 
 
@@ -321,8 +332,9 @@ def _check_manifest(manifest: object, where: Path) -> dict:
         raise fail("not a JSON object")
     if manifest.get("format") != FORMAT_NAME:
         raise fail(f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise fail(f"format version {manifest.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    if type(manifest.get("version")) is not int or manifest["version"] not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise fail(f"format version {manifest.get('version')!r} is not supported (this reader knows {readable})")
     for key in ("config", "quantization", "files", "tensors", "provenance"):
         if not isinstance(manifest.get(key), dict):
             raise fail(f"{key!r} must be a JSON object")

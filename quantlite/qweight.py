@@ -35,8 +35,33 @@ MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
 OUTLIER_FIELDS = ("outlier_row_ptr", "outlier_cols", "outlier_vals")
 
 
+class BlockQuantized:
+    """The sizes every block-quantized weight (QWeight, quantlite.q8weight.Q8Weight) derives from its
+    shape, block size and flat dict."""
+
+    shape: tuple[int, int]
+    block_size: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape[1] // self.block_size)
+
+    @property
+    def padded_k(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: all tensors of to_dict(), metadata included."""
+        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so kernels can cache per weight
-class QWeight:
+class QWeight(BlockQuantized):
     shape: tuple[int, int]           # (N, K) of the original weight
     block_size: int                  # B: weights per scale, along K
     method: str                      # "quantlite", "nf4" or "rtn": informational, the math is below
@@ -80,29 +105,12 @@ class QWeight:
 
     # ----------------------------------------------------------------- derived sizes
     @property
-    def padded_k(self) -> int:
-        return self.n_blocks * self.block_size
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.shape[1] // self.block_size)
-
-    @property
     def double_quant(self) -> bool:
         return self.scales is None
 
     @property
     def n_outliers(self) -> int:
         return int(self.outlier_vals.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Every stored byte: all tensors of to_dict(), metadata included."""
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
     @property
     def device(self) -> torch.device:
@@ -162,20 +170,10 @@ class QWeight:
         check_values=False checks the structure only (meta, names, shapes, dtypes), not the values
         (codebook, scales, outlier table): for bytes that already passed the full check, e.g. a shard
         re-read unchanged (quantlite.packed)."""
-        where = name or prefix.rstrip(".") or "qweight"
-
-        def fail(message: str) -> FormatError:
-            return FormatError(f"{where}: {message}")
-
-        def get(field: str, required: bool = True) -> torch.Tensor | None:
-            tensor = tensors.get(prefix + field)
-            if tensor is None and required:
-                raise fail(f"missing tensor '{prefix + field}'")
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                raise fail(f"'{prefix + field}' is not a tensor")
-            return tensor
-
-        meta = _parse_meta(get("meta"), fail)
+        fail, get = field_reader(tensors, prefix, name or prefix.rstrip(".") or "qweight")
+        meta = parse_meta(get("meta"), fail)
+        if not isinstance(meta.get("method"), str):
+            raise fail("'meta' must name the method")
         n, k = meta["shape"]
         block = meta["block_size"]
         n_blocks = -(-k // block)
@@ -286,6 +284,55 @@ class QWeight:
         )
 
 
+def concat_rows(parts: list[QWeight]) -> QWeight:
+    """One QWeight whose rows are the rows of `parts` in order: the same dequantized values.
+
+    The parts must share K, the block size and the codebook. Double-quantized scales are joined as
+    they are when every part but the last holds whole groups of SCALE_GROUP_SIZE scales (the
+    converter's row chunks do); otherwise the result keeps decoded float32 scales (the layout the
+    kernels use anyway), since a group cannot straddle two parts' (min, step) pairs."""
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.shape[1], part.block_size) != (first.shape[1], first.block_size) or not torch.equal(part.codebook, first.codebook):
+            raise ValueError(f"concat_rows: a ({part.shape}, B={part.block_size}) part does not match "
+                             f"the first ({first.shape}, B={first.block_size}) in K, block size or codebook")
+    if len(parts) == 1:
+        return first
+    offsets = torch.cumsum(torch.tensor([0] + [p.n_outliers for p in parts[:-1]]), 0)
+    row_ptr = torch.cat([first.outlier_row_ptr[:1]] + [
+        p.outlier_row_ptr[1:] + int(offset) for p, offset in zip(parts, offsets)
+    ]).to(torch.int32)
+    groups_align = all(p.scale_codes is not None and p.scale_codes.numel() % SCALE_GROUP_SIZE == 0 for p in parts[:-1])
+    if any(p.double_quant for p in parts) and not (all(p.double_quant for p in parts) and groups_align):
+        scales = {"scales": torch.cat([p.block_scales() for p in parts])}
+    else:
+        scales = {name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+                  for name in ("scales", "scale_codes", "scale_group_min", "scale_group_step")}
+    return QWeight(
+        shape=(sum(p.shape[0] for p in parts), first.shape[1]), block_size=first.block_size, method=first.method,
+        codebook=first.codebook, codes=torch.cat([p.codes for p in parts]), outlier_row_ptr=row_ptr,
+        outlier_cols=torch.cat([p.outlier_cols for p in parts]), outlier_vals=torch.cat([p.outlier_vals for p in parts]),
+        **scales,
+    )
+
+
+def field_reader(tensors: dict[str, torch.Tensor], prefix: str, where: str):
+    """(fail, get) for a from_dict: fail(message) is a FormatError naming `where`; get(field,
+    required=True) is the tensor stored under prefix + field, or None when absent and not required."""
+    def fail(message: str) -> FormatError:
+        return FormatError(f"{where}: {message}")
+
+    def get(field: str, required: bool = True) -> torch.Tensor | None:
+        tensor = tensors.get(prefix + field)
+        if tensor is None and required:
+            raise fail(f"missing tensor '{prefix + field}'")
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise fail(f"'{prefix + field}' is not a tensor")
+        return tensor
+
+    return fail, get
+
+
 def decode_double_quant(
     scale_codes: torch.Tensor, scale_group_min: torch.Tensor, scale_group_step: torch.Tensor
 ) -> torch.Tensor:
@@ -323,25 +370,24 @@ def _meta_json(shape: tuple[int, int], block_size: int, method: str) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def _parse_meta(meta: torch.Tensor, fail) -> dict:
+def parse_meta(meta: torch.Tensor, fail, format_name: str = FORMAT_NAME, version: int = FORMAT_VERSION) -> dict:
+    """The checks every quantized format's `meta` shares (JSON, format, version, shape, block size)."""
     if meta.dtype != torch.uint8 or meta.dim() != 1 or meta.numel() > MAX_META_BYTES:
         raise fail(f"'meta' must be 1-D uint8 of at most {MAX_META_BYTES} bytes")
     try:
         parsed = json.loads(bytes(meta.tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise fail(f"'meta' is not UTF-8 JSON ({error})") from error
-    if not isinstance(parsed, dict) or parsed.get("format") != FORMAT_NAME:
-        raise fail(f"'meta' does not describe a {FORMAT_NAME}")
-    if not _is_int(parsed.get("version")) or parsed["version"] != FORMAT_VERSION:
-        raise fail(f"format version {parsed.get('version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    if not isinstance(parsed, dict) or parsed.get("format") != format_name:
+        raise fail(f"'meta' does not describe a {format_name}")
+    if not _is_int(parsed.get("version")) or parsed["version"] != version:
+        raise fail(f"{format_name} version {parsed.get('version')!r} is not supported (this reader knows {version})")
     shape = parsed.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
         raise fail(f"shape {shape!r} must be two positive integers below 2**31")
     block = parsed.get("block_size")
     if not (_is_int(block) and MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE and block % BLOCK_SIZE_MULTIPLE == 0):
         raise fail(f"block_size {block!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
-    if not isinstance(parsed.get("method"), str):
-        raise fail("'meta' must name the method")
     if math.prod(shape) > 2**40:
         raise fail(f"shape {shape} is absurdly large")
     return parsed

@@ -17,6 +17,7 @@ import torch
 from quantlite.converter import MAX_CHUNK_WEIGHTS, PARTIAL_STATE, Settings, convert, quantize_in_row_chunks
 from quantlite.errors import ConversionError, FormatError
 from quantlite.packed import MANIFEST, PackedModel
+from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.sources.hf import HFCheckpoint
@@ -44,6 +45,7 @@ def test_linear_weights_are_exactly_what_quantize_gives(tmp_path, generator, dty
     src = write_random_llama(tmp_path / "hf", dtype=dtype, generator=generator)
     convert(src, tmp_path / "out", method=method, block_size=32, progress=False)
     model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(src)
+    float_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
     assert model.num_layers == TINY_CONFIG["num_hidden_layers"] and model.config == source.config
     for layer in range(model.num_layers):
         tensors = model.load_layer(layer)
@@ -56,12 +58,13 @@ def test_linear_weights_are_exactly_what_quantize_gives(tmp_path, generator, dty
                 reference = original.to(torch.float64)
                 error = (value.dequantize(torch.float64) - reference).norm() / reference.norm()
                 assert error < MAX_RELATIVE_ERROR, (layer, name, float(error))
-            else:
-                assert value.dtype == dtype and torch.equal(value, original), (layer, name)
-    assert torch.equal(model.load_embedding(), source.read("model.embed_tokens.weight"))
+            else:  # 16-bit floats as they are, float32 rounded to bfloat16
+                assert value.dtype == float_dtype and torch.equal(value, original.to(float_dtype)), (layer, name)
     final = model.load_final()
-    assert torch.equal(final["lm_head.weight"], source.read("lm_head.weight"))
-    assert torch.equal(final["model.norm.weight"], source.read("model.norm.weight"))
+    for name, value in (("model.embed_tokens.weight", model.load_embedding()), ("lm_head.weight", final["lm_head.weight"])):
+        expected = quantize_int8(source.read(name), block_size=32)  # the default width of both: q8
+        assert isinstance(value, Q8Weight) and all(torch.equal(value.to_dict()[f], t) for f, t in expected.to_dict().items())
+    assert torch.equal(final["model.norm.weight"], source.read("model.norm.weight").to(float_dtype))
 
 
 def test_no_quantize_keeps_every_original_tensor(tmp_path, checkpoint):
@@ -77,23 +80,32 @@ def test_no_quantize_keeps_every_original_tensor(tmp_path, checkpoint):
     assert model.manifest["totals"]["quantized_params"] == 0 and model.manifest["quantization"]["method"] is None
 
 
-def test_embedding_and_lm_head_are_quantized_on_request(tmp_path, checkpoint):
-    convert(checkpoint, tmp_path / "out", quantize_embedding=True, quantize_lm_head=True, outlier_frac=0.01,
-            progress=False)
+def test_embedding_and_lm_head_take_the_width_asked_for(tmp_path, checkpoint):
+    convert(checkpoint, tmp_path / "out", embedding="q8", head="q4", outlier_frac=0.01, progress=False)
     model = PackedModel.open(tmp_path / "out")
     embedding, head = model.load_embedding(), model.load_final()["lm_head.weight"]
-    assert isinstance(embedding, QWeight) and isinstance(head, QWeight)
+    assert isinstance(embedding, Q8Weight) and isinstance(head, QWeight)
     assert head.n_outliers == round(0.01 * head.shape[0] * head.shape[1])
     stats = model.manifest["tensors"]["lm_head.weight"]
     assert stats["stored"] == "qweight" and stats["outliers"] == head.n_outliers and stats["sqnr_db"] > 10
+    stats = model.manifest["tensors"]["model.embed_tokens.weight"]
+    assert stats["stored"] == "q8weight" and stats["bytes"] == embedding.nbytes and stats["sqnr_db"] > 35  # int8: ~40 dB
+    assert model.manifest["quantization"].items() >= {"embedding": "q8", "head": "q4", "float_dtype": None}.items()
+
+    convert(checkpoint, tmp_path / "float", embedding="float", head="float", float_dtype="float32", progress=False)
+    model, source = PackedModel.open(tmp_path / "float"), HFCheckpoint(checkpoint)
+    embedding, final = model.load_embedding(), model.load_final()
+    assert embedding.dtype == torch.float32 and torch.equal(embedding, source.read("model.embed_tokens.weight").float())
+    assert final["model.norm.weight"].dtype == torch.float32
 
 
-def test_tied_model_has_no_lm_head_and_refuses_to_quantize_it_alone(tmp_path, generator):
+def test_tied_model_has_no_lm_head_and_one_width_for_the_shared_matrix(tmp_path, generator):
     src = write_random_llama(tmp_path / "hf", {**TINY_CONFIG, "tie_word_embeddings": True}, generator=generator)
     convert(src, tmp_path / "out", progress=False)
-    assert set(PackedModel.open(tmp_path / "out").load_final()) == {"model.norm.weight"}
-    with pytest.raises(ConversionError, match="--quantize-embedding"):
-        convert(src, tmp_path / "out2", quantize_lm_head=True, progress=False)
+    model = PackedModel.open(tmp_path / "out")
+    assert set(model.load_final()) == {"model.norm.weight"} and isinstance(model.load_embedding(), Q8Weight)
+    with pytest.raises(ConversionError, match="ties lm_head to the embedding.*got head q4, embedding q8"):
+        convert(src, tmp_path / "out2", head="q4", progress=False)
 
 
 def test_refuses_what_is_not_a_llama_checkpoint(tmp_path, generator):
@@ -165,7 +177,9 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
     ({"outlier_frac": 0.5}, "outlier fraction"),
     ({"max_bits_per_weight": -1.0}, "max bits per weight"),
     ({"workers": 0}, "workers"),
-    ({"no_quantize": True, "quantize_embedding": True}, "--no-quantize"),
+    ({"head": "q2"}, "head width 'q2' is not one of q8, q4, float"),
+    ({"embedding": True}, "embedding width"),
+    ({"float_dtype": "float64"}, "float dtype 'float64'"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, checkpoint, options, message):
     with pytest.raises(ConversionError, match=message):
@@ -293,7 +307,7 @@ def test_row_chunks_are_bit_identical_without_outliers(monkeypatch, generator, m
     # and a 600-row matrix splits into 256 + 256 + 88.
     w = 0.02 * torch.randn(600, 200, generator=generator)
     monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
-    settings = Settings(method, 32, 0.0 if outlier_frac is None else outlier_frac, None, False, False, False)
+    settings = Settings(method, 32, 0.0 if outlier_frac is None else outlier_frac, None, "q8", "q8", None, False)
     chunked, sqnr = quantize_in_row_chunks(w, settings, "w")
     whole = quantize(w, method=method, block_size=32, outlier_frac=settings.outlier_frac)
     for field, tensor in whole.to_dict().items():
@@ -307,7 +321,7 @@ def test_row_chunks_with_outliers_keep_a_valid_csr(monkeypatch, generator):
     w = 0.02 * torch.randn(600, 130, generator=generator)
     w[::13, ::29] = 1.0  # 100, 100 and 35 per chunk: fewer than each chunk's 333, 333 and 114 outliers
     monkeypatch.setattr(convert_module, "MAX_CHUNK_WEIGHTS", 1 << 10)
-    chunked, _ = quantize_in_row_chunks(w, Settings("quantlite", 64, 0.01, None, False, False, False), "w")
+    chunked, _ = quantize_in_row_chunks(w, Settings("quantlite", 64, 0.01, None, "q8", "q8", None, False), "w")
     rebuilt = QWeight.from_dict(chunked.to_dict())  # the reader's CSR checks
     assert rebuilt.n_outliers == sum(round(0.01 * rows * 130) for rows in (256, 256, 88))
     assert bool((rebuilt.dequantize()[::13, ::29] == 1.0).all())  # the largest weights are outliers, kept exactly

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -76,6 +77,25 @@ def test_top_k_and_top_p_keep_only_their_sets(generator):
     nucleus = set(order[:size].tolist())
     drawn = set(sample(logits.expand(3000, 40), 1.0, None, 0.6, generator).tolist())
     assert drawn <= nucleus and len(drawn) >= 1
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0])  # the nucleus within the first candidates / beyond them
+def test_top_p_over_a_large_vocabulary_draws_from_the_float64_nucleus(generator, spread):
+    from quantlite.runtime.generate import NUCLEUS_CANDIDATES
+
+    vocab = 3 * NUCLEUS_CANDIDATES[0]
+    logits = torch.randn(1, vocab, generator=generator) * spread
+    probs = logits.double().softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    size = int((probs[order].cumsum(0) < 0.9).sum()) + 1
+    assert (size <= NUCLEUS_CANDIDATES[0]) == (spread == 8.0)
+    draws = sample(logits.expand(4000, vocab), 1.0, None, 0.9, generator)
+    assert set(draws.tolist()) <= set(order[:size].tolist())
+    # the most likely token's share of the draws: its probability renormalised over the nucleus,
+    # within 5 binomial standard deviations
+    top = probs[order[0]] / probs[order[:size]].sum()
+    share = float((draws == order[0]).double().mean())
+    assert abs(share - float(top)) <= 5 * math.sqrt(float(top * (1 - top)) / 4000) + 1e-9
 
 
 # ------------------------------------------------------------------------------ generation
@@ -166,7 +186,8 @@ def test_cli_generate_streams_and_reports_stats(packed_dir, capsys, generator):
     assert status == 0
     with quantlite.load(packed_dir) as model:
         assert out.strip() == model.generate(prompt, max_new_tokens=5).texts[0].strip()
-    for label in ("time to first token", "decode speed", "peak memory", "bytes read", "resident layers"):
+    for label in ("time to first token", "decode speed", "decode step", "matmuls", "attention", "peak memory",
+                  "bytes read", "resident layers"):
         assert label in err
 
 

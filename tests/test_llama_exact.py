@@ -22,6 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import quantlite  # noqa: E402
+from quantlite.q8weight import Q8Weight  # noqa: E402
 from quantlite.qweight import QWeight  # noqa: E402
 
 BASE = dict(
@@ -96,23 +97,30 @@ def test_unquantized_logits_and_greedy_tokens_match_transformers(case, tmp_path,
         assert generated.token_ids[0] == greedy.tolist()
 
 
-@pytest.mark.parametrize("tied, quantize_embedding", [(False, False), (True, True)])
-def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generator, tied, quantize_embedding):
+@pytest.mark.parametrize("tied, width", [(False, "q8"), (True, "q4"), (False, "float")])
+def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generator, tied, width):
+    """Layers in 4 bits, the head and embedding as `width`, norms in bfloat16 (a float32 source):
+    transformers given the same dequantized weights computes the same logits."""
     reference, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=tied, attention_bias=True)
-    quantlite.convert(folder, tmp_path / "packed", quantize_embedding=quantize_embedding, progress=False)
+    quantlite.convert(folder, tmp_path / "packed", head=width, embedding=width, progress=False)
     packed = quantlite.PackedModel.open(tmp_path / "packed")
+
+    def as_float(value):
+        return value.dequantize() if isinstance(value, (QWeight, Q8Weight)) else value.float()
 
     quantized = 0
     with torch.no_grad():
         for index, layer in enumerate(reference.model.layers):
             for name, value in packed.load_layer(index).items():
-                if isinstance(value, QWeight):
-                    layer.get_parameter(name).copy_(value.dequantize())
-                    quantized += 1
-        embedding = packed.load_embedding()
-        assert isinstance(embedding, QWeight) == quantize_embedding
-        if quantize_embedding:  # tied: the head is the same dequantized table
-            reference.model.embed_tokens.weight.copy_(embedding.dequantize())
+                layer.get_parameter(name).copy_(as_float(value))
+                quantized += isinstance(value, QWeight)
+        embedding, final = packed.load_embedding(), packed.load_final()
+        assert type(embedding) is {"q8": Q8Weight, "q4": QWeight, "float": torch.Tensor}[width]
+        reference.model.embed_tokens.weight.copy_(as_float(embedding))  # tied: the head is this table
+        reference.model.norm.weight.copy_(as_float(final["model.norm.weight"]))
+        assert final["model.norm.weight"].dtype == torch.bfloat16  # a float32 source's floats go to 16 bits
+        if not tied:
+            reference.lm_head.weight.copy_(as_float(final["lm_head.weight"]))
     assert quantized == 7 * BASE["num_hidden_layers"]  # every Linear of every layer is a QWeight
 
     input_ids = torch.randint(0, BASE["vocab_size"], (3, 19), generator=generator)

@@ -59,7 +59,7 @@ def test_contract(packed):
                           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
     assert isinstance(layer["self_attn.k_proj.weight"], QWeight)
     assert layer["self_attn.k_proj.weight"].shape == (2 * 16, 96)  # kv_heads * head_dim, hidden
-    assert layer["input_layernorm.weight"].dtype == torch.float32
+    assert layer["input_layernorm.weight"].dtype == torch.bfloat16  # a float32 source's floats, in 16 bits
     assert model.layer_nbytes(1) == (packed / layer_file(1)).stat().st_size
     assert model.load_embedding().shape == (300, 96)
     assert set(model.load_final()) == {"model.norm.weight", "lm_head.weight"}
@@ -85,7 +85,8 @@ def test_manifest_paths_outside_the_format_are_refused(packed, bad_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(version=2), "version 2 is not supported"),
+    (lambda m: m.update(version=3), r"version 3 is not supported \(this reader knows 1, 2\)"),
+    (lambda m: m.update(version=True), "version True is not supported"),
     (lambda m: m.update(format="gguf"), "format is 'gguf'"),
     (lambda m: m.update(files=[]), "'files' must be a JSON object"),
     (lambda m: m["files"][EMBEDDING_FILE].update(size=2**60), "absurd size"),
@@ -99,6 +100,17 @@ def test_lying_manifests_are_refused(packed, change, message):
     rewrite_manifest(packed, change)
     with pytest.raises(FormatError, match=message):
         PackedModel.open(packed)
+
+
+def test_a_version_1_directory_is_still_read(tmp_path, generator):
+    """Version 2 only adds Q8Weights and 16-bit floats, so a version-1 directory (float head and
+    embedding, float32 norms) is a valid version-2 one: converted so and relabelled, it reads."""
+    src = write_random_llama(tmp_path / "hf", generator=generator)
+    convert(src, tmp_path / "v1", embedding="float", head="float", float_dtype="float32", progress=False)
+    rewrite_manifest(tmp_path / "v1", lambda m: m.update(version=1))
+    model = PackedModel.open(tmp_path / "v1")
+    assert model.load_embedding().dtype == torch.float32 and model.load_final()["lm_head.weight"].dtype == torch.float32
+    assert model.verify() == []
 
 
 def test_manifest_that_is_not_json_is_refused(packed):
@@ -131,19 +143,19 @@ def test_header_lying_about_shape_is_refused(packed):
         PackedModel.open(packed).load_layer(0)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda h: h["model.embed_tokens.weight"].update(data_offsets=[0, 10**12]), "outside the"),
-    (lambda h: h["model.embed_tokens.weight"].update(dtype="F8_E9M9"), "unknown dtype"),
-    (lambda h: h["model.embed_tokens.weight"].update(shape=[300, 95]), "needs .* bytes"),
-    (lambda h: h["model.embed_tokens.weight"].update(shape=[-1, 96]), "invalid shape"),
+@pytest.mark.parametrize("change, message", [  # on the final norm: a plain tensor (the embedding is int8 now)
+    (lambda h: h["model.norm.weight"].update(data_offsets=[0, 10**12]), "outside the"),
+    (lambda h: h["model.norm.weight"].update(dtype="F8_E9M9"), "unknown dtype"),
+    (lambda h: h["model.norm.weight"].update(shape=[95]), "needs .* bytes"),
+    (lambda h: h["model.norm.weight"].update(shape=[-1]), "invalid shape"),
     (lambda h: h.update({"extra": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}), "overlaps"),
 ])
 def test_header_lying_about_offsets_is_refused(packed, change, message):
-    path = packed / EMBEDDING_FILE
+    path = packed / FINAL_FILE
     rewrite_header(path, change)
-    rewrite_manifest(packed, lambda m: m["files"][EMBEDDING_FILE].update(size=path.stat().st_size))
+    rewrite_manifest(packed, lambda m: m["files"][FINAL_FILE].update(size=path.stat().st_size))
     with pytest.raises(FormatError, match=message):
-        PackedModel.open(packed).load_embedding()
+        PackedModel.open(packed).load_final()
 
 
 def test_absurd_header_length_is_refused_before_reading(packed):

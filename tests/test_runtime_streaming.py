@@ -20,6 +20,7 @@ import quantlite
 from benchmarks.streaming_synthetic import run_child, write_synthetic
 from quantlite.errors import FormatError
 from quantlite.packed import PackedModel
+from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.runtime.streaming import MemoryBudgetError, StreamingLlama, parse_size, plan_residency
@@ -144,8 +145,12 @@ def test_embedding_rows_on_demand_equal_the_table(packed_dir, tmp_path, generato
     assert got.n_outliers == int(sum(quantized.outlier_row_ptr[r + 1] - quantized.outlier_row_ptr[r] for r in rows.tolist()))
     assert torch.equal(got.dequantize(), quantized.dequantize()[rows])
 
+    int8 = quantize_int8(plain.float())  # the converter's default for the embedding
+    got = PackedModel.open(copy_with_embedding(packed_dir, tmp_path / "q8", int8)).load_embedding_rows(rows)
+    assert isinstance(got, Q8Weight) and torch.equal(got.dequantize(), int8.dequantize()[rows])
 
-def copy_with_embedding(source, destination, table: QWeight):
+
+def copy_with_embedding(source, destination, table: QWeight | Q8Weight):
     """A copy of a packed directory whose embedding.safetensors holds `table` (manifest updated)."""
     shutil.copytree(source, destination)
     path = destination / "embedding.safetensors"

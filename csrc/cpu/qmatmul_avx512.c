@@ -234,7 +234,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *panel, 
 #pragma GCC unroll 8
         for (int v = 0; v < 8; ++v) {
             __m512 xv[QL_AVX512_X_TILE];
-            for (int m = 0; m < x_rows; ++m) xv[m] = _mm512_load_ps(x + ((s * 8 + v) * x_rows + m) * 16);
+            for (int m = 0; m < x_rows; ++m) {
+                xv[m] = _mm512_load_ps(x + ((s * 8 + v) * x_rows + m) * 16);
+                __asm__("" : "+v"(xv[m]));  /* keep it in a register: one load serves all R panel rows */
+            }
             for (int r = 0; r < R; ++r) {
                 const __m512 weight = _mm512_load_ps(panel + (r * GEMM_SLICE_STRIPS + s) * STRIP_COLUMNS + 16 * v);
                 for (int m = 0; m < x_rows; ++m) acc[r][m] = _mm512_fmadd_ps(weight, xv[m], acc[r][m]);

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 2  /* 2: QL_ISA_AVX512 */
+#define QL_ABI_VERSION 2  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8 */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -77,6 +77,15 @@ typedef struct {
     int64_t nnz;              /* number of outliers (cols / vals may be NULL when 0) */
 } ql_weight;
 
+/* A block-scaled int8 weight (docs/FORMAT.md, section 1b): W[n, k] = qs[n, k] * scales[n, k / B]. */
+typedef struct {
+    int64_t n;                /* N: output features */
+    int64_t k;                /* K: input features, before padding */
+    int64_t block_size;       /* B: weights per scale along K, a multiple of 16 */
+    const int8_t *qs;         /* (N, Kp) int8 in [-127, 127], padding columns 0 */
+    const uint16_t *scales;   /* (N, Kp / B) IEEE float16 bits */
+} ql_weight_int8;
+
 QL_API int ql_abi_version(void);
 QL_API const char *ql_error_string(int status);
 
@@ -101,6 +110,11 @@ QL_API int ql_cpu_encode_codes(const float *blocks, const float *scales, const f
                                int64_t n, int64_t padded_k, int64_t block_size,
                                const float *column_weight, uint8_t *codes, float *errors,
                                int isa, int n_threads);
+
+/* y (M, N) = x (M, K) @ W^T for an int8 weight; arguments as for ql_cpu_qmatmul. The instruction
+ * set is chosen by cpuid when the library loads (AVX-512, AVX2 or baseline; qmatmul_int8.c). */
+QL_API int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m, int64_t x_row_stride,
+                               void *y, int64_t y_row_stride, int dtype, int n_threads);
 
 /* The instruction set QL_ISA_AUTO picks on this CPU (the highest it supports; every lower level runs
  * too), and its name ("avx512", "avx2", "scalar"). */

@@ -4,15 +4,18 @@ SRC is a folder with config.json and model.safetensors (or sharded *.safetensors
 model.safetensors.index.json) plus tokenizer files, or a .gguf file. OUT receives quantlite.json,
 one safetensors file per decoder layer, the embedding and final files, and tokenizer/ (docs/FORMAT.md).
 
-Decoder Linear weights are quantized (NF4 codes, block scales, fp16 outliers); norms stay as they are;
-the embedding and lm_head only with their flags. An interrupted conversion resumes when rerun with the
+Decoder Linear weights are quantized (NF4 codes, block scales, fp16 outliers); the output head and
+the embedding to block-scaled int8 (--head, --embedding; a 4-bit head costs over 1 % perplexity,
+int8 about 0.1 %: docs/accuracy.md); norms and other unquantized tensors in 16 bits (the source's
+16-bit dtype, bfloat16 for a float32 source), computed in float32 at run time. An interrupted conversion resumes when rerun with the
 same arguments, and yields the same bytes as an uninterrupted one.
 
 examples:
   quantlite convert ./SmolLM2-135M ./smol-q4                      # default method "quantlite"
   quantlite convert model.Q4_1.gguf ./smol-q4 --workers 2          # GGUF input, two processes
   quantlite convert ./llama ./llama-nf4 --method nf4 --block-size 128
-  quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --quantize-lm-head
+  quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --head q4 --embedding q4
+  quantlite convert ./llama ./llama-q4 --keep-head-float --float-dtype float32   # head and floats as version 1
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
   quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
@@ -26,6 +29,8 @@ from quantlite.cli import arguments
 
 SUMMARY = "convert an HF Llama folder or a .gguf file into packed 4-bit per-layer shards"
 METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
+WIDTHS = ("q8", "q4", "float")               # quantlite.converter.WIDTHS
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # quantlite.converter.FLOAT_DTYPES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +46,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bits-per-weight", type=float, default=None, metavar="BITS",
                         help="cap each tensor's outlier table so the tensor stays within BITS bits/weight all-in "
                              "(default: 4.5 for quantlite when --outlier-frac is not given, else no cap)")
-    parser.add_argument("--quantize-embedding", action="store_true", help="also quantize model.embed_tokens")
-    parser.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (untied models)")
+    parser.add_argument("--head", choices=WIDTHS, default=None,
+                        help="how lm_head is stored: q8 block-scaled int8, q4 as the layers, float (default: "
+                             "--embedding's, else q8). A tied head is the embedding: one matrix, one width")
+    parser.add_argument("--embedding", choices=WIDTHS, default=None,
+                        help="how model.embed_tokens is stored (default: --head's, else q8); the runtime decodes "
+                             "only the rows of a batch")
+    parser.add_argument("--keep-head-float", action="store_true",
+                        help="keep the head and the embedding unquantized (--head float --embedding float)")
+    parser.add_argument("--float-dtype", choices=FLOAT_DTYPES, default=None,
+                        help="dtype of unquantized tensors (norms, a float head); default: the source's 16-bit "
+                             "dtype, bfloat16 for a float32 source (a GGUF is read as float32)")
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1)")
@@ -57,32 +71,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlite.converter import convert
+    from quantlite.cli.inspect import directory_bytes
+    from quantlite.converter import DEFAULT_WIDTH, convert
+    from quantlite.errors import ConversionError
+
+    if args.keep_head_float and (args.head or args.embedding):
+        raise ConversionError("--keep-head-float already says --head float --embedding float; give one or the other")
+    default = "float" if args.keep_head_float else DEFAULT_WIDTH
+    head, embedding = args.head or args.embedding or default, args.embedding or args.head or default  # one given: both
 
     summary = convert(
         args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,
-        max_bits_per_weight=args.max_bits_per_weight, quantize_embedding=args.quantize_embedding, quantize_lm_head=args.quantize_lm_head,
-        no_quantize=args.no_quantize, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet,
+        max_bits_per_weight=args.max_bits_per_weight, head=head, embedding=embedding,
+        float_dtype=args.float_dtype, no_quantize=args.no_quantize, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet,
         calibration=args.calibration, calibration_windows=args.calibration_windows,
         calibration_ctx=args.calibration_ctx,
     )
-    totals = summary.manifest["totals"]
     resumed = f", {summary.files_resumed} resumed" if summary.files_resumed else ""
     print(f"wrote {summary.path} ({summary.files_written} files{resumed}) in {summary.seconds:.1f} s, "
           f"{summary.params_per_second / 1e6:.2f} M params/s")
-    print(format_totals(totals))
+    print(format_totals(summary.manifest, directory_bytes(summary.path, summary.manifest)))
     return 0
 
 
-def format_totals(totals: dict) -> str:
-    """The summary lines shared by `convert` and `inspect`."""
+def format_totals(manifest: dict, directory_bytes: int) -> str:
+    """The summary lines shared by `convert` and `inspect`: sizes, bits/weight over all tensors and per
+    part (quantlite.cli.inspect.bits_by_part), SQNR."""
+    from quantlite.cli.inspect import bits_by_part
+
+    totals = manifest["totals"]
     lines = [
+        f"directory   {directory_bytes / 1e6:.1f} MB ({directory_bytes / 2**20:.1f} MiB), tokenizer and manifest included",
         f"parameters  {totals['params']:,} ({totals['quantized_params']:,} quantized)",
         f"size        {totals['bytes'] / 2**20:.1f} MiB = {totals['bytes'] / totals['fp16_bytes']:.1%} of fp16 "
-        f"({totals['fp16_bytes'] / 2**20:.1f} MiB); {totals['bits_per_weight']:.3f} bits/weight overall",
+        f"({totals['fp16_bytes'] / 2**20:.1f} MiB); {totals['bits_per_weight']:.3f} bits/weight overall (shard files)",
     ]
     if totals["quantized_bits_per_weight"] is not None:
         lines.append(f"quantized   {totals['quantized_bits_per_weight']:.3f} bits/weight, {totals['outliers']:,} outliers")
+    lines.append("bits/weight by part (every tensor's stored bytes, quantization state included):")
+    lines.extend(f"  {part:<24}{row['bits_per_weight']:7.3f}  {row['params']:>13,} params {row['bytes'] / 1e6:8.2f} MB  {row['stored']}"
+                 for part, row in bits_by_part(manifest).items())
     if totals["sqnr_db_by_type"]:
         lines.append("SQNR (dB, mean over layers; higher is better):")
         lines.extend(f"  {kind:<18} {value:6.2f}" for kind, value in totals["sqnr_db_by_type"].items())

@@ -10,8 +10,8 @@ Examples:
   quantlite generate ./smollm2-q4 --prompt "Once" --prompt "In a land" --temperature 0.8 --top-p 0.9 --seed 7
   quantlite generate ./smollm2-q4 --prompt-file prompts.txt --max-new-tokens 32
 
---stats prints time to first token, decode tokens/s, peak memory, bytes read from disk and how
-many layers stayed resident in memory.
+--stats prints time to first token, decode tokens/s, the split of a decode step (matmuls,
+attention, the rest), peak memory, bytes read from disk and how many layers stayed resident in memory.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def print_stats(model, result, out=None) -> None:
     rows = [
         ("time to first token", f"{s.time_to_first_token:.2f} s ({s.prompt_tokens} prompt tokens)"),
         ("decode speed", f"{s.decode_tokens_per_second:.2f} tokens/s per sequence, {len(result.token_ids)} sequence(s)"),
+        ("decode step", decode_split(s)),
         ("new tokens", str(s.new_tokens)),
         ("peak memory", format_size(model.peak_memory_bytes()) + (" (CUDA allocated)" if model.device.type == "cuda" else " (process RSS)")),
         ("bytes read", f"{format_size(io.bytes_read)} in {io.layer_loads} layer loads ({io.load_seconds:.2f} s loading, {io.wait_seconds:.2f} s waited)"),
@@ -76,6 +77,19 @@ def print_stats(model, result, out=None) -> None:
     print("\n--- stats", file=out)
     for label, value in rows:
         print(f"{label:>20}: {value}", file=out)
+
+
+def decode_split(stats) -> str:
+    """Where a decode step's time went: the matmuls, attention, and the rest (norms, RoPE, Python,
+    sampling, loader waits), in ms per step and as shares of the step."""
+    if not stats.decode_steps:
+        return "no decode step (one new token)"
+    parts = [("matmuls", stats.decode_matmul_seconds), ("attention", stats.decode_attention_seconds),
+             ("rest", stats.decode_other_seconds)]
+    per_step = stats.decode_seconds / stats.decode_steps
+    shares = ", ".join(f"{name} {seconds / stats.decode_steps * 1e3:.2f} ms ({seconds / stats.decode_seconds:.0%})"
+                       for name, seconds in parts)
+    return f"{per_step * 1e3:.2f} ms: {shares}"
 
 
 def stream_printer(tokenizer, out=None):

@@ -9,10 +9,14 @@ Back-ends (docs/kernels.md):
 Default choice: a CUDA tensor takes "cuda", else "triton", else "torch"; a CPU tensor takes "cpu",
 else "torch" (the Triton interpreter is far slower than the reference on the CPU); any other
 device takes "torch". When x requires grad, "torch" (the only back-end with a backward pass).
+A Q8Weight (block-scaled int8: the head and embedding) has kernels on "cpu" and "torch" only; on a
+CUDA device it takes "torch", and naming "cuda" or "triton" for it is an error (docs/kernels.md).
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from functools import lru_cache
 
 import torch
@@ -20,10 +24,13 @@ import torch
 from quantlite.errors import BackendUnavailable, QuantliteError
 from quantlite.kernels.prepared import prepare
 from quantlite.kernels.reference import qmatmul_reference
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NO_GPU_FOR_TRITON = "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
+INT4_ONLY_BACKENDS = ("cuda", "triton")  # no kernel for Q8Weight yet: it falls back to "torch"
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -31,7 +38,7 @@ class KernelInputError(QuantliteError, ValueError):
     """qmatmul was given an input it cannot multiply (dtype, shape, device); the message names the sizes."""
 
 
-def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16/fp32 -> (..., N) in x's dtype, = x @ qw.dequantize().T.
 
     backend: None (choose by x's device and what is live, see the module docstring), or one of
@@ -40,22 +47,29 @@ def qmatmul(x: torch.Tensor, qw: QWeight, backend: str | None = None) -> torch.T
     the choice, and naming another is an error. The fused back-ends move the weight to x's device
     once and cache it (kernels.prepared); the reference dequantizes it on every call."""
     _check_inputs(x, qw)
-    name = _choose_backend(x.device, backend, needs_grad=x.requires_grad and torch.is_grad_enabled())
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    name = _default_choice(x.device.type) if backend is None and not needs_grad else \
+        _choose_backend(x.device, backend, needs_grad)
+    if isinstance(qw, Q8Weight) and name in INT4_ONLY_BACKENDS:
+        if backend is not None:
+            raise BackendUnavailable(f"back-end {backend!r} has no int8 kernel (the weight is a Q8Weight); use 'cpu' or 'torch'")
+        name = "torch"
+    if name in ("cpu", "cuda"):  # the native kernels take (..., K) as is (~120 calls a decode token)
+        from quantlite.kernels import native
+
+        if isinstance(qw, Q8Weight):  # name == "cpu"
+            return native.qmatmul_int8_cpu(x, qw)
+        return native.qmatmul_cpu(x, qw) if name == "cpu" else native.qmatmul_cuda(x, qw)
     n, k = qw.shape
     rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if name == "torch":
         y = qmatmul_reference(rows, qw)
-    elif name == "triton":
+    else:
         from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
         y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device))
-    else:
-        from quantlite.kernels import native
-
-        kernel = native.qmatmul_cuda if name == "cuda" else native.qmatmul_cpu
-        y = kernel(rows.contiguous(), qw)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -100,13 +114,23 @@ def _cpu_status() -> str | None:
 def _triton_status() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
+        # without a GPU or the interpreter the kernel cannot run, and importing triton to learn so
+        # would cost every CPU process 100 MB of RSS
+        return NO_GPU_FOR_TRITON
     try:
         from quantlite.kernels import triton_qmatmul
     except (ImportError, RuntimeError) as error:  # a triton built for another torch/CUDA fails either way
         return f"the Triton kernel cannot be imported ({error})"
     if triton_qmatmul.INTERPRETED or torch.cuda.is_available():
         return None
-    return "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
+    return NO_GPU_FOR_TRITON
+
+
+@lru_cache(maxsize=None)
+def _default_choice(device_type: str) -> str:
+    """The first live back-end of DEFAULT_ORDER for a device type (cached: asked on every call)."""
+    return _choose_backend(torch.device(device_type), None)
 
 
 def _choose_backend(device: torch.device, backend: str | None, needs_grad: bool = False) -> str:
@@ -144,8 +168,8 @@ def _device_mismatch(backend: str, device: torch.device) -> str | None:
 
 
 def _check_inputs(x: torch.Tensor, qw: QWeight) -> None:
-    if not isinstance(qw, QWeight):
-        raise KernelInputError(f"qmatmul needs a QWeight, got {type(qw).__name__}")
+    if not isinstance(qw, (QWeight, Q8Weight)):
+        raise KernelInputError(f"qmatmul needs a QWeight or Q8Weight, got {type(qw).__name__}")
     if not isinstance(x, torch.Tensor):
         raise KernelInputError(f"qmatmul needs x as a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:

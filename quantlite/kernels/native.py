@@ -8,6 +8,7 @@ allocate the output, call the library. Libraries are built by `make native` into
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import weakref
@@ -17,6 +18,7 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import PreparedWeight, prepare
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
 NATIVE_DIR = Path(__file__).resolve().parents[1] / "_native"
@@ -50,6 +52,18 @@ class _Weight(ctypes.Structure):
     ]
 
 
+class _WeightInt8(ctypes.Structure):
+    """ql_weight_int8: a Q8Weight's stored tensors, as raw pointers."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("qs", ctypes.c_void_p),         # (N, Kp) int8
+        ("scales", ctypes.c_void_p),     # (N, Kp / B) float16
+    ]
+
+
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _MATMUL_ARGS = [ctypes.POINTER(_Weight), _PTR, _I64, _I64, _PTR, _I64, _INT]
 
@@ -76,6 +90,7 @@ def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
         _declare(library, "ql_cpu_qmatmul", _MATMUL_ARGS + [_INT, _INT])
         _declare(library, "ql_cpu_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_encode_codes", [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT])
+        _declare(library, "ql_cpu_qmatmul_int8", [ctypes.POINTER(_WeightInt8), _PTR, _I64, _I64, _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_best_isa", [])
         _declare(library, "ql_cpu_isa_name", [_INT], ctypes.c_char_p)
     else:
@@ -130,6 +145,19 @@ def _cpu_library() -> ctypes.CDLL:
 
 _cpu_library_loaded: ctypes.CDLL | None = None
 _CPU = torch.device("cpu")
+_cpu_threads: int | None = None  # set by cpu_threads(); None: torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def cpu_threads(n_threads: int):
+    """Within the block, CPU kernel calls that name no n_threads use `n_threads`, whatever torch's own
+    intra-op thread count is (generate runs its decode steps with torch on one thread)."""
+    global _cpu_threads
+    before, _cpu_threads = _cpu_threads, n_threads
+    try:
+        yield
+    finally:
+        _cpu_threads = before
 
 
 def _cuda_library() -> ctypes.CDLL:
@@ -148,15 +176,17 @@ def _check(library: ctypes.CDLL, status: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the weight as a C struct
-# QWeight -> (device -> (PreparedWeight, _Weight)); the struct points into the prepared tensors,
-# which the tuple keeps alive. Building it per call would cost more than a small GEMV.
-_structs: "weakref.WeakKeyDictionary[QWeight, dict[str, tuple[PreparedWeight, _Weight]]]" = weakref.WeakKeyDictionary()
+# QWeight -> (device -> (PreparedWeight, _Weight, pointer to it)); the struct points into the
+# prepared tensors, which the tuple keeps alive. Building it per call would cost more than a small
+# GEMV, and so would ctypes.byref per call: the pointer is made once too.
+_structs: "weakref.WeakKeyDictionary[QWeight, dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
 
-def _weight_struct(qw: QWeight, device: torch.device) -> _Weight:
-    per_device = _structs.setdefault(qw, {})
-    key = str(device)
-    if key not in per_device:
+def _weight_pointer(qw: QWeight, device: torch.device):
+    """ctypes pointer to qw's ql_weight on `device` (built once, then cached while qw lives)."""
+    per_device = _structs.get(qw)
+    key = device.type if device.index is None else str(device)
+    if per_device is None or key not in per_device:
         prepared = prepare(qw, device)
         struct = _Weight(
             n=prepared.n, k=prepared.k, block_size=prepared.block_size,
@@ -166,14 +196,15 @@ def _weight_struct(qw: QWeight, device: torch.device) -> _Weight:
             vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
             nnz=prepared.n_outliers,
         )
-        per_device[key] = (prepared, struct)
-    return per_device[key][1]
+        per_device = _structs.setdefault(qw, {})
+        per_device[key] = (prepared, struct, ctypes.pointer(struct))
+    return per_device[key][2]
 
 
 def _as_rows(x: torch.Tensor, qw: QWeight, backend: str) -> torch.Tensor:
     """x (..., K) -> a (M, K) view or copy whose rows are contiguous, after checking it."""
-    if not isinstance(x, torch.Tensor) or not isinstance(qw, QWeight):
-        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight), got ({type(x).__name__}, {type(qw).__name__})")
+    if not isinstance(x, torch.Tensor) or not isinstance(qw, (QWeight, Q8Weight)):
+        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight or Q8Weight), got ({type(x).__name__}, {type(qw).__name__})")
     n, k = qw.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise NativeKernelError(
@@ -205,31 +236,52 @@ def qmatmul_cpu(
     accumulated in float32. out: optional (M, N) tensor of x's dtype whose rows are contiguous
     (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
     (..., N) when it is contiguous. isa: "auto" (the best, cpu_isa()), "avx512", "avx2" or "scalar"
-    (any level up to cpu_isa()); n_threads: default
-    torch.get_num_threads()."""
+    (any level up to cpu_isa()); n_threads: default torch.get_num_threads() (or cpu_threads()'s).
+
+    The decode path calls this ~120 times a token with M = 1, so a contiguous x with no `out` goes
+    straight to the library: no reshape, no copy, the weight's struct pointer cached (14 -> 9.5 us of
+    CPU per call, 2.2 of them the C call; docs/runtime.md)."""
     library = _cpu_library()
-    rows = _as_rows(x, qw, "cpu")
-    if x.device.type != "cpu":
-        raise NativeKernelError(f"native cpu qmatmul: x is on {x.device}, expected the CPU")
     if isa not in ISA_TAGS:
         raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
-    m, n = rows.shape[0], qw.shape[0]
+    if out is None and _is_contiguous_input(x, qw):  # the runtime's case: x is the (M, K) rows as is
+        rows, m, row_stride, out_stride = x, x.numel() // qw.shape[1], qw.shape[1], qw.shape[0]
+        y = out = torch.empty(x.shape[:-1] + (qw.shape[0],), dtype=x.dtype)
+    else:
+        rows = _as_rows(x, qw, "cpu")
+        if x.device.type != "cpu":
+            raise NativeKernelError(f"native cpu qmatmul: x is on {x.device}, expected the CPU")
+        m, row_stride = rows.shape[0], _row_stride(rows)
+        out = _checked_out(out, m, qw.shape[0], x.dtype)
+        out_stride = _row_stride(out)
+        y = out.reshape(*x.shape[:-1], qw.shape[0]) if out.is_contiguous() else out
+    if m:
+        status = library.ql_cpu_qmatmul(
+            _weight_pointer(qw, _CPU), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
+            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
+        )
+        if status:
+            _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
+    return y
+
+
+def _is_contiguous_input(x, qw) -> bool:
+    """Whether x is a contiguous (..., K) CPU tensor of a kernel dtype for qw: no copy, no reshape needed."""
+    return (isinstance(x, torch.Tensor) and isinstance(qw, QWeight) and x.is_cpu and x.dim() > 0
+            and x.shape[-1] == qw.shape[1] and x.dtype in DTYPE_TAGS and x.is_contiguous())
+
+
+def _checked_out(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new (M, N) output, or the caller's after checking that the kernel can write its rows."""
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype)
-    elif (out.shape != (m, n) or out.dtype != x.dtype or out.device.type != "cpu" or out.stride(1) != 1
-          or (m > 1 and out.stride(0) < n)):
+        return torch.empty(m, n, dtype=dtype)
+    if (out.shape != (m, n) or out.dtype != dtype or out.device.type != "cpu" or out.stride(1) != 1
+            or (m > 1 and out.stride(0) < n)):
         raise NativeKernelError(
-            f"native cpu qmatmul: out must be a ({m}, {n}) {x.dtype} CPU tensor with contiguous rows, "
+            f"native cpu qmatmul: out must be a ({m}, {n}) {dtype} CPU tensor with contiguous rows, "
             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}"
         )
-    if m:
-        weight = _weight_struct(qw, _CPU)
-        status = library.ql_cpu_qmatmul(
-            ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows), out.data_ptr(), _row_stride(out),
-            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads(),
-        )
-        _check(library, status, f"native cpu qmatmul (M={m}, N={n}, K={qw.shape[1]}, isa={isa})")
-    return out.reshape(*x.shape[:-1], n) if out.is_contiguous() else out
+    return out
 
 
 def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads: int | None = None) -> torch.Tensor:
@@ -239,8 +291,7 @@ def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads
         raise NativeKernelError(f"native cpu dequantize: dtype {dtype} is not float32, float16 or bfloat16")
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype)
-    weight = _weight_struct(qw, _CPU)
-    status = library.ql_cpu_dequantize(ctypes.byref(weight), out.data_ptr(), k, DTYPE_TAGS[dtype], n_threads or torch.get_num_threads())
+    status = library.ql_cpu_dequantize(_weight_pointer(qw, _CPU), out.data_ptr(), k, DTYPE_TAGS[dtype], n_threads or torch.get_num_threads())
     _check(library, status, f"native cpu dequantize (N={n}, K={k})")
     return out
 
@@ -295,6 +346,24 @@ def encode_codes(
     return (codes, errors) if want_errors else codes
 
 
+def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = None) -> torch.Tensor:
+    """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ qw.dequantize().T
+    for a block-scaled int8 weight (csrc/cpu/qmatmul_int8.c), accumulated in float32."""
+    library = _cpu_library()
+    rows = _as_rows(x, qw, "cpu")
+    if x.device.type != "cpu" or qw.device.type != "cpu":
+        raise NativeKernelError(f"native cpu int8 qmatmul: x is on {x.device}, the weight on {qw.device}; both must be on the CPU")
+    (n, k), m = qw.shape, rows.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m:
+        qs, scales = qw.qs.contiguous(), qw.scales.contiguous()
+        weight = _WeightInt8(n=n, k=k, block_size=qw.block_size, qs=qs.data_ptr(), scales=scales.data_ptr())
+        status = library.ql_cpu_qmatmul_int8(ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows),
+                                             out.data_ptr(), n, DTYPE_TAGS[x.dtype], n_threads or _cpu_threads or torch.get_num_threads())
+        _check(library, status, f"native cpu int8 qmatmul (M={m}, N={n}, K={k})")
+    return out.reshape(*x.shape[:-1], n)
+
+
 # ---------------------------------------------------------------------------- CUDA
 def qmatmul_cuda(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
     """x (..., K) float32/float16/bfloat16 on a CUDA device -> (..., N) in x's dtype, enqueued on the
@@ -307,10 +376,10 @@ def qmatmul_cuda(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         with torch.cuda.device(x.device):
-            weight = _weight_struct(qw, x.device)
+            weight = _weight_pointer(qw, x.device)
             stream = torch.cuda.current_stream(x.device).cuda_stream
             status = library.ql_cuda_qmatmul(
-                ctypes.byref(weight), rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
+                weight, rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
                 DTYPE_TAGS[x.dtype], stream,
             )
         _check(library, status, f"native cuda qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, {x.device})")
@@ -326,8 +395,7 @@ def dequantize_cuda(qw: QWeight, dtype: torch.dtype = torch.float32, device: tor
     n, k = qw.shape
     out = torch.empty(n, k, dtype=dtype, device=device)
     with torch.cuda.device(device):
-        weight = _weight_struct(qw, device)
-        status = library.ql_cuda_dequantize(ctypes.byref(weight), out.data_ptr(), k, DTYPE_TAGS[dtype],
+        status = library.ql_cuda_dequantize(_weight_pointer(qw, device), out.data_ptr(), k, DTYPE_TAGS[dtype],
                                             torch.cuda.current_stream(device).cuda_stream)
     _check(library, status, f"native cuda dequantize (N={n}, K={k}, {device})")
     return out

@@ -6,6 +6,9 @@ layer once; then one token per row per step, with a KV cache, until every row ha
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -19,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.runtime import llama
 
 
 class GenerationError(QuantliteError, ValueError):
@@ -152,11 +156,18 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds: prefill and the first sample
     decode_seconds: float = 0.0       # seconds after the first token
     decode_steps: int = 0
+    decode_matmul_seconds: float = 0.0     # of decode_seconds: in the matmuls (qmatmul / F.linear)
+    decode_attention_seconds: float = 0.0  # of decode_seconds: KV-cache update and attention
 
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens per second per sequence after the first token (steps / time)."""
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def decode_other_seconds(self) -> float:
+        """Of decode_seconds: everything else (norms, RoPE, Python, sampling, waiting on the loader)."""
+        return max(self.decode_seconds - self.decode_matmul_seconds - self.decode_attention_seconds, 0.0)
 
 
 @dataclass
@@ -166,24 +177,45 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+# top-p looks for its set among the 1024, then the 8192 most likely tokens (torch.topk: 10 and 19 ms
+# for 16 x 49152), and sorts the whole vocabulary (69 ms) only when some row's set is larger still.
+# The old full sort made sample() cost 144 ms of CPU a step, more than SmolLM2 itself at batch 16
+# (self-calibration's sampling, docs/runtime.md).
+NUCLEUS_CANDIDATES = (1024, 8192)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator | None) -> torch.Tensor:
     """logits (batch, vocab) float32 -> (batch,) int64. temperature 0 = greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if top_k is not None and top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # drop the least likely tokens whose total probability stays within 1 - top_p; keep at least one
-        sorted_logits, order = torch.sort(logits, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[:, -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p is None or top_p >= 1.0:
+        return _draw(logits.softmax(dim=-1), generator)
+    # the nucleus: drop the least likely tokens whose total probability stays within 1 - top_p, i.e.
+    # keep each token whose more likely tokens hold less than top_p (the most likely always stays)
+    log_total = logits.logsumexp(dim=-1, keepdim=True)
+    for candidates in [min(n, vocab) for n in NUCLEUS_CANDIDATES] + [vocab]:
+        values, order = torch.topk(logits, candidates, dim=-1)  # (batch, candidates), most likely first
+        probs = (values - log_total).exp()
+        if candidates == vocab or bool((probs.sum(dim=-1) >= top_p).all()):
+            break
+    more_likely = probs.cumsum(dim=-1) - probs
+    choice = _draw(probs.masked_fill(more_likely >= top_p, 0.0), generator)
+    return order.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """weights (batch, n) >= 0 -> (batch,) int64, index i drawn with probability weights[i] / sum:
+    the inverse of the float64 CDF at one uniform number per row (torch.multinomial took 24 ms for
+    16 x 49152, this 6 ms). A zero weight is never drawn: its CDF step is empty."""
+    cdf = weights.double().cumsum(dim=-1)
+    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -288,34 +320,63 @@ def generate(
     done = [False] * batch
     start = time.perf_counter()
     logits = model.forward(tokens, positions, valid[:, :longest] if padded else None, cache, last_only=True)
-    for step in range(max_new_tokens):
-        chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
-        if step == 0:
-            stats.time_to_first_token = time.perf_counter() - start
-        for row, token in enumerate(chosen.tolist()):
-            if done[row]:
-                continue
-            if token in stop_ids:
-                done[row] = True
-                continue
-            new_tokens[row].append(token)
-            stats.new_tokens += 1
-            if on_token is not None:
-                on_token(row, token)
-            if stop_strings and any(s in model.tokenizer.decode(new_tokens[row]) for s in stop_strings):
-                done[row] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        valid[:, longest + step] = True
-        positions = positions[:, -1:] + 1
-        logits = model.forward(chosen[:, None], positions, valid[:, : longest + step + 1] if padded else None, cache, last_only=True)
-        stats.decode_steps += 1
+    with _decode_threads(model):
+        for step in range(max_new_tokens):
+            chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
+            if step == 0:
+                stats.time_to_first_token = time.perf_counter() - start
+                ops_before = dataclasses.replace(llama.OP_SECONDS)
+            for row, token in enumerate(chosen.tolist()):
+                if done[row]:
+                    continue
+                if token in stop_ids:
+                    done[row] = True
+                    continue
+                new_tokens[row].append(token)
+                stats.new_tokens += 1
+                if on_token is not None:
+                    on_token(row, token)
+                if stop_strings and any(s in model.tokenizer.decode(new_tokens[row]) for s in stop_strings):
+                    done[row] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            valid[:, longest + step] = True
+            positions = positions[:, -1:] + 1
+            logits = model.forward(chosen[:, None], positions, valid[:, : longest + step + 1] if padded else None, cache, last_only=True)
+            stats.decode_steps += 1
     stats.decode_seconds = time.perf_counter() - start - stats.time_to_first_token
+    stats.decode_matmul_seconds = llama.OP_SECONDS.matmul - ops_before.matmul
+    stats.decode_attention_seconds = llama.OP_SECONDS.attention - ops_before.attention
 
     texts = None
     if as_text:
         texts = [_cut_at_stop(model.tokenizer.decode(t), stop_strings) for t in new_tokens]
     return GenerationResult(token_ids=new_tokens, texts=texts, stats=stats)
+
+
+@contextlib.contextmanager
+def _decode_threads(model):
+    """Decode steps whose matmuls all run in the native CPU kernels (quantized layers and head) run
+    torch's own ops on one thread; the kernels keep the threads torch had. Those ops are tiny (one
+    token): the few that torch parallelises (SDPA, batched matmul) wake its OpenMP pool for
+    microseconds of work, and its workers then spin on the core the kernel's pool needs. Measured on
+    2 busy cores: SDPA at one query 0.41 ms with two torch threads, 0.02 ms with one
+    (docs/runtime.md). Prefill, and float weights (F.linear is torch's), keep every thread."""
+    from quantlite.kernels import native
+    from quantlite.kernels.dispatch import default_backend
+    from quantlite.qweight import QWeight
+
+    quantized = model.packed.manifest["quantization"].get("method") is not None and isinstance(model.lm_head, QWeight)
+    if not (quantized and default_backend(model.device) == "cpu"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    with native.cpu_threads(threads):
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _cut_at_stop(text: str, stop_strings: list[str]) -> str:

@@ -11,11 +11,20 @@ needs. A decoder layer's weights come as a dict named relative to `model.layers.
     mlp.{gate,up,down}_proj.weight     (n_out, n_in) float or QWeight  gate, up: intermediate out
     mlp.{gate,up,down}_proj.bias       (n_out,) float, only with mlp_bias
 
+`fuse_projections` (the loader calls it once per layer) joins the projections that read the same
+input, so a decode step makes 4 matmul calls per layer instead of 7 (every call costs ~10 us of
+Python and a thread-pool wake-up, docs/runtime.md):
+
+    self_attn.qkv_proj.{weight,bias}   rows of q, k, v in that order
+    mlp.gate_up_proj.{weight,bias}     rows of gate, then up
+
 Activations are (batch, seq, hidden) in the compute dtype; RoPE angles and softmax in float32.
+`OP_SECONDS` accumulates the time spent in matmuls and in attention (generate --stats' split).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +33,8 @@ import torch.nn.functional as F
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
 from quantlite.kernels.prepared import prepare
-from quantlite.qweight import QWeight
+from quantlite.q8weight import Q8Weight
+from quantlite.qweight import QWeight, concat_rows
 
 
 class ModelConfigError(QuantliteError, ValueError):
@@ -32,6 +42,18 @@ class ModelConfigError(QuantliteError, ValueError):
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class OpSeconds:
+    """Wall seconds spent in `linear` (the matmuls) and in attention (cache update and attend), summed
+    over every call in this process; a reader takes differences. Two perf_counter calls per op:
+    ~0.2 us, against ~10 us for the cheapest matmul call."""
+    matmul: float = 0.0
+    attention: float = 0.0
+
+
+OP_SECONDS = OpSeconds()
 
 
 @dataclass(frozen=True)
@@ -136,43 +158,82 @@ def _llama3_scaling(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor
 
 
 def rope_cos_sin(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (batch, seq) int64 -> cos, sin (batch, seq, head_dim) in dtype, angles in float32."""
+    """positions (batch, seq) int64 -> cos, signed sin (batch, seq, 1, head_dim) in dtype, angles in
+    float32. The sin's first half is negated, so that apply_rope needs one roll instead of
+    rotate_half's slice-negate-concatenate (x2 * -s equals -x2 * s exactly)."""
     inv_freq = rope_inv_freq(config, int(positions.max()) + 1, positions.device)
-    angles = positions[..., None].float() * inv_freq  # (batch, seq, head_dim // 2)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions[..., None, None].float() * inv_freq  # (batch, seq, 1, head_dim // 2)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, seq, head_dim); rotates the two halves of each head (the HF/NeoX layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x (batch, seq, heads, head_dim); rotates the two halves of each head (the HF/NeoX layout):
+    x * cos + (-x2, x1) * sin, with the sign already in rope_cos_sin's sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # ----------------------------------------------------------------------------------- building blocks
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., hidden): normalised in float32, then scaled, in x's dtype (as transformers does)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight(N, K).T (+ bias): a fused dequant-matmul when the weight is quantized."""
-    if isinstance(weight, QWeight):
-        y = qmatmul(x, weight)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    start = time.perf_counter()
+    y = qmatmul(x, weight) if isinstance(weight, (QWeight, Q8Weight)) else F.linear(x, weight)
+    OP_SECONDS.matmul += time.perf_counter() - start
+    return y if bias is None else y + bias
+
+
+# q/k/v and gate/up read the same input: one matmul over their rows concatenated
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(w: dict) -> dict:
+    """A layer's weights with each group of FUSED_PROJECTIONS joined by rows (QWeights by
+    qweight.concat_rows, float weights by torch.cat), biases likewise (missing ones as zeros).
+    A group whose weights are of mixed kinds is left as it is (`projections` takes either form)."""
+    fused = dict(w)
+    for group, parts in FUSED_PROJECTIONS.items():
+        weights = [fused.get(f"{part}.weight") for part in parts]
+        if all(isinstance(weight, QWeight) for weight in weights):
+            joined = concat_rows(weights)
+        elif all(isinstance(weight, torch.Tensor) and weight.dtype == weights[0].dtype for weight in weights):
+            joined = torch.cat(weights)
+        else:
+            continue
+        biases = [fused.pop(f"{part}.bias", None) for part in parts]
+        for part in parts:
+            del fused[f"{part}.weight"]
+        fused[f"{group}.weight"] = joined  # (sum of the parts' n_out, n_in)
+        if any(bias is not None for bias in biases):
+            like = next(bias for bias in biases if bias is not None)
+            fused[f"{group}.bias"] = torch.cat([like.new_zeros(weight.shape[0]) if bias is None else bias
+                                                for weight, bias in zip(weights, biases)])
+    return fused
+
+
+def projections(x: torch.Tensor, w: dict, group: str) -> torch.Tensor:
+    """x (..., K) -> (..., sum of n_out): the outputs of the group's projections side by side, in
+    one call when fuse_projections joined them."""
+    if f"{group}.weight" in w:
+        return linear(x, w[f"{group}.weight"], w.get(f"{group}.bias"))
+    return torch.cat([linear(x, w[f"{part}.weight"], w.get(f"{part}.bias")) for part in FUSED_PROJECTIONS[group]], dim=-1)
 
 
 def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.dtype) -> torch.Tensor:
     """input_ids (batch, seq) int64 -> (batch, seq, hidden) rows of the embedding in dtype.
     A quantized table dequantizes only the rows asked for."""
-    if not isinstance(weight, QWeight):
+    if not isinstance(weight, (QWeight, Q8Weight)):
         return F.embedding(input_ids, weight).to(dtype)
     rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
-    table = _dequantize_rows(weight, rows).to(dtype)  # (n_unique, hidden)
+    table = weight.dequantize_rows(rows) if isinstance(weight, Q8Weight) else _dequantize_rows(weight, rows)
+    table = table.to(dtype)  # (n_unique, hidden)
     return table[inverse].reshape(*input_ids.shape, -1)
 
 
@@ -249,25 +310,35 @@ def self_attention(
     """x (batch, seq, hidden) normalised input -> (batch, seq, hidden). mask None means plain causal
     over this call's positions (no cache, no padding)."""
     batch, seq, _ = x.shape
-    heads = (batch, seq, -1, config.head_dim)
-    q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")).view(heads).transpose(1, 2)
-    k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")).view(heads).transpose(1, 2)
-    v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")).view(heads).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (batch, heads | kv_heads, seq, head_dim)
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    qkv = projections(x, w, "self_attn.qkv_proj").view(batch, seq, heads + 2 * kv_heads, config.head_dim)
+    qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads rotated in one pass
+    q = qk[:, :, :heads].transpose(1, 2)                       # (batch, heads, seq, head_dim)
+    k = qk[:, :, heads:].transpose(1, 2)                       # (batch, kv_heads, seq, head_dim)
+    v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+    start = time.perf_counter()
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (batch, kv_heads, T, head_dim)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-        scale=config.head_dim**-0.5, enable_gqa=config.num_heads != config.num_kv_heads,
-    )  # (batch, heads, seq, head_dim)
-    out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
+    out = attend(q, k, v, mask, config.head_dim**-0.5)  # (batch, seq, heads * head_dim)
+    OP_SECONDS.attention += time.perf_counter() - start
     return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Grouped-query attention: q (batch, heads, seq, head_dim), k, v (batch, kv_heads, T, head_dim),
+    mask (batch, 1, seq, T) additive, or None (causal over this call's positions) -> (batch, seq,
+    heads * head_dim). SDPA at one query too: with torch on one thread (generate's decode steps) its
+    CPU kernel takes 18-44 us for T = 20..200 against 31-56 us for a plain matmul-softmax-matmul
+    (docs/runtime.md); its 0.35 ms per call in issue 11 was torch's thread pool waking, not the kernel."""
+    batch, heads, seq, head_dim = q.shape
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=scale,
+                                         enable_gqa=heads != k.shape[1])  # (batch, heads, seq, head_dim)
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
 def swiglu_mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
     """x (batch, seq, hidden) -> down(silu(gate(x)) * up(x))."""
-    gate = linear(x, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
-    up = linear(x, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+    gate, up = projections(x, w, "mlp.gate_up_proj").chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
 

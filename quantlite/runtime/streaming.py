@@ -35,6 +35,7 @@ import torch
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import compute_ready, prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
+from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
 from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
@@ -282,6 +283,8 @@ class StreamingLlama:
 
     # ------------------------------------------------------------------ loading
     def _to_device(self, value):
+        if isinstance(value, Q8Weight):  # its kernels read the stored tensors: nothing to prepare
+            return value if self.device.type == "cpu" else value.to(self.device)
         if isinstance(value, QWeight):
             if self._prepared_on is not None:  # built here, on the loader thread, not in the matmul
                 return compute_ready(value, self._prepared_on)
@@ -304,7 +307,12 @@ class StreamingLlama:
         if self.prefetch:
             self._hint_readahead(self._next_streamed(index))
         if index < self.config.num_layers:
-            unit = {name: self._to_device(value) for name, value in self.packed.load_layer(index).items()}
+            layer = self.packed.load_layer(index)
+            if index < self.plan.resident_layers:
+                # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
+                # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
+                layer = llama.fuse_projections(layer)
+            unit = {name: self._to_device(value) for name, value in layer.items()}
         elif self.config.tie_word_embeddings:
             unit = self._to_device(self.packed.load_embedding())
         else:
@@ -382,7 +390,7 @@ class StreamingLlama:
             return llama.embed(input_ids, self.embedding, self.dtype)
         rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), return_inverse=True)
         table = self.packed.load_embedding_rows(rows)  # (len(rows), hidden)
-        nbytes = table.nbytes if isinstance(table, QWeight) else table.numel() * table.element_size()
+        nbytes = table.nbytes if isinstance(table, (QWeight, Q8Weight)) else table.numel() * table.element_size()
         self.stats.embedding_rows_read += len(rows)
         self.stats.embedding_bytes_read += nbytes
         self.stats.bytes_read += nbytes
