@@ -31,10 +31,11 @@ def assert_matches_runtime(packed_dir, hf_model, generator, vocab: int) -> None:
         assert greedy.tolist() == runtime.generate(prompt.tolist(), max_new_tokens=10).token_ids[0]
 
 
-@pytest.mark.parametrize("tied, quantize_embedding", [(False, False), (True, True), (True, False)])
-def test_logits_and_greedy_tokens_equal_the_runtime(tmp_path, generator, tied, quantize_embedding):
+@pytest.mark.parametrize("tied, width", [(False, "q8"), (True, "q4"), (False, "q4"), (True, "float")])
+def test_logits_and_greedy_tokens_equal_the_runtime(tmp_path, generator, tied, width):
+    """Head and embedding stored as `width` (int8, 4-bit or float), the layers in 4 bits."""
     _, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=tied, attention_bias=True, mlp_bias=True)
-    quantlite.convert(folder, tmp_path / "packed", quantize_embedding=quantize_embedding, progress=False)
+    quantlite.convert(folder, tmp_path / "packed", head=width, embedding=width, progress=False)
     model = quantlite.to_transformers(tmp_path / "packed")
 
     assert type(model) is transformers.LlamaForCausalLM and not model.training
@@ -46,8 +47,8 @@ def test_logits_and_greedy_tokens_equal_the_runtime(tmp_path, generator, tied, q
     matrices = {id(p) for p in model.parameters() if p.dim() == 2}
     dense_head = not isinstance(model.lm_head, QLinear)
     assert matrices == {id(model.model.embed_tokens.weight)} | ({id(model.lm_head.weight)} if dense_head else set())
-    assert isinstance(model.lm_head, QLinear) == (tied and quantize_embedding)
-    if tied and not quantize_embedding:
+    assert isinstance(model.lm_head, QLinear) == (width == "q4")  # an int8 head is dequantized
+    if tied and width == "float":
         assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(not t.is_meta and t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 

@@ -31,11 +31,12 @@ def to_transformers(packed_dir: str | Path):
 
     Linear layers stored as QWeights are QLinear modules over the packed weights (torch.ops.quantlite
     .qmatmul, differentiable with respect to their input, so generate, pipelines and adapters trained
-    on top work). The embedding is an ordinary nn.Embedding: a quantized table is dequantized into it
-    (a vocab x hidden float32 copy), because transformers indexes `embed_tokens.weight` directly. The
+    on top work). The embedding is an ordinary nn.Embedding: a quantized table (4-bit QWeight or int8
+    Q8Weight) is dequantized into it (a vocab x hidden float32 copy), because transformers indexes `embed_tokens.weight` directly. The
     head is a QLinear when it is stored as a QWeight (when tied to a quantized embedding it shares that
     QWeight, and `config.tie_word_embeddings` is set to False so transformers does not re-tie it to the
-    dense table), else an nn.Linear over its dequantized or plain weight. Raises FormatError for a
+    dense table), else an nn.Linear over its plain or dequantized weight (an int8 Q8Weight head: a
+    vocab x hidden float32 copy). Raises FormatError for a
     packed folder that fails its checks."""
     import transformers
 
