@@ -47,11 +47,12 @@ def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statisti
         assert not torch.equal(expected.dequantize(), quantize(w).dequantize())  # calibration changed the codes
 
     # Layer 2 is calibrated on inputs that went through layers 0 and 1 as stored. Reference: the same
-    # statistics from transformers with those two layers' weights replaced by the stored ones.
+    # statistics from transformers with those two layers' weights replaced by the stored ones (the
+    # 4-bit Linears dequantized, the norms in their stored 16-bit values).
     for layer in (0, 1):
-        for name, qw in packed.load_layer(layer).items():
-            if name.endswith("_proj.weight"):
-                model.get_submodule(f"model.layers.{layer}.{name[:-len('.weight')]}").weight.data = qw.dequantize()
+        for name, value in packed.load_layer(layer).items():
+            stored = value.dequantize() if isinstance(value, QWeight) else value.float()
+            model.get_parameter(f"model.layers.{layer}.{name}").data = stored
     sequential = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
     ours = dict(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=256, max_windows=4, progress=False,
                                        forward_weights=lambda i: {k: v if isinstance(v, QWeight) else v.float()
