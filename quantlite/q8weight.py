@@ -39,6 +39,10 @@ class Q8Weight(BlockQuantized):
     method = METHOD          # what the manifest and repr call it
     n_outliers = 0           # the interface QWeight offers to size reports
 
+    def __post_init__(self) -> None:
+        self._check_tensors(lambda: {"qs": ((self.shape[0], self.padded_k), (torch.int8,)),
+                                     "scales": ((self.shape[0], self.n_blocks), (torch.float16,))})
+
     @property
     def device(self) -> torch.device:
         return self.qs.device

@@ -59,6 +59,27 @@ class BlockQuantized:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
+    def _check_tensors(self, expected) -> None:
+        """Sizes and dtypes every kernel relies on, checked however the weight was built (a hand-built
+        one whose tensors are smaller than its shape would make a native kernel read out of bounds).
+        expected() -> {field: (shape, dtypes)}, asked once the shape and block size are sane. Values
+        (scales, outliers' columns) are from_dict's to check; this costs no pass over the data."""
+        kind = type(self).__name__
+        if not (isinstance(self.shape, tuple) and len(self.shape) == 2 and all(isinstance(d, int) and d > 0 for d in self.shape)):
+            raise FormatError(f"{kind} shape {self.shape!r} must be two positive integers")
+        where = f"{kind}{tuple(self.shape)}"
+        if not (isinstance(self.block_size, int) and self.block_size > 0 and self.block_size % 2 == 0):
+            raise FormatError(f"{where}: block_size {self.block_size!r} must be a positive even integer")
+        device = None
+        for field, (shape, dtypes) in expected().items():
+            tensor = getattr(self, field)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
+                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise FormatError(f"{where}: {field} is {got}, expected {shape} of {', '.join(map(str, dtypes))}")
+            device = tensor.device if device is None else device
+            if tensor.device != device:
+                raise FormatError(f"{where}: {field} is on {tensor.device}, the tensors before it on {device}")
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so kernels can cache per weight
 class QWeight(BlockQuantized):
@@ -76,14 +97,10 @@ class QWeight(BlockQuantized):
     scale_group_step: torch.Tensor | None = None  # (ceil(N * Kp/B / 256),) float32
 
     def __post_init__(self) -> None:
-        """Sizes and dtypes every kernel relies on, checked however the QWeight was built (a hand-built
-        one whose `codes` are smaller than its shape would make the native kernel read out of bounds).
-        Values (scales, outliers' columns) are from_dict's to check; this costs no pass over the data."""
-        where = f"QWeight{tuple(self.shape)}"
-        if not (isinstance(self.shape, tuple) and len(self.shape) == 2 and all(isinstance(d, int) and d > 0 for d in self.shape)):
-            raise FormatError(f"QWeight shape {self.shape!r} must be two positive integers")
-        if not (isinstance(self.block_size, int) and self.block_size > 0 and self.block_size % 2 == 0):
-            raise FormatError(f"{where}: block_size {self.block_size!r} must be a positive even integer")
+        self._check_tensors(self._expected_tensors)
+
+    def _expected_tensors(self) -> dict[str, tuple[tuple, tuple]]:
+        """{field: (shape, dtypes)} of a QWeight of this shape and block size (docs/FORMAT.md, section 1)."""
         n, nb = self.shape[0], self.n_blocks
         expected = {"codebook": ((16,), (torch.float32,)), "codes": ((n, self.padded_k // 2), (torch.uint8,)),
                     "outlier_row_ptr": ((n + 1,), (torch.int32,)),
@@ -95,13 +112,7 @@ class QWeight(BlockQuantized):
             groups = -(-(n * nb) // SCALE_GROUP_SIZE)
             expected.update(scale_codes=((n, nb), (torch.uint8,)), scale_group_min=((groups,), (torch.float32,)),
                             scale_group_step=((groups,), (torch.float32,)))
-        for field, (shape, dtypes) in expected.items():
-            tensor = getattr(self, field)
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
-                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise FormatError(f"{where}: {field} is {got}, expected {shape} of {', '.join(map(str, dtypes))}")
-            if tensor.device != self.codes.device:
-                raise FormatError(f"{where}: {field} is on {tensor.device}, codes on {self.codes.device}")
+        return expected
 
     # ----------------------------------------------------------------- derived sizes
     @property

@@ -318,6 +318,7 @@ def test_a_hand_built_qweight_smaller_than_its_shape_never_reaches_the_kernel():
     from dataclasses import replace
 
     from quantlite.kernels.dispatch import qmatmul
+    from quantlite.q8weight import quantize_int8
 
     qw = quantize(torch.randn(64, 128), method="nf4", block_size=64)
     with pytest.raises(FormatError, match="codes is"):
@@ -328,6 +329,17 @@ def test_a_hand_built_qweight_smaller_than_its_shape_never_reaches_the_kernel():
     reference = x.double() @ qw.dequantize(torch.float64).T  # the intact weight still multiplies right
     # float32 sums of 128 products of O(1) terms: error ~ 128 * 2**-24 * |terms|, far below 1e-3
     assert torch.allclose(qmatmul(x, qw).double(), reference, rtol=1e-3, atol=1e-3)
+
+    # the same for the int8 weight of the head and embedding
+    q8 = quantize_int8(torch.randn(64, 128))
+    with pytest.raises(FormatError, match="qs is"):
+        replace(q8, qs=q8.qs[:1])
+    with pytest.raises(FormatError, match="scales is"):
+        replace(q8, scales=q8.scales.float())
+    with pytest.raises(FormatError, match="shape"):
+        replace(q8, shape=(64, -1))
+    reference = x.double() @ q8.dequantize(torch.float64).T
+    assert torch.allclose(qmatmul(x, q8).double(), reference, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
