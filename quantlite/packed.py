@@ -149,10 +149,7 @@ class PackedModel:
             return rows_read
         if f"{EMBEDDING}.qs" in shard.entries:  # a Q8Weight table: each row's int8 values and scales
             fields = {name: shard.read_slices(f"{EMBEDDING}.{name}", ranges) for name in ("qs", "scales")}
-            header = Q8Weight.from_dict({**shard.read_all([f"{EMBEDDING}.meta"]), **{
-                f"{EMBEDDING}.{name}": _stand_in(shard.entries[f"{EMBEDDING}.{name}"]) for name in ("qs", "scales")}},
-                prefix=EMBEDDING + ".", name=where, check_values=False)
-            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: header}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+            header = self._embedding_table(shard)
             subset = Q8Weight(shape=(len(ranges), header.shape[1]), block_size=header.block_size, **fields)
             return Q8Weight.from_dict(subset.to_dict(), name=f"{where} rows")  # every value of these rows checked
         table = self._embedding_table(shard)  # the whole table's small tensors, checked
@@ -182,12 +179,20 @@ class PackedModel:
         )
         return QWeight.from_dict(subset.to_dict(), name=f"{where} rows")  # every value of these rows checked
 
-    def _embedding_table(self, shard: SafetensorsFile) -> QWeight:
-        """The embedding QWeight's small tensors (meta, codebook, scale groups, outlier row pointers),
-        read and checked once per file state; codes, scales and outliers are left empty."""
+    def _embedding_table(self, shard: SafetensorsFile) -> QWeight | Q8Weight:
+        """The quantized embedding's small tensors (meta; for a QWeight also the codebook, scale groups
+        and outlier row pointers), read and checked once per file state; the row-sized tensors are
+        one-element stand-ins."""
         if self._embedding_index is not None and self._embedding_index[0] == shard.identity:
             return self._embedding_index[1]
         prefix = EMBEDDING + "."
+        if prefix + "qs" in shard.entries:  # a Q8Weight: the meta is all there is besides the rows
+            header = Q8Weight.from_dict({**shard.read_all([prefix + "meta"]), **{
+                prefix + name: _stand_in(shard.entries[prefix + name]) for name in ("qs", "scales")}},
+                prefix=prefix, name=f"{shard.path}: {EMBEDDING}", check_values=False)
+            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: header}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+            self._embedding_index = (shard.identity, header)
+            return header
         small = ("meta", "codebook", "scale_group_min", "scale_group_step", "outlier_row_ptr")
         fields = shard.read_all([prefix + name for name in small if prefix + name in shard.entries])
         # stand-ins of the right shapes and dtypes for the big fields, so that from_dict checks the rest
