@@ -50,12 +50,14 @@ def test_concat_rows_refuses_parts_that_differ(generator):
 # ------------------------------------------------------------------------------ fuse_projections
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """A random Llama (GQA, attention and MLP biases) converted twice: quantized with a 4-bit tied
-    head and embedding (every matmul native), and unquantized."""
+    """A random Llama (GQA, attention and MLP biases) converted three times: quantized with a 4-bit
+    tied head and embedding (every matmul native), with convert's defaults (an int8 tied head, also
+    native), and unquantized."""
     tmp_path = tmp_path_factory.mktemp("decode")
     reference, folder = build_checkpoint(tmp_path, module_generator(), tie_word_embeddings=True,
                                          attention_bias=True, mlp_bias=True)
     quantlite.convert(folder, tmp_path / "q4", embedding="q4", head="q4", progress=False)
+    quantlite.convert(folder, tmp_path / "default", progress=False)
     quantlite.convert(folder, tmp_path / "float", no_quantize=True, progress=False)
     return reference, tmp_path
 
@@ -107,6 +109,11 @@ def test_quantized_greedy_decode_matches_transformers(model_dirs):
     assert result.token_ids[0] == greedy.tolist()
     assert torch.get_num_threads() == threads
     assert seen == [1] * len(seen)  # inside the decode loop torch runs on one thread
+
+    with quantlite.load(tmp_path / "default") as model:  # the int8 head's kernel is native: the same policy
+        seen_default = []
+        model.generate(prompt, max_new_tokens=4, on_token=lambda row, token: seen_default.append(torch.get_num_threads()))
+    assert seen_default == [1] * len(seen_default) and seen_default
 
     s = result.stats
     assert s.decode_steps == 9 and s.decode_matmul_seconds > 0 and s.decode_attention_seconds > 0

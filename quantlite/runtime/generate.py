@@ -364,9 +364,11 @@ def _decode_threads(model):
     (docs/runtime.md). Prefill, and float weights (F.linear is torch's), keep every thread."""
     from quantlite.kernels import native
     from quantlite.kernels.dispatch import default_backend
+    from quantlite.q8weight import Q8Weight
     from quantlite.qweight import QWeight
 
-    quantized = model.packed.manifest["quantization"].get("method") is not None and isinstance(model.lm_head, QWeight)
+    quantized = (model.packed.manifest["quantization"].get("method") is not None
+                 and isinstance(model.lm_head, (QWeight, Q8Weight)))  # the head's matmul is native too
     if not (quantized and default_backend(model.device) == "cpu"):
         yield
         return
