@@ -155,6 +155,25 @@ class QWeight(BlockQuantized):
             dense[rows, self.outlier_cols.long()] += self.outlier_vals.to(compute)
         return dense.to(dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(rows), K): the rows (r,) int64 of dequantize(), bit for bit, decoding those rows only."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        n_blocks = self.padded_k // self.block_size
+        codes = self.codes[rows]  # (r, Kp // 2) uint8, low nibble = even column
+        levels = self.codebook.to(compute)[torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(len(rows), -1).long()]
+        if self.scales is not None:
+            scales = self.scales[rows].float()
+        else:  # decode_double_quant for these rows: a scale's group is its row-major index // 256
+            group = (rows[:, None] * n_blocks + torch.arange(n_blocks, device=rows.device)) // SCALE_GROUP_SIZE
+            scales = self.scale_group_min[group] + self.scale_codes[rows].float() * self.scale_group_step[group]
+        dense = (levels * scales.to(compute).repeat_interleave(self.block_size, dim=1))[:, : self.shape[1]]
+        row_ptr = self.outlier_row_ptr.long()
+        for i, row in enumerate(rows.tolist()):
+            start, end = int(row_ptr[row]), int(row_ptr[row + 1])
+            if end > start:
+                dense[i, self.outlier_cols[start:end].long()] += self.outlier_vals[start:end].to(compute)
+        return dense.to(dtype)
+
     def to(self, device: torch.device | str) -> "QWeight":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():

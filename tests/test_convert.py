@@ -21,7 +21,7 @@ from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.sources.hf import HFCheckpoint
-from quantlite.sources.llama_layout import LINEAR_WEIGHTS
+from quantlite.model_config import LINEAR_WEIGHTS
 from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
 
 # Relative Frobenius error of 4-bit NF4 on Gaussian weights is about 0.09-0.11 (SQNR ~20 dB,
@@ -113,7 +113,7 @@ def test_refuses_what_is_not_a_llama_checkpoint(tmp_path, generator):
     config = json.loads((src / "config.json").read_text())
 
     (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ConversionError, match="not a Llama model"):
+    with pytest.raises(ConversionError, match="not a Llama-family model"):
         convert(src, tmp_path / "out", progress=False)
 
     (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 208}))
