@@ -246,3 +246,61 @@ def test_gguf_converts_and_runs_like_transformers(gguf_case, generator):
     with quantlite.load(path.parent / "packed") as model, torch.no_grad():
         assert relative_error(model(input_ids), reference(input_ids).logits) <= 1e-4
         assert model.tokenizer.encode("ab!", add_special_tokens=False) == [BASE["vocab_size"] - 1, 0]
+
+
+# ------------------------------------------------------------------------------ chat templates
+# Templates written for this test in the manner of each family's own (ChatML for Qwen, with the
+# namespace, reversed scan, string methods and tojson that Qwen3's uses; [INST] for Mistral, with
+# raise_exception and alternation checks; Llama 3's header tokens): `generate --chat` renders them
+# in its sandbox exactly as transformers does.
+CHAT_TEMPLATES = {
+    "qwen": (
+        "{%- if messages[0].role == 'system' %}{{- '<|im_start|> system ' + (messages[0].content | tojson)[1:-1] + ' <|im_end|> ' }}"
+        "{%- else %}{{- '<|im_start|> system w0 <|im_end|> ' }}{%- endif %}"
+        "{%- set ns = namespace(last_query_index=messages|length - 1) %}"
+        "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+        "{%- if message.role == 'user' and message.content is string and not message.content.startswith('w9 ') %}"
+        "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+        "{%- for message in messages %}{%- if message.role != 'system' %}"
+        "{%- set content = message.content.split('</think>')[-1] | trim %}"
+        "{{- '<|im_start|> ' + message.role + ' ' + content + ' <|im_end|> ' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|> assistant ' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- 'w3 w4 ' }}{%- endif %}{%- endif %}"
+    ),
+    "mistral": (
+        "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+        "{{- bos_token }}{%- for message in loop_messages %}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{- raise_exception('roles must alternate user/assistant') }}{%- endif %}"
+        "{%- if message['role'] == 'user' %}{%- if loop.last and system is defined %}"
+        "{{- ' w5 ' + system + ' ' + message['content'] + ' w6 ' }}{%- else %}{{- ' w5 ' + message['content'] + ' w6 ' }}"
+        "{%- endif %}{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    ),
+    "llama": (
+        "{{- bos_token }}{%- for message in messages %}"
+        "{{- ' <|im_start|> ' + message['role'] + ' w7 ' + message['content'] | trim + ' ' + eos_token }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- ' <|im_start|> assistant w7 ' }}{%- endif %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("style", list(CHAT_TEMPLATES))
+def test_chat_templates_of_each_family_render_as_transformers_does(style, tmp_path):
+    from test_generate import write_tokenizer
+
+    from quantlite.runtime.generate import GenerationError, Tokenizer
+
+    write_tokenizer(tmp_path)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": CHAT_TEMPLATES[style]}))
+    ours = Tokenizer(tmp_path)
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    conversation = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w10 w11"},
+                    {"role": "assistant", "content": "w12 </think> w13"}, {"role": "user", "content": "w14"}]
+    for messages in (conversation, conversation[1:], conversation[-1:]):
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.apply_chat_template(messages) == expected
+    if style == "mistral":
+        with pytest.raises(GenerationError, match="alternate"):
+            ours.apply_chat_template(conversation[1:2] * 2)
