@@ -45,8 +45,8 @@ from quantlite.packed import (
     group_tensors, layer_file, sha256_file,
 )
 from quantlite.q8weight import Q8Weight, quantize_int8
-from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight, concat_rows
-from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, concat_rows
+from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
 from quantlite.calibration import SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING
 from quantlite.model_config import EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
@@ -424,12 +424,9 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
                     no_quantize, workers) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not (isinstance(block_size, int) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
-            and block_size % BLOCK_SIZE_MULTIPLE == 0):
-        raise ConversionError(f"block size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if not 0.0 <= frac <= MAX_OUTLIER_FRAC:
-        raise ConversionError(f"outlier fraction {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if block_size_problem(block_size) or outlier_frac_problem(frac):
+        raise ConversionError(block_size_problem(block_size) or outlier_frac_problem(frac))
     if max_bits_per_weight is None and outlier_frac is None:
         max_bits_per_weight = METHODS[method].max_bits_per_weight  # the default fraction comes with its cap
     if max_bits_per_weight is not None and not (

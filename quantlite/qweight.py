@@ -28,6 +28,7 @@ from quantlite.errors import FormatError
 
 FORMAT_NAME = "quantlite.qweight"
 FORMAT_VERSION = 1
+# The block sizes the format allows; csrc/include/quantlite_checks.h (QL_*_BLOCK_SIZE) says the same.
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, BLOCK_SIZE_MULTIPLE = 32, 256, 16
 SCALE_GROUP_SIZE = 256  # scales per fp32 (min, step) pair in double quantization
 MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
@@ -395,6 +396,13 @@ def stored_nbytes(
     return size
 
 
+def block_size_problem(block_size: object) -> str | None:
+    """Why `block_size` is not a block size the format allows, or None: the one statement of the rule."""
+    if _is_int(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size % BLOCK_SIZE_MULTIPLE == 0:
+        return None
+    return f"block_size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
+
+
 def _meta_json(shape: tuple[int, int], block_size: int, method: str) -> bytes:
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shape": list(shape), "block_size": block_size, "method": method}
     return json.dumps(meta, sort_keys=True).encode()
@@ -416,8 +424,8 @@ def parse_meta(meta: torch.Tensor, fail, format_name: str = FORMAT_NAME, version
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
         raise fail(f"shape {shape!r} must be two positive integers below 2**31")
     block = parsed.get("block_size")
-    if not (_is_int(block) and MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE and block % BLOCK_SIZE_MULTIPLE == 0):
-        raise fail(f"block_size {block!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+    if block_size_problem(block):
+        raise fail(block_size_problem(block))
     if math.prod(shape) > 2**40:
         raise fail(f"shape {shape} is absurdly large")
     return parsed

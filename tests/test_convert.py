@@ -172,9 +172,9 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"method": "gptq"}, "unknown method"),
-    ({"block_size": 48 + 1}, "block size"),
-    ({"block_size": 512}, "block size"),
-    ({"outlier_frac": 0.5}, "outlier fraction"),
+    ({"block_size": 48 + 1}, "block_size 49"),
+    ({"block_size": 512}, "block_size 512"),
+    ({"outlier_frac": 0.5}, "outlier_frac 0.5"),
     ({"max_bits_per_weight": -1.0}, "max bits per weight"),
     ({"workers": 0}, "workers"),
     ({"head": "q2"}, "head width 'q2' is not one of q8, q4, float"),
