@@ -1,4 +1,5 @@
-"""convert(src, out): a Hugging Face Llama folder or a GGUF file -> a packed directory (docs/FORMAT.md).
+"""convert(src, out): a Hugging Face folder or a GGUF file of a Llama-family model (quantlite.model_config)
+-> a packed directory (docs/FORMAT.md).
 
 The work is one job per output file (embedding, each decoder layer, final norm/head). A job reads its
 tensors one at a time, quantizes the Linear weights, and writes one safetensors file under a temporary
@@ -157,7 +158,7 @@ def convert(
     calibration_windows: int = 16,
     calibration_ctx: int = 512,
 ) -> ConversionSummary:
-    """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
+    """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS); the output head and the embedding as `head` and `embedding` say

@@ -82,7 +82,7 @@ def default_backend(device: torch.device | str) -> str:
 def fused_kernel_live(device: torch.device | str) -> bool:
     """Whether qmatmul runs a fused kernel for x on `device` by default: those take the prepared layout
     (kernels.prepared), the torch reference does not, so preparing for it would only cost memory."""
-    return _default_choice(torch.device(device).type) != "torch"
+    return default_backend(device) != "torch"
 
 
 def available_backends() -> dict[str, str | None]:
