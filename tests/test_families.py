@@ -304,3 +304,16 @@ def test_chat_templates_of_each_family_render_as_transformers_does(style, tmp_pa
     if style == "mistral":
         with pytest.raises(GenerationError, match="alternate"):
             ours.apply_chat_template(conversation[1:2] * 2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_to_transformers_builds_the_familys_own_class(family, tmp_path, generator):
+    """The packed model as its transformers class (QLinear over the packed QWeights) computes what the
+    streaming runtime computes: both are the same quantized model."""
+    _, folder = build(family, generator, tmp_path)
+    quantlite.convert(folder, tmp_path / "packed", progress=False)
+    rebuilt = quantlite.to_transformers(tmp_path / "packed")
+    assert type(rebuilt).__name__ == FAMILIES[family].architecture
+    input_ids = torch.randint(0, BASE["vocab_size"], (2, 3 * WINDOW), generator=generator)
+    with quantlite.load(tmp_path / "packed") as model, torch.no_grad():
+        assert relative_error(model(input_ids), rebuilt(input_ids).logits) <= 1e-3
