@@ -98,8 +98,8 @@ def read_model_config(config: object, error: Callable[[str], Exception] = ModelC
     that is malformed or that the runtime cannot run exactly."""
     if not isinstance(config, dict):
         raise error("config is not a JSON object")
-    family = _family(config, error)
     _check_value_types(config, error)
+    family = _family(config, error)
 
     def count(key: str, default: int | None = None, limit: int = MAX_DIMENSION) -> int:
         value = config.get(key)
