@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoint is written")
     args = parser.parse_args()
 
-    from quantlite.sources.llama_layout import all_shapes, llama_dims  # no torch: see WRITE_CHECKPOINT
+    from quantlite.model_config import all_shapes, read_model_config  # no torch: see WRITE_CHECKPOINT
 
     config = {**CONFIG, "num_hidden_layers": args.layers}
-    shapes = all_shapes(llama_dims(config, ValueError))
+    shapes = all_shapes(read_model_config(config, ValueError))
     largest = max(math.prod(s) for s in shapes.values()) * 2  # fp16
     folder = Path(tempfile.mkdtemp(prefix="quantlite-convert-memory-", dir=args.scratch))
     try:

@@ -24,11 +24,23 @@ part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from quantlite.errors import QuantliteError
+
+# calibration="self" (convert --calibration self): the text is sampled from the unquantized model itself,
+# one sequence per window, each starting from one of these prompts, by the runtime from a float copy of
+# the model kept in OUT/SELF_CALIBRATION_DIR while it runs.
+SELF_CALIBRATION = "self"
+SELF_CALIBRATION_DIR = ".quantlite-self-calibration"
+SELF_CALIBRATION_PROMPTS = ("The", "In 1998,", "Once upon a time", "Scientists have", "The history of", "A recipe for",
+                            "def main():", "Dear", "The following", "According to", "She said", "In mathematics,",
+                            "The city of", "Chapter 1", "Breaking news:", "My favorite")
+SELF_CALIBRATION_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 0}
 
 
 class CalibrationError(QuantliteError, ValueError):
@@ -106,7 +118,7 @@ def iter_layer_input_stats(
     from quantlite.runtime import llama
 
     _check_token_ids(token_ids)
-    config = llama.config_from_hf(source.config)
+    config = source.model_config
     windows = torch.stack([token_ids[s : s + ctx] for s in window_starts(token_ids.numel(), ctx, max_windows)])
     cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
 
@@ -134,6 +146,26 @@ def iter_layer_input_stats(
         yield layer, moments.means()
         if forward_weights is not None:
             run_layer(layer, forward_weights(layer), update=True)
+
+
+def sampled_calibration_text(write_float_copy: Callable[[], object], scratch: Path, calibration: dict,
+                             progress: bool) -> str:
+    """Text the unquantized model writes itself: one sequence per calibration window
+    (calibration["windows"]), a prompt of SELF_CALIBRATION_PROMPTS continued by calibration["ctx"]
+    tokens sampled with calibration["sampling"], generated as one batch by the streaming runtime from
+    the float copy of the model that write_float_copy() puts in `scratch` (removed after)."""
+    from tqdm import tqdm
+
+    from quantlite.runtime.streaming import load
+
+    write_float_copy()
+    prompts = [SELF_CALIBRATION_PROMPTS[i % len(SELF_CALIBRATION_PROMPTS)] for i in range(calibration["windows"])]
+    with load(scratch) as model, tqdm(total=len(prompts) * calibration["ctx"], unit="token", unit_scale=True,
+                                      desc="calibration text", disable=not progress) as bar:
+        result = model.generate(prompts, max_new_tokens=calibration["ctx"], on_token=lambda _row, _token: bar.update(),
+                                **calibration["sampling"])
+    shutil.rmtree(scratch)
+    return "\n\n".join(prompt + text for prompt, text in zip(prompts, result.texts))
 
 
 def _check_token_ids(token_ids: torch.Tensor) -> None:

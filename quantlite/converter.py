@@ -1,4 +1,5 @@
-"""convert(src, out): a Hugging Face Llama folder or a GGUF file -> a packed directory (docs/FORMAT.md).
+"""convert(src, out): a Hugging Face folder or a GGUF file of a Llama-family model (quantlite.model_config)
+-> a packed directory (docs/FORMAT.md).
 
 The work is one job per output file (embedding, each decoder layer, final norm/head). A job reads its
 tensors one at a time, quantizes the Linear weights, and writes one safetensors file under a temporary
@@ -45,10 +46,11 @@ from quantlite.packed import (
     group_tensors, layer_file, sha256_file,
 )
 from quantlite.q8weight import Q8Weight, quantize_int8
-from quantlite.qweight import BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SCALE_GROUP_SIZE, QWeight, concat_rows
-from quantlite.quantizer import MAX_OUTLIER_FRAC, METHODS, quantize
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, concat_rows
+from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
-from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LINEAR_WEIGHTS, LM_HEAD, LAYER_NAME
+from quantlite.calibration import SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING
+from quantlite.model_config import EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
 from quantlite.untrusted import parse_json
@@ -63,14 +65,6 @@ DEFAULT_WIDTH = "q8"
 # Unquantized tensors (norms, a float head) are stored in 16 bits: the source's own 16-bit dtype, and
 # bfloat16 for a float32 source (its range, unlike float16's, is float32's). The runtime computes in float32.
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# calibration="self": the text is sampled from the unquantized model itself, one sequence per window,
-# each starting from one of these prompts, by the runtime from a float copy of the model kept here.
-SELF_CALIBRATION = "self"
-SELF_CALIBRATION_DIR = ".quantlite-self-calibration"
-SELF_CALIBRATION_PROMPTS = ("The", "In 1998,", "Once upon a time", "Scientists have", "The history of", "A recipe for",
-                            "def main():", "Dear", "The following", "According to", "She said", "In mathematics,",
-                            "The city of", "Chapter 1", "Breaking news:", "My favorite")
-SELF_CALIBRATION_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 0}
 TEMP_SUFFIX = ".partial"
 # Rows of a large weight are quantized in chunks of at most this many weights: quantize() keeps about
 # ten float32 temporaries of its input's size, so a 4M-weight chunk costs ~160 MB whatever the tensor.
@@ -164,7 +158,7 @@ def convert(
     calibration_windows: int = 16,
     calibration_ctx: int = 512,
 ) -> ConversionSummary:
-    """Convert `src` (HF Llama folder or .gguf file) into the packed directory `out`.
+    """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS); the output head and the embedding as `head` and `embedding` say
@@ -185,7 +179,7 @@ def convert(
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
-    if source.dims.tied and settings.head != settings.embedding and not no_quantize:
+    if source.model_config.tie_word_embeddings and settings.head != settings.embedding and not no_quantize:
         raise ConversionError(
             f"this model ties lm_head to the embedding, one matrix: give --head and --embedding the same width "
             f"(got head {settings.head}, embedding {settings.embedding})"
@@ -385,25 +379,6 @@ def _is_self_calibration(text_file) -> bool:
     return isinstance(text_file, str) and text_file == SELF_CALIBRATION
 
 
-def _sampled_calibration_text(source, out: Path, calibration: dict, progress: bool) -> str:
-    """Text the unquantized model writes itself: one sequence per calibration window, a prompt of
-    SELF_CALIBRATION_PROMPTS continued by ctx sampled tokens, generated as one batch by the streaming
-    runtime from a float copy of the model in OUT/.quantlite-self-calibration (removed after)."""
-    from tqdm import tqdm
-
-    from quantlite.runtime.streaming import load
-
-    scratch = out / SELF_CALIBRATION_DIR
-    convert(source.path, scratch, no_quantize=True, overwrite=True, progress=False)
-    prompts = [SELF_CALIBRATION_PROMPTS[i % len(SELF_CALIBRATION_PROMPTS)] for i in range(calibration["windows"])]
-    with load(scratch) as model, tqdm(total=len(prompts) * calibration["ctx"], unit="token", unit_scale=True,
-                                      desc="calibration text", disable=not progress) as bar:
-        result = model.generate(prompts, max_new_tokens=calibration["ctx"], on_token=lambda _row, _token: bar.update(),
-                                **calibration["sampling"])
-    shutil.rmtree(scratch)
-    return "\n\n".join(prompt + text for prompt, text in zip(prompts, result.texts))
-
-
 def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,
                        progress: bool):
     """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
@@ -412,12 +387,14 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
     from transformers import AutoTokenizer
 
-    from quantlite.calibration import iter_layer_input_stats
+    from quantlite.calibration import iter_layer_input_stats, sampled_calibration_text
 
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
     calibration = settings.calibration
     if _is_self_calibration(text_file):
-        text = _sampled_calibration_text(source, out, calibration, progress)
+        scratch = out / SELF_CALIBRATION_DIR
+        text = sampled_calibration_text(
+            lambda: convert(source.path, scratch, no_quantize=True, overwrite=True, progress=False), scratch, calibration, progress)
     else:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
@@ -448,12 +425,9 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
                     no_quantize, workers) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not (isinstance(block_size, int) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
-            and block_size % BLOCK_SIZE_MULTIPLE == 0):
-        raise ConversionError(f"block size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if not 0.0 <= frac <= MAX_OUTLIER_FRAC:
-        raise ConversionError(f"outlier fraction {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if block_size_problem(block_size) or outlier_frac_problem(frac):
+        raise ConversionError(block_size_problem(block_size) or outlier_frac_problem(frac))
     if max_bits_per_weight is None and outlier_frac is None:
         max_bits_per_weight = METHODS[method].max_bits_per_weight  # the default fraction comes with its cap
     if max_bits_per_weight is not None and not (
@@ -473,10 +447,10 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
 def _plan(source) -> dict[str, list[str]]:
     """Output file -> the HF tensor names it holds, in the order they are written."""
     plan = {EMBEDDING_FILE: [EMBEDDING]}
-    for layer in range(source.dims.layers):
+    for layer in range(source.model_config.num_layers):
         prefix = f"model.layers.{layer}."
         plan[layer_file(layer)] = sorted(n for n in source.shapes if n.startswith(prefix))
-    plan[FINAL_FILE] = [FINAL_NORM] + ([] if source.dims.tied else [LM_HEAD])
+    plan[FINAL_FILE] = [FINAL_NORM] + ([] if source.model_config.tie_word_embeddings else [LM_HEAD])
     return plan
 
 
@@ -685,7 +659,7 @@ def _manifest(source, settings: Settings, plan: dict, done: dict, created: str) 
         "version": FORMAT_VERSION,
         "config": source.config,
         "quantization": settings.as_manifest(),
-        "layout": {"embedding": EMBEDDING_FILE, "layers": [layer_file(i) for i in range(source.dims.layers)],
+        "layout": {"embedding": EMBEDDING_FILE, "layers": [layer_file(i) for i in range(source.model_config.num_layers)],
                    "final": FINAL_FILE, "tokenizer": TOKENIZER_DIR},
         "files": files,
         "tensors": tensors,

@@ -22,7 +22,7 @@ from quantlite.errors import FormatError
 from quantlite.q8weight import Q8Weight, read_quantized
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 from quantlite.sources.checksum import sha256_file
-from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
+from quantlite.model_config import EMBEDDING, ModelConfig, final_shapes, layer_shapes, read_model_config
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
 from quantlite.untrusted import check_regular_file, read_json
@@ -88,11 +88,15 @@ class PackedModel:
         self.path = path
         self.manifest = manifest
         self.config: dict = manifest["config"]
-        self.dims = llama_dims(self.config, lambda m: FormatError(f"{path / MANIFEST}: config: {m}"))
-        self.num_layers: int = self.dims.layers
+        self.model_config: ModelConfig = read_model_config(self.config, lambda m: FormatError(f"{path / MANIFEST}: config: {m}"))
+        self.num_layers: int = self.model_config.num_layers
         # shard name -> SafetensorsFile.identity of its last read whose values passed every check
         self._values_checked: dict[str, tuple] = {}
         self._embedding_index: tuple | None = None  # (file identity, the embedding QWeight's small tensors)
+
+    @property
+    def _embedding_shape(self) -> tuple[int, int]:
+        return (self.model_config.vocab_size, self.model_config.hidden_size)
 
     @classmethod
     def open(cls, path: str | Path) -> "PackedModel":
@@ -116,19 +120,19 @@ class PackedModel:
         """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`."""
         prefix = f"model.layers.{index}."
         loaded = self._load(self._layer_name(index))
-        expected = {prefix + name: shape for name, shape in layer_shapes(self.dims).items()}
+        expected = {prefix + name: shape for name, shape in layer_shapes(self.model_config).items()}
         self._check_names_and_shapes(self._layer_name(index), loaded, expected)
         return {name[len(prefix):]: value for name, value in loaded.items()}
 
     def load_embedding(self) -> torch.Tensor | QWeight:
-        expected = {EMBEDDING: (self.dims.vocab, self.dims.hidden)}
+        expected = {EMBEDDING: self._embedding_shape}
         loaded = self._load(EMBEDDING_FILE)
         self._check_names_and_shapes(EMBEDDING_FILE, loaded, expected)
         return loaded[EMBEDDING]
 
     def load_final(self) -> dict[str, torch.Tensor | QWeight]:
         loaded = self._load(FINAL_FILE)
-        self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.dims))
+        self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.model_config))
         return loaded
 
     def load_embedding_rows(self, rows: torch.Tensor) -> torch.Tensor | QWeight | Q8Weight:
@@ -143,7 +147,7 @@ class PackedModel:
         ranges = [(row, row + 1) for row in rows.tolist()]
         if EMBEDDING in shard.entries:  # a plain table
             self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: _stand_in(shard.entries[EMBEDDING])},
-                                         {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+                                         {EMBEDDING: self._embedding_shape})
             rows_read = shard.read_slices(EMBEDDING, ranges)
             _check_finite(rows_read, f"{where} rows")
             return rows_read
@@ -190,7 +194,7 @@ class PackedModel:
             header = Q8Weight.from_dict({**shard.read_all([prefix + "meta"]), **{
                 prefix + name: _stand_in(shard.entries[prefix + name]) for name in ("qs", "scales")}},
                 prefix=prefix, name=f"{shard.path}: {EMBEDDING}", check_values=False)
-            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: header}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+            self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: header}, {EMBEDDING: self._embedding_shape})
             self._embedding_index = (shard.identity, header)
             return header
         small = ("meta", "codebook", "scale_group_min", "scale_group_step", "outlier_row_ptr")
@@ -201,7 +205,7 @@ class PackedModel:
             if entry is not None:
                 fields[prefix + name] = _stand_in(entry)
         table = QWeight.from_dict(fields, prefix=prefix, name=f"{shard.path}: {EMBEDDING}", check_values=False)
-        self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: table}, {EMBEDDING: (self.dims.vocab, self.dims.hidden)})
+        self._check_names_and_shapes(EMBEDDING_FILE, {EMBEDDING: table}, {EMBEDDING: self._embedding_shape})
         ptr = table.outlier_row_ptr.long()
         nnz = shard.entries[prefix + "outlier_vals"].shape[0] if prefix + "outlier_vals" in shard.entries else 0
         if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):

@@ -19,7 +19,7 @@ import torch
 
 from quantlite.errors import QuantizationInputError
 from quantlite.qweight import (
-    BLOCK_SIZE_MULTIPLE, MAX_BLOCK_SIZE, MAX_META_BYTES, MIN_BLOCK_SIZE, BlockQuantized, QWeight, _expect, _is_int,
+    MAX_META_BYTES, BlockQuantized, QWeight, _expect, block_size_problem,
     field_reader, parse_meta,
 )
 
@@ -101,9 +101,8 @@ def quantize_int8(w: torch.Tensor, block_size: int = 64, name: str | None = None
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
         raise QuantizationInputError(f"{label}quantize_int8 needs a non-empty 2-D float tensor, got "
                                      f"{getattr(w, 'shape', type(w).__name__)}")
-    if not (_is_int(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size % BLOCK_SIZE_MULTIPLE == 0):
-        raise QuantizationInputError(f"{label}block size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} "
-                                     f"in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+    if block_size_problem(block_size):
+        raise QuantizationInputError(f"{label}{block_size_problem(block_size)}")
     if not bool(torch.isfinite(w).all()):
         raise QuantizationInputError(f"{label}the weight holds NaN or infinity")
     n, k = w.shape

@@ -22,16 +22,19 @@ from quantlite.errors import QuantizationInputError
 from quantlite.gptq import gptq_codes
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
-    BLOCK_SIZE_MULTIPLE,
-    MAX_BLOCK_SIZE,
-    MIN_BLOCK_SIZE,
     SCALE_GROUP_SIZE,
     QWeight,
+    block_size_problem,
     decode_double_quant,
     stored_nbytes,
 )
 
 MAX_OUTLIER_FRAC = 0.25
+
+
+def outlier_frac_problem(outlier_frac: float) -> str | None:
+    """Why `outlier_frac` is not a fraction quantize() takes, or None: the one statement of the rule."""
+    return None if 0.0 <= outlier_frac <= MAX_OUTLIER_FRAC else f"outlier_frac {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]"
 FLOAT16_MAX = 65504.0
 
 
@@ -193,14 +196,8 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits
             f"{label} holds {w[row, col].item()} at position ({row}, {col}), beyond float16's range "
             f"(+-{FLOAT16_MAX:g}) in which scales and outliers are stored"
         )
-    if not isinstance(block_size, int) or not (
-        MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size % BLOCK_SIZE_MULTIPLE == 0
-    ):
-        raise QuantizationInputError(
-            f"block_size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
-        )
-    if not 0.0 <= outlier_frac <= MAX_OUTLIER_FRAC:
-        raise QuantizationInputError(f"outlier_frac {outlier_frac!r} must be in [0, {MAX_OUTLIER_FRAC}]")
+    if block_size_problem(block_size) or outlier_frac_problem(outlier_frac):
+        raise QuantizationInputError(block_size_problem(block_size) or outlier_frac_problem(outlier_frac))
     if scale_dtype not in (torch.float16, torch.float32):
         raise QuantizationInputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
     if max_bits_per_weight is not None and not (

@@ -28,6 +28,7 @@ from quantlite.errors import FormatError
 
 FORMAT_NAME = "quantlite.qweight"
 FORMAT_VERSION = 1
+# The block sizes the format allows; csrc/include/quantlite_checks.h (QL_*_BLOCK_SIZE) says the same.
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, BLOCK_SIZE_MULTIPLE = 32, 256, 16
 SCALE_GROUP_SIZE = 256  # scales per fp32 (min, step) pair in double quantization
 MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
@@ -153,6 +154,25 @@ class QWeight(BlockQuantized):
                 torch.arange(n, device=self.device), torch.diff(self.outlier_row_ptr.long())
             )
             dense[rows, self.outlier_cols.long()] += self.outlier_vals.to(compute)
+        return dense.to(dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(rows), K): the rows (r,) int64 of dequantize(), bit for bit, decoding those rows only."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        n_blocks = self.padded_k // self.block_size
+        codes = self.codes[rows]  # (r, Kp // 2) uint8, low nibble = even column
+        levels = self.codebook.to(compute)[torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(len(rows), -1).long()]
+        if self.scales is not None:
+            scales = self.scales[rows].float()
+        else:  # decode_double_quant for these rows: a scale's group is its row-major index // 256
+            group = (rows[:, None] * n_blocks + torch.arange(n_blocks, device=rows.device)) // SCALE_GROUP_SIZE
+            scales = self.scale_group_min[group] + self.scale_codes[rows].float() * self.scale_group_step[group]
+        dense = (levels * scales.to(compute).repeat_interleave(self.block_size, dim=1))[:, : self.shape[1]]
+        row_ptr = self.outlier_row_ptr.long()
+        for i, row in enumerate(rows.tolist()):
+            start, end = int(row_ptr[row]), int(row_ptr[row + 1])
+            if end > start:
+                dense[i, self.outlier_cols[start:end].long()] += self.outlier_vals[start:end].to(compute)
         return dense.to(dtype)
 
     def to(self, device: torch.device | str) -> "QWeight":
@@ -376,6 +396,13 @@ def stored_nbytes(
     return size
 
 
+def block_size_problem(block_size: object) -> str | None:
+    """Why `block_size` is not a block size the format allows, or None: the one statement of the rule."""
+    if _is_int(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size % BLOCK_SIZE_MULTIPLE == 0:
+        return None
+    return f"block_size {block_size!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
+
+
 def _meta_json(shape: tuple[int, int], block_size: int, method: str) -> bytes:
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shape": list(shape), "block_size": block_size, "method": method}
     return json.dumps(meta, sort_keys=True).encode()
@@ -397,8 +424,8 @@ def parse_meta(meta: torch.Tensor, fail, format_name: str = FORMAT_NAME, version
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
         raise fail(f"shape {shape!r} must be two positive integers below 2**31")
     block = parsed.get("block_size")
-    if not (_is_int(block) and MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE and block % BLOCK_SIZE_MULTIPLE == 0):
-        raise fail(f"block_size {block!r} must be a multiple of {BLOCK_SIZE_MULTIPLE} in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+    if block_size_problem(block):
+        raise fail(block_size_problem(block))
     if math.prod(shape) > 2**40:
         raise fail(f"shape {shape} is absurdly large")
     return parsed

@@ -21,7 +21,7 @@ from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.sources.hf import HFCheckpoint
-from quantlite.sources.llama_layout import LINEAR_WEIGHTS
+from quantlite.model_config import LINEAR_WEIGHTS
 from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
 
 # Relative Frobenius error of 4-bit NF4 on Gaussian weights is about 0.09-0.11 (SQNR ~20 dB,
@@ -113,7 +113,7 @@ def test_refuses_what_is_not_a_llama_checkpoint(tmp_path, generator):
     config = json.loads((src / "config.json").read_text())
 
     (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ConversionError, match="not a Llama model"):
+    with pytest.raises(ConversionError, match="not a Llama-family model"):
         convert(src, tmp_path / "out", progress=False)
 
     (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 208}))
@@ -172,9 +172,9 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"method": "gptq"}, "unknown method"),
-    ({"block_size": 48 + 1}, "block size"),
-    ({"block_size": 512}, "block size"),
-    ({"outlier_frac": 0.5}, "outlier fraction"),
+    ({"block_size": 48 + 1}, "block_size 49"),
+    ({"block_size": 512}, "block_size 512"),
+    ({"outlier_frac": 0.5}, "outlier_frac 0.5"),
     ({"max_bits_per_weight": -1.0}, "max bits per weight"),
     ({"workers": 0}, "workers"),
     ({"head": "q2"}, "head width 'q2' is not one of q8, q4, float"),

@@ -89,6 +89,7 @@ def test_default_choice_order(device, status, expected, monkeypatch):
     full = {"cuda": "off", "triton": "off", "cpu": "off", "torch": None} | status
     monkeypatch.setattr(dispatch, "_backend_status", lambda: tuple(full.items()))
     assert dispatch.default_backend(device) == expected
+    assert dispatch.fused_kernel_live(device) is (expected != "torch")  # the loader prepares layouts only then
 
 
 def test_named_backend_that_is_dead_raises_with_its_reason(monkeypatch):

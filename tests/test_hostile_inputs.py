@@ -30,7 +30,7 @@ from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
 from quantlite.runtime.generate import GenerationError, Tokenizer
 from quantlite.sources import open_source
-from quantlite.sources.llama_layout import llama_dims
+from quantlite.model_config import read_model_config
 from quantlite.sources.synthetic import TINY_CONFIG, write_random_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,22 +266,17 @@ CONFIG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.f
                             "max_position_embeddings", "hidden_act", "architectures", "partial_rotary_factor"]),
        value=CONFIG_VALUES)
 def test_a_config_that_passes_validation_is_one_the_runtime_can_use(key, value):
-    """Whatever the value: refused with our error, or accepted and then read by the runtime without a
-    crash, flags as real booleans ("false" is never read as True)."""
-    from quantlite.runtime.llama import ModelConfigError, config_from_hf
-
+    """Whatever the value: refused with our error, or accepted with every value the runtime reads
+    usable, flags as real booleans ("false" is never read as True). The one description
+    (quantlite.model_config) is what convert, the packed reader and the runtime all use."""
     config = {**SMALL, key: value}
     try:
-        dims = llama_dims(config, ConversionError)
+        described = read_model_config(config, ConversionError)
     except ConversionError:
         return
     if key == "tie_word_embeddings":
-        assert value in (None, True, False) and dims.tied is bool(value)
-    try:
-        runtime = config_from_hf(config)
-    except ModelConfigError:
-        return  # the runtime's own refusal (e.g. an unknown rope type) is one clear error too
-    assert math.isfinite(runtime.rms_norm_eps) and math.isfinite(runtime.rope_theta)
+        assert value in (None, True, False) and described.tie_word_embeddings is bool(value)
+    assert math.isfinite(described.rms_norm_eps) and math.isfinite(described.rope_theta)
 
 
 def test_a_string_flag_is_refused_not_read_as_true(source, tmp_path):
@@ -380,13 +375,13 @@ def write_tiny_gguf(path: Path, odd_tensor: str | None = None) -> None:
     import numpy as np
 
     from quantlite.sources.gguf_file import GGUF_LAYER_NAMES, GGUF_NAMES
-    from quantlite.sources.llama_layout import all_shapes
+    from quantlite.model_config import all_shapes
 
-    dims = llama_dims(SMALL, ValueError)
+    dims = read_model_config(SMALL, ValueError)
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("context_length", 256), ("block_count", 1), ("feed_forward_length", dims.intermediate),
-                       ("embedding_length", dims.hidden), ("attention.head_count", dims.heads),
-                       ("attention.head_count_kv", dims.kv_heads), ("vocab_size", dims.vocab)]:
+    for key, value in [("context_length", 256), ("block_count", 1), ("feed_forward_length", dims.intermediate_size),
+                       ("embedding_length", dims.hidden_size), ("attention.head_count", dims.num_heads),
+                       ("attention.head_count_kv", dims.num_kv_heads), ("vocab_size", dims.vocab_size)]:
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     to_gguf = {hf: name for name, hf in GGUF_NAMES.items()} | {

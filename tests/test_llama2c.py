@@ -23,6 +23,20 @@ def test_greedy_decode_matches_llama2c(stories260k_hf):
     assert tokenizer("Once upon a time").input_ids == [1, *GOLDEN_IDS[:4]]
 
 
+def test_streaming_runtime_decodes_the_golden_ids(stories260k_hf, tmp_path):
+    """Our own runtime, not transformers: the float conversion of stories260K, greedy from BOS through
+    the KV cache, gives llama2.c's ids; so does the prompt's first pass (one forward, no cache)."""
+    import quantlite
+
+    quantlite.convert(stories260k_hf, tmp_path / "packed", no_quantize=True, progress=False)
+    with quantlite.load(tmp_path / "packed") as model:
+        result = model.generate([1], max_new_tokens=len(GOLDEN_IDS))
+        assert result.token_ids[0] == GOLDEN_IDS
+        assert model.tokenizer.decode(result.token_ids[0]).startswith(GOLDEN_TEXT)
+        logits = model(torch.tensor([[1, *GOLDEN_IDS[:-1]]]))  # (1, 24, vocab)
+        assert logits[0].argmax(-1).tolist() == GOLDEN_IDS
+
+
 def test_config_describes_the_checkpoint(stories260k_hf):
     import json
 

@@ -93,7 +93,7 @@ def test_manifest_paths_outside_the_format_are_refused(packed, bad_path):
     (lambda m: m["files"][EMBEDDING_FILE].update(size=-1), "absurd size"),
     (lambda m: m["files"][EMBEDDING_FILE].update(sha256="xyz"), "sha256"),
     (lambda m: m["files"].pop(layer_file(1)), "does not list layer-00001"),
-    (lambda m: m["config"].update(model_type="gpt2", architectures=[]), "not a Llama model"),
+    (lambda m: m["config"].update(model_type="gpt2", architectures=[]), "not a Llama-family model"),
     (lambda m: m["config"].update(num_hidden_layers=10**9), "num_hidden_layers"),
 ])
 def test_lying_manifests_are_refused(packed, change, message):

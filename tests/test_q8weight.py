@@ -82,7 +82,7 @@ def test_the_reader_rejects_bad_int8_tensors(generator, damage, message):
 def test_quantize_int8_refuses_what_it_cannot_store():
     with pytest.raises(QuantizationInputError, match="2-D float"):
         quantize_int8(torch.zeros(4, dtype=torch.float32))
-    with pytest.raises(QuantizationInputError, match="block size 24"):
+    with pytest.raises(QuantizationInputError, match="block_size 24"):
         quantize_int8(torch.zeros(4, 64), 24)
     with pytest.raises(QuantizationInputError, match="NaN or infinity"):
         quantize_int8(torch.full((2, 64), float("inf")))

@@ -196,3 +196,14 @@ def test_version_must_be_the_integer_1(version):
     base = quantize(torch.linspace(-1, 1, 128).reshape(2, 64), method="rtn").to_dict()
     with pytest.raises(FormatError, match="version"):
         QWeight.from_dict({**base, "meta": meta_tensor({**_meta(base), "version": version})})
+
+
+@pytest.mark.parametrize("method, outlier_frac", [("nf4", 0.0), ("quantlite", 0.02)])
+def test_dequantize_rows_equals_the_rows_of_dequantize(method, outlier_frac, generator):
+    """Plain (nf4: float32 scales) and double-quantized scales, with outliers: bit for bit, rows in any order."""
+    w = torch.randn(300, 100, generator=generator)
+    qw = quantize(w, method=method, outlier_frac=outlier_frac, max_bits_per_weight=None)
+    assert (qw.scales is None) is (method == "quantlite") and (qw.n_outliers > 0) is (outlier_frac > 0)
+    rows = torch.randint(0, 300, (40,), generator=generator)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(qw.dequantize_rows(rows, dtype), qw.dequantize(dtype)[rows])

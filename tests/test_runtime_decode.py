@@ -66,7 +66,7 @@ def model_dirs(tmp_path_factory):
 def test_fused_layer_equals_the_unfused_layer(model_dirs, generator, kind):
     _, tmp_path = model_dirs
     packed = quantlite.PackedModel.open(tmp_path / kind)
-    config = llama.config_from_hf(packed.config)
+    config = packed.model_config
     weights = {name: value if isinstance(value, QWeight) else value.float() for name, value in packed.load_layer(0).items()}
     fused = llama.fuse_projections(weights)
     assert "self_attn.qkv_proj.weight" in fused and "mlp.gate_up_proj.bias" in fused

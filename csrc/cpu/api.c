@@ -188,7 +188,7 @@ int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *c
                         int64_t padded_k, int64_t block_size, const float *column_weight, uint8_t *codes,
                         float *errors, int isa, int n_threads) {
     if (blocks == NULL || scales == NULL || codebook == NULL || codes == NULL) return QL_ERR_NULL_POINTER;
-    if (block_size < 16 || block_size > QL_MAX_BLOCK_SIZE || block_size % 16 != 0) return QL_ERR_BAD_BLOCK_SIZE;
+    if (!ql_block_size_ok(block_size)) return QL_ERR_BAD_BLOCK_SIZE;
     if (n <= 0 || padded_k <= 0 || padded_k % block_size != 0) return QL_ERR_BAD_SIZE;
     int status = resolve_isa(isa, &isa);
     if (status != QL_OK) return status;

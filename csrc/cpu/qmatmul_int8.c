@@ -121,7 +121,7 @@ int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m, int64
                         int64_t y_row_stride, int dtype, int n_threads) {
     if (w == NULL || w->qs == NULL || w->scales == NULL || x == NULL || y == NULL) return QL_ERR_NULL_POINTER;
     if (w->n <= 0 || w->k <= 0 || m <= 0) return QL_ERR_BAD_SIZE;
-    if (w->block_size < 16 || w->block_size > QL_MAX_BLOCK_SIZE || w->block_size % 16 != 0) return QL_ERR_BAD_BLOCK_SIZE;
+    if (!ql_block_size_ok(w->block_size)) return QL_ERR_BAD_BLOCK_SIZE;
     if (x_row_stride < w->k || y_row_stride < w->n) return QL_ERR_BAD_STRIDE;
     const int status = ql_check_dtype(dtype);
     if (status != QL_OK) return status;

@@ -37,7 +37,7 @@ typedef enum {
     QL_OK = 0,
     QL_ERR_NULL_POINTER = 1,     /* a required pointer is NULL */
     QL_ERR_BAD_SIZE = 2,         /* M, N or K <= 0, or nnz < 0 */
-    QL_ERR_BAD_BLOCK_SIZE = 3,   /* B not a multiple of 16 in [16, 4096] */
+    QL_ERR_BAD_BLOCK_SIZE = 3,   /* B not a multiple of 16 in [32, 256] */
     QL_ERR_BAD_STRIDE = 4,       /* a row stride smaller than the row */
     QL_ERR_BAD_DTYPE = 5,        /* dtype tag not one of ql_dtype */
     QL_ERR_BAD_ISA = 6,          /* the instruction set asked for is not supported by this CPU */

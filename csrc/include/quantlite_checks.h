@@ -8,7 +8,14 @@
 
 #include "quantlite.h"
 
-#define QL_MAX_BLOCK_SIZE 4096
+/* The block sizes the format allows: the same rule as quantlite/qweight.py (block_size_problem). */
+#define QL_MIN_BLOCK_SIZE 32
+#define QL_MAX_BLOCK_SIZE 256
+#define QL_BLOCK_SIZE_MULTIPLE 16
+
+static inline int ql_block_size_ok(int64_t block_size) {
+    return block_size >= QL_MIN_BLOCK_SIZE && block_size <= QL_MAX_BLOCK_SIZE && block_size % QL_BLOCK_SIZE_MULTIPLE == 0;
+}
 
 static inline int64_t ql_padded_k(const ql_weight *w) {
     return (w->k + w->block_size - 1) / w->block_size * w->block_size;
@@ -19,8 +26,7 @@ static inline int ql_check_weight(const ql_weight *w) {
         return QL_ERR_NULL_POINTER;
     if (w->n <= 0 || w->k <= 0 || w->nnz < 0) return QL_ERR_BAD_SIZE;
     if (w->nnz > 0 && (w->cols == NULL || w->vals == NULL)) return QL_ERR_NULL_POINTER;
-    if (w->block_size < 16 || w->block_size > QL_MAX_BLOCK_SIZE || w->block_size % 16 != 0)
-        return QL_ERR_BAD_BLOCK_SIZE;
+    if (!ql_block_size_ok(w->block_size)) return QL_ERR_BAD_BLOCK_SIZE;
     return QL_OK;
 }
 

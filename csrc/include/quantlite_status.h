@@ -16,7 +16,7 @@ QL_API const char *ql_error_string(int status) {
         case QL_OK: return "success";
         case QL_ERR_NULL_POINTER: return "a required pointer is NULL";
         case QL_ERR_BAD_SIZE: return "a size (M, N, K or nnz) is out of range";
-        case QL_ERR_BAD_BLOCK_SIZE: return "block_size must be a multiple of 16 in [16, 4096]";
+        case QL_ERR_BAD_BLOCK_SIZE: return "block_size must be a multiple of 16 in [32, 256]";
         case QL_ERR_BAD_STRIDE: return "a row stride is smaller than its row";
         case QL_ERR_BAD_DTYPE: return "dtype must be QL_F32, QL_F16 or QL_BF16";
         case QL_ERR_BAD_ISA: return "this CPU does not support the instruction set asked for";

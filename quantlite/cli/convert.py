@@ -1,4 +1,8 @@
-"""Convert a Hugging Face Llama checkpoint folder or a llama GGUF file into a packed 4-bit directory.
+"""Convert a Hugging Face checkpoint folder or a GGUF file into a packed 4-bit directory.
+
+Models: the Llama family, as transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+(Qwen2 and Qwen2.5) and Qwen3ForCausalLM run them (GGUF architectures llama, qwen2, qwen3). A config
+the runtime cannot run exactly is refused before anything is written.
 
 SRC is a folder with config.json and model.safetensors (or sharded *.safetensors with
 model.safetensors.index.json) plus tokenizer files, or a .gguf file. OUT receives quantlite.json,
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from quantlite.cli import arguments
 
-SUMMARY = "convert an HF Llama folder or a .gguf file into packed 4-bit per-layer shards"
+SUMMARY = "convert an HF folder or a .gguf file (Llama, Mistral, Qwen2/2.5, Qwen3) into packed 4-bit per-layer shards"
 METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
 WIDTHS = ("q8", "q4", "float")               # quantlite.converter.WIDTHS
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # quantlite.converter.FLOAT_DTYPES

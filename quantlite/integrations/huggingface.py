@@ -21,7 +21,7 @@ from quantlite.errors import QuantliteError
 from quantlite.packed import PackedModel
 from quantlite.qlinear import QLinear
 from quantlite.qweight import QWeight
-from quantlite.sources.llama_layout import EMBEDDING, FINAL_NORM, LM_HEAD
+from quantlite.model_config import EMBEDDING, FINAL_NORM, LM_HEAD
 
 WEIGHT_SUFFIX = ".weight"
 
@@ -54,7 +54,7 @@ def to_transformers(packed_dir: str | Path):
     _place(model, EMBEDDING, _dense(embedding))
     final = packed.load_final()
     _place(model, FINAL_NORM, final[FINAL_NORM])
-    if not packed.dims.tied:
+    if not packed.model_config.tie_word_embeddings:
         _place(model, LM_HEAD, final[LM_HEAD])
     elif isinstance(embedding, QWeight):
         _place(model, LM_HEAD, embedding)

@@ -79,6 +79,12 @@ def default_backend(device: torch.device | str) -> str:
     return _choose_backend(torch.device(device), None)
 
 
+def fused_kernel_live(device: torch.device | str) -> bool:
+    """Whether qmatmul runs a fused kernel for x on `device` by default: those take the prepared layout
+    (kernels.prepared), the torch reference does not, so preparing for it would only cost memory."""
+    return default_backend(device) != "torch"
+
+
 def available_backends() -> dict[str, str | None]:
     """{back-end: None when it can run here, else the reason it cannot}, in BACKENDS order."""
     return dict(_backend_status())

@@ -84,6 +84,7 @@ class Tokenizer:
 
         env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        env.filters["tojson"] = _tojson  # as transformers renders it (Qwen's templates use it)
         variables = dict(messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
                          eos_token=self.eos_token or "")
         try:
@@ -100,6 +101,12 @@ class Tokenizer:
                 MemoryError) as error:
             raise GenerationError(f"chat template failed: {error.__class__.__name__}: {str(error)[:200]}") from error
         return "".join(parts)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson filter for chat templates: plain JSON, where jinja's own escapes <, >, & and '
+    for HTML and returns markup that escapes whatever it is joined to."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 # A chat template renders a few messages in well under a millisecond; these caps end hostile ones.

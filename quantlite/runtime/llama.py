@@ -1,4 +1,7 @@
-"""The Llama model math as plain functions over tensors, exact against transformers' LlamaForCausalLM.
+"""The model math of the Llama family as plain functions over tensors, exact against transformers'
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (tests/test_llama_exact.py,
+tests/test_families.py). What differs between them comes in the ModelConfig (quantlite.model_config):
+which projections have a bias, per-head q/k RMSNorm, a sliding attention window.
 
 Nothing here knows where weights live (that is streaming.py): every function takes the tensors it
 needs. A decoder layer's weights come as a dict named relative to `model.layers.{i}.`:
@@ -6,10 +9,11 @@ needs. A decoder layer's weights come as a dict named relative to `model.layers.
     input_layernorm.weight             (hidden,)                      float
     self_attn.{q,k,v,o}_proj.weight    (n_out, n_in) float or QWeight  q: n_heads*head_dim out,
                                                                        k, v: n_kv_heads*head_dim out
-    self_attn.{q,k,v,o}_proj.bias      (n_out,) float, only with attention_bias
+    self_attn.{q,k,v,o}_proj.bias      (n_out,) float, those of config.biased
+    self_attn.{q,k}_norm.weight        (head_dim,) float, only with config.qk_norm
     post_attention_layernorm.weight    (hidden,)                      float
     mlp.{gate,up,down}_proj.weight     (n_out, n_in) float or QWeight  gate, up: intermediate out
-    mlp.{gate,up,down}_proj.bias       (n_out,) float, only with mlp_bias
+    mlp.{gate,up,down}_proj.bias       (n_out,) float, those of config.biased
 
 `fuse_projections` (the loader calls it once per layer) joins the projections that read the same
 input, so a decode step makes 4 matmul calls per layer instead of 7 (every call costs ~10 us of
@@ -32,16 +36,9 @@ import torch.nn.functional as F
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
-from quantlite.kernels.prepared import prepare
+from quantlite.model_config import ModelConfig
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight, concat_rows
-
-
-class ModelConfigError(QuantliteError, ValueError):
-    """A config.json describes something this runtime cannot run exactly (the message says what)."""
-
-
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 @dataclass
@@ -56,77 +53,8 @@ class OpSeconds:
 OP_SECONDS = OpSeconds()
 
 
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
-    max_position_embeddings: int
-    rope_type: str                  # one of ROPE_TYPES
-    rope_theta: float
-    rope_factor: float = 1.0        # linear, dynamic, llama3
-    rope_low_freq_factor: float = 1.0   # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_position: int = 0  # llama3: the pre-training context length
-
-
-def config_from_hf(hf: dict) -> LlamaConfig:
-    """Read an HF Llama config.json dict, in either spelling of the RoPE settings:
-    `rope_theta` + `rope_scaling` (transformers < 5) or `rope_parameters` (transformers >= 5)."""
-    if hf.get("model_type", "llama") != "llama":
-        raise ModelConfigError(f"model_type {hf.get('model_type')!r} is not a Llama")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ModelConfigError(f"hidden_act {hf.get('hidden_act')!r}: only SwiGLU with silu is a Llama MLP")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(key), int) or hf[key] <= 0:
-            raise ModelConfigError(f"config.json needs a positive integer '{key}', got {hf.get(key)!r}")
-    heads = hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if heads % kv_heads:
-        raise ModelConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    if head_dim % 2:
-        raise ModelConfigError(f"head_dim {head_dim} must be even for RoPE")
-
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ModelConfigError(f"rope type {rope_type!r} is not supported; this runtime knows {', '.join(ROPE_TYPES)}")
-    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ModelConfigError("partial_rotary_factor != 1 is not a Llama setting")
-    max_positions = hf.get("max_position_embeddings", 2048)
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        max_position_embeddings=max_positions,
-        rope_type=rope_type,
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", max_positions)),
-    )
-
-
 # ----------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(config: LlamaConfig, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(head_dim // 2,) float32 inverse frequencies, scaled as the config says.
     seq_len (longest position + 1 in this call) matters only for "dynamic" NTK scaling."""
     dim = config.head_dim
@@ -145,7 +73,7 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int, device: torch.device | str 
     return inv_freq
 
 
-def _llama3_scaling(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+def _llama3_scaling(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
     factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
     context = config.rope_original_max_position
@@ -157,7 +85,7 @@ def _llama3_scaling(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (batch, seq) int64 -> cos, signed sin (batch, seq, 1, head_dim) in dtype, angles in
     float32. The sin's first half is negated, so that apply_rope needs one roll instead of
     rotate_half's slice-negate-concatenate (x2 * -s equals -x2 * s exactly)."""
@@ -232,26 +160,8 @@ def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.
     if not isinstance(weight, (QWeight, Q8Weight)):
         return F.embedding(input_ids, weight).to(dtype)
     rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
-    table = weight.dequantize_rows(rows) if isinstance(weight, Q8Weight) else _dequantize_rows(weight, rows)
-    table = table.to(dtype)  # (n_unique, hidden)
+    table = weight.dequantize_rows(rows, dtype)  # (n_unique, hidden)
     return table[inverse].reshape(*input_ids.shape, -1)
-
-
-def _dequantize_rows(qw: QWeight, rows: torch.Tensor) -> torch.Tensor:
-    """(len(rows), K) float32: the selected rows of qw.dequantize(), without the others."""
-    k = qw.shape[1]
-    codes = qw.codes[rows]  # (r, Kp // 2) uint8, low nibble = even column
-    unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(len(rows), -1).long()
-    # the kernel layout's decoded scales: built once per weight (and already by the loader when a
-    # fused kernel is live), instead of decoding the whole (vocab, K // B) table on every call
-    scales = prepare(qw, qw.device).scales[rows].repeat_interleave(qw.block_size, dim=1)
-    dense = (qw.codebook.float()[unpacked] * scales)[:, :k]
-    row_ptr = qw.outlier_row_ptr.long()
-    for i, row in enumerate(rows.tolist()):
-        start, end = int(row_ptr[row]), int(row_ptr[row + 1])
-        if end > start:
-            dense[i, qw.outlier_cols[start:end].long()] += qw.outlier_vals[start:end].float()
-    return dense
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -262,7 +172,7 @@ class KVCache:
     A layer writes its new positions at [length, length + seq); `advance(seq)` after the last layer.
     """
 
-    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
@@ -286,13 +196,22 @@ class KVCache:
         self.length += seq
 
 
-def attention_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+def needs_mask(config: ModelConfig, total: int) -> bool:
+    """Whether `total` keys (cached and new) are more than the sliding window lets a query see."""
+    return config.sliding_window is not None and total > config.sliding_window
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """key_valid (batch, T) bool, False at padding -> (batch, 1, q_len, T) additive mask.
-    Query i sits at key index T - q_len + i and sees the valid keys at or before it. A query with
-    nothing to see (left padding) gets a uniform row instead of NaN; its output is never used."""
+    Query i sits at key index T - q_len + i and sees the valid keys at or before it, and with a sliding
+    `window` only the last `window` of those positions (itself included), as transformers' Mistral. A
+    query with nothing to see (left padding) gets a uniform row instead of NaN; its output is never used."""
     total = key_valid.shape[1]
     query_index = torch.arange(total - q_len, total, device=key_valid.device)[:, None]
-    causal = torch.arange(total, device=key_valid.device)[None, :] <= query_index  # (q_len, T)
+    key_index = torch.arange(total, device=key_valid.device)[None, :]
+    causal = key_index <= query_index  # (q_len, T)
+    if window is not None:
+        causal &= key_index > query_index - window
     allowed = causal[None, None] & key_valid[:, None, None, :]
     return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
@@ -300,7 +219,7 @@ def attention_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> t
 def self_attention(
     x: torch.Tensor,
     w: dict,
-    config: LlamaConfig,
+    config: ModelConfig,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor | None,
@@ -312,7 +231,11 @@ def self_attention(
     batch, seq, _ = x.shape
     heads, kv_heads = config.num_heads, config.num_kv_heads
     qkv = projections(x, w, "self_attn.qkv_proj").view(batch, seq, heads + 2 * kv_heads, config.head_dim)
-    qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads rotated in one pass
+    qk = qkv[:, :, : heads + kv_heads]
+    if config.qk_norm:  # Qwen3: each q and k head RMS-normalised over head_dim, before RoPE
+        qk = torch.cat((rms_norm(qk[:, :, :heads], w["self_attn.q_norm.weight"], config.rms_norm_eps),
+                        rms_norm(qk[:, :, heads:], w["self_attn.k_norm.weight"], config.rms_norm_eps)), dim=2)
+    qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one pass
     q = qk[:, :, :heads].transpose(1, 2)                       # (batch, heads, seq, head_dim)
     k = qk[:, :, heads:].transpose(1, 2)                       # (batch, kv_heads, seq, head_dim)
     v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
@@ -326,7 +249,7 @@ def self_attention(
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Grouped-query attention: q (batch, heads, seq, head_dim), k, v (batch, kv_heads, T, head_dim),
-    mask (batch, 1, seq, T) additive, or None (causal over this call's positions) -> (batch, seq,
+    mask (batch, 1, seq, T) additive, or None (causal over this call's positions, all of them seen) -> (batch, seq,
     heads * head_dim). SDPA at one query too: with torch on one thread (generate's decode steps) its
     CPU kernel takes 18-44 us for T = 20..200 against 31-56 us for a plain matmul-softmax-matmul
     (docs/runtime.md); its 0.35 ms per call in issue 11 was torch's thread pool waking, not the kernel."""
@@ -345,13 +268,13 @@ def swiglu_mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
 def decoder_layer(
     x: torch.Tensor,
     w: dict,
-    config: LlamaConfig,
+    config: ModelConfig,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor | None = None,
     cache: KVCache | None = None,
     layer: int = 0,
 ) -> torch.Tensor:
-    """One pre-norm Llama block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)

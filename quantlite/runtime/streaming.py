@@ -1,4 +1,4 @@
-"""Where the weights live: a Llama run one decoder layer at a time from a packed directory.
+"""Where the weights live: a Llama-family model (quantlite.model_config) run one decoder layer at a time from a packed directory.
 
     load(path, device, memory_budget, prefetch) -> StreamingLlama
 
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels.dispatch import fused_kernel_live
 from quantlite.kernels.prepared import compute_ready, prepare
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.q8weight import Q8Weight
@@ -212,7 +213,7 @@ class StreamStats:
 
 
 class StreamingLlama:
-    """A packed Llama whose decoder layers stream from disk. `model(input_ids)` -> float32 logits."""
+    """A packed Llama-family model (Llama, Mistral, Qwen2, Qwen3) whose decoder layers stream from disk. `model(input_ids)` -> float32 logits."""
 
     def __init__(self, packed, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
                  dtype: torch.dtype | None = None):
@@ -222,14 +223,12 @@ class StreamingLlama:
             raise QuantliteError(f"device {device!r} asked for, but torch sees no CUDA device here")
         # float32 on the CPU (no fast fp16 matmul there); fp16 on a GPU
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.float16)
-        self.config = llama.config_from_hf(packed.config)
-        if packed.num_layers != self.config.num_layers:
-            raise QuantliteError(f"{packed.path}: {packed.num_layers} layer shards, config says {self.config.num_layers}")
+        self.config = packed.model_config  # read and checked once, by PackedModel.open
         self.prefetch = prefetch
         self.stats = StreamStats()
         self.memory_budget = self._budget_bytes(memory_budget)
         # where QWeights get their kernel layout built on load (None: the torch reference needs none)
-        self._prepared_on = self.device if _fused_kernels_live(self.device) else None
+        self._prepared_on = self.device if fused_kernel_live(self.device) else None
         self._tokenizer = None
 
         self._resident: dict[int, dict] = {}
@@ -417,10 +416,11 @@ class StreamingLlama:
             positions = torch.arange(start, start + seq, device=self.device).expand(batch, seq)
         cos, sin = llama.rope_cos_sin(self.config, positions.to(self.device), self.dtype)
         mask = None
-        if key_valid is not None or (cache is not None and cache.length > 0 and seq > 1):
+        past = cache.length if cache is not None else 0
+        if key_valid is not None or (past > 0 and seq > 1) or llama.needs_mask(self.config, past + seq):
             if key_valid is None:
-                key_valid = torch.ones(batch, (cache.length if cache else 0) + seq, dtype=torch.bool)
-            mask = llama.attention_mask(key_valid.to(self.device), seq, self.dtype)
+                key_valid = torch.ones(batch, past + seq, dtype=torch.bool)
+            mask = llama.attention_mask(key_valid.to(self.device), seq, self.dtype, self.config.sliding_window)
 
         self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
         x = self._embed(input_ids)  # (batch, seq, hidden)
@@ -495,16 +495,6 @@ class StreamingLlama:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _fused_kernels_live(device: torch.device) -> bool:
-    """Whether qmatmul will run a fused kernel on this device (they take the prepared layout; the
-    torch reference does not, so preparing for it would only cost memory)."""
-    from quantlite.kernels.dispatch import available_backends
-
-    live = available_backends()
-    names = ("cuda", "triton") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
-    return any(live.get(name) is None for name in names)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,

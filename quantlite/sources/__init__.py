@@ -3,8 +3,9 @@
 Every source offers the same small surface, which is all convert.py uses:
     kind: str                       "hf" or "gguf"
     path: Path
-    config: dict                    the HF config.json contents (for GGUF: the equivalent Llama config)
-    dims: LlamaDims                 checked against the tensors before anything is written
+    config: dict                    the HF config.json contents (for GGUF: the equivalent HF config)
+    model_config: ModelConfig       read from config (quantlite.model_config), checked against the
+                                    tensors before anything is written
     shapes: dict[str, tuple]        every tensor the packed model needs, HF names
     itemsize(name) -> int           bytes per element as read (for the disk-space estimate)
     tokenizer_nbytes() -> int       an upper bound of the tokenizer folder's size (ditto)

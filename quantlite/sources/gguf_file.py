@@ -1,12 +1,16 @@
-"""A llama-architecture GGUF file (llama.cpp's format), read with the `gguf` package tensor by tensor.
+"""A GGUF file (llama.cpp's format) of a Llama-family model, read with the `gguf` package tensor by tensor.
 
-Three things differ from a Hugging Face checkpoint, and each is undone here:
+The architectures read are those of quantlite.model_config.GGUF_FAMILIES (llama, qwen2, qwen3; llama.cpp
+writes Mistral checkpoints as llama). Three things differ from a Hugging Face checkpoint, and each is
+undone here:
   * names: `blk.7.attn_q.weight` is `model.layers.7.self_attn.q_proj.weight` (GGUF_NAMES);
-  * Q and K projections: llama.cpp's converter permutes their rows for its rotary layout (interleaved
-    pairs instead of HF's two halves); `unpermute_rows` is the inverse, as in transformers'
-    LlamaTensorProcessor (tests/test_convert_gguf.py checks every tensor against transformers' loader);
-  * the config and the tokenizer live in GGUF metadata: the config is rebuilt as the HF Llama
-    config.json that describes the same model, and transformers writes the tokenizer as tokenizer.json.
+  * Q and K projections of the families whose Family.gguf_permutes_qk says so (llama): llama.cpp's
+    converter permutes their rows for its rotary layout (interleaved pairs instead of HF's two halves);
+    `unpermute_rows` is the inverse, as in transformers' LlamaTensorProcessor (tests/test_convert_gguf.py
+    checks every tensor against transformers' loader);
+  * the config and the tokenizer live in GGUF metadata, under keys prefixed by the architecture: the
+    config is rebuilt as the HF config.json that describes the same model, and transformers writes the
+    tokenizer as tokenizer.json.
 Quantized GGUF tensors (Q4_1, Q8_0, ...) are dequantized to float32 on read.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from quantlite.errors import ConversionError
 from quantlite.sources.checksum import sha256_file
-from quantlite.sources.llama_layout import LM_HEAD, LlamaDims, all_shapes, llama_dims
+from quantlite.model_config import GGUF_FAMILIES, LM_HEAD, ModelConfig, all_shapes, read_model_config
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES, finish_tokenizer_folder
 
 GGUF_NAMES = {
@@ -33,22 +37,23 @@ GGUF_NAMES = {
 GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    **{f"{gguf}.{kind}": f"{hf}.{kind}" for kind in ("weight", "bias") for gguf, hf in (
+        ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"))},
 }
 GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
-# GGUF metadata key (after "llama.") -> HF config key, as transformers' GGUF_CONFIG_MAPPING["llama"].
+# GGUF metadata key (after "<architecture>.") -> HF config key, as transformers' GGUF_CONFIG_MAPPING;
+# head_dim is attention.key_length where llama.cpp writes it (qwen3), else rope.dimension_count.
 GGUF_CONFIG_KEYS = {
     "context_length": "max_position_embeddings",
     "block_count": "num_hidden_layers",
     "feed_forward_length": "intermediate_size",
     "embedding_length": "hidden_size",
     "rope.dimension_count": "head_dim",
+    "attention.key_length": "head_dim",
     "rope.freq_base": "rope_theta",
     "attention.head_count": "num_attention_heads",
     "attention.head_count_kv": "num_key_value_heads",
@@ -96,19 +101,21 @@ class GGUFCheckpoint:
         except (ValueError, OSError, KeyError, IndexError, TypeError, AssertionError, OverflowError, struct.error) as error:
             raise ConversionError(f"{self.path}: not a readable GGUF file ({error})") from error
         architecture = self._field("general.architecture")
-        if architecture != "llama":
-            raise ConversionError(f"{self.path}: GGUF architecture is {architecture!r}; quantlite converts 'llama'")
-        if "rope_freqs.weight" in {t.name for t in self._reader.tensors} or self._field("llama.rope.scaling.type") not in (None, "none"):
+        if architecture not in GGUF_FAMILIES:
+            raise ConversionError(f"{self.path}: GGUF architecture is {architecture!r}; quantlite converts "
+                                  f"{', '.join(map(repr, GGUF_FAMILIES))}")
+        self.family = GGUF_FAMILIES[architecture]
+        if "rope_freqs.weight" in {t.name for t in self._reader.tensors} or self._field(f"{architecture}.rope.scaling.type") not in (None, "none"):
             raise ConversionError(f"{self.path}: RoPE scaling in GGUF files is not supported yet; convert the HF checkpoint instead")
         self._tensors = {}
         for tensor in self._reader.tensors:
             name = hf_name(tensor.name)
             if name is None:
-                raise ConversionError(f"{self.path}: unexpected GGUF tensor {tensor.name!r} for a Llama model")
+                raise ConversionError(f"{self.path}: unexpected GGUF tensor {tensor.name!r} for a {architecture} model")
             self._tensors[name] = tensor
         self.config = self._build_config()
-        self.dims: LlamaDims = llama_dims(self.config, lambda m: ConversionError(f"{self.path} (GGUF metadata): {m}"))
-        self.shapes = all_shapes(self.dims)
+        self.model_config: ModelConfig = read_model_config(self.config, lambda m: ConversionError(f"{self.path} (GGUF metadata): {m}"))
+        self.shapes = all_shapes(self.model_config)
         self._check_tensors()
 
     # ----------------------------------------------------------------- the source surface
@@ -120,10 +127,10 @@ class GGUFCheckpoint:
 
         tensor = self._tensors[name]
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if name.endswith("self_attn.q_proj.weight"):
-            weights = unpermute_rows(weights, self.dims.heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            weights = unpermute_rows(weights, self.dims.kv_heads)
+        if self.family.gguf_permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            weights = unpermute_rows(weights, self.model_config.num_heads)
+        elif self.family.gguf_permutes_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            weights = unpermute_rows(weights, self.model_config.num_kv_heads)
         # a copy: float32 tensors come back as read-only views of the memory-mapped file
         return torch.from_numpy(np.array(weights, dtype=np.float32, order="C")).reshape(self.shapes[name])
 
@@ -165,11 +172,14 @@ class GGUFCheckpoint:
             return None  # unreadable metadata we do not need is not an error; needed keys are checked
 
     def _build_config(self) -> dict:
-        config: dict = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-                        "tie_word_embeddings": LM_HEAD not in self._tensors}
+        family = self.family
+        # a llama-architecture file has biases when llama.cpp found them (attention_bias in HF terms)
+        biased = "model.layers.0.self_attn.o_proj.bias" in self._tensors
+        config: dict = {"architectures": [family.architecture], "model_type": family.model_type, "hidden_act": "silu",
+                        "attention_bias": biased, "mlp_bias": "model.layers.0.mlp.up_proj.bias" in self._tensors,
+                        "torch_dtype": "float32", "tie_word_embeddings": LM_HEAD not in self._tensors}
         for gguf_key, hf_key in GGUF_CONFIG_KEYS.items():
-            value = self._field(f"llama.{gguf_key}")
+            value = self._field(f"{family.gguf_architecture}.{gguf_key}")
             if value is not None:
                 config[hf_key] = value
         config.setdefault("rope_theta", 10000.0)  # llama.cpp's default when the key is absent
@@ -190,9 +200,11 @@ class GGUFCheckpoint:
                 raise ConversionError(f"{self.path}: tensor {tensor.name!r} is of GGUF type "
                                       f"{getattr(tensor.tensor_type, 'name', tensor.tensor_type)}, which quantlite cannot read")
         present = set(self._tensors)
-        missing = sorted(set(self.shapes) - present)
+        missing, extra = sorted(set(self.shapes) - present), sorted(present - set(self.shapes))
         if missing:
             raise ConversionError(f"{self.path}: missing tensors {', '.join(missing[:5])} that the GGUF metadata implies")
+        if extra:
+            raise ConversionError(f"{self.path}: unexpected tensors {', '.join(extra[:5])} for a {self.family.model_type} model")
         for name, shape in self.shapes.items():
             # GGUF lists dimensions fastest-first: (K, N) for a weight HF stores as (N, K)
             gguf_shape = tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))

@@ -1,4 +1,4 @@
-"""A Hugging Face Llama checkpoint folder: config.json, model.safetensors or sharded *.safetensors with
+"""A Hugging Face checkpoint folder of a Llama-family model (quantlite.model_config.FAMILIES): config.json, model.safetensors or sharded *.safetensors with
 model.safetensors.index.json, and tokenizer files. Tensors are read one at a time (SafetensorsFile)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from quantlite.errors import ConversionError, FormatError
 from quantlite.sources import PICKLE_ADVICE, PICKLE_SUFFIXES
-from quantlite.sources.llama_layout import LM_HEAD, LlamaDims, all_shapes, llama_dims
+from quantlite.model_config import LM_HEAD, ModelConfig, all_shapes, read_model_config
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, finish_tokenizer_folder
 from quantlite.untrusted import check_regular_file, read_json
@@ -26,10 +26,10 @@ class HFCheckpoint:
     def __init__(self, folder: Path):
         self.path = Path(folder)
         self.config = _read_json(self.path / "config.json", self.path)
-        self.dims: LlamaDims = llama_dims(self.config, lambda m: ConversionError(f"{self.path / 'config.json'}: {m}"))
+        self.model_config: ModelConfig = read_model_config(self.config, lambda m: ConversionError(f"{self.path / 'config.json'}: {m}"))
         self._files = {name: self._open(name) for name in self._weight_files()}
         self._where = self._locate_tensors()
-        self.shapes = all_shapes(self.dims)
+        self.shapes = all_shapes(self.model_config)
         self._check_tensors()
 
     # ----------------------------------------------------------------- the source surface
@@ -100,14 +100,14 @@ class HFCheckpoint:
 
     def _check_tensors(self) -> None:
         present = {n for n in self._where if not n.endswith(IGNORED_SUFFIXES)}
-        if self.dims.tied:
+        if self.model_config.tie_word_embeddings:
             present.discard(LM_HEAD)  # some tied checkpoints also store the head: the embedding is used
         missing = sorted(set(self.shapes) - present)
         extra = sorted(present - set(self.shapes))
         if missing:
             raise ConversionError(f"{self.path}: missing tensors {_few(missing)} that config.json implies")
         if extra:
-            raise ConversionError(f"{self.path}: unexpected tensors {_few(extra)} for a Llama model with this config.json")
+            raise ConversionError(f"{self.path}: unexpected tensors {_few(extra)} for a {self.model_config.family} model with this config.json")
         for name, shape in self.shapes.items():
             entry = self._files[self._where[name]].entries[name]
             if entry.shape != shape:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from quantlite.sources.llama_layout import all_shapes, llama_dims
+from quantlite.model_config import all_shapes, read_model_config
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -48,7 +48,7 @@ def write_random_llama(
     config = dict(TINY_CONFIG if config is None else config)
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     generator = generator or torch.Generator().manual_seed(0)
-    shapes = all_shapes(llama_dims(config, ValueError))
+    shapes = all_shapes(read_model_config(config, ValueError))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     shards: list[list[str]] = [[]]
