@@ -77,6 +77,21 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours - reference).abs().max() / reference.abs().max())
 
 
+def assert_greedy_tokens_agree(reference, prompt: list[int], ours: list[int], greedy: list[int], rel: float = 1e-4) -> None:
+    """`ours` are greedy tokens of the reference model up to ties: equal to transformers' `greedy`, or,
+    from the first step where they part, every token of ours is within `rel` x max|logit| of the
+    reference's best logit given the same prefix (teacher-forced). Random-weight models meet near-ties
+    (two logits closer than the float32 rounding of the two computations) a few times in a hundred runs;
+    this tells a tie from a wrong token."""
+    if ours == greedy:
+        return
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + ours])).logits[0, len(prompt) - 1:-1].double()  # (new, vocab)
+    chosen = logits.gather(1, torch.tensor(ours)[:, None])[:, 0]
+    shortfall = logits.max(dim=1).values - chosen
+    assert float(shortfall.max()) <= rel * float(logits.abs().max()), (ours, greedy, shortfall.tolist())
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_unquantized_logits_and_greedy_tokens_match_transformers(case, tmp_path, generator):
     options = dict(CASES[case])
@@ -94,7 +109,7 @@ def test_unquantized_logits_and_greedy_tokens_match_transformers(case, tmp_path,
         prompt = input_ids[0, :7]
         generated = model.generate(prompt.tolist(), max_new_tokens=12)
         greedy = reference.generate(prompt[None], max_new_tokens=12, do_sample=False)[0, 7:]
-        assert generated.token_ids[0] == greedy.tolist()
+        assert_greedy_tokens_agree(reference, prompt.tolist(), generated.token_ids[0], greedy.tolist())
 
 
 @pytest.mark.parametrize("tied, width", [(False, "q8"), (True, "q4"), (False, "float")])
