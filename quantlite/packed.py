@@ -23,6 +23,7 @@ from quantlite.q8weight import Q8Weight, read_quantized
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.llama_layout import EMBEDDING, final_shapes, layer_shapes, llama_dims
+from quantlite.sources.arena import arena_layout, read_into_arena
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
 from quantlite.untrusted import check_regular_file, read_json
@@ -112,22 +113,24 @@ class PackedModel:
     def layer_nbytes(self, index: int) -> int:
         return self.manifest["files"][self._layer_name(index)]["size"]
 
-    def load_layer(self, index: int) -> dict[str, torch.Tensor | QWeight]:
-        """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`."""
+    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False) -> dict[str, torch.Tensor | QWeight]:
+        """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`.
+        into: an arena (sources.arena) that every tensor then views, the 4-bit weights' scales as float32
+        (the streaming runtime's reused buffers, at least `arena_layout(shard, widened_scales(shard)).nbytes`); direct: read it O_DIRECT."""
         prefix = f"model.layers.{index}."
-        loaded = self._load(self._layer_name(index))
+        loaded = self._load(self._layer_name(index), into, direct)
         expected = {prefix + name: shape for name, shape in layer_shapes(self.dims).items()}
         self._check_names_and_shapes(self._layer_name(index), loaded, expected)
         return {name[len(prefix):]: value for name, value in loaded.items()}
 
-    def load_embedding(self) -> torch.Tensor | QWeight:
+    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False) -> torch.Tensor | QWeight:
         expected = {EMBEDDING: (self.dims.vocab, self.dims.hidden)}
-        loaded = self._load(EMBEDDING_FILE)
+        loaded = self._load(EMBEDDING_FILE, into, direct)
         self._check_names_and_shapes(EMBEDDING_FILE, loaded, expected)
         return loaded[EMBEDDING]
 
-    def load_final(self) -> dict[str, torch.Tensor | QWeight]:
-        loaded = self._load(FINAL_FILE)
+    def load_final(self, into: torch.Tensor | None = None, direct: bool = False) -> dict[str, torch.Tensor | QWeight]:
+        loaded = self._load(FINAL_FILE, into, direct)
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.dims))
         return loaded
 
@@ -278,7 +281,7 @@ class PackedModel:
             raise FormatError(f"{self.path}: layer {index!r} does not exist (the model has {self.num_layers})")
         return layer_file(index)
 
-    def _load(self, name: str) -> dict[str, torch.Tensor | QWeight]:
+    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False) -> dict[str, torch.Tensor | QWeight]:
         file_path = self.path / name
         size = file_path.stat().st_size if file_path.is_file() else None
         if size != self.manifest["files"][name]["size"]:
@@ -288,7 +291,11 @@ class PackedModel:
         # a later read of the same file unchanged (same inode, size, mtime and ctime; the header is
         # parsed and checked again) checks the structure only: a streamed layer is re-read every token
         unchanged = self._values_checked.get(name) == shard.identity
-        grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
+        if into is None:
+            tensors = shard.read_all()
+        else:
+            tensors = read_into_arena(shard, into, arena_layout(shard, widened_scales(shard)), direct)
+        grouped = group_tensors(tensors, str(file_path), check_values=not unchanged)
         if not unchanged:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
@@ -315,6 +322,14 @@ class PackedModel:
 
     def __repr__(self) -> str:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
+
+
+def widened_scales(shard: SafetensorsFile) -> frozenset[str]:
+    """The float16 scales of a shard's 4-bit weights (`X.scales` beside `X.meta` and `X.codes`; a
+    Q8Weight has `X.qs`): what an arena read holds as float32, the kernels' layout (exact)."""
+    return frozenset(name for name, entry in shard.entries.items()
+                     if name.endswith(".scales") and entry.dtype == torch.float16
+                     and name[: -len("scales")] + "meta" in shard.entries and name[: -len("scales")] + "codes" in shard.entries)
 
 
 def _check_finite(value: torch.Tensor | QWeight | Q8Weight, where: str) -> None:
