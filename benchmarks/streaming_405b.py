@@ -36,11 +36,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--budget", default="stream-all", help="a size, or stream-all (the smallest budget that streams)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--format", choices=("fp16-scales", "default"), default="fp16-scales",
+                        help="how the random 4-bit weights are stored: fp16 scales, no outliers; or as convert's default "
+                             "method stores them (double-quantized scales, 1.16%% outliers; the head 4-bit as with --head q4)")
     parser.add_argument("--io", choices=("direct", "buffered", "auto"), default="direct",
                         help="how the runtime reads streamed shards (auto: O_DIRECT when the model outgrows the memory)")
     args = parser.parse_args()
     print(describe())
-    packed = write_synthetic(args.out, {**LLAMA_405B, "num_hidden_layers": args.layers}, quantized=True)
+    packed = write_synthetic(args.out, {**LLAMA_405B, "num_hidden_layers": args.layers}, quantized=True,
+                             default_format=args.format == "default")
     layer_disk = packed.layer_nbytes(0)
     before = read_bandwidth(packed)
     direct_io = {"direct": True, "buffered": False, "auto": None}[args.io]
@@ -48,7 +52,9 @@ def main() -> None:
     after = read_bandwidth(packed)
     bandwidth, how = best_bandwidth(before, after)  # shared disk: the fastest measurement is the stricter floor
     resident = run_child(path=args.out, budget="1TB", steps=args.steps, cold=False)
-    print(f"{args.layers} layers of Llama-3.1-405B shapes, {gib(layer_disk)} per layer on disk")
+    print(f"{args.layers} layers of Llama-3.1-405B shapes, {gib(layer_disk)} per layer on disk, 4-bit weights stored "
+          + ("with double-quantized scales and 1.16 % outliers (convert's default method)" if args.format == "default"
+             else "with fp16 scales, no outliers"))
     print(f"cold read        : {describe_bandwidth('before', before)}; {describe_bandwidth('after', after)}; "
           f"floor at the best, {bandwidth / 1e9:.2f} GB/s ({how})")
 

@@ -7,7 +7,8 @@ on disk), then measures in separate child processes (so each peak RSS is its own
   * the sequential read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED),
     just before and just after the streamed run (the faster one sets the floor: the disk is shared);
   * "stream": decode steps with the budget; every shard is dropped from the page cache right after
-    it is read, so each step really reads the streamed layers from disk;
+    it is read, so each step really reads the streamed layers from disk (and, by default, the runtime
+    reads them O_DIRECT, as it does on its own for a model larger than the memory: `--io`);
   * "resident": the same steps with every layer in memory: the compute floor.
 Goal: time per decode step <= 1.2 x max(I/O floor, compute floor), where the I/O floor is the bytes a
 step reads divided by the measured bandwidth; peak RSS within the budget (which counts the streamed
@@ -29,34 +30,52 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import describe
-from quantlite.codebook import nf4_codebook
+from quantlite.codebook import nf4_codebook, zero_code
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PackedModel, layer_file
-from quantlite.qweight import QWeight
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
 READ_CHUNK = 64 << 20
 
 
 # ------------------------------------------------------------------------------ synthetic packed models
-def random_qweight(n: int, k: int, generator: torch.Generator, block_size: int = 64) -> QWeight:
-    """Random codes and plausible fp16 scales: the bytes and the math of a real 4-bit weight."""
+OUTLIER_STRIDE = 86  # default_format: one outlier every 86 columns of each row, 1.16 % (the default's ~1 % at 4.5 bits)
+
+
+def random_qweight(n: int, k: int, generator: torch.Generator, block_size: int = 64, default_format: bool = False) -> QWeight:
+    """Random codes and plausible fp16 scales: the bytes and the math of a real 4-bit weight.
+    default_format: stored as `quantlite convert`'s default method stores it instead: double-quantized
+    8-bit scales and an outlier table (every OUTLIER_STRIDE-th column, the zero code under it)."""
     blocks = -(-k // block_size)
+    codes = torch.randint(0, 256, (n, blocks * block_size // 2), dtype=torch.uint8, generator=generator)
+    if not default_format:
+        return QWeight(
+            shape=(n, k), block_size=block_size, method="quantlite", codebook=nf4_codebook(), codes=codes,
+            outlier_row_ptr=torch.zeros(n + 1, dtype=torch.int32), outlier_cols=torch.zeros(0, dtype=torch.uint16),
+            outlier_vals=torch.zeros(0, dtype=torch.float16),
+            scales=(torch.rand(n, blocks, generator=generator) * 0.01 + 0.005).half(),
+        )
+    codebook = nf4_codebook()
+    cols = torch.arange(0, k, OUTLIER_STRIDE, dtype=torch.int32)  # even columns: the low nibble of byte col // 2
+    codes[:, cols // 2] = (codes[:, cols // 2] & 0xF0) | zero_code(codebook)
+    groups = -(-n * blocks // SCALE_GROUP_SIZE)
     return QWeight(
-        shape=(n, k), block_size=block_size, method="quantlite", codebook=nf4_codebook(),
-        codes=torch.randint(0, 256, (n, blocks * block_size // 2), dtype=torch.uint8, generator=generator),
-        outlier_row_ptr=torch.zeros(n + 1, dtype=torch.int32), outlier_cols=torch.zeros(0, dtype=torch.uint16),
-        outlier_vals=torch.zeros(0, dtype=torch.float16),
-        scales=(torch.rand(n, blocks, generator=generator) * 0.01 + 0.005).half(),
+        shape=(n, k), block_size=block_size, method="quantlite", codebook=codebook, codes=codes,
+        outlier_row_ptr=torch.arange(n + 1, dtype=torch.int32) * len(cols), outlier_cols=cols.to(torch.uint16).repeat(n),
+        outlier_vals=(torch.randn(n * len(cols), generator=generator) * 0.05).half(),
+        scale_codes=torch.randint(0, 256, (n, blocks), dtype=torch.uint8, generator=generator),
+        scale_group_min=torch.rand(groups, generator=generator) * 0.005 + 0.005,
+        scale_group_step=torch.rand(groups, generator=generator) * 4e-5,
     )
 
 
-def random_weight(n: int, k: int, generator: torch.Generator, quantized: bool) -> dict:
+def random_weight(n: int, k: int, generator: torch.Generator, quantized: bool, default_format: bool = False) -> dict:
     if quantized:
-        return random_qweight(n, k, generator).to_dict()
+        return random_qweight(n, k, generator, default_format=default_format).to_dict()
     return {"": (torch.randn(n, k, generator=generator, dtype=torch.float32) * 0.02).half()}
 
 
-def layer_tensors(config: dict, index: int, generator: torch.Generator, quantized: bool) -> dict[str, torch.Tensor]:
+def layer_tensors(config: dict, index: int, generator: torch.Generator, quantized: bool, default_format: bool = False) -> dict[str, torch.Tensor]:
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim
@@ -69,14 +88,16 @@ def layer_tensors(config: dict, index: int, generator: torch.Generator, quantize
     tensors = {prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
                prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16)}
     for name, (n, k) in shapes.items():
-        for field, tensor in random_weight(n, k, generator, quantized).items():
+        for field, tensor in random_weight(n, k, generator, quantized, default_format).items():
             tensors[prefix + name + ("." + field if field else "")] = tensor
     return tensors
 
 
-def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0, quantized_embedding: bool | None = None) -> PackedModel:
+def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0, quantized_embedding: bool | None = None,
+                    default_format: bool = False) -> PackedModel:
     """A packed directory of random weights with `config`'s shapes (tied embeddings unless config
-    says otherwise; 4-bit or fp16; the embedding as `quantized_embedding`, default: as the rest)."""
+    says otherwise; 4-bit or fp16; the embedding as `quantized_embedding`, default: as the rest;
+    default_format: 4-bit weights as random_qweight's)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -103,13 +124,13 @@ def write_synthetic(out: Path, config: dict, quantized: bool, seed: int = 0, qua
         return {name + ("." + field if field else ""): tensor for field, tensor in weight.items()}
 
     embedding_quantized = quantized if quantized_embedding is None else quantized_embedding
-    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, embedding_quantized)))
+    write(EMBEDDING_FILE, named("model.embed_tokens.weight", random_weight(vocab, hidden, generator, embedding_quantized, default_format)))
     final = {"model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
     if not hf_config["tie_word_embeddings"]:
-        final.update(named("lm_head.weight", random_weight(vocab, hidden, generator, quantized)))
+        final.update(named("lm_head.weight", random_weight(vocab, hidden, generator, quantized, default_format)))
     write(FINAL_FILE, final)
     for index in tqdm(range(config["num_hidden_layers"]), desc=f"writing {out.name}", unit="layer"):
-        write(layer_file(index), layer_tensors(config, index, generator, quantized))
+        write(layer_file(index), layer_tensors(config, index, generator, quantized, default_format))
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": hf_config,
                 "quantization": {"method": "synthetic-random" if quantized else "none"}, "files": files,
                 "tensors": {}, "provenance": {"source": "benchmarks/streaming_synthetic.py (random weights)"}}
@@ -333,8 +354,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--budget", default="1GB")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--io", choices=("direct", "buffered", "auto"), default="auto",
-                        help="how the runtime reads streamed shards (auto: O_DIRECT when the model outgrows the memory)")
+    parser.add_argument("--io", choices=("direct", "buffered", "auto"), default="direct",
+                        help="how the runtime reads streamed shards (auto: O_DIRECT when the model outgrows the memory; "
+                             "the cold reads here stand for such a model)")
     args = parser.parse_args()
     print(describe())
     packed = write_synthetic(args.out, {**LLAMA2_7B, "num_hidden_layers": args.layers}, quantized=True)

@@ -32,7 +32,7 @@ from quantlite.sources.safetensors_file import SafetensorsFile, tensor_in_buffer
 
 PAGE = 4096  # O_DIRECT alignment of offsets, lengths and addresses (a multiple of any logical block size in use)
 IO_CHUNK_BYTES = 8 << 20  # one positioned read; also the widening scratch
-IO_THREADS = 4  # reads in flight (direct only: buffered reads keep the kernel's own readahead)
+IO_THREADS = 8  # reads in flight (direct only: buffered reads keep the kernel's own readahead)
 
 _io_pool: ThreadPoolExecutor | None = None
 
