@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.streaming_synthetic import random_qweight, write_synthetic
-from quantlite.packed import PackedModel, widened_scales
+from quantlite import packed as packed_module
+from quantlite.packed import PackedModel, streamed_layout
 from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, unit_sizes
 from quantlite.sources import arena as arena_module
-from quantlite.sources.arena import aligned_buffer, arena_layout, read_into_arena
+from quantlite.sources.arena import aligned_buffer, read_into_arena
 from quantlite.sources.safetensors_file import SafetensorsFile
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
@@ -42,9 +43,9 @@ def test_arena_read_equals_the_plain_reader(tmp_path, generator, monkeypatch, di
     same values, read through a scratch far smaller than them (several chunks, each misaligned)."""
     monkeypatch.setattr(arena_module, "IO_CHUNK_BYTES", 3 * 4096 + 6)
     shard = odd_shard(tmp_path / "s.safetensors", generator)
-    widen = widened_scales(shard)
+    layout = streamed_layout(shard)
+    widen = {piece.names[0] for piece in layout.pieces if piece.widen}
     assert widen == {"a.scales", "b.scales"}
-    layout = arena_layout(shard, widen)
     arena = aligned_buffer(layout.nbytes + 4096)
     arena.fill_(0xAB)  # stale bytes of an earlier unit must not show through
     got = read_into_arena(shard, arena, layout, direct)
@@ -60,19 +61,22 @@ def test_arena_read_equals_the_plain_reader(tmp_path, generator, monkeypatch, di
 
 def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
     shard = odd_shard(tmp_path / "s.safetensors", generator)
-    layout = arena_layout(shard, widened_scales(shard))
+    layout = streamed_layout(shard)
     with pytest.raises(ValueError, match="needs"):
         read_into_arena(shard, aligned_buffer(layout.nbytes - 1), layout, direct=False)
     with pytest.raises(ValueError, match="aligned"):
         read_into_arena(shard, aligned_buffer(layout.nbytes + 4096)[1:], layout, direct=False)
 
 
-@pytest.mark.parametrize("direct_io", [True, False])
-def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, direct_io):
+@pytest.mark.parametrize("direct_io, default_format", [(True, False), (False, False), (True, True)])
+def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, monkeypatch, direct_io, default_format):
     """Every layer and the head streamed into two arenas, pass after pass: logits bit-identical to
     the all-resident model, no buffer allocated beyond the two slots, and what a streamed layer holds
-    in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it."""
-    write_synthetic(tmp_path / "m", SMALL, quantized=True)
+    in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it.
+    default_format: double-quantized scales (decoded into the arena 256 at a time, so chunks end
+    inside a row and the head's last group is partial) and outliers."""
+    monkeypatch.setattr(packed_module, "DECODE_CHUNK_SCALES", 256)
+    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=default_format)
     packed = PackedModel.open(tmp_path / "m")
     input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
     with StreamingLlama(packed, memory_budget="1GB") as model:

@@ -34,11 +34,11 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import compute_ready, prepare
-from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, widened_scales
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, streamed_layout
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
-from quantlite.sources.arena import aligned_buffer, arena_layout
+from quantlite.sources.arena import aligned_buffer
 from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -97,7 +97,7 @@ def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: lis
     for name, entry in shard.entries.items():
         if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
             continue
-        total += entry.nbytes + _beside_the_read(shard, name, compute_dtype)
+        total += entry.nbytes + _beside_the_read(shard, name, compute_dtype, streamed=False)
         field_name = name.rsplit(".", 1)[-1]
         if field_name in ("scales", "scale_codes") and _is_qweight_field(shard, name) and entry.dtype != torch.float32:
             # decoded to float32 (compute_ready; double-quantized ones counted beside the read); stored
@@ -109,22 +109,23 @@ def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: lis
 
 def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype) -> int:
     """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
-    `into=`): the arena (fp16 scales held as float32 only, page rounding, the widening scratch) plus
-    what `_beside_the_read` counts."""
-    beside = sum(_beside_the_read(shard, name, compute_dtype) for name in shard.entries)
-    return arena_layout(shard, widened_scales(shard)).nbytes + beside
+    `into=`): the arena (packed.streamed_layout: fp16 scales held as float32 only, double-quantized
+    ones decoded there, page rounding, the widening scratch) plus what `_beside_the_read` counts."""
+    beside = sum(_beside_the_read(shard, name, compute_dtype, streamed=True) for name in shard.entries)
+    return streamed_layout(shard).nbytes + beside
 
 
-def _beside_the_read(shard: SafetensorsFile, name: str, compute_dtype: torch.dtype) -> int:
+def _beside_the_read(shard: SafetensorsFile, name: str, compute_dtype: torch.dtype, streamed: bool) -> int:
     """Bytes made from tensor `name` outside the buffers it is read into: the kernel layout's int32 /
     float32 copies of the outlier table, the all-zero row pointers of a weight stored without
-    outliers, float32 scales decoded from double quantization, plain floats in the compute dtype."""
+    outliers, float32 scales decoded from double quantization (in the arena when streamed), plain
+    floats in the compute dtype."""
     entry = shard.entries[name]
     numel = entry.nbytes // entry.dtype.itemsize
     field_name = name.rsplit(".", 1)[-1]
     if _is_qweight_field(shard, name):
         if field_name == "scale_codes":
-            return numel * 4
+            return 0 if streamed else numel * 4
         if field_name in ("outlier_cols", "outlier_vals"):
             return numel * 4
         if field_name == "codes" and name[: -len("codes")] + "outlier_row_ptr" not in shard.entries:
@@ -158,8 +159,7 @@ def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
         return max(memory_nbytes(shard, dtype, names), streamed_nbytes(shard, dtype) if streamable else 0)
 
     def arena(name: str) -> int:
-        shard = SafetensorsFile(packed.path / name)
-        return arena_layout(shard, widened_scales(shard)).nbytes
+        return streamed_layout(SafetensorsFile(packed.path / name)).nbytes
 
     tied = packed.config.get("tie_word_embeddings")
     embedding = size(EMBEDDING_FILE, streamable=bool(tied))
@@ -232,7 +232,7 @@ class StreamStats:
     embedding_rows_read: int = 0  # rows read on demand (the table on disk)
     embedding_bytes_read: int = 0  # the whole table once if resident, else the bytes of those rows
     load_seconds: float = 0.0     # loader time: read + move to device
-    read_seconds: float = 0.0     # of which reading the shards (disk, or the page cache) and checking their structure
+    prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
     arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless one was still in use
@@ -362,25 +362,31 @@ class StreamingLlama:
         streamed = index >= self.plan.resident_layers
         if self.prefetch and not self.stats.direct_io:
             self._hint_readahead(self._next_streamed(index))
-        # a streamed unit is read into a reused arena (sources.arena): no fresh pages to fault in
-        read = {"into": self._arenas.take(), "direct": self.stats.direct_io} if streamed else {}
+        prepare_seconds = 0.0
+
+        def prepare(value):
+            nonlocal prepare_seconds
+            began = time.perf_counter()
+            value = self._to_device(value)
+            prepare_seconds += time.perf_counter() - began
+            return value
+
+        # a streamed unit is read into a reused arena (sources.arena): no fresh pages to fault in, and
+        # each weight is prepared for the kernels as soon as its bytes are in, while the rest is read
+        read = {"into": self._arenas.take(), "direct": self.stats.direct_io, "prepare": prepare} if streamed else {}
         if index < self.config.num_layers:
-            layer = self.packed.load_layer(index, **read)
+            unit = self.packed.load_layer(index, **read)
             if not streamed:
                 # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
                 # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
-                layer = llama.fuse_projections(layer)
+                unit = {name: prepare(value) for name, value in llama.fuse_projections(unit).items()}
         elif self.config.tie_word_embeddings:
-            layer = {HEAD: self.packed.load_embedding(**read)}
+            unit = self.packed.load_embedding(**read)
         else:
-            layer = {HEAD: self.packed.load_final(**read)[HEAD]}
-        read_done = time.perf_counter()
-        unit = {name: self._to_device(value) for name, value in layer.items()}
-        del read, layer
-        if index >= self.config.num_layers:
-            unit = unit[HEAD]
+            unit = self.packed.load_final(**read)[HEAD]
+        del read
         with self._lock:
-            self.stats.read_seconds += read_done - start
+            self.stats.prepare_seconds += prepare_seconds
             self.stats.load_seconds += time.perf_counter() - start
         return unit
 
