@@ -77,10 +77,10 @@ def main() -> None:
     print(f"per layer        : {step / units:.2f} s streamed vs floor {floor / units:.2f} s per unit ({units} units: layers + head): "
           f"ratio {step / floor:.2f} best, {step_median / floor:.2f} median (goal <= 1.2)")
     print_loader_split(run, units * args.steps)
-    per_unit = step / units
-    head_units = reads["head_bytes"] / layer_disk  # the head costs about its share of a layer's bytes
-    print(f"extrapolated     : {FULL_LAYERS} layers -> {per_unit * (FULL_LAYERS + head_units):.0f} s per token; "
-          f"I/O floor {(FULL_LAYERS * layer_disk + reads['head_bytes']) / bandwidth:.0f} s per token at {bandwidth / 1e9:.2f} GB/s; "
+    per_byte = step / reads["bytes"]  # a layer and the head cost about their bytes
+    full_bytes = FULL_LAYERS * layer_disk + reads["head_bytes"]
+    print(f"extrapolated     : {FULL_LAYERS} layers -> {per_byte * full_bytes:.0f} s per token; "
+          f"I/O floor {full_bytes / bandwidth:.0f} s per token at {bandwidth / 1e9:.2f} GB/s; "
           f"peak memory stays {gib(run['peak_rss'])} (layers stream; KV cache {FULL_LAYERS * run['kv_bytes'] / args.layers / 2**20:.1f} MiB "
           f"for {args.steps + 5} positions)")
     print(f"famous claim     : ~5 GB peak for 405B (AirLLM, 4-bit) vs ours {gib(run['peak_rss'])} measured")

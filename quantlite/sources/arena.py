@@ -230,16 +230,7 @@ def _open(shard: SafetensorsFile, direct: bool) -> tuple[int, bool]:
 
 def _read_range(shard: SafetensorsFile, fd: int, target: torch.Tensor, offset: int, first: str) -> None:
     """Fill `target` (uint8) from file offset `offset`; bytes past the file's end are left as they are."""
-    need = min(target.numel(), shard.file_size - offset)
-    view, done = memoryview(target.numpy()), 0
-    while done < need:
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as error:
-            raise FormatError(f"{shard.path}: cannot read tensor {first!r} ({error.strerror or error})") from error
-        if got == 0:
-            raise FormatError(f"{shard.path}: file ends inside tensor {first!r} (truncated after it was opened?)")
-        done += got
+    shard.read_into(fd, target, offset, first, need=min(target.numel(), shard.file_size - offset))
 
 
 def _read_widened(shard: SafetensorsFile, fd: int, arena: torch.Tensor, scratch: torch.Tensor, piece: Piece, align: int) -> None:

@@ -100,7 +100,7 @@ class SafetensorsFile:
             for run in _runs(wanted, self.entries):
                 begin, end = self.entries[run[0]].begin, self.entries[run[-1]].end
                 buffer = torch.empty(end - begin, dtype=torch.uint8)
-                self._read_into(fd, buffer, self.data_start + begin, run[0])
+                self.read_into(fd, buffer, self.data_start + begin, run[0])
                 for name in run:
                     out[name] = tensor_in_buffer(buffer, self.entries[name], begin)
         finally:
@@ -125,7 +125,7 @@ class SafetensorsFile:
             for start, end in ranges:
                 size = (end - start) * row_bytes
                 if size:
-                    self._read_into(fd, flat[at : at + size], self.data_start + entry.begin + start * row_bytes, name)
+                    self.read_into(fd, flat[at : at + size], self.data_start + entry.begin + start * row_bytes, name)
                 at += size
         finally:
             os.close(fd)
@@ -144,9 +144,11 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: the file changed after its header was read")
         return fd
 
-    def _read_into(self, fd: int, buffer: torch.Tensor, offset: int, first: str) -> None:
+    def read_into(self, fd: int, buffer: torch.Tensor, offset: int, first: str, need: int | None = None) -> None:
+        """Fill `buffer` (uint8) from file offset `offset` of `fd` (open_unchanged's); with `need`, only
+        its first `need` bytes must be there (an O_DIRECT read of whole pages past the file's end)."""
         view, done = memoryview(buffer.numpy()), 0
-        while done < len(view):  # a single read stops short of 2 GiB on Linux
+        while done < (len(view) if need is None else need):  # a single read stops short of 2 GiB on Linux
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
             except OSError as error:
