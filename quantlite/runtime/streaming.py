@@ -14,7 +14,10 @@ before anything is read (`memory_nbytes`). The plan (`plan_residency`):
     slots (one with prefetch off), each as large as the largest streamed unit.
 
 A single loader thread reads the next streamed unit while the current one computes; one read is in
-flight at a time. While the head computes, the first streamed unit of the next pass is read.
+flight at a time. While the head computes, the first streamed unit of the next pass is read. A
+streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused),
+O_DIRECT when the model outgrows the memory, and each weight is made compute-ready as soon as its
+bytes are in, while the rest of the unit is still being read.
 
 Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
