@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.machine import describe
-from benchmarks.streaming_synthetic import gib, read_bandwidth, run_child, write_synthetic
+from benchmarks.streaming_synthetic import describe_bandwidth, gib, read_bandwidth, run_child, write_synthetic
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                  vocab_size=32000, num_hidden_layers=22, tie_word_embeddings=False)
@@ -32,7 +32,7 @@ def main() -> None:
     print(describe())
     models = {label: write_synthetic(args.out.with_name(f"{args.out.name}-{label}"), TINYLLAMA, quantized=quantized)
               for label, quantized in (("fp16", False), ("4-bit", True))}
-    print(f"cold sequential read: {read_bandwidth(models['fp16']) / 1e9:.2f} GB/s")
+    print(describe_bandwidth("cold read", read_bandwidth(models["fp16"])))
     for budget in (args.budget, "stream-all"):
         runs = {}
         for label, packed in models.items():

@@ -12,17 +12,20 @@ A QWeight named W is stored as the tensors `W.meta`, `W.codes`, `W.scales`, ... 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from quantlite.errors import FormatError
-from quantlite.q8weight import Q8Weight, read_quantized
-from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
-from quantlite.sources.checksum import sha256_file
 from quantlite.model_config import EMBEDDING, ModelConfig, final_shapes, layer_shapes, read_model_config
+from quantlite.q8weight import Q8Weight, read_quantized
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, decode_double_quant
+from quantlite.sources.arena import ArenaLayout, ArenaRead, arena_layout
+from quantlite.sources.checksum import sha256_file
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
 from quantlite.untrusted import check_regular_file, read_json
@@ -39,6 +42,7 @@ MAX_FILE_BYTES = 2**44  # 16 TiB: a size beyond this in a manifest is a lie, not
 QWEIGHT_FIELD = re.compile(r"(.+)\.meta")
 _LAYER_FILE = re.compile(r"layer-(\d{5})\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+DECODE_CHUNK_SCALES = 1 << 18  # double-quantized scales decoded into an arena this many at a time (1 MiB of float32)
 
 
 def layer_file(index: int) -> str:
@@ -61,23 +65,34 @@ def check_relative_path(name: object) -> str:
     return name
 
 
-def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bool = True) -> dict[str, torch.Tensor | QWeight | Q8Weight]:
+def group_tensors(tensors: dict[str, torch.Tensor], where: str, check_values: bool = True, ready=None,
+                  then=None) -> dict[str, torch.Tensor | QWeight | Q8Weight]:
     """Flat shard tensors -> {name: Tensor or QWeight}: every `X.meta` starts a quantized weight named X (QWeight or
     Q8Weight, as its meta says), whose
     fields are the tensors `X.<field>`. Linear in the number of tensors (a shard may hold thousands).
-    check_values: see QWeight.from_dict."""
+    check_values: see QWeight.from_dict. ready(names), if given, is called before the values of those
+    tensors are used, weight after weight in the order their last tensor comes in `tensors` (file
+    order for an arena read, so the first weights are checked while the disk delivers the rest);
+    then(name, value), if given, maps each value as soon as it is built."""
     fields: dict[str, dict[str, torch.Tensor]] = {m.group(1): {} for m in map(QWEIGHT_FIELD.fullmatch, tensors) if m}
-    plain: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+    last: dict[str, int] = {}  # weight or plain tensor -> position of its last tensor
+    for position, name in enumerate(tensors):
         prefix = name.rpartition(".")[0]
-        (fields[prefix] if prefix in fields else plain)[name] = tensor
-    grouped: dict[str, torch.Tensor | QWeight | Q8Weight] = {
-        prefix: read_quantized(group, prefix=prefix + ".", name=f"{where}: {prefix}", check_values=check_values) for prefix, group in fields.items()
-    }
-    for name, tensor in plain.items():
-        if name in grouped:
+        if prefix in fields:
+            fields[prefix][name] = tensors[name]
+            last[prefix] = position
+        elif name in fields:
             raise FormatError(f"{where}: {name!r} is stored both plain and quantized")
-        grouped[name] = tensor
+        else:
+            last[name] = position
+    grouped: dict[str, torch.Tensor | QWeight | Q8Weight] = {}
+    for name in sorted(last, key=last.__getitem__):
+        group = fields[name] if name in fields else {name: tensors[name]}
+        if ready is not None:
+            ready(group)
+        value = (read_quantized(group, prefix=name + ".", name=f"{where}: {name}", check_values=check_values)
+                 if name in fields else tensors[name])
+        grouped[name] = value if then is None else then(name, value)
     return grouped
 
 
@@ -116,22 +131,26 @@ class PackedModel:
     def layer_nbytes(self, index: int) -> int:
         return self.manifest["files"][self._layer_name(index)]["size"]
 
-    def load_layer(self, index: int) -> dict[str, torch.Tensor | QWeight]:
-        """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`."""
+    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+        """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`.
+        into: an arena (sources.arena) that every tensor then views, the 4-bit weights' scales as float32
+        (the streaming runtime's reused buffers, at least `streamed_layout(shard).nbytes`), double-quantized scales decoded
+        into it too; direct: read it O_DIRECT; prepare(value): applied to each weight of an arena read as
+        soon as its bytes are in (the runtime builds the kernel layout there, overlapping the read)."""
         prefix = f"model.layers.{index}."
-        loaded = self._load(self._layer_name(index))
+        loaded = self._load(self._layer_name(index), into, direct, prepare)
         expected = {prefix + name: shape for name, shape in layer_shapes(self.model_config).items()}
         self._check_names_and_shapes(self._layer_name(index), loaded, expected)
         return {name[len(prefix):]: value for name, value in loaded.items()}
 
-    def load_embedding(self) -> torch.Tensor | QWeight:
+    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> torch.Tensor | QWeight:
         expected = {EMBEDDING: self._embedding_shape}
-        loaded = self._load(EMBEDDING_FILE)
+        loaded = self._load(EMBEDDING_FILE, into, direct, prepare)
         self._check_names_and_shapes(EMBEDDING_FILE, loaded, expected)
         return loaded[EMBEDDING]
 
-    def load_final(self) -> dict[str, torch.Tensor | QWeight]:
-        loaded = self._load(FINAL_FILE)
+    def load_final(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+        loaded = self._load(FINAL_FILE, into, direct, prepare)
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.model_config))
         return loaded
 
@@ -282,7 +301,7 @@ class PackedModel:
             raise FormatError(f"{self.path}: layer {index!r} does not exist (the model has {self.num_layers})")
         return layer_file(index)
 
-    def _load(self, name: str) -> dict[str, torch.Tensor | QWeight]:
+    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
         file_path = self.path / name
         size = file_path.stat().st_size if file_path.is_file() else None
         if size != self.manifest["files"][name]["size"]:
@@ -292,7 +311,21 @@ class PackedModel:
         # a later read of the same file unchanged (same inode, size, mtime and ctime; the header is
         # parsed and checked again) checks the structure only: a streamed layer is re-read every token
         unchanged = self._values_checked.get(name) == shard.identity
-        grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
+        if into is None:
+            grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
+        else:
+            layout = streamed_layout(shard)
+
+            def then(name: str, value):  # each weight as its bytes land: scales decoded into the arena, prepare
+                if f"{name}.scale_codes" in layout.derived:
+                    value = _decode_scales_into(value, layout.derived_view(into, f"{name}.scale_codes"))
+                return value if prepare is None else prepare(value)
+
+            reading = ArenaRead(shard, into, layout, direct)
+            try:
+                grouped = group_tensors(reading.tensors, str(file_path), check_values=not unchanged, ready=reading.wait, then=then)
+            finally:
+                reading.finish(raising=False)
         if not unchanged:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
@@ -319,6 +352,32 @@ class PackedModel:
 
     def __repr__(self) -> str:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
+
+
+def streamed_layout(shard: SafetensorsFile) -> ArenaLayout:
+    """Where a streamed read (`into=`) puts the shard's tensors: the float16 scales of its 4-bit
+    weights (`X.scales` beside `X.meta` and `X.codes`; a Q8Weight has `X.qs`) held as float32, the
+    kernels' layout (exact), and room for the float32 decode of double-quantized ones (`X.scale_codes`)."""
+    def fields_of_qweights(field_name: str) -> frozenset[str]:
+        return frozenset(name for name in shard.entries if name.endswith("." + field_name)
+                         and name[: -len(field_name)] + "meta" in shard.entries and name[: -len(field_name)] + "codes" in shard.entries)
+
+    widen = frozenset(name for name in fields_of_qweights("scales") if shard.entries[name].dtype == torch.float16)
+    return arena_layout(shard, widen, derive=fields_of_qweights("scale_codes"))
+
+
+def _decode_scales_into(qw: QWeight, out: torch.Tensor) -> QWeight:
+    """qw with its double-quantized scales decoded into `out` ((N, nb) float32, in the arena) by
+    qweight.decode_double_quant a few rows at a time: fresh temporaries the size of the whole tensor
+    would fault in new pages on every streamed read. Chunks start on a group of SCALE_GROUP_SIZE."""
+    n, blocks = qw.scale_codes.shape
+    step = SCALE_GROUP_SIZE // math.gcd(blocks, SCALE_GROUP_SIZE)  # rows per whole number of groups
+    rows = max(step, DECODE_CHUNK_SCALES // blocks // step * step)
+    for first in range(0, n, rows):
+        last = min(first + rows, n)
+        groups = slice(first * blocks // SCALE_GROUP_SIZE, -(-last * blocks // SCALE_GROUP_SIZE))
+        out[first:last] = decode_double_quant(qw.scale_codes[first:last], qw.scale_group_min[groups], qw.scale_group_step[groups])
+    return replace(qw, scales=out, scale_codes=None, scale_group_min=None, scale_group_step=None)
 
 
 def _check_finite(value: torch.Tensor | QWeight | Q8Weight, where: str) -> None:

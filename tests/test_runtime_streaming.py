@@ -50,9 +50,9 @@ class RecordingPacked:
     def __getattr__(self, name):
         return getattr(self.packed, name)
 
-    def load_layer(self, index):
+    def load_layer(self, index, **read):
         self.reads.append((index, threading.current_thread().name))
-        return self.packed.load_layer(index)
+        return self.packed.load_layer(index, **read)
 
 
 def shard_bytes(packed_dir, layers) -> int:

@@ -14,7 +14,10 @@ before anything is read (`memory_nbytes`). The plan (`plan_residency`):
     slots (one with prefetch off), each as large as the largest streamed unit.
 
 A single loader thread reads the next streamed unit while the current one computes; one read is in
-flight at a time. While the head computes, the first streamed unit of the next pass is read.
+flight at a time. While the head computes, the first streamed unit of the next pass is read. A
+streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused),
+O_DIRECT when the model outgrows the memory, and each weight is made compute-ready as soon as its
+bytes are in, while the rest of the unit is still being read.
 
 Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
@@ -35,10 +38,11 @@ import torch
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import fused_kernel_live
 from quantlite.kernels.prepared import compute_ready, prepare
-from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, streamed_layout
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 from quantlite.runtime import llama
+from quantlite.sources.arena import aligned_buffer
 from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -88,29 +92,56 @@ def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> in
 
 def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None) -> int:
     """An upper bound, from the header alone, on the bytes the tensors `names` (default: all) of a
-    shard take once loaded and made compute-ready: their stored bytes, plus float32 scales decoded
-    from fp16 or double-quantized storage, int32 outlier columns and float32 outlier values (the
-    kernel layout), plus plain float tensors converted to the compute dtype. Stored scales large
-    enough to get a buffer of their own (SafetensorsFile.read_all) are counted once, as float32:
-    they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts 1.67 GiB."""
+    shard take once read as a resident unit is (SafetensorsFile.read_all) and made compute-ready:
+    their stored bytes, plus float32 scales decoded from fp16 or double-quantized storage, plus what
+    `_beside_the_read` counts. Stored scales large enough to get a buffer of their own are counted
+    once, as float32: they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts
+    1.67 GiB."""
     total = 0
     for name, entry in shard.entries.items():
         if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
             continue
-        total += entry.nbytes
-        owner, field_name = name.rsplit(".", 1) if "." in name else ("", name)
-        numel = entry.nbytes // entry.dtype.itemsize
-        if owner + ".meta" in shard.entries:  # a field of a QWeight
-            if field_name in ("scales", "scale_codes") and entry.dtype != torch.float32:
-                # decoded to float32 (compute_ready); stored scales in a buffer of their own are freed
-                total += numel * 4 - (entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0)
-            elif field_name in ("outlier_cols", "outlier_vals"):
-                total += numel * 4  # the layout's int32 / float32 copies, next to the stored ones
-            elif field_name == "codes" and owner + ".outlier_row_ptr" not in shard.entries:
-                total += (entry.shape[0] + 1) * 4  # the all-zero row pointers made in memory
-        elif entry.dtype.is_floating_point and entry.dtype != compute_dtype:
-            total += numel * compute_dtype.itemsize
+        total += entry.nbytes + _beside_the_read(shard, name, compute_dtype, streamed=False)
+        field_name = name.rsplit(".", 1)[-1]
+        if field_name in ("scales", "scale_codes") and _is_qweight_field(shard, name) and entry.dtype != torch.float32:
+            # decoded to float32 (compute_ready; double-quantized ones counted beside the read); stored
+            # scales in a buffer of their own are freed
+            total += (entry.nbytes // entry.dtype.itemsize * 4 if field_name == "scales" else 0)
+            total -= entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0
     return total
+
+
+def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype) -> int:
+    """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
+    `into=`): the arena (packed.streamed_layout: fp16 scales held as float32 only, double-quantized
+    ones decoded there, page rounding, the widening scratch) plus what `_beside_the_read` counts."""
+    beside = sum(_beside_the_read(shard, name, compute_dtype, streamed=True) for name in shard.entries)
+    return streamed_layout(shard).nbytes + beside
+
+
+def _beside_the_read(shard: SafetensorsFile, name: str, compute_dtype: torch.dtype, streamed: bool) -> int:
+    """Bytes made from tensor `name` outside the buffers it is read into: the kernel layout's int32 /
+    float32 copies of the outlier table, the all-zero row pointers of a weight stored without
+    outliers, float32 scales decoded from double quantization (in the arena when streamed), plain
+    floats in the compute dtype."""
+    entry = shard.entries[name]
+    numel = entry.nbytes // entry.dtype.itemsize
+    field_name = name.rsplit(".", 1)[-1]
+    if _is_qweight_field(shard, name):
+        if field_name == "scale_codes":
+            return 0 if streamed else numel * 4
+        if field_name in ("outlier_cols", "outlier_vals"):
+            return numel * 4
+        if field_name == "codes" and name[: -len("codes")] + "outlier_row_ptr" not in shard.entries:
+            return (entry.shape[0] + 1) * 4
+        return 0
+    if entry.dtype.is_floating_point and entry.dtype != compute_dtype:
+        return numel * compute_dtype.itemsize
+    return 0
+
+
+def _is_qweight_field(shard: SafetensorsFile, name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[0] + ".meta" in shard.entries
 
 
 @dataclass(frozen=True)
@@ -120,17 +151,26 @@ class UnitSizes:
     layers: list[int]
     head: int
     embedding: int  # the whole table (== head when tied)
+    arenas: list[int]  # the arena (sources.arena) a streamed read of each layer, then the head, needs
 
 
 def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
-    """memory_nbytes of the final norm, each layer, the head and the embedding table of `packed`."""
-    def size(name: str, names: list[str] | None = None) -> int:
-        return memory_nbytes(SafetensorsFile(packed.path / name), dtype, names)
+    """Bytes in memory of the final norm, each layer, the head and the embedding table of `packed`:
+    a layer or the head counts the larger of its resident read (memory_nbytes) and its streamed one
+    (streamed_nbytes), since the plan decides which it gets."""
+    def size(name: str, names: list[str] | None = None, streamable: bool = True) -> int:
+        shard = SafetensorsFile(packed.path / name)
+        return max(memory_nbytes(shard, dtype, names), streamed_nbytes(shard, dtype) if streamable else 0)
 
-    embedding = size(EMBEDDING_FILE)
-    head = embedding if packed.config.get("tie_word_embeddings") else size(FINAL_FILE, [HEAD])
-    return UnitSizes(norm=size(FINAL_FILE, [NORM]), layers=[size(layer_file(i)) for i in range(packed.num_layers)],
-                     head=head, embedding=embedding)
+    def arena(name: str) -> int:
+        return streamed_layout(SafetensorsFile(packed.path / name)).nbytes
+
+    tied = packed.config.get("tie_word_embeddings")
+    embedding = size(EMBEDDING_FILE, streamable=bool(tied))
+    head = embedding if tied else size(FINAL_FILE, [HEAD])
+    layers = [layer_file(i) for i in range(packed.num_layers)]
+    return UnitSizes(norm=size(FINAL_FILE, [NORM], streamable=False), layers=[size(name) for name in layers], head=head,
+                     embedding=embedding, arenas=[arena(name) for name in layers + [EMBEDDING_FILE if tied else FINAL_FILE]])
 
 
 @dataclass(frozen=True)
@@ -196,7 +236,10 @@ class StreamStats:
     embedding_rows_read: int = 0  # rows read on demand (the table on disk)
     embedding_bytes_read: int = 0  # the whole table once if resident, else the bytes of those rows
     load_seconds: float = 0.0     # loader time: read + move to device
+    prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
+    direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
+    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless one was still in use
     passes: int = 0               # forward passes over all layers
     resident_layers: int = 0
     streamed_layers: int = 0
@@ -216,7 +259,7 @@ class StreamingLlama:
     """A packed Llama-family model (Llama, Mistral, Qwen2, Qwen3) whose decoder layers stream from disk. `model(input_ids)` -> float32 logits."""
 
     def __init__(self, packed, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, direct_io: bool | None = None):
         self.packed = packed
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -241,9 +284,12 @@ class StreamingLlama:
         self._lock = threading.Lock()
 
         self.plan = self._plan()
+        self.stats.direct_io = self._direct_io(direct_io)
         # the units read on every pass, in order: layers R..L-1, then the head (num_layers) if it streams
         self._streamed = list(range(self.plan.resident_layers, self.config.num_layers))
         self._streamed += [] if self.plan.head_resident else [self.config.num_layers]
+        # the largest arena of a streamed unit (its slot also counts its small tensors made beside it)
+        self._arenas = ArenaPool(max((self.sizes.arenas[i] for i in self._streamed), default=0), self.plan.slots, self.stats)
         final = packed.load_final()  # every tensor checked once; the head is dropped again if it streams
         self.stats.bytes_read += packed.manifest["files"][FINAL_FILE]["size"]
         self.norm = self._to_device(final[NORM])  # (hidden,)
@@ -270,6 +316,18 @@ class StreamingLlama:
         import psutil
 
         return int(psutil.virtual_memory().available * AUTO_BUDGET_FRACTION)
+
+    def _direct_io(self, asked: bool | None) -> bool:
+        """Streamed shards are read O_DIRECT when asked, or (None) when the model on disk is larger than
+        the memory available now: the page cache cannot keep it, so every pass reads from the disk
+        anyway and the copy through the cache only costs CPU. A model that fits keeps the page cache
+        (a second pass of a small model is then a memory copy)."""
+        if asked is not None:
+            return asked
+        import psutil
+
+        on_disk = sum(entry["size"] for entry in self.packed.manifest["files"].values())
+        return on_disk > psutil.virtual_memory().available
 
     def _plan(self) -> Residency:
         """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
@@ -303,20 +361,34 @@ class StreamingLlama:
         """Runs on the loader thread (or inline without prefetch): layer `index` (a dict of weights),
         or the head (index == num_layers)."""
         start = time.perf_counter()
-        if self.prefetch:
+        streamed = index >= self.plan.resident_layers
+        if self.prefetch and not self.stats.direct_io:
             self._hint_readahead(self._next_streamed(index))
+        prepare_seconds = 0.0
+
+        def prepare(value):
+            nonlocal prepare_seconds
+            began = time.perf_counter()
+            value = self._to_device(value)
+            prepare_seconds += time.perf_counter() - began
+            return value
+
+        # a streamed unit is read into a reused arena (sources.arena): no fresh pages to fault in, and
+        # each weight is prepared for the kernels as soon as its bytes are in, while the rest is read
+        read = {"into": self._arenas.take(), "direct": self.stats.direct_io, "prepare": prepare} if streamed else {}
         if index < self.config.num_layers:
-            layer = self.packed.load_layer(index)
-            if index < self.plan.resident_layers:
+            unit = self.packed.load_layer(index, **read)
+            if not streamed:
                 # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
                 # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
-                layer = llama.fuse_projections(layer)
-            unit = {name: self._to_device(value) for name, value in layer.items()}
+                unit = {name: prepare(value) for name, value in llama.fuse_projections(unit).items()}
         elif self.config.tie_word_embeddings:
-            unit = self._to_device(self.packed.load_embedding())
+            unit = self.packed.load_embedding(**read)
         else:
-            unit = self._to_device(self.packed.load_final()[HEAD])
+            unit = self.packed.load_final(**read)[HEAD]
+        del read
         with self._lock:
+            self.stats.prepare_seconds += prepare_seconds
             self.stats.load_seconds += time.perf_counter() - start
         return unit
 
@@ -489,6 +561,7 @@ class StreamingLlama:
             self._loader = None
         self._pending.clear()
         self._resident.clear()
+        self._arenas.clear()
 
     def __enter__(self) -> "StreamingLlama":
         return self
@@ -497,13 +570,43 @@ class StreamingLlama:
         self.close()
 
 
+class ArenaPool:
+    """The buffers streamed units are read into: `count` of `nbytes` (the plan's slots), allocated on
+    first use and handed out again once no tensor views them (torch's use count of the storage, so a
+    unit still held somewhere is never overwritten: a fresh buffer is made instead, and counted)."""
+
+    def __init__(self, nbytes: int, count: int, stats: StreamStats):
+        self.nbytes, self.count, self.stats = nbytes, count, stats
+        self._arenas: list[tuple[torch.Tensor, int]] = []  # (buffer, its storage's use count when unviewed)
+
+    def take(self) -> torch.Tensor:
+        for arena, unviewed in self._arenas:
+            if _use_count(arena) == unviewed:
+                return arena
+        arena = aligned_buffer(self.nbytes)
+        self.stats.arenas_allocated += 1
+        if len(self._arenas) < self.count:
+            self._arenas.append((arena, _use_count(arena)))
+        return arena
+
+    def clear(self) -> None:
+        self._arenas.clear()
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """References to the tensor's storage (tensors viewing it, and the temporary storage object)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-         dtype: torch.dtype | None = None) -> StreamingLlama:
+         dtype: torch.dtype | None = None, direct_io: bool | None = None) -> StreamingLlama:
     """Open a packed model directory (quantlite convert) for streaming inference.
 
     memory_budget: bytes (int) or a size string ("1GB", "800MiB") for every weight in memory at
     once: resident layers, embedding, head, and the streamed units in flight; None = half the memory
     available now. The KV cache, activations and the interpreter come on top. prefetch: read the
-    next streamed unit on a background thread while this one computes.
+    next streamed unit on a background thread while this one computes. direct_io: read streamed
+    shards O_DIRECT (None: when the model on disk is larger than the memory available).
     """
-    return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype)
+    return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype,
+                          direct_io=direct_io)

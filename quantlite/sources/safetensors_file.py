@@ -95,14 +95,14 @@ class SafetensorsFile:
         names = list(self.entries) if names is None else names
         wanted = sorted(names, key=lambda n: self.entries[n].begin)
         out: dict[str, torch.Tensor] = {}
-        fd = self._open_unchanged()
+        fd = self.open_unchanged()
         try:
             for run in _runs(wanted, self.entries):
                 begin, end = self.entries[run[0]].begin, self.entries[run[-1]].end
                 buffer = torch.empty(end - begin, dtype=torch.uint8)
-                self._read_into(fd, buffer, self.data_start + begin, run[0])
+                self.read_into(fd, buffer, self.data_start + begin, run[0])
                 for name in run:
-                    out[name] = _as_tensor(buffer, self.entries[name], begin)
+                    out[name] = tensor_in_buffer(buffer, self.entries[name], begin)
         finally:
             os.close(fd)
         return {name: out[name] for name in names}
@@ -119,22 +119,23 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: rows {ranges[:3]} outside tensor {name!r} of {entry.shape[0]} rows")
         out = torch.empty((sum(end - start for start, end in ranges), *entry.shape[1:]), dtype=entry.dtype)
         flat = out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8)
-        fd = self._open_unchanged()
+        fd = self.open_unchanged()
         try:
             at = 0
             for start, end in ranges:
                 size = (end - start) * row_bytes
                 if size:
-                    self._read_into(fd, flat[at : at + size], self.data_start + entry.begin + start * row_bytes, name)
+                    self.read_into(fd, flat[at : at + size], self.data_start + entry.begin + start * row_bytes, name)
                 at += size
         finally:
             os.close(fd)
         return out
 
-    def _open_unchanged(self) -> int:
-        """A file descriptor of the file whose header this object checked (FormatError if it changed)."""
+    def open_unchanged(self, flags: int = 0) -> int:
+        """A file descriptor of the file whose header this object checked (FormatError if it changed);
+        `flags` are added to O_RDONLY (the arena reader's O_DIRECT)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | flags)
             stat = os.fstat(fd)
         except OSError as error:
             raise FormatError(f"{self.path}: cannot read ({error.strerror or error})") from error
@@ -143,9 +144,11 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: the file changed after its header was read")
         return fd
 
-    def _read_into(self, fd: int, buffer: torch.Tensor, offset: int, first: str) -> None:
+    def read_into(self, fd: int, buffer: torch.Tensor, offset: int, first: str, need: int | None = None) -> None:
+        """Fill `buffer` (uint8) from file offset `offset` of `fd` (open_unchanged's); with `need`, only
+        its first `need` bytes must be there (an O_DIRECT read of whole pages past the file's end)."""
         view, done = memoryview(buffer.numpy()), 0
-        while done < len(view):  # a single read stops short of 2 GiB on Linux
+        while done < (len(view) if need is None else need):  # a single read stops short of 2 GiB on Linux
             try:
                 got = os.preadv(fd, [view[done:]], offset + done)
             except OSError as error:
@@ -240,7 +243,7 @@ def _runs(names: list[str], entries: dict[str, TensorEntry]) -> list[list[str]]:
     return runs
 
 
-def _as_tensor(buffer: torch.Tensor, entry: TensorEntry, buffer_begin: int) -> torch.Tensor:
+def tensor_in_buffer(buffer: torch.Tensor, entry: TensorEntry, buffer_begin: int) -> torch.Tensor:
     """entry's bytes in `buffer` (which starts at data offset buffer_begin) as a tensor: a view when
     the offset suits the dtype's alignment (safetensors writers align them), a copy when it does not."""
     if entry.nbytes == 0:

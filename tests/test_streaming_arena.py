@@ -1,0 +1,108 @@
+"""Streamed units read into reused arenas (quantlite/sources/arena.py), O_DIRECT or through the page cache.
+
+References: the plain reader (SafetensorsFile.read_all) for the bytes, float16 -> float32 (exact)
+for the widened scales, and the all-resident model for the logits (the same kernels on the same
+values: equality is exact). No timing is asserted (benchmarks/streaming_405b.py measures it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from benchmarks.streaming_synthetic import random_qweight, write_synthetic
+from quantlite import packed as packed_module
+from quantlite.packed import PackedModel, streamed_layout
+from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, unit_sizes
+from quantlite.sources import arena as arena_module
+from quantlite.sources.arena import aligned_buffer, read_into_arena
+from quantlite.sources.safetensors_file import SafetensorsFile
+
+SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+             num_hidden_layers=3, tie_word_embeddings=False)
+
+
+def odd_shard(path, generator) -> SafetensorsFile:
+    """A shard whose tensors start at offsets no page boundary matches: two 4-bit weights of odd row
+    counts (float16 scales that widen), an int8-style weight (its scales do not), plain tensors of
+    several dtypes and one of zero elements."""
+    tensors = {}
+    for name, (n, k) in {"a": (37, 192), "b": (301, 320)}.items():
+        tensors.update(random_qweight(n, k, generator).to_dict(name + "."))
+    tensors.update({"c.meta": torch.zeros(3, dtype=torch.uint8), "c.qs": torch.randint(-128, 128, (17, 64), dtype=torch.int8, generator=generator),
+                    "c.scales": torch.rand(17, 2, generator=generator).half(),
+                    "norm": torch.randn(129, generator=generator).half(), "ids": torch.randint(0, 9, (7,), generator=generator),
+                    "empty": torch.zeros(0, 5)})
+    save_file(tensors, str(path))
+    return SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_arena_read_equals_the_plain_reader(tmp_path, generator, monkeypatch, direct):
+    """Every tensor equals read_all's; the 4-bit weights' float16 scales come back float32 with the
+    same values, read through a scratch far smaller than them (several chunks, each misaligned)."""
+    monkeypatch.setattr(arena_module, "IO_CHUNK_BYTES", 3 * 4096 + 6)
+    shard = odd_shard(tmp_path / "s.safetensors", generator)
+    layout = streamed_layout(shard)
+    widen = {piece.names[0] for piece in layout.pieces if piece.widen}
+    assert widen == {"a.scales", "b.scales"}
+    arena = aligned_buffer(layout.nbytes + 4096)
+    arena.fill_(0xAB)  # stale bytes of an earlier unit must not show through
+    got = read_into_arena(shard, arena, layout, direct)
+    expected = shard.read_all()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        if name in widen:
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor.float()), name
+        else:
+            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert layout.nbytes < shard.file_size + 2 * shard.entries["b.scales"].nbytes + 3 * 4096 + 32 * 4096
+
+
+def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
+    shard = odd_shard(tmp_path / "s.safetensors", generator)
+    layout = streamed_layout(shard)
+    with pytest.raises(ValueError, match="needs"):
+        read_into_arena(shard, aligned_buffer(layout.nbytes - 1), layout, direct=False)
+    with pytest.raises(ValueError, match="aligned"):
+        read_into_arena(shard, aligned_buffer(layout.nbytes + 4096)[1:], layout, direct=False)
+
+
+@pytest.mark.parametrize("direct_io, default_format", [(True, False), (False, False), (True, True)])
+def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, monkeypatch, direct_io, default_format):
+    """Every layer and the head streamed into two arenas, pass after pass: logits bit-identical to
+    the all-resident model, no buffer allocated beyond the two slots, and what a streamed layer holds
+    in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it.
+    default_format: double-quantized scales (decoded into the arena 256 at a time, so chunks end
+    inside a row and the head's last group is partial) and outliers."""
+    monkeypatch.setattr(packed_module, "DECODE_CHUNK_SCALES", 256)
+    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=default_format)
+    packed = PackedModel.open(tmp_path / "m")
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
+    with StreamingLlama(packed, memory_budget="1GB") as model:
+        expected = model(input_ids)
+    sizes = unit_sizes(packed, torch.float32)
+    with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head]), direct_io=direct_io) as model:
+        assert model.stats.resident_layers == 0 and not model.plan.head_resident
+        for _ in range(3):
+            assert torch.equal(model(input_ids), expected)
+        assert model.stats.direct_io is direct_io
+        assert model.stats.arenas_allocated == 2
+        assert model.stats.layer_loads == 3 * SMALL["num_hidden_layers"] and model.stats.head_loads == 3
+        assert all(held <= model.plan.slot_bytes for held in model.stats.layer_bytes), (model.stats.layer_bytes, model.plan)
+
+
+def test_an_arena_still_viewed_is_not_handed_out_again():
+    stats = StreamStats()
+    pool = ArenaPool(nbytes=3 * 4096, count=2, stats=stats)
+    first = pool.take()
+    view = first[100:200].view(torch.int32)  # a tensor of the unit still alive
+    second = pool.take()
+    assert second.data_ptr() != first.data_ptr()
+    held = second[:8]
+    third = pool.take()  # both slots viewed: a fresh buffer, counted, not kept
+    assert third.data_ptr() not in (first.data_ptr(), second.data_ptr()) and stats.arenas_allocated == 3
+    del view, third
+    assert pool.take().data_ptr() == first.data_ptr()
+    del held
+    assert stats.arenas_allocated == 3
