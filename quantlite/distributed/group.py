@@ -92,7 +92,8 @@ def bounded(group: Group, what: str):
 def send(group: Group, tensor: torch.Tensor, peer: int):
     """Start sending `tensor` to `peer`; returns the work to `finish` (tensor stays alive with it)."""
     tensor = tensor.to(group.wire).contiguous()
-    return dist.isend(tensor, peer), tensor
+    with bounded(group, f"sending to rank {peer}"):
+        return dist.isend(tensor, peer), tensor
 
 
 def finish(group: Group, sent, peer: int) -> None:
