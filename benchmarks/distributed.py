@@ -73,14 +73,25 @@ def single(path: str, budget: str, **figures) -> dict:
 
 
 def ranks(path: str, budget: str, **figures) -> dict | None:
-    import quantlite
+    """This rank's stage, as quantlite.load(path, distributed=True) builds it, over a ColdPackedModel
+    (a streamed layer comes from disk, as in `single`)."""
+    from quantlite.distributed import group as groups
+    from quantlite.distributed.pipeline import PipelineLlama
+    from quantlite.distributed.split import split_by_bytes
+    from quantlite.runtime.streaming import unit_sizes
 
-    with quantlite.load(path, distributed=True, memory_budget=budget) as model:
+    group = groups.join(torch.device("cpu"))
+    packed = PackedModel.open(path)
+    for index in range(packed.num_layers):
+        drop_from_page_cache(packed.path / layer_file(index))
+    sizes = unit_sizes(packed, torch.float32)
+    runs = split_by_bytes(sizes.layers, group.world, sizes.embedding, sizes.norm + sizes.head)
+    with PipelineLlama(ColdPackedModel(packed), group, runs, memory_budget=budget) as model:
         result = measure(model, model.stage_reports, **figures)
         return result if model.is_driver else None
 
 
-def rank_budget(path: str, world: int) -> int:
+def rank_budget(path: str, world: int) -> str:
     """The smallest budget that holds every rank's share resident (the split by bytes), rounded up to 10 MB."""
     from quantlite.distributed.split import split_by_bytes
     from quantlite.runtime.streaming import unit_sizes
@@ -90,7 +101,7 @@ def rank_budget(path: str, world: int) -> int:
     shares = [sum(sizes.layers[r.start:r.stop]) for r in runs]
     shares[0] += sizes.embedding
     shares[-1] += sizes.norm + sizes.head
-    return -(-max(shares) // 10**7) * 10**7
+    return f"{-(-max(shares) // 10**7) / 100:.2f}GB"
 
 
 def child(module_function: str, launcher: list[str], **kwargs) -> dict:
@@ -126,6 +137,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="prompts in the prefill batch")
     parser.add_argument("--new-tokens", type=int, default=6, help="tokens per decode run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank-budget", action="append", default=None,
+                        help="a budget per rank (repeatable); default: the smallest holding every rank's share, and 1GB")
     parser.add_argument("--skip-convert", action="store_true")
     args = parser.parse_args()
     print(describe())
@@ -135,18 +148,19 @@ def main() -> None:
     figures = dict(prompt_len=args.prompt_len, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats)
     python = [sys.executable]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    per_rank = rank_budget(str(args.out), 2)
+    budgets = args.rank_budget or [rank_budget(str(args.out), 2), "1GB"]
     one = child("single", python, path=str(args.out), budget=args.budget, **figures)
-    two = child("ranks", torchrun, path=str(args.out), budget=str(per_rank), **figures)
     r = one["ranks"][0]
     print(f"1 process, budget {args.budget}: {r['resident_layers']} layers resident, {r['streamed_layers']} streamed from disk; "
           f"decoder layers read per decode step: {one['layers_per_step'][0]:.0f}")
-    print(f"2 ranks, budget {per_rank / 1e9:.2f} GB each: " + "; ".join(
-        f"rank {x['rank']} {x['layers']}: {x['resident_layers']} resident, {x['streamed_layers']} streamed, "
-        f"{n:.0f} read per decode step" for x, n in zip(two["ranks"], two["layers_per_step"])))
-    for name, key in (("decode tokens/s (1 sequence)", "decode"), (f"prefill tokens/s ({args.batch} x {args.prompt_len})", "prefill")):
-        print(f"{name:<30} 1 process {one[key]:8.2f}   2 ranks {two[key]:8.2f}   ratio {two[key] / one[key]:6.2f}x   "
-              f"(runs: {', '.join(f'{v:.2f}' for v in one[key + '_all'])} | {', '.join(f'{v:.2f}' for v in two[key + '_all'])})")
+    for budget in budgets:
+        two = child("ranks", torchrun, path=str(args.out), budget=budget, **figures)
+        print(f"2 ranks, budget {budget} each: " + "; ".join(
+            f"rank {x['rank']} {x['layers']}: {x['resident_layers']} resident, {x['streamed_layers']} streamed, "
+            f"{n:.0f} read per decode step" for x, n in zip(two["ranks"], two["layers_per_step"])))
+        for name, key in (("decode tokens/s (1 sequence)", "decode"), (f"prefill tokens/s ({args.batch} x {args.prompt_len})", "prefill")):
+            print(f"  {name:<30} 1 process {one[key]:8.2f}   2 ranks {two[key]:8.2f}   ratio {two[key] / one[key]:6.2f}x   "
+                  f"(runs: {', '.join(f'{v:.2f}' for v in one[key + '_all'])} | {', '.join(f'{v:.2f}' for v in two[key + '_all'])})")
     if args.skip_convert:
         return
     from quantlite.fetch import smollm2_gguf
