@@ -6,10 +6,10 @@
    >= 2 GB on disk (benchmarks/streaming_synthetic.write_synthetic).
 2. "1 process": quantlite.load with a 1 GB budget, so most layers stream; every shard leaves the
    page cache right after it is read (ColdPackedModel), so a streamed layer really comes from disk.
-   "2 ranks": torchrun --nproc-per-node 2 on this machine, each rank with the smallest budget that
-   holds its half resident (printed; on disk 2 GB is ~2.25 GB in memory, the kernels' float32
-   scales, so 2 x 1 GB cannot hold it all). Both sides use the 2 cores: 2 threads in the process,
-   1 per rank (torchrun's default).
+   "2 ranks": torchrun --nproc-per-node 2 on this machine, each rank (its shards cold too) with the
+   smallest budget that holds its half resident (printed; on disk 2 GB is ~2.25 GB in memory, the
+   kernels' float32 scales, so 2 x 1 GB cannot hold it all), then with 1 GB each (a few layers
+   stream). Both sides use the 2 cores: 2 threads in the process, 1 per rank (torchrun's default).
    Each side: decode tokens/s (1 prompt, greedy), prefill tokens/s (a batch of prompts, one new
    token: the 2 ranks cut it in 2 micro-batches), median of --repeats, and the decoder layers read
    from disk per decode step on each rank.
