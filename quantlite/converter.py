@@ -157,6 +157,7 @@ def convert(
     calibration: str | Path | None = None,
     calibration_windows: int = 16,
     calibration_ctx: int = 512,
+    run_jobs: Callable | None = None,
 ) -> ConversionSummary:
     """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
 
@@ -170,7 +171,10 @@ def convert(
     `calibration` (a UTF-8 text file, or the string "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
     from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
-    resumes. Raises ConversionError for unusable input, an existing complete `out` without
+    resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
+    who converts the files (default: this process or its pool of `workers`; quantlite.distributed.
+    convert shares them among torchrun ranks); not used for the layers of a calibrated conversion.
+    Raises ConversionError for unusable input, an existing complete `out` without
     `overwrite`, or too little disk space.
     """
     started = time.perf_counter()
@@ -202,7 +206,7 @@ def convert(
         todo = [(file, names) for file, names in plan.items() if file not in done]
         with tqdm(total=sum(params_of.values()), initial=sum(params_of[f] for f in done if f in params_of),
                   unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
-            jobs = [_run_jobs(source, out, settings, todo, workers)]
+            jobs = [(run_jobs or _run_jobs)(source, out, settings, todo, workers)]
             layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
             if settings.calibration and layers:  # the decoder layers one after the other, then the rest
                 jobs = [_calibrated_layers(source, out, settings, calibration, plan, done, progress),

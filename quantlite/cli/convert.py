@@ -23,6 +23,11 @@ examples:
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
   quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
+  torchrun --nproc-per-node 4 -m quantlite convert ./llama ./llama-q4  # 4 ranks share the layers (docs/convert.md)
+
+Under torchrun (one node or several over a shared filesystem) the ranks share the files; rank 0
+writes the manifest after every shard; the result is byte-identical to one process's, and an
+interrupted run resumes. A calibrated conversion is sequential in the layers: rank 0 does it alone.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import argparse
 from pathlib import Path
 
 from quantlite.cli import arguments
+from quantlite.distributed import launched_by_torchrun
+from quantlite.distributed.options import add_timeout_argument
 
 SUMMARY = "convert an HF folder or a .gguf file (Llama, Mistral, Qwen2/2.5, Qwen3) into packed 4-bit per-layer shards"
 METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
@@ -72,6 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=16, help="windows of calibration text (default 16)")
     parser.add_argument("--calibration-ctx", type=arguments.count(1 << 20), default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_timeout_argument(parser.add_argument_group("distributed (under torchrun)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     default = "float" if args.keep_head_float else DEFAULT_WIDTH
     head, embedding = args.head or args.embedding or default, args.embedding or args.head or default  # one given: both
 
+    if launched_by_torchrun():
+        from quantlite.distributed.convert import convert as convert_shared
+
+        def convert(src, out, **options):  # None on every rank but 0, which prints
+            return convert_shared(src, out, timeout=args.dist_timeout, **options)
     summary = convert(
         args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,
         max_bits_per_weight=args.max_bits_per_weight, head=head, embedding=embedding,
@@ -91,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration, calibration_windows=args.calibration_windows,
         calibration_ctx=args.calibration_ctx,
     )
+    if summary is None:
+        return 0
     resumed = f", {summary.files_resumed} resumed" if summary.files_resumed else ""
     print(f"wrote {summary.path} ({summary.files_written} files{resumed}) in {summary.seconds:.1f} s, "
           f"{summary.params_per_second / 1e6:.2f} M params/s")

@@ -10,6 +10,8 @@ Examples:
   quantlite generate ./smollm2-q4 --prompt "Once" --prompt "In a land" --temperature 0.8 --top-p 0.9 --seed 7
   quantlite generate ./smollm2-q4 --prompt-file prompts.txt --max-new-tokens 32
 
+Under torchrun the ranks share the layers (see "distributed" below); the last rank prints.
+
 --stats prints time to first token, decode tokens/s, the split of a decode step (matmuls,
 attention, the rest), peak memory, bytes read from disk and how many layers stayed resident in memory.
 """
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from quantlite.cli import arguments
+from quantlite.distributed.options import add_pipeline_arguments, pipeline_options
 
 SUMMARY = "generate text from a packed model, streaming layers from disk"
 
@@ -40,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", help="bytes for every weight in memory (resident ones and the streamed ones in flight), e.g. 1GB or 800MiB (default: half of free memory)")
     parser.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     parser.add_argument("--stats", action="store_true", help="print speed, memory and I/O figures at the end")
+    add_pipeline_arguments(parser, "generate", '--prompt "Hello" --stats')
 
 
 def read_prompts(args) -> list[str]:
@@ -115,7 +119,8 @@ def run(args) -> int:
     from quantlite.runtime.streaming import load
 
     prompts = read_prompts(args)
-    with load(args.path, device=args.device, memory_budget=args.memory_budget, prefetch=not args.no_prefetch) as model:
+    pipeline = pipeline_options(args)
+    with load(args.path, device=args.device, memory_budget=args.memory_budget, prefetch=not args.no_prefetch, **pipeline) as model:
         single = len(prompts) == 1
         result = model.generate(
             prompts if not single else prompts[0],
@@ -123,6 +128,10 @@ def run(args) -> int:
             seed=args.seed, stop=args.stop, chat=args.chat, system=args.system,
             on_token=stream_printer(model.tokenizer) if single else None,
         )
+        if pipeline:  # every rank's figures, then only the last rank (which has the tokens' text) prints
+            reports = model.stage_reports() if args.stats else []
+            if not model.is_driver:
+                return 0
         if single:
             print()
         else:
@@ -130,4 +139,8 @@ def run(args) -> int:
                 print(f"=== [{index}] {prompt}\n{text}\n")
         if args.stats:
             print_stats(model, result)
+            if pipeline:
+                from quantlite.distributed.pipeline import format_reports
+
+                print(format_reports(reports), file=sys.stderr)
     return 0

@@ -12,12 +12,16 @@ Examples:
   quantlite ppl ./hf-smollm2 --data wiki.test.raw --ctx 512 --max-windows 40     # the baseline
   quantlite ppl ./packed --data wiki.test.raw --ctx 512 --protocol llamacpp --json
   quantlite ppl SmolLM2-135M-Instruct.Q4_1.gguf --data wiki.test.raw --max-windows 8
+
+A packed model under torchrun runs as a pipeline over the ranks (see "distributed" below; give
+--batch-size >= the number of ranks so that they overlap); the last rank prints.
 """
 from __future__ import annotations
 
 import argparse
 
 from quantlite.cli import arguments
+from quantlite.distributed.options import add_pipeline_arguments, pipeline_options
 
 SUMMARY = "perplexity of a packed model, an HF folder or a GGUF file on a text file"
 
@@ -31,7 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="gptq: score every predicted token (default); llamacpp: second half of each window")
     parser.add_argument("--batch-size", type=arguments.count(4096), default=1, metavar="B", help="windows per forward pass (default 1)")
     parser.add_argument("--device", type=arguments.device, default="cpu", help="torch device to run the model on (default cpu)")
+    parser.add_argument("--memory-budget", help="for a packed model: bytes for every weight in memory, e.g. 1GB (default: half of free memory)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_pipeline_arguments(parser, "ppl", "--data wiki.test.raw --batch-size 4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,12 +52,17 @@ def run(args: argparse.Namespace) -> int:
         text = data.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise EvaluationError(f"cannot read --data {data}: {error}") from error
-    model = open_for_eval(args.model, device=args.device)
+    pipeline = pipeline_options(args)
+    model = open_for_eval(args.model, device=args.device, memory_budget=args.memory_budget, **pipeline)
     token_ids = model.tokenize(text)
-    result = perplexity(
-        model.forward, token_ids, ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol,
-        bos_id=model.bos_id, batch_size=args.batch_size, progress=not args.json,
-    )
+    options = dict(ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol, bos_id=model.bos_id,
+                   batch_size=args.batch_size, progress=not args.json)
+    if pipeline:  # model.forward is this rank's PipelineLlama: every rank runs, the last one prints
+        result = model.forward.perplexity(token_ids, **options)
+        if not model.forward.is_driver:
+            return 0
+    else:
+        result = perplexity(model.forward, token_ids, **options)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(data), **result.as_dict()}))
     else:

@@ -44,11 +44,14 @@ class EvalModel:
         return ids[0].to(torch.int64)
 
 
-def open_for_eval(path: str | Path, device: str = "cpu") -> EvalModel:
-    """Open `path` for evaluation; raises EvaluationError when it is none of the three kinds."""
+def open_for_eval(path: str | Path, device: str = "cpu", **load_options) -> EvalModel:
+    """Open `path` for evaluation; raises EvaluationError when it is none of the three kinds.
+    load_options: quantlite.load's (memory_budget, distributed, ...) for a packed directory."""
     path = Path(path)
     if path.is_dir() and (path / MANIFEST_NAME).exists():
-        return _open_packed(path, device)
+        return _open_packed(path, device, **load_options)
+    if load_options.get("distributed"):
+        raise EvaluationError(f"{path}: a distributed run (torchrun) pipelines packed quantlite directories only")
     if path.is_dir() and (path / "config.json").exists():
         return _open_transformers(path, None, device, "hf")
     if path.is_file() and path.suffix == ".gguf":
@@ -61,7 +64,7 @@ def open_for_eval(path: str | Path, device: str = "cpu") -> EvalModel:
     )
 
 
-def _open_packed(path: Path, device: str) -> EvalModel:
+def _open_packed(path: Path, device: str, **load_options) -> EvalModel:
     from quantlite.packed import PackedModel
     from quantlite.runtime.streaming import load
 
@@ -69,7 +72,7 @@ def _open_packed(path: Path, device: str) -> EvalModel:
 
     packed = PackedModel.open(path)
     Tokenizer(packed.tokenizer_dir)  # the tokenizer files' own checks (regular files, JSON limits) first
-    model = load(path, device=device)
+    model = load(path, device=device, **load_options)
     return EvalModel(model, _auto_tokenizer(packed.tokenizer_dir, None), "packed", path)
 
 

@@ -259,7 +259,7 @@ class StreamingLlama:
     """A packed Llama-family model (Llama, Mistral, Qwen2, Qwen3) whose decoder layers stream from disk. `model(input_ids)` -> float32 logits."""
 
     def __init__(self, packed, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-                 dtype: torch.dtype | None = None, direct_io: bool | None = None):
+                 dtype: torch.dtype | None = None, direct_io: bool | None = None, layers: range | None = None):
         self.packed = packed
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -267,6 +267,12 @@ class StreamingLlama:
         # float32 on the CPU (no fast fp16 matmul there); fp16 on a GPU
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.float16)
         self.config = packed.model_config  # read and checked once, by PackedModel.open
+        # the decoder layers this instance runs (all, or a pipeline stage's share: quantlite.distributed);
+        # it holds the embedding only if it runs layer 0, the final norm and the head only if it runs the last
+        self.layers = range(self.config.num_layers) if layers is None else layers
+        if not (self.layers.step == 1 and 0 <= self.layers.start < self.layers.stop <= self.config.num_layers):
+            raise QuantliteError(f"layers {self.layers} is not a non-empty run of the model's {self.config.num_layers} layers")
+        self.first, self.last = self.layers.start == 0, self.layers.stop == self.config.num_layers
         self.prefetch = prefetch
         self.stats = StreamStats()
         self.memory_budget = self._budget_bytes(memory_budget)
@@ -286,23 +292,25 @@ class StreamingLlama:
         self.plan = self._plan()
         self.stats.direct_io = self._direct_io(direct_io)
         # the units read on every pass, in order: layers R..L-1, then the head (num_layers) if it streams
-        self._streamed = list(range(self.plan.resident_layers, self.config.num_layers))
-        self._streamed += [] if self.plan.head_resident else [self.config.num_layers]
+        self._streamed = list(range(self.layers.start + self.plan.resident_layers, self.layers.stop))
+        self._streamed += [] if self.plan.head_resident or not self.last else [self.config.num_layers]
         # the largest arena of a streamed unit (its slot also counts its small tensors made beside it)
         self._arenas = ArenaPool(max((self.sizes.arenas[i] for i in self._streamed), default=0), self.plan.slots, self.stats)
-        final = packed.load_final()  # every tensor checked once; the head is dropped again if it streams
-        self.stats.bytes_read += packed.manifest["files"][FINAL_FILE]["size"]
-        self.norm = self._to_device(final[NORM])  # (hidden,)
+        self.norm = None       # (hidden,); None on a pipeline stage before the last
         self.embedding = None  # (vocab, hidden) tensor or QWeight when resident; None: rows on demand
         self.lm_head = None    # (vocab, hidden) tensor or QWeight when resident; None: streamed
-        if self.plan.head_resident:
-            self.lm_head = self._to_device(packed.load_embedding() if self.config.tie_word_embeddings else final[HEAD])
-            self._count_load(self.config.num_layers, already_counted=not self.config.tie_word_embeddings)
-        del final
-        if self.plan.embedding_resident:
-            self.embedding = self.lm_head if self.config.tie_word_embeddings else self._read_embedding()
+        if self.last:
+            final = packed.load_final()  # every tensor checked once; the head is dropped again if it streams
+            self.stats.bytes_read += packed.manifest["files"][FINAL_FILE]["size"]
+            self.norm = self._to_device(final[NORM])
+            if self.plan.head_resident:
+                self.lm_head = self._to_device(packed.load_embedding() if self.config.tie_word_embeddings else final[HEAD])
+                self._count_load(self.config.num_layers, already_counted=not self.config.tie_word_embeddings)
+            del final
+        if self.plan.embedding_resident and self.first:
+            self.embedding = self.lm_head if self.config.tie_word_embeddings and self.last else self._read_embedding()
         self.stats.resident_layers = self.plan.resident_layers
-        self.stats.streamed_layers = self.config.num_layers - self.plan.resident_layers
+        self.stats.streamed_layers = len(self.layers) - self.plan.resident_layers
         self.stats.head_resident, self.stats.embedding_resident = self.plan.head_resident, self.embedding is not None
         self.stats.slot_bytes = self.plan.slot_bytes
 
@@ -332,10 +340,14 @@ class StreamingLlama:
     def _plan(self) -> Residency:
         """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
         self.sizes = sizes = unit_sizes(self.packed, self.dtype)
-        tied = self.config.tie_word_embeddings
-        plan = plan_residency(self.memory_budget, sizes.norm, sizes.layers, sizes.head, sizes.embedding, tied, self.prefetch)
-        self.stats.resident_bytes = (sizes.norm + sum(sizes.layers[: plan.resident_layers]) + (sizes.head if plan.head_resident else 0)
-                                     + (sizes.embedding if plan.embedding_resident and not tied else 0))
+        # a pipeline stage plans only what it holds: its layers, the embedding if first, the norm and head if last
+        norm, head = (sizes.norm, sizes.head) if self.last else (0, 0)
+        embedding = sizes.embedding if self.first else 0
+        layers = sizes.layers[self.layers.start:self.layers.stop]
+        tied = self.config.tie_word_embeddings and self.first and self.last
+        plan = plan_residency(self.memory_budget, norm, layers, head, embedding, tied, self.prefetch)
+        self.stats.resident_bytes = (norm + sum(layers[: plan.resident_layers]) + (head if plan.head_resident else 0)
+                                     + (embedding if plan.embedding_resident and not tied else 0))
         return plan
 
     # ------------------------------------------------------------------ loading
@@ -361,7 +373,7 @@ class StreamingLlama:
         """Runs on the loader thread (or inline without prefetch): layer `index` (a dict of weights),
         or the head (index == num_layers)."""
         start = time.perf_counter()
-        streamed = index >= self.plan.resident_layers
+        streamed = index >= self.layers.start + self.plan.resident_layers
         if self.prefetch and not self.stats.direct_io:
             self._hint_readahead(self._next_streamed(index))
         prepare_seconds = 0.0
@@ -442,9 +454,9 @@ class StreamingLlama:
         self.stats.wait_seconds += time.perf_counter() - start
         self._count_load(index)
         if index < self.config.num_layers:
-            if len(self.stats.layer_bytes) <= index:  # first pass: the layer's measured size in memory
+            if len(self.stats.layer_bytes) <= index - self.layers.start:  # first pass: the layer's measured size in memory
                 self.stats.layer_bytes.append(weights_nbytes(unit, self._prepared_on))
-            if index < self.plan.resident_layers:
+            if index < self.layers.start + self.plan.resident_layers:
                 self._resident[index] = unit
         return unit
 
@@ -475,14 +487,16 @@ class StreamingLlama:
         key_valid: torch.Tensor | None = None,
         cache: llama.KVCache | None = None,
         last_only: bool = False,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (batch, seq) int64 -> float32 logits (batch, seq or 1, vocab).
 
         positions (batch, seq) int64: RoPE positions (default 0..seq-1). key_valid (batch, T) bool:
         which cached-plus-new positions are real tokens (None: all). cache: filled and advanced.
-        last_only: logits of the last position only (generation needs no others)."""
-        batch, seq = input_ids.shape
-        input_ids = input_ids.to(self.device)
+        last_only: logits of the last position only (generation needs no others).
+        A pipeline stage (layers=): a later one takes the previous stage's output as `hidden`
+        (batch, seq, hidden) instead of input_ids; one before the last returns (batch, seq, hidden)."""
+        batch, seq = (input_ids if hidden is None else hidden).shape[:2]
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + seq, device=self.device).expand(batch, seq)
@@ -495,8 +509,8 @@ class StreamingLlama:
             mask = llama.attention_mask(key_valid.to(self.device), seq, self.dtype, self.config.sliding_window)
 
         self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
-        x = self._embed(input_ids)  # (batch, seq, hidden)
-        for index in range(self.config.num_layers):
+        x = self._embed(input_ids.to(self.device)) if hidden is None else hidden.to(self.device, self.dtype)  # (batch, seq, hidden)
+        for index in self.layers:
             weights = self._unit(index)
             self._request(self._next_streamed(index))
             x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
@@ -504,6 +518,8 @@ class StreamingLlama:
         if cache is not None:
             cache.advance(seq)
         self.stats.passes += 1
+        if not self.last:
+            return x
         if last_only:
             x = x[:, -1:]
         x = llama.rms_norm(x, self.norm, self.config.rms_norm_eps)
@@ -599,7 +615,7 @@ def _use_count(tensor: torch.Tensor) -> int:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-         dtype: torch.dtype | None = None, direct_io: bool | None = None) -> StreamingLlama:
+         dtype: torch.dtype | None = None, direct_io: bool | None = None, distributed: bool = False, **pipeline) -> StreamingLlama:
     """Open a packed model directory (quantlite convert) for streaming inference.
 
     memory_budget: bytes (int) or a size string ("1GB", "800MiB") for every weight in memory at
@@ -607,6 +623,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=Non
     available now. The KV cache, activations and the interpreter come on top. prefetch: read the
     next streamed unit on a background thread while this one computes. direct_io: read streamed
     shards O_DIRECT (None: when the model on disk is larger than the memory available).
+    distributed: under torchrun, this rank's stage of a layer pipeline over all ranks
+    (quantlite.distributed.pipeline.load, which takes the `pipeline` options: layers_per_rank,
+    micro_batches, timeout); memory_budget is then this rank's.
     """
+    if distributed or pipeline:
+        from quantlite.distributed.pipeline import load as load_pipeline
+
+        if not distributed:
+            raise QuantliteError(f"{', '.join(pipeline)}: options of a distributed load (distributed=True)")
+        return load_pipeline(path, device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype,
+                             direct_io=direct_io, **pipeline)
     return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype,
                           direct_io=direct_io)
