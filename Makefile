@@ -12,6 +12,7 @@ STAMP  := $(VENV)/.installed
 CMAKE   = $(firstword $(wildcard $(VENV)/bin/cmake) cmake)
 # QUANTLITE_CUDA=0 make native: the CPU library only
 QUANTLITE_CUDA ?= ON
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup native demo test clean
 
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 # in csrc/; the CUDA library, when nvcc is found, takes a minute or two on 2 cores.
 native:
 	$(CMAKE) -S . -B build/native -DQUANTLITE_CUDA=$(QUANTLITE_CUDA)
-	$(CMAKE) --build build/native --parallel
+	$(CMAKE) --build build/native --parallel $(JOBS)
 	$(CMAKE) --install build/native --prefix .
 
 demo: setup native

@@ -2,8 +2,9 @@
 library and the C headers, and that wheel, installed into a fresh venv, works from outside the
 source tree: `quantlite info` shows the CPU back-end live from the installed library, the native
 kernel tests pass against it, and the C example compiles and runs against the installed header and
-library (`python -m quantlite.native --cflags --libs`). Also: the CUDA compiler launcher's spill
-check (cmake/nvcc_spill_check.py) on ptxas output, and `python -m quantlite.native` in this tree.
+library (`python -m quantlite.native --cflags --libs`). Also: the sdist carries csrc/ and no built
+file, the CUDA compiler launcher's spill check (cmake/nvcc_spill_check.py) on ptxas output, and
+`python -m quantlite.native` in this tree.
 
 The wheel is CPU-only (QUANTLITE_CUDA=OFF: the CUDA build costs minutes on 2 cores, and nothing here
 can run it). The fresh venv reuses this environment's packages (torch is not downloaded again)
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -106,6 +108,21 @@ def build_tools_missing() -> str | None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         return "no C compiler (cc / gcc) on PATH"
     return None
+
+
+@pytest.mark.slow
+def test_sdist_carries_the_sources_and_no_built_library(tmp_path):
+    missing = build_tools_missing()
+    if missing:
+        pytest.skip(f"cannot build an sdist here: {missing}")
+    name = run([sys.executable, "-c", f"from scikit_build_core.build import build_sdist; print(build_sdist({str(tmp_path)!r}))"],
+               cwd=ROOT).stdout.split()[-1]
+    with tarfile.open(tmp_path / name) as sdist:
+        members = {member.split("/", 1)[1] for member in sdist.getnames() if "/" in member}
+    for wanted in ("CMakeLists.txt", "cmake/nvcc_spill_check.py", "csrc/include/quantlite.h", "csrc/examples/qmatmul_example.c",
+                   *(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*/*.c*"))):
+        assert wanted in members
+    assert not [member for member in members if member.endswith(".so") or member.startswith("build/")]
 
 
 @pytest.fixture(scope="module")
