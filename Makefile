@@ -8,31 +8,38 @@ PIP    := $(PY) -m pip
 # torch is pinned exactly: any looser requirement lets pip fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
-NATIVE := quantlite/_native/.built
+# CMake from .venv (the test extra installs it), else from PATH (a checkout without its own .venv)
+CMAKE   = $(firstword $(wildcard $(VENV)/bin/cmake) cmake)
+# QUANTLITE_CUDA=0 make native: the CPU library only
+QUANTLITE_CUDA ?= ON
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup native demo test clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# The package (editable) and its Python dependencies. `-C wheel.cmake=false`: pip does not compile
+# the native libraries here, `make native` does (incrementally, into the same quantlite/_native/).
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet "$(TORCH)" -e ".[test,triton]"
+	$(PIP) install --quiet "$(TORCH)" -e ".[test,triton]" -C wheel.cmake=false
 	touch $(STAMP)
 
-native: $(NATIVE)
+# CMakeLists.txt (the one list of sources and flags, also what `pip install .` runs): build into
+# build/native, install the libraries and headers into quantlite/_native/. Rebuilds only what changed
+# in csrc/; the CUDA library, when nvcc is found, takes a minute or two on 2 cores.
+native:
+	$(CMAKE) -S . -B build/native -DQUANTLITE_CUDA=$(QUANTLITE_CUDA)
+	$(CMAKE) --build build/native --parallel $(JOBS)
+	$(CMAKE) --install build/native --prefix .
 
-# rebuilt only when csrc/ or setup.py change (the CUDA part takes a minute or two on 2 cores)
-$(NATIVE): $(STAMP) setup.py $(shell find csrc -type f)
-	$(PY) setup.py build_native
-	touch $(NATIVE)
-
-demo: native
+demo: setup native
 	$(VENV)/bin/quantlite demo
 
-test: native
+test: setup native
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info quantlite/_native/*.so $(NATIVE) .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info quantlite/_native/*.so quantlite/_native/include .pytest_cache .hypothesis

@@ -6,7 +6,7 @@ GPU and `make native`), "triton" (needs a GPU, or TRITON_INTERPRET=1 to run on t
 triton > torch for GPU tensors and cpu > torch for CPU tensors (docs/kernels.md).
 
 Examples:
-  quantlite info                          # versions, GPU, back-ends with the reason for each dead one
+  quantlite info                          # versions, GPU, native libraries, back-ends (why each dead one is)
   quantlite info --json                   # the same as one JSON object, for scripts and bug reports
   TRITON_INTERPRET=1 quantlite info       # Triton's kernels become live on a CPU-only machine
 """
@@ -32,7 +32,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for section in ("versions", "machine"):
+    for section in ("versions", "machine", "native"):
         print(section)
         for name, value in report[section].items():
             print(f"  {name:<13} {value}")
@@ -46,11 +46,12 @@ def run(args) -> int:
 
 
 def collect() -> dict:
-    """{"versions": {...}, "machine": {...}, "backends": {name: None | reason},
-    "default_backend": {"cpu": name, "cuda": name}}."""
+    """{"versions": {...}, "machine": {...}, "native": {file: path or why missing},
+    "backends": {name: None | reason}, "default_backend": {"cpu": name, "cuda": name}}."""
     import torch
 
     import quantlite
+    from quantlite import native
     from quantlite.kernels.dispatch import available_backends, default_backend
 
     versions = {"quantlite": quantlite.__version__, "python": platform.python_version()}
@@ -69,7 +70,7 @@ def collect() -> dict:
         "cpu cores": os.cpu_count(),
         "gpu": ", ".join(gpus) or "none visible",
     }
-    return {"versions": versions, "machine": machine, "backends": available_backends(),
+    return {"versions": versions, "machine": machine, "native": native.locations(), "backends": available_backends(),
             "default_backend": {device: default_backend(device) for device in ("cpu", "cuda")}}
 
 

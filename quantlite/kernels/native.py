@@ -18,12 +18,10 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.prepared import PreparedWeight, prepare
+from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-NATIVE_DIR = Path(__file__).resolve().parents[1] / "_native"
-CPU_LIBRARY = NATIVE_DIR / "libquantlite_cpu.so"
-CUDA_LIBRARY = NATIVE_DIR / "libquantlite_cuda.so"
 ABI_VERSION = 2  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
