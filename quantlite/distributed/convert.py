@@ -29,9 +29,15 @@ from quantlite.errors import ConversionError, QuantliteError
 def convert(src: str | Path, out: str | Path, timeout: float = groups.DEFAULT_TIMEOUT_SECONDS, **options):
     """quantlite.convert(src, out, **options) shared among the ranks of a torchrun launch (call it on
     every rank). Returns the ConversionSummary on rank 0, None on the others."""
+    group = groups.join(torch.device("cpu"), timeout)
+    summary = _convert_on_rank(group, src, out, options)
+    groups.leave()  # every rank, after a run that ended well: a gloo group left to the interpreter's exit can abort it
+    return summary
+
+
+def _convert_on_rank(group, src: str | Path, out: str | Path, options: dict):
     from quantlite import converter
 
-    group = groups.join(torch.device("cpu"), timeout)
     if options.get("workers", 1) != 1:
         raise ConversionError("under torchrun the ranks share the files: start one rank per core "
                               "(--nproc-per-node) instead of --workers")
