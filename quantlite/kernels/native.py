@@ -283,20 +283,21 @@ def qmatmul_cpu(
 def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int | None) -> None:
     """out (M, N) = rows (M, K) @ W^T, panel by panel: rows [n0, n1) of W dequantized (outliers
     included, as dequantize_cpu) into the reused float32 buffer, then one torch.mm per panel into
-    the rows [n0, n1) of y^T (N, M), so each product lands contiguously; y^T is copied to out once."""
+    the columns [n0, n1) of y (sgemm writes a column slice in place: its rows are contiguous)."""
     n, k = qw.shape
     panel_rows = max(1, min(n, PREFILL_PANEL_BYTES // (4 * k)))
     buffer = getattr(_panel_buffers, "buffer", None)
     if buffer is None or buffer.numel() < panel_rows * k:
         buffer = _panel_buffers.buffer = torch.empty(panel_rows * k)  # float32
-    x_t = rows.to(torch.float32).t()  # (K, M)
-    y_t = torch.empty(n, rows.shape[0])  # (N, M) float32
+    x = rows.to(torch.float32)  # (M, K)
+    y = out if out.dtype == torch.float32 else torch.empty(out.shape)  # (M, N) float32
     for n0 in range(0, n, panel_rows):
         n1 = min(n, n0 + panel_rows)
         panel = dequantize_cpu(qw, rows=(n0, n1), out=buffer[: (n1 - n0) * k].view(n1 - n0, k),
                                n_threads=n_threads or _cpu_threads)
-        torch.mm(panel, x_t, out=y_t[n0:n1])
-    out.copy_(y_t.t())
+        torch.mm(x, panel.t(), out=y[:, n0:n1])
+    if y is not out:
+        out.copy_(y)
 
 
 def _is_contiguous_input(x, qw) -> bool:
