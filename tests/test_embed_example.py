@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantlite.kernels import native
+from quantlite.q8weight import quantize_int8
 from quantlite.quantizer import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,31 @@ def test_example_runs_a_qmatmul_without_python(example, tmp_path, generator, met
     assert f"isa={native.cpu_isa()} (auto)" in result.stdout
     for isa in native.cpu_isas():
         assert f"{isa:<6} ok:" in result.stdout
+
+
+def write_int8_case(directory: Path, generator, n: int, k: int, m: int, corrupt: bool = False):
+    q8 = quantize_int8(torch.randn(n, k, generator=generator))
+    x = torch.randn(m, k, generator=generator)
+    y = torch.nn.functional.linear(x.double(), q8.dequantize(torch.float64)).float()
+    if corrupt:
+        y[m // 2, n // 2] += 1.0
+    save_file(q8.to_dict(), str(directory / "weight.safetensors"))
+    save_file({"x": x, "y": y}, str(directory / "io.safetensors"))
+    return directory / "weight.safetensors", directory / "io.safetensors"
+
+
+@pytest.mark.parametrize("n, k, m", [(97, 320, 1), (33, 257, 6), (16, 64, 70)])
+def test_example_runs_an_int8_qmatmul(example, tmp_path, generator, n, k, m):
+    weight, io = write_int8_case(tmp_path, generator, n, k, m)
+    result = subprocess.run([str(example), str(weight), str(io)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"int8 M={m} N={n} K={k}" in result.stdout and "int8   ok:" in result.stdout and "OK" in result.stdout
+
+
+def test_example_reports_a_wrong_int8_result(example, tmp_path, generator):
+    weight, io = write_int8_case(tmp_path, generator, 40, 128, 3, corrupt=True)
+    result = subprocess.run([str(example), str(weight), str(io)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "MISMATCH" in result.stdout
 
 
 def test_example_reports_a_wrong_result(example, tmp_path, generator):

@@ -259,6 +259,54 @@ def test_dequantize_matches_qweight(generator, dtype):
     assert torch.equal(native.dequantize_cpu(qw, dtype), qw.dequantize(torch.float32).to(dtype))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k, block_size", [(33, 150, 48), (20, 33, 32), (3, 70001, 64)])
+def test_dequantize_row_ranges_every_isa(generator, isa, dtype, n, k, block_size):
+    # bit-identical with QWeight.dequantize: level * scale in float32, then the outliers, then dtype
+    qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.05)
+    dense = qw.dequantize(torch.float32).to(dtype)
+    for begin, end in ((0, n), (1, n - 1), (n - 1, n)):
+        if begin >= end:
+            continue
+        wide = torch.full((end - begin, k + 5), float("nan"), dtype=dtype)
+        got = native.dequantize_cpu(qw, dtype, rows=(begin, end), out=wide[:, 2:k + 2], isa=isa)
+        assert torch.equal(got, dense[begin:end])
+        assert torch.isnan(wide[:, :2]).all() and torch.isnan(wide[:, k + 2:]).all()
+
+
+def test_dequantize_refuses_bad_row_ranges(generator):
+    qw = random_weight(generator, n=8, k=64)
+    for rows in ((3, 3), (-1, 2), (0, 9)):
+        with pytest.raises(NativeKernelError, match="within the N = 8 rows"):
+            native.dequantize_cpu(qw, rows=rows)
+    with pytest.raises(NativeKernelError, match=r"out must be a \(2, 64\)"):
+        native.dequantize_cpu(qw, rows=(0, 2), out=torch.empty(2, 63))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_panels_match_the_reference(generator, monkeypatch, dtype):
+    # isa="auto" from PREFILL_MIN_M rows on: panels of rows dequantized and multiplied by torch.mm;
+    # a small panel size forces several panels and a short last one
+    qw = random_weight(generator, n=45, k=200, block_size=64, outlier_frac=0.05)
+    monkeypatch.setattr(native, "PREFILL_PANEL_BYTES", 4 * 200 * 16)  # 16 rows a panel: 16 + 16 + 13
+    panels = []
+    dequantize = native.dequantize_cpu
+    monkeypatch.setattr(native, "dequantize_cpu", lambda *a, **kw: panels.append(kw["rows"]) or dequantize(*a, **kw))
+    for m in (native.PREFILL_MIN_M, native.PREFILL_MIN_M + 1, 70, 130):
+        panels.clear()
+        x = torch.randn(m, 200, generator=generator).to(dtype)
+        y = native.qmatmul_cpu(x, qw)
+        assert panels == [(0, 16), (16, 32), (32, 45)] and y.dtype == dtype
+        assert_matches_reference(y, x, qw)
+    x = torch.randn(2, 40, 200, generator=generator).to(dtype)  # leading sizes; a strided out
+    assert_matches_reference(native.qmatmul_cpu(x, qw), x, qw)
+    wide_out = torch.full((80, 50), float("nan"), dtype=dtype)
+    native.qmatmul_cpu(x, qw, out=wide_out[:, 2:47])
+    assert_matches_reference(wide_out[:, 2:47], x, qw)
+    assert torch.isnan(wide_out[:, :2]).all() and torch.isnan(wide_out[:, 47:]).all()
+
+
 def test_bad_arguments_name_the_sizes(generator):
     qw = random_weight(generator, n=8, k=64)
     with pytest.raises(NativeKernelError, match=r"shape \(2, 63\).*K=64.*8 x 64"):

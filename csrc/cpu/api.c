@@ -49,12 +49,14 @@ static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int n_threads)
     return (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
 }
 
-/* row_ptr rises from 0 to nnz and every column lies in [0, K): the kernels index x with them. */
-static int check_outliers(const ql_weight *w) {
+/* row_ptr runs from 0 to nnz, and over the rows [n_begin, n_end) a call reads it rises and every
+ * column lies in [0, K): the kernels index x (or the output row) with them. */
+static int check_outliers(const ql_weight *w, int64_t n_begin, int64_t n_end) {
     if (w->row_ptr[0] != 0 || w->row_ptr[w->n] != w->nnz) return QL_ERR_BAD_OUTLIERS;
-    for (int64_t n = 0; n < w->n; ++n)
+    if (w->row_ptr[n_begin] < 0 || w->row_ptr[n_end] > w->nnz) return QL_ERR_BAD_OUTLIERS;
+    for (int64_t n = n_begin; n < n_end; ++n)
         if (w->row_ptr[n + 1] < w->row_ptr[n]) return QL_ERR_BAD_OUTLIERS;
-    for (int64_t e = 0; e < w->nnz; ++e)
+    for (int64_t e = w->row_ptr[n_begin]; e < w->row_ptr[n_end]; ++e)
         if (w->cols[e] < 0 || w->cols[e] >= w->k) return QL_ERR_BAD_OUTLIERS;
     return QL_OK;
 }
@@ -98,7 +100,7 @@ static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x
 int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
                    int64_t y_row_stride, int dtype, int isa, int n_threads) {
     int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
-    if (status == QL_OK) status = check_outliers(w);
+    if (status == QL_OK) status = check_outliers(w, 0, w->n);
     if (status == QL_OK) status = resolve_isa(isa, &isa);
     if (status != QL_OK) return status;
 
@@ -137,40 +139,53 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
 }
 
 /* ---------------------------------------------------------------- dequantize */
-typedef struct {
-    const ql_weight *w;
-    int64_t padded_k;
-    void *out;
-    int64_t out_row_stride;
-    int dtype;
-} dequantize_job;
-
-static void dequantize_chunk(void *context, int64_t begin, int64_t end, int thread_index) {
-    (void)thread_index;
-    const dequantize_job *job = context;
+void ql_dequantize_rows_scalar(const ql_dequantize_job *job, int64_t begin, int64_t end) {
     const ql_weight *w = job->w;
     const int64_t n_blocks = job->padded_k / w->block_size;
     for (int64_t n = begin; n < end; ++n) {
         const uint8_t *code_row = w->codes + n * (job->padded_k / 2);
+        const int64_t out_row = (n - job->n_begin) * job->out_row_stride;
         int64_t e = w->row_ptr[n];  /* next outlier of this row; columns ascend */
         for (int64_t k = 0; k < w->k; ++k) {
             float value = ql_weight_at(w->codebook, ql_code_at(code_row, k), w->scales[n * n_blocks + k / w->block_size]);
             for (; e < w->row_ptr[n + 1] && w->cols[e] == k; ++e) value += w->vals[e];
-            ql_store(job->out, job->dtype, n * job->out_row_stride + k, value);
+            ql_store(job->out, job->dtype, out_row + k, value);
         }
     }
 }
 
-int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype, int n_threads) {
+/* The pool counts from 0: a chunk [begin, end) is rows n_begin + begin .. */
+static void dequantize_chunk_scalar(void *context, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    const ql_dequantize_job *job = context;
+    ql_dequantize_rows_scalar(job, job->n_begin + begin, job->n_begin + end);
+}
+
+static void dequantize_chunk_avx512(void *context, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    const ql_dequantize_job *job = context;
+    ql_dequantize_rows_avx512(job, job->n_begin + begin, job->n_begin + end);
+}
+
+int ql_cpu_dequantize_rows(const ql_weight *w, int64_t n_begin, int64_t n_end, void *out, int64_t out_row_stride,
+                           int dtype, int isa, int n_threads) {
     int status = ql_check_weight(w);
     if (status == QL_OK && out == NULL) status = QL_ERR_NULL_POINTER;
+    if (status == QL_OK && (n_begin < 0 || n_end > w->n || n_begin >= n_end)) status = QL_ERR_BAD_SIZE;
     if (status == QL_OK && out_row_stride < w->k) status = QL_ERR_BAD_STRIDE;
     if (status == QL_OK) status = ql_check_dtype(dtype);
-    if (status == QL_OK) status = check_outliers(w);
+    if (status == QL_OK) status = check_outliers(w, n_begin, n_end);
+    if (status == QL_OK) status = resolve_isa(isa, &isa);
     if (status != QL_OK) return status;
-    dequantize_job job = {w, ql_padded_k(w), out, out_row_stride, dtype};
-    ql_parallel_for(w->n, row_grain(w->n, job.padded_k, n_threads), n_threads, dequantize_chunk, &job);
+    ql_dequantize_job job = {w, ql_padded_k(w), n_begin, out, out_row_stride, dtype};
+    /* no AVX2 code: an AVX2 CPU runs the scalar one (a dense copy is not on the decode path) */
+    ql_parallel_for(n_end - n_begin, row_grain(n_end - n_begin, job.padded_k, n_threads), n_threads,
+                          isa == QL_ISA_AVX512 ? dequantize_chunk_avx512 : dequantize_chunk_scalar, &job);
     return QL_OK;
+}
+
+int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype, int n_threads) {
+    return ql_cpu_dequantize_rows(w, 0, w == NULL ? 1 : w->n, out, out_row_stride, dtype, QL_ISA_AUTO, n_threads);
 }
 
 /* ---------------------------------------------------------------- the quantizer's encoder */

@@ -28,6 +28,17 @@ typedef struct {
     int64_t scratch_floats_per_thread;
 } ql_matmul_job;
 
+/* Dequantization of weight rows [n_begin, n_end) into out ((n_end - n_begin, K) in `dtype`, rows
+ * out_row_stride apart); a kernel handles a sub-range [begin, end) of them. */
+typedef struct {
+    const ql_weight *w;
+    int64_t padded_k;
+    int64_t n_begin;
+    void *out;
+    int64_t out_row_stride;
+    int dtype;
+} ql_dequantize_job;
+
 /* Rows of x up to which x_packed interleaves them per group of 8 columns. */
 #define QL_PACKED_MAX_M 8
 
@@ -70,6 +81,8 @@ void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_e
 int64_t ql_avx2_scratch_floats(const ql_matmul_job *job);
 void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 int64_t ql_avx512_scratch_floats(const ql_matmul_job *job);
+void ql_dequantize_rows_scalar(const ql_dequantize_job *job, int64_t begin, int64_t end);
+void ql_dequantize_rows_avx512(const ql_dequantize_job *job, int64_t begin, int64_t end);
 void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
 void ql_encode_rows_avx2(const ql_encode_job *job, int64_t n_begin, int64_t n_end);
 

@@ -4,12 +4,14 @@
  *
  * WEIGHT is one quantized tensor as written by QWeight.save() (docs/FORMAT.md: codes, scales or
  * double-quantized scale_codes, codebook, CSR outliers, and a JSON `meta` with shape and
- * block_size). IO holds `x` (M, K) float32 and `y` (M, N) float32, the expected x @ W^T.
- * The program checks that the library's ABI version is the header's, builds the compute layout
- * (quantlite.h's ql_weight), runs ql_cpu_qmatmul with the path QL_ISA_AUTO picks (printed) and then
- * forced to every instruction set this CPU has (scalar .. ql_cpu_best_isa()), checks each result
- * against `y` and against its own float64 dequantize-and-multiply of the stored fields, and exits 0
- * when all agree (printing the errors), 1 when not, 2 on unreadable input.
+ * block_size), or a block-scaled int8 one (Q8Weight.to_dict(): qs, float16 scales, meta).
+ * IO holds `x` (M, K) float32 and `y` (M, N) float32, the expected x @ W^T.
+ * The program checks that the library's ABI version is the header's, builds the weight struct of
+ * quantlite.h (ql_weight, resp. ql_weight_int8), runs ql_cpu_qmatmul with the path QL_ISA_AUTO picks
+ * (printed) and then forced to every instruction set this CPU has (scalar .. ql_cpu_best_isa()), or
+ * ql_cpu_qmatmul_int8 (its instruction set is cpuid's), checks each result against `y` and against
+ * its own float64 dequantize-and-multiply of the stored fields, and exits 0 when all agree (printing
+ * the errors), 1 when not, 2 on unreadable input.
  *
  * Build (what tests/test_embed_example.py does):
  *     cc -O2 -Icsrc/include csrc/examples/qmatmul_example.c -Lquantlite/_native -lquantlite_cpu \
@@ -173,8 +175,9 @@ static int64_t numel(const tensor *t) {
     return count;
 }
 
-/* Element i of a tensor as float (F32, F16, U8, I32, U16). Data is little-endian, maybe unaligned. */
+/* Element i of a tensor as float (F32, F16, U8, I8, I32, U16). Data is little-endian, maybe unaligned. */
 static double element(const tensor *t, int64_t i) {
+    if (strcmp(t->dtype, "I8") == 0) return (int8_t)t->data[i];
     if (strcmp(t->dtype, "F32") == 0) { float v; memcpy(&v, t->data + 4 * i, 4); return v; }
     if (strcmp(t->dtype, "I32") == 0) { int32_t v; memcpy(&v, t->data + 4 * i, 4); return v; }
     if (strcmp(t->dtype, "F16") == 0) { uint16_t v; memcpy(&v, t->data + 2 * i, 2); return ql_f16_to_f32(v); }
@@ -207,6 +210,73 @@ static void parse_meta(const tensor *meta, int64_t *n, int64_t *k, int64_t *bloc
 }
 
 /* ---------------------------------------------------------------- the example */
+/* float32 accumulation over K terms against float64: a relative 1e-4 of the largest output is far
+ * above the rounding (K * 2^-24 ~ 6e-5 for K = 1024) and far below any decoding mistake. */
+static double tolerance_for(const double *reference, int64_t count) {
+    double largest = 0;
+    for (int64_t i = 0; i < count; ++i) largest = fmax(largest, fabs(reference[i]));
+    return 1e-4 * (largest > 0 ? largest : 1);
+}
+
+/* Prints one result's errors against the file's y and the float64 reference; 1 when both are within. */
+static int check_result(const char *label, const float *y, const float *expected, const double *reference,
+                        int64_t count, double tolerance) {
+    double worst_vs_file = 0, worst_vs_own = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        worst_vs_file = fmax(worst_vs_file, fabs(y[i] - expected[i]));
+        worst_vs_own = fmax(worst_vs_own, fabs(y[i] - reference[i]));
+    }
+    const int ok = worst_vs_file <= tolerance && worst_vs_own <= tolerance;
+    printf("%-6s %s: max |y - y_file| = %.3g, max |y - float64 reference| = %.3g, tolerance %.3g\n", label,
+           ok ? "ok" : "MISMATCH", worst_vs_file, worst_vs_own, tolerance);
+    return ok;
+}
+
+/* x (M, K) and the expected y (M, N) from the io file, checked against the weight's (N, K). */
+static void read_io(const safetensors *io_file, int64_t n, int64_t k, int64_t *m, float **x, float **expected) {
+    const tensor *x_t = find(io_file, "x", 1), *y_t = find(io_file, "y", 1);
+    if (x_t->rank != 2 || x_t->shape[1] != k || y_t->rank != 2 || y_t->shape[0] != x_t->shape[0] || y_t->shape[1] != n)
+        die("io", "x must be (M, K) and y (M, N) for the weight's (N, K)");
+    *m = x_t->shape[0];
+    *x = to_floats(x_t);
+    *expected = to_floats(y_t);
+}
+
+/* An int8 weight (qs, float16 scales): ql_cpu_qmatmul_int8 against its own float64 reference. */
+static int run_int8(const safetensors *weight_file, const safetensors *io_file) {
+    int64_t n, k, block_size, m;
+    parse_meta(find(weight_file, "meta", 1), &n, &k, &block_size);
+    const int64_t n_blocks = (k + block_size - 1) / block_size, padded_k = n_blocks * block_size;
+    const tensor *qs = find(weight_file, "qs", 1), *scales_t = find(weight_file, "scales", 1);
+    if (strcmp(qs->dtype, "I8") != 0 || numel(qs) != n * padded_k || strcmp(scales_t->dtype, "F16") != 0 ||
+        numel(scales_t) != n * n_blocks)
+        die("int8 weight", "qs must be (N, Kp) I8 and scales (N, Kp / B) F16");
+    uint16_t *scale_bits = malloc(sizeof(uint16_t) * (size_t)(n * n_blocks));  /* aligned copy of the F16 bits */
+    memcpy(scale_bits, scales_t->data, sizeof(uint16_t) * (size_t)(n * n_blocks));
+    const ql_weight_int8 weight = {n, k, block_size, (const int8_t *)qs->data, scale_bits};
+    float *x, *expected;
+    read_io(io_file, n, k, &m, &x, &expected);
+    double *reference = malloc(sizeof(double) * (size_t)(m * n));
+    for (int64_t row = 0; row < m; ++row)
+        for (int64_t col = 0; col < n; ++col) {
+            double sum = 0;
+            for (int64_t i = 0; i < k; ++i)
+                sum += element(qs, col * padded_k + i) * ql_f16_to_f32(scale_bits[col * n_blocks + i / block_size]) * x[row * k + i];
+            reference[row * n + col] = sum;
+        }
+    printf("qmatmul_example: int8 M=%lld N=%lld K=%lld B=%lld\n", (long long)m, (long long)n, (long long)k,
+           (long long)block_size);
+    float *y = malloc(sizeof(float) * (size_t)(m * n));
+    const int status = ql_cpu_qmatmul_int8(&weight, x, m, k, y, n, QL_F32, 0);
+    if (status != QL_OK) {
+        fprintf(stderr, "qmatmul_example: ql_cpu_qmatmul_int8 failed: %s\n", ql_error_string(status));
+        return 1;
+    }
+    const int ok = check_result("int8", y, expected, reference, m * n, tolerance_for(reference, m * n));
+    printf("%s\n", ok ? "OK" : "MISMATCH");
+    return ok ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s WEIGHT.safetensors IO.safetensors\n", argv[0]);
@@ -220,6 +290,7 @@ int main(int argc, char **argv) {
     safetensors weight_file, io_file;
     load_safetensors(argv[1], &weight_file);
     load_safetensors(argv[2], &io_file);
+    if (find(&weight_file, "qs", 0)) return run_int8(&weight_file, &io_file);
 
     /* 1. the weight, from its stored form to the compute layout of quantlite.h */
     int64_t n, k, block_size;
@@ -253,15 +324,13 @@ int main(int argc, char **argv) {
     const ql_weight weight = {n, k, block_size, codes->data, scales, codebook, row_ptr, cols, vals, nnz};
 
     /* 2. x and the expected y */
-    const tensor *x_t = find(&io_file, "x", 1), *y_t = find(&io_file, "y", 1);
-    if (x_t->rank != 2 || x_t->shape[1] != k || y_t->rank != 2 || y_t->shape[0] != x_t->shape[0] || y_t->shape[1] != n)
-        die("io", "x must be (M, K) and y (M, N) for the weight's (N, K)");
-    const int64_t m = x_t->shape[0];
-    float *x = to_floats(x_t), *expected = to_floats(y_t);
+    int64_t m;
+    float *x, *expected;
+    read_io(&io_file, n, k, &m, &x, &expected);
 
     /* 3. an independent float64 reference from the stored fields: dequantize, then multiply */
     const int64_t padded_k = n_blocks * block_size;
-    double *reference = malloc(sizeof(double) * (size_t)(m * n)), largest = 0;
+    double *reference = malloc(sizeof(double) * (size_t)(m * n));
     for (int64_t row = 0; row < m; ++row) {
         for (int64_t col = 0; col < n; ++col) {
             double sum = 0;
@@ -271,12 +340,9 @@ int main(int argc, char **argv) {
             }
             for (int64_t e = row_ptr[col]; e < row_ptr[col + 1]; ++e) sum += (double)vals[e] * x[row * k + cols[e]];
             reference[row * n + col] = sum;
-            largest = fmax(largest, fabs(sum));
         }
     }
-    /* float32 accumulation over K terms against float64: a relative 1e-4 of the largest output is
-     * far above the rounding (K * 2^-24 ~ 6e-5 for K = 1024) and far below any decoding mistake */
-    const double tolerance = 1e-4 * (largest > 0 ? largest : 1);
+    const double tolerance = tolerance_for(reference, m * n);
     printf("qmatmul_example: M=%lld N=%lld K=%lld B=%lld outliers=%lld isa=%s (auto)\n", (long long)m, (long long)n,
            (long long)k, (long long)block_size, (long long)nnz, ql_cpu_isa_name(QL_ISA_AUTO));
 
@@ -290,16 +356,7 @@ int main(int argc, char **argv) {
                     ql_error_string(status));
             return 1;
         }
-        double worst_vs_file = 0, worst_vs_own = 0;
-        for (int64_t i = 0; i < m * n; ++i) {
-            worst_vs_file = fmax(worst_vs_file, fabs(y[i] - expected[i]));
-            worst_vs_own = fmax(worst_vs_own, fabs(y[i] - reference[i]));
-        }
-        const int this_ok = worst_vs_file <= tolerance && worst_vs_own <= tolerance;
-        printf("%-6s %s: max |y - y_file| = %.3g, max |y - float64 reference| = %.3g, tolerance %.3g\n",
-               isa == QL_ISA_AUTO ? "auto" : ql_cpu_isa_name(isa), this_ok ? "ok" : "MISMATCH", worst_vs_file,
-               worst_vs_own, tolerance);
-        ok = ok && this_ok;
+        ok = check_result(isa == QL_ISA_AUTO ? "auto" : ql_cpu_isa_name(isa), y, expected, reference, m * n, tolerance) && ok;
     }
     printf("%s\n", ok ? "OK" : "MISMATCH");
     return ok ? 0 : 1;

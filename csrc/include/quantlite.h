@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 2  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8 */
+#define QL_ABI_VERSION 3  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -96,9 +96,15 @@ QL_API const char *ql_error_string(int status);
 QL_API int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
                           void *y, int64_t y_row_stride, int dtype, int isa, int n_threads);
 
-/* out (N, K) = W, dense, in `dtype`, rows of `out_row_stride` elements. */
+/* out (N, K) = W, dense, in `dtype`, rows of `out_row_stride` elements (the best isa cpuid has). */
 QL_API int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype,
                              int n_threads);
+
+/* out (n_end - n_begin, K) = rows [n_begin, n_end) of W, as ql_cpu_dequantize (the prefill path
+ * decodes a panel of rows at a time). isa as for ql_cpu_qmatmul: AVX-512 has its own code, AVX2
+ * runs the scalar one. */
+QL_API int ql_cpu_dequantize_rows(const ql_weight *w, int64_t n_begin, int64_t n_end, void *out,
+                                  int64_t out_row_stride, int dtype, int isa, int n_threads);
 
 /* The offline quantizer's inner step (bit-exact with quantlite/quantizer.py):
  *   blocks (N, Kp) float32, scales (N, Kp / B) float32, codebook (16,) float32 ascending

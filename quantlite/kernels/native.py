@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import threading
 import weakref
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-ABI_VERSION = 2  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 3  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
@@ -87,6 +88,7 @@ def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
     if path == CPU_LIBRARY:
         _declare(library, "ql_cpu_qmatmul", _MATMUL_ARGS + [_INT, _INT])
         _declare(library, "ql_cpu_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _INT])
+        _declare(library, "ql_cpu_dequantize_rows", [ctypes.POINTER(_Weight), _I64, _I64, _PTR, _I64, _INT, _INT, _INT])
         _declare(library, "ql_cpu_encode_codes", [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT])
         _declare(library, "ql_cpu_qmatmul_int8", [ctypes.POINTER(_WeightInt8), _PTR, _I64, _I64, _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_best_isa", [])
@@ -144,6 +146,15 @@ def _cpu_library() -> ctypes.CDLL:
 _cpu_library_loaded: ctypes.CDLL | None = None
 _CPU = torch.device("cpu")
 _cpu_threads: int | None = None  # set by cpu_threads(); None: torch.get_num_threads()
+
+# Prefill: from this many rows of x on, qmatmul_cpu (isa="auto") dequantizes the weight a panel of
+# rows at a time into a float32 buffer and multiplies each panel with torch's sgemm, which runs the
+# FMAs at about twice the rate of the library's own GEMM path (docs/native.md, "Prefill"; measured
+# crossover). A panel is at most PREFILL_PANEL_BYTES; the buffer is kept per thread and reused, so
+# no call pays page faults for it (the largest layer's panel, 64 MiB at most, stays allocated).
+PREFILL_MIN_M = 64
+PREFILL_PANEL_BYTES = 64 << 20
+_panel_buffers = threading.local()
 
 
 @contextlib.contextmanager
@@ -235,6 +246,8 @@ def qmatmul_cpu(
     (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
     (..., N) when it is contiguous. isa: "auto" (the best, cpu_isa()), "avx512", "avx2" or "scalar"
     (any level up to cpu_isa()); n_threads: default torch.get_num_threads() (or cpu_threads()'s).
+    With isa="auto" and M >= PREFILL_MIN_M, the product runs panel by panel through torch's sgemm
+    (_prefill; its FMAs use torch's threads); a named isa always runs the library's own kernel.
 
     The decode path calls this ~120 times a token with M = 1, so a contiguous x with no `out` goes
     straight to the library: no reshape, no copy, the weight's struct pointer cached (14 -> 9.5 us of
@@ -253,7 +266,9 @@ def qmatmul_cpu(
         out = _checked_out(out, m, qw.shape[0], x.dtype)
         out_stride = _row_stride(out)
         y = out.reshape(*x.shape[:-1], qw.shape[0]) if out.is_contiguous() else out
-    if m:
+    if m >= PREFILL_MIN_M and isa == "auto":
+        _prefill(rows.reshape(m, qw.shape[1]), qw, out.view(m, qw.shape[0]), n_threads)
+    elif m:
         status = library.ql_cpu_qmatmul(
             _weight_pointer(qw, _CPU), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
             DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
@@ -261,6 +276,26 @@ def qmatmul_cpu(
         if status:
             _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
     return y
+
+
+def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int | None) -> None:
+    """out (M, N) = rows (M, K) @ W^T, panel by panel: rows [n0, n1) of W dequantized (outliers
+    included, as dequantize_cpu) into the reused float32 buffer, then one torch.mm per panel into
+    the columns [n0, n1) of y (sgemm writes a column slice in place: its rows are contiguous)."""
+    n, k = qw.shape
+    panel_rows = max(1, min(n, PREFILL_PANEL_BYTES // (4 * k)))
+    buffer = getattr(_panel_buffers, "buffer", None)
+    if buffer is None or buffer.numel() < panel_rows * k:
+        buffer = _panel_buffers.buffer = torch.empty(panel_rows * k)  # float32
+    x = rows.to(torch.float32)  # (M, K)
+    y = out if out.dtype == torch.float32 else torch.empty(out.shape)  # (M, N) float32
+    for n0 in range(0, n, panel_rows):
+        n1 = min(n, n0 + panel_rows)
+        panel = dequantize_cpu(qw, rows=(n0, n1), out=buffer[: (n1 - n0) * k].view(n1 - n0, k),
+                               n_threads=n_threads or _cpu_threads)
+        torch.mm(x, panel.t(), out=y[:, n0:n1])
+    if y is not out:
+        out.copy_(y)
 
 
 def _is_contiguous_input(x, qw) -> bool:
@@ -282,15 +317,37 @@ def _checked_out(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -
     return out
 
 
-def dequantize_cpu(qw: QWeight, dtype: torch.dtype = torch.float32, *, n_threads: int | None = None) -> torch.Tensor:
-    """(N, K) dense weight in `dtype` (float32/float16/bfloat16), decoded by the CPU library."""
+def dequantize_cpu(
+    qw: QWeight,
+    dtype: torch.dtype = torch.float32,
+    *,
+    rows: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+    isa: str = "auto",
+    n_threads: int | None = None,
+) -> torch.Tensor:
+    """Dense weight rows (n_end - n_begin, K) in `dtype` (float32/float16/bfloat16), outliers included,
+    decoded by the CPU library. rows: (n_begin, n_end), default all N; out: optional tensor of that
+    shape and dtype with contiguous rows (the prefill path reuses one); isa as for qmatmul_cpu."""
     library = _cpu_library()
+    where = "native cpu dequantize"
     if dtype not in DTYPE_TAGS:
-        raise NativeKernelError(f"native cpu dequantize: dtype {dtype} is not float32, float16 or bfloat16")
+        raise NativeKernelError(f"{where}: dtype {dtype} is not float32, float16 or bfloat16")
+    if isa not in ISA_TAGS:
+        raise NativeKernelError(f"{where}: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
     n, k = qw.shape
-    out = torch.empty(n, k, dtype=dtype)
-    status = library.ql_cpu_dequantize(_weight_pointer(qw, _CPU), out.data_ptr(), k, DTYPE_TAGS[dtype], n_threads or torch.get_num_threads())
-    _check(library, status, f"native cpu dequantize (N={n}, K={k})")
+    n_begin, n_end = (0, n) if rows is None else rows
+    if not 0 <= n_begin < n_end <= n:
+        raise NativeKernelError(f"{where}: rows {rows} are not a non-empty range within the N = {n} rows")
+    if out is None:
+        out = torch.empty(n_end - n_begin, k, dtype=dtype)
+    elif (out.shape != (n_end - n_begin, k) or out.dtype != dtype or out.device.type != "cpu" or out.stride(1) != 1
+          or out.stride(0) < k):
+        raise NativeKernelError(f"{where}: out must be a ({n_end - n_begin}, {k}) {dtype} CPU tensor with contiguous rows, "
+                                f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    status = library.ql_cpu_dequantize_rows(_weight_pointer(qw, _CPU), n_begin, n_end, out.data_ptr(), out.stride(0),
+                                            DTYPE_TAGS[dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads())
+    _check(library, status, f"{where} (rows {n_begin}..{n_end} of N={n}, K={k}, isa={isa})")
     return out
 
 
