@@ -48,6 +48,8 @@ ROWS = [
     Row("rtn", "RTN int4 absmax, g64", {"method": "rtn"}),
     Row("nf4", "plain NF4, g64 (bitsandbytes-equivalent)", {"method": "nf4"}),
     Row("bnb", "bitsandbytes' own NF4 (quantize_4bit), g64"),
+    Row("bnb-dq", "bitsandbytes' own NF4 + double quantization (compress_statistics), g64"),
+    Row("hqq", "HQQ 4-bit, g64 (data-free half-quadratic scale and zero, hqq's defaults)"),
     Row("nf4-dq", "NF4 + double-quantized scales, g64", {"method": "nf4", "double_quant": True}),
     Row("datafree", "quantlite default without calibration (up to 1 % outliers within 4.5 bits/weight, scale search, DQ)",
         {"method": "quantlite"}),
@@ -63,7 +65,12 @@ ROWS = [
         {"method": "quantlite", "scale_search": False, "outlier_frac": 0.005}, True, "ablation"),
     Row("nf4-of", "ablation: plain NF4 + 0.5 % largest-magnitude outliers, no search",
         {"method": "nf4", "outlier_frac": 0.005}, False, "ablation"),
+    # Data-free: the block-64 random-sign Hadamard rotation along K (benchmarks/rotation.py)
+    Row("rot-nf4", "data-free: plain NF4 on Hadamard-rotated weights (block 64, all tensors)", {"method": "nf4"}, False, "rotation"),
+    Row("rot-datafree", "data-free: the data-free default on Hadamard-rotated weights (block 64, all tensors)",
+        {"method": "quantlite"}, False, "rotation"),
 ]
+ROTATED = {"rot-nf4", "rot-datafree"}
 
 
 @dataclass
@@ -104,13 +111,18 @@ def open_model(subject: str, workdir: Path):
 class BitsandbytesNF4:
     """bitsandbytes' quantize_4bit / dequantize_4bit behind the two QWeight attributes fake_quantized reads."""
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, double_quant: bool = False):
         import bitsandbytes.functional as bnb
 
-        packed, self.state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        packed, self.state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
         self.packed = packed
-        # what bitsandbytes stores: packed codes + one float32 absmax per 64 weights
-        self.nbytes = packed.numel() * packed.element_size() + self.state.absmax.numel() * 4
+        # what bitsandbytes stores: packed codes + one float32 absmax per 64 weights, or with double
+        # quantization one uint8 absmax per 64 weights + a float32 absmax per 256 of those + the offset
+        self.nbytes = packed.numel() * packed.element_size()
+        if double_quant:
+            self.nbytes += self.state.absmax.numel() + self.state.state2.absmax.numel() * 4 + 4
+        else:
+            self.nbytes += self.state.absmax.numel() * 4
         self.n_outliers = 0
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,11 +131,42 @@ class BitsandbytesNF4:
         return bnb.dequantize_4bit(self.packed, self.state).to(dtype)
 
 
+class HQQ4Bit:
+    """hqq's Quantizer at 4 bits, group 64, with the settings of hqq's own hqq_base_quant_config(4, 64):
+    asymmetric (scale, rounded zero) per 64 consecutive weights of a row, both optimised by
+    half-quadratic proximal steps on the weight alone (data-free), kept in float16 as HQQ stores them."""
+
+    def __init__(self, w: torch.Tensor):
+        from hqq.core.quantize import Quantizer
+
+        self.codes, self.meta = Quantizer.quantize(w.float(), nbits=4, group_size=64, optimize=True, round_zero=True,
+                                                   axis=1, device="cpu", compute_dtype=torch.float16)
+        self.meta["scale"] = self.meta["scale"].to(torch.float16)
+        self.meta["zero"] = self.meta["zero"].to(torch.float16)
+        self.meta["compute_dtype"] = torch.float32
+        # packed 4-bit codes + a float16 scale and a float16 zero per 64 weights
+        self.nbytes = self.codes.numel() * self.codes.element_size() + 2 * 2 * self.meta["scale"].numel()
+        self.n_outliers = 0
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from hqq.core.quantize import Quantizer
+
+        meta = dict(self.meta, scale=self.meta["scale"].float(), zero=self.meta["zero"].float())
+        return Quantizer.dequantize(self.codes, meta).to(dtype)
+
+
 def quantizer_for(row: Row):
     from quantlite.quantizer import quantize
 
-    if row.key == "bnb":
-        return lambda w, name, stats: BitsandbytesNF4(w)
+    if row.key in ("bnb", "bnb-dq"):
+        return lambda w, name, stats: BitsandbytesNF4(w, double_quant=row.key == "bnb-dq")
+    if row.key == "hqq":
+        return lambda w, name, stats: HQQ4Bit(w)
+    if row.key in ROTATED:
+        from benchmarks.rotation import rotated_quantizer
+
+        rotated = rotated_quantizer(lambda w, name: quantize(w, name=name, **row.options))
+        return lambda w, name, stats: rotated(w, name)
     if row.calibrated == "diagonal":
         return lambda w, name, stats: quantize(w, importance=torch.diagonal(stats).clone(), name=name, **row.options)
     if row.calibrated:
@@ -223,7 +266,7 @@ def _plot(results: dict, plot: Path) -> None:
 
     subjects = [s for s in results.values() if isinstance(s, dict)]
     figure, axes = plt.subplots(1, len(subjects), figsize=(4.2 * len(subjects), 3.2), squeeze=False)
-    marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x"}
+    marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x", "rotation": "v"}
     for axis, subject in zip(axes[0], subjects):
         rows = subject["rows"]
         known = {row.key for row in ROWS}
@@ -233,7 +276,7 @@ def _plot(results: dict, plot: Path) -> None:
             if key == "fp32":
                 axis.axhline(r["ppl"], color="grey", linestyle="--", linewidth=1, label="float32")
                 continue
-            color = "C3" if key == "default" else {"main": "C0", "outliers": "C1", "block size": "C2", "ablation": "C7"}[r["group"]]
+            color = "C3" if key == "default" else {"main": "C0", "outliers": "C1", "block size": "C2", "ablation": "C7", "rotation": "C4"}[r["group"]]
             axis.scatter(r["bits_per_weight"], r["ppl"], marker=marks[r["group"]], color=color, s=28)
             axis.annotate(key, (r["bits_per_weight"], r["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         axis.set_title(subject["title"].split(" on ")[0], fontsize=9)
