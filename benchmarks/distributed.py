@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -55,7 +56,7 @@ def measure(model, reports, prompt_len: int, batch: int, new_tokens: int, repeat
         result = model.generate(prompts, max_new_tokens=1)
         prefill.append(result.stats.prompt_tokens / result.stats.time_to_first_token)
     return {"decode": statistics.median(decode), "decode_all": decode, "prefill": statistics.median(prefill),
-            "prefill_all": prefill, "layers_per_step": per_step[-1], "ranks": reports()}
+            "prefill_all": prefill, "layers_per_step": per_step[-1], "ranks": reports(), "threads": torch.get_num_threads()}
 
 
 def single(path: str, budget: str, **figures) -> dict:
@@ -107,10 +108,11 @@ def rank_budget(path: str, world: int) -> str:
 def child(module_function: str, launcher: list[str], **kwargs) -> dict:
     code = (f"import json, sys; from benchmarks.distributed import {module_function}; "
             f"r = {module_function}(**json.loads(sys.argv[1])); r is None or print('RESULT ' + json.dumps(r))")
-    script = Path(tempfile.mkdtemp()) / "child.py"
-    script.write_text(code)
-    done = subprocess.run([*launcher, str(script), json.dumps(kwargs)], capture_output=True, text=True, cwd=REPO,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    folder = Path(tempfile.mkdtemp())
+    (folder / "child.py").write_text(code)
+    done = subprocess.run([*launcher, str(folder / "child.py"), json.dumps(kwargs)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    shutil.rmtree(folder)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -122,7 +124,7 @@ def conversion_seconds(src: Path, launcher: list[str], extra: list[str]) -> floa
     out = Path(tempfile.mkdtemp(prefix="ql-dist-convert-")) / "out"
     start = time.perf_counter()
     subprocess.run([*launcher, "-m", "quantlite", "convert", str(src), str(out), "--quiet", *extra], check=True,
-                   capture_output=True, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                   capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     seconds = time.perf_counter() - start
     shutil.rmtree(out.parent)
     return seconds
@@ -151,11 +153,11 @@ def main() -> None:
     budgets = args.rank_budget or [rank_budget(str(args.out), 2), "1GB"]
     one = child("single", python, path=str(args.out), budget=args.budget, **figures)
     r = one["ranks"][0]
-    print(f"1 process, budget {args.budget}: {r['resident_layers']} layers resident, {r['streamed_layers']} streamed from disk; "
+    print(f"1 process ({one['threads']} torch threads), budget {args.budget}: {r['resident_layers']} layers resident, {r['streamed_layers']} streamed from disk; "
           f"decoder layers read per decode step: {one['layers_per_step'][0]:.0f}")
     for budget in budgets:
         two = child("ranks", torchrun, path=str(args.out), budget=budget, **figures)
-        print(f"2 ranks, budget {budget} each: " + "; ".join(
+        print(f"2 ranks (the driver rank's torch threads: {two['threads']}), budget {budget} each: " + "; ".join(
             f"rank {x['rank']} {x['layers']}: {x['resident_layers']} resident, {x['streamed_layers']} streamed, "
             f"{n:.0f} read per decode step" for x, n in zip(two["ranks"], two["layers_per_step"])))
         for name, key in (("decode tokens/s (1 sequence)", "decode"), (f"prefill tokens/s ({args.batch} x {args.prompt_len})", "prefill")):
