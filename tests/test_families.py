@@ -23,11 +23,9 @@ gguf = pytest.importorskip("gguf")
 import quantlite  # noqa: E402
 from quantlite.errors import ConversionError, FormatError  # noqa: E402
 from quantlite.model_config import FAMILIES, ModelConfigError, read_model_config  # noqa: E402
-from quantlite.q8weight import Q8Weight  # noqa: E402
-from quantlite.qweight import QWeight  # noqa: E402
 from quantlite.sources import open_source  # noqa: E402
 from quantlite.sources.gguf_file import GGUF_LAYER_NAMES, GGUF_NAMES  # noqa: E402
-from test_llama_exact import assert_greedy_tokens_agree, relative_error  # noqa: E402
+from test_llama_exact import assert_greedy_tokens_agree, load_packed_weights, relative_error  # noqa: E402
 
 BASE = dict(
     vocab_size=131, hidden_size=80, intermediate_size=152, num_hidden_layers=2, num_attention_heads=4,
@@ -102,20 +100,7 @@ def test_sliding_window_with_left_padding_matches_mistral(tmp_path, generator):
 def test_quantized_matches_transformers_on_dequantized_weights(family, tmp_path, generator):
     reference, folder = build(family, generator, tmp_path)
     quantlite.convert(folder, tmp_path / "packed", progress=False)
-    packed = quantlite.PackedModel.open(tmp_path / "packed")
-
-    def as_float(value):
-        return value.dequantize() if isinstance(value, (QWeight, Q8Weight)) else value.float()
-
-    with torch.no_grad():
-        for index, layer in enumerate(reference.model.layers):
-            for name, value in packed.load_layer(index).items():
-                layer.get_parameter(name).copy_(as_float(value))
-        reference.model.embed_tokens.weight.copy_(as_float(packed.load_embedding()))
-        final = packed.load_final()
-        reference.model.norm.weight.copy_(as_float(final["model.norm.weight"]))
-        if "lm_head.weight" in final:
-            reference.lm_head.weight.copy_(as_float(final["lm_head.weight"]))
+    load_packed_weights(reference, quantlite.PackedModel.open(tmp_path / "packed"))
     input_ids = torch.randint(0, BASE["vocab_size"], (2, 19), generator=generator)
     with quantlite.load(tmp_path / "packed") as model, torch.no_grad():
         assert relative_error(model(input_ids), reference(input_ids).logits) <= 1e-3

@@ -77,12 +77,34 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours - reference).abs().max() / reference.abs().max())
 
 
+def load_packed_weights(reference, packed) -> int:
+    """Copy every tensor of `packed` (a PackedModel), dequantized to float32, into the transformers
+    model `reference`: layers, embedding, final norm and an untied head. Returns how many layer
+    weights were 4-bit QWeights."""
+    def as_float(value):
+        return value.dequantize() if isinstance(value, (QWeight, Q8Weight)) else value.float()
+
+    quantized = 0
+    with torch.no_grad():
+        for index, layer in enumerate(reference.model.layers):
+            for name, value in packed.load_layer(index).items():
+                layer.get_parameter(name).copy_(as_float(value))
+                quantized += isinstance(value, QWeight)
+        reference.model.embed_tokens.weight.copy_(as_float(packed.load_embedding()))  # tied: the head is this table
+        final = packed.load_final()
+        reference.model.norm.weight.copy_(as_float(final["model.norm.weight"]))
+        if "lm_head.weight" in final:
+            reference.lm_head.weight.copy_(as_float(final["lm_head.weight"]))
+    return quantized
+
+
 def assert_greedy_tokens_agree(reference, prompt: list[int], ours: list[int], greedy: list[int], rel: float = 1e-4) -> None:
     """`ours` are greedy tokens of the reference model up to ties: equal to transformers' `greedy`, or,
     from the first step where they part, every token of ours is within `rel` x max|logit| of the
     reference's best logit given the same prefix (teacher-forced). Random-weight models meet near-ties
     (two logits closer than the float32 rounding of the two computations) a few times in a hundred runs;
     this tells a tie from a wrong token."""
+    assert len(ours) == len(greedy), (ours, greedy)
     if ours == greedy:
         return
     with torch.no_grad():
@@ -119,24 +141,11 @@ def test_quantized_matches_transformers_on_dequantized_weights(tmp_path, generat
     reference, folder = build_checkpoint(tmp_path, generator, tie_word_embeddings=tied, attention_bias=True)
     quantlite.convert(folder, tmp_path / "packed", head=width, embedding=width, progress=False)
     packed = quantlite.PackedModel.open(tmp_path / "packed")
-
-    def as_float(value):
-        return value.dequantize() if isinstance(value, (QWeight, Q8Weight)) else value.float()
-
-    quantized = 0
-    with torch.no_grad():
-        for index, layer in enumerate(reference.model.layers):
-            for name, value in packed.load_layer(index).items():
-                layer.get_parameter(name).copy_(as_float(value))
-                quantized += isinstance(value, QWeight)
-        embedding, final = packed.load_embedding(), packed.load_final()
-        assert type(embedding) is {"q8": Q8Weight, "q4": QWeight, "float": torch.Tensor}[width]
-        reference.model.embed_tokens.weight.copy_(as_float(embedding))  # tied: the head is this table
-        reference.model.norm.weight.copy_(as_float(final["model.norm.weight"]))
-        assert final["model.norm.weight"].dtype == torch.bfloat16  # a float32 source's floats go to 16 bits
-        if not tied:
-            reference.lm_head.weight.copy_(as_float(final["lm_head.weight"]))
-    assert quantized == 7 * BASE["num_hidden_layers"]  # every Linear of every layer is a QWeight
+    assert type(packed.load_embedding()) is {"q8": Q8Weight, "q4": QWeight, "float": torch.Tensor}[width]
+    final = packed.load_final()
+    assert final["model.norm.weight"].dtype == torch.bfloat16  # a float32 source's floats go to 16 bits
+    assert ("lm_head.weight" in final) == (not tied)
+    assert load_packed_weights(reference, packed) == 7 * BASE["num_hidden_layers"]  # every Linear of every layer is a QWeight
 
     input_ids = torch.randint(0, BASE["vocab_size"], (3, 19), generator=generator)
     with quantlite.load(tmp_path / "packed") as model, torch.no_grad():
