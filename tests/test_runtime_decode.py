@@ -112,7 +112,6 @@ def test_quantized_greedy_decode_matches_transformers(model_dirs):
     s = result.stats
     assert s.decode_steps == 9 and s.decode_matmul_seconds > 0 and s.decode_attention_seconds > 0
     assert s.decode_matmul_seconds + s.decode_attention_seconds <= s.decode_seconds
-    assert s.decode_other_seconds == pytest.approx(s.decode_seconds - s.decode_matmul_seconds - s.decode_attention_seconds)
 
 
 def test_float_weights_keep_torch_threads(model_dirs):
