@@ -40,7 +40,7 @@ class Row:
     label: str
     options: dict = field(default_factory=dict)  # keyword arguments of quantize()
     calibrated: bool = False                     # importance = E[x x^T] of the layer input
-    group: str = "main"                          # main, outliers, block size, ablation
+    group: str = "main"                          # main, outliers, block size, ablation, rotation (study only)
 
 
 ROWS = [
@@ -70,7 +70,6 @@ ROWS = [
     Row("rot-datafree", "data-free: the data-free default on Hadamard-rotated weights (block 64, all tensors)",
         {"method": "quantlite"}, False, "rotation"),
 ]
-ROTATED = {"rot-nf4", "rot-datafree"}
 
 
 @dataclass
@@ -162,7 +161,7 @@ def quantizer_for(row: Row):
         return lambda w, name, stats: BitsandbytesNF4(w, double_quant=row.key == "bnb-dq")
     if row.key == "hqq":
         return lambda w, name, stats: HQQ4Bit(w)
-    if row.key in ROTATED:
+    if row.group == "rotation":
         from benchmarks.rotation import rotated_quantizer
 
         rotated = rotated_quantizer(lambda w, name: quantize(w, name=name, **row.options))

@@ -76,8 +76,8 @@ def test_loglikelihood_matches_unpadded_passes(adapter, generator):
         assert abs(logprob - expected) <= tolerance, (context, continuation, logprob, expected)
         if margin > 0:  # no near-tie that rounding could flip
             assert is_greedy == expected_greedy
-    if tokenizer.encode(greedy_context + tokenizer.decode(greedy), add_special_tokens=False)[-3:] == greedy:  # round-trips
-        assert results[-1][1], "the model's own greedy continuation is not reported as greedy"
+    assert tokenizer.encode(greedy_context + tokenizer.decode(greedy), add_special_tokens=False)[-3:] == greedy  # round-trips
+    assert results[-1][1], "the model's own greedy continuation is not reported as greedy"
 
 
 def test_loglikelihood_rolling_scores_every_token_in_windows(packed):

@@ -109,10 +109,11 @@ class QuantliteLM(LM):
             for row, tokens in enumerate(inputs):
                 input_ids[row, longest - len(tokens):] = torch.tensor(tokens)
                 valid[row, longest - len(tokens):] = 1
-            logprobs = torch.log_softmax(self.model(input_ids, attention_mask=valid).double(), dim=-1)  # (batch, longest, vocab)
+            logits = self.model(input_ids, attention_mask=valid)  # (batch, longest, vocab)
             for row, i in enumerate(batch):
                 continuation = torch.tensor(pairs[i][1])  # (c,)
-                scored = logprobs[row, longest - len(continuation):]  # (c, vocab): the positions predicting it
+                # (c, vocab): the positions predicting it, in float64 (only these: the batch's in float64 can be GBs)
+                scored = torch.log_softmax(logits[row, longest - len(continuation):].double(), dim=-1)
                 picked = scored.gather(-1, continuation[:, None])[:, 0]
                 results[i] = (float(picked.sum()), bool((scored.argmax(-1) == continuation).all()))
         return results

@@ -327,12 +327,12 @@ def generate(
     done = [False] * batch
     start = time.perf_counter()
     logits = model.forward(tokens, positions, valid[:, :longest] if padded else None, cache, last_only=True)
+    ops_before = dataclasses.replace(llama.OP_SECONDS)  # the decode steps' matmul and attention seconds start here
     with _decode_threads(model):
         for step in range(max_new_tokens):
             chosen = sample(logits[:, -1], temperature, top_k, top_p, generator).cpu()  # (batch,)
             if step == 0:
                 stats.time_to_first_token = time.perf_counter() - start
-                ops_before = dataclasses.replace(llama.OP_SECONDS)
             for row, token in enumerate(chosen.tolist()):
                 if done[row]:
                     continue
