@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.prepared import PreparedWeight, prepare
+from quantlite.kernels.prepared import prepare
 from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
@@ -157,6 +157,11 @@ PREFILL_PANEL_BYTES = 64 << 20
 _panel_buffers = threading.local()
 
 
+def _threads(n_threads: int | None) -> int:
+    """A CPU kernel call's thread count: as given, else cpu_threads()'s, else torch's."""
+    return n_threads or _cpu_threads or torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def cpu_threads(n_threads: int):
     """Within the block, CPU kernel calls that name no n_threads use `n_threads`, whatever torch's own
@@ -210,10 +215,10 @@ def _weight_pointer(qw: QWeight, device: torch.device):
     return per_device[key][2]
 
 
-def _as_rows(x: torch.Tensor, qw: QWeight, backend: str) -> torch.Tensor:
-    """x (..., K) -> a (M, K) view or copy whose rows are contiguous, after checking it."""
-    if not isinstance(x, torch.Tensor) or not isinstance(qw, (QWeight, Q8Weight)):
-        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, QWeight or Q8Weight), got ({type(x).__name__}, {type(qw).__name__})")
+def _as_rows(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str, kind: type = QWeight) -> torch.Tensor:
+    """x (..., K) -> a (M, K) view or copy whose rows are contiguous, after checking it and that qw is a `kind`."""
+    if not isinstance(x, torch.Tensor) or not isinstance(qw, kind):
+        raise NativeKernelError(f"native {backend} qmatmul takes (Tensor, {kind.__name__}), got ({type(x).__name__}, {type(qw).__name__})")
     n, k = qw.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise NativeKernelError(
@@ -271,7 +276,7 @@ def qmatmul_cpu(
     elif m:
         status = library.ql_cpu_qmatmul(
             _weight_pointer(qw, _CPU), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
-            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
+            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], _threads(n_threads),
         )
         if status:
             _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
@@ -292,7 +297,7 @@ def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int 
     for n0 in range(0, n, panel_rows):
         n1 = min(n, n0 + panel_rows)
         panel = dequantize_cpu(qw, rows=(n0, n1), out=buffer[: (n1 - n0) * k].view(n1 - n0, k),
-                               n_threads=n_threads or _cpu_threads)
+                               n_threads=n_threads)
         torch.mm(x, panel.t(), out=y[:, n0:n1])
     if y is not out:
         out.copy_(y)
@@ -346,7 +351,7 @@ def dequantize_cpu(
         raise NativeKernelError(f"{where}: out must be a ({n_end - n_begin}, {k}) {dtype} CPU tensor with contiguous rows, "
                                 f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
     status = library.ql_cpu_dequantize_rows(_weight_pointer(qw, _CPU), n_begin, n_end, out.data_ptr(), out.stride(0),
-                                            DTYPE_TAGS[dtype], ISA_TAGS[isa], n_threads or torch.get_num_threads())
+                                            DTYPE_TAGS[dtype], ISA_TAGS[isa], _threads(n_threads))
     _check(library, status, f"{where} (rows {n_begin}..{n_end} of N={n}, K={k}, isa={isa})")
     return out
 
@@ -405,7 +410,7 @@ def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = N
     """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ qw.dequantize().T
     for a block-scaled int8 weight (csrc/cpu/qmatmul_int8.c), accumulated in float32."""
     library = _cpu_library()
-    rows = _as_rows(x, qw, "cpu")
+    rows = _as_rows(x, qw, "cpu", Q8Weight)
     if x.device.type != "cpu" or qw.device.type != "cpu":
         raise NativeKernelError(f"native cpu int8 qmatmul: x is on {x.device}, the weight on {qw.device}; both must be on the CPU")
     (n, k), m = qw.shape, rows.shape[0]
@@ -414,7 +419,7 @@ def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = N
         qs, scales = qw.qs.contiguous(), qw.scales.contiguous()
         weight = _WeightInt8(n=n, k=k, block_size=qw.block_size, qs=qs.data_ptr(), scales=scales.data_ptr())
         status = library.ql_cpu_qmatmul_int8(ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows),
-                                             out.data_ptr(), n, DTYPE_TAGS[x.dtype], n_threads or _cpu_threads or torch.get_num_threads())
+                                             out.data_ptr(), n, DTYPE_TAGS[x.dtype], _threads(n_threads))
         _check(library, status, f"native cpu int8 qmatmul (M={m}, N={n}, K={k})")
     return out.reshape(*x.shape[:-1], n)
 
