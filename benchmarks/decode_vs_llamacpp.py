@@ -95,6 +95,16 @@ def llama_cpp_model(gguf: str, extra_bufts: bool, **options):
     return Llama(model_path=gguf, verbose=False, **options)
 
 
+def describe_peer(extra_bufts: bool) -> str:
+    """llama.cpp's configuration as these benchmarks run it (read from the package metadata: the
+    parent process never imports llama_cpp)."""
+    from importlib.metadata import version
+
+    buffers = ("extra buffer types (AMX, repacking) on" if extra_bufts else
+               "its AMX path traps on this machine (SIGILL), so extra buffer types (AMX, repacking) are off")
+    return f"llama.cpp: llama-cpp-python {version('llama-cpp-python')}; {buffers}"
+
+
 def llama_cpp_extra_bufts_run(gguf: Path) -> bool:
     """Whether llama.cpp runs here with its extra buffer types (a 2-token probe in a child process)."""
     from benchmarks.streaming_synthetic import run_child
@@ -144,11 +154,13 @@ def main() -> None:
     packed = packed_model(gguf, args.packed or default_packed())
     prompt_ids = Tokenizer(packed / "tokenizer").encode(PROMPT)
     extra_bufts = llama_cpp_extra_bufts_run(gguf)
+    import torch
+
+    torch.set_num_threads(args.threads)  # what describe() reports; the timed work runs in the children
     print(describe())
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} threads each; prompt {len(prompt_ids)} tokens; "
           f"{args.repeats} runs each, alternating, medians")
-    if not extra_bufts:
-        print("llama.cpp: its AMX path traps on this machine (SIGILL), so extra buffer types (AMX, repacking) are off")
+    print(describe_peer(extra_bufts))
     for new_tokens in args.new_tokens:
         runs: dict[str, list[dict]] = {"llama.cpp": [], "quantlite": []}
         for _ in range(args.repeats):

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.decode_vs_llamacpp import default_packed, llama_cpp_extra_bufts_run, llama_cpp_model, packed_model
+from benchmarks.decode_vs_llamacpp import default_packed, describe_peer, llama_cpp_extra_bufts_run, llama_cpp_model, packed_model
 from benchmarks.machine import describe
 from benchmarks.streaming_synthetic import run_child
 
@@ -55,6 +55,9 @@ def run_quantlite(packed: str, windows: list[list[int]], threads: int) -> dict:
 
 def run_llamacpp(gguf: str, windows: list[list[int]], threads: int, extra_bufts: bool) -> dict:
     import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)  # window_nll's log-softmax is timed too: on the same threads as quantlite's
 
     ctx = len(windows[0])
     llm = llama_cpp_model(gguf, extra_bufts, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads,
@@ -96,9 +99,11 @@ def main() -> None:
         raise SystemExit(f"{args.data} has {len(ids)} tokens, fewer than {args.windows} x {args.ctx}")
     windows = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.windows)]
     extra_bufts = llama_cpp_extra_bufts_run(gguf)
+    import torch
+
+    torch.set_num_threads(args.threads)  # what describe() reports; the timed work runs in the children
     print(describe())
-    if not extra_bufts:
-        print("llama.cpp: its AMX path traps on this machine (SIGILL), so extra buffer types (AMX, repacking) are off")
+    print(describe_peer(extra_bufts))
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} threads each; {args.windows} windows x {args.ctx} tokens "
           f"of {args.data.name}, every token after a window's first scored")
     results = {
