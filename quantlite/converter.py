@@ -430,8 +430,8 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if block_size_problem(block_size) or outlier_frac_problem(frac):
-        raise ConversionError(block_size_problem(block_size) or outlier_frac_problem(frac))
+    if problem := block_size_problem(block_size) or outlier_frac_problem(frac):
+        raise ConversionError(problem)
     if max_bits_per_weight is None and outlier_frac is None:
         max_bits_per_weight = METHODS[method].max_bits_per_weight  # the default fraction comes with its cap
     if max_bits_per_weight is not None and not (

@@ -101,8 +101,8 @@ def quantize_int8(w: torch.Tensor, block_size: int = 64, name: str | None = None
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
         raise QuantizationInputError(f"{label}quantize_int8 needs a non-empty 2-D float tensor, got "
                                      f"{getattr(w, 'shape', type(w).__name__)}")
-    if block_size_problem(block_size):
-        raise QuantizationInputError(f"{label}{block_size_problem(block_size)}")
+    if problem := block_size_problem(block_size):
+        raise QuantizationInputError(f"{label}{problem}")
     if not bool(torch.isfinite(w).all()):
         raise QuantizationInputError(f"{label}the weight holds NaN or infinity")
     n, k = w.shape

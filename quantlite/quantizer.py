@@ -196,8 +196,8 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits
             f"{label} holds {w[row, col].item()} at position ({row}, {col}), beyond float16's range "
             f"(+-{FLOAT16_MAX:g}) in which scales and outliers are stored"
         )
-    if block_size_problem(block_size) or outlier_frac_problem(outlier_frac):
-        raise QuantizationInputError(block_size_problem(block_size) or outlier_frac_problem(outlier_frac))
+    if problem := block_size_problem(block_size) or outlier_frac_problem(outlier_frac):
+        raise QuantizationInputError(problem)
     if scale_dtype not in (torch.float16, torch.float32):
         raise QuantizationInputError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
     if max_bits_per_weight is not None and not (

@@ -424,8 +424,8 @@ def parse_meta(meta: torch.Tensor, fail, format_name: str = FORMAT_NAME, version
     if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and 0 < v < 2**31 for v in shape)):
         raise fail(f"shape {shape!r} must be two positive integers below 2**31")
     block = parsed.get("block_size")
-    if block_size_problem(block):
-        raise fail(block_size_problem(block))
+    if problem := block_size_problem(block):
+        raise fail(problem)
     if math.prod(shape) > 2**40:
         raise fail(f"shape {shape} is absurdly large")
     return parsed

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"cannot read --data {data}: {error}") from error
     pipeline = pipeline_options(args)
     model = open_for_eval(args.model, device=args.device, memory_budget=args.memory_budget, **pipeline)
-    token_ids = model.tokenize(text)
+    # under torchrun only the last rank (the driver) scores the windows; the others serve their layers
+    token_ids = model.tokenize(text) if not pipeline or model.forward.is_driver else None
     options = dict(ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol, bos_id=model.bos_id,
                    batch_size=args.batch_size, progress=not args.json)
     if pipeline:  # model.forward is this rank's PipelineLlama: every rank runs, the last one prints

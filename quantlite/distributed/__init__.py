@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+DEFAULT_TIMEOUT_SECONDS = 600.0  # the bound on every wait on another rank (--dist-timeout)
+
 
 def launched_by_torchrun() -> bool:
     """Whether this process is one rank of a torchrun launch (torchrun sets WORLD_SIZE and RANK).

@@ -14,7 +14,6 @@ one line and exit status 2 instead of hanging.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import socket
 from contextlib import contextmanager
@@ -24,10 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from quantlite.distributed import launched_by_torchrun
+from quantlite.distributed import DEFAULT_TIMEOUT_SECONDS, launched_by_torchrun
 from quantlite.errors import QuantliteError
-
-DEFAULT_TIMEOUT_SECONDS = 600.0
+from quantlite.sources.checksum import sha256_file
 
 
 class DistributedError(QuantliteError, RuntimeError):
@@ -129,8 +127,7 @@ def manifest_digest(path: str | Path) -> str:
     two ranks means the same model, converted the same way."""
     from quantlite.packed import MANIFEST
 
-    with open(Path(path) / MANIFEST, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+    return sha256_file(Path(path) / MANIFEST)
 
 
 def broadcast(group: Group, value, source: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from quantlite.cli.arguments import count
-from quantlite.distributed import launched_by_torchrun
+from quantlite.distributed import DEFAULT_TIMEOUT_SECONDS, launched_by_torchrun
 from quantlite.errors import QuantliteError
 
 PIPELINE_HELP = """\
@@ -24,8 +24,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, command: str, exampl
 
 
 def add_timeout_argument(parser) -> None:
-    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="longest wait on another rank before this one gives up with an error (default 600)")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help=f"longest wait on another rank before this one gives up with an error (default {DEFAULT_TIMEOUT_SECONDS:g})")
 
 
 def pipeline_options(args) -> dict:

@@ -104,9 +104,6 @@ class PipelineLlama:
     def peak_memory_bytes(self) -> int:
         return self.stage.peak_memory_bytes()
 
-    def decode_reads(self) -> dict:
-        return self.stage.decode_reads()
-
     # ------------------------------------------------------------------ every rank
     def drive(self, function, *args, share: bool = True, **kwargs):
         """The driver calls function(*args, **kwargs), whose forward calls run through the pipeline,
@@ -245,8 +242,6 @@ class PipelineLlama:
                 for item in pending:  # one message in flight at a time: its buffers are freed in order
                     groups.finish(self.group, item, self.next)
                 pending = self._send(header, ids, positions, key_valid, x)
-                if view is not None:
-                    self._cache.length = view.length
                 continue
             for item in pending:
                 groups.finish(self.group, item, self.next)
