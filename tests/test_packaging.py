@@ -177,7 +177,7 @@ def test_native_kernel_tests_pass_against_the_installed_library(installed):
         f"assert str(native.CPU_LIBRARY).startswith({str(installed['site'])!r}), native.CPU_LIBRARY\n")
     result = run([installed["python"], "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "from_the_wheel",
                   ROOT / "tests" / "test_native.py"], cwd=installed["cwd"])
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert " passed" in result.stdout  # (run() already asserts exit status 0: nothing failed)
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ QL_API int ql_cpu_encode_codes(const float *blocks, const float *scales, const f
                                int isa, int n_threads);
 
 /* y (M, N) = x (M, K) @ W^T for an int8 weight; arguments as for ql_cpu_qmatmul. The instruction
- * set is chosen by cpuid when the library loads (AVX-512, AVX2 or baseline; qmatmul_int8.c). */
+ * set is chosen by cpuid on each call (AVX-512, AVX2 or baseline; qmatmul_int8.c). */
 QL_API int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m, int64_t x_row_stride,
                                void *y, int64_t y_row_stride, int dtype, int n_threads);
 
