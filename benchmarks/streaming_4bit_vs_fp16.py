@@ -41,7 +41,8 @@ def main() -> None:
             run["tokens_per_second"] = 1 / min(run["step_seconds"])
             runs[label] = run
             print(f"  {label:>5}, budget {budget}: {gib(size)} on disk, {run['resident_layers']} of {run['layers']} "
-                  f"layers resident, {gib(max(run['step_bytes']))} read per step, {run['tokens_per_second']:.2f} tokens/s "
+                  f"layers resident, {run['step_reads'][-1]['layers']} layers and {run['step_reads'][-1]['heads']} head read per step "
+                  f"({'O_DIRECT' if run['direct_io'] else 'page cache'}), {gib(max(run['step_bytes']))} read per step, {run['tokens_per_second']:.2f} tokens/s "
                   f"(steps {', '.join(f'{t:.2f}' for t in run['step_seconds'])} s), peak RSS {gib(run['peak_rss'])}")
         ratio = runs["4-bit"]["tokens_per_second"] / runs["fp16"]["tokens_per_second"]
         print(f"budget {budget}: baseline fp16 {runs['fp16']['tokens_per_second']:.2f} tokens/s, ours 4-bit "

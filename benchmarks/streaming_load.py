@@ -77,7 +77,9 @@ def main() -> None:
     floor = shard / bandwidth
     goal = 2 * floor + 0.2e-3
     load, load_cpu = statistics.median(wall), statistics.median(cpu)
-    print(f"shards           : {packed.num_layers} x {shard / 1e6:.2f} MB ({args.packed}), in the page cache")
+    print(f"shards           : {packed.num_layers} x {shard / 1e6:.2f} MB ({args.packed}), in the page cache; "
+          f"{model.plan.resident_layers} of {packed.num_layers} layers resident (the rest timed as streamed units), "
+          f"read {'O_DIRECT' if model.stats.direct_io else 'through the page cache'}")
     print(f"page cache       : {bandwidth / 1e9:.1f} GB/s (median of {args.repeats} passes) -> {floor * 1e3:.3f} ms per shard")
     print(f"layer load       : median {load * 1e3:.2f} ms wall, {load_cpu * 1e3:.2f} ms CPU (first read, every value checked: "
           f"{statistics.median(first_wall) * 1e3:.2f} ms)")

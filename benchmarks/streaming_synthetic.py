@@ -377,7 +377,7 @@ def main() -> None:
     compute_floor = min(resident["step_seconds"])
     io_floor = max(stream["step_bytes"]) / bandwidth
     floor = max(io_floor, compute_floor)
-    reads = stream["step_reads"][-1]
+    reads = stream["step_reads"][stream["step_seconds"].index(step)]  # the best step's reads, as it is the one timed
     print(f"budget {args.budget}: {stream['resident_layers']} of {stream['layers']} layers resident, head "
           f"{'resident' if stream['head_resident'] else 'streamed'}, embedding {'resident' if stream['embedding_resident'] else 'on disk'}; "
           f"per decode step {reads['layers']} layers, {reads['heads']} head and {reads['embedding_rows']} embedding rows read, "

@@ -71,12 +71,13 @@ def run_accelerate(hf_dir: str, offload_dir: str, new_tokens: int) -> dict:
 
 
 def run_quantlite(packed_dir: str, new_tokens: int) -> dict:
+    import torch
+
     import quantlite
-    from quantlite.runtime.streaming import format_size, peak_rss_bytes
+    from quantlite.runtime.streaming import format_size, peak_rss_bytes, unit_sizes
 
     baseline = peak_rss_bytes()
-    with quantlite.load(packed_dir, memory_budget="1TB") as probe:
-        sizes = probe.sizes
+    sizes = unit_sizes(quantlite.PackedModel.open(packed_dir), torch.float32)  # from the shard headers: nothing loaded
     # the tied embedding/head, the final norm and two streaming slots (computing + being read); one
     # byte short of one more layer, so no decoder layer is resident
     budget = sizes.norm + sizes.head + 2 * max(sizes.layers) + min(sizes.layers) - 1
