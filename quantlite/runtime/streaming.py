@@ -38,6 +38,7 @@ import torch
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import fused_kernel_live
 from quantlite.kernels.prepared import compute_ready, prepare
+from quantlite.model_config import FINAL_NORM, LM_HEAD
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, streamed_layout
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
@@ -48,8 +49,6 @@ from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 AUTO_BUDGET_FRACTION = 0.5  # memory_budget=None: half of the memory available when loading
-HEAD = "lm_head.weight"
-NORM = "model.norm.weight"
 
 
 class MemoryBudgetError(QuantliteError, ValueError):
@@ -167,9 +166,9 @@ def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
 
     tied = packed.config.get("tie_word_embeddings")
     embedding = size(EMBEDDING_FILE, streamable=bool(tied))
-    head = embedding if tied else size(FINAL_FILE, [HEAD])
+    head = embedding if tied else size(FINAL_FILE, [LM_HEAD])
     layers = [layer_file(i) for i in range(packed.num_layers)]
-    return UnitSizes(norm=size(FINAL_FILE, [NORM], streamable=False), layers=[size(name) for name in layers], head=head,
+    return UnitSizes(norm=size(FINAL_FILE, [FINAL_NORM], streamable=False), layers=[size(name) for name in layers], head=head,
                      embedding=embedding, arenas=[arena(name) for name in layers + [EMBEDDING_FILE if tied else FINAL_FILE]])
 
 
@@ -302,9 +301,9 @@ class StreamingLlama:
         if self.last:
             final = packed.load_final()  # every tensor checked once; the head is dropped again if it streams
             self.stats.bytes_read += packed.manifest["files"][FINAL_FILE]["size"]
-            self.norm = self._to_device(final[NORM])
+            self.norm = self._to_device(final[FINAL_NORM])
             if self.plan.head_resident:
-                self.lm_head = self._to_device(packed.load_embedding() if self.config.tie_word_embeddings else final[HEAD])
+                self.lm_head = self._to_device(packed.load_embedding() if self.config.tie_word_embeddings else final[LM_HEAD])
                 self._count_load(self.config.num_layers, already_counted=not self.config.tie_word_embeddings)
             del final
         if self.plan.embedding_resident and self.first:
@@ -397,7 +396,7 @@ class StreamingLlama:
         elif self.config.tie_word_embeddings:
             unit = self.packed.load_embedding(**read)
         else:
-            unit = self.packed.load_final(**read)[HEAD]
+            unit = self.packed.load_final(**read)[LM_HEAD]
         del read
         with self._lock:
             self.stats.prepare_seconds += prepare_seconds
@@ -473,7 +472,7 @@ class StreamingLlama:
             return llama.embed(input_ids, self.embedding, self.dtype)
         rows, inverse = torch.unique(input_ids.reshape(-1).cpu(), return_inverse=True)
         table = self.packed.load_embedding_rows(rows)  # (len(rows), hidden)
-        nbytes = table.nbytes if isinstance(table, (QWeight, Q8Weight)) else table.numel() * table.element_size()
+        nbytes = table.nbytes
         self.stats.embedding_rows_read += len(rows)
         self.stats.embedding_bytes_read += nbytes
         self.stats.bytes_read += nbytes

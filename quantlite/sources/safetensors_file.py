@@ -118,7 +118,7 @@ class SafetensorsFile:
         if any(not 0 <= start <= end <= entry.shape[0] for start, end in ranges):
             raise FormatError(f"{self.path}: rows {ranges[:3]} outside tensor {name!r} of {entry.shape[0]} rows")
         out = torch.empty((sum(end - start for start, end in ranges), *entry.shape[1:]), dtype=entry.dtype)
-        flat = out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8)
+        flat = out.view(-1).view(torch.uint8)
         fd = self.open_unchanged()
         try:
             at = 0
