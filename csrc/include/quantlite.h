@@ -24,7 +24,8 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 3  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows */
+#define QL_ABI_VERSION 4  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
+                              4: the decode-step primitives (ql_cpu_rms_norm, ...) */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -138,6 +139,46 @@ QL_API int ql_cuda_dequantize(const ql_weight *w, void *out, int64_t out_row_str
 QL_API int ql_cuda_device_count(int *count);
 /* The message of the last CUDA runtime error seen by this library in this thread. */
 QL_API const char *ql_cuda_last_error(void);
+
+/* ---------------------------------------------------------------- CPU decode-step primitives
+ * The float32 work of a decode step between the matmuls (csrc/cpu/decode_ops.c, which draws the
+ * layouts; quantlite/runtime/llama.py holds the same math in torch). Single-threaded except
+ * ql_cpu_decode_attention over a large batch. */
+
+/* out (rows, n) = weight * (x * 1 / sqrt(mean(x^2) + eps)) per row; x rows of x_row_stride (>= n)
+ * floats, out contiguous (it may be x when the stride is n). */
+QL_API int ql_cpu_rms_norm(const float *x, int64_t rows, int64_t n, int64_t x_row_stride,
+                           const float *weight, float eps, float *out);
+
+/* out (rows, n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)); gate_up rows of row_stride (>= 2n)
+ * floats, gate in columns [0, n), up in [n, 2n); out contiguous. */
+QL_API int ql_cpu_silu_mul(const float *gate_up, int64_t rows, int64_t n, int64_t row_stride, float *out);
+
+/* One new position per sequence of a batch (all at the same cache index). */
+typedef struct {
+    int64_t batch;            /* B */
+    int64_t heads;            /* H query heads, a multiple of kv_heads */
+    int64_t kv_heads;         /* Hkv */
+    int64_t head_dim;         /* D, even */
+    int64_t position;         /* the cache index written: keys [0, position] are attended to */
+    int64_t capacity;         /* L: positions the cache holds, > position */
+    const float *qkv;         /* (B, (H + 2 Hkv) * D): q heads, k heads, v heads */
+    const float *cos;         /* (B, D) RoPE cos at each sequence's position */
+    const float *sin;         /* (B, D) RoPE sin, first half negated */
+    const float *q_norm;      /* (D,) per-head RMSNorm weight of q before RoPE, or NULL (none) */
+    const float *k_norm;      /* (D,) the same for k, or NULL */
+    float eps;                /* of q_norm / k_norm */
+    float scale;              /* on q . k, usually 1 / sqrt(D) */
+    const float *mask;        /* (B, mask_row_stride) additive over keys [0, position], or NULL */
+    int64_t mask_row_stride;  /* >= position + 1 */
+    float *keys;              /* (B, Hkv, L, D) the key cache; row `position` is written */
+    float *values;            /* (B, Hkv, L, D) the value cache; likewise */
+    float *out;               /* (B, H * D) */
+} ql_decode_attention_args;
+
+/* out = softmax(rope(q) . keys^T * scale + mask) @ values per query head, after writing rope(k) and
+ * v at `position`; n_threads as for ql_cpu_qmatmul (used only when the batch's work is large). */
+QL_API int ql_cpu_decode_attention(const ql_decode_attention_args *args, int n_threads);
 
 #ifdef __cplusplus
 }

@@ -24,6 +24,11 @@ Python and a thread-pool wake-up, docs/runtime.md):
 
 Activations are (batch, seq, hidden) in the compute dtype; RoPE angles and softmax in float32.
 `OP_SECONDS` accumulates the time spent in matmuls and in attention (generate --stats' split).
+
+On the CPU in float32 the glue between the matmuls runs in native primitives (quantlite.kernels.cpu_ops:
+rms_norm, silu_mul and, for a decode step, q/k norm + RoPE + cache write + attention in one call),
+which compute what the torch code beside each call computes (tests/test_cpu_ops.py holds both to a
+float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.md).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels import cpu_ops
 from quantlite.kernels.dispatch import qmatmul  # the fastest live back-end for x's device
 from quantlite.model_config import ModelConfig
 from quantlite.q8weight import Q8Weight
@@ -43,7 +49,8 @@ from quantlite.qweight import QWeight, concat_rows
 
 @dataclass
 class OpSeconds:
-    """Wall seconds spent in `linear` (the matmuls) and in attention (cache update and attend), summed
+    """Wall seconds spent in `linear` (the matmuls) and in attention (everything between the q/k/v and
+    the output projection: q/k norm, RoPE, cache update, attend), summed
     over every call in this process; a reader takes differences. Two perf_counter calls per op:
     ~0.2 us, against ~10 us for the cheapest matmul call."""
     matmul: float = 0.0
@@ -104,6 +111,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------------- building blocks
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., hidden): normalised in float32, then scaled, in x's dtype (as transformers does)."""
+    if cpu_ops.takes(x, weight):
+        return cpu_ops.rms_norm(x, weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -183,11 +192,16 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (batch, n_kv_heads, seq, head_dim) -> all keys and values so far, this call's included."""
-        end = self.length + k.shape[2]
+    def end(self, seq: int) -> int:
+        """length + seq: where this call's positions end, if the cache has room for them."""
+        end = self.length + seq
         if end > self.max_len:
             raise QuantliteError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (batch, n_kv_heads, seq, head_dim) -> all keys and values so far, this call's included."""
+        end = self.end(k.shape[2])
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -229,8 +243,31 @@ def self_attention(
     """x (batch, seq, hidden) normalised input -> (batch, seq, hidden). mask None means plain causal
     over this call's positions (no cache, no padding)."""
     batch, seq, _ = x.shape
+    qkv = projections(x, w, "self_attn.qkv_proj")  # (batch, seq, (heads + 2 kv_heads) * head_dim)
+    start = time.perf_counter()
+    if seq == 1 and cache is not None and cpu_ops.takes(qkv):  # a CPU decode step: all of it in one C call
+        out = cpu_ops.decode_attention(qkv, cos, sin, mask, cache.keys[layer], cache.values[layer], cache.end(1) - 1,
+                                       config.num_heads, config.head_dim**-0.5, w.get("self_attn.q_norm.weight"),
+                                       w.get("self_attn.k_norm.weight"), config.rms_norm_eps)
+    else:
+        out = rotate_and_attend(qkv.view(batch, seq, -1, config.head_dim), w, config, cos, sin, mask, cache, layer)
+    OP_SECONDS.attention += time.perf_counter() - start
+    return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+
+def rotate_and_attend(
+    qkv: torch.Tensor,
+    w: dict,
+    config: ModelConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+) -> torch.Tensor:
+    """qkv (batch, seq, heads + 2 kv_heads, head_dim) -> (batch, seq, heads * head_dim): q/k norm,
+    RoPE, cache update, attention (cpu_ops.decode_attention does the same for one position)."""
     heads, kv_heads = config.num_heads, config.num_kv_heads
-    qkv = projections(x, w, "self_attn.qkv_proj").view(batch, seq, heads + 2 * kv_heads, config.head_dim)
     qk = qkv[:, :, : heads + kv_heads]
     if config.qk_norm:  # Qwen3: each q and k head RMS-normalised over head_dim, before RoPE
         qk = torch.cat((rms_norm(qk[:, :, :heads], w["self_attn.q_norm.weight"], config.rms_norm_eps),
@@ -239,12 +276,9 @@ def self_attention(
     q = qk[:, :, :heads].transpose(1, 2)                       # (batch, heads, seq, head_dim)
     k = qk[:, :, heads:].transpose(1, 2)                       # (batch, kv_heads, seq, head_dim)
     v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-    start = time.perf_counter()
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (batch, kv_heads, T, head_dim)
-    out = attend(q, k, v, mask, config.head_dim**-0.5)  # (batch, seq, heads * head_dim)
-    OP_SECONDS.attention += time.perf_counter() - start
-    return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+    return attend(q, k, v, mask, config.head_dim**-0.5)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -261,8 +295,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def swiglu_mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
     """x (batch, seq, hidden) -> down(silu(gate(x)) * up(x))."""
-    gate, up = projections(x, w, "mlp.gate_up_proj").chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+    return linear(silu_mul(projections(x, w, "mlp.gate_up_proj")), w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2 * intermediate), gate then up -> (..., intermediate) silu(gate) * up."""
+    if cpu_ops.takes(gate_up):
+        return cpu_ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def decoder_layer(

@@ -1,0 +1,231 @@
+/* decode_ops.c: the float32 glue of one decode step on the CPU, between the matmuls
+ * (quantlite/runtime/llama.py calls these through quantlite/kernels/cpu_ops.py; the torch code there
+ * is the same math and the reference the tests hold these to).
+ *
+ *   ql_cpu_rms_norm          out (R, n) = weight * (x * 1 / sqrt(mean(x^2) + eps)), per row
+ *   ql_cpu_silu_mul          out (R, n) = silu(gate) * up, gate_up (R, 2n) = [gate | up]
+ *   ql_cpu_decode_attention  one new position per sequence: per-head q/k RMSNorm (optional), RoPE on
+ *                            q and k, k and v written into the KV cache at `position`, grouped-query
+ *                            attention of each query head over the cache [0, position], additive mask.
+ *
+ * Layouts (row-major, float32):
+ *   qkv     (B, (H + 2 Hkv) * D)    one row per sequence: H query heads, then Hkv key, Hkv value heads
+ *   cos,sin (B, D)                  RoPE at each sequence's position; sin's first half negated
+ *                                   (llama.rope_cos_sin), so rope(x) = x * cos + roll(x, D / 2) * sin
+ *   keys, values (B, Hkv, L, D)     the cache, L = its capacity; positions [0, position) are filled
+ *   mask    (B, T) or NULL          additive, T = position + 1 (0 or the dtype's lowest: padding, window)
+ *   out     (B, H * D)              the attention output, heads side by side
+ *
+ * Work partition: one chunk per (sequence, kv head); it writes that kv head's new key and value and
+ * then attends for the H / Hkv query heads that read them (GQA: query head h reads kv head
+ * h / (H / Hkv), as transformers' repeat_kv). Chunks are independent, so the thread pool takes them
+ * when the batch is large (self-calibration samples 16 sequences); one sequence runs on the caller's
+ * thread (a wake-up costs more than the work at B = 1).
+ *
+ * Per query head:  q = rope(norm(q));  s[t] = (q . k[t]) * scale + mask[t];  p = softmax(s) (float32,
+ * max subtracted);  out = sum_t p[t] v[t].  A row whose keys are all masked gets equal weights (every
+ * s[t] is the dtype's lowest), as SDPA does with the same mask.
+ *
+ * Sums over D or n run in 16 partial sums (the compiler vectorizes them; a single running sum would
+ * be a chain of dependent adds): a different order than torch's, within float32 roundoff of it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Comparisons may be evaluated for every lane (the selects of exp_f32, the max of the scores): GCC
+ * vectorizes such loops only when it need not keep the FP exception flags of untaken branches. The
+ * values computed are the same; nothing here reads the flags. */
+#pragma GCC optimize("no-trapping-math")
+
+#include "pool.h"
+#include "quantlite.h"
+
+#define PARTIAL_SUMS 16
+/* Below this many multiply-adds (QK and PV over every head) the caller's thread does it all. */
+#define ATTENTION_PARALLEL_MIN (1 << 18)
+
+/* x86-64: each exported function is also built for AVX2 and AVX-512 and the loader picks the best the
+ * CPU has (GCC function multi-versioning, an ifunc: no -m flags on this file, so it runs on any
+ * x86-64). The arithmetic is the same in every version (no FMA: -ffp-contract=off; the same partial
+ * sums), only the vector width differs. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QL_VECTOR_CLONES
+#endif
+
+/* ---------------------------------------------------------------- helpers */
+/* The partial sums added pairwise: 4 rounds of vector adds, not 15 dependent scalar ones. */
+static inline float tree_sum(float partial[PARTIAL_SUMS]) {
+    for (int width = PARTIAL_SUMS / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
+    return partial[0];
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float partial[PARTIAL_SUMS] = {0};
+    int64_t i = 0;
+    for (; i + PARTIAL_SUMS <= n; i += PARTIAL_SUMS)
+        for (int j = 0; j < PARTIAL_SUMS; ++j) partial[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; ++i, ++j) partial[j] += a[i] * b[i];
+    return tree_sum(partial);
+}
+
+static inline float sum(const float *a, int64_t n) {
+    float partial[PARTIAL_SUMS] = {0};
+    int64_t i = 0;
+    for (; i + PARTIAL_SUMS <= n; i += PARTIAL_SUMS)
+        for (int j = 0; j < PARTIAL_SUMS; ++j) partial[j] += a[i + j];
+    for (int j = 0; i < n; ++i, ++j) partial[j] += a[i];
+    return tree_sum(partial);
+}
+
+/* e^x in float32 without libm's scalar call (expf cost 30 us for the 1536 gates of one SmolLM2
+ * layer), so that loops over it vectorize: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
+ * polynomial (relative error < 2 ulp), 2^n written into the exponent bits. 0 below -87.34 (where
+ * expf turns subnormal: softmax weights that small vanish against the largest, which is 1), +inf
+ * above 88.38, NaN stays NaN. n is rounded by adding and subtracting 1.5 * 2^23 (round to nearest;
+ * the library is built without -ffast-math, which would fold it away). */
+static inline float exp_f32(float x) {
+    const float high = 88.3762626647949f, low = -87.3365447504019f, round = 12582912.0f;
+    const float clamped = x > high ? high : x < low ? low : x;
+    const float n = (clamped * 1.44269504088896341f + round) - round;
+    const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_to_n;
+    memcpy(&two_to_n, &bits, sizeof two_to_n);
+    const float y = p * two_to_n;
+    return x < low ? 0.0f : x > high ? INFINITY : y;
+}
+
+/* out[i] = weight[i] * (x[i] * r), r = 1 / sqrt(mean(x^2) + eps); out may be x. */
+static inline void rms_norm_row(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    const float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+/* out = x * cos + roll(x, D / 2) * sin (sin signed), out != x. */
+static inline void rope_row(const float *x, const float *cos_row, const float *sin_row, int64_t d, float *out) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos_row[i] + x[i + half] * sin_row[i];
+    for (int64_t i = half; i < d; ++i) out[i] = x[i] * cos_row[i] + x[i - half] * sin_row[i];
+}
+
+/* ---------------------------------------------------------------- rms_norm, silu_mul */
+QL_VECTOR_CLONES int ql_cpu_rms_norm(const float *x, int64_t rows, int64_t n, int64_t x_row_stride, const float *weight,
+                    float eps, float *out) {
+    if (x == NULL || weight == NULL || out == NULL) return QL_ERR_NULL_POINTER;
+    if (rows < 0 || n <= 0) return QL_ERR_BAD_SIZE;
+    if (x_row_stride < n) return QL_ERR_BAD_STRIDE;
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * x_row_stride, weight, n, eps, out + r * n);
+    return QL_OK;
+}
+
+QL_VECTOR_CLONES int ql_cpu_silu_mul(const float *gate_up, int64_t rows, int64_t n, int64_t row_stride, float *out) {
+    if (gate_up == NULL || out == NULL) return QL_ERR_NULL_POINTER;
+    if (rows < 0 || n <= 0) return QL_ERR_BAD_SIZE;
+    if (row_stride < 2 * n) return QL_ERR_BAD_STRIDE;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *gate = gate_up + r * row_stride, *up = gate + n;
+        float *o = out + r * n;
+        for (int64_t i = 0; i < n; ++i) o[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * up[i];
+    }
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------- decode attention */
+typedef struct {
+    const ql_decode_attention_args *a;
+    int64_t qkv_row;      /* (H + 2 Hkv) * D */
+    int64_t group;        /* H / Hkv query heads per kv head */
+    float *scratch;       /* (threads, scratch_floats) */
+} attention_job;
+
+/* Per thread: a normed head (D), the group's rotated queries (group, D), scores (group, T), sums (group). */
+static int64_t scratch_floats(const ql_decode_attention_args *a, int64_t group) {
+    return a->head_dim + group * (a->head_dim + a->position + 2);
+}
+
+static QL_VECTOR_CLONES void attention_chunk(void *context, int64_t begin, int64_t end, int thread_index) {
+    const attention_job *job = context;
+    const ql_decode_attention_args *a = job->a;
+    const int64_t d = a->head_dim, kv_heads = a->kv_heads, total = a->position + 1, group = job->group;
+    float *normed = job->scratch + thread_index * scratch_floats(a, group);  /* (D,) */
+    float *queries = normed + d;                                              /* (group, D) */
+    float *scores = queries + group * d;                                      /* (group, T) */
+    float *sums = scores + group * total;                                     /* (group,) */
+
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t b = chunk / kv_heads, kv = chunk % kv_heads;
+        const float *row = a->qkv + b * job->qkv_row;
+        const float *cos_row = a->cos + b * d, *sin_row = a->sin + b * d;
+        const float *mask = a->mask == NULL ? NULL : a->mask + b * a->mask_row_stride;
+        float *keys = a->keys + ((b * kv_heads + kv) * a->capacity) * d;   /* (L, D) of this kv head */
+        float *values = a->values + ((b * kv_heads + kv) * a->capacity) * d;
+
+        /* --- the new key (normed, rotated) and value into the cache at `position` */
+        const float *k_new = row + (a->heads + kv) * d;
+        if (a->k_norm != NULL) rms_norm_row(k_new, a->k_norm, d, a->eps, normed), k_new = normed;
+        rope_row(k_new, cos_row, sin_row, d, keys + a->position * d);
+        const float *v_new = row + (a->heads + kv_heads + kv) * d;
+        for (int64_t i = 0; i < d; ++i) values[a->position * d + i] = v_new[i];
+
+        /* --- the group's query heads, normed and rotated */
+        for (int64_t j = 0; j < group; ++j) {
+            const float *q = row + (kv * group + j) * d;
+            if (a->q_norm != NULL) rms_norm_row(q, a->q_norm, d, a->eps, normed), q = normed;
+            rope_row(q, cos_row, sin_row, d, queries + j * d);
+        }
+
+        /* --- scores (each key row read once for the group), softmax in float32, max subtracted */
+        for (int64_t t = 0; t < total; ++t)
+            for (int64_t j = 0; j < group; ++j)
+                scores[j * total + t] = dot(queries + j * d, keys + t * d, d) * a->scale + (mask == NULL ? 0.0f : mask[t]);
+        for (int64_t j = 0; j < group; ++j) {
+            float *s = scores + j * total, high = -INFINITY;
+            for (int64_t t = 0; t < total; ++t) high = s[t] > high ? s[t] : high;
+            for (int64_t t = 0; t < total; ++t) s[t] = exp_f32(s[t] - high);
+            sums[j] = sum(s, total);
+        }
+
+        /* --- out = sum_t p[t] v[t] (each value row read once for the group) */
+        float *out = a->out + b * a->heads * d + kv * group * d;  /* (group, D) */
+        for (int64_t i = 0; i < group * d; ++i) out[i] = 0.0f;
+        for (int64_t t = 0; t < total; ++t)
+            for (int64_t j = 0; j < group; ++j) {
+                const float p = scores[j * total + t] / sums[j];
+                for (int64_t i = 0; i < d; ++i) out[j * d + i] += p * values[t * d + i];
+            }
+    }
+}
+
+int ql_cpu_decode_attention(const ql_decode_attention_args *a, int n_threads) {
+    if (a == NULL || a->qkv == NULL || a->cos == NULL || a->sin == NULL || a->keys == NULL ||
+        a->values == NULL || a->out == NULL)
+        return QL_ERR_NULL_POINTER;
+    if (a->batch <= 0 || a->heads <= 0 || a->kv_heads <= 0 || a->heads % a->kv_heads != 0 ||
+        a->head_dim <= 0 || a->head_dim % 2 != 0 || a->position < 0 || a->position >= a->capacity)
+        return QL_ERR_BAD_SIZE;
+    if (a->mask != NULL && a->mask_row_stride < a->position + 1) return QL_ERR_BAD_STRIDE;
+    const int64_t chunks = a->batch * a->kv_heads;
+    const int64_t work = 2 * a->batch * a->heads * (a->position + 1) * a->head_dim;
+    const int threads = work < ATTENTION_PARALLEL_MIN ? 1 : n_threads > 0 ? n_threads : ql_available_cores();
+    const int64_t group = a->heads / a->kv_heads;
+    float *scratch = malloc(sizeof(float) * (size_t)(threads * scratch_floats(a, group)));
+    if (scratch == NULL) return QL_ERR_OUT_OF_MEMORY;
+    attention_job job = {a, (a->heads + 2 * a->kv_heads) * a->head_dim, group, scratch};
+    if (threads == 1)
+        attention_chunk(&job, 0, chunks, 0);
+    else
+        ql_parallel_for(chunks, 1, threads, attention_chunk, &job);
+    free(scratch);
+    return QL_OK;
+}
