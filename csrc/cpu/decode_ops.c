@@ -83,12 +83,13 @@ static inline float sum(const float *a, int64_t n) {
 
 /* e^x in float32 without libm's scalar call (expf cost 30 us for the 1536 gates of one SmolLM2
  * layer), so that loops over it vectorize: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
- * polynomial (relative error < 2 ulp), 2^n written into the exponent bits. 0 below -87.34 (where
- * expf turns subnormal: softmax weights that small vanish against the largest, which is 1), +inf
- * above 88.38, NaN stays NaN. n is rounded by adding and subtracting 1.5 * 2^23 (round to nearest;
- * the library is built without -ffast-math, which would fold it away). */
+ * polynomial (relative error < 2 ulp), times 2^(n - 1) written into the exponent bits, times 2 (n
+ * reaches 128 just below ln(FLT_MAX)). 0 below -87.34 (where expf turns subnormal: softmax weights
+ * that small vanish against the largest, which is 1), +inf above ln(FLT_MAX), NaN stays NaN. n is
+ * rounded by adding and subtracting 1.5 * 2^23 (round to nearest; the library is built without
+ * -ffast-math, which would fold it away). */
 static inline float exp_f32(float x) {
-    const float high = 88.3762626647949f, low = -87.3365447504019f, round = 12582912.0f;
+    const float high = 88.72283935546875f, low = -87.3365447504019f, round = 12582912.0f;
     const float clamped = x > high ? high : x < low ? low : x;
     const float n = (clamped * 1.44269504088896341f + round) - round;
     const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -99,10 +100,10 @@ static inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_to_n;
-    memcpy(&two_to_n, &bits, sizeof two_to_n);
-    const float y = p * two_to_n;
+    const int32_t bits = ((int32_t)n + 126) << 23;
+    float two_to_n_minus_1;
+    memcpy(&two_to_n_minus_1, &bits, sizeof two_to_n_minus_1);
+    const float y = p * two_to_n_minus_1 * 2.0f;
     return x < low ? 0.0f : x > high ? INFINITY : y;
 }
 
@@ -122,17 +123,19 @@ static inline void rope_row(const float *x, const float *cos_row, const float *s
 /* ---------------------------------------------------------------- rms_norm, silu_mul */
 QL_VECTOR_CLONES int ql_cpu_rms_norm(const float *x, int64_t rows, int64_t n, int64_t x_row_stride, const float *weight,
                     float eps, float *out) {
-    if (x == NULL || weight == NULL || out == NULL) return QL_ERR_NULL_POINTER;
     if (rows < 0 || n <= 0) return QL_ERR_BAD_SIZE;
     if (x_row_stride < n) return QL_ERR_BAD_STRIDE;
+    if (rows == 0) return QL_OK;  /* an empty tensor's pointers may be NULL */
+    if (x == NULL || weight == NULL || out == NULL) return QL_ERR_NULL_POINTER;
     for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * x_row_stride, weight, n, eps, out + r * n);
     return QL_OK;
 }
 
 QL_VECTOR_CLONES int ql_cpu_silu_mul(const float *gate_up, int64_t rows, int64_t n, int64_t row_stride, float *out) {
-    if (gate_up == NULL || out == NULL) return QL_ERR_NULL_POINTER;
     if (rows < 0 || n <= 0) return QL_ERR_BAD_SIZE;
     if (row_stride < 2 * n) return QL_ERR_BAD_STRIDE;
+    if (rows == 0) return QL_OK;
+    if (gate_up == NULL || out == NULL) return QL_ERR_NULL_POINTER;
     for (int64_t r = 0; r < rows; ++r) {
         const float *gate = gate_up + r * row_stride, *up = gate + n;
         float *o = out + r * n;

@@ -1,0 +1,237 @@
+"""The CPU decode-step primitives (csrc/cpu/decode_ops.c via quantlite.kernels.cpu_ops) against a
+float64 reference, on fresh random inputs.
+
+Tolerances, and where they come from (u = 2**-24, float32's unit roundoff):
+- a sum of n float32 terms in 16 partial sums added pairwise errs by at most (n / 16 + 4) u times the
+  sum of the terms' magnitudes; we allow twice each bound;
+- rms_norm: the mean of squares as above, then sqrt, the divide and two products: a few u more;
+- silu_mul: exp_f32 errs by < 2 ulp (Cephes' polynomial), then 1 + e, the divide and the product;
+- attention: a score errs by the dot product's bound (D terms) plus RoPE's (two products, one sum) on
+  q and k; a softmax weight p_t by twice the largest score error plus exp and the sum over T, and
+  each output element by that times sum_t p_t |v_t|.
+The library's AVX-512 / AVX2 / baseline versions (picked by the loader) do the same arithmetic; this
+machine's best one runs here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlite.kernels import cpu_ops, native
+from quantlite.model_config import ModelConfig
+from quantlite.runtime import llama
+
+from test_native_helpers import library_built  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("library_built")
+U = 2.0**-24
+
+
+def assert_within(got: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    got = got.double()
+    if not got.numel():
+        return
+    assert torch.isfinite(got).all() or not torch.isfinite(reference).all(), f"{what}: NaN/Inf where the reference is finite"
+    excess = (got - reference).abs() / bound
+    worst = int(excess.flatten().argmax())
+    assert excess.max() <= 1.0, (f"{what}: element {worst} = {got.flatten()[worst].item()} vs reference "
+                                 f"{reference.flatten()[worst].item()} (bound {bound.flatten()[worst].item():.3g})")
+
+
+# ---------------------------------------------------------------------------- rms_norm
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 17), (2, 1, 1), (4, 7, 1000), (0, 64)])
+def test_rms_norm_matches_float64(generator, shape):
+    x = torch.randn(shape, generator=generator) * torch.rand(shape[:-1] + (1,), generator=generator).add(0.01) * 10
+    weight = torch.randn(shape[-1], generator=generator)
+    eps = 1e-6
+    got = cpu_ops.rms_norm(x, weight, eps)
+    x64 = x.double()
+    normed = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps)
+    reference = weight.double() * normed
+    n = shape[-1]
+    bound = 2 * (n / 16 + 4 + 6) * U * reference.abs() + 1e-30
+    assert got.shape == x.shape
+    assert_within(got, reference, bound, f"rms_norm {shape}")
+    # and llama.rms_norm, which calls it, agrees with its own torch code within the same bound
+    torch_code = weight * torch.nn.functional.rms_norm(x, (n,), eps=eps)
+    assert_within(torch_code, reference, bound, f"torch rms_norm {shape}")
+
+
+def test_rms_norm_reads_strided_rows(generator):
+    x = torch.randn(6, 40, generator=generator)[:, :33]  # rows of 40, 33 used
+    weight = torch.randn(33, generator=generator)
+    reference = weight.double() * x.double() / torch.sqrt(x.double().square().mean(-1, keepdim=True) + 1e-5)
+    assert_within(cpu_ops.rms_norm(x, weight, 1e-5), reference, 2 * (33 / 16 + 10) * U * reference.abs() + 1e-30, "strided")
+
+
+def test_rms_norm_names_the_sizes():
+    with pytest.raises(native.NativeKernelError, match=r"x is \(2, 8\), weight \(7,\)"):
+        cpu_ops.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-5)
+
+
+# ---------------------------------------------------------------------------- silu_mul
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 2, 2 * 37), (5, 2), (0, 8)])
+def test_silu_mul_matches_float64(generator, shape):
+    gate_up = torch.randn(shape, generator=generator) * 6
+    if gate_up.numel():  # the ends of exp's range: under- and overflow, and around them
+        gate_up.view(-1)[: min(8, gate_up.numel())] = torch.tensor([100.0, -100.0, 88.5, -88.5, 87.0, -87.0, 0.0, -1e-3])[
+            : min(8, gate_up.numel())]
+    got = cpu_ops.silu_mul(gate_up)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    reference = gate * torch.sigmoid(gate) * up
+    bound = 2 * 6 * U * reference.abs() + 1e-37 * up.abs() + 1e-300
+    assert got.shape == gate.shape
+    assert_within(got, reference, bound, f"silu_mul {shape}")
+
+
+def test_silu_mul_wants_an_even_size():
+    with pytest.raises(native.NativeKernelError, match=r"\(3, 5\), its last size must be even"):
+        cpu_ops.silu_mul(torch.ones(3, 5))
+
+
+# ---------------------------------------------------------------------------- decode attention
+def rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D) float64; cos, sin (..., D) with sin's first half negated (llama.rope_cos_sin)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def norm64(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if weight is None:
+        return x
+    return weight.double() * x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def reference_attention(qkv, cos, sin, mask, keys, values, position, heads, scale, q_norm, k_norm, eps):
+    """float64: (out (B, H * D), new keys (B, Hkv, D), error bound on out (B, H * D))."""
+    batch, kv_heads, _, d = keys.shape
+    group, total = heads // kv_heads, position + 1
+    heads_all = qkv.double().view(batch, heads + 2 * kv_heads, d)
+    c, s = cos.double().view(batch, 1, d), sin.double().view(batch, 1, d)
+    q = rope64(norm64(heads_all[:, :heads], q_norm, eps), c, s)                   # (B, H, D)
+    k_new = rope64(norm64(heads_all[:, heads : heads + kv_heads], k_norm, eps), c, s)
+    k = keys[:, :, :total].double().clone()
+    v = values[:, :, :total].double().clone()
+    k[:, :, position], v[:, :, position] = k_new, heads_all[:, heads + kv_heads :]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    scores = torch.einsum("bhd,bhtd->bht", q, k) * scale
+    if mask is not None:
+        scores = scores + mask.double().view(batch, 1, total)
+    p = scores.softmax(-1)
+    out = torch.einsum("bht,bhtd->bhd", p, v)
+    # the bound: each score's error (the dot over D, RoPE and norm on q and k), twice of it on p, plus
+    # exp, the sum over T and the divide; on out, times sum_t p_t |v_t|, plus the sum over T
+    magnitude = torch.einsum("bhd,bhtd->bht", q.abs(), k.abs()) * scale
+    score_error = (d / 16 + 4 + 12 + (12 + d / 16 if q_norm is not None else 0)) * U * magnitude.amax(-1, keepdim=True)
+    p_error = 2 * score_error + (total / 16 + 4 + 4) * U
+    bound = 2 * ((p_error + (total / 16 + 4) * U) * torch.einsum("bht,bhtd->bhd", p, v.abs())) + 1e-30
+    return out.reshape(batch, heads * d), k_new, bound.reshape(batch, heads * d)
+
+
+def make_case(generator, batch, heads, kv_heads, d, position, capacity, qk_norm):
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * d, generator=generator) * 2
+    angles = torch.rand(batch, 1, 1, d // 2, generator=generator) * 100
+    cos = torch.cat((angles, angles), -1).cos()
+    sin = torch.cat((-angles.sin(), angles.sin()), -1)
+    keys = torch.randn(batch, kv_heads, capacity, d, generator=generator)
+    values = torch.randn(batch, kv_heads, capacity, d, generator=generator)
+    norms = (torch.rand(d, generator=generator) + 0.5, torch.rand(d, generator=generator) + 0.5) if qk_norm else (None, None)
+    return qkv, cos, sin, keys, values, norms
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, d, position, qk_norm", [
+    (1, 9, 3, 64, 0, False),       # SmolLM2's heads; the first position: attends to itself only
+    (1, 9, 3, 64, 70, False),
+    (2, 7, 7, 34, 16, False),      # odd head count, no grouping, D not a multiple of 16
+    (3, 6, 2, 16, 33, True),       # Qwen3's q/k norm
+    (2, 5, 1, 80, 129, False),     # one kv head for all
+    (8, 8, 2, 64, 300, False),     # enough work for the thread pool
+])
+def test_decode_attention_matches_float64(generator, batch, heads, kv_heads, d, position, qk_norm):
+    capacity = position + 3
+    qkv, cos, sin, keys, values, (q_norm, k_norm) = make_case(generator, batch, heads, kv_heads, d, position, capacity, qk_norm)
+    before_keys, before_values = keys.clone(), values.clone()
+    eps, scale = 1e-6, d**-0.5
+    reference, k_new, bound = reference_attention(qkv, cos, sin, None, keys, values, position, heads, scale, q_norm, k_norm, eps)
+    with native.cpu_threads(2):
+        got = cpu_ops.decode_attention(qkv, cos, sin, None, keys, values, position, heads, scale, q_norm, k_norm, eps)
+    assert got.shape == (batch, 1, heads * d)
+    assert_within(got.view(batch, -1), reference, bound, "attention output")
+    # the cache: rope(norm(k)) and v written at `position`, nothing else touched
+    k_bound = 2 * (12 + (d / 16 + 16 if qk_norm else 0)) * U * k_new.abs().amax(-1, keepdim=True) + 1e-30
+    assert_within(keys[:, :, position], k_new, k_bound.expand_as(k_new), "new key in the cache")
+    v_new = qkv.view(batch, heads + 2 * kv_heads, d)[:, heads + kv_heads :]
+    assert torch.equal(values[:, :, position], v_new)
+    others = [i for i in range(capacity) if i != position]
+    assert torch.equal(keys[:, :, others], before_keys[:, :, others])
+    assert torch.equal(values[:, :, others], before_values[:, :, others])
+
+
+@pytest.mark.parametrize("window", [4, 16, 17])
+@pytest.mark.parametrize("offset", [-1, 0, 1, 9])
+def test_decode_attention_masks_padding_and_the_window(generator, window, offset):
+    # T around the window, left padding in some rows (a row with 0 valid keys but the new one too),
+    # the mask built by llama.attention_mask as the runtime builds it
+    batch, heads, kv_heads, d = 3, 4, 2, 32
+    total = max(window + offset, 1)
+    position = total - 1
+    qkv, cos, sin, keys, values, _ = make_case(generator, batch, heads, kv_heads, d, position, total + 2, False)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[1, : total // 2] = False
+    valid[2, :position] = False
+    mask = llama.attention_mask(valid, 1, torch.float32, window)  # (B, 1, 1, T)
+    reference, _, bound = reference_attention(qkv, cos, sin, mask, keys, values, position, heads, d**-0.5, None, None, 0.0)
+    got = cpu_ops.decode_attention(qkv, cos, sin, mask, keys, values, position, heads, d**-0.5)
+    assert_within(got.view(batch, -1), reference, bound, f"masked attention, window {window}, T {total}")
+
+
+def test_decode_attention_with_every_key_masked_averages_the_values(generator):
+    # as SDPA with the same additive mask: every score is the lowest float, so the weights are equal
+    qkv, cos, sin, keys, values, _ = make_case(generator, 1, 2, 1, 16, 5, 6, False)
+    mask = torch.full((1, 1, 1, 6), torch.finfo(torch.float32).min)
+    got = cpu_ops.decode_attention(qkv, cos, sin, mask, keys, values, 5, 2, 0.25)
+    mean = values[0, 0, :6].double().mean(0)  # keys written first: row 5 is the new value
+    assert torch.allclose(got.view(2, 16).double(), mean.expand(2, 16), rtol=0, atol=1e-6 * mean.abs().max().item())
+
+
+def small_config(**sizes) -> ModelConfig:
+    return ModelConfig(family="qwen3", vocab_size=32, hidden_size=48, intermediate_size=64, num_layers=1,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, biased=(), sliding_window=None,
+                       max_position_embeddings=64, rope_type="default", rope_theta=10000.0, **sizes)
+
+
+def test_decode_attention_agrees_with_llama_torch_path(generator, monkeypatch):
+    # the runtime's two ways through self_attention on the same decode step: the native call and the
+    # torch code (norm, RoPE, cache update, SDPA), for a Qwen3-style layer with q/k norm and GQA
+    config = small_config(num_heads=6, num_kv_heads=2, head_dim=16, qk_norm=True)
+    hidden, heads_all = 48, (6 + 2 * 2) * 16
+    w = {"self_attn.qkv_proj.weight": torch.randn(heads_all, hidden, generator=generator) / 7,
+         "self_attn.o_proj.weight": torch.randn(hidden, 6 * 16, generator=generator) / 10,
+         "self_attn.q_norm.weight": torch.rand(16, generator=generator) + 0.5,
+         "self_attn.k_norm.weight": torch.rand(16, generator=generator) + 0.5}
+    prompt = torch.randn(2, 9, hidden, generator=generator)
+    step = torch.randn(2, 1, hidden, generator=generator)
+    outputs = []
+    for native_path in (True, False):
+        if not native_path:
+            monkeypatch.setattr(cpu_ops, "takes", lambda *tensors: False)
+        cache = llama.KVCache(config, 2, 12, torch.float32, "cpu")
+        positions = torch.arange(10).expand(2, 10)
+        cos, sin = llama.rope_cos_sin(config, positions[:, :9], torch.float32)
+        llama.self_attention(prompt, w, config, cos, sin, None, cache, 0)
+        cache.advance(9)
+        cos, sin = llama.rope_cos_sin(config, positions[:, 9:], torch.float32)
+        outputs.append(llama.self_attention(step, w, config, cos, sin, None, cache, 0))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5 * outputs[1].abs().max().item())
+
+
+def test_decode_attention_names_the_sizes_and_a_full_cache(generator):
+    qkv, cos, sin, keys, values, _ = make_case(generator, 1, 4, 2, 16, 3, 4, False)
+    with pytest.raises(native.NativeKernelError, match=r"qkv \(1, 1, 128\).*do not agree with 5 query heads"):
+        cpu_ops.decode_attention(qkv, cos, sin, None, keys, values, 3, 5, 0.25)
+    with pytest.raises(native.NativeKernelError, match="position 4 outside the cache's 4"):
+        cpu_ops.decode_attention(qkv, cos, sin, None, keys, values, 4, 4, 0.25)
+    config = small_config(num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=False)
+    cache = llama.KVCache(config, 1, 4, torch.float32, "cpu")
+    cache.advance(4)
+    with pytest.raises(llama.QuantliteError, match="KV cache holds 4 positions; this step needs 5"):
+        cache.end(1)
