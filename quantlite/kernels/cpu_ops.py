@@ -58,14 +58,14 @@ def takes(*tensors: torch.Tensor) -> bool:
     """Whether the primitives compute on these tensors: all float32 on the CPU, none needing a
     gradient, and the library built (otherwise llama.py runs its torch code)."""
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
+        if t.dtype != torch.float32 or not t.is_cpu or t.requires_grad:
             return False
     return _library() is not None
 
 
-def _call(status: int, what: str) -> None:
-    if status:
-        raise native.NativeKernelError(f"native cpu {what}: {_library().ql_error_string(status).decode()}")
+def _failed(status: int, what: str) -> native.NativeKernelError:
+    """The error for a non-zero status (formatted only then: a decode step makes ~120 of these calls)."""
+    return native.NativeKernelError(f"native cpu {what}: {_library().ql_error_string(status).decode()}")
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -79,9 +79,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise native.NativeKernelError(f"native cpu rms_norm: x is {tuple(x.shape)}, weight {tuple(weight.shape)}; "
                                        f"the weight must be ({n},)")
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(x.shape)
-    _call(_library().ql_cpu_rms_norm(x.data_ptr(), x.numel() // n if n else 0, n, n, weight.data_ptr(), eps,
-                                     out.data_ptr()), f"rms_norm (x {tuple(x.shape)})")
+    out = torch.empty_like(x)
+    status = _library().ql_cpu_rms_norm(x.data_ptr(), x.numel() // n if n else 0, n, n, weight.data_ptr(), eps, out.data_ptr())
+    if status:
+        raise _failed(status, f"rms_norm (x {tuple(x.shape)})")
     return out
 
 
@@ -91,9 +92,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise native.NativeKernelError(f"native cpu silu_mul: gate_up is {tuple(gate_up.shape)}, its last size must be even")
     gate_up = gate_up.contiguous()
     n = gate_up.shape[-1] // 2
-    out = torch.empty(gate_up.shape[:-1] + (n,))
-    _call(_library().ql_cpu_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, 2 * n,
-                                     out.data_ptr()), f"silu_mul (gate_up {tuple(gate_up.shape)})")
+    out = torch.empty(*gate_up.shape[:-1], n)
+    status = _library().ql_cpu_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, 2 * n, out.data_ptr())
+    if status:
+        raise _failed(status, f"silu_mul (gate_up {tuple(gate_up.shape)})")
     return out
 
 
@@ -121,22 +123,28 @@ def decode_attention(
     if (qkv.shape != (batch, 1, (heads + 2 * kv_heads) * head_dim) or values.shape != keys.shape
             or cos.shape != (batch, 1, 1, head_dim) or sin.shape != cos.shape
             or (mask is not None and mask.shape != (batch, 1, 1, position + 1))
-            or any(norm is not None and norm.shape != (head_dim,) for norm in (q_norm, k_norm))):
+            or (q_norm is not None and q_norm.shape != (head_dim,)) or (k_norm is not None and k_norm.shape != (head_dim,))):
         raise native.NativeKernelError(
             f"native cpu decode_attention: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, "
-            f"mask {None if mask is None else tuple(mask.shape)}, q/k norm weights {tuple(getattr(q_norm, 'shape', ()))}, keys {tuple(keys.shape)}, values {tuple(values.shape)} "
-            f"do not agree with {heads} query heads at position {position}")
+            f"mask {None if mask is None else tuple(mask.shape)}, q/k norm weights {None if q_norm is None else tuple(q_norm.shape)}, "
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} do not agree with {heads} query heads at position {position}")
     if not 0 <= position < capacity:
         raise native.NativeKernelError(f"native cpu decode_attention: position {position} outside the cache's {capacity}")
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise native.NativeKernelError("native cpu decode_attention: the key and value caches must be contiguous")
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    mask, q_norm, k_norm = (None if t is None else t.contiguous() for t in (mask, q_norm, k_norm))
+    if mask is not None:
+        mask = mask.contiguous()
+    if q_norm is not None:
+        q_norm = q_norm.contiguous()
+    if k_norm is not None:
+        k_norm = k_norm.contiguous()
     out = torch.empty(batch, 1, heads * head_dim)
     args = _AttentionArgs(
         batch, heads, kv_heads, head_dim, position, capacity, qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         _pointer(q_norm), _pointer(k_norm), eps, scale, _pointer(mask), position + 1, keys.data_ptr(),
         values.data_ptr(), out.data_ptr())
-    _call(_library().ql_cpu_decode_attention(ctypes.byref(args), native._threads(None)),
-          f"decode_attention (batch {batch}, {heads}/{kv_heads} heads of {head_dim}, position {position})")
+    status = _library().ql_cpu_decode_attention(ctypes.byref(args), native._threads(None))
+    if status:
+        raise _failed(status, f"decode_attention (batch {batch}, {heads}/{kv_heads} heads of {head_dim}, position {position})")
     return out

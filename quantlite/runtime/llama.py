@@ -32,6 +32,7 @@ float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -63,12 +64,23 @@ OP_SECONDS = OpSeconds()
 # ----------------------------------------------------------------------------------- RoPE
 def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(head_dim // 2,) float32 inverse frequencies, scaled as the config says.
-    seq_len (longest position + 1 in this call) matters only for "dynamic" NTK scaling."""
+    seq_len (longest position + 1 in this call) matters only for "dynamic" NTK scaling, and there
+    only past max_position_embeddings."""
+    if config.rope_type == "dynamic":
+        seq_len = max(seq_len, config.max_position_embeddings)
+    else:
+        seq_len = 0
+    return _rope_inv_freq(config, seq_len, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device) -> torch.Tensor:
+    """rope_inv_freq, computed once per model and (dynamic scaling) length: a decode step asked for
+    it afresh cost ~30 us of a ~20 ms step, every step. Callers only read the tensor."""
     dim = config.head_dim
     base = config.rope_theta
     if config.rope_type == "dynamic":
         # NTK-aware: past the trained context, raise the base so the lowest frequency still fits.
-        seq_len = max(seq_len, config.max_position_embeddings)
         grow = config.rope_factor * seq_len / config.max_position_embeddings - (config.rope_factor - 1)
         base = base * grow ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
@@ -96,7 +108,8 @@ def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtyp
     """positions (batch, seq) int64 -> cos, signed sin (batch, seq, 1, head_dim) in dtype, angles in
     float32. The sin's first half is negated, so that apply_rope needs one roll instead of
     rotate_half's slice-negate-concatenate (x2 * -s equals -x2 * s exactly)."""
-    inv_freq = rope_inv_freq(config, int(positions.max()) + 1, positions.device)
+    longest = int(positions.max()) + 1 if config.rope_type == "dynamic" else 0  # only dynamic scaling asks
+    inv_freq = rope_inv_freq(config, longest, positions.device)
     angles = positions[..., None, None].float() * inv_freq  # (batch, seq, 1, head_dim // 2)
     sin = angles.sin()
     return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
