@@ -84,8 +84,8 @@ def print_stats(model, result, out=None) -> None:
 
 
 def decode_split(stats) -> str:
-    """Where a decode step's time went: the matmuls, attention, and the rest (norms, RoPE, Python,
-    sampling, loader waits), in ms per step and as shares of the step."""
+    """Where a decode step's time went: the matmuls, attention (q/k norm, RoPE, KV cache, attend), and
+    the rest (norms, activation, Python, sampling, loader waits), in ms per step and as shares of the step."""
     if not stats.decode_steps:
         return "no decode step (one new token)"
     parts = [("matmuls", stats.decode_matmul_seconds), ("attention", stats.decode_attention_seconds),

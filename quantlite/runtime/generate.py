@@ -164,7 +164,7 @@ class GenerationStats:
     decode_seconds: float = 0.0       # seconds after the first token
     decode_steps: int = 0
     decode_matmul_seconds: float = 0.0     # of decode_seconds: in the matmuls (qmatmul / F.linear)
-    decode_attention_seconds: float = 0.0  # of decode_seconds: KV-cache update and attention
+    decode_attention_seconds: float = 0.0  # of decode_seconds: q/k norm, RoPE, KV-cache update, attention
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -173,7 +173,7 @@ class GenerationStats:
 
     @property
     def decode_other_seconds(self) -> float:
-        """Of decode_seconds: everything else (norms, RoPE, Python, sampling, waiting on the loader)."""
+        """Of decode_seconds: everything else (norms, activation, Python, sampling, waiting on the loader)."""
         return max(self.decode_seconds - self.decode_matmul_seconds - self.decode_attention_seconds, 0.0)
 
 
