@@ -98,6 +98,19 @@ def test_top_p_over_a_large_vocabulary_draws_from_the_float64_nucleus(generator,
     assert abs(share - float(top)) <= 5 * math.sqrt(float(top * (1 - top)) / 4000) + 1e-9
 
 
+@pytest.mark.parametrize("k", [1, 7, 1024])
+def test_top_candidates_are_torch_topks(generator, k):
+    from quantlite.runtime.generate import _top
+
+    logits = torch.randn(5, 3000, generator=generator) * 3
+    logits[1, :200] = 2.5                        # a run of equal logits across the k-th place
+    logits[2] = torch.randint(0, 4, (3000,), generator=generator).float()  # ties everywhere
+    values, indices = _top(logits, k)
+    assert torch.equal(values, torch.topk(logits, k, dim=-1).values)  # the k largest, largest first
+    assert torch.equal(logits.gather(-1, indices), values)            # at these (distinct) indices
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
 # ------------------------------------------------------------------------------ generation
 def test_batched_generation_equals_each_prompt_alone(packed_dir, generator):
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=generator).tolist() for n in (3, 9, 6)]
