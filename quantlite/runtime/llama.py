@@ -70,7 +70,8 @@ def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | str 
         seq_len = max(seq_len, config.max_position_embeddings)
     else:
         seq_len = 0
-    return _rope_inv_freq(config, seq_len, torch.device(device))
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode once cached
+        return _rope_inv_freq(config, seq_len, torch.device(device))
 
 
 @functools.lru_cache(maxsize=16)
