@@ -152,8 +152,13 @@ def test_decode_attention_matches_float64(generator, batch, heads, kv_heads, d, 
     before_keys, before_values = keys.clone(), values.clone()
     eps, scale = 1e-6, d**-0.5
     reference, k_new, bound = reference_attention(qkv, cos, sin, None, keys, values, position, heads, scale, q_norm, k_norm, eps)
-    with native.cpu_threads(2):
-        got = cpu_ops.decode_attention(qkv, cos, sin, None, keys, values, position, heads, scale, q_norm, k_norm, eps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as generate's decode steps: the kernels' pool takes the large batch
+    try:
+        with native.cpu_threads(2):
+            got = cpu_ops.decode_attention(qkv, cos, sin, None, keys, values, position, heads, scale, q_norm, k_norm, eps)
+    finally:
+        torch.set_num_threads(threads)
     assert got.shape == (batch, 1, heads * d)
     assert_within(got.view(batch, -1), reference, bound, "attention output")
     # the cache: rope(norm(k)) and v written at `position`, nothing else touched

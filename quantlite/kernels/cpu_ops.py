@@ -68,6 +68,14 @@ def _failed(status: int, what: str) -> native.NativeKernelError:
     return native.NativeKernelError(f"native cpu {what}: {_library().ql_error_string(status).decode()}")
 
 
+def _attention_threads() -> int:
+    """Threads for a large batch's attention: the kernels' pool only where torch runs on one thread
+    (generate's quantized decode steps, runtime.generate._decode_threads). Where torch keeps several
+    (float weights: its sgemm has them, e.g. self-calibration's sampling), its OpenMP workers spin
+    between ops on the cores a second pool would need, so the attention stays on this thread."""
+    return native._threads(None) if torch.get_num_threads() == 1 else 1
+
+
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -144,7 +152,7 @@ def decode_attention(
         batch, heads, kv_heads, head_dim, position, capacity, qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         _pointer(q_norm), _pointer(k_norm), eps, scale, _pointer(mask), position + 1, keys.data_ptr(),
         values.data_ptr(), out.data_ptr())
-    status = _library().ql_cpu_decode_attention(ctypes.byref(args), native._threads(None))
+    status = _library().ql_cpu_decode_attention(ctypes.byref(args), _attention_threads())
     if status:
         raise _failed(status, f"decode_attention (batch {batch}, {heads}/{kv_heads} heads of {head_dim}, position {position})")
     return out

@@ -257,42 +257,28 @@ def self_attention(
     """x (batch, seq, hidden) normalised input -> (batch, seq, hidden). mask None means plain causal
     over this call's positions (no cache, no padding)."""
     batch, seq, _ = x.shape
+    heads, kv_heads = config.num_heads, config.num_kv_heads
     qkv = projections(x, w, "self_attn.qkv_proj")  # (batch, seq, (heads + 2 kv_heads) * head_dim)
     start = time.perf_counter()
-    if seq == 1 and cache is not None and cpu_ops.takes(qkv):  # a CPU decode step: all of it in one C call
+    if seq == 1 and cache is not None and cpu_ops.takes(qkv):  # a CPU decode step: what follows, in one C call
         out = cpu_ops.decode_attention(qkv, cos, sin, mask, cache.keys[layer], cache.values[layer], cache.end(1) - 1,
-                                       config.num_heads, config.head_dim**-0.5, w.get("self_attn.q_norm.weight"),
+                                       heads, config.head_dim**-0.5, w.get("self_attn.q_norm.weight"),
                                        w.get("self_attn.k_norm.weight"), config.rms_norm_eps)
     else:
-        out = rotate_and_attend(qkv.view(batch, seq, -1, config.head_dim), w, config, cos, sin, mask, cache, layer)
+        qkv = qkv.view(batch, seq, heads + 2 * kv_heads, config.head_dim)
+        qk = qkv[:, :, : heads + kv_heads]
+        if config.qk_norm:  # Qwen3: each q and k head RMS-normalised over head_dim, before RoPE
+            qk = torch.cat((rms_norm(qk[:, :, :heads], w["self_attn.q_norm.weight"], config.rms_norm_eps),
+                            rms_norm(qk[:, :, heads:], w["self_attn.k_norm.weight"], config.rms_norm_eps)), dim=2)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one pass
+        q = qk[:, :, :heads].transpose(1, 2)                       # (batch, heads, seq, head_dim)
+        k = qk[:, :, heads:].transpose(1, 2)                       # (batch, kv_heads, seq, head_dim)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (batch, kv_heads, T, head_dim)
+        out = attend(q, k, v, mask, config.head_dim**-0.5)  # (batch, seq, heads * head_dim)
     OP_SECONDS.attention += time.perf_counter() - start
     return linear(out, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-
-
-def rotate_and_attend(
-    qkv: torch.Tensor,
-    w: dict,
-    config: ModelConfig,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    cache: KVCache | None,
-    layer: int,
-) -> torch.Tensor:
-    """qkv (batch, seq, heads + 2 kv_heads, head_dim) -> (batch, seq, heads * head_dim): q/k norm,
-    RoPE, cache update, attention (cpu_ops.decode_attention does the same for one position)."""
-    heads, kv_heads = config.num_heads, config.num_kv_heads
-    qk = qkv[:, :, : heads + kv_heads]
-    if config.qk_norm:  # Qwen3: each q and k head RMS-normalised over head_dim, before RoPE
-        qk = torch.cat((rms_norm(qk[:, :, :heads], w["self_attn.q_norm.weight"], config.rms_norm_eps),
-                        rms_norm(qk[:, :, heads:], w["self_attn.k_norm.weight"], config.rms_norm_eps)), dim=2)
-    qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one pass
-    q = qk[:, :, :heads].transpose(1, 2)                       # (batch, heads, seq, head_dim)
-    k = qk[:, :, heads:].transpose(1, 2)                       # (batch, kv_heads, seq, head_dim)
-    v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # (batch, kv_heads, T, head_dim)
-    return attend(q, k, v, mask, config.head_dim**-0.5)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
