@@ -60,9 +60,6 @@ class StageCache(llama.KVCache):
         super().__init__(dataclasses.replace(config, num_layers=len(layers)), batch, max_len, dtype, device)
         self.first_layer = layers.start
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return super().update(layer - self.first_layer, k, v)
-
     def rows(self, start: int, stop: int, length: int) -> "StageCache":
         view = copy.copy(self)
         view.keys = [t[start:stop] for t in self.keys]  # (rows, n_kv_heads, max_len, head_dim) views

@@ -191,7 +191,8 @@ def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.
 class KVCache:
     """Keys and values of every layer, preallocated for the whole generation.
 
-    keys[i], values[i]: (batch, n_kv_heads, max_len, head_dim); the first `length` positions are filled.
+    keys[i], values[i]: (batch, n_kv_heads, max_len, head_dim) of model layer first_layer + i (0 here;
+    a pipeline stage's cache holds its own layers only); the first `length` positions are filled.
     A layer writes its new positions at [length, length + seq); `advance(seq)` after the last layer.
     """
 
@@ -201,6 +202,7 @@ class KVCache:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.max_len = max_len
         self.length = 0
+        self.first_layer = 0
 
     @property
     def nbytes(self) -> int:
@@ -213,12 +215,17 @@ class KVCache:
             raise QuantliteError(f"KV cache holds {self.max_len} positions; this step needs {end}")
         return end
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model layer `layer`'s keys and values, (batch, n_kv_heads, max_len, head_dim) each."""
+        return self.keys[layer - self.first_layer], self.values[layer - self.first_layer]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (batch, n_kv_heads, seq, head_dim) -> all keys and values so far, this call's included."""
         end = self.end(k.shape[2])
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values = self.layer(layer)
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, seq: int) -> None:
         self.length += seq
@@ -261,7 +268,7 @@ def self_attention(
     qkv = projections(x, w, "self_attn.qkv_proj")  # (batch, seq, (heads + 2 kv_heads) * head_dim)
     start = time.perf_counter()
     if seq == 1 and cache is not None and cpu_ops.takes(qkv):  # a CPU decode step: what follows, in one C call
-        out = cpu_ops.decode_attention(qkv, cos, sin, mask, cache.keys[layer], cache.values[layer], cache.end(1) - 1,
+        out = cpu_ops.decode_attention(qkv, cos, sin, mask, *cache.layer(layer), cache.end(1) - 1,
                                        heads, config.head_dim**-0.5, w.get("self_attn.q_norm.weight"),
                                        w.get("self_attn.k_norm.weight"), config.rms_norm_eps)
     else:
