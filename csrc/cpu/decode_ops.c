@@ -26,8 +26,11 @@
  * max subtracted);  out = sum_t p[t] v[t].  A row whose keys are all masked gets equal weights (every
  * s[t] is the dtype's lowest), as SDPA does with the same mask.
  *
- * Sums over D or n run in 16 partial sums (the compiler vectorizes them; a single running sum would
- * be a chain of dependent adds): a different order than torch's, within float32 roundoff of it.
+ * Sums over D or n run in 16 partial sums (one 16-float vector; a single running sum would be a
+ * chain of dependent adds), added pairwise at the end: a different order than torch's, within
+ * float32 roundoff of it (tests/test_cpu_ops.py derives the bounds). Measured on this project's
+ * 2-core Xeon (AVX-512), one thread: attention at T = 100 for SmolLM2's 9 / 3 heads of 64 in 13 us
+ * (docs/runtime.md, "Native decode-step primitives").
  */
 #include <math.h>
 #include <stdlib.h>
