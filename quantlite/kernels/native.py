@@ -197,8 +197,11 @@ def _check(library: ctypes.CDLL, status: int, what: str) -> None:
 # ---------------------------------------------------------------------------- the weight as a C struct
 # QWeight -> (device -> (PreparedWeight, _Weight, pointer to it)); the struct points into the
 # prepared tensors, which the tuple keeps alive. Building it per call would cost more than a small
-# GEMV, and so would ctypes.byref per call: the pointer is made once too.
+# GEMV, and so would ctypes.byref per call: the pointer is made once too. The CPU's entries are also
+# kept by id(qw) in a plain dict (removed when qw dies, so an id is never reused while listed): the
+# decode path asks ~120 times a token, and a WeakKeyDictionary lookup cost ~0.5 us of that.
 _structs: "weakref.WeakKeyDictionary[QWeight, dict[str, tuple]]" = weakref.WeakKeyDictionary()
+_cpu_pointers: dict[int, object] = {}
 
 
 def _weight_pointer(qw: QWeight, device: torch.device):
@@ -210,7 +213,15 @@ def _weight_pointer(qw: QWeight, device: torch.device):
         struct = _struct(prepared)
         per_device = _structs.setdefault(qw, {})
         per_device[key] = (prepared, struct, ctypes.pointer(struct))
+        if key == "cpu":
+            _cpu_pointers[id(qw)] = per_device[key][2]
+            weakref.finalize(qw, _cpu_pointers.pop, id(qw), None)
     return per_device[key][2]
+
+
+def _cpu_weight_pointer(qw: QWeight):
+    pointer = _cpu_pointers.get(id(qw))
+    return pointer if pointer is not None else _weight_pointer(qw, _CPU)
 
 
 def _struct(prepared: PreparedWeight) -> _Weight:
@@ -271,12 +282,15 @@ def qmatmul_cpu(
     The decode path calls this ~120 times a token with M = 1, so a contiguous x with no `out` goes
     straight to the library: no reshape, no copy, the weight's struct pointer cached (14 -> 9.5 us of
     CPU per call, 2.2 of them the C call; docs/runtime.md)."""
-    library = _cpu_library()
+    library = _cpu_library_loaded or _cpu_library()
     if isa not in ISA_TAGS:
         raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
-    if out is None and _is_contiguous_input(x, qw):  # the runtime's case: x is the (M, K) rows as is
-        rows, m, row_stride, out_stride = x, x.numel() // qw.shape[1], qw.shape[1], qw.shape[0]
-        y = out = torch.empty(x.shape[:-1] + (qw.shape[0],), dtype=x.dtype)
+    shape = x.shape if isinstance(x, torch.Tensor) else None
+    if out is None and _is_contiguous_input(x, shape, qw):  # the runtime's case: x is the (M, K) rows as is
+        n, k = qw.shape
+        rows, m, row_stride, out_stride = x, x.numel() // k, k, n
+        # a 1-D x (the runtime's decode step) allocates its output by size alone: 1.3 against 3 us
+        y = out = torch.empty(n, dtype=x.dtype) if len(shape) == 1 else torch.empty(shape[:-1] + (n,), dtype=x.dtype)
     else:
         rows = _as_rows(x, qw, "cpu")
         if x.device.type != "cpu":
@@ -289,8 +303,8 @@ def qmatmul_cpu(
         _prefill(rows.reshape(m, qw.shape[1]), qw, out.view(m, qw.shape[0]), n_threads)
     elif m:
         status = library.ql_cpu_qmatmul(
-            _weight_pointer(qw, _CPU), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
-            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], _threads(n_threads),
+            _cpu_weight_pointer(qw), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
+            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
         )
         if status:
             _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
@@ -317,10 +331,11 @@ def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int 
         out.copy_(y)
 
 
-def _is_contiguous_input(x, qw) -> bool:
-    """Whether x is a contiguous (..., K) CPU tensor of a kernel dtype for qw: no copy, no reshape needed."""
-    return (isinstance(x, torch.Tensor) and isinstance(qw, QWeight) and x.is_cpu and x.dim() > 0
-            and x.shape[-1] == qw.shape[1] and x.dtype in DTYPE_TAGS and x.is_contiguous())
+def _is_contiguous_input(x, shape, qw) -> bool:
+    """Whether x (of `shape`, None if not a tensor) is a contiguous (..., K) CPU tensor of a kernel dtype
+    for qw: no copy, no reshape needed."""
+    return (shape is not None and type(qw) is QWeight and len(shape) > 0 and shape[-1] == qw.shape[1]
+            and x.is_cpu and x.dtype in DTYPE_TAGS and x.is_contiguous())
 
 
 def _checked_out(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -364,7 +379,7 @@ def dequantize_cpu(
           or out.stride(0) < k):
         raise NativeKernelError(f"{where}: out must be a ({n_end - n_begin}, {k}) {dtype} CPU tensor with contiguous rows, "
                                 f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
-    status = library.ql_cpu_dequantize_rows(_weight_pointer(qw, _CPU), n_begin, n_end, out.data_ptr(), out.stride(0),
+    status = library.ql_cpu_dequantize_rows(_cpu_weight_pointer(qw), n_begin, n_end, out.data_ptr(), out.stride(0),
                                             DTYPE_TAGS[dtype], ISA_TAGS[isa], _threads(n_threads))
     _check(library, status, f"{where} (rows {n_begin}..{n_end} of N={n}, K={k}, isa={isa})")
     return out
