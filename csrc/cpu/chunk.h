@@ -82,8 +82,6 @@ static inline void ql_decode_scales(const ql_weight *w, int64_t first, int64_t c
     }
 }
 
-/* A vector of CHUNK_LANES outlier columns from entry e on (`left` of them are real), as int32.
- * Sets *valid to the lanes that are real and inside [0, K). */
 #if defined(__AVX512F__)
 typedef __m512i chunk_index;
 typedef __m512 chunk_floats;
@@ -103,43 +101,36 @@ static inline chunk_mask lanes_below(int64_t left) {
 #endif
 }
 
-/* cols[e .. e + CHUNK_LANES) as int32 (lanes at and past `left` zero: nothing is read past the array). */
-static inline chunk_index load_columns(const ql_weight *w, int64_t e, int64_t left) {
-    if (w->col_kind == QL_COLS_U16) {
-        const uint16_t *cols = (const uint16_t *)w->cols + e;
-        uint16_t tail[CHUNK_LANES] = {0};
-        if (left < CHUNK_LANES) cols = (const uint16_t *)memcpy(tail, cols, sizeof(uint16_t) * (size_t)left);
+/* CHUNK_LANES 16-bit elements from p on (`left` of them real; the rest zero, nothing read past them). */
 #if defined(__AVX512F__)
-        return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)cols));
+typedef __m256i chunk_halves;
 #else
-        return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)cols));
+typedef __m128i chunk_halves;
 #endif
-    }
-    const int32_t *cols = (const int32_t *)w->cols + e;
+static inline chunk_halves load_halves(const uint16_t *p, int64_t left) {
+    uint16_t tail[CHUNK_LANES] = {0};
+    if (left < CHUNK_LANES) p = (const uint16_t *)memcpy(tail, p, sizeof(uint16_t) * (size_t)left);
 #if defined(__AVX512F__)
-    return _mm512_maskz_loadu_epi32(lanes_below(left), cols);
+    return _mm256_loadu_si256((const __m256i *)p);
 #else
-    return _mm256_maskload_epi32(cols, lanes_below(left));
+    return _mm_loadu_si128((const __m128i *)p);
 #endif
 }
 
-/* vals[e .. e + CHUNK_LANES) as float32 (lanes at and past `left` zero). */
-static inline chunk_floats load_values(const ql_weight *w, int64_t e, int64_t left) {
-    if (w->val_kind == QL_VALS_F16) {
-        const uint16_t *vals = (const uint16_t *)w->vals + e;
-        uint16_t tail[CHUNK_LANES] = {0};
-        if (left < CHUNK_LANES) vals = (const uint16_t *)memcpy(tail, vals, sizeof(uint16_t) * (size_t)left);
+/* Outliers e .. e + CHUNK_LANES: their columns as int32 and values as float32, each widened from 16
+ * bits or loaded as stored (lanes at and past `left` zero). */
+static inline void load_outliers(const ql_weight *w, int64_t e, int64_t left, chunk_index *cols, chunk_floats *vals) {
+    const int cols_u16 = w->col_kind == QL_COLS_U16, vals_f16 = w->val_kind == QL_VALS_F16;
 #if defined(__AVX512F__)
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)vals));
+    *cols = cols_u16 ? _mm512_cvtepu16_epi32(load_halves((const uint16_t *)w->cols + e, left))
+                     : _mm512_maskz_loadu_epi32(lanes_below(left), (const int32_t *)w->cols + e);
+    *vals = vals_f16 ? _mm512_cvtph_ps(load_halves((const uint16_t *)w->vals + e, left))
+                     : _mm512_maskz_loadu_ps(lanes_below(left), (const float *)w->vals + e);
 #else
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vals));
-#endif
-    }
-    const float *vals = (const float *)w->vals + e;
-#if defined(__AVX512F__)
-    return _mm512_maskz_loadu_ps(lanes_below(left), vals);
-#else
-    return _mm256_maskload_ps(vals, lanes_below(left));
+    *cols = cols_u16 ? _mm256_cvtepu16_epi32(load_halves((const uint16_t *)w->cols + e, left))
+                     : _mm256_maskload_epi32((const int32_t *)w->cols + e, lanes_below(left));
+    *vals = vals_f16 ? _mm256_cvtph_ps(load_halves((const uint16_t *)w->vals + e, left))
+                     : _mm256_maskload_ps((const float *)w->vals + e, lanes_below(left));
 #endif
 }
 
@@ -148,19 +139,21 @@ static inline chunk_floats load_values(const ql_weight *w, int64_t e, int64_t le
 static inline int single_x_products(const ql_weight *w, const float *x, int64_t p0, int64_t count, float *products) {
     for (int64_t i = 0; i < count; i += CHUNK_LANES) {
         const int64_t left = count - i;
-        const chunk_index cols = load_columns(w, p0 + i, left);
+        chunk_index cols;
+        chunk_floats vals;
+        load_outliers(w, p0 + i, left, &cols, &vals);
 #if defined(__AVX512F__)
         const __mmask16 real = lanes_below(left), valid = _mm512_mask_cmplt_epu32_mask(real, cols, _mm512_set1_epi32((int)w->k));
         if (valid != real) return 0;
         const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, cols, x, 4);
-        _mm512_storeu_ps(products + i, _mm512_mul_ps(load_values(w, p0 + i, left), xv));
+        _mm512_storeu_ps(products + i, _mm512_mul_ps(vals, xv));
 #else
         const __m256i real = lanes_below(left);
         const __m256i inside = _mm256_and_si256(_mm256_cmpgt_epi32(cols, _mm256_set1_epi32(-1)),
                                                 _mm256_cmpgt_epi32(_mm256_set1_epi32((int)w->k), cols));
         if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(inside, real)))) return 0;
         const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, cols, _mm256_castsi256_ps(real), 4);
-        _mm256_storeu_ps(products + i, _mm256_mul_ps(load_values(w, p0 + i, left), xv));
+        _mm256_storeu_ps(products + i, _mm256_mul_ps(vals, xv));
 #endif
     }
     return 1;
