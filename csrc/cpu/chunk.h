@@ -13,9 +13,9 @@
  *             contiguous buffer; then each row's products are summed lane-wise with one masked load
  *             per 16, and 16 rows' lane vectors reduced together (a transposing fold: 15 folds for
  *             16 rows, not a horizontal reduction per row, which cost ~1 ns an outlier at SmolLM2's
- *             ~6 outliers a row).
- *             No dependent chain, no per-outlier branch (the per-row gather it replaces, with a
- *             scalar check of every column per call before it, cost ~2.3 ns an outlier).
+ *             ~6 outliers a row). No dependent chain, no per-outlier branch (the per-row gather and
+ *             reduction it replaces, after a scalar check of every column per call, cost 1.2-2.3 ns
+ *             an outlier).
  *             M > 1: per outlier, its value times x_columns' row of its column (M floats).
  *
  * The CSR is checked here, where it is read, and not in a separate pass per call: row_ptr must
@@ -43,7 +43,9 @@ typedef struct {
     const float *outliers;  /* (rows, M) float32: row r's outliers against x row m */
 } ql_chunk;
 
-/* Scratch floats per thread for ql_chunk_begin (the kernels' own scratch follows it). */
+/* Scratch floats per thread for ql_chunk_begin, after the kernel's own: the decoded scales
+ * (rows, Kp / B), the outlier sums (rows, M) + 16 (the fold stores 16 at a time), the products of a
+ * piece + 16 (full vectors past its end), the rows' lane vectors (rows, CHUNK_LANES). */
 static inline int64_t ql_chunk_scratch_floats(const ql_matmul_job *job) {
     return QL_ROW_GRAIN * (job->padded_k / job->w->block_size) + QL_ROW_GRAIN * job->m + 16 + OUTLIER_PIECE + 16 +
            QL_ROW_GRAIN * CHUNK_LANES;
