@@ -61,17 +61,20 @@ def test_every_scale_storage_read_as_stored(generator, isa, scales, n, k, block_
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_many_outliers_in_one_row_span_the_kernels_pieces(generator, isa):
-    # 1200 outliers in one row run past the 1024 products buffered at a time (chunk.h); empty rows too
-    qw = stored_weight(generator, 40, 3000, 64, "float16", outlier_frac=0.0)
-    cols = torch.arange(0, 3000, 2, dtype=torch.int32)[:1200]
+def test_many_outliers_span_the_kernels_pieces(generator, isa):
+    # more outliers in a chunk of 32 rows than the 1024 products buffered at a time (chunk.h): 2500 in
+    # one row among empty ones, and ~90 in every row (rows straddling a piece's end)
+    qw = stored_weight(generator, 40, 6000, 64, "float16", outlier_frac=0.0)
     row_ptr = torch.zeros(41, dtype=torch.int32)
-    row_ptr[6:] = 1200
-    vals = torch.randn(1200, generator=generator).to(torch.float16)
-    many = QWeight(**{**qw.__dict__, "outlier_row_ptr": row_ptr, "outlier_cols": cols.to(torch.uint16), "outlier_vals": vals})
-    for m in (1, 3):
-        x = torch.randn(m, 3000, generator=generator)
-        assert_matches_reference(native.qmatmul_cpu(x, many, isa=isa), x, many)
+    row_ptr[6:] = 2500
+    cols = torch.arange(0, 6000, 2, dtype=torch.int32)[:2500].to(torch.uint16)
+    vals = torch.randn(2500, generator=generator).to(torch.float16)
+    one_long_row = QWeight(**{**qw.__dict__, "outlier_row_ptr": row_ptr, "outlier_cols": cols, "outlier_vals": vals})
+    every_row = stored_weight(generator, 40, 6000, 64, "double-quantized", outlier_frac=0.015)
+    for weight in (one_long_row, every_row):
+        for m in (1, 3):
+            x = torch.randn(m, 6000, generator=generator)
+            assert_matches_reference(native.qmatmul_cpu(x, weight, isa=isa), x, weight)
 
 
 @pytest.mark.parametrize("isa", ISAS)
