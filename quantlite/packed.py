@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,26 +131,30 @@ class PackedModel:
     def layer_nbytes(self, index: int) -> int:
         return self.manifest["files"][self._layer_name(index)]["size"]
 
-    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                   kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
         """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`.
         into: an arena (sources.arena) that every tensor then views, the 4-bit weights' scales as float32
         (the streaming runtime's reused buffers, at least `streamed_layout(shard).nbytes`), double-quantized scales decoded
         into it too; direct: read it O_DIRECT; prepare(value): applied to each weight of an arena read as
-        soon as its bytes are in (the runtime builds the kernel layout there, overlapping the read)."""
+        soon as its bytes are in (the runtime builds the kernel layout there, overlapping the read).
+        kept: a dict the caller keeps beside the arena `into` (KeptUnit); see KeptUnit."""
         prefix = f"model.layers.{index}."
-        loaded = self._load(self._layer_name(index), into, direct, prepare)
+        loaded = self._load(self._layer_name(index), into, direct, prepare, kept)
         expected = {prefix + name: shape for name, shape in layer_shapes(self.model_config).items()}
         self._check_names_and_shapes(self._layer_name(index), loaded, expected)
         return {name[len(prefix):]: value for name, value in loaded.items()}
 
-    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> torch.Tensor | QWeight:
+    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                       kept: dict | None = None) -> torch.Tensor | QWeight:
         expected = {EMBEDDING: self._embedding_shape}
-        loaded = self._load(EMBEDDING_FILE, into, direct, prepare)
+        loaded = self._load(EMBEDDING_FILE, into, direct, prepare, kept)
         self._check_names_and_shapes(EMBEDDING_FILE, loaded, expected)
         return loaded[EMBEDDING]
 
-    def load_final(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
-        loaded = self._load(FINAL_FILE, into, direct, prepare)
+    def load_final(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                   kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
+        loaded = self._load(FINAL_FILE, into, direct, prepare, kept)
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.model_config))
         return loaded
 
@@ -301,12 +305,19 @@ class PackedModel:
             raise FormatError(f"{self.path}: layer {index!r} does not exist (the model has {self.num_layers})")
         return layer_file(index)
 
-    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+              kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
         file_path = self.path / name
         size = file_path.stat().st_size if file_path.is_file() else None
         if size != self.manifest["files"][name]["size"]:
             raise FormatError(f"{file_path}: {'missing' if size is None else f'{size} bytes'}, the manifest says {self.manifest['files'][name]['size']}")
         shard = SafetensorsFile(file_path)
+        again = kept.pop(name, None) if kept is not None else None
+        if again is not None and again.identity == shard.identity and (again.entries is shard.entries or again.entries == shard.entries):
+            # the same bytes into the same places: the weights built from the last read view them again
+            ArenaRead(shard, into, again.layout, direct).finish()
+            kept[name] = again
+            return again.grouped
         # the values (scales, codebook, outlier table) are checked in full on the first read of a shard;
         # a later read of the same file unchanged (same inode, size, mtime and ctime; the header is
         # parsed and checked again) checks the structure only: a streamed layer is re-read every token
@@ -323,13 +334,15 @@ class PackedModel:
 
             reading = ArenaRead(shard, into, layout, direct)
             try:
-                grouped = group_tensors(reading.tensors, str(file_path), check_values=not unchanged, ready=reading.wait, then=then)
+                grouped = group_tensors(reading.views(), str(file_path), check_values=not unchanged, ready=reading.wait, then=then)
             finally:
                 reading.finish(raising=False)
         if not unchanged:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
         self._values_checked[name] = shard.identity
+        if kept is not None and not layout.derived:  # derived values are made again on every read: not kept
+            kept[name] = KeptUnit(shard.identity, shard.entries, layout, grouped)
         return grouped
 
     def _check_names_and_shapes(self, name: str, loaded: dict, expected: dict[str, tuple]) -> None:
@@ -352,6 +365,22 @@ class PackedModel:
 
     def __repr__(self) -> str:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
+
+
+@dataclass(frozen=True)
+class KeptUnit:
+    """What an arena read of a shard built (`load_*(into=arena, kept=d)` stores it in d[shard name]),
+    kept for the next read of that shard into the same arena: if the file is still in the state that
+    read saw (`identity`, the header's `entries`), its bytes are read into the same places again and
+    `grouped` (the weights viewing them, as `prepare` made them) is returned as it is: no views,
+    checks or kernel layouts built again. The caller keeps one dict per arena, and drops an entry
+    whose weights hold memory outside the arena (a kernel layout's copies: kept, they would stay
+    alive between reads, outside the arena the budget counts). A shard whose scales are decoded into
+    the arena (layout.derived) is not kept: that is made on every read."""
+    identity: tuple
+    entries: dict
+    layout: ArenaLayout
+    grouped: dict
 
 
 def streamed_layout(shard: SafetensorsFile) -> ArenaLayout:

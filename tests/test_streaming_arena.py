@@ -92,17 +92,15 @@ def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, mon
         assert all(held <= model.plan.slot_bytes for held in model.stats.layer_bytes), (model.stats.layer_bytes, model.plan)
 
 
-def test_an_arena_still_viewed_is_not_handed_out_again():
+def test_an_arena_lent_is_not_handed_out_again():
     stats = StreamStats()
     pool = ArenaPool(nbytes=3 * 4096, count=2, stats=stats)
-    first = pool.take()
-    view = first[100:200].view(torch.int32)  # a tensor of the unit still alive
-    second = pool.take()
-    assert second.data_ptr() != first.data_ptr()
-    held = second[:8]
-    third = pool.take()  # both slots viewed: a fresh buffer, counted, not kept
-    assert third.data_ptr() not in (first.data_ptr(), second.data_ptr()) and stats.arenas_allocated == 3
-    del view, third
-    assert pool.take().data_ptr() == first.data_ptr()
-    del held
-    assert stats.arenas_allocated == 3
+    first, second = pool.take(), pool.take()
+    assert second.buffer.data_ptr() != first.buffer.data_ptr()
+    third = pool.take()  # both slots lent: a fresh buffer, counted, not kept
+    assert third.buffer.data_ptr() not in (first.buffer.data_ptr(), second.buffer.data_ptr()) and stats.arenas_allocated == 3
+    pool.give_back(third)
+    pool.give_back(first)
+    assert pool.take() is first
+    pool.give_back(second)
+    assert pool.take() is second and stats.arenas_allocated == 3

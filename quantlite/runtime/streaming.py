@@ -78,15 +78,27 @@ def format_size(nbytes: float) -> str:
 def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> int:
     """Bytes held by a dict of tensors and QWeights, every storage counted once; with prepared_on,
     each QWeight's kernel layout on that device (kernels.prepared, cached) is counted too."""
+    return sum(_storages(weights, prepared_on).values())
+
+
+def _held_outside(weights: dict, arena: torch.Tensor, prepared_on: torch.device | None) -> bool:
+    """Whether `weights` (as weights_nbytes counts them) hold any byte outside the arena's storage."""
+    inside = arena.untyped_storage().data_ptr()
+    return any(nbytes for at, nbytes in _storages(weights, prepared_on).items() if at != inside)
+
+
+def _storages(weights: dict, prepared_on: torch.device | None) -> dict[int, int]:
+    """{storage address: its bytes} of every tensor in `weights` (tensors, and the tensor fields of
+    QWeights and Q8Weights), with prepared_on also of each QWeight's kernel layout there."""
     storages: dict[int, int] = {}
     for value in weights.values():
-        tensors = [value] if isinstance(value, torch.Tensor) else [t for n, t in value.to_dict().items() if n != "meta"]
+        tensors = [value] if isinstance(value, torch.Tensor) else [t for t in vars(value).values() if isinstance(t, torch.Tensor)]
         if isinstance(value, QWeight) and prepared_on is not None:
             tensors += [t for t in vars(prepare(value, prepared_on)).values() if isinstance(t, torch.Tensor)]
         for tensor in tensors:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return storages
 
 
 def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None) -> int:
@@ -238,7 +250,8 @@ class StreamStats:
     prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
-    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless one was still in use
+    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless both were lent
+    kept_reads: int = 0           # streamed reads that rebuilt nothing: the weights of the shard's last read into that arena (packed.KeptUnit)
     passes: int = 0               # forward passes over all layers
     resident_layers: int = 0
     streamed_layers: int = 0
@@ -286,6 +299,7 @@ class StreamingLlama:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlite-loader", initializer=torch.set_num_threads,
                                           initargs=(1,)) if prefetch else None
         self._pending: dict[int, Future] = {}
+        self._lent: dict[int, Arena] = {}  # streamed unit -> the arena it was read into, while it computes
         self._lock = threading.Lock()
 
         self.plan = self._plan()
@@ -385,23 +399,48 @@ class StreamingLlama:
             return value
 
         # a streamed unit is read into a reused arena (sources.arena): no fresh pages to fault in, and
-        # each weight is prepared for the kernels as soon as its bytes are in, while the rest is read
-        read = {"into": self._arenas.take(), "direct": self.stats.direct_io, "prepare": prepare} if streamed else {}
-        if index < self.config.num_layers:
-            unit = self.packed.load_layer(index, **read)
-            if not streamed:
-                # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
-                # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
-                unit = {name: prepare(value) for name, value in llama.fuse_projections(unit).items()}
-        elif self.config.tie_word_embeddings:
-            unit = self.packed.load_embedding(**read)
-        else:
-            unit = self.packed.load_final(**read)[LM_HEAD]
-        del read
+        # each quantized weight is prepared for the kernels as soon as its bytes are in, while the rest
+        # is read; plain tensors (norms) are converted to the compute dtype once all is in. What the
+        # read built is kept with the arena (packed.KeptUnit) when it holds nothing else: the next
+        # read of the same shard into it rebuilds nothing
+        arena = self._arenas.take() if streamed else None
+        name = self._unit_file(index)
+        kept_before = arena.kept.get(name) if streamed else None
+
+        def quantized(value):
+            return value if isinstance(value, torch.Tensor) else prepare(value)
+
+        def plain(value):
+            return prepare(value) if isinstance(value, torch.Tensor) else value
+
+        read = {"into": arena.buffer, "direct": self.stats.direct_io, "kept": arena.kept, "prepare": quantized} if streamed else {}
+        try:
+            if index < self.config.num_layers:
+                unit = self.packed.load_layer(index, **read)
+                if not streamed:
+                    # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
+                    # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
+                    unit = {key: prepare(value) for key, value in llama.fuse_projections(unit).items()}
+            elif self.config.tie_word_embeddings:
+                unit = self.packed.load_embedding(**read)
+            else:
+                unit = self.packed.load_final(**read)[LM_HEAD]
+        except BaseException:
+            if streamed:
+                self._arenas.give_back(arena)
+            raise
+        if streamed:
+            kept = arena.kept.get(name)
+            if kept is not None and kept is kept_before:
+                with self._lock:
+                    self.stats.kept_reads += 1
+            elif kept is not None and _held_outside(kept.grouped, arena.buffer, self._prepared_on):
+                del arena.kept[name]
+            unit = {key: plain(value) for key, value in unit.items()} if isinstance(unit, dict) else plain(unit)
         with self._lock:
             self.stats.prepare_seconds += prepare_seconds
             self.stats.load_seconds += time.perf_counter() - start
-        return unit
+        return unit, arena
 
     def _count_load(self, index: int, already_counted: bool = False) -> None:
         """Counters of a unit taken for compute after a read (counted when used, not when read: a
@@ -449,8 +488,10 @@ class StreamingLlama:
             return self._resident[index]
         start = time.perf_counter()
         pending = self._pending.pop(index, None)
-        unit = pending.result() if pending is not None else self._read_unit(index)
+        unit, arena = pending.result() if pending is not None else self._read_unit(index)
         self.stats.wait_seconds += time.perf_counter() - start
+        if arena is not None:
+            self._lent[index] = arena  # until _give_back(index)
         self._count_load(index)
         if index < self.config.num_layers:
             if len(self.stats.layer_bytes) <= index - self.layers.start:  # first pass: the layer's measured size in memory
@@ -458,6 +499,12 @@ class StreamingLlama:
             if index < self.layers.start + self.plan.resident_layers:
                 self._resident[index] = unit
         return unit
+
+    def _give_back(self, index: int) -> None:
+        """Unit `index` has computed: its arena may take the next streamed unit."""
+        arena = self._lent.pop(index, None)
+        if arena is not None:
+            self._arenas.give_back(arena)
 
     def _next_streamed(self, index: int) -> int | None:
         """The first streamed unit after `index` (-1: before the pass); after the last one, the first
@@ -512,8 +559,11 @@ class StreamingLlama:
         for index in self.layers:
             weights = self._unit(index)
             self._request(self._next_streamed(index))
-            x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
-            del weights  # a streamed layer is freed here, before the next one is taken
+            try:
+                x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
+            finally:
+                del weights
+                self._give_back(index)  # a streamed layer's arena is free for the next read
         if cache is not None:
             cache.advance(seq)
         self.stats.passes += 1
@@ -524,7 +574,11 @@ class StreamingLlama:
         x = llama.rms_norm(x, self.norm, self.config.rms_norm_eps)
         head = self._unit(self.config.num_layers)  # (vocab, hidden), resident or streamed
         self._request(self._next_streamed(self.config.num_layers))  # the next pass's first streamed unit
-        return llama.linear(x, head).float()
+        try:
+            return llama.linear(x, head).float()
+        finally:
+            del head
+            self._give_back(self.config.num_layers)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -575,6 +629,7 @@ class StreamingLlama:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self._loader = None
         self._pending.clear()
+        self._lent.clear()
         self._resident.clear()
         self._arenas.clear()
 
@@ -585,32 +640,39 @@ class StreamingLlama:
         self.close()
 
 
+@dataclass(eq=False)
+class Arena:
+    """One slot's buffer, and the units last read into it (packed.KeptUnit, by shard name)."""
+    buffer: torch.Tensor  # (nbytes,) uint8, page-aligned (sources.arena.aligned_buffer)
+    kept: dict = field(default_factory=dict)
+    lent: bool = False
+
+
 class ArenaPool:
     """The buffers streamed units are read into: `count` of `nbytes` (the plan's slots), allocated on
-    first use and handed out again once no tensor views them (torch's use count of the storage, so a
-    unit still held somewhere is never overwritten: a fresh buffer is made instead, and counted)."""
+    first use. `take` lends one out until `give_back`: the unit read into it is in use until then
+    (the runtime gives it back once the layer or head has computed). With every slot lent, a fresh
+    buffer is made (counted in stats.arenas_allocated) and not kept."""
 
     def __init__(self, nbytes: int, count: int, stats: StreamStats):
         self.nbytes, self.count, self.stats = nbytes, count, stats
-        self._arenas: list[tuple[torch.Tensor, int]] = []  # (buffer, its storage's use count when unviewed)
+        self._arenas: list[Arena] = []
 
-    def take(self) -> torch.Tensor:
-        for arena, unviewed in self._arenas:
-            if _use_count(arena) == unviewed:
-                return arena
-        arena = aligned_buffer(self.nbytes)
-        self.stats.arenas_allocated += 1
-        if len(self._arenas) < self.count:
-            self._arenas.append((arena, _use_count(arena)))
+    def take(self) -> Arena:
+        arena = next((arena for arena in self._arenas if not arena.lent), None)
+        if arena is None:
+            arena = Arena(aligned_buffer(self.nbytes))
+            self.stats.arenas_allocated += 1
+            if len(self._arenas) < self.count:
+                self._arenas.append(arena)
+        arena.lent = True
         return arena
+
+    def give_back(self, arena: Arena) -> None:
+        arena.lent = False
 
     def clear(self) -> None:
         self._arenas.clear()
-
-
-def _use_count(tensor: torch.Tensor) -> int:
-    """References to the tensor's storage (tensors viewing it, and the temporary storage object)."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,

@@ -132,19 +132,20 @@ def read_into_arena(shard: SafetensorsFile, arena: torch.Tensor, layout: ArenaLa
     (aligned_buffer). direct: O_DIRECT where the file system allows it (else buffered reads)."""
     reading = ArenaRead(shard, arena, layout, direct)
     reading.finish()
-    return reading.tensors
+    return reading.views()
 
 
 class ArenaRead:
-    """A read into an arena, started on construction: `tensors` are the views (as read_into_arena's),
-    `wait(names)` returns once those tensors' bytes have landed (so a caller can check and prepare
-    the first weights while the disk delivers the rest), `finish()` once all have and closes the
-    file. With O_DIRECT the reads run on IO_THREADS threads; buffered ones are done on construction."""
+    """A read into an arena, started on construction: `views()` are the tensors (as read_into_arena's;
+    a caller that already holds views of an earlier read of the same shard into the same arena needs
+    none), `wait(names)` returns once those tensors' bytes have landed (so a caller can check and
+    prepare the first weights while the disk delivers the rest), `finish()` once all have and closes
+    the file. With O_DIRECT the reads run on IO_THREADS threads; buffered ones are done on construction."""
 
     def __init__(self, shard: SafetensorsFile, arena: torch.Tensor, layout: ArenaLayout, direct: bool):
         if arena.numel() < layout.nbytes or arena.data_ptr() % layout.align:
             raise ValueError(f"arena of {arena.numel()} bytes at {arena.data_ptr():#x}: needs {layout.nbytes}, aligned to {layout.align}")
-        self.shard = shard
+        self.shard, self._arena, self._layout = shard, arena, layout
         self._fd, direct = _open(shard, direct and layout.align % PAGE == 0)
         self._chunks: list[tuple[int, int, Future]] = []  # (file begin, end, read) in file order
         try:
@@ -162,13 +163,15 @@ class ArenaRead:
             scratch = arena[layout.scratch_at : layout.nbytes]
             for piece in (p for p in layout.pieces if p.widen):  # meanwhile, on this thread
                 _read_widened(shard, self._fd, arena, scratch, piece, layout.align)
-            if any((shard.data_start + entry.begin) % entry.dtype.itemsize for entry in shard.entries.values()):
-                for _, _, future in self._chunks:  # a misaligned tensor is copied out (tensor_in_buffer): once it is there
-                    future.result()
         except BaseException:
             self.finish(raising=False)
             raise
-        self.tensors = _views(shard, arena, layout)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """{name: tensor viewing the arena} for every tensor of the shard (see read_into_arena)."""
+        if any((self.shard.data_start + entry.begin) % entry.dtype.itemsize for entry in self.shard.entries.values()):
+            self.wait(self.shard.entries)  # a misaligned tensor is copied out (tensor_in_buffer): once it is there
+        return _views(self.shard, self._arena, self._layout)
 
     def wait(self, names) -> None:
         """Block until the bytes of the tensors `names` are in the arena (a read's error raised here)."""
