@@ -6,12 +6,15 @@ values: equality is exact). No timing is asserted (benchmarks/streaming_405b.py 
 """
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from benchmarks.streaming_synthetic import random_qweight, write_synthetic
 from quantlite import packed as packed_module
+from quantlite.errors import FormatError
 from quantlite.packed import PackedModel, streamed_layout
 from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, unit_sizes
 from quantlite.sources import arena as arena_module
@@ -104,3 +107,23 @@ def test_an_arena_lent_is_not_handed_out_again():
     assert pool.take() is first
     pool.give_back(second)
     assert pool.take() is second and stats.arenas_allocated == 3
+
+
+def test_a_kept_unit_is_not_returned_once_its_shard_changed(tmp_path, generator):
+    """A streamed layer whose shard is written on disk (a NaN put into a codebook in place: same size,
+    same header) between passes is read and checked in full again, kept weights or not."""
+    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=True)
+    packed = PackedModel.open(tmp_path / "m")
+    sizes = unit_sizes(packed, torch.float32)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (1, 4), generator=generator)
+    with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head])) as model:
+        expected = model(input_ids)
+        assert torch.equal(model(input_ids), expected)
+        path = tmp_path / "m" / "layer-00002.safetensors"  # not the first streamed unit, which is prefetched already
+        shard = SafetensorsFile(path)
+        entry = next(e for name, e in shard.entries.items() if name.endswith(".codebook"))
+        with open(path, "r+b") as handle:
+            handle.seek(shard.data_start + entry.begin)
+            handle.write(struct.pack("<f", float("nan")))
+        with pytest.raises(FormatError, match="codebook"):
+            model(input_ids)
