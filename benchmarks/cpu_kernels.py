@@ -7,7 +7,7 @@
     .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
 
 0. Bandwidth (issue 12): M = 1 on 4096 x 4096 and 11008 x 4096, all threads: the bytes the kernel
-   reads per call (codes, float32 scales and the CSR outliers of the compute layout) over its time,
+   reads per call (codes, scales as stored and the CSR outliers of the compute layout) over its time,
    as a fraction of this machine's DRAM read bandwidth, measured in the same process and
    interleaved with it: torch.sum over a float32 buffer of max(1 GiB, 3 x L3). The kernel cycles
    through copies of the weight that together also exceed 2 x L3, so every call reads from DRAM as
@@ -86,9 +86,12 @@ def weight_copy(qw: QWeight) -> QWeight:
 
 
 def bytes_read(qw: QWeight) -> int:
-    """Bytes of the compute layout one M = 1 call reads: codes, float32 scales, CSR row_ptr/cols/vals."""
+    """Bytes of the compute layout (the stored tensors) one M = 1 call reads: codes, scales as stored
+    (with double quantization's group min / step), CSR row_ptr / cols / vals."""
     layout = prepare(qw, "cpu")
-    return sum(t.numel() * t.element_size() for t in (layout.codes, layout.scales, layout.row_ptr, layout.cols, layout.vals))
+    tensors = (layout.codes, layout.scales, layout.row_ptr, layout.cols, layout.vals, layout.scale_group_min,
+               layout.scale_group_step)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def bench_bandwidth(repeats: int) -> None:

@@ -69,7 +69,7 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
     else:
         from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
-        y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device))
+        y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device, widened=True))
     return y.reshape(*x.shape[:-1], n)
 
 

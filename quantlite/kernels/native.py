@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.prepared import prepare
+from quantlite.kernels.prepared import COL_KINDS, VAL_KINDS, PreparedWeight, prepare
 from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-ABI_VERSION = 3  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 4  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
@@ -35,19 +35,24 @@ class NativeKernelError(QuantliteError, ValueError):
 
 
 class _Weight(ctypes.Structure):
-    """ql_weight: the compute layout of quantlite.kernels.prepared, as raw pointers."""
+    """ql_weight: the compute layout of quantlite.kernels.prepared, as raw pointers and storage tags."""
 
     _fields_ = [
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
         ("block_size", ctypes.c_int64),
         ("codes", ctypes.c_void_p),      # (N, Kp / 2) uint8, low nibble = even column
-        ("scales", ctypes.c_void_p),     # (N, Kp / B) float32
+        ("scales", ctypes.c_void_p),     # (N, Kp / B) of scale_kind
         ("codebook", ctypes.c_void_p),   # (16,) float32
         ("row_ptr", ctypes.c_void_p),    # (N + 1,) int32
-        ("cols", ctypes.c_void_p),       # (nnz,) int32
-        ("vals", ctypes.c_void_p),       # (nnz,) float32
+        ("cols", ctypes.c_void_p),       # (nnz,) of col_kind
+        ("vals", ctypes.c_void_p),       # (nnz,) of val_kind
         ("nnz", ctypes.c_int64),
+        ("scale_kind", ctypes.c_int32),  # ql_scale_kind: float32, float16, double-quantized
+        ("col_kind", ctypes.c_int32),    # ql_col_kind: int32, uint16
+        ("val_kind", ctypes.c_int32),    # ql_val_kind: float32, float16
+        ("scale_group_min", ctypes.c_void_p),   # double-quantized: (groups,) float32
+        ("scale_group_step", ctypes.c_void_p),
     ]
 
 
@@ -202,17 +207,26 @@ def _weight_pointer(qw: QWeight, device: torch.device):
     key = device.type if device.index is None else str(device)
     if per_device is None or key not in per_device:
         prepared = prepare(qw, device)
-        struct = _Weight(
-            n=prepared.n, k=prepared.k, block_size=prepared.block_size,
-            codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
-            codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
-            cols=prepared.cols.data_ptr() if prepared.n_outliers else None,
-            vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
-            nnz=prepared.n_outliers,
-        )
+        struct = _struct(prepared)
         per_device = _structs.setdefault(qw, {})
         per_device[key] = (prepared, struct, ctypes.pointer(struct))
     return per_device[key][2]
+
+
+def _struct(prepared: PreparedWeight) -> _Weight:
+    """The ql_weight pointing into a layout's tensors (which the caller keeps alive)."""
+    dq = prepared.scale_group_min is not None
+    return _Weight(
+        n=prepared.n, k=prepared.k, block_size=prepared.block_size,
+        codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
+        codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
+        cols=prepared.cols.data_ptr() if prepared.n_outliers else None,
+        vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
+        nnz=prepared.n_outliers, scale_kind=prepared.scale_kind,
+        col_kind=COL_KINDS[prepared.cols.dtype], val_kind=VAL_KINDS[prepared.vals.dtype],
+        scale_group_min=prepared.scale_group_min.data_ptr() if dq else None,
+        scale_group_step=prepared.scale_group_step.data_ptr() if dq else None,
+    )
 
 
 def _as_rows(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str, kind: type = QWeight) -> torch.Tensor:
