@@ -12,10 +12,9 @@ A QWeight named W is stored as the tensors `W.meta`, `W.codes`, `W.scales`, ... 
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from quantlite.errors import FormatError
 from quantlite.model_config import EMBEDDING, ModelConfig, final_shapes, layer_shapes, read_model_config
 from quantlite.q8weight import Q8Weight, read_quantized
-from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, decode_double_quant
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
 from quantlite.sources.arena import ArenaLayout, ArenaRead, arena_layout
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.safetensors_file import SafetensorsFile
@@ -42,7 +41,6 @@ MAX_FILE_BYTES = 2**44  # 16 TiB: a size beyond this in a manifest is a lie, not
 QWEIGHT_FIELD = re.compile(r"(.+)\.meta")
 _LAYER_FILE = re.compile(r"layer-(\d{5})\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-DECODE_CHUNK_SCALES = 1 << 18  # double-quantized scales decoded into an arena this many at a time (1 MiB of float32)
 
 
 def layer_file(index: int) -> str:
@@ -134,10 +132,10 @@ class PackedModel:
     def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
                    kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
         """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`.
-        into: an arena (sources.arena) that every tensor then views, the 4-bit weights' scales as float32
-        (the streaming runtime's reused buffers, at least `streamed_layout(shard).nbytes`), double-quantized scales decoded
-        into it too; direct: read it O_DIRECT; prepare(value): applied to each weight of an arena read as
-        soon as its bytes are in (the runtime builds the kernel layout there, overlapping the read).
+        into: an arena (sources.arena) that every tensor then views, as stored (the streaming runtime's
+        reused buffers, at least `arena_layout(shard).nbytes`); direct: read it O_DIRECT; prepare(value):
+        applied to each weight of an arena read as soon as its bytes are in (the runtime builds the
+        kernel layout there, overlapping the read).
         kept: a dict the caller keeps beside the arena `into` (KeptUnit); see KeptUnit."""
         prefix = f"model.layers.{index}."
         loaded = self._load(self._layer_name(index), into, direct, prepare, kept)
@@ -325,23 +323,18 @@ class PackedModel:
         if into is None:
             grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
         else:
-            layout = streamed_layout(shard)
-
-            def then(name: str, value):  # each weight as its bytes land: scales decoded into the arena, prepare
-                if f"{name}.scale_codes" in layout.derived:
-                    value = _decode_scales_into(value, layout.derived_view(into, f"{name}.scale_codes"))
-                return value if prepare is None else prepare(value)
-
+            layout = arena_layout(shard)
             reading = ArenaRead(shard, into, layout, direct)
             try:
-                grouped = group_tensors(reading.views(), str(file_path), check_values=not unchanged, ready=reading.wait, then=then)
+                grouped = group_tensors(reading.views(), str(file_path), check_values=not unchanged, ready=reading.wait,
+                                        then=None if prepare is None else lambda _, value: prepare(value))
             finally:
                 reading.finish(raising=False)
         if not unchanged:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
         self._values_checked[name] = shard.identity
-        if kept is not None and not layout.derived:  # derived values are made again on every read: not kept
+        if kept is not None:
             kept[name] = KeptUnit(shard.identity, shard.entries, layout, grouped)
         return grouped
 
@@ -375,38 +368,11 @@ class KeptUnit:
     `grouped` (the weights viewing them, as `prepare` made them) is returned as it is: no views,
     checks or kernel layouts built again. The caller keeps one dict per arena, and drops an entry
     whose weights hold memory outside the arena (a kernel layout's copies: kept, they would stay
-    alive between reads, outside the arena the budget counts). A shard whose scales are decoded into
-    the arena (layout.derived) is not kept: that is made on every read."""
+    alive between reads, outside the arena the budget counts)."""
     identity: tuple
     entries: dict
     layout: ArenaLayout
     grouped: dict
-
-
-def streamed_layout(shard: SafetensorsFile) -> ArenaLayout:
-    """Where a streamed read (`into=`) puts the shard's tensors: the float16 scales of its 4-bit
-    weights (`X.scales` beside `X.meta` and `X.codes`; a Q8Weight has `X.qs`) held as float32, the
-    kernels' layout (exact), and room for the float32 decode of double-quantized ones (`X.scale_codes`)."""
-    def fields_of_qweights(field_name: str) -> frozenset[str]:
-        return frozenset(name for name in shard.entries if name.endswith("." + field_name)
-                         and name[: -len(field_name)] + "meta" in shard.entries and name[: -len(field_name)] + "codes" in shard.entries)
-
-    widen = frozenset(name for name in fields_of_qweights("scales") if shard.entries[name].dtype == torch.float16)
-    return arena_layout(shard, widen, derive=fields_of_qweights("scale_codes"))
-
-
-def _decode_scales_into(qw: QWeight, out: torch.Tensor) -> QWeight:
-    """qw with its double-quantized scales decoded into `out` ((N, nb) float32, in the arena) by
-    qweight.decode_double_quant a few rows at a time: fresh temporaries the size of the whole tensor
-    would fault in new pages on every streamed read. Chunks start on a group of SCALE_GROUP_SIZE."""
-    n, blocks = qw.scale_codes.shape
-    step = SCALE_GROUP_SIZE // math.gcd(blocks, SCALE_GROUP_SIZE)  # rows per whole number of groups
-    rows = max(step, DECODE_CHUNK_SCALES // blocks // step * step)
-    for first in range(0, n, rows):
-        last = min(first + rows, n)
-        groups = slice(first * blocks // SCALE_GROUP_SIZE, -(-last * blocks // SCALE_GROUP_SIZE))
-        out[first:last] = decode_double_quant(qw.scale_codes[first:last], qw.scale_group_min[groups], qw.scale_group_step[groups])
-    return replace(qw, scales=out, scale_codes=None, scale_group_min=None, scale_group_step=None)
 
 
 def _check_finite(value: torch.Tensor | QWeight | Q8Weight, where: str) -> None:

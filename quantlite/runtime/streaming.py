@@ -15,9 +15,12 @@ before anything is read (`memory_nbytes`). The plan (`plan_residency`):
 
 A single loader thread reads the next streamed unit while the current one computes; one read is in
 flight at a time. While the head computes, the first streamed unit of the next pass is read. A
-streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused),
-O_DIRECT when the model outgrows the memory, and each weight is made compute-ready as soon as its
-bytes are in, while the rest of the unit is still being read.
+streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused, lent
+to a unit until it has computed), as stored, O_DIRECT when the model outgrows the memory; each
+weight is made compute-ready as soon as its bytes are in, while the rest of the unit is still being
+read. What a read built is kept with the arena (packed.KeptUnit) when it holds nothing outside it
+(on the CPU the kernels read the stored tensors): the next read of that shard into that arena, the
+file unchanged, reads the bytes and rebuilds nothing.
 
 Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
@@ -30,21 +33,21 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import fused_kernel_live
-from quantlite.kernels.prepared import compute_ready, prepare
+from quantlite.kernels.prepared import compute_ready, layout_extra_nbytes, prepare
 from quantlite.model_config import FINAL_NORM, LM_HEAD
-from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, streamed_layout
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.q8weight import Q8Weight
-from quantlite.qweight import QWeight
+from quantlite.qweight import OUTLIER_FIELDS, QWeight
 from quantlite.runtime import llama
-from quantlite.sources.arena import aligned_buffer
-from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
+from quantlite.sources.arena import aligned_buffer, arena_layout
+from quantlite.sources.safetensors_file import SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -101,58 +104,65 @@ def _storages(weights: dict, prepared_on: torch.device | None) -> dict[int, int]
     return storages
 
 
-def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None) -> int:
+def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None,
+                  device: torch.device = torch.device("cpu")) -> int:
     """An upper bound, from the header alone, on the bytes the tensors `names` (default: all) of a
-    shard take once read as a resident unit is (SafetensorsFile.read_all) and made compute-ready:
-    their stored bytes, plus float32 scales decoded from fp16 or double-quantized storage, plus what
-    `_beside_the_read` counts. Stored scales large enough to get a buffer of their own are counted
-    once, as float32: they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts
-    1.67 GiB."""
+    shard take on `device` once read as a resident unit is (SafetensorsFile.read_all) and made
+    compute-ready: their stored bytes plus what `_beside_the_read` counts."""
+    def wanted(name: str) -> bool:
+        return names is None or any(name == n or name.startswith(n + ".") for n in names)
+
+    stored = sum(entry.nbytes for name, entry in shard.entries.items() if wanted(name))
+    return stored + _beside_the_read(shard, compute_dtype, device, wanted)
+
+
+def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> int:
+    """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
+    `into=`): the arena (sources.arena.arena_layout: the stored bytes, page-rounded) plus what
+    `_beside_the_read` counts."""
+    return arena_layout(shard).nbytes + _beside_the_read(shard, compute_dtype, device)
+
+
+def _beside_the_read(shard: SafetensorsFile, compute_dtype: torch.dtype, device: torch.device, wanted=lambda name: True) -> int:
+    """Bytes made from the `wanted` tensors of a shard outside the buffers they are read into: for
+    each 4-bit weight, the all-zero row pointers of one stored without outliers (QWeight.from_dict)
+    and, off the CPU, the float32 scales compute_ready decodes and what the kernel layout adds
+    (kernels.prepared.layout_extra_nbytes; on the CPU the kernels read the stored tensors: nothing);
+    plain floats converted to the compute dtype."""
     total = 0
+    quantized = {name[: -len(".meta")] for name in shard.entries if name.endswith(".meta")}
     for name, entry in shard.entries.items():
-        if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
+        prefix = name.rpartition(".")[0]
+        if not wanted(name):
             continue
-        total += entry.nbytes + _beside_the_read(shard, name, compute_dtype, streamed=False)
-        field_name = name.rsplit(".", 1)[-1]
-        if field_name in ("scales", "scale_codes") and _is_qweight_field(shard, name) and entry.dtype != torch.float32:
-            # decoded to float32 (compute_ready; double-quantized ones counted beside the read); stored
-            # scales in a buffer of their own are freed
-            total += (entry.nbytes // entry.dtype.itemsize * 4 if field_name == "scales" else 0)
-            total -= entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0
+        if name.endswith(".codes") and prefix in quantized:
+            qw = _stand_in_qweight(shard, prefix + ".")
+            total += 0 if prefix + ".outlier_row_ptr" in shard.entries else qw.outlier_row_ptr.numel() * 4
+            if device.type != "cpu":
+                ready = qw if qw.scales is not None and qw.scales.dtype == torch.float32 else replace(
+                    qw, scales=torch.zeros((), dtype=torch.float32).expand(qw.codes.shape[0], qw.n_blocks), scale_codes=None,
+                    scale_group_min=None, scale_group_step=None)
+                total += (0 if ready is qw else ready.scales.numel() * 4) + layout_extra_nbytes(ready, device)
+        elif prefix not in quantized and entry.dtype.is_floating_point and entry.dtype != compute_dtype:
+            total += entry.nbytes // entry.dtype.itemsize * compute_dtype.itemsize
     return total
 
 
-def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype) -> int:
-    """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
-    `into=`): the arena (packed.streamed_layout: fp16 scales held as float32 only, double-quantized
-    ones decoded there, page rounding, the widening scratch) plus what `_beside_the_read` counts."""
-    beside = sum(_beside_the_read(shard, name, compute_dtype, streamed=True) for name in shard.entries)
-    return streamed_layout(shard).nbytes + beside
+def _stand_in_qweight(shard: SafetensorsFile, prefix: str) -> QWeight:
+    """A QWeight with the stored shapes and dtypes of the 4-bit weight `prefix` of `shard` (zeros
+    broadcast: no memory), for the size rules; its K is the padded one."""
+    def field(name: str) -> torch.Tensor | None:
+        entry = shard.entries.get(prefix + name)
+        return None if entry is None else torch.zeros((), dtype=entry.dtype).expand(entry.shape)
 
-
-def _beside_the_read(shard: SafetensorsFile, name: str, compute_dtype: torch.dtype, streamed: bool) -> int:
-    """Bytes made from tensor `name` outside the buffers it is read into: the kernel layout's int32 /
-    float32 copies of the outlier table, the all-zero row pointers of a weight stored without
-    outliers, float32 scales decoded from double quantization (in the arena when streamed), plain
-    floats in the compute dtype."""
-    entry = shard.entries[name]
-    numel = entry.nbytes // entry.dtype.itemsize
-    field_name = name.rsplit(".", 1)[-1]
-    if _is_qweight_field(shard, name):
-        if field_name == "scale_codes":
-            return 0 if streamed else numel * 4
-        if field_name in ("outlier_cols", "outlier_vals"):
-            return numel * 4
-        if field_name == "codes" and name[: -len("codes")] + "outlier_row_ptr" not in shard.entries:
-            return (entry.shape[0] + 1) * 4
-        return 0
-    if entry.dtype.is_floating_point and entry.dtype != compute_dtype:
-        return numel * compute_dtype.itemsize
-    return 0
-
-
-def _is_qweight_field(shard: SafetensorsFile, name: str) -> bool:
-    return "." in name and name.rsplit(".", 1)[0] + ".meta" in shard.entries
+    codes, scales = field("codes"), field("scales") if prefix + "scales" in shard.entries else field("scale_codes")
+    n, padded_k = codes.shape[0], codes.shape[1] * 2
+    outliers = {name: field(name) for name in OUTLIER_FIELDS} if prefix + "outlier_row_ptr" in shard.entries else {
+        "outlier_row_ptr": torch.zeros((), dtype=torch.int32).expand(n + 1), "outlier_cols": torch.zeros(0, dtype=torch.uint16),
+        "outlier_vals": torch.zeros(0, dtype=torch.float16)}
+    return QWeight(shape=(n, padded_k), block_size=padded_k // scales.shape[1], method="stand-in",
+                   codebook=torch.zeros(16), codes=codes, scales=field("scales"), scale_codes=field("scale_codes"),
+                   scale_group_min=field("scale_group_min"), scale_group_step=field("scale_group_step"), **outliers)
 
 
 @dataclass(frozen=True)
@@ -165,16 +175,16 @@ class UnitSizes:
     arenas: list[int]  # the arena (sources.arena) a streamed read of each layer, then the head, needs
 
 
-def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
-    """Bytes in memory of the final norm, each layer, the head and the embedding table of `packed`:
+def unit_sizes(packed: PackedModel, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> UnitSizes:
+    """Bytes in memory on `device` of the final norm, each layer, the head and the embedding table of `packed`:
     a layer or the head counts the larger of its resident read (memory_nbytes) and its streamed one
     (streamed_nbytes), since the plan decides which it gets."""
     def size(name: str, names: list[str] | None = None, streamable: bool = True) -> int:
         shard = SafetensorsFile(packed.path / name)
-        return max(memory_nbytes(shard, dtype, names), streamed_nbytes(shard, dtype) if streamable else 0)
+        return max(memory_nbytes(shard, dtype, names, device), streamed_nbytes(shard, dtype, device) if streamable else 0)
 
     def arena(name: str) -> int:
-        return streamed_layout(SafetensorsFile(packed.path / name)).nbytes
+        return arena_layout(SafetensorsFile(packed.path / name)).nbytes
 
     tied = packed.config.get("tie_word_embeddings")
     embedding = size(EMBEDDING_FILE, streamable=bool(tied))
@@ -352,7 +362,7 @@ class StreamingLlama:
 
     def _plan(self) -> Residency:
         """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
-        self.sizes = sizes = unit_sizes(self.packed, self.dtype)
+        self.sizes = sizes = unit_sizes(self.packed, self.dtype, self.device)
         # a pipeline stage plans only what it holds: its layers, the embedding if first, the norm and head if last
         norm, head = (sizes.norm, sizes.head) if self.last else (0, 0)
         embedding = sizes.embedding if self.first else 0
