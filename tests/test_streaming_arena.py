@@ -5,8 +5,6 @@ for the logits (the same kernels on the same values: equality is exact). No timi
 """
 from __future__ import annotations
 
-import struct
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -18,6 +16,7 @@ from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, 
 from quantlite.sources import arena as arena_module
 from quantlite.sources.arena import aligned_buffer, arena_layout, read_into_arena
 from quantlite.sources.safetensors_file import SafetensorsFile
+from test_runtime_streaming import put_nan_into_a_codebook
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
              num_hidden_layers=3, tie_word_embeddings=False)
@@ -112,11 +111,6 @@ def test_a_kept_unit_is_not_returned_once_its_shard_changed(tmp_path, generator)
     with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head])) as model:
         expected = model(input_ids)
         assert torch.equal(model(input_ids), expected)
-        path = tmp_path / "m" / "layer-00002.safetensors"  # not the first streamed unit, which is prefetched already
-        shard = SafetensorsFile(path)
-        entry = next(e for name, e in shard.entries.items() if name.endswith(".codebook"))
-        with open(path, "r+b") as handle:
-            handle.seek(shard.data_start + entry.begin)
-            handle.write(struct.pack("<f", float("nan")))
+        put_nan_into_a_codebook(tmp_path / "m" / "layer-00002.safetensors")  # not the first streamed unit: prefetched already
         with pytest.raises(FormatError, match="codebook"):
             model(input_ids)
