@@ -2,11 +2,12 @@
 
     .venv/bin/python -m benchmarks.streaming_load [--packed DIR]
 
-The layer load the runtime's loader thread does on every token for a streamed layer (read the shard,
-check it, decode the scales to the kernel layout: `StreamingLlama._read_unit`, run on the loader
-thread itself, with its one intra-op thread), timed on SmolLM2's
-30 shards of 2.0 MB while they sit in the page cache, against the page cache's own read bandwidth
-measured in the same run (plain `readinto` of the same shards into one preallocated buffer).
+The layer load the runtime's loader thread does on every token for a streamed layer (read the shard
+into an arena, check it, build its weights or take those kept from its last read into that arena:
+`StreamingLlama._read_unit`, run on the loader thread itself, with its one intra-op thread; the two
+arenas taken in turn as in a pass), timed on SmolLM2's 30 shards of 2.0 MB while they sit in the
+page cache, against the page cache's own read bandwidth measured in the same run (plain `readinto`
+of the same shards into one preallocated buffer).
 Goal: a load <= 2 x (shard bytes / bandwidth) + 0.2 ms. Also printed: the first read of a shard
 (every value checked), and the CPU time of a load (thread time: on a loaded machine wall time also
 counts waiting for a core).

@@ -23,7 +23,7 @@ from quantlite.errors import FormatError
 from quantlite.model_config import EMBEDDING, ModelConfig, final_shapes, layer_shapes, read_model_config
 from quantlite.q8weight import Q8Weight, read_quantized
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
-from quantlite.sources.arena import ArenaLayout, ArenaRead, arena_layout
+from quantlite.sources.arena import ArenaRead, arena_layout
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
@@ -310,10 +310,10 @@ class PackedModel:
         if size != self.manifest["files"][name]["size"]:
             raise FormatError(f"{file_path}: {'missing' if size is None else f'{size} bytes'}, the manifest says {self.manifest['files'][name]['size']}")
         shard = SafetensorsFile(file_path)
-        again = kept.pop(name, None) if kept is not None else None
+        again = kept.pop(name, None) if kept is not None and into is not None else None
         if again is not None and again.identity == shard.identity and (again.entries is shard.entries or again.entries == shard.entries):
             # the same bytes into the same places: the weights built from the last read view them again
-            ArenaRead(shard, into, again.layout, direct).finish()
+            ArenaRead(shard, into, arena_layout(shard), direct).finish()
             kept[name] = again
             return again.grouped
         # the values (scales, codebook, outlier table) are checked in full on the first read of a shard;
@@ -334,8 +334,8 @@ class PackedModel:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
         self._values_checked[name] = shard.identity
-        if kept is not None:
-            kept[name] = KeptUnit(shard.identity, shard.entries, layout, grouped)
+        if kept is not None and into is not None:
+            kept[name] = KeptUnit(shard.identity, shard.entries, grouped)
         return grouped
 
     def _check_names_and_shapes(self, name: str, loaded: dict, expected: dict[str, tuple]) -> None:
@@ -371,7 +371,6 @@ class KeptUnit:
     alive between reads, outside the arena the budget counts)."""
     identity: tuple
     entries: dict
-    layout: ArenaLayout
     grouped: dict
 
 
