@@ -5,9 +5,10 @@
     .venv/bin/python -m benchmarks.cpu_kernels --threads 1 --cpu-time   # steadiest on a shared machine
     .venv/bin/python -m benchmarks.cpu_kernels --m 1,4,8,16 --no-bnb-matmul   # other batch sizes
     .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
+    .venv/bin/python -m benchmarks.cpu_kernels --only decode --packed DIR    # SmolLM2's per-layer calls
 
 0. Bandwidth (issue 12): M = 1 on 4096 x 4096 and 11008 x 4096, all threads: the bytes the kernel
-   reads per call (codes, float32 scales and the CSR outliers of the compute layout) over its time,
+   reads per call (codes, scales as stored and the CSR outliers of the compute layout) over its time,
    as a fraction of this machine's DRAM read bandwidth, measured in the same process and
    interleaved with it: torch.sum over a float32 buffer of max(1 GiB, 3 x L3). The kernel cycles
    through copies of the weight that together also exceed 2 x L3, so every call reads from DRAM as
@@ -24,7 +25,15 @@
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
    computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
-3. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
+3. decode (issues 11 and 12: the decode step's small calls): M = 1 on the 4 weights of one decoder layer
+   of a converted SmolLM2 (--packed, default the benchmark cache's) as the runtime holds them
+   (compute_ready), 1 and 2 threads, and their sum per layer; the fixed cost of one call (a 32 x 64
+   weight, through dispatch.qmatmul and through native.qmatmul_cpu); and the cost of an outlier
+   (random weights quantized with 0 and 1 % outliers, every vector ISA: the time difference over the
+   outlier count). Times are the minimum over rounds (wall clock; --cpu-time with --threads 1 for the
+   calling thread's CPU time), the steadiest figure on a shared machine. Run it on two builds (e.g.
+   main and a branch) to compare them: the two libraries cannot share one process.
+4. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
    CPU with the dispatch's choice (the native library) against the torch reference back-end.
 Times are medians of interleaved repeats (a baseline and ours alternate, so a noisy neighbour hits
 both; each baseline is paired with ours on its own); all use torch's thread count (--threads sets
@@ -86,9 +95,12 @@ def weight_copy(qw: QWeight) -> QWeight:
 
 
 def bytes_read(qw: QWeight) -> int:
-    """Bytes of the compute layout one M = 1 call reads: codes, float32 scales, CSR row_ptr/cols/vals."""
+    """Bytes of the compute layout (the stored tensors) one M = 1 call reads: codes, scales as stored
+    (with double quantization's group min / step), CSR row_ptr / cols / vals."""
     layout = prepare(qw, "cpu")
-    return sum(t.numel() * t.element_size() for t in (layout.codes, layout.scales, layout.row_ptr, layout.cols, layout.vals))
+    tensors = (layout.codes, layout.scales, layout.row_ptr, layout.cols, layout.vals, layout.scale_group_min,
+               layout.scale_group_step)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def bench_bandwidth(repeats: int) -> None:
@@ -185,6 +197,59 @@ def bench_encode(repeats: int) -> None:
               f"({t['bnb quantize_4bit'] / seconds:5.1f}x bnb, {t['torch bucketize path'] / seconds:5.1f}x torch)")
 
 
+def minimum_seconds(functions: list, calls: int, rounds: int) -> list[float]:
+    """Per function, the fastest of `rounds` rounds of `calls` calls, per call; the functions take
+    turns within each round (after a warm-up round), so a noisy neighbour hits all of them."""
+    best = [math.inf] * len(functions)
+    for round_index in range(rounds + 1):
+        for i, fn in enumerate(functions):
+            start = CLOCK()
+            for _ in range(calls):
+                fn()
+            if round_index:
+                best[i] = min(best[i], (CLOCK() - start) / calls)
+    return best
+
+
+def bench_decode(packed: Path | None, rounds: int) -> None:
+    from quantlite.kernels.dispatch import qmatmul
+    from quantlite.runtime.streaming import load
+
+    packed = packed or Path.home() / ".cache" / "quantlite" / "bench-smollm2-default"
+    threads = [1] if CLOCK is time.thread_time else [1, 2]
+    print(f"\n== decode-sized calls, M = 1: microseconds per call, minimum of {rounds} rounds")
+    with load(packed) as model:
+        model.generate("hi", max_new_tokens=2)  # every layer resident, its weights as the runtime holds them
+        layer = next(iter(model._resident.values()))
+        weights = {name: value for name, value in layer.items() if isinstance(value, QWeight)}
+        totals = dict.fromkeys(threads, 0.0)
+        for name, qw in weights.items():
+            x = torch.randn(qw.shape[1])
+            scales = "double-quantized" if qw.double_quant else str(qw.scales.dtype).replace("torch.", "")
+            row = f"{name:<28} {qw.shape[0]:>5} x {qw.shape[1]:<5} {scales:>16} {qw.n_outliers:>6} outliers"
+            per_thread_count = minimum_seconds([lambda t=t: native.qmatmul_cpu(x, qw, n_threads=t) for t in threads],
+                                               100, rounds)
+            for n_threads, seconds in zip(threads, per_thread_count):
+                totals[n_threads] += seconds
+                row += f" {n_threads}t {seconds * 1e6:7.1f}"
+            print(row)
+        print(f"{'one layer, all 4 calls':<77}" + "".join(f" {t}t {totals[t] * 1e6:7.1f}" for t in threads))
+    tiny = quantize(torch.randn(32, 64), outlier_frac=0.0)
+    x = torch.randn(64)
+    hop = minimum_seconds([lambda: qmatmul(x, tiny), lambda: native.qmatmul_cpu(x, tiny)], 1000, rounds)
+    print(f"fixed cost of a call (32 x 64): dispatch.qmatmul {hop[0] * 1e6:.2f} us, native.qmatmul_cpu {hop[1] * 1e6:.2f} us")
+    print("cost of an outlier, one thread: (time with 1 % outliers - time without) / outliers")
+    for n, k in [(4096, 4096), (3072, 576), (576, 1536), (576, 576)]:
+        w = torch.randn(n, k)
+        without, with_outliers = quantize(w, outlier_frac=0.0), quantize(w, outlier_frac=0.01)
+        x = torch.randn(k)
+        for isa in native.cpu_isas()[1:]:
+            times = minimum_seconds([lambda qw=qw: native.qmatmul_cpu(x, qw, isa=isa, n_threads=1)
+                                     for qw in (without, with_outliers)], 10 if n * k > 4e6 else 100, rounds)
+            print(f"{n:>6} x {k:<5} {isa:>7}: {times[0] * 1e6:8.1f} us without, {times[1] * 1e6:8.1f} us with "
+                  f"{with_outliers.n_outliers} -> {(times[1] - times[0]) * 1e9 / with_outliers.n_outliers:5.2f} ns per outlier")
+
+
 def bench_runtime(tokens: int, packed: Path | None) -> None:
     import quantlite.runtime.llama as llama
     from quantlite.converter import convert
@@ -215,10 +280,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--m", default="1,8,16,128", help="comma-separated batch sizes M for qmatmul (default 1,8,16,128)")
-    parser.add_argument("--only", choices=["bandwidth", "qmatmul", "encode"], help="run one section")
+    parser.add_argument("--only", choices=["bandwidth", "qmatmul", "encode", "decode"], help="run one section")
     parser.add_argument("--no-bnb-matmul", action="store_true", help="skip bitsandbytes matmul_4bit (slow: ~0.1-0.5 s a call)")
     parser.add_argument("--runtime", action="store_true", help="also time SmolLM2 decoding (converts it first)")
-    parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime")
+    parser.add_argument("--packed", type=Path, help="an already converted SmolLM2 directory for --runtime and the decode section")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of the decode section (its minimum is printed)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the native calls use the same count)")
     parser.add_argument("--cpu-time", action="store_true", help="with --threads 1: time the calling thread's CPU time, not the wall clock")
@@ -240,6 +306,8 @@ def main() -> None:
         bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")])
     if args.only in (None, "encode"):
         bench_encode(args.repeats)
+    if args.only in (None, "decode"):
+        bench_decode(args.packed, args.rounds)
     if args.runtime:
         bench_runtime(args.tokens, args.packed)
 

@@ -287,7 +287,7 @@ def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: boo
     stats = model.stats
     load, prepare, wait = (after - before for after, before in zip((stats.load_seconds, stats.prepare_seconds, stats.wait_seconds), loader_before))
     return {"decode_load_seconds": load, "decode_prepare_seconds": prepare, "decode_wait_seconds": wait,
-            "direct_io": model.stats.direct_io, "arenas_allocated": model.stats.arenas_allocated,
+            "direct_io": model.stats.direct_io, "arenas_allocated": model.stats.arenas_allocated, "kept_reads": model.stats.kept_reads,
             "step_seconds": times, "step_bytes": reads, "step_reads": counts, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
             "budget": model.memory_budget, "head_resident": model.plan.head_resident, "embedding_resident": model.stats.embedding_resident,
             "load_seconds": model.stats.load_seconds,
@@ -343,7 +343,8 @@ def print_loader_split(run: dict, units: int) -> None:
     print(f"per streamed unit: loader {load / units:.2f} s (of which building kernel layouts {prepare / units:.2f} s, "
           f"overlapping the read of the unit's later weights); "
           f"compute waited {wait / units:.2f} s, computed {(total - wait) / units:.2f} s; "
-          f"{run['arenas_allocated']} read buffers allocated in the whole run")
+          f"{run['arenas_allocated']} read buffers allocated in the whole run, {run['kept_reads']} streamed reads rebuilt nothing "
+          f"(packed.KeptUnit)")
 
 
 def gib(nbytes: float) -> str:

@@ -12,10 +12,9 @@ A QWeight named W is stored as the tensors `W.meta`, `W.codes`, `W.scales`, ... 
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ import torch
 from quantlite.errors import FormatError
 from quantlite.model_config import EMBEDDING, ModelConfig, final_shapes, layer_shapes, read_model_config
 from quantlite.q8weight import Q8Weight, read_quantized
-from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, decode_double_quant
-from quantlite.sources.arena import ArenaLayout, ArenaRead, arena_layout
+from quantlite.qweight import SCALE_GROUP_SIZE, QWeight
+from quantlite.sources.arena import ArenaRead, arena_layout
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import TOKENIZER_FILES
@@ -42,7 +41,6 @@ MAX_FILE_BYTES = 2**44  # 16 TiB: a size beyond this in a manifest is a lie, not
 QWEIGHT_FIELD = re.compile(r"(.+)\.meta")
 _LAYER_FILE = re.compile(r"layer-(\d{5})\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-DECODE_CHUNK_SCALES = 1 << 18  # double-quantized scales decoded into an arena this many at a time (1 MiB of float32)
 
 
 def layer_file(index: int) -> str:
@@ -131,26 +129,30 @@ class PackedModel:
     def layer_nbytes(self, index: int) -> int:
         return self.manifest["files"][self._layer_name(index)]["size"]
 
-    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+    def load_layer(self, index: int, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                   kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
         """Tensors of model.layers.{index}, names relative to `model.layers.{index}.`.
-        into: an arena (sources.arena) that every tensor then views, the 4-bit weights' scales as float32
-        (the streaming runtime's reused buffers, at least `streamed_layout(shard).nbytes`), double-quantized scales decoded
-        into it too; direct: read it O_DIRECT; prepare(value): applied to each weight of an arena read as
-        soon as its bytes are in (the runtime builds the kernel layout there, overlapping the read)."""
+        into: an arena (sources.arena) that every tensor then views, as stored (the streaming runtime's
+        reused buffers, at least `arena_layout(shard).nbytes`); direct: read it O_DIRECT; prepare(value):
+        applied to each weight of an arena read as soon as its bytes are in (the runtime builds the
+        kernel layout there, overlapping the read).
+        kept: a dict the caller keeps beside the arena `into` (KeptUnit); see KeptUnit."""
         prefix = f"model.layers.{index}."
-        loaded = self._load(self._layer_name(index), into, direct, prepare)
+        loaded = self._load(self._layer_name(index), into, direct, prepare, kept)
         expected = {prefix + name: shape for name, shape in layer_shapes(self.model_config).items()}
         self._check_names_and_shapes(self._layer_name(index), loaded, expected)
         return {name[len(prefix):]: value for name, value in loaded.items()}
 
-    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> torch.Tensor | QWeight:
+    def load_embedding(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                       kept: dict | None = None) -> torch.Tensor | QWeight:
         expected = {EMBEDDING: self._embedding_shape}
-        loaded = self._load(EMBEDDING_FILE, into, direct, prepare)
+        loaded = self._load(EMBEDDING_FILE, into, direct, prepare, kept)
         self._check_names_and_shapes(EMBEDDING_FILE, loaded, expected)
         return loaded[EMBEDDING]
 
-    def load_final(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
-        loaded = self._load(FINAL_FILE, into, direct, prepare)
+    def load_final(self, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+                   kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
+        loaded = self._load(FINAL_FILE, into, direct, prepare, kept)
         self._check_names_and_shapes(FINAL_FILE, loaded, final_shapes(self.model_config))
         return loaded
 
@@ -301,12 +303,19 @@ class PackedModel:
             raise FormatError(f"{self.path}: layer {index!r} does not exist (the model has {self.num_layers})")
         return layer_file(index)
 
-    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False, prepare=None) -> dict[str, torch.Tensor | QWeight]:
+    def _load(self, name: str, into: torch.Tensor | None = None, direct: bool = False, prepare=None,
+              kept: dict | None = None) -> dict[str, torch.Tensor | QWeight]:
         file_path = self.path / name
         size = file_path.stat().st_size if file_path.is_file() else None
         if size != self.manifest["files"][name]["size"]:
             raise FormatError(f"{file_path}: {'missing' if size is None else f'{size} bytes'}, the manifest says {self.manifest['files'][name]['size']}")
         shard = SafetensorsFile(file_path)
+        again = kept.pop(name, None) if kept is not None and into is not None else None
+        if again is not None and again.identity == shard.identity and (again.entries is shard.entries or again.entries == shard.entries):
+            # the same bytes into the same places: the weights built from the last read view them again
+            ArenaRead(shard, into, arena_layout(shard), direct).finish()
+            kept[name] = again
+            return again.grouped
         # the values (scales, codebook, outlier table) are checked in full on the first read of a shard;
         # a later read of the same file unchanged (same inode, size, mtime and ctime; the header is
         # parsed and checked again) checks the structure only: a streamed layer is re-read every token
@@ -314,22 +323,19 @@ class PackedModel:
         if into is None:
             grouped = group_tensors(shard.read_all(), str(file_path), check_values=not unchanged)
         else:
-            layout = streamed_layout(shard)
-
-            def then(name: str, value):  # each weight as its bytes land: scales decoded into the arena, prepare
-                if f"{name}.scale_codes" in layout.derived:
-                    value = _decode_scales_into(value, layout.derived_view(into, f"{name}.scale_codes"))
-                return value if prepare is None else prepare(value)
-
+            layout = arena_layout(shard)
             reading = ArenaRead(shard, into, layout, direct)
             try:
-                grouped = group_tensors(reading.tensors, str(file_path), check_values=not unchanged, ready=reading.wait, then=then)
+                grouped = group_tensors(reading.views(), str(file_path), check_values=not unchanged, ready=reading.wait,
+                                        then=None if prepare is None else lambda _, value: prepare(value))
             finally:
                 reading.finish(raising=False)
         if not unchanged:
             for tensor_name, value in grouped.items():
                 _check_finite(value, f"{file_path}: {tensor_name}")
         self._values_checked[name] = shard.identity
+        if kept is not None and into is not None:
+            kept[name] = KeptUnit(shard.identity, shard.entries, grouped)
         return grouped
 
     def _check_names_and_shapes(self, name: str, loaded: dict, expected: dict[str, tuple]) -> None:
@@ -354,30 +360,18 @@ class PackedModel:
         return f"PackedModel({str(self.path)!r}, layers={self.num_layers}, method={self.manifest['quantization'].get('method')!r})"
 
 
-def streamed_layout(shard: SafetensorsFile) -> ArenaLayout:
-    """Where a streamed read (`into=`) puts the shard's tensors: the float16 scales of its 4-bit
-    weights (`X.scales` beside `X.meta` and `X.codes`; a Q8Weight has `X.qs`) held as float32, the
-    kernels' layout (exact), and room for the float32 decode of double-quantized ones (`X.scale_codes`)."""
-    def fields_of_qweights(field_name: str) -> frozenset[str]:
-        return frozenset(name for name in shard.entries if name.endswith("." + field_name)
-                         and name[: -len(field_name)] + "meta" in shard.entries and name[: -len(field_name)] + "codes" in shard.entries)
-
-    widen = frozenset(name for name in fields_of_qweights("scales") if shard.entries[name].dtype == torch.float16)
-    return arena_layout(shard, widen, derive=fields_of_qweights("scale_codes"))
-
-
-def _decode_scales_into(qw: QWeight, out: torch.Tensor) -> QWeight:
-    """qw with its double-quantized scales decoded into `out` ((N, nb) float32, in the arena) by
-    qweight.decode_double_quant a few rows at a time: fresh temporaries the size of the whole tensor
-    would fault in new pages on every streamed read. Chunks start on a group of SCALE_GROUP_SIZE."""
-    n, blocks = qw.scale_codes.shape
-    step = SCALE_GROUP_SIZE // math.gcd(blocks, SCALE_GROUP_SIZE)  # rows per whole number of groups
-    rows = max(step, DECODE_CHUNK_SCALES // blocks // step * step)
-    for first in range(0, n, rows):
-        last = min(first + rows, n)
-        groups = slice(first * blocks // SCALE_GROUP_SIZE, -(-last * blocks // SCALE_GROUP_SIZE))
-        out[first:last] = decode_double_quant(qw.scale_codes[first:last], qw.scale_group_min[groups], qw.scale_group_step[groups])
-    return replace(qw, scales=out, scale_codes=None, scale_group_min=None, scale_group_step=None)
+@dataclass(frozen=True)
+class KeptUnit:
+    """What an arena read of a shard built (`load_*(into=arena, kept=d)` stores it in d[shard name]),
+    kept for the next read of that shard into the same arena: if the file is still in the state that
+    read saw (`identity`, the header's `entries`), its bytes are read into the same places again and
+    `grouped` (the weights viewing them, as `prepare` made them) is returned as it is: no views,
+    checks or kernel layouts built again. The caller keeps one dict per arena, and drops an entry
+    whose weights hold memory outside the arena (a kernel layout's copies: kept, they would stay
+    alive between reads, outside the arena the budget counts)."""
+    identity: tuple
+    entries: dict
+    grouped: dict
 
 
 def _check_finite(value: torch.Tensor | QWeight | Q8Weight, where: str) -> None:

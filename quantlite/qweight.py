@@ -34,6 +34,7 @@ SCALE_GROUP_SIZE = 256  # scales per fp32 (min, step) pair in double quantizatio
 MAX_META_BYTES = 4096   # a reader refuses a larger `meta` before parsing it
 # Stored together, or (when there are no outliers) not at all.
 OUTLIER_FIELDS = ("outlier_row_ptr", "outlier_cols", "outlier_vals")
+OUTLIER_CHECK_CHUNK = 1 << 20  # outliers a reader checks at a time (a 405B MLP matrix has 10 M: ~0.4 GB of temporaries at once)
 
 
 class BlockQuantized:
@@ -274,20 +275,12 @@ class QWeight(BlockQuantized):
             raise fail(f"outlier_row_ptr must start at 0 and end at nnz={nnz}, got {int(ptr[0])}..{int(ptr[-1])}")
         if bool((ptr[1:] < ptr[:-1]).any()):
             raise fail("outlier_row_ptr decreases")
-        if nnz:
-            col = cols.long() if cols.dtype != torch.uint16 else cols.to(torch.int32).long()
-            if int(col.min()) < 0 or int(col.max()) >= k:
-                raise fail(f"an outlier column is outside [0, {k})")
-            same_row = torch.ones(nnz, dtype=torch.bool)
-            same_row[ptr[1:-1][ptr[1:-1] < nnz]] = False  # first entry of each row starts a new run
-            if bool(((col[1:] <= col[:-1]) & same_row[1:]).any()):
-                raise fail("outlier columns must be strictly ascending within a row")
-            if not torch.isfinite(vals).all():
-                raise fail("outlier values must be finite")
-            rows = torch.repeat_interleave(torch.arange(n), torch.diff(ptr))
-            under = (codes[rows, col // 2] >> (4 * (col % 2)).to(torch.uint8)) & 0x0F
-            if bool((under != zero_code(codebook)).any()):
-                raise fail("the dense code under an outlier must be the zero level's code")
+        zero, first = zero_code(codebook), 0
+        while first < n:  # rows holding up to OUTLIER_CHECK_CHUNK outliers (or one row) at a time: bounded temporaries
+            last = min(n, max(first + 1, int(torch.searchsorted(ptr, ptr[first] + OUTLIER_CHECK_CHUNK, right=True)) - 1))
+            begin, end = int(ptr[first]), int(ptr[last])
+            _check_outlier_rows(codes[first:last], ptr[first : last + 1] - begin, cols[begin:end], vals[begin:end], k, zero, fail)
+            first = last
         return build()
 
     def save(self, path: str | Path) -> None:
@@ -313,6 +306,27 @@ class QWeight(BlockQuantized):
             f"QWeight(shape={self.shape}, method={self.method!r}, block_size={self.block_size}, "
             f"scales={scales}, outliers={self.n_outliers}, bits_per_weight={self.bits_per_weight:.3f})"
         )
+
+
+def _check_outlier_rows(codes: torch.Tensor, ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, k: int, zero: int, fail) -> None:
+    """from_dict's checks of the outliers of some rows: codes (r, Kp // 2) uint8, ptr (r + 1,) int64
+    from 0 (non-decreasing, checked), cols and vals (ptr[-1],) as stored."""
+    nnz = cols.numel()
+    if not nnz:
+        return
+    col = cols.long() if cols.dtype != torch.uint16 else cols.to(torch.int32).long()
+    if int(col.min()) < 0 or int(col.max()) >= k:
+        raise fail(f"an outlier column is outside [0, {k})")
+    same_row = torch.ones(nnz, dtype=torch.bool)
+    same_row[ptr[1:-1][ptr[1:-1] < nnz]] = False  # first entry of each row starts a new run
+    if bool(((col[1:] <= col[:-1]) & same_row[1:]).any()):
+        raise fail("outlier columns must be strictly ascending within a row")
+    if not torch.isfinite(vals).all():
+        raise fail("outlier values must be finite")
+    rows = torch.repeat_interleave(torch.arange(codes.shape[0]), torch.diff(ptr))
+    under = (codes[rows, col // 2] >> (4 * (col % 2)).to(torch.uint8)) & 0x0F
+    if bool((under != zero).any()):
+        raise fail("the dense code under an outlier must be the zero level's code")
 
 
 def concat_rows(parts: list[QWeight]) -> QWeight:

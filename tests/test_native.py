@@ -211,9 +211,8 @@ def _qmatmul_with_guarded_codes(queue, qw, x, isa):
     ctypes.memmove(start, codes, len(codes))
     assert libc.mprotect(guard, page, 0) == 0  # PROT_NONE
     prepared = prepare(qw, "cpu")
-    weight = native._Weight(n=prepared.n, k=prepared.k, block_size=prepared.block_size, codes=start,
-                            scales=prepared.scales.data_ptr(), codebook=prepared.codebook.data_ptr(),
-                            row_ptr=prepared.row_ptr.data_ptr(), cols=None, vals=None, nnz=0)
+    weight = native._struct(prepared)
+    weight.codes = start
     y = torch.empty(x.shape[0], prepared.n)
     library = native._cpu_library()
     status = library.ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(),
@@ -232,9 +231,7 @@ def test_an_instruction_set_past_the_cpus_is_refused(generator):
     # QL_ISA_AVX512 + 1 exists on no CPU; asking the library for it directly must fail cleanly
     qw = random_weight(generator, n=4, k=64)
     prepared = prepare(qw, "cpu")
-    weight = native._Weight(n=4, k=64, block_size=64, codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
-                            codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
-                            cols=prepared.cols.data_ptr(), vals=prepared.vals.data_ptr(), nnz=prepared.n_outliers)
+    weight = native._struct(prepared)
     x, y = torch.randn(1, 64), torch.empty(1, 4)
     library = native._cpu_library()
     too_high = max(native.ISA_TAGS.values()) + 1
@@ -330,9 +327,9 @@ def test_library_rejects_a_malformed_outlier_table(generator):
 def test_error_strings_cover_every_status():
     library = ctypes.CDLL(str(native.CPU_LIBRARY))
     library.ql_error_string.restype = ctypes.c_char_p
-    messages = [library.ql_error_string(code).decode() for code in range(12)]
+    messages = [library.ql_error_string(code).decode() for code in range(13)]
     assert messages[0] == "success"
-    assert "unknown" not in " ".join(messages[1:]) and len(set(messages)) == 12
+    assert "unknown" not in " ".join(messages[1:]) and len(set(messages)) == 13
     assert "unknown" in library.ql_error_string(99).decode()
 
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantlite import qweight as qweight_module
 from quantlite.errors import FormatError
 from quantlite.qweight import FORMAT_NAME, OUTLIER_FIELDS, QWeight, stored_nbytes
 from quantlite.quantizer import quantize
@@ -119,7 +120,10 @@ def _mutations(q: QWeight) -> list[tuple[str, dict, str]]:
         ]
     if q.n_outliers >= 2:
         cols = d["outlier_cols"].clone()
+        last_out = cols.clone()
+        last_out[-1] = 200  # only the last row's last outlier: found in the last chunk of rows checked
         cases += [
+            ("last col out of range", {**d, "outlier_cols": last_out}, "outside"),
             ("row_ptr end", {**d, "outlier_row_ptr": d["outlier_row_ptr"] + 1}, "must start at 0"),
             ("row_ptr int64", {**d, "outlier_row_ptr": d["outlier_row_ptr"].long()}, "outlier_row_ptr has dtype"),
             ("cols vs vals", {**d, "outlier_cols": torch.zeros(q.n_outliers + 1, dtype=torch.uint16)}, "one length"),
@@ -142,7 +146,13 @@ def _decreasing(row_ptr: torch.Tensor) -> torch.Tensor:
     return changed
 
 
-def test_every_violation_is_a_format_error(qweight):
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_every_violation_is_a_format_error(qweight, monkeypatch, chunk):
+    """chunk: the outliers checked at a time (qweight.OUTLIER_CHECK_CHUNK), small enough that the
+    rows are checked a few at a time; a valid weight still passes."""
+    if chunk is not None:
+        monkeypatch.setattr(qweight_module, "OUTLIER_CHECK_CHUNK", chunk)
+    assert torch.equal(QWeight.from_dict(qweight.to_dict()).dequantize(), qweight.dequantize())
     for label, tensors, message in _mutations(qweight):
         with pytest.raises(FormatError, match=message):
             QWeight.from_dict(tensors, name=label)

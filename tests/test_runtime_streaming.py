@@ -253,11 +253,15 @@ def test_a_shard_changed_on_disk_is_checked_in_full_again(packed_dir, tmp_path):
     packed = PackedModel.open(folder)
     packed.load_layer(0)
     packed.load_layer(0)  # unchanged: structure only
-    path = folder / "layer-00000.safetensors"
+    put_nan_into_a_codebook(folder / "layer-00000.safetensors")
+    with pytest.raises(FormatError, match="codebook"):
+        packed.load_layer(0)
+
+
+def put_nan_into_a_codebook(path: Path) -> None:
+    """Write a NaN over the first level of a codebook of the shard, in place: same size, same header."""
     shard = SafetensorsFile(path)
     entry = next(e for name, e in shard.entries.items() if name.endswith(".codebook"))
     with open(path, "r+b") as handle:
         handle.seek(shard.data_start + entry.begin)
         handle.write(struct.pack("<f", float("nan")))
-    with pytest.raises(FormatError, match="codebook"):
-        packed.load_layer(0)

@@ -1,8 +1,7 @@
 """Streamed units read into reused arenas (quantlite/sources/arena.py), O_DIRECT or through the page cache.
 
-References: the plain reader (SafetensorsFile.read_all) for the bytes, float16 -> float32 (exact)
-for the widened scales, and the all-resident model for the logits (the same kernels on the same
-values: equality is exact). No timing is asserted (benchmarks/streaming_405b.py measures it).
+References: the plain reader (SafetensorsFile.read_all) for the bytes, and the all-resident model
+for the logits (the same kernels on the same values: equality is exact). No timing is asserted (benchmarks/streaming_405b.py measures it).
 """
 from __future__ import annotations
 
@@ -11,12 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.streaming_synthetic import random_qweight, write_synthetic
-from quantlite import packed as packed_module
-from quantlite.packed import PackedModel, streamed_layout
+from quantlite.errors import FormatError
+from quantlite.packed import PackedModel
 from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, unit_sizes
 from quantlite.sources import arena as arena_module
-from quantlite.sources.arena import aligned_buffer, read_into_arena
+from quantlite.sources.arena import aligned_buffer, arena_layout, read_into_arena
 from quantlite.sources.safetensors_file import SafetensorsFile
+from test_runtime_streaming import put_nan_into_a_codebook
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
              num_hidden_layers=3, tie_word_embeddings=False)
@@ -24,8 +24,7 @@ SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_
 
 def odd_shard(path, generator) -> SafetensorsFile:
     """A shard whose tensors start at offsets no page boundary matches: two 4-bit weights of odd row
-    counts (float16 scales that widen), an int8-style weight (its scales do not), plain tensors of
-    several dtypes and one of zero elements."""
+    counts, an int8-style weight, plain tensors of several dtypes and one of zero elements."""
     tensors = {}
     for name, (n, k) in {"a": (37, 192), "b": (301, 320)}.items():
         tensors.update(random_qweight(n, k, generator).to_dict(name + "."))
@@ -39,29 +38,24 @@ def odd_shard(path, generator) -> SafetensorsFile:
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_arena_read_equals_the_plain_reader(tmp_path, generator, monkeypatch, direct):
-    """Every tensor equals read_all's; the 4-bit weights' float16 scales come back float32 with the
-    same values, read through a scratch far smaller than them (several chunks, each misaligned)."""
+    """Every tensor equals read_all's, dtype and bytes, read in chunks far smaller than the shard
+    (O_DIRECT: several in flight) into an arena no larger than the shard's pages."""
     monkeypatch.setattr(arena_module, "IO_CHUNK_BYTES", 3 * 4096 + 6)
     shard = odd_shard(tmp_path / "s.safetensors", generator)
-    layout = streamed_layout(shard)
-    widen = {piece.names[0] for piece in layout.pieces if piece.widen}
-    assert widen == {"a.scales", "b.scales"}
+    layout = arena_layout(shard)
     arena = aligned_buffer(layout.nbytes + 4096)
     arena.fill_(0xAB)  # stale bytes of an earlier unit must not show through
     got = read_into_arena(shard, arena, layout, direct)
     expected = shard.read_all()
     assert set(got) == set(expected)
     for name, tensor in expected.items():
-        if name in widen:
-            assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor.float()), name
-        else:
-            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
-    assert layout.nbytes < shard.file_size + 2 * shard.entries["b.scales"].nbytes + 3 * 4096 + 32 * 4096
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert layout.nbytes < shard.file_size + 2 * 4096
 
 
 def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
     shard = odd_shard(tmp_path / "s.safetensors", generator)
-    layout = streamed_layout(shard)
+    layout = arena_layout(shard)
     with pytest.raises(ValueError, match="needs"):
         read_into_arena(shard, aligned_buffer(layout.nbytes - 1), layout, direct=False)
     with pytest.raises(ValueError, match="aligned"):
@@ -69,13 +63,12 @@ def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
 
 
 @pytest.mark.parametrize("direct_io, default_format", [(True, False), (False, False), (True, True)])
-def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, monkeypatch, direct_io, default_format):
+def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, direct_io, default_format):
     """Every layer and the head streamed into two arenas, pass after pass: logits bit-identical to
     the all-resident model, no buffer allocated beyond the two slots, and what a streamed layer holds
     in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it.
-    default_format: double-quantized scales (decoded into the arena 256 at a time, so chunks end
-    inside a row and the head's last group is partial) and outliers."""
-    monkeypatch.setattr(packed_module, "DECODE_CHUNK_SCALES", 256)
+    default_format: double-quantized scales and outliers; every unit, as its weights hold nothing
+    outside the arena, is kept after the first pass (packed.KeptUnit) and rebuilt no more."""
     write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=default_format)
     packed = PackedModel.open(tmp_path / "m")
     input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
@@ -89,20 +82,35 @@ def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, mon
         assert model.stats.direct_io is direct_io
         assert model.stats.arenas_allocated == 2
         assert model.stats.layer_loads == 3 * SMALL["num_hidden_layers"] and model.stats.head_loads == 3
+        if default_format:  # 4 units into 2 arenas: each shard lands in the same arena every pass
+            assert model.stats.kept_reads == 2 * (SMALL["num_hidden_layers"] + 1)
         assert all(held <= model.plan.slot_bytes for held in model.stats.layer_bytes), (model.stats.layer_bytes, model.plan)
 
 
-def test_an_arena_still_viewed_is_not_handed_out_again():
+def test_an_arena_lent_is_not_handed_out_again():
     stats = StreamStats()
     pool = ArenaPool(nbytes=3 * 4096, count=2, stats=stats)
-    first = pool.take()
-    view = first[100:200].view(torch.int32)  # a tensor of the unit still alive
-    second = pool.take()
-    assert second.data_ptr() != first.data_ptr()
-    held = second[:8]
-    third = pool.take()  # both slots viewed: a fresh buffer, counted, not kept
-    assert third.data_ptr() not in (first.data_ptr(), second.data_ptr()) and stats.arenas_allocated == 3
-    del view, third
-    assert pool.take().data_ptr() == first.data_ptr()
-    del held
-    assert stats.arenas_allocated == 3
+    first, second = pool.take(), pool.take()
+    assert second.buffer.data_ptr() != first.buffer.data_ptr()
+    third = pool.take()  # both slots lent: a fresh buffer, counted, not kept
+    assert third.buffer.data_ptr() not in (first.buffer.data_ptr(), second.buffer.data_ptr()) and stats.arenas_allocated == 3
+    pool.give_back(third)
+    pool.give_back(first)
+    assert pool.take() is first
+    pool.give_back(second)
+    assert pool.take() is second and stats.arenas_allocated == 3
+
+
+def test_a_kept_unit_is_not_returned_once_its_shard_changed(tmp_path, generator):
+    """A streamed layer whose shard is written on disk (a NaN put into a codebook in place: same size,
+    same header) between passes is read and checked in full again, kept weights or not."""
+    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=True)
+    packed = PackedModel.open(tmp_path / "m")
+    sizes = unit_sizes(packed, torch.float32)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (1, 4), generator=generator)
+    with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head])) as model:
+        expected = model(input_ids)
+        assert torch.equal(model(input_ids), expected)
+        put_nan_into_a_codebook(tmp_path / "m" / "layer-00002.safetensors")  # not the first streamed unit: prefetched already
+        with pytest.raises(FormatError, match="codebook"):
+            model(input_ids)

@@ -91,7 +91,7 @@ def test_matches_float64_reference(m, n, k, block_size, method, outlier_frac, sp
     qw = random_weight(n, k, generator, block_size=block_size, method=method, outlier_frac=outlier_frac)
     x = torch.randn(m, k, generator=generator).to(device, dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    y = qmatmul_triton(x, prepare(qw, device), out=out, split_k=split_k)
+    y = qmatmul_triton(x, prepare(qw, device, widened=True), out=out, split_k=split_k)
     assert y is out
     assert_close_to_float64(y, x, qw)
 
@@ -107,7 +107,7 @@ def test_long_and_empty_outlier_rows(m, split_k, generator):
     lengths = torch.diff(qw.outlier_row_ptr.long())
     assert int(lengths.max()) > 64 and int((lengths == 0).sum()) > 0, "the weight does not have the intended CSR shape"
     x = torch.randn(m, 160, generator=generator).to(device)
-    y = qmatmul_triton(x, prepare(qw, device), out=torch.full((m, 37), float("nan"), device=device), split_k=split_k)
+    y = qmatmul_triton(x, prepare(qw, device, widened=True), out=torch.full((m, 37), float("nan"), device=device), split_k=split_k)
     assert_close_to_float64(y, x, qw)
 
 
@@ -119,7 +119,7 @@ def test_split_counters_are_reset_for_the_next_launch(generator):
     qw = random_weight(19, 640, generator, block_size=64, method="quantlite", outlier_frac=0.01)
     for m in (1, 2, 20):
         x = torch.randn(m, 640, generator=generator).to(device)
-        y = qmatmul_triton(x, prepare(qw, device), out=torch.full((m, 19), float("nan"), device=device), split_k=2)
+        y = qmatmul_triton(x, prepare(qw, device, widened=True), out=torch.full((m, 19), float("nan"), device=device), split_k=2)
         assert_close_to_float64(y, x, qw)
     assert int(_split_counters(torch.device(device), 1).abs().sum()) == 0
 
@@ -132,14 +132,14 @@ def test_strided_rows_of_x(generator):
     qw = random_weight(21, 96, generator, block_size=32, method="quantlite", outlier_frac=0.02)
     wide = torch.randn(6, 130, generator=generator).to(device, torch.float16)
     x = wide[:, 10:106]  # (6, 96), row stride 130
-    assert_close_to_float64(qmatmul_triton(x, prepare(qw, device)), x, qw)
+    assert_close_to_float64(qmatmul_triton(x, prepare(qw, device, widened=True)), x, qw)
 
 
 def test_rejects_bad_shapes(generator):
     from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
     device = kernel_device()
-    prepared = prepare(random_weight(8, 64, generator, block_size=64, method="nf4", outlier_frac=0.0), device)
+    prepared = prepare(random_weight(8, 64, generator, block_size=64, method="nf4", outlier_frac=0.0), device, widened=True)
     with pytest.raises(QuantliteError, match="K=65.*N=8, K=64"):
         qmatmul_triton(torch.randn(2, 65, device=device), prepared)
     with pytest.raises(QuantliteError, match="out must be"):

@@ -16,11 +16,13 @@
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* ---------------------------------------------------------------- instruction sets */
-/* Levels are ordered: a CPU with one runs every lower one (AVX-512 F CPUs all have AVX2 and FMA).
+/* Levels are ordered: a CPU with one runs every lower one (AVX-512 F CPUs all have AVX2, FMA and
+ * F16C; the vector kernels widen float16 scales and outliers with F16C's vcvtph2ps).
  * __builtin_cpu_supports also checks that the OS saves the registers (XGETBV). */
 int ql_cpu_best_isa(void) {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return QL_ISA_SCALAR;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+        return QL_ISA_SCALAR;
     return __builtin_cpu_supports("avx512f") ? QL_ISA_AVX512 : QL_ISA_AVX2;
 }
 
@@ -57,7 +59,7 @@ static int check_outliers(const ql_weight *w, int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n)
         if (w->row_ptr[n + 1] < w->row_ptr[n]) return QL_ERR_BAD_OUTLIERS;
     for (int64_t e = w->row_ptr[n_begin]; e < w->row_ptr[n_end]; ++e)
-        if (w->cols[e] < 0 || w->cols[e] >= w->k) return QL_ERR_BAD_OUTLIERS;
+        if (ql_outlier_col(w->cols, w->col_kind, e) < 0 || ql_outlier_col(w->cols, w->col_kind, e) >= w->k) return QL_ERR_BAD_OUTLIERS;
     return QL_OK;
 }
 
@@ -80,33 +82,69 @@ static int64_t x_packed_floats(const ql_matmul_job *job, int isa) {
     return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
 }
 
-/* x (M, K) in any dtype -> x_packed in the kernel's order and x_columns (K, M) float32 (kernels.h);
- * every padding column is zero. */
+/* x (M, K) in any dtype -> x_packed in the kernel's order (kernels.h), every padding column zero,
+ * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row). */
 static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x_packed_count, float *x_columns) {
-    const int64_t k = job->w->k;
-    memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
-    for (int64_t m = 0; m < job->m; ++m) {
+    const int64_t k = job->w->k, m_rows = job->m;
+    for (int64_t m = 0; m < m_rows; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
+        for (int64_t c = 0; c < k; ++c) x_columns[c * m_rows + m] = ql_load(x_row, job->dtype, c);
+    }
+    memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
+    if (isa == QL_ISA_AVX2) {
+        for (int64_t m = 0; m < m_rows; ++m)
+            for (int64_t c = 0; c < k; ++c) x_packed[ql_packed_position(c, m, m_rows, job->padded_k)] = x_columns[c * m_rows + m];
+        return;
+    }
+    /* AVX-512: per tile of up to 8 rows and strip of 128 columns, (8 v, x_rows, 16 lanes) with lane l
+     * of vector v = column 8 l + v (ql_avx512_x_position, without its divisions per element) */
+    const int64_t strips = (job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP;
+    for (int64_t m0 = 0; m0 < m_rows; m0 += QL_AVX512_X_TILE) {
+        const int64_t x_rows = m_rows - m0 < QL_AVX512_X_TILE ? m_rows - m0 : QL_AVX512_X_TILE;
+        float *tile = x_packed + m0 * strips * QL_AVX512_STRIP;
         for (int64_t c = 0; c < k; ++c) {
-            const float value = ql_load(x_row, job->dtype, c);
-            x_packed[isa == QL_ISA_AVX2 ? ql_packed_position(c, m, job->m, job->padded_k)
-                                        : ql_avx512_x_position(c, m, job->m, job->padded_k)] = value;
-            x_columns[c * job->m + m] = value;
+            const int64_t strip = c / QL_AVX512_STRIP, lane = (c % QL_AVX512_STRIP) / 8, v = c % 8;
+            float *column = tile + ((strip * 8 + v) * x_rows) * 16 + lane;
+            for (int64_t i = 0; i < x_rows; ++i) column[i * 16] = x_columns[c * m_rows + m0 + i];
         }
     }
-    memset(x_columns + k * job->m, 0, 8 * sizeof(float));
 }
+
+/* The per-call buffers of a vector qmatmul (x_packed, x_columns, every thread's scratch), kept by
+ * the calling thread from call to call up to KEPT_BUFFER_BYTES (a decode step makes ~200 calls;
+ * malloc and its page faults per call were measurable at SmolLM2's sizes), allocated per call above. */
+#define KEPT_BUFFER_BYTES (4 << 20)
+static _Thread_local float *kept_buffer;
+static _Thread_local size_t kept_buffer_bytes;
+
+static float *call_buffer(size_t bytes) {
+    if (bytes > KEPT_BUFFER_BYTES) return aligned_alloc(64, bytes);
+    if (bytes > kept_buffer_bytes) {
+        free(kept_buffer);
+        kept_buffer = aligned_alloc(64, KEPT_BUFFER_BYTES);
+        kept_buffer_bytes = kept_buffer ? KEPT_BUFFER_BYTES : 0;
+    }
+    return kept_buffer;
+}
+
+static void release_call_buffer(float *buffer) {
+    if (buffer != kept_buffer) free(buffer);
+}
+
+static int64_t aligned_floats(int64_t count) { return (count + 15) / 16 * 16; }  /* 64-byte steps */
 
 int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
                    int64_t y_row_stride, int dtype, int isa, int n_threads) {
     int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
-    if (status == QL_OK) status = check_outliers(w, 0, w->n);
+    if (status == QL_OK && (w->row_ptr[0] != 0 || w->row_ptr[w->n] != w->nnz)) status = QL_ERR_BAD_OUTLIERS;
     if (status == QL_OK) status = resolve_isa(isa, &isa);
+    /* the vector kernels check the CSR of each chunk as they read it (chunk.h) */
+    if (status == QL_OK && isa == QL_ISA_SCALAR) status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
 
     ql_matmul_job job = {
         .w = w, .padded_k = ql_padded_k(w), .x = x, .m = m, .x_row_stride = x_row_stride,
-        .y = y, .y_row_stride = y_row_stride, .dtype = dtype,
+        .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status,
     };
     const int64_t grain = row_grain(w->n, job.padded_k * m, n_threads);
     if (isa == QL_ISA_SCALAR) {
@@ -115,27 +153,18 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     }
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
-    job.scratch_floats_per_thread = isa == QL_ISA_AVX2 ? ql_avx2_scratch_floats(&job) : ql_avx512_scratch_floats(&job);
-    const int64_t x_packed_count = x_packed_floats(&job, isa);
-    /* 64-byte aligned (the AVX-512 kernel's aligned loads); aligned_alloc wants a multiple of 64 */
-    float *x_packed = aligned_alloc(64, (sizeof(float) * (size_t)x_packed_count + 63) / 64 * 64);
-    float *x_columns = malloc(sizeof(float) * (size_t)(m * w->k + 8));
-    float *scratch = malloc(sizeof(float) * (size_t)(job.scratch_floats_per_thread * threads + 1));
-    if (x_packed == NULL || x_columns == NULL || scratch == NULL) {
-        free(x_packed);
-        free(x_columns);
-        free(scratch);
-        return QL_ERR_OUT_OF_MEMORY;
-    }
+    job.scratch_floats_per_thread = aligned_floats(isa == QL_ISA_AVX2 ? ql_avx2_scratch_floats(&job) : ql_avx512_scratch_floats(&job));
+    const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, isa)), x_columns_count = aligned_floats(m * w->k);
+    float *buffer = call_buffer(sizeof(float) * (size_t)(x_packed_count + x_columns_count + job.scratch_floats_per_thread * threads));
+    if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
+    float *x_packed = buffer, *x_columns = buffer + x_packed_count;  /* x_packed 64-byte aligned: aligned loads */
     pack_x(&job, isa, x_packed, x_packed_count, x_columns);
     job.x_packed = x_packed;
     job.x_columns = x_columns;
-    job.scratch = scratch;
+    job.scratch = x_columns + x_columns_count;
     ql_parallel_for(w->n, grain, threads, isa == QL_ISA_AVX2 ? qmatmul_chunk_avx2 : qmatmul_chunk_avx512, &job);
-    free(x_packed);
-    free(x_columns);
-    free(scratch);
-    return QL_OK;
+    release_call_buffer(buffer);
+    return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }
 
 /* ---------------------------------------------------------------- dequantize */
@@ -146,9 +175,11 @@ void ql_dequantize_rows_scalar(const ql_dequantize_job *job, int64_t begin, int6
         const uint8_t *code_row = w->codes + n * (job->padded_k / 2);
         const int64_t out_row = (n - job->n_begin) * job->out_row_stride;
         int64_t e = w->row_ptr[n];  /* next outlier of this row; columns ascend */
+        float scale = 0.0f;
         for (int64_t k = 0; k < w->k; ++k) {
-            float value = ql_weight_at(w->codebook, ql_code_at(code_row, k), w->scales[n * n_blocks + k / w->block_size]);
-            for (; e < w->row_ptr[n + 1] && w->cols[e] == k; ++e) value += w->vals[e];
+            if (k % w->block_size == 0) scale = ql_scale_at(w, n * n_blocks + k / w->block_size);
+            float value = ql_weight_at(w->codebook, ql_code_at(code_row, k), scale);
+            for (; e < w->row_ptr[n + 1] && ql_outlier_col(w->cols, w->col_kind, e) == k; ++e) value += ql_outlier_val(w->vals, w->val_kind, e);
             ql_store(job->out, job->dtype, out_row + k, value);
         }
     }

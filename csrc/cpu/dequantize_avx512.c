@@ -3,7 +3,8 @@
  * path (quantlite/kernels/native.py) decodes a panel of rows with it and multiplies the panel with
  * an sgemm, so it writes the natural column order, not the kernels' strip order.
  *
- * Layout: codes (N, Kp / 2) uint8 as stored, low nibble = even column; scales (N, Kp / B) float32;
+ * Layout: codes (N, Kp / 2) uint8 as stored, low nibble = even column; scales and outliers as stored
+ * (read through ql_scale_at, once per 16 columns, and ql_outlier_col / ql_outlier_val);
  * out rows of out_row_stride elements. Tiling: 16 columns (8 code bytes) per zmm. 16 divides B, so a
  * group lies in one block and takes one broadcast scale. Decode of a group: the 8 bytes doubled
  * (b0 b0 b1 b1 ..), widened to 16 dwords, shifted right by 0 / 4 alternately, so that dword i holds
@@ -24,12 +25,12 @@
 static void dequantize_columns(const ql_weight *w, int64_t padded_k, int64_t n, int64_t c0, int64_t c1,
                                __m512 codebook, float *dst) {
     const uint8_t *codes = w->codes + n * (padded_k / 2);
-    const float *scales = w->scales + n * (padded_k / w->block_size);
+    const int64_t first_scale = n * (padded_k / w->block_size);
     const __m512i nibble_shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
     for (int64_t c = c0; c < c1; c += GROUP_COLUMNS) {
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + c / 2));
         const __m512i index = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), nibble_shift);
-        const __m512 value = _mm512_mul_ps(_mm512_permutexvar_ps(index, codebook), _mm512_set1_ps(scales[c / w->block_size]));
+        const __m512 value = _mm512_mul_ps(_mm512_permutexvar_ps(index, codebook), _mm512_set1_ps(ql_scale_at(w, first_scale + c / w->block_size)));
         const int64_t left = c1 - c;
         _mm512_mask_storeu_ps(dst + (c - c0), left >= GROUP_COLUMNS ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), value);
     }
@@ -43,7 +44,7 @@ void ql_dequantize_rows_avx512(const ql_dequantize_job *job, int64_t begin, int6
         if (job->dtype == QL_F32) {
             float *row = (float *)job->out + out_row;
             dequantize_columns(w, job->padded_k, n, 0, w->k, codebook, row);
-            for (int64_t e = w->row_ptr[n]; e < w->row_ptr[n + 1]; ++e) row[w->cols[e]] += w->vals[e];
+            for (int64_t e = w->row_ptr[n]; e < w->row_ptr[n + 1]; ++e) row[ql_outlier_col(w->cols, w->col_kind, e)] += ql_outlier_val(w->vals, w->val_kind, e);
             continue;
         }
         int64_t e = w->row_ptr[n];  /* next outlier of the row; columns ascend (quantlite.h) */
@@ -51,7 +52,7 @@ void ql_dequantize_rows_avx512(const ql_dequantize_job *job, int64_t begin, int6
             const int64_t c1 = c0 + TILE_COLUMNS < w->k ? c0 + TILE_COLUMNS : w->k;
             float tile[TILE_COLUMNS];
             dequantize_columns(w, job->padded_k, n, c0, c1, codebook, tile);
-            for (; e < w->row_ptr[n + 1] && w->cols[e] < c1; ++e) tile[w->cols[e] - c0] += w->vals[e];
+            for (; e < w->row_ptr[n + 1] && ql_outlier_col(w->cols, w->col_kind, e) < c1; ++e) tile[ql_outlier_col(w->cols, w->col_kind, e) - c0] += ql_outlier_val(w->vals, w->val_kind, e);
             for (int64_t c = c0; c < c1; ++c) ql_store(job->out, job->dtype, out_row + c, tile[c - c0]);
         }
     }

@@ -21,11 +21,12 @@ typedef struct {
      * after row (the GEMM's x tiles, measured faster so at K = 11008). AVX-512: tiles of 8 rows
      * in strips of 128 columns (ql_avx512_x_position). */
     const float *x_packed;
-    /* (K, M) float32 + 8 zeros, AVX2 and AVX-512: x transposed, so that the outliers of a column meet up
-     * to 8 rows of x in one load (the 8 zeros keep the last column's load inside the buffer). */
+    /* (K, M) float32, AVX2 and AVX-512: x transposed, so that the outliers of a column meet its M
+     * rows of x side by side (chunk.h); at M = 1, x itself. */
     const float *x_columns;
     float *scratch;                    /* ql_avx2_scratch_floats / ql_avx512_scratch_floats per thread */
     int64_t scratch_floats_per_thread;
+    int *status;                       /* QL_OK, or the error a chunk met (chunk.h: a malformed CSR) */
 } ql_matmul_job;
 
 /* Dequantization of weight rows [n_begin, n_end) into out ((n_end - n_begin, K) in `dtype`, rows

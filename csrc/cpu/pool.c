@@ -8,7 +8,13 @@
  * the caller takes chunks itself from the start; it then waits only for chunks that some thread
  * has actually begun. A worker that wakes late finds no chunk left and goes back to sleep.
  * The ticket holds the job's generation in its high 32 bits, so a worker still holding an old
- * job's arguments can never take a chunk of a newer job. */
+ * job's arguments can never take a chunk of a newer job.
+ *
+ * Why a worker spins a little before it sleeps: a decode step's calls come one after another with
+ * tens of microseconds of Python between them, and a worker woken through the condition variable
+ * arrives after a call of that size is over (the caller has taken every chunk), so two threads ran
+ * a SmolLM2 call barely faster than one. After a job a worker watches `posted` for IDLE_SPIN_SECONDS
+ * before it sleeps, so the next call of a step finds it awake (llama.cpp's workers spin likewise). */
 #define _GNU_SOURCE
 #include "pool.h"
 
@@ -37,6 +43,7 @@ typedef struct {
     ql_job job;
     _Atomic uint64_t ticket;     /* generation << 32 | next chunk */
     _Atomic uint32_t completed;  /* chunks of the current job finished */
+    _Atomic uint32_t posted;     /* generation of the newest job, read by spinning workers */
 } ql_pool;
 
 static ql_pool pool = {
@@ -68,11 +75,42 @@ static void run_chunks(const ql_job *job, int thread_index) {
     }
 }
 
+static double seconds_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* How long an idle worker watches for the next job before it sleeps: longer than the gap between
+ * two calls of a decode step (the Python between them), short enough that a pool left idle stops
+ * taking a core at once. */
+#define IDLE_SPIN_SECONDS 3e-4
+
+/* Spins until a job newer than `seen` is posted or IDLE_SPIN_SECONDS pass (then it sleeps). */
+static void spin_for_next_job(uint32_t seen) {
+    const double give_up = seconds_now() + IDLE_SPIN_SECONDS;
+    for (unsigned spins = 1; atomic_load_explicit(&pool.posted, memory_order_acquire) == seen; ++spins) {
+        cpu_relax();
+        if (spins % 256 == 0 && seconds_now() > give_up) return;
+    }
+}
+
 static void *worker_main(void *arg) {
     const int index = (int)(intptr_t)arg;
     uint32_t seen = 0;
     pthread_mutex_lock(&pool.lock);
     for (;;) {
+        if (pool.job.generation == seen) {
+            pthread_mutex_unlock(&pool.lock);
+            spin_for_next_job(seen);
+            pthread_mutex_lock(&pool.lock);
+        }
         while (pool.job.generation == seen) pthread_cond_wait(&pool.work_ready, &pool.lock);
         seen = pool.job.generation;
         if (index >= pool.wanted) continue;  /* this job asked for fewer threads */
@@ -111,12 +149,6 @@ static void start_workers(int count) {
     }
 }
 
-static double seconds_now(void) {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
-}
-
 /* Only chunks that a running worker has begun are left, each a fraction of a millisecond: spin for
  * them. Yielding at once would hand this core to another process for a whole time slice (on the
  * shared 2-core machine, a 2 ms GEMV then took 12 ms of wall time); past SPIN_SECONDS the worker
@@ -126,9 +158,7 @@ static double seconds_now(void) {
 static void wait_for_running_chunks(uint32_t chunks) {
     const double give_up = seconds_now() + SPIN_SECONDS;
     for (unsigned spins = 1; atomic_load_explicit(&pool.completed, memory_order_acquire) < chunks; ++spins) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        cpu_relax();
         if (spins % 256 == 0 && seconds_now() > give_up) sched_yield();
     }
 }
@@ -154,6 +184,7 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pool.wanted = helpers;
     atomic_store(&pool.completed, 0);
     atomic_store(&pool.ticket, (uint64_t)job.generation << 32);
+    atomic_store_explicit(&pool.posted, job.generation, memory_order_release);
     pthread_cond_broadcast(&pool.work_ready);
     pthread_mutex_unlock(&pool.lock);
 

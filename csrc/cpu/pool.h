@@ -2,7 +2,8 @@
  *
  * ql_parallel_for splits [0, total) into chunks of `grain` items; the calling thread and the workers
  * take chunks from one atomic counter until none are left, then the call returns. Workers are
- * started on first use and sleep between calls; calls from several threads run one after another. */
+ * started on first use; between calls they spin briefly (the next call of a decode step finds them
+ * awake), then sleep. Calls from several threads run one after another. */
 #ifndef QL_POOL_H
 #define QL_POOL_H
 

@@ -1,7 +1,8 @@
 /* AVX2 + FMA kernels for y (M, N) = x (M, K) @ W^T (this file alone is compiled with -mavx2 -mfma;
  * api.c calls it only when cpuid reports both).
  *
- * Layouts: codes (N, Kp / 2) uint8, low nibble = even column; scales (N, Kp / B) float32. api.c
+ * Layouts: codes (N, Kp / 2) uint8, low nibble = even column; scales (N, Kp / B) as float32 (per
+ * chunk of rows the stored array, or its float16 / double-quantized form decoded, chunk.h). api.c
  * makes two float32 copies of x per call (kernels.h): x_packed, each row's groups of 8 columns in
  * the order the decode produces weights (below); for M <= 8 (Kp / 8, M, 8), per group the M rows
  * side by side, so that every load of the register path is a fixed offset from one pointer and a
@@ -41,11 +42,12 @@
  *   GEMM, M > 8 (prefill): per chunk of QL_ROW_GRAIN weight rows and a slice of K, decode (and
  *       scale) the slice into a float buffer (L1/L2), then a 3 x 4 register tile (3 rows of x, 4
  *       weight rows, 12 accumulators) runs over it: each decoded weight is reused by all M rows.
- * Outliers are added per output row after the dense part, up to 8 rows of x at once: per outlier
- * one broadcast of its value, one load of x_columns (its column, 8 rows) and one FMA. */
+ * Outliers: per chunk, before the dense part, their sums against every row of x (chunk.h); each
+ * output adds its row's. */
 #include <immintrin.h>
 #include <string.h>
 
+#include "chunk.h"
 #include "kernels.h"
 #include "quantlite_decode.h"
 
@@ -111,27 +113,13 @@ static inline __m256 lane_sums(const __m256 v[LANES]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(q0123, q4567, 0x20), _mm256_permute2f128_ps(q0123, q4567, 0x31));
 }
 
-/* lane m = row n's outliers against x row m0 + m (lanes past M hold garbage): one broadcast, one
- * load of x_columns and one FMA per outlier, for up to 8 rows of x at once. */
-static inline __m256 outlier_sums(const ql_matmul_job *job, int64_t n, int64_t m0) {
-    const ql_weight *w = job->w;
-    const float *x = job->x_columns + m0;
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* two chains: FMA latency */
-    int64_t e = w->row_ptr[n];
-    const int64_t end = w->row_ptr[n + 1];
-    for (; e + 2 <= end; e += 2) {
-        even = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e), _mm256_loadu_ps(x + w->cols[e] * job->m), even);
-        odd = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e + 1), _mm256_loadu_ps(x + w->cols[e + 1] * job->m), odd);
-    }
-    if (e < end) even = _mm256_fmadd_ps(_mm256_broadcast_ss(w->vals + e), _mm256_loadu_ps(x + w->cols[e] * job->m), even);
-    return _mm256_add_ps(even, odd);
-}
-
-/* y[m0 + m, n] = lane m of dense (m < x_rows) + row n's outliers. */
-static inline void store_outputs(const ql_matmul_job *job, int64_t n, int64_t m0, int x_rows, __m256 dense) {
+/* y[m0 + m, n] = lane m of dense (m < x_rows) + the outliers of row n (the chunk's row r). */
+static inline void store_outputs(const ql_matmul_job *job, const ql_chunk *chunk, int64_t n, int64_t r, int64_t m0,
+                                 int x_rows, __m256 dense) {
     float values[LANES];
-    _mm256_storeu_ps(values, _mm256_add_ps(dense, outlier_sums(job, n, m0)));
-    for (int m = 0; m < x_rows; ++m) ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n, values[m]);
+    _mm256_storeu_ps(values, dense);
+    for (int m = 0; m < x_rows; ++m)
+        ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n, values[m] + chunk->outliers[r * job->m + m0 + m]);
 }
 
 /* ---------------------------------------------------------------- register path (M <= 8) */
@@ -147,11 +135,11 @@ static inline __attribute__((always_inline)) void accumulate(const __m256 levels
             acc[r][i % accs] = _mm256_fmadd_ps(levels[i], _mm256_loadu_ps(x + (i * x_rows + r) * 8), acc[r][i % accs]);
 }
 
-/* Weight row n, columns [k0, k0 + length) (whole blocks), against all x_rows rows of x; the
- * 8-lane partial sums are added to row_sums (x_rows, 8). */
+/* Weight row n (float32 scales at scale_row), columns [k0, k0 + length) (whole blocks), against all
+ * x_rows rows of x; the 8-lane partial sums are added to row_sums (x_rows, 8). */
 static inline __attribute__((always_inline)) void row_slice(const ql_matmul_job *job, const level_planes *planes,
-                                                            int64_t n, int64_t k0, int64_t length, float *row_sums,
-                                                            const int x_rows) {
+                                                            int64_t n, const float *scale_row, int64_t k0,
+                                                            int64_t length, float *row_sums, const int x_rows) {
     /* Up to 4 rows: per block, sum level * x, then scale that sum once (total += scale * partial),
      * in `accs` independent chains per row (FMA latency is 4 cycles: one chain would stall at M = 1).
      * More rows: registers are short, so the levels are scaled (4 multiplies per 32 weights, the
@@ -162,7 +150,7 @@ static inline __attribute__((always_inline)) void row_slice(const ql_matmul_job 
     const int64_t block = w->block_size, kp = job->padded_k;
     const int64_t wide_bytes = block / 2 / 16 * 16;       /* bytes per block in 16-byte steps */
     const uint8_t *bytes = w->codes + n * (kp / 2) + k0 / 2;
-    const float *scales = w->scales + n * (kp / block) + k0 / block;
+    const float *scales = scale_row + k0 / block;
     const float *x = job->x_packed + k0 * x_rows;         /* 1 byte of codes = 2 columns = 2 * x_rows floats */
 
     __m256 total[REGISTER_MAX_M], acc[REGISTER_MAX_M][4], levels[4];
@@ -210,34 +198,36 @@ static int64_t register_slice_length(int64_t block, int64_t kp, int64_t x_rows) 
     return fitting < block ? block : fitting > kp ? kp : fitting;
 }
 
-/* Weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all x_rows = M rows of x. */
+/* The chunk's weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all x_rows = M rows of x. */
 static inline __attribute__((always_inline)) void register_rows(const ql_matmul_job *job, const level_planes *planes,
-                                                                int64_t n0, int64_t rows, float *sums,
-                                                                const int x_rows) {
+                                                                const ql_chunk *chunk, int64_t n0, int64_t rows,
+                                                                float *sums, const int x_rows) {
     const int64_t kp = job->padded_k, slice = register_slice_length(job->w->block_size, kp, x_rows);
+    const int64_t n_blocks = kp / job->w->block_size;
     memset(sums, 0, sizeof(float) * rows * x_rows * 8);  /* (rows, x_rows, 8) */
     for (int64_t k0 = 0; k0 < kp; k0 += slice) {
         const int64_t length = kp - k0 < slice ? kp - k0 : slice;
-        for (int64_t r = 0; r < rows; ++r) row_slice(job, planes, n0 + r, k0, length, sums + r * x_rows * 8, x_rows);
+        for (int64_t r = 0; r < rows; ++r)
+            row_slice(job, planes, n0 + r, chunk->scales + r * n_blocks, k0, length, sums + r * x_rows * 8, x_rows);
     }
     for (int64_t r = 0; r < rows; ++r) {
         __m256 row_sums[LANES];
         for (int m = 0; m < LANES; ++m)
             row_sums[m] = m < x_rows ? _mm256_loadu_ps(sums + (r * x_rows + m) * 8) : _mm256_setzero_ps();
-        store_outputs(job, n0 + r, 0, x_rows, lane_sums(row_sums));
+        store_outputs(job, chunk, n0 + r, r, 0, x_rows, lane_sums(row_sums));
     }
 }
 
 /* ---------------------------------------------------------------- GEMM (M > 8) */
-/* Weight row n, columns [k0, k0 + length) (whole blocks), dequantized and scaled into out, in
- * x_packed's column order. */
-static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t kp, int64_t n, int64_t k0,
-                         int64_t length, float *out) {
+/* Weight row n (float32 scales at scale_row), columns [k0, k0 + length) (whole blocks), dequantized
+ * and scaled into out, in x_packed's column order. */
+static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t kp, int64_t n,
+                         const float *scale_row, int64_t k0, int64_t length, float *out) {
     const int64_t block = w->block_size, wide_bytes = block / 2 / 16 * 16;
     __m256 levels[4];
     for (int64_t start = 0; start < length; start += block) {
         const int64_t b = (k0 + start) / block;
-        const __m256 scale = _mm256_broadcast_ss(w->scales + n * (kp / block) + b);
+        const __m256 scale = _mm256_broadcast_ss(scale_row + b);
         const uint8_t *bytes = w->codes + n * (kp / 2) + b * (block / 2);
         for (int64_t j = 0; j < wide_bytes; j += 16) {
             decode32(planes, bytes + j, levels, 0);
@@ -275,13 +265,19 @@ static int64_t gemm_slice_length(int64_t block) {
     return block >= GEMM_K_SLICE ? block : GEMM_K_SLICE / block * block;
 }
 
-int64_t ql_avx2_scratch_floats(const ql_matmul_job *job) {
+static int64_t own_scratch_floats(const ql_matmul_job *job) {
     if (job->m <= REGISTER_MAX_M) return QL_ROW_GRAIN * job->m * LANES;
     return QL_ROW_GRAIN * gemm_slice_length(job->w->block_size) + job->m * QL_ROW_GRAIN;
 }
 
-/* Weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all M rows of x. */
-static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int64_t n0, int64_t rows, float *scratch) {
+/* ... then the chunk's (chunk.h). */
+int64_t ql_avx2_scratch_floats(const ql_matmul_job *job) {
+    return own_scratch_floats(job) + ql_chunk_scratch_floats(job);
+}
+
+/* The chunk's weight rows [n0, n0 + rows), rows <= QL_ROW_GRAIN, against all M rows of x. */
+static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, const ql_chunk *chunk, int64_t n0,
+                      int64_t rows, float *scratch) {
     const ql_weight *w = job->w;
     const int64_t kp = job->padded_k, slice = gemm_slice_length(w->block_size);
     const int64_t tiles = (rows + GEMM_ROW_TILE - 1) / GEMM_ROW_TILE;
@@ -291,7 +287,7 @@ static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int6
     for (int64_t k0 = 0; k0 < kp; k0 += slice) {
         const int64_t length = kp - k0 < slice ? kp - k0 : slice;
         for (int64_t r = 0; r < tiles * GEMM_ROW_TILE; ++r) {
-            if (r < rows) decode_slice(w, planes, kp, n0 + r, k0, length, weights + r * slice);
+            if (r < rows) decode_slice(w, planes, kp, n0 + r, chunk->scales + r * (kp / w->block_size), k0, length, weights + r * slice);
             else memset(weights + r * slice, 0, sizeof(float) * length);  /* tile padding */
         }
         for (int64_t m0 = 0; m0 < job->m; m0 += GEMM_X_TILE) {
@@ -312,25 +308,32 @@ static void gemm_rows(const ql_matmul_job *job, const level_planes *planes, int6
             const int x_rows = job->m - m0 < LANES ? (int)(job->m - m0) : LANES;
             float dense[LANES] = {0};
             for (int m = 0; m < x_rows; ++m) dense[m] = sums[(m0 + m) * QL_ROW_GRAIN + r];
-            store_outputs(job, n0 + r, m0, x_rows, _mm256_loadu_ps(dense));
+            store_outputs(job, chunk, n0 + r, r, m0, x_rows, _mm256_loadu_ps(dense));
         }
 }
 
 void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
     const level_planes planes = make_planes(job->w->codebook);
     float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
+    float *chunk_scratch = scratch + own_scratch_floats(job);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
         const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+        ql_chunk chunk;
+        const int status = ql_chunk_begin(job, n0, rows, chunk_scratch, &chunk);
+        if (status != QL_OK) {
+            ql_chunk_fail(job, status);
+            return;
+        }
         switch (job->m) {  /* a constant row count lets the compiler keep every accumulator in a register */
-            case 1: register_rows(job, &planes, n0, rows, scratch, 1); break;
-            case 2: register_rows(job, &planes, n0, rows, scratch, 2); break;
-            case 3: register_rows(job, &planes, n0, rows, scratch, 3); break;
-            case 4: register_rows(job, &planes, n0, rows, scratch, 4); break;
-            case 5: register_rows(job, &planes, n0, rows, scratch, 5); break;
-            case 6: register_rows(job, &planes, n0, rows, scratch, 6); break;
-            case 7: register_rows(job, &planes, n0, rows, scratch, 7); break;
-            case 8: register_rows(job, &planes, n0, rows, scratch, 8); break;
-            default: gemm_rows(job, &planes, n0, rows, scratch); break;
+            case 1: register_rows(job, &planes, &chunk, n0, rows, scratch, 1); break;
+            case 2: register_rows(job, &planes, &chunk, n0, rows, scratch, 2); break;
+            case 3: register_rows(job, &planes, &chunk, n0, rows, scratch, 3); break;
+            case 4: register_rows(job, &planes, &chunk, n0, rows, scratch, 4); break;
+            case 5: register_rows(job, &planes, &chunk, n0, rows, scratch, 5); break;
+            case 6: register_rows(job, &planes, &chunk, n0, rows, scratch, 6); break;
+            case 7: register_rows(job, &planes, &chunk, n0, rows, scratch, 7); break;
+            case 8: register_rows(job, &planes, &chunk, n0, rows, scratch, 8); break;
+            default: gemm_rows(job, &planes, &chunk, n0, rows, scratch); break;
         }
     }
 }

@@ -2,7 +2,8 @@
  * calls it only when cpuid reports AVX-512 F). Every instruction used is AVX-512 F.
  *
  * Layouts: the stored codes as they are, (N, Kp / 2) uint8, low nibble = even column (no repack, no
- * second copy of the weight); scales (N, Kp / B) float32. K is walked in strips of 128 columns
+ * second copy of the weight); scales (N, Kp / B) as float32, per chunk of rows the stored array or
+ * its decoded float16 / double-quantized form (chunk.h). K is walked in strips of 128 columns
  * (64 bytes of codes, one zmm); strips = ceil(Kp / 128), the last one may be short.
  *
  * Decode, 64 bytes -> 128 levels in 8 zmm, with no byte shuffles at all. vpermps reads only the
@@ -27,8 +28,8 @@
  *     5 to 8 x rows (larger batches, prefill): the 8 level vectors are scaled first (level * scale,
  *       the weight's one rounding) and FMAed straight into total (2 x 8 = 16 accumulators), so each
  *       decode serves up to 8 x rows.
- * Totals span the whole K: each output is reduced once (_mm512_reduce_add_ps), its CSR outliers added
- * from x_columns (K, M), as in the AVX2 kernel (at M = 1 with one gather per 16 outliers).
+ * Totals span the whole K: each output is reduced once (_mm512_reduce_add_ps), the chunk's outlier
+ * sums (chunk.h, computed before the tiles) added.
  * Prefetch: per strip, each row of the tile prefetches its code line one tile ahead (the next tile's
  * row, same columns: R * Kp / 2 bytes on), so the line arrives while the R rows in between are
  * decoded, and no prefetch is spent on lines that a row of this tile reads itself. At M = 1 from DRAM
@@ -47,6 +48,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "chunk.h"
 #include "kernels.h"
 #include "quantlite_decode.h"
 
@@ -69,11 +71,16 @@ typedef struct {
 
 /* Per thread: the strip table (64-byte aligned), then for the GEMM the panel (QL_ROW_GRAIN,
  * GEMM_SLICE_STRIPS, 128) and the partial sums (QL_ROW_GRAIN, M, 16). */
-int64_t ql_avx512_scratch_floats(const ql_matmul_job *job) {
+static int64_t own_scratch_floats(const ql_matmul_job *job) {
     const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
     const int64_t table = strips * (int64_t)(sizeof(strip_scales) / sizeof(float)) + 16;  /* + 16: room to align */
     if (job->m <= GEMM_MIN_M) return table;
     return table + QL_ROW_GRAIN * GEMM_SLICE_STRIPS * STRIP_COLUMNS + QL_ROW_GRAIN * job->m * 16;
+}
+
+/* ... then the chunk's (chunk.h). */
+int64_t ql_avx512_scratch_floats(const ql_matmul_job *job) {
+    return own_scratch_floats(job) + ql_chunk_scratch_floats(job);
 }
 
 static strip_scales *build_strip_scales(const ql_matmul_job *job, float *scratch) {
@@ -147,11 +154,12 @@ static inline __attribute__((always_inline)) void strip(const strip_scales *entr
             for (int m = 0; m < x_rows; ++m) total[r][m] = _mm512_fmadd_ps(partial[r][m], scale[r], total[r][m]);
 }
 
-/* Weight rows n0 .. n0 + R - 1 against one tile of x_rows rows of x (x: the tile's first float in
- * x_packed, (strips, 8, x_rows, 16)); sums (R, x_rows) = the dense dot products. */
+/* Weight rows n0 .. n0 + R - 1 (their float32 scales from scale0, Kp / B apart) against one tile
+ * of x_rows rows of x (x: the tile's first float in x_packed, (strips, 8, x_rows, 16)); sums
+ * (R, x_rows) = the dense dot products. */
 static inline __attribute__((always_inline)) void tile(const ql_matmul_job *job, const strip_scales *table,
-                                                       __m512 codebook, int64_t n0, const float *x, float *sums,
-                                                       const int R, const int x_rows) {
+                                                       __m512 codebook, int64_t n0, const float *scale0,
+                                                       const float *x, float *sums, const int R, const int x_rows) {
     const ql_weight *w = job->w;
     const int64_t row_bytes = job->padded_k / 2, n_blocks = job->padded_k / w->block_size;
     const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
@@ -159,7 +167,7 @@ static inline __attribute__((always_inline)) void tile(const ql_matmul_job *job,
     const float *scales[WIDE_TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; ++r) {
         codes[r] = w->codes + (n0 + r) * row_bytes;
-        scales[r] = w->scales + (n0 + r) * n_blocks;
+        scales[r] = scale0 + r * n_blocks;
     }
     __m512 total[WIDE_TILE_WEIGHT_ROWS][8];
     for (int r = 0; r < R; ++r)
@@ -175,65 +183,43 @@ static inline __attribute__((always_inline)) void tile(const ql_matmul_job *job,
         for (int m = 0; m < x_rows; ++m) sums[r * x_rows + m] = _mm512_reduce_add_ps(total[r][m]);
 }
 
-/* Weight rows [n0, n0 + rows) against one x tile (rows m0 .. m0 + x_rows - 1 of x): sums (rows, x_rows). */
+/* The chunk's weight rows [n0, n0 + rows) against one x tile (rows m0 .. m0 + x_rows - 1 of x):
+ * sums (rows, x_rows). */
 static inline __attribute__((always_inline)) void tile_rows_pass(const ql_matmul_job *job, const strip_scales *table,
                                                                  __m512 codebook, int64_t n0, int64_t rows,
-                                                                 const float *x, float *sums, const int x_rows) {
+                                                                 const ql_chunk *chunk, const float *x, float *sums,
+                                                                 const int x_rows) {
+    const int64_t n_blocks = job->padded_k / job->w->block_size;
     int64_t r = 0;
     if (x_rows <= WIDE_TILE_MAX_X_ROWS)
         for (; r + WIDE_TILE_WEIGHT_ROWS <= rows; r += WIDE_TILE_WEIGHT_ROWS)
-            tile(job, table, codebook, n0 + r, x, sums + r * x_rows, WIDE_TILE_WEIGHT_ROWS, x_rows);
+            tile(job, table, codebook, n0 + r, chunk->scales + r * n_blocks, x, sums + r * x_rows, WIDE_TILE_WEIGHT_ROWS, x_rows);
     for (; r + TILE_WEIGHT_ROWS <= rows; r += TILE_WEIGHT_ROWS)
-        tile(job, table, codebook, n0 + r, x, sums + r * x_rows, TILE_WEIGHT_ROWS, x_rows);
-    for (; r < rows; ++r) tile(job, table, codebook, n0 + r, x, sums + r * x_rows, 1, x_rows);
+        tile(job, table, codebook, n0 + r, chunk->scales + r * n_blocks, x, sums + r * x_rows, TILE_WEIGHT_ROWS, x_rows);
+    for (; r < rows; ++r) tile(job, table, codebook, n0 + r, chunk->scales + r * n_blocks, x, sums + r * x_rows, 1, x_rows);
 }
 
-/* Row n's outliers against x when M = 1 (x_columns is then x itself): 16 per gather, the products
- * summed in one vector, so they do not wait on each other (a scalar chain of dependent adds, ~20
- * outliers a row at 0.5 %, took a third of the 4096 x 4096 GEMV). */
-static inline float outliers_dot_single_x(const ql_weight *w, int64_t n, const float *x) {
-    __m512 acc = _mm512_setzero_ps();
-    const int64_t end = w->row_ptr[n + 1];
-    for (int64_t e = w->row_ptr[n]; e < end; e += 16) {
-        const __mmask16 mask = end - e >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - e)) - 1);
-        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, _mm512_maskz_loadu_epi32(mask, w->cols + e), x, 4);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w->vals + e), xv, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-/* y[m0 + m, n] = sums[n - n0, m] + row n's outliers against x row m0 + m. */
-static void store_outputs(const ql_matmul_job *job, int64_t n0, int64_t rows, int64_t m0, int x_rows,
-                          const float *sums) {
-    const ql_weight *w = job->w;
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r;
-        float values[QL_AVX512_X_TILE];
-        for (int m = 0; m < x_rows; ++m) values[m] = sums[r * x_rows + m];
-        if (job->m == 1) {
-            ql_store(job->y, job->dtype, n, values[0] + outliers_dot_single_x(w, n, job->x_columns));
-            continue;
-        }
-        for (int64_t e = w->row_ptr[n]; e < w->row_ptr[n + 1]; ++e) {
-            const float *x_column = job->x_columns + w->cols[e] * job->m + m0;
-            for (int m = 0; m < x_rows; ++m) values[m] += w->vals[e] * x_column[m];
-        }
-        for (int m = 0; m < x_rows; ++m) ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n, values[m]);
-    }
+/* y[m0 + m, n0 + r] = sums[r, m] + the chunk's outlier sums of row r against x row m0 + m. */
+static void store_outputs(const ql_matmul_job *job, const ql_chunk *chunk, int64_t n0, int64_t rows, int64_t m0,
+                          int x_rows, const float *sums) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int m = 0; m < x_rows; ++m)
+            ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n0 + r,
+                     sums[r * x_rows + m] + chunk->outliers[r * job->m + m0 + m]);
 }
 
 /* ---------------------------------------------------------------- GEMM (M > GEMM_MIN_M) */
 /* Weight rows [n0, n0 + rows), strips [s0, s0 + strips) decoded and scaled once into panel
  * (rows, GEMM_SLICE_STRIPS, 8, 16) float32, in the strips' lane order (the order of x_packed). */
-static void decode_panel(const ql_matmul_job *job, const strip_scales *table, __m512 codebook, int64_t n0,
-                         int64_t rows, int64_t s0, int64_t strips, float *panel) {
+static void decode_panel(const ql_matmul_job *job, const strip_scales *table, const ql_chunk *chunk, __m512 codebook,
+                         int64_t n0, int64_t rows, int64_t s0, int64_t strips, float *panel) {
     const ql_weight *w = job->w;
     const int64_t row_bytes = job->padded_k / 2, n_blocks = job->padded_k / w->block_size;
     const int64_t last = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS - 1;
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t *codes = w->codes + (n0 + r) * row_bytes;
         for (int64_t s = s0; s < s0 + strips; ++s) {
-            const __m512 scale = strip_scale(table + s, w->scales + (n0 + r) * n_blocks);
+            const __m512 scale = strip_scale(table + s, chunk->scales + r * n_blocks);
             float *out = panel + (r * GEMM_SLICE_STRIPS + (s - s0)) * STRIP_COLUMNS;
             if (s < last) {
 #pragma GCC unroll 8
@@ -291,13 +277,13 @@ static inline __attribute__((always_inline)) void gemm_tile_rows(const float *pa
 
 /* Weight rows [n0, n0 + rows) against all M rows of x: per K slice, decode the panel once, then
  * every x tile runs over it; sums (rows, M, 16) carries the partial sums across slices. */
-static void gemm_rows(const ql_matmul_job *job, const strip_scales *table, __m512 codebook, int64_t n0,
+static void gemm_rows(const ql_matmul_job *job, const strip_scales *table, const ql_chunk *chunk, __m512 codebook, int64_t n0,
                       int64_t rows, float *panel, float *sums) {
     const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS, m = job->m;
     memset(sums, 0, sizeof(float) * (size_t)(rows * m * 16));
     for (int64_t s0 = 0; s0 < strips; s0 += GEMM_SLICE_STRIPS) {
         const int64_t count = strips - s0 < GEMM_SLICE_STRIPS ? strips - s0 : GEMM_SLICE_STRIPS;
-        decode_panel(job, table, codebook, n0, rows, s0, count, panel);
+        decode_panel(job, table, chunk, codebook, n0, rows, s0, count, panel);
         for (int64_t m0 = 0; m0 < m; m0 += QL_AVX512_X_TILE) {
             const int x_rows = m - m0 < QL_AVX512_X_TILE ? (int)(m - m0) : QL_AVX512_X_TILE;
             const float *x = job->x_packed + ql_avx512_x_position(0, m0, m, job->padded_k) + s0 * 8 * x_rows * 16;
@@ -319,7 +305,7 @@ static void gemm_rows(const ql_matmul_job *job, const strip_scales *table, __m51
         const int x_rows = m - m0 < QL_AVX512_X_TILE ? (int)(m - m0) : QL_AVX512_X_TILE;
         for (int64_t r = 0; r < rows; ++r)
             for (int i = 0; i < x_rows; ++i) dense[r * x_rows + i] = _mm512_reduce_add_ps(_mm512_load_ps(sums + (r * m + m0 + i) * 16));
-        store_outputs(job, n0, rows, m0, x_rows, dense);
+        store_outputs(job, chunk, n0, rows, m0, x_rows, dense);
     }
 }
 
@@ -328,27 +314,34 @@ void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n
     const strip_scales *table = build_strip_scales(job, scratch);
     const __m512 codebook = _mm512_loadu_ps(job->w->codebook);
     float sums[QL_ROW_GRAIN * QL_AVX512_X_TILE];  /* (rows, x_rows) */
+    float *chunk_scratch = scratch + own_scratch_floats(job);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
         const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+        ql_chunk chunk;
+        const int status = ql_chunk_begin(job, n0, rows, chunk_scratch, &chunk);
+        if (status != QL_OK) {
+            ql_chunk_fail(job, status);
+            return;
+        }
         if (job->m > GEMM_MIN_M) {
             float *panel = (float *)(table + (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS);
-            gemm_rows(job, table, codebook, n0, rows, panel, panel + QL_ROW_GRAIN * GEMM_SLICE_STRIPS * STRIP_COLUMNS);
+            gemm_rows(job, table, &chunk, codebook, n0, rows, panel, panel + QL_ROW_GRAIN * GEMM_SLICE_STRIPS * STRIP_COLUMNS);
             continue;
         }
         for (int64_t m0 = 0; m0 < job->m; m0 += QL_AVX512_X_TILE) {
             const int x_rows = job->m - m0 < QL_AVX512_X_TILE ? (int)(job->m - m0) : QL_AVX512_X_TILE;
             const float *x = job->x_packed + ql_avx512_x_position(0, m0, job->m, job->padded_k);
             switch (x_rows) {  /* a constant row count lets the compiler keep every accumulator in a register */
-                case 1: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 1); break;
-                case 2: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 2); break;
-                case 3: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 3); break;
-                case 4: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 4); break;
-                case 5: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 5); break;
-                case 6: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 6); break;
-                case 7: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 7); break;
-                default: tile_rows_pass(job, table, codebook, n0, rows, x, sums, 8); break;
+                case 1: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 1); break;
+                case 2: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 2); break;
+                case 3: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 3); break;
+                case 4: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 4); break;
+                case 5: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 5); break;
+                case 6: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 6); break;
+                case 7: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 7); break;
+                default: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 8); break;
             }
-            store_outputs(job, n0, rows, m0, x_rows, sums);
+            store_outputs(job, &chunk, n0, rows, m0, x_rows, sums);
         }
     }
 }

@@ -5,6 +5,7 @@
  * qmatmul, per output row n and input row m, in groups of 16 columns (8 bytes), like the GEMV:
  *     acc = 0
  *     for each group g:  acc += scale[n, block of g] * sum_{k in g, k < K} codebook[code(n, k)] * x[m, k]
+ *     (the scale as stored, decoded by ql_scale_at: float32, float16 or double-quantized)
  *     y[m, n] = acc + sum over row n's outliers of val * x[m, col]
  * (the scale is factored out of its group: one multiply per 16 weights). */
 #include <string.h>
@@ -18,7 +19,6 @@ void ql_qmatmul_rows_scalar(const ql_matmul_job *job, int64_t n_begin, int64_t n
     const int64_t n_blocks = job->padded_k / w->block_size;
     for (int64_t n = n_begin; n < n_end; ++n) {
         const uint8_t *code_row = w->codes + n * (job->padded_k / 2);   /* (Kp / 2,) */
-        const float *scale_row = w->scales + n * n_blocks;                /* (Kp / B,) */
         for (int64_t m = 0; m < job->m; ++m) {
             const void *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
             float acc = 0.0f;
@@ -27,9 +27,9 @@ void ql_qmatmul_rows_scalar(const ql_matmul_job *job, int64_t n_begin, int64_t n
                 memcpy(words, code_row + col0 / 2, sizeof words);  /* little-endian, as on the GPU */
                 float levels[16];
                 ql_group_levels(words[0], words[1], w->codebook, levels);
-                acc += ql_group_dot(levels, x_row, job->dtype, col0, w->k) * scale_row[col0 / w->block_size];
+                acc += ql_group_dot(levels, x_row, job->dtype, col0, w->k) * ql_scale_at(w, n * n_blocks + col0 / w->block_size);
             }
-            acc += ql_outlier_partial(w->row_ptr, w->cols, w->vals, n, x_row, job->dtype, 0, 1);
+            acc += ql_outlier_partial(w->row_ptr, w->cols, w->col_kind, w->vals, w->val_kind, n, x_row, job->dtype, 0, 1);
             ql_store(job->y, job->dtype, m * job->y_row_stride + n, acc);
         }
     }

@@ -50,7 +50,8 @@ extern "C" {
 
 QL_API int ql_cuda_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
                            int64_t y_row_stride, int dtype, void *stream) {
-    const int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
+    int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
+    if (status == QL_OK) status = ql_check_widened(w);  // the CUDA kernels read float32 / int32 / float32
     if (status != QL_OK) return status;
     if ((uintptr_t)w->codes % 8 != 0) return QL_ERR_MISALIGNED;
     const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
@@ -67,6 +68,7 @@ QL_API int ql_cuda_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t
 
 QL_API int ql_cuda_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype, void *stream) {
     int status = ql_check_weight(w);
+    if (status == QL_OK) status = ql_check_widened(w);
     if (status == QL_OK && out == nullptr) status = QL_ERR_NULL_POINTER;
     if (status == QL_OK && out_row_stride < w->k) status = QL_ERR_BAD_STRIDE;
     if (status == QL_OK) status = ql_check_dtype(dtype);

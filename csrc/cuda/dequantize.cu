@@ -18,14 +18,14 @@ dequantize_kernel(const ql_weight w, void *__restrict__ out, int64_t out_row_str
     const int64_t padded_k = (w.k + w.block_size - 1) / w.block_size * w.block_size;
     for (int64_t n = blockIdx.y; n < w.n; n += gridDim.y) {
         float value = ql_weight_at(w.codebook, ql_code_at(w.codes + n * (padded_k / 2), k),
-                                   w.scales[n * (padded_k / w.block_size) + k / w.block_size]);
+                                   ((const float *)w.scales)[n * (padded_k / w.block_size) + k / w.block_size]);
         int64_t low = w.row_ptr[n], high = w.row_ptr[n + 1];  // first column >= k in [low, high)
         while (low < high) {
             const int64_t mid = (low + high) / 2;
-            if (w.cols[mid] < k) low = mid + 1;
+            if (((const int32_t *)w.cols)[mid] < k) low = mid + 1;
             else high = mid;
         }
-        if (low < w.row_ptr[n + 1] && w.cols[low] == k) value += w.vals[low];
+        if (low < w.row_ptr[n + 1] && ((const int32_t *)w.cols)[low] == k) value += ((const float *)w.vals)[low];
         ql_store(out, DTYPE, n * out_row_stride + k, value);
     }
 }

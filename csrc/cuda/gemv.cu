@@ -44,7 +44,7 @@ gemv_kernel(const ql_weight w,  // compute layout, device pointers
     const int64_t padded_k = (w.k + w.block_size - 1) / w.block_size * w.block_size;
     const int64_t row_bytes = padded_k / 2;
     const uint8_t *code_row = w.codes + n * row_bytes;                   // (Kp / 2,)
-    const float *scale_row = w.scales + n * (padded_k / w.block_size);   // (Kp / B,)
+    const float *scale_row = (const float *)w.scales + n * (padded_k / w.block_size);   // (Kp / B,)
     const char *x_rows = (const char *)x + m0 * x_row_stride * ql_dtype_size(DTYPE);
 
     float acc[GEMV_MAX_M];
@@ -78,7 +78,7 @@ gemv_kernel(const ql_weight w,  // compute layout, device pointers
 #pragma unroll
     for (int mm = 0; mm < GEMV_MAX_M; ++mm)
         if (mm < m_count)
-                acc[mm] += ql_outlier_partial(w.row_ptr, w.cols, w.vals, n, x_rows + mm * x_row_stride * ql_dtype_size(DTYPE),
+                acc[mm] += ql_outlier_partial(w.row_ptr, w.cols, QL_COLS_I32, w.vals, QL_VALS_F32, n, x_rows + mm * x_row_stride * ql_dtype_size(DTYPE),
                                           DTYPE, lane, 32);
 
     // ---- warp reduction, write

@@ -78,7 +78,7 @@ mma_kernel(const ql_weight w,  // compute layout, device pointers
         if (n < w.n && group_col < padded_k) {
             const uint2 words = __ldg((const uint2 *)(w.codes + n * (padded_k / 2) + group_col / 2));
             ql_group_levels(words.x, words.y, codebook, levels);
-            scale = w.scales[n * n_blocks + group_col / w.block_size];
+            scale = ((const float *)w.scales)[n * n_blocks + group_col / w.block_size];
         } else {
 #pragma unroll
             for (int i = 0; i < 16; ++i) levels[i] = 0.0f;
@@ -117,7 +117,7 @@ mma_kernel(const ql_weight w,  // compute layout, device pointers
         const int64_t out_m = m0 + r, out_n = n0 + c;
         if (out_m >= m || out_n >= w.n) continue;
         const void *x_row_ptr = (const char *)x + out_m * x_row_stride * ql_dtype_size(DTYPE);
-        const float value = out_tile[r][c] + ql_outlier_partial(w.row_ptr, w.cols, w.vals, out_n, x_row_ptr, DTYPE, 0, 1);
+        const float value = out_tile[r][c] + ql_outlier_partial(w.row_ptr, w.cols, QL_COLS_I32, w.vals, QL_VALS_F32, out_n, x_row_ptr, DTYPE, 0, 1);
         ql_store(y, DTYPE, out_m * y_row_stride + out_n, value);
     }
 }

@@ -292,36 +292,50 @@ int main(int argc, char **argv) {
     load_safetensors(argv[2], &io_file);
     if (find(&weight_file, "qs", 0)) return run_int8(&weight_file, &io_file);
 
-    /* 1. the weight, from its stored form to the compute layout of quantlite.h */
+    /* 1. the weight as stored: the library reads each tensor as it is (quantlite.h's storage tags);
+     *    the float32 copies below (scales, columns, values) feed only this program's reference */
     int64_t n, k, block_size;
     parse_meta(find(&weight_file, "meta", 1), &n, &k, &block_size);
     const int64_t n_blocks = (k + block_size - 1) / block_size;
     const tensor *codes = find(&weight_file, "codes", 1);
     float *codebook = to_floats(find(&weight_file, "codebook", 1));
-    float *scales;  /* (N, Kp / B) float32 */
+    ql_weight weight = {.n = n, .k = k, .block_size = block_size, .codes = codes->data, .codebook = codebook};
+    float *scales;  /* (N, Kp / B) float32, for the reference */
     const tensor *plain_scales = find(&weight_file, "scales", 0);
     if (plain_scales) {
         scales = to_floats(plain_scales);
+        weight.scales = plain_scales->data;
+        weight.scale_kind = strcmp(plain_scales->dtype, "F16") == 0 ? QL_SCALES_F16 : QL_SCALES_F32;
     } else {        /* double quantization: min + code * step of the code's group of 256 scales */
         const tensor *scale_codes = find(&weight_file, "scale_codes", 1);
         float *group_min = to_floats(find(&weight_file, "scale_group_min", 1));
         float *group_step = to_floats(find(&weight_file, "scale_group_step", 1));
         scales = malloc(sizeof(float) * (size_t)(n * n_blocks));
         for (int64_t i = 0; i < n * n_blocks; ++i)
-            scales[i] = group_min[i / 256] + (float)scale_codes->data[i] * group_step[i / 256];
-        free(group_min);
-        free(group_step);
+            scales[i] = group_min[i / QL_SCALE_GROUP] + (float)scale_codes->data[i] * group_step[i / QL_SCALE_GROUP];
+        weight.scales = scale_codes->data;
+        weight.scale_kind = QL_SCALES_DQ;
+        weight.scale_group_min = group_min;
+        weight.scale_group_step = group_step;
     }
     /* the outlier CSR; a weight without outliers stores none of its three tensors */
     const tensor *row_ptr_t = find(&weight_file, "outlier_row_ptr", 0);
     const tensor *cols_t = row_ptr_t ? find(&weight_file, "outlier_cols", 1) : NULL;
+    const tensor *vals_t = row_ptr_t ? find(&weight_file, "outlier_vals", 1) : NULL;
     const int64_t nnz = cols_t ? numel(cols_t) : 0;
     int32_t *row_ptr = calloc((size_t)(n + 1), sizeof(int32_t));
     int32_t *cols = malloc(sizeof(int32_t) * (size_t)(nnz + 1));
     for (int64_t i = 0; row_ptr_t && i <= n; ++i) row_ptr[i] = (int32_t)element(row_ptr_t, i);
     for (int64_t i = 0; i < nnz; ++i) cols[i] = (int32_t)element(cols_t, i);
-    float *vals = row_ptr_t ? to_floats(find(&weight_file, "outlier_vals", 1)) : malloc(sizeof(float));
-    const ql_weight weight = {n, k, block_size, codes->data, scales, codebook, row_ptr, cols, vals, nnz};
+    float *vals = vals_t ? to_floats(vals_t) : malloc(sizeof(float));
+    weight.row_ptr = row_ptr;
+    weight.nnz = nnz;
+    if (nnz) {
+        weight.cols = cols_t->data;
+        weight.col_kind = strcmp(cols_t->dtype, "U16") == 0 ? QL_COLS_U16 : QL_COLS_I32;
+        weight.vals = vals_t->data;
+        weight.val_kind = strcmp(vals_t->dtype, "F16") == 0 ? QL_VALS_F16 : QL_VALS_F32;
+    }
 
     /* 2. x and the expected y */
     int64_t m;

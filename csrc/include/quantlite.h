@@ -7,7 +7,9 @@
  *
  * W is (N, K) = (out_features, in_features), quantized in blocks of B weights along K, K padded up to
  * Kp = ceil(K / B) * B with the zero code; S is a sparse matrix of outliers in CSR form. The weight is
- * handed over in the compute layout (quantlite.kernels.prepared): every array contiguous, row-major.
+ * handed over as docs/FORMAT.md stores it (every array contiguous, row-major): scales float32,
+ * float16 or double-quantized, outlier columns int32 or uint16, outlier values float32 or float16,
+ * each named by a tag (the CPU kernels read every kind as it is; CUDA takes the all-zero tags).
  * x and y are row-major with a row stride (elements, >= K resp. >= N) and one dtype tag for both;
  * every kernel accumulates in float32.
  *
@@ -24,8 +26,9 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 4  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
-                              4: the decode-step primitives (ql_cpu_rms_norm, ...) */
+#define QL_ABI_VERSION 5  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
+                             4: ql_weight's storage tags (stored scales / outliers, no widened copies);
+                             5: the decode-step primitives (ql_cpu_rms_norm, ...) */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -46,7 +49,8 @@ typedef enum {
     QL_ERR_BAD_OUTLIERS = 8,     /* row_ptr not 0..nnz non-decreasing, or a column outside [0, K) */
     QL_ERR_NO_CUDA_DEVICE = 9,   /* no CUDA driver or device */
     QL_ERR_CUDA = 10,            /* a CUDA runtime call or launch failed (see ql_cuda_last_error) */
-    QL_ERR_MISALIGNED = 11       /* CUDA: codes not 8-byte aligned (the kernels load them 8 or 16 bytes at a time) */
+    QL_ERR_MISALIGNED = 11,      /* CUDA: codes not 8-byte aligned (the kernels load them 8 or 16 bytes at a time) */
+    QL_ERR_BAD_LAYOUT = 12       /* a storage tag unknown, or (CUDA) not float32 / int32 / float32 */
 } ql_status;
 
 /* ---------------------------------------------------------------- dtype tags (x and y) */
@@ -64,19 +68,45 @@ typedef enum {
     QL_ISA_AVX512 = 3   /* AVX-512 F (qmatmul; the encoder runs its AVX2 code there) */
 } ql_isa;
 
-/* ---------------------------------------------------------------- the weight (compute layout) */
+/* ---------------------------------------------------------------- the weight (as stored) */
+typedef enum {
+    QL_SCALES_F32 = 0,   /* scales: (N, Kp / B) float32 */
+    QL_SCALES_F16 = 1,   /* scales: (N, Kp / B) IEEE float16 bits */
+    QL_SCALES_DQ = 2     /* scales: (N, Kp / B) uint8 codes; scale i (row-major) = group_min[i / 256] +
+                            code * group_step[i / 256], in float32 (a multiply, then an add) */
+} ql_scale_kind;
+
+typedef enum {
+    QL_COLS_I32 = 0,     /* cols: (nnz,) int32 */
+    QL_COLS_U16 = 1      /* cols: (nnz,) uint16 (K <= 65536) */
+} ql_col_kind;
+
+typedef enum {
+    QL_VALS_F32 = 0,     /* vals: (nnz,) float32 */
+    QL_VALS_F16 = 1      /* vals: (nnz,) IEEE float16 bits */
+} ql_val_kind;
+
+/* Every tag 0 is the widened layout of ABI version 3 (a zeroed struct's tails read as before). */
 typedef struct {
     int64_t n;                /* N: output features (rows of W) */
     int64_t k;                /* K: input features (columns of W, before padding) */
     int64_t block_size;       /* B: weights per scale along K, a multiple of 16 */
     const uint8_t *codes;     /* (N, Kp / 2) uint8: two codes per byte, low nibble = even column */
-    const float *scales;      /* (N, Kp / B) float32 */
+    const void *scales;       /* (N, Kp / B) of scale_kind */
     const float *codebook;    /* (16,) float32 */
     const int32_t *row_ptr;   /* (N + 1,) int32: CSR row pointers into cols / vals */
-    const int32_t *cols;      /* (nnz,) int32: column of each outlier, ascending in a row */
-    const float *vals;        /* (nnz,) float32: added to W at (row, col) */
+    const void *cols;         /* (nnz,) of col_kind: column of each outlier, ascending in a row */
+    const void *vals;         /* (nnz,) of val_kind: added to W at (row, col) */
     int64_t nnz;              /* number of outliers (cols / vals may be NULL when 0) */
+    int32_t scale_kind;       /* ql_scale_kind */
+    int32_t col_kind;         /* ql_col_kind */
+    int32_t val_kind;         /* ql_val_kind */
+    const float *scale_group_min;   /* QL_SCALES_DQ: (ceil(N * Kp / B / 256),) float32, else NULL */
+    const float *scale_group_step;  /* QL_SCALES_DQ: likewise */
 } ql_weight;
+
+/* Scales per (group_min, group_step) pair of QL_SCALES_DQ (docs/FORMAT.md). */
+#define QL_SCALE_GROUP 256
 
 /* A block-scaled int8 weight (docs/FORMAT.md, section 1b): W[n, k] = qs[n, k] * scales[n, k / B]. */
 typedef struct {

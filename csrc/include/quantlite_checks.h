@@ -27,7 +27,19 @@ static inline int ql_check_weight(const ql_weight *w) {
     if (w->n <= 0 || w->k <= 0 || w->nnz < 0) return QL_ERR_BAD_SIZE;
     if (w->nnz > 0 && (w->cols == NULL || w->vals == NULL)) return QL_ERR_NULL_POINTER;
     if (!ql_block_size_ok(w->block_size)) return QL_ERR_BAD_BLOCK_SIZE;
+    if (w->scale_kind < QL_SCALES_F32 || w->scale_kind > QL_SCALES_DQ || w->col_kind < QL_COLS_I32 ||
+        w->col_kind > QL_COLS_U16 || w->val_kind < QL_VALS_F32 || w->val_kind > QL_VALS_F16 ||
+        (w->col_kind == QL_COLS_U16 && w->k > 65536))
+        return QL_ERR_BAD_LAYOUT;
+    if (w->scale_kind == QL_SCALES_DQ && (w->scale_group_min == NULL || w->scale_group_step == NULL))
+        return QL_ERR_NULL_POINTER;
     return QL_OK;
+}
+
+/* The CUDA kernels read the widened layout only (float32 scales, int32 columns, float32 values). */
+static inline int ql_check_widened(const ql_weight *w) {
+    return w->scale_kind == QL_SCALES_F32 && w->col_kind == QL_COLS_I32 && w->val_kind == QL_VALS_F32
+               ? QL_OK : QL_ERR_BAD_LAYOUT;
 }
 
 static inline int ql_check_dtype(int dtype) {

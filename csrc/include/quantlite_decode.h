@@ -1,7 +1,8 @@
 /* quantlite_decode.h: the per-element math every back-end shares, for host (C) and device (CUDA).
  *
  *     code(n, k)   = (codes[n, k / 2] >> 4 * (k % 2)) & 15        low nibble = even column
- *     W[n, k]      = codebook[code(n, k)] * scales[n, k / B]  (+ the CSR outlier at (n, k), if any)
+ *     W[n, k]      = codebook[code(n, k)] * scale(n, k / B)  (+ the CSR outlier at (n, k), if any)
+ *     scale, cols, vals as stored (ql_scale_at, ql_outlier_col, ql_outlier_val: every storage kind)
  *     encode(v)    = #{i : mid[i] < v * r},  mid[i] = (codebook[i] + codebook[i+1]) / 2
  *
  * plus the conversions of x / y between float32 and float16 / bfloat16 (round to nearest even, as
@@ -160,13 +161,31 @@ QL_HOSTDEV float ql_group_dot(const float levels[16], const void *x_row, int dty
     return sum;
 }
 
-/* ---------------------------------------------------------------- outliers */
+/* ---------------------------------------------------------------- stored scales and outliers */
+/* Scale i of the row-major (N, Kp / B) scales, whatever their storage (ql_scale_kind). */
+QL_HOSTDEV float ql_scale_at(const ql_weight *w, int64_t i) {
+    if (w->scale_kind == QL_SCALES_F32) return ((const float *)w->scales)[i];
+    if (w->scale_kind == QL_SCALES_F16) return ql_f16_to_f32(((const uint16_t *)w->scales)[i]);
+    const int64_t group = i / QL_SCALE_GROUP;
+    return w->scale_group_min[group] + (float)((const uint8_t *)w->scales)[i] * w->scale_group_step[group];
+}
+
+QL_HOSTDEV int64_t ql_outlier_col(const void *cols, int col_kind, int64_t e) {
+    return col_kind == QL_COLS_U16 ? ((const uint16_t *)cols)[e] : ((const int32_t *)cols)[e];
+}
+
+QL_HOSTDEV float ql_outlier_val(const void *vals, int val_kind, int64_t e) {
+    return val_kind == QL_VALS_F16 ? ql_f16_to_f32(((const uint16_t *)vals)[e]) : ((const float *)vals)[e];
+}
+
 /* Part of sum_e vals[e] * x_row[cols[e]] over row n's CSR entries e = first, first + step, ...
- * (a CUDA lane takes every 32nd entry; the CPU takes them all with first = 0, step = 1). */
-QL_HOSTDEV float ql_outlier_partial(const int32_t *row_ptr, const int32_t *cols, const float *vals, int64_t n,
-                                    const void *x_row, int dtype, int first, int step) {
+ * (a CUDA lane takes every 32nd entry, with the widened kinds as constants; the CPU takes them all
+ * with first = 0, step = 1). */
+QL_HOSTDEV float ql_outlier_partial(const int32_t *row_ptr, const void *cols, int col_kind, const void *vals,
+                                    int val_kind, int64_t n, const void *x_row, int dtype, int first, int step) {
     float sum = 0.0f;
-    for (int64_t e = row_ptr[n] + first; e < row_ptr[n + 1]; e += step) sum += vals[e] * ql_load(x_row, dtype, cols[e]);
+    for (int64_t e = row_ptr[n] + first; e < row_ptr[n + 1]; e += step)
+        sum += ql_outlier_val(vals, val_kind, e) * ql_load(x_row, dtype, ql_outlier_col(cols, col_kind, e));
     return sum;
 }
 

@@ -25,6 +25,9 @@ QL_API const char *ql_error_string(int status) {
         case QL_ERR_NO_CUDA_DEVICE: return "no CUDA driver or device";
         case QL_ERR_CUDA: return "a CUDA call failed (see ql_cuda_last_error)";
         case QL_ERR_MISALIGNED: return "codes must be 8-byte aligned for the CUDA kernels' vector loads";
+        case QL_ERR_BAD_LAYOUT:
+            return "a storage tag (scale_kind, col_kind, val_kind) is not one of quantlite.h's, uint16 columns with K > 65536, "
+                   "or (CUDA) not the widened layout (float32 scales, int32 columns, float32 values)";
         default: return "unknown quantlite status code";
     }
 }

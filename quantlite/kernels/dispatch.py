@@ -46,6 +46,10 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
     with the reason. Only "torch" has a backward pass: when x requires grad (outside no_grad) it is
     the choice, and naming another is an error. The fused back-ends move the weight to x's device
     once and cache it (kernels.prepared); the reference dequantizes it on every call."""
+    if backend is None and _native_cpu is not None and type(qw) is QWeight and type(x) is torch.Tensor and x.is_cpu \
+            and x.dim() and x.shape[-1] == qw.shape[1] and x.dtype in INPUT_DTYPES \
+            and not (x.requires_grad and torch.is_grad_enabled()):
+        return _native_cpu.qmatmul_cpu(x, qw)  # the decode path's case (~120 calls a token), checked as below
     _check_inputs(x, qw)
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     name = _default_choice(x.device.type) if backend is None and not needs_grad else \
@@ -57,6 +61,8 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
     if name in ("cpu", "cuda"):  # the native kernels take (..., K) as is (~120 calls a decode token)
         from quantlite.kernels import native
 
+        if name == "cpu" and backend is None:
+            _remember_native_cpu(native)
         if isinstance(qw, Q8Weight):  # name == "cpu"
             return native.qmatmul_int8_cpu(x, qw)
         return native.qmatmul_cpu(x, qw) if name == "cpu" else native.qmatmul_cuda(x, qw)
@@ -69,8 +75,18 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
     else:
         from quantlite.kernels.triton_qmatmul import qmatmul_triton
 
-        y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device))
+        y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device, widened=True))
     return y.reshape(*x.shape[:-1], n)
+
+
+# quantlite.kernels.native once a default call has chosen the CPU library (then every later one does:
+# the choice is cached), so that qmatmul's first lines can hand a plain CPU call straight to it.
+_native_cpu = None
+
+
+def _remember_native_cpu(native) -> None:
+    global _native_cpu
+    _native_cpu = native
 
 
 def default_backend(device: torch.device | str) -> str:

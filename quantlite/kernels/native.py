@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.prepared import prepare
+from quantlite.kernels.prepared import COL_KINDS, VAL_KINDS, PreparedWeight, prepare
 from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-ABI_VERSION = 4  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 5  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
@@ -35,19 +35,24 @@ class NativeKernelError(QuantliteError, ValueError):
 
 
 class _Weight(ctypes.Structure):
-    """ql_weight: the compute layout of quantlite.kernels.prepared, as raw pointers."""
+    """ql_weight: the compute layout of quantlite.kernels.prepared, as raw pointers and storage tags."""
 
     _fields_ = [
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
         ("block_size", ctypes.c_int64),
         ("codes", ctypes.c_void_p),      # (N, Kp / 2) uint8, low nibble = even column
-        ("scales", ctypes.c_void_p),     # (N, Kp / B) float32
+        ("scales", ctypes.c_void_p),     # (N, Kp / B) of scale_kind
         ("codebook", ctypes.c_void_p),   # (16,) float32
         ("row_ptr", ctypes.c_void_p),    # (N + 1,) int32
-        ("cols", ctypes.c_void_p),       # (nnz,) int32
-        ("vals", ctypes.c_void_p),       # (nnz,) float32
+        ("cols", ctypes.c_void_p),       # (nnz,) of col_kind
+        ("vals", ctypes.c_void_p),       # (nnz,) of val_kind
         ("nnz", ctypes.c_int64),
+        ("scale_kind", ctypes.c_int32),  # ql_scale_kind: float32, float16, double-quantized
+        ("col_kind", ctypes.c_int32),    # ql_col_kind: int32, uint16
+        ("val_kind", ctypes.c_int32),    # ql_val_kind: float32, float16
+        ("scale_group_min", ctypes.c_void_p),   # double-quantized: (groups,) float32
+        ("scale_group_step", ctypes.c_void_p),
     ]
 
 
@@ -192,8 +197,11 @@ def _check(library: ctypes.CDLL, status: int, what: str) -> None:
 # ---------------------------------------------------------------------------- the weight as a C struct
 # QWeight -> (device -> (PreparedWeight, _Weight, pointer to it)); the struct points into the
 # prepared tensors, which the tuple keeps alive. Building it per call would cost more than a small
-# GEMV, and so would ctypes.byref per call: the pointer is made once too.
+# GEMV, and so would ctypes.byref per call: the pointer is made once too. The CPU's entries are also
+# kept by id(qw) in a plain dict (removed when qw dies, so an id is never reused while listed): the
+# decode path asks ~120 times a token, and a WeakKeyDictionary lookup cost ~0.5 us of that.
 _structs: "weakref.WeakKeyDictionary[QWeight, dict[str, tuple]]" = weakref.WeakKeyDictionary()
+_cpu_pointers: dict[int, object] = {}
 
 
 def _weight_pointer(qw: QWeight, device: torch.device):
@@ -202,17 +210,34 @@ def _weight_pointer(qw: QWeight, device: torch.device):
     key = device.type if device.index is None else str(device)
     if per_device is None or key not in per_device:
         prepared = prepare(qw, device)
-        struct = _Weight(
-            n=prepared.n, k=prepared.k, block_size=prepared.block_size,
-            codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
-            codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
-            cols=prepared.cols.data_ptr() if prepared.n_outliers else None,
-            vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
-            nnz=prepared.n_outliers,
-        )
+        struct = _struct(prepared)
         per_device = _structs.setdefault(qw, {})
         per_device[key] = (prepared, struct, ctypes.pointer(struct))
+        if key == "cpu":
+            _cpu_pointers[id(qw)] = per_device[key][2]
+            weakref.finalize(qw, _cpu_pointers.pop, id(qw), None)
     return per_device[key][2]
+
+
+def _cpu_weight_pointer(qw: QWeight):
+    pointer = _cpu_pointers.get(id(qw))
+    return pointer if pointer is not None else _weight_pointer(qw, _CPU)
+
+
+def _struct(prepared: PreparedWeight) -> _Weight:
+    """The ql_weight pointing into a layout's tensors (which the caller keeps alive)."""
+    dq = prepared.scale_group_min is not None
+    return _Weight(
+        n=prepared.n, k=prepared.k, block_size=prepared.block_size,
+        codes=prepared.codes.data_ptr(), scales=prepared.scales.data_ptr(),
+        codebook=prepared.codebook.data_ptr(), row_ptr=prepared.row_ptr.data_ptr(),
+        cols=prepared.cols.data_ptr() if prepared.n_outliers else None,
+        vals=prepared.vals.data_ptr() if prepared.n_outliers else None,
+        nnz=prepared.n_outliers, scale_kind=prepared.scale_kind,
+        col_kind=COL_KINDS[prepared.cols.dtype], val_kind=VAL_KINDS[prepared.vals.dtype],
+        scale_group_min=prepared.scale_group_min.data_ptr() if dq else None,
+        scale_group_step=prepared.scale_group_step.data_ptr() if dq else None,
+    )
 
 
 def _as_rows(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str, kind: type = QWeight) -> torch.Tensor:
@@ -257,12 +282,15 @@ def qmatmul_cpu(
     The decode path calls this ~120 times a token with M = 1, so a contiguous x with no `out` goes
     straight to the library: no reshape, no copy, the weight's struct pointer cached (14 -> 9.5 us of
     CPU per call, 2.2 of them the C call; docs/runtime.md)."""
-    library = _cpu_library()
+    library = _cpu_library_loaded or _cpu_library()
     if isa not in ISA_TAGS:
         raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
-    if out is None and _is_contiguous_input(x, qw):  # the runtime's case: x is the (M, K) rows as is
-        rows, m, row_stride, out_stride = x, x.numel() // qw.shape[1], qw.shape[1], qw.shape[0]
-        y = out = torch.empty(x.shape[:-1] + (qw.shape[0],), dtype=x.dtype)
+    shape = x.shape if isinstance(x, torch.Tensor) else None
+    if out is None and _is_contiguous_input(x, shape, qw):  # the runtime's case: x is the (M, K) rows as is
+        n, k = qw.shape
+        rows, m, row_stride, out_stride = x, x.numel() // k, k, n
+        # a 1-D x (the runtime's decode step) allocates its output by size alone: 1.3 against 3 us
+        y = out = torch.empty(n, dtype=x.dtype) if len(shape) == 1 else torch.empty(shape[:-1] + (n,), dtype=x.dtype)
     else:
         rows = _as_rows(x, qw, "cpu")
         if x.device.type != "cpu":
@@ -275,8 +303,8 @@ def qmatmul_cpu(
         _prefill(rows.reshape(m, qw.shape[1]), qw, out.view(m, qw.shape[0]), n_threads)
     elif m:
         status = library.ql_cpu_qmatmul(
-            _weight_pointer(qw, _CPU), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
-            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], _threads(n_threads),
+            _cpu_weight_pointer(qw), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
+            DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
         )
         if status:
             _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
@@ -303,10 +331,11 @@ def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int 
         out.copy_(y)
 
 
-def _is_contiguous_input(x, qw) -> bool:
-    """Whether x is a contiguous (..., K) CPU tensor of a kernel dtype for qw: no copy, no reshape needed."""
-    return (isinstance(x, torch.Tensor) and isinstance(qw, QWeight) and x.is_cpu and x.dim() > 0
-            and x.shape[-1] == qw.shape[1] and x.dtype in DTYPE_TAGS and x.is_contiguous())
+def _is_contiguous_input(x, shape, qw) -> bool:
+    """Whether x (of `shape`, None if not a tensor) is a contiguous (..., K) CPU tensor of a kernel dtype
+    for qw: no copy, no reshape needed."""
+    return (shape is not None and type(qw) is QWeight and len(shape) > 0 and shape[-1] == qw.shape[1]
+            and x.is_cpu and x.dtype in DTYPE_TAGS and x.is_contiguous())
 
 
 def _checked_out(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -350,7 +379,7 @@ def dequantize_cpu(
           or out.stride(0) < k):
         raise NativeKernelError(f"{where}: out must be a ({n_end - n_begin}, {k}) {dtype} CPU tensor with contiguous rows, "
                                 f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
-    status = library.ql_cpu_dequantize_rows(_weight_pointer(qw, _CPU), n_begin, n_end, out.data_ptr(), out.stride(0),
+    status = library.ql_cpu_dequantize_rows(_cpu_weight_pointer(qw), n_begin, n_end, out.data_ptr(), out.stride(0),
                                             DTYPE_TAGS[dtype], ISA_TAGS[isa], _threads(n_threads))
     _check(library, status, f"{where} (rows {n_begin}..{n_end} of N={n}, K={k}, isa={isa})")
     return out

@@ -244,6 +244,9 @@ def qmatmul_triton(x: torch.Tensor, weight: PreparedWeight, *, out: torch.Tensor
     # 1. check
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise KernelInputError(f"triton qmatmul: x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
+    if (weight.scales.dtype, weight.cols.dtype, weight.vals.dtype) != (torch.float32, torch.int32, torch.float32):
+        raise KernelInputError("triton qmatmul takes the widened layout (float32 scales, int32 columns, float32 "
+                               "values): prepare(qw, device, widened=True)")
     m, k = x.shape
     n = weight.n
     if k != weight.k:

@@ -15,9 +15,12 @@ before anything is read (`memory_nbytes`). The plan (`plan_residency`):
 
 A single loader thread reads the next streamed unit while the current one computes; one read is in
 flight at a time. While the head computes, the first streamed unit of the next pass is read. A
-streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused),
-O_DIRECT when the model outgrows the memory, and each weight is made compute-ready as soon as its
-bytes are in, while the rest of the unit is still being read.
+streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused, lent
+to a unit until it has computed), as stored, O_DIRECT when the model outgrows the memory; each
+weight is made compute-ready as soon as its bytes are in, while the rest of the unit is still being
+read. What a read built is kept with the arena (packed.KeptUnit) when it holds nothing outside it
+(on the CPU the kernels read the stored tensors): the next read of that shard into that arena, the
+file unchanged, reads the bytes and rebuilds nothing.
 
 Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
@@ -30,21 +33,21 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.kernels.dispatch import fused_kernel_live
-from quantlite.kernels.prepared import compute_ready, prepare
+from quantlite.kernels.prepared import compute_ready, layout_extra_nbytes, prepare
 from quantlite.model_config import FINAL_NORM, LM_HEAD
-from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file, streamed_layout
+from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.q8weight import Q8Weight
-from quantlite.qweight import QWeight
+from quantlite.qweight import OUTLIER_FIELDS, QWeight
 from quantlite.runtime import llama
-from quantlite.sources.arena import aligned_buffer
-from quantlite.sources.safetensors_file import OWN_BUFFER_BYTES, SafetensorsFile
+from quantlite.sources.arena import aligned_buffer, arena_layout
+from quantlite.sources.safetensors_file import SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -78,69 +81,88 @@ def format_size(nbytes: float) -> str:
 def weights_nbytes(weights: dict, prepared_on: torch.device | None = None) -> int:
     """Bytes held by a dict of tensors and QWeights, every storage counted once; with prepared_on,
     each QWeight's kernel layout on that device (kernels.prepared, cached) is counted too."""
+    return sum(_storages(weights, prepared_on).values())
+
+
+def _held_outside(weights: dict, arena: torch.Tensor, prepared_on: torch.device | None) -> bool:
+    """Whether `weights` (as weights_nbytes counts them) hold any byte outside the arena's storage."""
+    inside = arena.untyped_storage().data_ptr()
+    return any(nbytes for at, nbytes in _storages(weights, prepared_on).items() if at != inside)
+
+
+def _storages(weights: dict, prepared_on: torch.device | None) -> dict[int, int]:
+    """{storage address: its bytes} of every tensor in `weights` (tensors, and the tensor fields of
+    QWeights and Q8Weights), with prepared_on also of each QWeight's kernel layout there."""
     storages: dict[int, int] = {}
     for value in weights.values():
-        tensors = [value] if isinstance(value, torch.Tensor) else [t for n, t in value.to_dict().items() if n != "meta"]
+        tensors = [value] if isinstance(value, torch.Tensor) else [t for t in vars(value).values() if isinstance(t, torch.Tensor)]
         if isinstance(value, QWeight) and prepared_on is not None:
             tensors += [t for t in vars(prepare(value, prepared_on)).values() if isinstance(t, torch.Tensor)]
         for tensor in tensors:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return storages
 
 
-def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None) -> int:
+def memory_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, names: list[str] | None = None,
+                  device: torch.device = torch.device("cpu")) -> int:
     """An upper bound, from the header alone, on the bytes the tensors `names` (default: all) of a
-    shard take once read as a resident unit is (SafetensorsFile.read_all) and made compute-ready:
-    their stored bytes, plus float32 scales decoded from fp16 or double-quantized storage, plus what
-    `_beside_the_read` counts. Stored scales large enough to get a buffer of their own are counted
-    once, as float32: they are freed when decoded, so a 405B-shape layer (1.58 GiB on disk) counts
-    1.67 GiB."""
+    shard take on `device` once read as a resident unit is (SafetensorsFile.read_all) and made
+    compute-ready: their stored bytes plus what `_beside_the_read` counts."""
+    def wanted(name: str) -> bool:
+        return names is None or any(name == n or name.startswith(n + ".") for n in names)
+
+    stored = sum(entry.nbytes for name, entry in shard.entries.items() if wanted(name))
+    return stored + _beside_the_read(shard, compute_dtype, device, wanted)
+
+
+def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> int:
+    """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
+    `into=`): the arena (sources.arena.arena_layout: the stored bytes, page-rounded) plus what
+    `_beside_the_read` counts."""
+    return arena_layout(shard).nbytes + _beside_the_read(shard, compute_dtype, device)
+
+
+def _beside_the_read(shard: SafetensorsFile, compute_dtype: torch.dtype, device: torch.device, wanted=lambda name: True) -> int:
+    """Bytes made from the `wanted` tensors of a shard outside the buffers they are read into: for
+    each 4-bit weight, the all-zero row pointers of one stored without outliers (QWeight.from_dict)
+    and, off the CPU, the float32 scales compute_ready decodes and what the kernel layout adds
+    (kernels.prepared.layout_extra_nbytes; on the CPU the kernels read the stored tensors: nothing);
+    plain floats converted to the compute dtype."""
     total = 0
+    quantized = {name[: -len(".meta")] for name in shard.entries if name.endswith(".meta")}
     for name, entry in shard.entries.items():
-        if names is not None and not any(name == n or name.startswith(n + ".") for n in names):
+        prefix = name.rpartition(".")[0]
+        if not wanted(name):
             continue
-        total += entry.nbytes + _beside_the_read(shard, name, compute_dtype, streamed=False)
-        field_name = name.rsplit(".", 1)[-1]
-        if field_name in ("scales", "scale_codes") and _is_qweight_field(shard, name) and entry.dtype != torch.float32:
-            # decoded to float32 (compute_ready; double-quantized ones counted beside the read); stored
-            # scales in a buffer of their own are freed
-            total += (entry.nbytes // entry.dtype.itemsize * 4 if field_name == "scales" else 0)
-            total -= entry.nbytes if entry.nbytes >= OWN_BUFFER_BYTES else 0
+        if name.endswith(".codes") and prefix in quantized:
+            qw = _stand_in_qweight(shard, prefix + ".")
+            total += 0 if prefix + ".outlier_row_ptr" in shard.entries else qw.outlier_row_ptr.numel() * 4
+            if device.type != "cpu":
+                ready = qw if qw.scales is not None and qw.scales.dtype == torch.float32 else replace(
+                    qw, scales=torch.zeros((), dtype=torch.float32).expand(qw.codes.shape[0], qw.n_blocks), scale_codes=None,
+                    scale_group_min=None, scale_group_step=None)
+                total += (0 if ready is qw else ready.scales.numel() * 4) + layout_extra_nbytes(ready, device)
+        elif prefix not in quantized and entry.dtype.is_floating_point and entry.dtype != compute_dtype:
+            total += entry.nbytes // entry.dtype.itemsize * compute_dtype.itemsize
     return total
 
 
-def streamed_nbytes(shard: SafetensorsFile, compute_dtype: torch.dtype) -> int:
-    """The same bound for a streamed read of the whole shard into an arena (PackedModel.load_layer
-    `into=`): the arena (packed.streamed_layout: fp16 scales held as float32 only, double-quantized
-    ones decoded there, page rounding, the widening scratch) plus what `_beside_the_read` counts."""
-    beside = sum(_beside_the_read(shard, name, compute_dtype, streamed=True) for name in shard.entries)
-    return streamed_layout(shard).nbytes + beside
+def _stand_in_qweight(shard: SafetensorsFile, prefix: str) -> QWeight:
+    """A QWeight with the stored shapes and dtypes of the 4-bit weight `prefix` of `shard` (zeros
+    broadcast: no memory), for the size rules; its K is the padded one."""
+    def field(name: str) -> torch.Tensor | None:
+        entry = shard.entries.get(prefix + name)
+        return None if entry is None else torch.zeros((), dtype=entry.dtype).expand(entry.shape)
 
-
-def _beside_the_read(shard: SafetensorsFile, name: str, compute_dtype: torch.dtype, streamed: bool) -> int:
-    """Bytes made from tensor `name` outside the buffers it is read into: the kernel layout's int32 /
-    float32 copies of the outlier table, the all-zero row pointers of a weight stored without
-    outliers, float32 scales decoded from double quantization (in the arena when streamed), plain
-    floats in the compute dtype."""
-    entry = shard.entries[name]
-    numel = entry.nbytes // entry.dtype.itemsize
-    field_name = name.rsplit(".", 1)[-1]
-    if _is_qweight_field(shard, name):
-        if field_name == "scale_codes":
-            return 0 if streamed else numel * 4
-        if field_name in ("outlier_cols", "outlier_vals"):
-            return numel * 4
-        if field_name == "codes" and name[: -len("codes")] + "outlier_row_ptr" not in shard.entries:
-            return (entry.shape[0] + 1) * 4
-        return 0
-    if entry.dtype.is_floating_point and entry.dtype != compute_dtype:
-        return numel * compute_dtype.itemsize
-    return 0
-
-
-def _is_qweight_field(shard: SafetensorsFile, name: str) -> bool:
-    return "." in name and name.rsplit(".", 1)[0] + ".meta" in shard.entries
+    codes, scales = field("codes"), field("scales") if prefix + "scales" in shard.entries else field("scale_codes")
+    n, padded_k = codes.shape[0], codes.shape[1] * 2
+    outliers = {name: field(name) for name in OUTLIER_FIELDS} if prefix + "outlier_row_ptr" in shard.entries else {
+        "outlier_row_ptr": torch.zeros((), dtype=torch.int32).expand(n + 1), "outlier_cols": torch.zeros(0, dtype=torch.uint16),
+        "outlier_vals": torch.zeros(0, dtype=torch.float16)}
+    return QWeight(shape=(n, padded_k), block_size=padded_k // scales.shape[1], method="stand-in",
+                   codebook=torch.zeros(16), codes=codes, scales=field("scales"), scale_codes=field("scale_codes"),
+                   scale_group_min=field("scale_group_min"), scale_group_step=field("scale_group_step"), **outliers)
 
 
 @dataclass(frozen=True)
@@ -153,16 +175,16 @@ class UnitSizes:
     arenas: list[int]  # the arena (sources.arena) a streamed read of each layer, then the head, needs
 
 
-def unit_sizes(packed: PackedModel, dtype: torch.dtype) -> UnitSizes:
-    """Bytes in memory of the final norm, each layer, the head and the embedding table of `packed`:
+def unit_sizes(packed: PackedModel, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> UnitSizes:
+    """Bytes in memory on `device` of the final norm, each layer, the head and the embedding table of `packed`:
     a layer or the head counts the larger of its resident read (memory_nbytes) and its streamed one
     (streamed_nbytes), since the plan decides which it gets."""
     def size(name: str, names: list[str] | None = None, streamable: bool = True) -> int:
         shard = SafetensorsFile(packed.path / name)
-        return max(memory_nbytes(shard, dtype, names), streamed_nbytes(shard, dtype) if streamable else 0)
+        return max(memory_nbytes(shard, dtype, names, device), streamed_nbytes(shard, dtype, device) if streamable else 0)
 
     def arena(name: str) -> int:
-        return streamed_layout(SafetensorsFile(packed.path / name)).nbytes
+        return arena_layout(SafetensorsFile(packed.path / name)).nbytes
 
     tied = packed.config.get("tie_word_embeddings")
     embedding = size(EMBEDDING_FILE, streamable=bool(tied))
@@ -238,7 +260,8 @@ class StreamStats:
     prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
-    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless one was still in use
+    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless both were lent
+    kept_reads: int = 0           # streamed reads that rebuilt nothing: the weights of the shard's last read into that arena (packed.KeptUnit)
     passes: int = 0               # forward passes over all layers
     resident_layers: int = 0
     streamed_layers: int = 0
@@ -286,6 +309,7 @@ class StreamingLlama:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlite-loader", initializer=torch.set_num_threads,
                                           initargs=(1,)) if prefetch else None
         self._pending: dict[int, Future] = {}
+        self._lent: dict[int, Arena] = {}  # streamed unit -> the arena it was read into, while it computes
         self._lock = threading.Lock()
 
         self.plan = self._plan()
@@ -338,7 +362,7 @@ class StreamingLlama:
 
     def _plan(self) -> Residency:
         """Sizes in memory from the shard headers (nothing read yet), then plan_residency."""
-        self.sizes = sizes = unit_sizes(self.packed, self.dtype)
+        self.sizes = sizes = unit_sizes(self.packed, self.dtype, self.device)
         # a pipeline stage plans only what it holds: its layers, the embedding if first, the norm and head if last
         norm, head = (sizes.norm, sizes.head) if self.last else (0, 0)
         embedding = sizes.embedding if self.first else 0
@@ -385,23 +409,48 @@ class StreamingLlama:
             return value
 
         # a streamed unit is read into a reused arena (sources.arena): no fresh pages to fault in, and
-        # each weight is prepared for the kernels as soon as its bytes are in, while the rest is read
-        read = {"into": self._arenas.take(), "direct": self.stats.direct_io, "prepare": prepare} if streamed else {}
-        if index < self.config.num_layers:
-            unit = self.packed.load_layer(index, **read)
-            if not streamed:
-                # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
-                # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
-                unit = {name: prepare(value) for name, value in llama.fuse_projections(unit).items()}
-        elif self.config.tie_word_embeddings:
-            unit = self.packed.load_embedding(**read)
-        else:
-            unit = self.packed.load_final(**read)[LM_HEAD]
-        del read
+        # each quantized weight is prepared for the kernels as soon as its bytes are in, while the rest
+        # is read; plain tensors (norms) are converted to the compute dtype once all is in. What the
+        # read built is kept with the arena (packed.KeptUnit) when it holds nothing else: the next
+        # read of the same shard into it rebuilds nothing
+        arena = self._arenas.take() if streamed else None
+        name = self._unit_file(index)
+        kept_before = arena.kept.get(name) if streamed else None
+
+        def quantized(value):
+            return value if isinstance(value, torch.Tensor) else prepare(value)
+
+        def plain(value):
+            return prepare(value) if isinstance(value, torch.Tensor) else value
+
+        read = {"into": arena.buffer, "direct": self.stats.direct_io, "kept": arena.kept, "prepare": quantized} if streamed else {}
+        try:
+            if index < self.config.num_layers:
+                unit = self.packed.load_layer(index, **read)
+                if not streamed:
+                    # q/k/v and gate/up as one matmul each (llama.fuse_projections): a copy, paid once for a
+                    # resident layer; a streamed one stays as stored (the copy would cost a layer of memory)
+                    unit = {key: prepare(value) for key, value in llama.fuse_projections(unit).items()}
+            elif self.config.tie_word_embeddings:
+                unit = self.packed.load_embedding(**read)
+            else:
+                unit = self.packed.load_final(**read)[LM_HEAD]
+        except BaseException:
+            if streamed:
+                self._arenas.give_back(arena)
+            raise
+        if streamed:
+            kept = arena.kept.get(name)
+            if kept is not None and kept is kept_before:
+                with self._lock:
+                    self.stats.kept_reads += 1
+            elif kept is not None and _held_outside(kept.grouped, arena.buffer, self._prepared_on):
+                del arena.kept[name]
+            unit = {key: plain(value) for key, value in unit.items()} if isinstance(unit, dict) else plain(unit)
         with self._lock:
             self.stats.prepare_seconds += prepare_seconds
             self.stats.load_seconds += time.perf_counter() - start
-        return unit
+        return unit, arena
 
     def _count_load(self, index: int, already_counted: bool = False) -> None:
         """Counters of a unit taken for compute after a read (counted when used, not when read: a
@@ -449,8 +498,10 @@ class StreamingLlama:
             return self._resident[index]
         start = time.perf_counter()
         pending = self._pending.pop(index, None)
-        unit = pending.result() if pending is not None else self._read_unit(index)
+        unit, arena = pending.result() if pending is not None else self._read_unit(index)
         self.stats.wait_seconds += time.perf_counter() - start
+        if arena is not None:
+            self._lent[index] = arena  # until _give_back(index)
         self._count_load(index)
         if index < self.config.num_layers:
             if len(self.stats.layer_bytes) <= index - self.layers.start:  # first pass: the layer's measured size in memory
@@ -458,6 +509,12 @@ class StreamingLlama:
             if index < self.layers.start + self.plan.resident_layers:
                 self._resident[index] = unit
         return unit
+
+    def _give_back(self, index: int) -> None:
+        """Unit `index` has computed: its arena may take the next streamed unit."""
+        arena = self._lent.pop(index, None)
+        if arena is not None:
+            self._arenas.give_back(arena)
 
     def _next_streamed(self, index: int) -> int | None:
         """The first streamed unit after `index` (-1: before the pass); after the last one, the first
@@ -512,8 +569,11 @@ class StreamingLlama:
         for index in self.layers:
             weights = self._unit(index)
             self._request(self._next_streamed(index))
-            x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
-            del weights  # a streamed layer is freed here, before the next one is taken
+            try:
+                x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
+            finally:
+                del weights
+                self._give_back(index)  # a streamed layer's arena is free for the next read
         if cache is not None:
             cache.advance(seq)
         self.stats.passes += 1
@@ -524,7 +584,11 @@ class StreamingLlama:
         x = llama.rms_norm(x, self.norm, self.config.rms_norm_eps)
         head = self._unit(self.config.num_layers)  # (vocab, hidden), resident or streamed
         self._request(self._next_streamed(self.config.num_layers))  # the next pass's first streamed unit
-        return llama.linear(x, head).float()
+        try:
+            return llama.linear(x, head).float()
+        finally:
+            del head
+            self._give_back(self.config.num_layers)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -575,6 +639,7 @@ class StreamingLlama:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self._loader = None
         self._pending.clear()
+        self._lent.clear()
         self._resident.clear()
         self._arenas.clear()
 
@@ -585,32 +650,39 @@ class StreamingLlama:
         self.close()
 
 
+@dataclass(eq=False)
+class Arena:
+    """One slot's buffer, and the units last read into it (packed.KeptUnit, by shard name)."""
+    buffer: torch.Tensor  # (nbytes,) uint8, page-aligned (sources.arena.aligned_buffer)
+    kept: dict = field(default_factory=dict)
+    lent: bool = False
+
+
 class ArenaPool:
     """The buffers streamed units are read into: `count` of `nbytes` (the plan's slots), allocated on
-    first use and handed out again once no tensor views them (torch's use count of the storage, so a
-    unit still held somewhere is never overwritten: a fresh buffer is made instead, and counted)."""
+    first use. `take` lends one out until `give_back`: the unit read into it is in use until then
+    (the runtime gives it back once the layer or head has computed). With every slot lent, a fresh
+    buffer is made (counted in stats.arenas_allocated) and not kept."""
 
     def __init__(self, nbytes: int, count: int, stats: StreamStats):
         self.nbytes, self.count, self.stats = nbytes, count, stats
-        self._arenas: list[tuple[torch.Tensor, int]] = []  # (buffer, its storage's use count when unviewed)
+        self._arenas: list[Arena] = []
 
-    def take(self) -> torch.Tensor:
-        for arena, unviewed in self._arenas:
-            if _use_count(arena) == unviewed:
-                return arena
-        arena = aligned_buffer(self.nbytes)
-        self.stats.arenas_allocated += 1
-        if len(self._arenas) < self.count:
-            self._arenas.append((arena, _use_count(arena)))
+    def take(self) -> Arena:
+        arena = next((arena for arena in self._arenas if not arena.lent), None)
+        if arena is None:
+            arena = Arena(aligned_buffer(self.nbytes))
+            self.stats.arenas_allocated += 1
+            if len(self._arenas) < self.count:
+                self._arenas.append(arena)
+        arena.lent = True
         return arena
+
+    def give_back(self, arena: Arena) -> None:
+        arena.lent = False
 
     def clear(self) -> None:
         self._arenas.clear()
-
-
-def _use_count(tensor: torch.Tensor) -> int:
-    """References to the tensor's storage (tensors viewing it, and the temporary storage object)."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
