@@ -173,8 +173,8 @@ def convert(
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
-    in blocks of `attention_block_size` (None: the method's choice, 32 for "quantlite", else
-    `block_size`); the output head and the embedding as `head` and `embedding` say
+    in blocks of `attention_block_size` (None: the method's choice for a conversion without
+    calibration, 32 for "quantlite"; else `block_size`); the output head and the embedding as `head` and `embedding` say
     (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"), a tied head being the
     embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
@@ -191,7 +191,7 @@ def convert(
     """
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
-                               float_dtype, no_quantize, workers, attention_block_size)
+                               float_dtype, no_quantize, workers, attention_block_size, calibrated=calibration is not None)
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
@@ -439,12 +439,12 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
 
 # --------------------------------------------------------------------------- plan, state, manifest
 def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head, float_dtype,
-                    no_quantize, workers, attention_block_size=None) -> Settings:
+                    no_quantize, workers, attention_block_size=None, calibrated=False) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if attention_block_size is None:
-        attention_block_size = METHODS[method].attention_block_size or block_size
+    if attention_block_size is None:  # the method's choice is for data-free conversions (docs/accuracy.md)
+        attention_block_size = (not calibrated and METHODS[method].attention_block_size) or block_size
     if problem := block_size_problem(block_size) or block_size_problem(attention_block_size) or outlier_frac_problem(frac):
         raise ConversionError(problem)
     if max_bits_per_weight is None and outlier_frac is None:

@@ -53,8 +53,9 @@ class MethodDefaults:
     max_bits_per_weight: float | None = None
     fit_codebook: bool = False   # a per-tensor codebook fitted to the weights, starting from `codebook`
     refine_scales: bool = False  # least-squares refinement of the scales after the search
-    # The block size the converter gives the attention projections (q/k/v/o_proj) unless told
-    # otherwise; None: the same as the other projections. quantize() itself takes one block_size.
+    # The block size the converter gives the attention projections (q/k/v/o_proj) in a conversion
+    # without calibration, unless told otherwise; None: the same as the other projections.
+    # quantize() itself takes one block_size.
     attention_block_size: int | None = None
 
 
@@ -62,8 +63,10 @@ METHODS: dict[str, MethodDefaults] = {
     # NF4, up to 1 % outliers chosen before the scales (as many as fit 4.5 bits/weight all-in), MSE
     # scale search, double-quantized scales; with importance=E[x x^T] the codes come from GPTQ error
     # feedback. docs/accuracy.md has what this keeps of plain NF4's perplexity increase, and why.
-    # The converter quantizes the attention projections in blocks of 32 (within the same 4.5 bits, so
-    # with fewer outliers): 8 points less of NF4's damage on SmolLM2, 8 on stories260K, data-free.
+    # Without calibration the converter quantizes the attention projections in blocks of 32 (within
+    # the same 4.5 bits, so with fewer outliers): less of NF4's damage on both study models
+    # (docs/accuracy.md); calibrated (GPTQ) conversions keep one block size, block 32 being
+    # measured worse there.
     "quantlite": MethodDefaults("nf4", 0.01, True, True, torch.float16, max_bits_per_weight=4.5, attention_block_size=32),
     # bitsandbytes-equivalent NF4: absmax scales kept in float32 exactly as bitsandbytes stores them.
     "nf4": MethodDefaults("nf4", 0.0, False, False, torch.float32),

@@ -82,6 +82,16 @@ def test_attention_projections_take_their_own_block_size(tmp_path, checkpoint, m
             assert all(torch.equal(value.to_dict()[field], tensor) for field, tensor in reference.to_dict().items()), name
 
 
+def test_calibrated_conversions_keep_one_block_size(tmp_path, checkpoint):
+    from quantlite.converter import _check_settings
+
+    settings = _check_settings("quantlite", 64, None, None, "q8", "q8", None, False, 1, calibrated=True)
+    assert settings.block_size_for("model.layers.0.self_attn.q_proj.weight") == 64
+    settings = _check_settings("quantlite", 64, None, None, "q8", "q8", None, False, 1, 32, calibrated=True)
+    assert settings.block_size_for("model.layers.0.self_attn.q_proj.weight") == 32  # asked for
+    assert settings.block_size_for("model.layers.0.mlp.up_proj.weight") == 64
+
+
 def test_no_quantize_keeps_every_original_tensor(tmp_path, checkpoint):
     convert(checkpoint, tmp_path / "out", no_quantize=True, progress=False)
     model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(checkpoint)

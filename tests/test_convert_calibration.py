@@ -23,11 +23,6 @@ def calibration_text(shared_data, tmp_path):
     return path
 
 
-def default_block_size(name: str) -> int:
-    """convert's default block size: 32 for the attention projections, 64 for the MLP's (docs/convert.md)."""
-    return 32 if name.startswith("self_attn.") else 64
-
-
 def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statistics(stories260k_hf, calibration_text,
                                                                                    tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,9 +42,9 @@ def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statisti
     # (hooks on its nn.Linear modules), bit for bit, so the stored codes are quantize()'s.
     for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
         w = model.state_dict()[f"model.layers.0.{name}"]
-        expected = quantize(w, importance=float_stats[f"model.layers.0.{name}"], block_size=default_block_size(name))
+        expected = quantize(w, importance=float_stats[f"model.layers.0.{name}"])
         assert torch.equal(packed.load_layer(0)[name].dequantize(), expected.dequantize())
-        assert not torch.equal(expected.dequantize(), quantize(w, block_size=default_block_size(name)).dequantize())  # calibration changed the codes
+        assert not torch.equal(expected.dequantize(), quantize(w).dequantize())  # calibration changed the codes
 
     # Layer 2 is calibrated on inputs that went through layers 0 and 1 as stored. Reference: the same
     # statistics from transformers with those two layers' weights replaced by the stored ones (the
@@ -68,8 +63,7 @@ def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statisti
         torch.testing.assert_close(ours[key], sequential[key], rtol=1e-4, atol=1e-5 * float(sequential[key].abs().max()))
         assert not torch.allclose(ours[key], float_stats[key], rtol=1e-3)  # the quantized layers 0-1 changed them
         w = open_source(stories260k_hf).read(key).float()  # the model above holds layers 0-1 replaced, not 2
-        expected = quantize(w, importance=ours[key], block_size=default_block_size(name))
-        assert torch.equal(packed.load_layer(2)[name].dequantize(), expected.dequantize())
+        assert torch.equal(packed.load_layer(2)[name].dequantize(), quantize(w, importance=ours[key]).dequantize())
 
 
 def test_an_interrupted_calibrated_conversion_resumes_to_identical_bytes(stories260k_hf, calibration_text, tmp_path,

@@ -53,8 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=64, help="weights per scale along the input dimension (default 64)")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
-                             "method, which keeps less of NF4's damage at the same bits/weight: docs/accuracy.md; "
-                             "else --block-size)")
+                             "method without --calibration, which keeps less of NF4's damage at the same "
+                             "bits/weight: docs/accuracy.md; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
                              "0.01, as many as fit 4.5 bits/weight per tensor)")
