@@ -175,8 +175,8 @@ def convert(
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
     in blocks of `attention_block_size` (None: the method's choice for a conversion without
     calibration, 32 for "quantlite"; else `block_size`); the output head and the embedding as `head`
-    and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"), a tied head being the
-    embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
+    and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
+    a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
