@@ -40,9 +40,12 @@ class Row:
     label: str
     options: dict = field(default_factory=dict)  # keyword arguments of quantize()
     calibrated: bool = False                     # importance = E[x x^T] of the layer input
-    group: str = "main"                          # main, outliers, block size, ablation, rotation (study only)
+    group: str = "main"                          # main, outliers, block size, ablation, rotation, codebook (study only)
+    per_type: dict = field(default_factory=dict)  # tensor type ("q_proj", ...) -> options that override `options`
 
 
+QKV_32 = {t: {"block_size": 32} for t in ("q_proj", "k_proj", "v_proj")}
+QKVO_32 = {t: {"block_size": 32} for t in ("q_proj", "k_proj", "v_proj", "o_proj")}
 ROWS = [
     Row("fp32", "unquantized (float32)"),
     Row("rtn", "RTN int4 absmax, g64", {"method": "rtn"}),
@@ -53,6 +56,32 @@ ROWS = [
     Row("nf4-dq", "NF4 + double-quantized scales, g64", {"method": "nf4", "double_quant": True}),
     Row("datafree", "quantlite default without calibration (up to 1 % outliers within 4.5 bits/weight, scale search, DQ)",
         {"method": "quantlite"}),
+    Row("df-nf4", "data-free: the NF4 data-free default before issue 16 (outliers, scale search, DQ; NF4 codebook)",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, False, "codebook"),
+    Row("df-refine", "data-free: the NF4 data-free default + least-squares scale refinement",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": True}, False, "codebook"),
+    Row("df-fit", "data-free: the NF4 data-free default with a per-tensor fitted codebook",
+        {"method": "quantlite", "fit_codebook": True, "refine_scales": False}, False, "codebook"),
+    Row("df-fit-refine", "data-free: fitted codebook + least-squares scale refinement",
+        {"method": "quantlite", "fit_codebook": True, "refine_scales": True}, False, "codebook"),
+    Row("df-fit-refine-32", "data-free: fitted codebook + least-squares scale refinement, block 32 (within 4.5 bits/weight)",
+        {"method": "quantlite", "fit_codebook": True, "refine_scales": True, "block_size": 32}, False, "codebook"),
+    Row("df-qkv32", "data-free: the NF4 data-free default, q/k/v_proj at block 32",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, False, "codebook", QKV_32),
+    Row("df-qkvo32", "data-free: the NF4 data-free default, q/k/v/o_proj at block 32",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, False, "codebook", QKVO_32),
+    Row("df-32", "data-free: the NF4 data-free default, block 32 (within 4.5 bits/weight)",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False, "block_size": 32}, False, "codebook"),
+    Row("df-fit-refine-qkv32", "data-free: fitted codebook + least-squares scale refinement, q/k/v_proj at block 32",
+        {"method": "quantlite", "fit_codebook": True, "refine_scales": True}, False, "codebook", QKV_32),
+    Row("cal-nf4", "calibrated GPTQ default before issue 16 (NF4 codebook)",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, True, "codebook"),
+    Row("cal-qkv32", "calibrated GPTQ default, q/k/v_proj at block 32",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, True, "codebook", QKV_32),
+    Row("cal-qkvo32", "calibrated GPTQ default, q/k/v/o_proj at block 32",
+        {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, True, "codebook", QKVO_32),
+    Row("cal-fit-refine", "calibrated GPTQ with a fitted codebook + least-squares scale refinement",
+        {"method": "quantlite", "fit_codebook": True, "refine_scales": True}, True, "codebook"),
     Row("default", "**quantlite default**: calibrated GPTQ, up to 1 % outliers within 4.5 bits/weight, scale search, DQ, g64",
         {"method": "quantlite"}, True),
     *[Row(f"of-{f}", f"calibrated GPTQ with {100 * f:g} % outliers (no bit cap)", {"method": "quantlite", "outlier_frac": f}, True, "outliers")
@@ -166,6 +195,9 @@ def quantizer_for(row: Row):
 
         rotated = rotated_quantizer(lambda w, name: quantize(w, name=name, **row.options))
         return lambda w, name, stats: rotated(w, name)
+    if row.per_type:
+        options = lambda name: {**row.options, **row.per_type.get(name.split(".")[-2], {})}  # noqa: E731
+        return lambda w, name, stats: quantize(w, importance=stats if row.calibrated else None, name=name, **options(name))
     if row.calibrated == "diagonal":
         return lambda w, name, stats: quantize(w, importance=torch.diagonal(stats).clone(), name=name, **row.options)
     if row.calibrated:
@@ -265,7 +297,7 @@ def _plot(results: dict, plot: Path) -> None:
 
     subjects = [s for s in results.values() if isinstance(s, dict)]
     figure, axes = plt.subplots(1, len(subjects), figsize=(4.2 * len(subjects), 3.2), squeeze=False)
-    marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x", "rotation": "v"}
+    marks = {"main": "o", "outliers": "^", "block size": "s", "ablation": "x", "rotation": "v", "codebook": "D"}
     for axis, subject in zip(axes[0], subjects):
         rows = subject["rows"]
         known = {row.key for row in ROWS}
@@ -275,7 +307,7 @@ def _plot(results: dict, plot: Path) -> None:
             if key == "fp32":
                 axis.axhline(r["ppl"], color="grey", linestyle="--", linewidth=1, label="float32")
                 continue
-            color = "C3" if key == "default" else {"main": "C0", "outliers": "C1", "block size": "C2", "ablation": "C7", "rotation": "C4"}[r["group"]]
+            color = "C3" if key == "default" else {"main": "C0", "outliers": "C1", "block size": "C2", "ablation": "C7", "rotation": "C4", "codebook": "C5"}[r["group"]]
             axis.scatter(r["bits_per_weight"], r["ppl"], marker=marks[r["group"]], color=color, s=28)
             axis.annotate(key, (r["bits_per_weight"], r["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         axis.set_title(subject["title"].split(" on ")[0], fontsize=9)

@@ -38,6 +38,12 @@ SETTINGS = [
     ("of-2", "the data-free default, 2 % outliers (no bit cap)", {"outlier_frac": 0.02}, ()),
     ("bs-32", "the data-free default, block 32 (within 4.5 bits)", {"block_size": 32}, ()),
     ("bs-128", "the data-free default, block 128 (within 4.5 bits)", {"block_size": 128}, ()),
+    ("refine", "the data-free default + least-squares scale refinement", {"refine_scales": True}, ()),
+    ("fit", "the data-free default with a fitted per-tensor codebook", {"fit_codebook": True}, ()),
+    ("fit-refine", "fitted codebook + least-squares scale refinement", {"fit_codebook": True, "refine_scales": True}, ()),
+    ("fit-refine-32", "fitted codebook + scale refinement, block 32 (within 4.5 bits)",
+     {"fit_codebook": True, "refine_scales": True, "block_size": 32}, ()),
+    ("qkv-32", "the data-free default, q/k/v_proj at block 32", {"block_size": {"q_proj": 32, "k_proj": 32, "v_proj": 32}}, ()),
     ("rot-nf4", "plain NF4, Hadamard-rotated (block 64), all tensors", {"method": "nf4"}, None),
     ("rot-all", "the data-free default, Hadamard-rotated, all tensors", {}, None),
     ("rot-attn", "the data-free default, Hadamard-rotated q/k/v/o only", {}, ATTENTION),
@@ -59,6 +65,13 @@ def input_stats(model, tokenizer, subject, windows: int, cache: Path | None) -> 
     return stats
 
 
+def options_for(options: dict, name: str) -> dict:
+    """quantize()'s options for tensor `name`: a dict-valued block_size is per tensor type (default 64)."""
+    if isinstance(options.get("block_size"), dict):
+        return {**options, "block_size": options["block_size"].get(next(t for t in TENSOR_TYPES if t in name), 64)}
+    return options
+
+
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, second_moment: torch.Tensor) -> float:
     """tr(dW H dW^T) / tr(W H W^T) in float64."""
     w, dw, h = w.double(), (w_hat - w).double(), second_moment.double()
@@ -71,7 +84,7 @@ def sweep(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], keys
         if keys and key not in keys:
             continue
         began = time.perf_counter()
-        plain = lambda w, name, options=options: quantize(w, name=name, **options)  # noqa: E731
+        plain = lambda w, name, options=options: quantize(w, name=name, **options_for(options, name))  # noqa: E731
         quantize_one = plain if rotated == () else rotated_quantizer(plain, 64, rotated)
         errors = {t: [] for t in TENSOR_TYPES}
         stored = count = 0

@@ -50,7 +50,7 @@ from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, con
 from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
 from quantlite.calibration import SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING
-from quantlite.model_config import EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
+from quantlite.model_config import ATTENTION_PROJECTIONS, EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
 from quantlite.untrusted import parse_json
@@ -84,6 +84,14 @@ class Settings:
     float_dtype: str | None            # a key of FLOAT_DTYPES, or None: see float_dtype_for
     no_quantize: bool
     calibration: dict | None = None  # {"sha256", "bytes", "windows", "ctx"} of the calibration text
+    attention_block_size: int | None = None  # q/k/v/o_proj's block size; None: block_size
+
+    def block_size_for(self, name: str) -> int:
+        """The block size of 4-bit tensor `name`: attention_block_size for the attention projections."""
+        match = LAYER_NAME.fullmatch(name)
+        if self.attention_block_size is not None and match and match.group(2).removesuffix(".weight") in ATTENTION_PROJECTIONS:
+            return self.attention_block_size
+        return self.block_size
 
     def width(self, name: str) -> str:
         """How tensor `name` is stored: "q4", "q8" or "float" (WIDTHS)."""
@@ -110,6 +118,7 @@ class Settings:
         return {
             "method": None if self.no_quantize else self.method,
             "block_size": self.block_size,
+            "attention_block_size": self.attention_block_size,
             "outlier_frac": self.outlier_frac,
             "max_bits_per_weight": self.max_bits_per_weight,
             "codebook": defaults.codebook,
@@ -145,6 +154,7 @@ def convert(
     *,
     method: str = "quantlite",
     block_size: int = 64,
+    attention_block_size: int | None = None,
     outlier_frac: float | None = None,
     max_bits_per_weight: float | None = None,
     head: str = DEFAULT_WIDTH,
@@ -162,9 +172,11 @@ def convert(
     """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
-    quantlite.quantizer.METHODS); the output head and the embedding as `head` and `embedding` say
-    (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"), a tied head being the
-    embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
+    quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
+    in blocks of `attention_block_size` (None: the method's choice for a conversion without
+    calibration, 32 for "quantlite"; else `block_size`); the output head and the embedding as `head`
+    and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
+    a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
@@ -179,7 +191,7 @@ def convert(
     """
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
-                               float_dtype, no_quantize, workers)
+                               float_dtype, no_quantize, workers, attention_block_size, calibrated=calibration is not None)
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
@@ -233,10 +245,11 @@ def quantize_in_row_chunks(
     per row) rows. With no outliers the result is bit-identical to quantize(w); with outliers each
     chunk keeps its own top fraction (docs/convert.md)."""
     n, k = w.shape
-    n_blocks = -(-k // settings.block_size)
+    block_size = settings.block_size_for(name)
+    n_blocks = -(-k // block_size)
     row_multiple = SCALE_GROUP_SIZE // math.gcd(SCALE_GROUP_SIZE, n_blocks)
     rows = max(row_multiple, MAX_CHUNK_WEIGHTS // k // row_multiple * row_multiple)
-    parts = [quantize(w[start:start + rows], method=settings.method, block_size=settings.block_size,
+    parts = [quantize(w[start:start + rows], method=settings.method, block_size=block_size,
                       outlier_frac=settings.outlier_frac, max_bits_per_weight=settings.max_bits_per_weight,
                       importance=importance, name=name) for start in range(0, n, rows)]
     return concat_rows(parts), _sqnr_db(w, parts, rows)
@@ -426,11 +439,13 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
 
 # --------------------------------------------------------------------------- plan, state, manifest
 def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head, float_dtype,
-                    no_quantize, workers) -> Settings:
+                    no_quantize, workers, attention_block_size=None, calibrated=False) -> Settings:
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if problem := block_size_problem(block_size) or outlier_frac_problem(frac):
+    if attention_block_size is None:  # the method's choice is for data-free conversions (docs/accuracy.md)
+        attention_block_size = (not calibrated and METHODS[method].attention_block_size) or block_size
+    if problem := block_size_problem(block_size) or block_size_problem(attention_block_size) or outlier_frac_problem(frac):
         raise ConversionError(problem)
     if max_bits_per_weight is None and outlier_frac is None:
         max_bits_per_weight = METHODS[method].max_bits_per_weight  # the default fraction comes with its cap
@@ -445,7 +460,8 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
         raise ConversionError(f"float dtype {float_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     if not (isinstance(workers, int) and workers >= 1):
         raise ConversionError(f"workers {workers!r} must be a positive integer")
-    return Settings(method, block_size, frac, max_bits_per_weight, embedding, head, float_dtype, bool(no_quantize))
+    return Settings(method, block_size, frac, max_bits_per_weight, embedding, head, float_dtype, bool(no_quantize),
+                    attention_block_size=attention_block_size)
 
 
 def _plan(source) -> dict[str, list[str]]:
@@ -641,7 +657,7 @@ def _check_disk_space(out: Path, source, settings: Settings, plan: dict, done: d
             width = settings.width(name)
             if width == "q4":
                 # 4-bit codes, a 16-bit scale per block, 32 bits per outlier: an upper bound for every method
-                needed += numel // 2 + numel * 2 // settings.block_size + math.ceil(numel * settings.outlier_frac) * 4
+                needed += numel // 2 + numel * 2 // settings.block_size_for(name) + math.ceil(numel * settings.outlier_frac) * 4
             elif width == "q8":
                 needed += numel + numel * 2 // settings.block_size  # int8 + a float16 scale per block
             else:

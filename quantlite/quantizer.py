@@ -4,8 +4,10 @@ The steps, in order (each is a small function below):
   1. check the input (2-D float, finite, sizes) and pad K up to a multiple of the block size;
   2. pick the outliers and take them out of the dense matrix, *before* the scales, so one huge
      weight no longer stretches its block's scale (quantlite.outliers);
-  3. block scales: absmax, optionally a search over shrunken candidates that minimises the block's
-     (importance-weighted) squared error;
+  3. the codebook: the method's (NF4 or int4), or with fit_codebook one fitted to this tensor by
+     Lloyd steps alternated with the scale search (quantlite.codebook.lloyd_step), or one given;
+     block scales: absmax, optionally a search over shrunken candidates that minimises the block's
+     (importance-weighted) squared error, optionally refined by least squares on the chosen codes;
   4. optionally double-quantize the scales to 8 bits (QLoRA), and use the decoded scales from then on;
   5. codes: the nearest codebook level of w / scale; the zero level at outliers and in padding.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlite.codebook import int4_codebook, nearest_code, nf4_codebook
+from quantlite.codebook import codebook_problem, int4_codebook, lloyd_step, nearest_code, nf4_codebook, uniform_codebooks
 from quantlite.errors import QuantizationInputError
 from quantlite.gptq import gptq_codes
 from quantlite.outliers import select_outliers
@@ -49,13 +51,23 @@ class MethodDefaults:
     # this many bits per weight; None: no cap. An explicit outlier_frac is not capped unless
     # max_bits_per_weight is given too.
     max_bits_per_weight: float | None = None
+    fit_codebook: bool = False   # a per-tensor codebook fitted to the weights, starting from `codebook`
+    refine_scales: bool = False  # least-squares refinement of the scales after the search
+    # The block size the converter gives the attention projections (q/k/v/o_proj) in a conversion
+    # without calibration, unless told otherwise; None: the same as the other projections.
+    # quantize() itself takes one block_size.
+    attention_block_size: int | None = None
 
 
 METHODS: dict[str, MethodDefaults] = {
     # NF4, up to 1 % outliers chosen before the scales (as many as fit 4.5 bits/weight all-in), MSE
     # scale search, double-quantized scales; with importance=E[x x^T] the codes come from GPTQ error
     # feedback. docs/accuracy.md has what this keeps of plain NF4's perplexity increase, and why.
-    "quantlite": MethodDefaults("nf4", 0.01, True, True, torch.float16, max_bits_per_weight=4.5),
+    # Without calibration the converter quantizes the attention projections in blocks of 32 (within
+    # the same 4.5 bits, so with fewer outliers): less of NF4's damage on both study models
+    # (docs/accuracy.md); calibrated (GPTQ) conversions keep one block size, block 32 being
+    # measured worse there.
+    "quantlite": MethodDefaults("nf4", 0.01, True, True, torch.float16, max_bits_per_weight=4.5, attention_block_size=32),
     # bitsandbytes-equivalent NF4: absmax scales kept in float32 exactly as bitsandbytes stores them.
     "nf4": MethodDefaults("nf4", 0.0, False, False, torch.float32),
     # symmetric round-to-nearest int4, absmax scales.
@@ -65,6 +77,13 @@ METHODS: dict[str, MethodDefaults] = {
 # Shrink factors tried by the scale search (1.0 = absmax). Clipping the block's largest weights a
 # little lowers the error of all the others; llama.cpp and HQQ search the same way.
 SCALE_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8)
+# The codebook fit: from each start, Lloyd steps, each followed by the scale search, on at most this many blocks of
+# whole rows taken at a stride (16 numbers need no more; the fit's cost stays that of a small tensor).
+LLOYD_STEPS = 10
+FIT_SAMPLE_BLOCKS = 1024
+# Least-squares refinements of each block's scale, s = <a w, l> / <a l, l> for its current levels l,
+# each kept only where it lowers the block's error (llama.cpp's make_qx_quants does the same).
+REFINE_STEPS = 2
 
 
 def quantize(
@@ -78,6 +97,9 @@ def quantize(
     scale_dtype: torch.dtype | None = None,
     importance: torch.Tensor | None = None,
     max_bits_per_weight: float | None = None,
+    fit_codebook: bool | None = None,
+    refine_scales: bool | None = None,
+    codebook: torch.Tensor | None = None,
     name: str | None = None,
 ) -> QWeight:
     """Quantize a 2-D weight W (N, K) = (out_features, in_features).
@@ -92,6 +114,10 @@ def quantize(
     max_bits_per_weight caps the outlier table so the whole stored tensor (QWeight.nbytes) stays
     within that many bits per weight, when the rest of it leaves room; with outlier_frac left as
     None it defaults to the method's cap (quantlite: 4.5), an explicit outlier_frac is kept as given.
+    fit_codebook: fit a per-tensor codebook to the weights (Lloyd steps from the method's codebook,
+    alternated with the scale search, weighted like it); refine_scales: least-squares refinement of
+    the scales after the search. `codebook` (16,) float32 uses the given levels instead of the
+    method's or a fitted one (the converter fits one per tensor and passes it to every row chunk).
     `name` only labels error messages.
     """
     if method not in METHODS:
@@ -103,11 +129,15 @@ def quantize(
     scale_search = defaults.scale_search if scale_search is None else scale_search
     double_quant = defaults.double_quant if double_quant is None else double_quant
     scale_dtype = defaults.scale_dtype if scale_dtype is None else scale_dtype
+    fit_codebook = defaults.fit_codebook if fit_codebook is None else fit_codebook
+    refine_scales = defaults.refine_scales if refine_scales is None else refine_scales
+    if codebook is not None and (problem := codebook_problem(codebook)):
+        raise QuantizationInputError(problem)
     label = f"tensor {name!r}" if name else "the tensor"
 
     _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label)
     n, k = w.shape
-    codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
+    method_codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
     n_blocks = -(-k // block_size)
     padded_k = n_blocks * block_size
 
@@ -134,9 +164,16 @@ def quantize(
     # 3. scales
     blocks = dense.view(n, n_blocks, block_size)
     low, high = torch.aminmax(blocks, dim=2)  # one pass, no |w| temporary
-    scales = torch.maximum(high, -low)  # absmax
+    absmax = torch.maximum(high, -low)
+    if codebook is None:
+        codebook = method_codebook
+        if fit_codebook:
+            codebook = _fitted_codebook(blocks, absmax, codebook, column_weight, scale_dtype, scale_search)
+    scales = absmax
     if scale_search:
-        scales = _search_scales(blocks, scales, codebook, column_weight, scale_dtype)
+        scales = _search_scales(blocks, absmax, codebook, column_weight, scale_dtype)
+    if refine_scales:
+        scales = _refine_scales(blocks, scales.to(scale_dtype).float(), codebook, column_weight, scale_dtype)
     scales = scales.to(scale_dtype)
 
     # 4. double quantization of the scales
@@ -266,6 +303,50 @@ def _search_scales(blocks, absmax, codebook, column_weight, scale_dtype) -> torc
     return best_scale
 
 
+def _fitted_codebook(blocks, absmax, codebook, column_weight, scale_dtype, scale_search) -> torch.Tensor:
+    """A codebook fitted to the blocks (N, nb, B): from each start (the method's `codebook` and the
+    uniform grids of uniform_codebooks(), as Lloyd's iteration only finds the local optimum near its
+    start), LLOYD_STEPS Lloyd steps, each after choosing the scales (the search, or absmax) for the
+    current levels, on a strided sample of whole rows of about FIT_SAMPLE_BLOCKS blocks. Returns the
+    start or fitted codebook with the least sample error ((16,) float32, a valid stored codebook), so
+    on a tensor of at most FIT_SAMPLE_BLOCKS blocks the fit never does worse than `codebook`."""
+    stride = max(1, blocks.shape[0] * blocks.shape[1] // FIT_SAMPLE_BLOCKS)
+    sample, sample_absmax = blocks[::stride].contiguous(), absmax[::stride].contiguous()
+
+    def scales_and_error(levels):
+        scales = _search_scales(sample, sample_absmax, levels, column_weight, scale_dtype) if scale_search else sample_absmax
+        return scales, float(_encode(sample, scales, levels, column_weight, want_errors=True)[1].double().sum())
+
+    best, (_, best_error) = codebook, scales_and_error(codebook)
+    for levels in (codebook, *uniform_codebooks()):
+        scales, _ = scales_and_error(levels)
+        for _ in range(LLOYD_STEPS):
+            levels = lloyd_step(sample, scales, _unpacked_codes(sample, scales, levels), levels, column_weight)
+            scales, error = scales_and_error(levels)
+        if error < best_error:
+            best, best_error = levels, error
+    return best
+
+
+def _refine_scales(blocks, scales, codebook, column_weight, scale_dtype) -> torch.Tensor:
+    """REFINE_STEPS least-squares refinements of the block scales (N, nb) float32: for the levels l
+    the block's weights now take, s = <a w, l> / <a l, l> (a: column weights, 1 without), rounded to
+    the storage dtype and kept per block only where it lowers the block's squared error."""
+    _, error = _encode(blocks, scales, codebook, column_weight, want_errors=True)
+    weight = 1.0 if column_weight is None else column_weight.view(1, *blocks.shape[1:])
+    for _ in range(REFINE_STEPS):
+        levels = codebook[_unpacked_codes(blocks, scales, codebook).long()]  # (N, nb, B)
+        weighted = weight * levels
+        numerator, denominator = (weighted * blocks).sum(dim=2), (weighted * levels).sum(dim=2)
+        candidate = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-30), scales)
+        candidate = candidate.clamp(min=0.0).to(scale_dtype).float()
+        _, candidate_error = _encode(blocks, candidate, codebook, column_weight, want_errors=True)
+        better = candidate_error < error
+        error = torch.where(better, candidate_error, error)
+        scales = torch.where(better, candidate, scales)
+    return scales
+
+
 def _double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
     """scales (N, nb) float32 -> 8-bit codes with a float32 (min, step) per group of 256 scales."""
     flat = scales.reshape(-1)
@@ -279,6 +360,12 @@ def _double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
     codes = ((groups - group_min[:, None]) * inverse[:, None]).round_().clamp_(0, 255)
     codes = codes.reshape(-1)[: flat.numel()].to(torch.uint8).view(scales.shape)
     return {"scale_codes": codes, "scale_group_min": group_min, "scale_group_step": step}
+
+
+def _unpacked_codes(blocks, scales, codebook) -> torch.Tensor:
+    """blocks (N, nb, B) float32, scales (N, nb) float32 -> (N, nb, B) uint8: _encode's codes, unpacked."""
+    packed = _encode(blocks, scales, codebook)  # (N, nb*B/2), low nibble = even column
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(blocks.shape)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

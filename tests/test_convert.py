@@ -67,6 +67,31 @@ def test_linear_weights_are_exactly_what_quantize_gives(tmp_path, generator, dty
     assert torch.equal(final["model.norm.weight"], source.read("model.norm.weight").to(float_dtype))
 
 
+@pytest.mark.parametrize("method, attention_block_size, expected", [
+    ("quantlite", None, 32), ("quantlite", 64, 64), ("quantlite", 48, 48), ("nf4", None, 64),
+])
+def test_attention_projections_take_their_own_block_size(tmp_path, checkpoint, method, attention_block_size, expected):
+    convert(checkpoint, tmp_path / "out", method=method, attention_block_size=attention_block_size, progress=False)
+    model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(checkpoint)
+    assert model.manifest["quantization"]["attention_block_size"] == expected
+    for name, value in model.load_layer(0).items():
+        if name in LINEAR_WEIGHTS:
+            block_size = expected if name.startswith("self_attn.") else 64
+            assert value.block_size == block_size, name
+            reference = quantize(source.read(f"model.layers.0.{name}"), method=method, block_size=block_size)
+            assert all(torch.equal(value.to_dict()[field], tensor) for field, tensor in reference.to_dict().items()), name
+
+
+def test_calibrated_conversions_keep_one_block_size(tmp_path, checkpoint):
+    from quantlite.converter import _check_settings
+
+    settings = _check_settings("quantlite", 64, None, None, "q8", "q8", None, False, 1, calibrated=True)
+    assert settings.block_size_for("model.layers.0.self_attn.q_proj.weight") == 64
+    settings = _check_settings("quantlite", 64, None, None, "q8", "q8", None, False, 1, 32, calibrated=True)
+    assert settings.block_size_for("model.layers.0.self_attn.q_proj.weight") == 32  # asked for
+    assert settings.block_size_for("model.layers.0.mlp.up_proj.weight") == 64
+
+
 def test_no_quantize_keeps_every_original_tensor(tmp_path, checkpoint):
     convert(checkpoint, tmp_path / "out", no_quantize=True, progress=False)
     model, source = PackedModel.open(tmp_path / "out"), HFCheckpoint(checkpoint)
@@ -174,6 +199,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
     ({"method": "gptq"}, "unknown method"),
     ({"block_size": 48 + 1}, "block_size 49"),
     ({"block_size": 512}, "block_size 512"),
+    ({"attention_block_size": 40}, "block_size 40"),
     ({"outlier_frac": 0.5}, "outlier_frac 0.5"),
     ({"max_bits_per_weight": -1.0}, "max bits per weight"),
     ({"workers": 0}, "workers"),

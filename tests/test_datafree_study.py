@@ -64,3 +64,12 @@ def test_hqq_peer_round_trip_and_size(generator):
     assert peer.nbytes == 16 * 128 // 2 + 2 * 2 * (16 * 128 // 64)  # 4.5 bits/weight
     error = float((peer.dequantize() - w).norm() / w.norm())
     assert 0 < error < 0.15
+
+
+def test_sweep_options_take_a_block_size_per_tensor_type():
+    from benchmarks.datafree_sweep import options_for
+
+    options = {"refine_scales": True, "block_size": {"q_proj": 32, "k_proj": 32}}
+    assert options_for(options, "model.layers.3.self_attn.k_proj.weight") == {"refine_scales": True, "block_size": 32}
+    assert options_for(options, "model.layers.3.mlp.down_proj.weight") == {"refine_scales": True, "block_size": 64}
+    assert options_for({"block_size": 128}, "model.layers.0.mlp.up_proj.weight") == {"block_size": 128}

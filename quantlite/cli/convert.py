@@ -51,6 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="quantlite: NF4 + outliers + scale search + 8-bit scales (default); "
                              "nf4: plain NF4 as bitsandbytes; rtn: int4 round-to-nearest")
     parser.add_argument("--block-size", type=int, default=64, help="weights per scale along the input dimension (default 64)")
+    parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
+                        help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
+                             "method without --calibration, which keeps less of NF4's damage at the same "
+                             "bits/weight: docs/accuracy.md; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
                              "0.01, as many as fit 4.5 bits/weight per tensor)")
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         def convert(src, out, **options):  # None on every rank but 0, which prints
             return convert_shared(src, out, timeout=args.dist_timeout, **options)
     summary = convert(
-        args.src, args.out, method=args.method, block_size=args.block_size, outlier_frac=args.outlier_frac,
+        args.src, args.out, method=args.method, block_size=args.block_size, attention_block_size=args.attention_block_size,
+        outlier_frac=args.outlier_frac,
         max_bits_per_weight=args.max_bits_per_weight, head=head, embedding=embedding,
         float_dtype=args.float_dtype, no_quantize=args.no_quantize, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet,
         calibration=args.calibration, calibration_windows=args.calibration_windows,
