@@ -52,9 +52,7 @@ def test_rms_norm_matches_float64(generator, shape):
     bound = 2 * (n / 16 + 4 + 6) * U * reference.abs() + 1e-30
     assert got.shape == x.shape
     assert_within(got, reference, bound, f"rms_norm {shape}")
-    # and llama.rms_norm, which calls it, agrees with its own torch code within the same bound
-    torch_code = weight * torch.nn.functional.rms_norm(x, (n,), eps=eps)
-    assert_within(torch_code, reference, bound, f"torch rms_norm {shape}")
+    assert torch.equal(llama.rms_norm(x, weight, eps), got)  # llama.rms_norm takes the native path here
 
 
 def test_rms_norm_reads_strided_rows(generator):
@@ -62,6 +60,25 @@ def test_rms_norm_reads_strided_rows(generator):
     weight = torch.randn(33, generator=generator)
     reference = weight.double() * x.double() / torch.sqrt(x.double().square().mean(-1, keepdim=True) + 1e-5)
     assert_within(cpu_ops.rms_norm(x, weight, 1e-5), reference, 2 * (33 / 16 + 10) * U * reference.abs() + 1e-30, "strided")
+
+
+def test_silu_mul_reads_strided_rows(generator):
+    gate_up = torch.randn(5, 50, generator=generator)[:, :46]  # rows of 50, 2 x 23 used
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    reference = gate * torch.sigmoid(gate) * up
+    assert_within(cpu_ops.silu_mul(gate_up), reference, 2 * 6 * U * reference.abs() + 1e-300, "strided")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_the_primitives_refuse_what_is_not_float32(dtype):
+    with pytest.raises(native.NativeKernelError, match="weight is torch.*expected float32 on the CPU"):
+        cpu_ops.rms_norm(torch.ones(2, 8), torch.ones(8, dtype=dtype), 1e-5)
+    with pytest.raises(native.NativeKernelError, match="gate_up is torch.*expected float32"):
+        cpu_ops.silu_mul(torch.ones(2, 8, dtype=dtype))
+    keys = torch.zeros(1, 1, 4, 8, dtype=dtype)
+    with pytest.raises(native.NativeKernelError, match="keys is torch.*expected float32"):
+        cpu_ops.decode_attention(torch.ones(1, 1, 24), torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), None,
+                                 keys, torch.zeros(1, 1, 4, 8), 0, 1, 0.5)
 
 
 def test_rms_norm_names_the_sizes():

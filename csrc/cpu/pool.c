@@ -104,16 +104,18 @@ static void spin_for_next_job(uint32_t seen) {
 static void *worker_main(void *arg) {
     const int index = (int)(intptr_t)arg;
     uint32_t seen = 0;
+    int took_part = 0;  /* in the last job: only then spin for the next (a worker a small call left out sleeps) */
     pthread_mutex_lock(&pool.lock);
     for (;;) {
-        if (pool.job.generation == seen) {
+        if (took_part && pool.job.generation == seen) {
             pthread_mutex_unlock(&pool.lock);
             spin_for_next_job(seen);
             pthread_mutex_lock(&pool.lock);
         }
         while (pool.job.generation == seen) pthread_cond_wait(&pool.work_ready, &pool.lock);
         seen = pool.job.generation;
-        if (index >= pool.wanted) continue;  /* this job asked for fewer threads */
+        took_part = index < pool.wanted;
+        if (!took_part) continue;  /* this job asked for fewer threads */
         const ql_job job = pool.job;         /* a snapshot: the caller may post the next job meanwhile */
         pthread_mutex_unlock(&pool.lock);
         run_chunks(&job, index + 1);

@@ -80,15 +80,33 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_float32_cpu(what: str, **tensors: torch.Tensor | None) -> None:
+    """The C side reads and writes every pointer as float32 in host memory: anything else is refused."""
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu):
+            raise native.NativeKernelError(f"native cpu {what}: {name} is {t.dtype} on {t.device}, expected float32 on the CPU")
+
+
+def _rows(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """x (..., n) as (rows, n) with contiguous rows, without a copy where a view does it, and its row stride."""
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
+        rows = rows.contiguous()
+    return rows, rows.stride(0) if rows.shape[0] > 1 else n
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., n) float32 -> weight * (x / sqrt(mean(x^2) + eps)) over the last size; weight (n,) float32."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise native.NativeKernelError(f"native cpu rms_norm: x is {tuple(x.shape)}, weight {tuple(weight.shape)}; "
                                        f"the weight must be ({n},)")
-    x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)
-    status = _library().ql_cpu_rms_norm(x.data_ptr(), x.numel() // n if n else 0, n, n, weight.data_ptr(), eps, out.data_ptr())
+    _check_float32_cpu("rms_norm", x=x, weight=weight)
+    rows, row_stride = _rows(x, n) if n else (x, n)
+    weight = weight.contiguous()
+    out = torch.empty(x.shape)
+    status = _library().ql_cpu_rms_norm(rows.data_ptr(), x.numel() // n if n else 0, n, row_stride, weight.data_ptr(), eps,
+                                        out.data_ptr())
     if status:
         raise _failed(status, f"rms_norm (x {tuple(x.shape)})")
     return out
@@ -98,10 +116,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up (..., 2n) float32, gate then up -> (..., n) silu(gate) * up."""
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise native.NativeKernelError(f"native cpu silu_mul: gate_up is {tuple(gate_up.shape)}, its last size must be even")
-    gate_up = gate_up.contiguous()
+    _check_float32_cpu("silu_mul", gate_up=gate_up)
     n = gate_up.shape[-1] // 2
+    rows, row_stride = _rows(gate_up, 2 * n) if n else (gate_up, 2 * n)
     out = torch.empty(*gate_up.shape[:-1], n)
-    status = _library().ql_cpu_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, 2 * n, out.data_ptr())
+    status = _library().ql_cpu_silu_mul(rows.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, row_stride, out.data_ptr())
     if status:
         raise _failed(status, f"silu_mul (gate_up {tuple(gate_up.shape)})")
     return out
@@ -136,6 +155,8 @@ def decode_attention(
             f"native cpu decode_attention: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, "
             f"mask {None if mask is None else tuple(mask.shape)}, q/k norm weights {None if q_norm is None else tuple(q_norm.shape)}, "
             f"keys {tuple(keys.shape)}, values {tuple(values.shape)} do not agree with {heads} query heads at position {position}")
+    _check_float32_cpu("decode_attention", qkv=qkv, cos=cos, sin=sin, mask=mask, keys=keys, values=values,
+                       q_norm=q_norm, k_norm=k_norm)
     if not 0 <= position < capacity:
         raise native.NativeKernelError(f"native cpu decode_attention: position {position} outside the cache's {capacity}")
     if not (keys.is_contiguous() and values.is_contiguous()):

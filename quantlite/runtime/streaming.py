@@ -413,8 +413,8 @@ class StreamingLlama:
         # is read; plain tensors (norms) are converted to the compute dtype once all is in. What the
         # read built is kept with the arena (packed.KeptUnit) when it holds nothing else: the next
         # read of the same shard into it rebuilds nothing
-        arena = self._arenas.take() if streamed else None
         name = self._unit_file(index)
+        arena = self._arenas.take(name) if streamed else None
         kept_before = arena.kept.get(name) if streamed else None
 
         def quantized(value):
@@ -656,26 +656,35 @@ class Arena:
     buffer: torch.Tensor  # (nbytes,) uint8, page-aligned (sources.arena.aligned_buffer)
     kept: dict = field(default_factory=dict)
     lent: bool = False
+    taken_at: int = 0  # ArenaPool's count of takes when this one was last taken
 
 
 class ArenaPool:
     """The buffers streamed units are read into: `count` of `nbytes` (the plan's slots), allocated on
     first use. `take` lends one out until `give_back`: the unit read into it is in use until then
-    (the runtime gives it back once the layer or head has computed). With every slot lent, a fresh
-    buffer is made (counted in stats.arenas_allocated) and not kept."""
+    (the runtime gives it back once the layer or head has computed). Of the free arenas it takes one
+    that keeps the shard about to be read (the read then rebuilds nothing), else the one taken least
+    recently, so that the units of a pass alternate between the slots whatever the timing of the
+    give-backs, and each shard meets its keeper again on the next pass. With every slot lent, a
+    fresh buffer is made (counted in stats.arenas_allocated) and not kept."""
 
     def __init__(self, nbytes: int, count: int, stats: StreamStats):
         self.nbytes, self.count, self.stats = nbytes, count, stats
         self._arenas: list[Arena] = []
+        self._takes = 0
 
-    def take(self) -> Arena:
-        arena = next((arena for arena in self._arenas if not arena.lent), None)
+    def take(self, shard: str | None = None) -> Arena:
+        free = [arena for arena in self._arenas if not arena.lent]
+        keepers = [arena for arena in free if shard in arena.kept]
+        arena = min(keepers or free, key=lambda arena: arena.taken_at, default=None)
         if arena is None:
             arena = Arena(aligned_buffer(self.nbytes))
             self.stats.arenas_allocated += 1
             if len(self._arenas) < self.count:
                 self._arenas.append(arena)
         arena.lent = True
+        self._takes += 1
+        arena.taken_at = self._takes
         return arena
 
     def give_back(self, arena: Arena) -> None:
