@@ -60,6 +60,7 @@ LOCK_FILE = ".quantlite.lock"  # flock()ed while a convert writes OUT; the kerne
 # How the embedding and the output head may be stored: "q4" the conversion's 4-bit method, "q8"
 # block-scaled int8 (quantlite.q8weight), "float" unquantized. The default q8 costs about 0.1 %
 # perplexity where q4 costs more than 1 % (docs/accuracy.md, "The head and the embedding").
+DEFAULT_BLOCK_SIZE = 64  # weights per scale, unless convert is told otherwise
 WIDTHS = ("q8", "q4", "float")
 DEFAULT_WIDTH = "q8"
 # Unquantized tensors (norms, a float head) are stored in 16 bits: the source's own 16-bit dtype, and
@@ -153,7 +154,7 @@ def convert(
     out: str | Path,
     *,
     method: str = "quantlite",
-    block_size: int = 64,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     attention_block_size: int | None = None,
     outlier_frac: float | None = None,
     max_bits_per_weight: float | None = None,
@@ -443,8 +444,9 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if attention_block_size is None:  # the method's choice is for data-free conversions (docs/accuracy.md)
-        attention_block_size = (not calibrated and METHODS[method].attention_block_size) or block_size
+    if attention_block_size is None:  # the method's choice, for data-free conversions at the default block size
+        chosen = METHODS[method].attention_block_size if not calibrated and block_size == DEFAULT_BLOCK_SIZE else None
+        attention_block_size = chosen or block_size  # (docs/accuracy.md); a block size the user chose holds for all
     if problem := block_size_problem(block_size) or block_size_problem(attention_block_size) or outlier_frac_problem(frac):
         raise ConversionError(problem)
     if max_bits_per_weight is None and outlier_frac is None:

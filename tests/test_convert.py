@@ -82,6 +82,17 @@ def test_attention_projections_take_their_own_block_size(tmp_path, checkpoint, m
             assert all(torch.equal(value.to_dict()[field], tensor) for field, tensor in reference.to_dict().items()), name
 
 
+def test_a_block_size_the_user_chose_holds_for_the_attention_projections_too():
+    from quantlite.cli import convert as convert_cli
+    from quantlite.converter import DEFAULT_BLOCK_SIZE, _check_settings
+    from quantlite.quantizer import METHODS
+
+    for block_size in (48, 128):
+        settings = _check_settings("quantlite", block_size, None, None, "q8", "q8", None, False, 1)
+        assert settings.block_size_for("model.layers.0.self_attn.q_proj.weight") == block_size
+    assert convert_cli.DEFAULT_BLOCK_SIZE == DEFAULT_BLOCK_SIZE and convert_cli.METHOD_NAMES == tuple(METHODS)
+
+
 def test_calibrated_conversions_keep_one_block_size(tmp_path, checkpoint):
     from quantlite.converter import _check_settings
 

@@ -40,6 +40,7 @@ from quantlite.distributed.options import add_timeout_argument
 
 SUMMARY = "convert an HF folder or a .gguf file (Llama, Mistral, Qwen2/2.5, Qwen3) into packed 4-bit per-layer shards"
 METHOD_NAMES = ("quantlite", "nf4", "rtn")  # quantlite.quantizer.METHODS, without importing torch for --help
+DEFAULT_BLOCK_SIZE = 64  # quantlite.converter.DEFAULT_BLOCK_SIZE, likewise
 WIDTHS = ("q8", "q4", "float")               # quantlite.converter.WIDTHS
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # quantlite.converter.FLOAT_DTYPES
 
@@ -50,11 +51,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHOD_NAMES, default="quantlite",
                         help="quantlite: NF4 + outliers + scale search + 8-bit scales (default); "
                              "nf4: plain NF4 as bitsandbytes; rtn: int4 round-to-nearest")
-    parser.add_argument("--block-size", type=int, default=64, help="weights per scale along the input dimension (default 64)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"weights per scale along the input dimension (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
                              "method without --calibration, which keeps less of NF4's damage at the same "
-                             "bits/weight: docs/accuracy.md; else --block-size)")
+                             "bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
                              "0.01, as many as fit 4.5 bits/weight per tensor)")
