@@ -117,7 +117,8 @@ def quantize(
     fit_codebook: fit a per-tensor codebook to the weights (Lloyd steps from the method's codebook,
     alternated with the scale search, weighted like it); refine_scales: least-squares refinement of
     the scales after the search. `codebook` (16,) float32 uses the given levels instead of the
-    method's or a fitted one (the converter fits one per tensor and passes it to every row chunk).
+    method's or a fitted one (no converter flag sets either: both are opt-in for callers of quantize;
+    a fitted codebook per row chunk would also keep concat_rows from joining q/k/v and gate/up).
     `name` only labels error messages.
     """
     if method not in METHODS:

@@ -1,6 +1,7 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
  * qmatmul_avx2.c and qmatmul_avx512.c. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -117,12 +118,20 @@ static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x
 static _Thread_local float *kept_buffer;
 static _Thread_local size_t kept_buffer_bytes;
 
+/* The kept buffer is also registered under a pthread key whose destructor frees it when its thread
+ * exits (a loader or pool thread that called the kernels does not leave 4 MiB behind). */
+static pthread_key_t kept_buffer_key;
+static pthread_once_t kept_buffer_key_once = PTHREAD_ONCE_INIT;
+static void make_kept_buffer_key(void) { pthread_key_create(&kept_buffer_key, free); }
+
 static float *call_buffer(size_t bytes) {
     if (bytes > KEPT_BUFFER_BYTES) return aligned_alloc(64, bytes);
     if (bytes > kept_buffer_bytes) {
+        pthread_once(&kept_buffer_key_once, make_kept_buffer_key);
         free(kept_buffer);
         kept_buffer = aligned_alloc(64, KEPT_BUFFER_BYTES);
         kept_buffer_bytes = kept_buffer ? KEPT_BUFFER_BYTES : 0;
+        pthread_setspecific(kept_buffer_key, kept_buffer);
     }
     return kept_buffer;
 }

@@ -14,7 +14,7 @@
  *             per 16, and 16 rows' lane vectors reduced together (a transposing fold: 15 folds for
  *             16 rows, not a horizontal reduction per row, which cost ~1 ns an outlier at SmolLM2's
  *             ~6 outliers a row). No dependent chain, no per-outlier branch (the per-row gather and
- *             reduction it replaces, after a scalar check of every column per call, cost 1.2-2.3 ns
+ *             reduction it replaces, after a scalar check of every column per call, cost 1.1-2.3 ns
  *             an outlier).
  *             M > 1: per outlier, its value times x_columns' row of its column (M floats).
  *

@@ -104,8 +104,8 @@ static inline float sum(const float *a, int64_t n) {
 /* e^x in float32 without libm's scalar call (expf cost 30 us for the 1536 gates of one SmolLM2
  * layer), so that loops over it vectorize: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
  * polynomial (relative error < 2 ulp), times 2^(n - 1) written into the exponent bits, times 2 (n
- * reaches 128 just below ln(FLT_MAX)). 0 below -87.34 (where expf turns subnormal: softmax weights
- * that small vanish against the largest, which is 1), +inf above ln(FLT_MAX), NaN stays NaN. n is
+ * reaches 128 just below ln(FLT_MAX)). 0 below about -87 (n reaches -126, the exponent field 0: where
+ * expf turns subnormal; softmax weights that small vanish against the largest, which is 1), +inf above ln(FLT_MAX), NaN stays NaN. n is
  * rounded by adding and subtracting 1.5 * 2^23 (round to nearest; the library is built without
  * -ffast-math, which would fold it away). */
 static inline float exp_f32(float x) {

@@ -242,6 +242,15 @@ static void read_io(const safetensors *io_file, int64_t n, int64_t k, int64_t *m
     *expected = to_floats(y_t);
 }
 
+/* A copy of a tensor's raw bytes in malloc'd (so aligned) memory: the library reads its typed pointers
+ * as arrays of their type, and a tensor's data in the file buffer may be unaligned. */
+static void *aligned_bytes(const tensor *t, size_t element_bytes) {
+    const size_t bytes = element_bytes * (size_t)numel(t);
+    void *copy = malloc(bytes ? bytes : 1);
+    memcpy(copy, t->data, bytes);
+    return copy;
+}
+
 /* An int8 weight (qs, float16 scales): ql_cpu_qmatmul_int8 against its own float64 reference. */
 static int run_int8(const safetensors *weight_file, const safetensors *io_file) {
     int64_t n, k, block_size, m;
@@ -251,8 +260,7 @@ static int run_int8(const safetensors *weight_file, const safetensors *io_file) 
     if (strcmp(qs->dtype, "I8") != 0 || numel(qs) != n * padded_k || strcmp(scales_t->dtype, "F16") != 0 ||
         numel(scales_t) != n * n_blocks)
         die("int8 weight", "qs must be (N, Kp) I8 and scales (N, Kp / B) F16");
-    uint16_t *scale_bits = malloc(sizeof(uint16_t) * (size_t)(n * n_blocks));  /* aligned copy of the F16 bits */
-    memcpy(scale_bits, scales_t->data, sizeof(uint16_t) * (size_t)(n * n_blocks));
+    uint16_t *scale_bits = aligned_bytes(scales_t, sizeof(uint16_t));  /* the F16 bits */
     const ql_weight_int8 weight = {n, k, block_size, (const int8_t *)qs->data, scale_bits};
     float *x, *expected;
     read_io(io_file, n, k, &m, &x, &expected);
@@ -292,7 +300,8 @@ int main(int argc, char **argv) {
     load_safetensors(argv[2], &io_file);
     if (find(&weight_file, "qs", 0)) return run_int8(&weight_file, &io_file);
 
-    /* 1. the weight as stored: the library reads each tensor as it is (quantlite.h's storage tags);
+    /* 1. the weight as stored: the library reads each tensor as it is (quantlite.h's storage tags;
+     *    multi-byte ones copied to aligned memory, aligned_bytes);
      *    the float32 copies below (scales, columns, values) feed only this program's reference */
     int64_t n, k, block_size;
     parse_meta(find(&weight_file, "meta", 1), &n, &k, &block_size);
@@ -304,8 +313,8 @@ int main(int argc, char **argv) {
     const tensor *plain_scales = find(&weight_file, "scales", 0);
     if (plain_scales) {
         scales = to_floats(plain_scales);
-        weight.scales = plain_scales->data;
         weight.scale_kind = strcmp(plain_scales->dtype, "F16") == 0 ? QL_SCALES_F16 : QL_SCALES_F32;
+        weight.scales = aligned_bytes(plain_scales, weight.scale_kind == QL_SCALES_F16 ? 2 : 4);
     } else {        /* double quantization: min + code * step of the code's group of 256 scales */
         const tensor *scale_codes = find(&weight_file, "scale_codes", 1);
         float *group_min = to_floats(find(&weight_file, "scale_group_min", 1));
@@ -331,10 +340,10 @@ int main(int argc, char **argv) {
     weight.row_ptr = row_ptr;
     weight.nnz = nnz;
     if (nnz) {
-        weight.cols = cols_t->data;
         weight.col_kind = strcmp(cols_t->dtype, "U16") == 0 ? QL_COLS_U16 : QL_COLS_I32;
-        weight.vals = vals_t->data;
+        weight.cols = aligned_bytes(cols_t, weight.col_kind == QL_COLS_U16 ? 2 : 4);
         weight.val_kind = strcmp(vals_t->dtype, "F16") == 0 ? QL_VALS_F16 : QL_VALS_F32;
+        weight.vals = aligned_bytes(vals_t, weight.val_kind == QL_VALS_F16 ? 2 : 4);
     }
 
     /* 2. x and the expected y */

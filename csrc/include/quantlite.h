@@ -86,7 +86,8 @@ typedef enum {
     QL_VALS_F16 = 1      /* vals: (nnz,) IEEE float16 bits */
 } ql_val_kind;
 
-/* Every tag 0 is the widened layout of ABI version 3 (a zeroed struct's tails read as before). */
+/* Every tag 0 is the widened layout that ABI version 3 took; the struct is longer than version 3's,
+ * so only the version check (ql_abi_version) keeps a caller built against version 3 out. */
 typedef struct {
     int64_t n;                /* N: output features (rows of W) */
     int64_t k;                /* K: input features (columns of W, before padding) */

@@ -185,7 +185,7 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-# top-p looks for its set among the 1024, then the 8192 most likely tokens (_top: 2.5 ms for 16 x 49152
+# top-p looks for its set among the 1024, then the 8192 most likely tokens (_top: 2.5-3 ms for 16 x 49152
 # and 1024; torch.topk took 10 and 19 ms), and sorts the whole vocabulary (69 ms) only when some row's set is larger still.
 # The old full sort made sample() cost 144 ms of CPU a step, more than SmolLM2 itself at batch 16
 # (self-calibration's sampling, docs/runtime.md).
@@ -220,7 +220,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (batch, vocab) -> the k largest of each row and their indices (batch, k), largest first,
     as torch.topk. On the CPU, for k below the vocabulary, numpy's argpartition then a sort of the k:
-    2.5 ms against torch.topk's 11 ms for 16 x 49152 and k = 1024 (one thread), self-calibration's
+    2.5-3 ms against torch.topk's 11 ms for 16 x 49152 and k = 1024 (one thread), self-calibration's
     sampling step. Which of several equal logits at the k-th place are kept, and the order of equal
     logits, is not promised (nor is it by torch.topk)."""
     if not logits.is_cpu or k >= logits.shape[-1]:
