@@ -5,6 +5,7 @@ derived tolerance); the CSR checks the kernels make as they read it; the layout'
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,6 +90,19 @@ def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
                    QWeight(**{**qw.__dict__, "outlier_row_ptr": falling})):
         with pytest.raises(native.NativeKernelError, match="outlier CSR is malformed"):
             native.qmatmul_cpu(torch.randn(m, 64), broken, isa=isa, n_threads=2)
+    # the widened layout's int32 columns can be negative (a signed compare must catch them), and a
+    # row pointer mid-table can leave [0, nnz]
+    widened = prepare(qw, "cpu", widened=True)
+    negative = widened.cols.clone()
+    negative[len(negative) // 2] = -1
+    beyond = widened.row_ptr.clone()
+    beyond[35] = int(beyond[-1]) + 5
+    for broken in (replace(widened, cols=negative), replace(widened, row_ptr=beyond)):
+        weight = native._struct(broken)
+        x, y = torch.randn(m, 64), torch.empty(m, 70)
+        status = native._cpu_library().ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), m, 64, y.data_ptr(), 70, 0,
+                                                      native.ISA_TAGS[isa], 2)
+        assert native._cpu_library().ql_error_string(status).decode().startswith("outlier CSR is malformed")
 
 
 def test_a_bad_storage_tag_is_refused(generator):
