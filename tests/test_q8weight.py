@@ -102,27 +102,35 @@ def int8_backends() -> list[str]:
 @pytest.mark.parametrize("n, k, block", SHAPES)
 def test_qmatmul_matches_float64(generator, backend, dtype, n, k, block):
     qw = quantize_int8(random_weight(n, k, generator), block)
-    w64 = qw.dequantize(torch.float64)
     for m in (1, 2, 3, 7, 16, 33, 70):
         x = torch.randn(m, k, generator=generator).to(dtype)
         y = qmatmul(x, qw, backend)
         assert y.dtype == dtype and y.shape == (m, n)
-        exact = x.double() @ w64.T
-        # float32 accumulation: K products and one scale product per block, summed in any order, plus a
-        # few lane additions: |error| <= gamma * sum |x||w| with gamma = c u / (1 - c u), c = K + blocks + 16
-        # (Higham, Accuracy and Stability, 3.1); then one rounding of the output to its dtype.
-        count = k + qw.n_blocks + 16
-        gamma = count * 2.0**-24 / (1 - count * 2.0**-24)
-        bound = gamma * (x.double().abs() @ w64.abs().T) + UNIT_ROUNDOFF[dtype] * exact.abs() + 1e-30
-        error = (y.double() - exact).abs()
-        worst = int((error - bound).argmax())
-        assert bool((error <= bound).all()), f"M={m}: element {divmod(worst, n)} error {float(error.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g}"
+        assert_float32_accumulation(y, x, qw, f"M={m}")
+
+
+def assert_float32_accumulation(y: torch.Tensor, x: torch.Tensor, qw, what: str) -> None:
+    """y (M, N) against x (M, K) @ qw's float64 dequantization within float32 accumulation's bound:
+    K products and one scale product per block, summed in any order, plus a few lane additions:
+    |error| <= gamma * sum |x||w| with gamma = c u / (1 - c u), c = K + blocks + 16 (Higham, Accuracy
+    and Stability, 3.1); then one rounding of the output to its dtype."""
+    w64 = qw.dequantize(torch.float64)
+    exact = x.double() @ w64.T
+    count = x.shape[-1] + qw.n_blocks + 16
+    gamma = count * 2.0**-24 / (1 - count * 2.0**-24)
+    bound = gamma * (x.double().abs() @ w64.abs().T) + UNIT_ROUNDOFF[y.dtype] * exact.abs() + 1e-30
+    error = (y.double() - exact).abs()
+    worst = int((error - bound).argmax())
+    assert bool((error <= bound).all()), (f"{what}: element {divmod(worst, y.shape[-1])} error "
+                                          f"{float(error.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g}")
 
 
 def test_qmatmul_keeps_leading_dimensions_and_refuses_fused_gpu_back_ends(generator):
     qw = quantize_int8(random_weight(37, 150, generator), 64)
     x = torch.randn(2, 3, 150, generator=generator)
-    assert torch.allclose(qmatmul(x, qw), qmatmul(x.reshape(6, 150), qw, "torch").reshape(2, 3, 37), rtol=1e-5, atol=1e-6)
+    y = qmatmul(x, qw)
+    assert y.shape == (2, 3, 37)
+    assert_float32_accumulation(y.reshape(6, 37), x.reshape(6, 150), qw, "(2, 3, 150) input")
     for name in ("cuda", "triton"):
         with pytest.raises(BackendUnavailable, match=name):
             qmatmul(x, qw, name)
