@@ -4,7 +4,7 @@ checkout's, on the same weights and x, through ctypes only (no Python hop in eit
     .venv/bin/python -m benchmarks.cpu_library_ab /work/main/quantlite/_native/libquantlite_cpu.so
 
 The baseline gets the layout its ABI version takes: version 3, the widened one (float32 scales,
-int32 outlier columns, float32 values: what its prepare built), version 4 this checkout's stored
+int32 outlier columns, float32 values: what its prepare built), this checkout's version (native.ABI_VERSION) the stored
 one. Cases: M = 1 on the 4 weights of one SmolLM2 decoder layer as the runtime holds them
 (--packed, default the benchmark cache's) and their sum, then random 4096 x 4096 and 11008 x 4096
 weights with 0 and 1 % outliers; 1 thread (CPU time of the calling thread) and 2 (wall clock).

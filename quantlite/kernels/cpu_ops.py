@@ -87,13 +87,6 @@ def _check_float32_cpu(what: str, **tensors: torch.Tensor | None) -> None:
             raise native.NativeKernelError(f"native cpu {what}: {name} is {t.dtype} on {t.device}, expected float32 on the CPU")
 
 
-def _rows(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """x (..., n) as (rows, n) with contiguous rows, without a copy where a view does it, and its row stride."""
-    rows = x.reshape(-1, n)
-    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
-        rows = rows.contiguous()
-    return rows, rows.stride(0) if rows.shape[0] > 1 else n
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., n) float32 -> weight * (x / sqrt(mean(x^2) + eps)) over the last size; weight (n,) float32."""
@@ -102,10 +95,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise native.NativeKernelError(f"native cpu rms_norm: x is {tuple(x.shape)}, weight {tuple(weight.shape)}; "
                                        f"the weight must be ({n},)")
     _check_float32_cpu("rms_norm", x=x, weight=weight)
-    rows, row_stride = _rows(x, n) if n else (x, n)
+    rows = native.contiguous_rows(x, n) if n else x.reshape(0, 0)
     weight = weight.contiguous()
     out = torch.empty(x.shape)
-    status = _library().ql_cpu_rms_norm(rows.data_ptr(), x.numel() // n if n else 0, n, row_stride, weight.data_ptr(), eps,
+    status = _library().ql_cpu_rms_norm(rows.data_ptr(), rows.shape[0], n, native.rows_stride(rows), weight.data_ptr(), eps,
                                         out.data_ptr())
     if status:
         raise _failed(status, f"rms_norm (x {tuple(x.shape)})")
@@ -118,9 +111,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise native.NativeKernelError(f"native cpu silu_mul: gate_up is {tuple(gate_up.shape)}, its last size must be even")
     _check_float32_cpu("silu_mul", gate_up=gate_up)
     n = gate_up.shape[-1] // 2
-    rows, row_stride = _rows(gate_up, 2 * n) if n else (gate_up, 2 * n)
+    rows = native.contiguous_rows(gate_up, 2 * n) if n else gate_up.reshape(0, 0)
     out = torch.empty(*gate_up.shape[:-1], n)
-    status = _library().ql_cpu_silu_mul(rows.data_ptr(), gate_up.numel() // (2 * n) if n else 0, n, row_stride, out.data_ptr())
+    status = _library().ql_cpu_silu_mul(rows.data_ptr(), rows.shape[0], n, native.rows_stride(rows), out.data_ptr())
     if status:
         raise _failed(status, f"silu_mul (gate_up {tuple(gate_up.shape)})")
     return out

@@ -252,13 +252,18 @@ def _as_rows(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str, kind: type =
         )
     if x.dtype not in DTYPE_TAGS:
         raise NativeKernelError(f"native {backend} qmatmul: x is {x.dtype}, expected float32, float16 or bfloat16")
+    return contiguous_rows(x, k)
+
+
+def contiguous_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (..., k) as (M, k) whose rows are contiguous: a view where one does it, else a copy."""
     rows = x.reshape(-1, k)
     if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < k):
         rows = rows.contiguous()
     return rows
 
 
-def _row_stride(rows: torch.Tensor) -> int:
+def rows_stride(rows: torch.Tensor) -> int:
     return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
 
 
@@ -295,9 +300,9 @@ def qmatmul_cpu(
         rows = _as_rows(x, qw, "cpu")
         if x.device.type != "cpu":
             raise NativeKernelError(f"native cpu qmatmul: x is on {x.device}, expected the CPU")
-        m, row_stride = rows.shape[0], _row_stride(rows)
+        m, row_stride = rows.shape[0], rows_stride(rows)
         out = _checked_out(out, m, qw.shape[0], x.dtype)
-        out_stride = _row_stride(out)
+        out_stride = rows_stride(out)
         y = out.reshape(*x.shape[:-1], qw.shape[0]) if out.is_contiguous() else out
     if m >= PREFILL_MIN_M and isa == "auto":
         _prefill(rows.reshape(m, qw.shape[1]), qw, out.view(m, qw.shape[0]), n_threads)
@@ -447,7 +452,7 @@ def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = N
     if m:
         qs, scales = qw.qs.contiguous(), qw.scales.contiguous()
         weight = _WeightInt8(n=n, k=k, block_size=qw.block_size, qs=qs.data_ptr(), scales=scales.data_ptr())
-        status = library.ql_cpu_qmatmul_int8(ctypes.byref(weight), rows.data_ptr(), m, _row_stride(rows),
+        status = library.ql_cpu_qmatmul_int8(ctypes.byref(weight), rows.data_ptr(), m, rows_stride(rows),
                                              out.data_ptr(), n, DTYPE_TAGS[x.dtype], _threads(n_threads))
         _check(library, status, f"native cpu int8 qmatmul (M={m}, N={n}, K={k})")
     return out.reshape(*x.shape[:-1], n)
@@ -468,7 +473,7 @@ def qmatmul_cuda(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
             weight = _weight_pointer(qw, x.device)
             stream = torch.cuda.current_stream(x.device).cuda_stream
             status = library.ql_cuda_qmatmul(
-                weight, rows.data_ptr(), rows.shape[0], _row_stride(rows), out.data_ptr(), n,
+                weight, rows.data_ptr(), rows.shape[0], rows_stride(rows), out.data_ptr(), n,
                 DTYPE_TAGS[x.dtype], stream,
             )
         _check(library, status, f"native cuda qmatmul (M={rows.shape[0]}, N={n}, K={qw.shape[1]}, {x.device})")
