@@ -47,7 +47,7 @@
 
 static int64_t groups_of(const ql_matmul_job *job) { return (job->m + GROUP - 1) / GROUP; }
 
-/* Per thread: the panel (64-byte aligned), acc, the chunk's decoded scales (chunk.h). */
+/* Per thread: the panel (64-byte aligned), acc, the decoded scales (chunk.h). */
 int64_t ql_gemm_avx512_scratch_floats(const ql_matmul_job *job) {
     return 16 + PANEL_ROWS * K_C + groups_of(job) * PANEL_ROWS * GROUP + PANEL_ROWS * (job->padded_k / job->w->block_size);
 }
@@ -103,51 +103,73 @@ static inline __attribute__((always_inline)) void micro_tile(const float *panel,
  * after 3s: one group is load-bound, 8 broadcasts + 1 load per 8 FMAs). */
 static int block_groups(int64_t left) { return left >= MAX_GROUPS ? (left == 4 ? 2 : MAX_GROUPS) : (int)left; }
 
-void ql_gemm_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
-    const ql_weight *w = job->w;
-    const int64_t kp = job->padded_k, groups = groups_of(job), m_rows = job->m;
-    float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
-    float *panel = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *acc = panel + PANEL_ROWS * K_C, *scale_scratch = acc + groups * PANEL_ROWS * GROUP;
-    const __m512 codebook = _mm512_loadu_ps(w->codebook);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += PANEL_ROWS) {
-        const int64_t rows = n_end - n0 < PANEL_ROWS ? n_end - n0 : PANEL_ROWS;
-        const int64_t tile_rows = (rows + MR - 1) / MR * MR;  /* rows past `rows` are zero, never stored */
-        if (w->nnz && !ql_chunk_row_ptr_ok(w, n0, rows)) {
-            ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
-            return;
-        }
-        const float *scales = ql_chunk_scales(w, kp, n0, rows, scale_scratch);
-        int64_t next[PANEL_ROWS];
-        for (int64_t r = 0; r < rows; ++r) next[r] = w->row_ptr[n0 + r];
-        memset(panel + rows * K_C, 0, sizeof(float) * (size_t)((tile_rows - rows) * K_C));
-        memset(acc, 0, sizeof(float) * (size_t)(groups * PANEL_ROWS * GROUP));
-        for (int64_t k0 = 0; k0 < kp; k0 += K_C) {
-            const int64_t kc = kp - k0 < K_C ? kp - k0 : K_C;
-            if (!decode_panel(w, kp, scales, codebook, n0, rows, k0, kc, next, panel)) {
-                ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
-                return;
+/* y[m, n0 + r] = acc's lane m % 16 of (m / 16, r), r < rows: per x row, 16 weight rows at a time
+ * gathered (stride 16 floats) and stored as one vector (float32) or rounded by ql_store. */
+static void store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
+    const __m512i row_lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(GROUP));
+    for (int64_t m = 0; m < job->m; ++m) {
+        const float *lanes = acc + (m / GROUP) * PANEL_ROWS * GROUP + m % GROUP;
+        const int64_t y_row = m * job->y_row_stride + n0;
+        for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+            const __mmask16 real = lanes_below(rows - r0);
+            const __m512 values = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, row_lanes, lanes + r0 * GROUP, 4);
+            if (job->dtype == QL_F32) {
+                _mm512_mask_storeu_ps((float *)job->y + y_row + r0, real, values);
+                continue;
             }
-            for (int64_t g0 = 0; g0 < groups; g0 += block_groups(groups - g0)) {
-                const float *x = job->x_packed + (g0 * kp + k0) * GROUP;
-                float *block_acc = acc + g0 * PANEL_ROWS * GROUP;
-                for (int64_t r0 = 0; r0 < tile_rows; r0 += MR) {
-                    switch (block_groups(groups - g0)) {  /* a constant V keeps the accumulators in registers */
-                        case 1: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 1); break;
-                        case 2: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 2); break;
-                        default: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 3); break;
-                    }
+            float rounded[16];
+            _mm512_storeu_ps(rounded, values);
+            for (int64_t i = 0; i < 16 && r0 + i < rows; ++i) ql_store(job->y, job->dtype, y_row + r0 + i, rounded[i]);
+        }
+    }
+}
+
+/* acc (G, PANEL_ROWS, 16) = weight rows [n0, n0 + rows) against every group of x, over all of K:
+ * slice by slice, the panel decoded, then every block of V groups over it. 0 on a malformed
+ * outlier table. */
+static int block_product(const ql_matmul_job *job, const float *scales, __m512 codebook, int64_t n0, int64_t rows,
+                         float *panel, float *acc) {
+    const ql_weight *w = job->w;
+    const int64_t kp = job->padded_k, groups = groups_of(job);
+    const int64_t tile_rows = (rows + MR - 1) / MR * MR;  /* rows past `rows`: zero, never stored */
+    int64_t next[PANEL_ROWS];
+    for (int64_t r = 0; r < rows; ++r) next[r] = w->row_ptr[n0 + r];
+    memset(panel + rows * K_C, 0, sizeof(float) * (size_t)((tile_rows - rows) * K_C));
+    memset(acc, 0, sizeof(float) * (size_t)(groups * PANEL_ROWS * GROUP));
+    for (int64_t k0 = 0; k0 < kp; k0 += K_C) {
+        const int64_t kc = kp - k0 < K_C ? kp - k0 : K_C;
+        if (!decode_panel(w, kp, scales, codebook, n0, rows, k0, kc, next, panel)) return 0;
+        for (int64_t g0 = 0; g0 < groups; g0 += block_groups(groups - g0)) {
+            const float *x = job->x_packed + (g0 * kp + k0) * GROUP;
+            float *block_acc = acc + g0 * PANEL_ROWS * GROUP;
+            for (int64_t r0 = 0; r0 < tile_rows; r0 += MR) {
+                switch (block_groups(groups - g0)) {  /* a constant V keeps the accumulators in registers */
+                    case 1: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 1); break;
+                    case 2: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 2); break;
+                    default: micro_tile(panel + r0 * K_C, x, kp * GROUP, kc, block_acc + r0 * GROUP, 3); break;
                 }
             }
         }
-        for (int64_t r = 0; r < rows; ++r)
-            if (next[r] != w->row_ptr[n0 + r + 1]) {  /* an entry out of order was never added */
-                ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
-                return;
-            }
-        for (int64_t m = 0; m < m_rows; ++m) {
-            const float *lanes = acc + (m / GROUP) * PANEL_ROWS * GROUP + m % GROUP;
-            for (int64_t r = 0; r < rows; ++r) ql_store(job->y, job->dtype, m * job->y_row_stride + n0 + r, lanes[r * GROUP]);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        if (next[r] != w->row_ptr[n0 + r + 1]) return 0;  /* an entry out of order was never added */
+    return 1;
+}
+
+void ql_gemm_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
+    const ql_weight *w = job->w;
+    float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
+    float *panel = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *acc = panel + PANEL_ROWS * K_C, *scale_scratch = acc + groups_of(job) * PANEL_ROWS * GROUP;
+    const __m512 codebook = _mm512_loadu_ps(w->codebook);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += PANEL_ROWS) {
+        const int64_t rows = n_end - n0 < PANEL_ROWS ? n_end - n0 : PANEL_ROWS;
+        const float *scales = ql_chunk_scales(w, job->padded_k, n0, rows, scale_scratch);
+        if ((w->nnz && !ql_chunk_row_ptr_ok(w, n0, rows)) || !block_product(job, scales, codebook, n0, rows, panel, acc)) {
+            ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
+            return;
         }
+        store_outputs(job, acc, n0, rows);
     }
 }
