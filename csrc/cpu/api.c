@@ -48,7 +48,10 @@ static int resolve_isa(int isa, int *resolved) {
 static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int n_threads) {
     if (n_rows * weights_per_row < PARALLEL_MIN_WEIGHTS) return n_rows;  /* one chunk: no hand-off */
     if (n_threads <= 0) n_threads = ql_available_cores();
-    const int64_t per_chunk = n_rows / ((int64_t)n_threads * 4) + 1;    /* ~4 chunks per thread balance load */
+    /* ~4 chunks per thread balance load; the division rounds up, so that N = 4096 gives 8 chunks of
+     * 512 rows at 2 threads (n / 8 + 1 rounded to 32 gave 7 of 544 and one of 288: one thread
+     * ran 256 rows more than the other, 6 % of an M = 1 call) */
+    const int64_t chunks = (int64_t)n_threads * 4, per_chunk = (n_rows + chunks - 1) / chunks;
     return (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
 }
 
