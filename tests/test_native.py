@@ -154,7 +154,7 @@ def test_leading_dimensions_and_empty_input(generator):
 
 def test_thread_counts_give_identical_results(generator):
     # each output element is computed by one thread in a fixed order: bitwise equal for any count
-    # (M = 16, 40, 130: the AVX-512 GEMM, whose blocks of 128 rows each thread cuts differently)
+    # (M = 16, 40, 130: the AVX-512 GEMM, whose blocks of 256 rows each thread cuts differently)
     qw = random_weight(generator, n=700, k=512)  # 700 * 512 weights: above the parallel threshold
     for m in (1, 6, 16, 40, 130):
         x = torch.randn(m, 512, generator=generator)
@@ -303,7 +303,7 @@ def test_every_m_up_to_130_through_the_dispatch(generator, dtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, k, block_size", [(300, 1000, 64), (131, 383, 128), (37, 1056, 48), (9, 4096, 256)])
 def test_gemm_sizes_over_its_blocks(generator, isa, n, k, block_size):
-    # The AVX-512 GEMM's blocks of 128 weight rows (300 = 2 x 128 + 44) and 128-column K slices (1000 =
+    # The AVX-512 GEMM's blocks of 256 weight rows (300 = 256 + 44) and 128-column K slices (1000 =
     # 7 x 128 + 104; 1056 = 8 x 128 + 32 with B = 48 straddling slices), at M = 16, 47 and 100.
     qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.01)
     for m in (16, 47, 100):

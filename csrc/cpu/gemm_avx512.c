@@ -6,10 +6,10 @@
  *   x_packed  (G, Kp, 16) float32, G = ceil(M / 16): group g holds rows 16g .. 16g + 15 of x side by
  *             side per column (ql_gemm_x_position; rows past M and columns past K zero), packed once
  *             per call by api.c. A group's K_C columns are one contiguous run (8 KiB at K_C = 128).
- *   panel     (PANEL_ROWS, K_C) float32 per thread: 128 weight rows, columns [k0, k0 + K_C), decoded
+ *   panel     (PANEL_ROWS, K_C) float32 per thread: 256 weight rows, columns [k0, k0 + K_C), decoded
  *             and scaled (ql_avx512_levels16 * the block's scale: the float32 product of
  *             QWeight.dequantize) with the row's outliers in those columns added (as dequantize
- *             does), natural column order; 64 KiB, in L2. Each weight is decoded once per call and
+ *             does), natural column order; 128 KiB, in L2. Each weight is decoded once per call and
  *             then used by every group of x: at M = 64 one decode (a load, 3 shuffles, a shift, a
  *             multiply and a store per 16 weights) feeds 64 FMAs. Scales as float32 (chunk.h's
  *             ql_chunk_scales: the stored array, or its float16 / double-quantized form decoded).
@@ -21,10 +21,11 @@
  * loads per 24 FMAs at V = 3); 4 x 6 tiles (10 loads per 24) measured the same.
  * Loop nest per block of PANEL_ROWS weight rows (a thread's rows of y come in api.c's chunks of 32):
  * for each K_C slice: decode the panel; for each block of V groups of x: for each MR rows of the
- * panel: K_C columns of FMAs. A block's x (V x 8 KiB) stays in L1 over the panel's 16 micro-tiles;
- * the panel and acc (M x 512 B) in L2; all of x (M x K floats) is read once per 128 weight rows.
- * Blocks of 32 rows (x read 4 times as often) measured 0.74-0.78x torch fp32 at 4096 x 11008, M =
- * 128, against 1.04-1.05x with 128 (one thread, loaded machine); K_C = 64 and 256 no better.
+ * panel: K_C columns of FMAs. A block's x (V x 8 KiB) stays in L1 over the panel's 32 micro-tiles;
+ * the panel and acc (M x 1 KiB) in L2; all of x (M x K floats) is read once per 256 weight rows.
+ * Blocks of 32 rows (x read 8 times as often) measured 0.74-0.78x torch fp32 at 4096 x 11008, M =
+ * 128, against 1.04-1.05x with 128; 256 rows gained another 0-4 % over 128 (M = 64-512, one and
+ * two threads, A/B in one process); K_C = 64 and 256 no better (one thread, loaded machine).
  * Outliers: each row's CSR entries are walked with a cursor as the slices pass (columns ascend, as
  * the format requires): a column is added only inside [k0, K) and the slice, a column below the
  * slice or past K fails the call, and so does an entry not added by the row's end (QL_ERR_BAD_OUTLIERS,
@@ -39,7 +40,7 @@
 #include "levels_avx512.h"
 #include "quantlite_decode.h"
 
-#define PANEL_ROWS 128          /* weight rows decoded together (4 of api.c's chunks) */
+#define PANEL_ROWS 256          /* weight rows decoded together (8 of api.c's chunks of 32) */
 #define K_C 128                 /* columns per panel slice */
 #define MR 8                    /* weight rows per micro-tile */
 #define MAX_GROUPS 3            /* x groups per micro-tile: 8 x 3 accumulators + 3 x = 27 zmm */
