@@ -63,10 +63,10 @@ static int decode_panel(const ql_weight *w, int64_t padded_k, const float *scale
         const uint8_t *codes = w->codes + (n0 + r) * row_bytes;
         const float *row_scales = scales + r * n_blocks;
         float *out = panel + r * K_C;  /* column c at out[c - k0] */
-        for (int64_t b0 = k0; b0 < k0 + kc; b0 = (b0 / block + 1) * block) {  /* 16 divides B: one scale per 16 columns */
+        for (int64_t b0 = k0; b0 < k0 + kc; b0 = (b0 / block + 1) * block) {  /* per block in the slice: one scale */
             const __m512 scale = _mm512_set1_ps(row_scales[b0 / block]);
             const int64_t b1 = (b0 / block + 1) * block < k0 + kc ? (b0 / block + 1) * block : k0 + kc;
-            for (int64_t c = b0; c < b1; c += 16) _mm512_store_ps(out + (c - k0), _mm512_mul_ps(ql_avx512_levels16(codes + c / 2, codebook), scale));
+            for (int64_t c = b0; c < b1; c += 16) /* 16 divides B and K_C */ _mm512_store_ps(out + (c - k0), _mm512_mul_ps(ql_avx512_levels16(codes + c / 2, codebook), scale));
         }
         int64_t e = next[r];
         for (const int64_t end = w->row_ptr[n0 + r + 1]; e < end; ++e) {
