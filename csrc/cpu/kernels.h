@@ -19,10 +19,12 @@ typedef struct {
      * in which the AVX2 kernel decodes weights, padding columns zero. M <= 8: (Kp / 8, M, 8), per
      * group the M rows side by side (the register path reads them together); M > 8: (M, Kp), row
      * after row (the GEMM's x tiles, measured faster so at K = 11008). AVX-512: tiles of 8 rows
-     * in strips of 128 columns (ql_avx512_x_position). */
+     * in strips of 128 columns (ql_avx512_x_position); its GEMM: groups of 16 rows
+     * (ql_gemm_x_position). */
     const float *x_packed;
     /* (K, M) float32, AVX2 and AVX-512: x transposed, so that the outliers of a column meet its M
-     * rows of x side by side (chunk.h); at M = 1, x itself. */
+     * rows of x side by side (chunk.h); at M = 1, x itself. NULL for the AVX-512 GEMM (it adds
+     * the outliers to its decoded weights). */
     const float *x_columns;
     float *scratch;                    /* ql_avx2_scratch_floats / ql_avx512_scratch_floats per thread */
     int64_t scratch_floats_per_thread;
