@@ -16,9 +16,8 @@
    >= 0.70 of the DRAM bandwidth.
 1. qmatmul, M = 1, 8, 16 and 128 (--m; 128 = prefill), on 4096 x 4096, 11008 x 4096 and
    4096 x 11008 (NF4, block 64, 0.5 % outliers): native `qmatmul_cpu` (the ISA cpuid picks, and
-   forced to AVX2 for comparison; from M = native.PREFILL_MIN_M on, "native" is the prefill path,
-   panels dequantized and multiplied by torch's sgemm, and "own" the library's GEMM kernel forced
-   by naming the ISA) against torch fp32 `F.linear` on the dequantized weight and against
+   forced to AVX2 for comparison; with AVX-512 from M = 16 on that is the library's prefill GEMM,
+   csrc/cpu/gemm_avx512.c) against torch fp32 `F.linear` on the dequantized weight and against
    bitsandbytes' CPU `matmul_4bit` on the same weights. Goals: issue 6 (M = 1 >= 2.5x
    torch fp32, >= 10x bitsandbytes; M = 8 >= 2x torch fp32, >= 10x bitsandbytes) and issue 12
    (prefill not slower than torch fp32).
@@ -144,7 +143,7 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     isa = native.cpu_isa()
     print(f"\n== qmatmul: ms per call (ratio = baseline / native {isa}, each group timed on its own; "
           f"'avx2' = the same call forced to AVX2)")
-    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'avx2':>8} {'own':>8} {'vs fp32':>8} "
+    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'avx2':>8} {'vs fp32':>8} "
           f"{'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
@@ -156,12 +155,9 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
             ours = lambda: native.qmatmul_cpu(x, qw)  # noqa: E731
             timed = {"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours,
                      "avx2": lambda: native.qmatmul_cpu(x, qw, isa="avx2")}
-            if m >= native.PREFILL_MIN_M:
-                timed["own"] = lambda: native.qmatmul_cpu(x, qw, isa=isa)
             fp32 = interleaved_medians(timed, repeats)
-            own = f"{fp32['own'] * 1e3:8.2f}" if "own" in fp32 else f"{'-':>8}"
             row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
-                   f"{fp32['avx2'] * 1e3:8.2f} {own} {fp32['torch'] / fp32['native']:7.2f}x")
+                   f"{fp32['avx2'] * 1e3:8.2f} {fp32['torch'] / fp32['native']:7.2f}x")
             if with_bnb:
                 bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
                                            "native": ours}, repeats)

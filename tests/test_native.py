@@ -72,7 +72,7 @@ def test_qmatmul_sweep_m_and_odd_shapes(generator, isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qmatmul_every_m_up_to_70(generator, isa, dtype):
     # Every M from 1 to 70: each register tile, the AVX-512 kernel's x tiles of 8 rows with every
-    # remainder, its switch to the GEMM path (32 / 33), and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
+    # remainder, its switch to the GEMM (15 / 16), and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
     # and padding inside the last block; N = 37: an odd number of rows (a weight row tile of 2 plus
     # a single row), no outliers in some rows.
     qw = random_weight(generator, n=37, k=300, block_size=64, outlier_frac=0.003)
@@ -90,7 +90,7 @@ def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_
     # blocks straddle the AVX-512 kernel's 128-column strips. K around 128 and 256: whole strips, one
     # column more or less.
     qw = random_weight(generator, n=19, k=k, block_size=block_size)
-    for m in (1, 3, 7, 40):  # 40: the AVX-512 GEMM path (M > 32)
+    for m in (1, 3, 7, 40):  # 40: the AVX-512 GEMM (M >= 16)
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
@@ -103,7 +103,7 @@ def test_qmatmul_k_slices_of_the_register_path(generator, isa, block_size, k):
     # its switch from scaled sums to scaled levels, 8 / 9 the switch to the GEMM. N = 70 leaves a
     # partial chunk of 32 rows; 2 % outliers give 40-80 per row.
     qw = random_weight(generator, n=70, k=k, block_size=block_size, outlier_frac=0.02)
-    for m in (4, 5, 7, 8, 9, 33):  # 33: the AVX-512 GEMM path, its panels of 2 strips over many K slices
+    for m in (4, 5, 7, 8, 9, 33):  # 33: the AVX-512 GEMM over many K slices
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
@@ -133,13 +133,14 @@ def test_wide_rows_with_int32_columns_and_a_single_short_row(generator, isa, n, 
 @pytest.mark.parametrize("isa", ISAS)
 def test_strided_x_and_out_leave_the_gaps_alone(generator, isa):
     qw = random_weight(generator, n=23, k=100)
-    wide_x = torch.randn(6, 130, generator=generator)
-    x = wide_x[:, 10:110]                                  # (6, 100), row stride 130
-    wide_out = torch.full((6, 31), float("nan"))
-    out = wide_out[:, 4:27]                                # (6, 23), row stride 31
-    native.qmatmul_cpu(x, qw, out=out, isa=isa)
-    assert_matches_reference(out, x, qw)
-    assert torch.isnan(wide_out[:, :4]).all() and torch.isnan(wide_out[:, 27:]).all()
+    for m in (6, 20):  # 20: the AVX-512 GEMM's packing of x
+        wide_x = torch.randn(m, 130, generator=generator)
+        x = wide_x[:, 10:110]                              # (m, 100), row stride 130
+        wide_out = torch.full((m, 31), float("nan"))
+        out = wide_out[:, 4:27]                            # (m, 23), row stride 31
+        native.qmatmul_cpu(x, qw, out=out, isa=isa)
+        assert_matches_reference(out, x, qw)
+        assert torch.isnan(wide_out[:, :4]).all() and torch.isnan(wide_out[:, 27:]).all()
 
 
 def test_leading_dimensions_and_empty_input(generator):
@@ -153,8 +154,9 @@ def test_leading_dimensions_and_empty_input(generator):
 
 def test_thread_counts_give_identical_results(generator):
     # each output element is computed by one thread in a fixed order: bitwise equal for any count
+    # (M = 16, 40, 130: the AVX-512 GEMM, whose blocks of 256 rows each thread cuts differently)
     qw = random_weight(generator, n=700, k=512)  # 700 * 512 weights: above the parallel threshold
-    for m in (1, 6):
+    for m in (1, 6, 16, 40, 130):
         x = torch.randn(m, 512, generator=generator)
         results = [native.qmatmul_cpu(x, qw, n_threads=t) for t in (1, 2, 3)]
         assert all(torch.equal(results[0], r) for r in results[1:])
@@ -188,12 +190,13 @@ def test_codes_ending_at_a_page_boundary_are_not_overread(generator, isa):
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     qw = random_weight(generator, n=5, k=448, block_size=64, outlier_frac=0.0)  # 224 bytes a row: 3.5 strips
-    x = torch.randn(3, 448, generator=generator)
-    child = context.Process(target=_qmatmul_with_guarded_codes, args=(queue, qw, x, isa))
-    child.start()
-    child.join(timeout=60)
-    assert child.exitcode == 0, f"the child died (exit code {child.exitcode}): a read past the codes?"
-    assert_matches_reference(torch.tensor(queue.get(timeout=10)), x, qw)
+    for m in (3, 17):  # 17: the AVX-512 GEMM, whose last K slice (448 = 3 x 128 + 64) is short
+        x = torch.randn(m, 448, generator=generator)
+        child = context.Process(target=_qmatmul_with_guarded_codes, args=(queue, qw, x, isa))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0, f"the child died (exit code {child.exitcode}): a read past the codes?"
+        assert_matches_reference(torch.tensor(queue.get(timeout=10)), x, qw)
 
 
 def _qmatmul_with_guarded_codes(queue, qw, x, isa):
@@ -280,26 +283,32 @@ def test_dequantize_refuses_bad_row_ranges(generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_panels_match_the_reference(generator, monkeypatch, dtype):
-    # isa="auto" from PREFILL_MIN_M rows on: panels of rows dequantized and multiplied by torch.mm;
-    # a small panel size forces several panels and a short last one
+def test_every_m_up_to_130_through_the_dispatch(generator, dtype):
+    # isa="auto" as the runtime calls it: the AVX-512 tiles below QL_GEMM_MIN_M = 16 rows of x, its GEMM
+    # from there (groups of 16 rows: every remainder, blocks of 1-3 groups); K = 200 is one 128-column
+    # slice of the GEMM's panel plus a short one (K not a multiple of K_C), padding in the last block;
+    # N = 45 a partial block of weight rows and of its 8-row micro-tiles; 5 % outliers in both slices.
     qw = random_weight(generator, n=45, k=200, block_size=64, outlier_frac=0.05)
-    monkeypatch.setattr(native, "PREFILL_PANEL_BYTES", 4 * 200 * 16)  # 16 rows a panel: 16 + 16 + 13
-    panels = []
-    dequantize = native.dequantize_cpu
-    monkeypatch.setattr(native, "dequantize_cpu", lambda *a, **kw: panels.append(kw["rows"]) or dequantize(*a, **kw))
-    for m in (native.PREFILL_MIN_M, native.PREFILL_MIN_M + 1, 70, 130):
-        panels.clear()
+    for m in range(1, 131):
         x = torch.randn(m, 200, generator=generator).to(dtype)
-        y = native.qmatmul_cpu(x, qw)
-        assert panels == [(0, 16), (16, 32), (32, 45)] and y.dtype == dtype
-        assert_matches_reference(y, x, qw)
+        assert_matches_reference(native.qmatmul_cpu(x, qw), x, qw)
     x = torch.randn(2, 40, 200, generator=generator).to(dtype)  # leading sizes; a strided out
     assert_matches_reference(native.qmatmul_cpu(x, qw), x, qw)
     wide_out = torch.full((80, 50), float("nan"), dtype=dtype)
     native.qmatmul_cpu(x, qw, out=wide_out[:, 2:47])
     assert_matches_reference(wide_out[:, 2:47], x, qw)
     assert torch.isnan(wide_out[:, :2]).all() and torch.isnan(wide_out[:, 47:]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n, k, block_size", [(300, 1000, 64), (131, 383, 128), (37, 1056, 48), (9, 4096, 256)])
+def test_gemm_sizes_over_its_blocks(generator, isa, n, k, block_size):
+    # The AVX-512 GEMM's blocks of 256 weight rows (300 = 256 + 44) and 128-column K slices (1000 =
+    # 7 x 128 + 104; 1056 = 8 x 128 + 32 with B = 48 straddling slices), at M = 16, 47 and 100.
+    qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.01)
+    for m in (16, 47, 100):
+        x = torch.randn(m, k, generator=generator)
+        assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
 
 def test_bad_arguments_name_the_sizes(generator):

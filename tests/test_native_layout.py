@@ -79,7 +79,7 @@ def test_many_outliers_span_the_kernels_pieces(generator, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 20])  # 20: the AVX-512 GEMM, which adds outliers to its decoded panel
 def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
     qw = random_weight(generator, n=70, k=64, outlier_frac=0.05)
     bad_col = qw.outlier_cols.clone()
@@ -103,6 +103,24 @@ def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
         status = native._cpu_library().ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), m, 64, y.data_ptr(), 70, 0,
                                                       native.ISA_TAGS[isa], 2)
         assert native._cpu_library().ql_error_string(status).decode().startswith("outlier CSR is malformed")
+
+
+def test_the_gemm_refuses_outlier_columns_out_of_order(generator):
+    # The GEMM walks each row's outliers once as its 128-column slices pass, so it relies on the
+    # format's ascending columns: a row whose columns fall back to an earlier slice is refused, not
+    # summed wrongly or dropped. (The other kernels sum a row's outliers in any order.)
+    qw = random_weight(generator, n=40, k=300, outlier_frac=0.0)
+    row_ptr = torch.zeros(41, dtype=torch.int32)
+    row_ptr[8:] = 2  # row 7: columns 200, then 5
+    cols = torch.tensor([200, 5], dtype=torch.int32).to(torch.uint16)
+    vals = torch.tensor([1.0, -2.0]).to(torch.float16)
+    unsorted = QWeight(**{**qw.__dict__, "outlier_row_ptr": row_ptr, "outlier_cols": cols, "outlier_vals": vals})
+    with pytest.raises(native.NativeKernelError, match="outlier CSR is malformed"):
+        native.qmatmul_cpu(torch.randn(20, 300), unsorted, isa="auto")
+    ordered = QWeight(**{**unsorted.__dict__, "outlier_cols": torch.tensor([5, 200], dtype=torch.int32).to(torch.uint16),
+                         "outlier_vals": vals.flip(0)})
+    x = torch.randn(20, 300, generator=generator)
+    assert_matches_reference(native.qmatmul_cpu(x, ordered), x, ordered)
 
 
 def test_a_bad_storage_tag_is_refused(generator):

@@ -1,6 +1,6 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
- * qmatmul_avx2.c and qmatmul_avx512.c. */
+ * qmatmul_avx2.c, qmatmul_avx512.c and gemm_avx512.c (AVX-512 from QL_GEMM_MIN_M rows of x). */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,7 +48,10 @@ static int resolve_isa(int isa, int *resolved) {
 static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int n_threads) {
     if (n_rows * weights_per_row < PARALLEL_MIN_WEIGHTS) return n_rows;  /* one chunk: no hand-off */
     if (n_threads <= 0) n_threads = ql_available_cores();
-    const int64_t per_chunk = n_rows / ((int64_t)n_threads * 4) + 1;    /* ~4 chunks per thread balance load */
+    /* ~4 chunks per thread balance load; the division rounds up, so that N = 4096 gives 8 chunks of
+     * 512 rows at 2 threads (n / 8 + 1 rounded to 32 gave 7 of 544 and one of 288: one thread
+     * ran 256 rows more than the other, 6 % of an M = 1 call) */
+    const int64_t chunks = (int64_t)n_threads * 4, per_chunk = (n_rows + chunks - 1) / chunks;
     return (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
 }
 
@@ -77,22 +80,46 @@ static void qmatmul_chunk_avx512(void *job, int64_t begin, int64_t end, int thre
     ql_qmatmul_rows_avx512((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
-/* Floats of x_packed for each kernel (kernels.h); the AVX-512 one covers whole 128-column strips. */
-static int64_t x_packed_floats(const ql_matmul_job *job, int isa) {
-    if (isa == QL_ISA_AVX2) return job->m * job->padded_k;
+static void gemm_chunk_avx512(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_gemm_rows_avx512((const ql_matmul_job *)job, begin, end, thread_index);
+}
+
+/* The kernel a vector call runs: the AVX2 one, the AVX-512 GEMV / small-M tiles, or the AVX-512
+ * prefill GEMM (gemm_avx512.c) from QL_GEMM_MIN_M rows of x on. */
+enum { KERNEL_AVX2, KERNEL_AVX512, KERNEL_GEMM_AVX512 };
+
+static int vector_kernel(int isa, int64_t m) {
+    if (isa == QL_ISA_AVX2) return KERNEL_AVX2;
+    return m >= QL_GEMM_MIN_M ? KERNEL_GEMM_AVX512 : KERNEL_AVX512;
+}
+
+/* Floats of x_packed for each kernel (kernels.h); the AVX-512 one covers whole 128-column strips,
+ * the GEMM's whole groups of 16 rows. */
+static int64_t x_packed_floats(const ql_matmul_job *job, int kernel) {
+    if (kernel == KERNEL_AVX2) return job->m * job->padded_k;
+    if (kernel == KERNEL_GEMM_AVX512) return (job->m + QL_GEMM_X_GROUP - 1) / QL_GEMM_X_GROUP * QL_GEMM_X_GROUP * job->padded_k;
     return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
 }
 
 /* x (M, K) in any dtype -> x_packed in the kernel's order (kernels.h), every padding column zero,
- * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row). */
-static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x_packed_count, float *x_columns) {
+ * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row); the GEMM
+ * adds the outliers to its weights and needs no x_columns (NULL). */
+static void pack_x(const ql_matmul_job *job, int kernel, float *x_packed, int64_t x_packed_count, float *x_columns) {
     const int64_t k = job->w->k, m_rows = job->m;
+    memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
+    if (kernel == KERNEL_GEMM_AVX512) {
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
+            float *row = x_packed + ql_gemm_x_position(0, m, job->padded_k);
+            for (int64_t c = 0; c < k; ++c) row[c * QL_GEMM_X_GROUP] = ql_load(x_row, job->dtype, c);
+        }
+        return;
+    }
     for (int64_t m = 0; m < m_rows; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
         for (int64_t c = 0; c < k; ++c) x_columns[c * m_rows + m] = ql_load(x_row, job->dtype, c);
     }
-    memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
-    if (isa == QL_ISA_AVX2) {
+    if (kernel == KERNEL_AVX2) {
         for (int64_t m = 0; m < m_rows; ++m)
             for (int64_t c = 0; c < k; ++c) x_packed[ql_packed_position(c, m, m_rows, job->padded_k)] = x_columns[c * m_rows + m];
         return;
@@ -113,13 +140,17 @@ static void pack_x(const ql_matmul_job *job, int isa, float *x_packed, int64_t x
 
 /* The per-call buffers of a vector qmatmul (x_packed, x_columns, every thread's scratch), kept by
  * the calling thread from call to call up to KEPT_BUFFER_BYTES (a decode step makes ~200 calls;
- * malloc and its page faults per call were measurable at SmolLM2's sizes), allocated per call above. */
-#define KEPT_BUFFER_BYTES (4 << 20)
+ * malloc and its page faults per call were measurable at SmolLM2's sizes), allocated per call above.
+ * The kept buffer is MIN_KEPT_BUFFER_BYTES, or as large as the largest call so far up to
+ * KEPT_BUFFER_BYTES: a prefill's x_packed (M x K floats: 8 MiB at M = 512, K = 4096) would
+ * otherwise be page-faulted in on every call (4-5 % of such a call's time, measured). */
+#define MIN_KEPT_BUFFER_BYTES ((size_t)4 << 20)
+#define KEPT_BUFFER_BYTES ((size_t)64 << 20)
 static _Thread_local float *kept_buffer;
 static _Thread_local size_t kept_buffer_bytes;
 
 /* The kept buffer is also registered under a pthread key whose destructor frees it when its thread
- * exits (a loader or pool thread that called the kernels does not leave 4 MiB behind). */
+ * exits (a loader or pool thread that called the kernels does not leave its buffer behind). */
 static pthread_key_t kept_buffer_key;
 static pthread_once_t kept_buffer_key_once = PTHREAD_ONCE_INIT;
 static void make_kept_buffer_key(void) { pthread_key_create(&kept_buffer_key, free); }
@@ -129,8 +160,9 @@ static float *call_buffer(size_t bytes) {
     if (bytes > kept_buffer_bytes) {
         pthread_once(&kept_buffer_key_once, make_kept_buffer_key);
         free(kept_buffer);
-        kept_buffer = aligned_alloc(64, KEPT_BUFFER_BYTES);
-        kept_buffer_bytes = kept_buffer ? KEPT_BUFFER_BYTES : 0;
+        const size_t size = bytes < MIN_KEPT_BUFFER_BYTES ? MIN_KEPT_BUFFER_BYTES : (bytes + 63) / 64 * 64;
+        kept_buffer = aligned_alloc(64, size);
+        kept_buffer_bytes = kept_buffer ? size : 0;
         pthread_setspecific(kept_buffer_key, kept_buffer);
     }
     return kept_buffer;
@@ -162,16 +194,20 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     }
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
-    job.scratch_floats_per_thread = aligned_floats(isa == QL_ISA_AVX2 ? ql_avx2_scratch_floats(&job) : ql_avx512_scratch_floats(&job));
-    const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, isa)), x_columns_count = aligned_floats(m * w->k);
+    const int kernel = vector_kernel(isa, m);
+    job.scratch_floats_per_thread = aligned_floats(kernel == KERNEL_AVX2 ? ql_avx2_scratch_floats(&job)
+                                                   : kernel == KERNEL_AVX512 ? ql_avx512_scratch_floats(&job)
+                                                   : ql_gemm_avx512_scratch_floats(&job));
+    const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, kernel)), x_columns_count = kernel == KERNEL_GEMM_AVX512 ? 0 : aligned_floats(m * w->k);
     float *buffer = call_buffer(sizeof(float) * (size_t)(x_packed_count + x_columns_count + job.scratch_floats_per_thread * threads));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
     float *x_packed = buffer, *x_columns = buffer + x_packed_count;  /* x_packed 64-byte aligned: aligned loads */
-    pack_x(&job, isa, x_packed, x_packed_count, x_columns);
+    pack_x(&job, kernel, x_packed, x_packed_count, x_columns);
     job.x_packed = x_packed;
-    job.x_columns = x_columns;
+    job.x_columns = kernel == KERNEL_GEMM_AVX512 ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;
-    ql_parallel_for(w->n, grain, threads, isa == QL_ISA_AVX2 ? qmatmul_chunk_avx2 : qmatmul_chunk_avx512, &job);
+    ql_parallel_for(w->n, grain, threads, kernel == KERNEL_AVX2 ? qmatmul_chunk_avx2
+                                          : kernel == KERNEL_AVX512 ? qmatmul_chunk_avx512 : gemm_chunk_avx512, &job);
     release_call_buffer(buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }

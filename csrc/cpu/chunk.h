@@ -250,26 +250,37 @@ static inline int multi_x_outliers(const ql_weight *w, const int32_t *row_ptr, i
     return QL_OK;
 }
 
+/* The chunk's (rows, Kp / B) scales as float32: the stored array itself when it is float32, else
+ * decoded into `scratch`. */
+static inline const float *ql_chunk_scales(const ql_weight *w, int64_t padded_k, int64_t n0, int64_t rows, float *scratch) {
+    const int64_t n_blocks = padded_k / w->block_size;
+    if (w->scale_kind == QL_SCALES_F32) return (const float *)w->scales + n0 * n_blocks;
+    ql_decode_scales(w, n0 * n_blocks, rows * n_blocks, scratch);
+    return scratch;
+}
+
+/* Whether row_ptr rises within [0, nnz] over the chunk's rows (their columns are checked where read). */
+static inline int ql_chunk_row_ptr_ok(const ql_weight *w, int64_t n0, int64_t rows) {
+    const int32_t *row_ptr = w->row_ptr + n0;
+    if (row_ptr[0] < 0 || row_ptr[rows] > w->nnz) return 0;
+    for (int64_t r = 0; r < rows; ++r)
+        if (row_ptr[r + 1] < row_ptr[r]) return 0;
+    return 1;
+}
+
 /* The chunk of weight rows [n0, n0 + rows): its float32 scales and its outlier sums, in `scratch`
  * (ql_chunk_scratch_floats). QL_OK or QL_ERR_BAD_OUTLIERS. */
 static inline int ql_chunk_begin(const ql_matmul_job *job, int64_t n0, int64_t rows, float *scratch, ql_chunk *chunk) {
     const ql_weight *w = job->w;
     const int64_t n_blocks = job->padded_k / w->block_size;
-    float *scales = scratch, *sums = scratch + QL_ROW_GRAIN * n_blocks;
+    float *sums = scratch + QL_ROW_GRAIN * n_blocks;
     float *products = sums + QL_ROW_GRAIN * job->m + 16, *partial = products + OUTLIER_PIECE + 16;
-    if (w->scale_kind == QL_SCALES_F32) {
-        chunk->scales = (const float *)w->scales + n0 * n_blocks;
-    } else {
-        ql_decode_scales(w, n0 * n_blocks, rows * n_blocks, scales);
-        chunk->scales = scales;
-    }
+    chunk->scales = ql_chunk_scales(w, job->padded_k, n0, rows, scratch);
     chunk->outliers = sums;
     memset(sums, 0, sizeof(float) * (size_t)(rows * job->m));
     if (w->nnz == 0) return QL_OK;
+    if (!ql_chunk_row_ptr_ok(w, n0, rows)) return QL_ERR_BAD_OUTLIERS;
     const int32_t *row_ptr = w->row_ptr + n0;
-    if (row_ptr[0] < 0 || row_ptr[rows] > w->nnz) return QL_ERR_BAD_OUTLIERS;
-    for (int64_t r = 0; r < rows; ++r)
-        if (row_ptr[r + 1] < row_ptr[r]) return QL_ERR_BAD_OUTLIERS;
     return job->m == 1 ? single_x_outliers(w, row_ptr, rows, job->x_columns, sums, products, partial)
                        : multi_x_outliers(w, row_ptr, rows, job->x_columns, job->m, sums);
 }

@@ -1,21 +1,20 @@
 /* AVX-512 dequantization of a range of weight rows into a dense row-major buffer (compiled with
- * -mavx512f like qmatmul_avx512.c; api.c calls it only when cpuid reports AVX-512 F). The prefill
- * path (quantlite/kernels/native.py) decodes a panel of rows with it and multiplies the panel with
- * an sgemm, so it writes the natural column order, not the kernels' strip order.
+ * -mavx512f like qmatmul_avx512.c; api.c calls it only when cpuid reports AVX-512 F), in the
+ * natural column order: ql_cpu_dequantize_rows, native.dequantize_cpu (a dense copy of a weight).
  *
  * Layout: codes (N, Kp / 2) uint8 as stored, low nibble = even column; scales and outliers as stored
  * (read through ql_scale_at, once per 16 columns, and ql_outlier_col / ql_outlier_val);
  * out rows of out_row_stride elements. Tiling: 16 columns (8 code bytes) per zmm. 16 divides B, so a
- * group lies in one block and takes one broadcast scale. Decode of a group: the 8 bytes doubled
- * (b0 b0 b1 b1 ..), widened to 16 dwords, shifted right by 0 / 4 alternately, so that dword i holds
- * column i's nibble in its low 4 bits, which is all vpermps reads of an index: one vpermps looks
- * up the 16 float32 levels held in one register. level * scale is the scalar dequantize's float32
+ * group lies in one block and takes one broadcast scale. Decode of a group: ql_avx512_levels16
+ * (levels_avx512.h: one vpermps on the 16 levels held in one register). level * scale is the
+ * scalar dequantize's float32
  * product (ql_weight_at), the outliers are added to the float32 row afterwards in CSR order as
  * the scalar code does, and only then is the row rounded to fp16 / bf16 (ql_store): every dtype is
  * bit-identical with the scalar path (tested). */
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "levels_avx512.h"
 #include "quantlite_decode.h"
 
 #define GROUP_COLUMNS 16
@@ -26,11 +25,8 @@ static void dequantize_columns(const ql_weight *w, int64_t padded_k, int64_t n, 
                                __m512 codebook, float *dst) {
     const uint8_t *codes = w->codes + n * (padded_k / 2);
     const int64_t first_scale = n * (padded_k / w->block_size);
-    const __m512i nibble_shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
     for (int64_t c = c0; c < c1; c += GROUP_COLUMNS) {
-        const __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + c / 2));
-        const __m512i index = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), nibble_shift);
-        const __m512 value = _mm512_mul_ps(_mm512_permutexvar_ps(index, codebook), _mm512_set1_ps(ql_scale_at(w, first_scale + c / w->block_size)));
+        const __m512 value = _mm512_mul_ps(ql_avx512_levels16(codes + c / 2, codebook), _mm512_set1_ps(ql_scale_at(w, first_scale + c / w->block_size)));
         const int64_t left = c1 - c;
         _mm512_mask_storeu_ps(dst + (c - c0), left >= GROUP_COLUMNS ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1), value);
     }

@@ -19,10 +19,12 @@ typedef struct {
      * in which the AVX2 kernel decodes weights, padding columns zero. M <= 8: (Kp / 8, M, 8), per
      * group the M rows side by side (the register path reads them together); M > 8: (M, Kp), row
      * after row (the GEMM's x tiles, measured faster so at K = 11008). AVX-512: tiles of 8 rows
-     * in strips of 128 columns (ql_avx512_x_position). */
+     * in strips of 128 columns (ql_avx512_x_position); its GEMM: groups of 16 rows
+     * (ql_gemm_x_position). */
     const float *x_packed;
     /* (K, M) float32, AVX2 and AVX-512: x transposed, so that the outliers of a column meet its M
-     * rows of x side by side (chunk.h); at M = 1, x itself. */
+     * rows of x side by side (chunk.h); at M = 1, x itself. NULL for the AVX-512 GEMM (it adds
+     * the outliers to its decoded weights). */
     const float *x_columns;
     float *scratch;                    /* ql_avx2_scratch_floats / ql_avx512_scratch_floats per thread */
     int64_t scratch_floats_per_thread;
@@ -64,6 +66,16 @@ static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, i
     return tile * QL_AVX512_X_TILE * strips * QL_AVX512_STRIP + ((strip * 8 + v) * x_rows + m % QL_AVX512_X_TILE) * 16 + lane;
 }
 
+/* The prefill GEMM (gemm_avx512.c) from this many rows of x on, where cpuid reports AVX-512 F;
+ * its x_packed: (G, Kp, 16), G = ceil(M / 16), group g = rows 16g .. 16g + 15 side by side per
+ * column, rows past M zero. */
+#define QL_GEMM_MIN_M 16
+#define QL_GEMM_X_GROUP 16
+
+static inline int64_t ql_gemm_x_position(int64_t k, int64_t m, int64_t padded_k) {
+    return ((m / QL_GEMM_X_GROUP) * padded_k + k) * QL_GEMM_X_GROUP + m % QL_GEMM_X_GROUP;
+}
+
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */
 #define QL_ROW_GRAIN 32
 
@@ -82,6 +94,8 @@ void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_e
 int64_t ql_avx2_scratch_floats(const ql_matmul_job *job);
 void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 int64_t ql_avx512_scratch_floats(const ql_matmul_job *job);
+void ql_gemm_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_gemm_avx512_scratch_floats(const ql_matmul_job *job);
 void ql_dequantize_rows_scalar(const ql_dequantize_job *job, int64_t begin, int64_t end);
 void ql_dequantize_rows_avx512(const ql_dequantize_job *job, int64_t begin, int64_t end);
 void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end);

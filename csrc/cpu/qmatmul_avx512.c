@@ -37,12 +37,8 @@
  * tile took 1.11 ms for 4096 x 4096 against 1.43 with 2 rows and 1 KiB ahead in the row (1.28x),
  * and 2.61 against 4.54 ms for 4096 x 11008 (1.74x: x no longer fits L1 there, and 4 rows share
  * each x load).
- * GEMM, M > GEMM_MIN_M (prefill): the tiles above would decode each weight M / 8 times. Instead,
- * per chunk of 32 weight rows and slice of 2 strips (256 columns), the levels are decoded and
- * scaled once into a 32 KiB panel (same lane order), and every x tile runs a 2 x 8 register tile
- * over it (2 panel loads + 8 x loads per 16 FMAs); the 16-lane partial sums (rows, M, 16) carry
- * over from slice to slice and are reduced at the end. Measured against the tiles (one thread,
- * loaded machine): slower up to M = 24, even at 32, 1.2-1.3x faster from 64 on.
+ * From QL_GEMM_MIN_M rows of x on (prefill), api.c calls the GEMM of gemm_avx512.c instead: the
+ * tiles above would decode each weight M / 8 times.
  * Work partition: api.c hands each thread chunks of QL_ROW_GRAIN output rows (all M for each); a
  * chunk runs its x tiles one after the other over the same weight rows (in L2 by then). */
 #include <immintrin.h>
@@ -58,9 +54,6 @@
 #define TILE_WEIGHT_ROWS 2            /* weight rows decoded together: each x load serves both */
 #define WIDE_TILE_WEIGHT_ROWS 4       /* .. 4 of them up to WIDE_TILE_MAX_X_ROWS rows of x (registers allow) */
 #define WIDE_TILE_MAX_X_ROWS 2
-#define GEMM_MIN_M 32                 /* more x rows: the GEMM path (decode once per K slice); measured crossover */
-#define GEMM_SLICE_STRIPS 2           /* panel: 32 rows x 256 columns x 4 B = 32 KiB, in L1 */
-#define GEMM_TILE_ROWS 2              /* panel rows per register tile: 2 x 8 accumulators + 8 x + 1 = 25 zmm */
 
 /* Per strip: which scales its 16 lanes use. */
 typedef struct {
@@ -69,13 +62,10 @@ typedef struct {
     __mmask16 blocks;     /* mask of the scales to load (first_block ..) */
 } strip_scales;
 
-/* Per thread: the strip table (64-byte aligned), then for the GEMM the panel (QL_ROW_GRAIN,
- * GEMM_SLICE_STRIPS, 128) and the partial sums (QL_ROW_GRAIN, M, 16). */
+/* Per thread: the strip table (64-byte aligned). */
 static int64_t own_scratch_floats(const ql_matmul_job *job) {
     const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
-    const int64_t table = strips * (int64_t)(sizeof(strip_scales) / sizeof(float)) + 16;  /* + 16: room to align */
-    if (job->m <= GEMM_MIN_M) return table;
-    return table + QL_ROW_GRAIN * GEMM_SLICE_STRIPS * STRIP_COLUMNS + QL_ROW_GRAIN * job->m * 16;
+    return strips * (int64_t)(sizeof(strip_scales) / sizeof(float)) + 16;  /* + 16: room to align */
 }
 
 /* ... then the chunk's (chunk.h). */
@@ -208,107 +198,6 @@ static void store_outputs(const ql_matmul_job *job, const ql_chunk *chunk, int64
                      sums[r * x_rows + m] + chunk->outliers[r * job->m + m0 + m]);
 }
 
-/* ---------------------------------------------------------------- GEMM (M > GEMM_MIN_M) */
-/* Weight rows [n0, n0 + rows), strips [s0, s0 + strips) decoded and scaled once into panel
- * (rows, GEMM_SLICE_STRIPS, 8, 16) float32, in the strips' lane order (the order of x_packed). */
-static void decode_panel(const ql_matmul_job *job, const strip_scales *table, const ql_chunk *chunk, __m512 codebook,
-                         int64_t n0, int64_t rows, int64_t s0, int64_t strips, float *panel) {
-    const ql_weight *w = job->w;
-    const int64_t row_bytes = job->padded_k / 2, n_blocks = job->padded_k / w->block_size;
-    const int64_t last = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS - 1;
-    for (int64_t r = 0; r < rows; ++r) {
-        const uint8_t *codes = w->codes + (n0 + r) * row_bytes;
-        for (int64_t s = s0; s < s0 + strips; ++s) {
-            const __m512 scale = strip_scale(table + s, chunk->scales + r * n_blocks);
-            float *out = panel + (r * GEMM_SLICE_STRIPS + (s - s0)) * STRIP_COLUMNS;
-            if (s < last) {
-#pragma GCC unroll 8
-                for (int v = 0; v < 8; ++v)
-                    _mm512_store_ps(out + 16 * v, _mm512_mul_ps(_mm512_permutexvar_ps(
-                        code_indices(codes + s * STRIP_BYTES, v, 1, _mm512_setzero_si512()), codebook), scale));
-            } else {
-                const __m512i masked = _mm512_maskz_loadu_epi32(
-                    (__mmask16)((1u << ((row_bytes - s * STRIP_BYTES) / 4)) - 1), codes + s * STRIP_BYTES);
-#pragma GCC unroll 8
-                for (int v = 0; v < 8; ++v)
-                    _mm512_store_ps(out + 16 * v, _mm512_mul_ps(_mm512_permutexvar_ps(
-                        code_indices(codes + s * STRIP_BYTES, v, 0, masked), codebook), scale));
-            }
-        }
-    }
-}
-
-/* acc (R, x_rows) 16-lane partial sums, kept in `sums` between slices, += panel rows (R) . x tile
- * (x_rows) over `strips` strips: R + x_rows loads per R * x_rows FMAs, all from L1. */
-static inline __attribute__((always_inline)) void gemm_tile(const float *panel, const float *x, int64_t strips,
-                                                            float *sums, int64_t sums_row_stride, const int R,
-                                                            const int x_rows) {
-    __m512 acc[GEMM_TILE_ROWS][QL_AVX512_X_TILE];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < x_rows; ++m) acc[r][m] = _mm512_load_ps(sums + r * sums_row_stride + 16 * m);
-    for (int64_t s = 0; s < strips; ++s)
-#pragma GCC unroll 8
-        for (int v = 0; v < 8; ++v) {
-            __m512 xv[QL_AVX512_X_TILE];
-            for (int m = 0; m < x_rows; ++m) {
-                xv[m] = _mm512_load_ps(x + ((s * 8 + v) * x_rows + m) * 16);
-                __asm__("" : "+v"(xv[m]));  /* keep it in a register: one load serves all R panel rows */
-            }
-            for (int r = 0; r < R; ++r) {
-                const __m512 weight = _mm512_load_ps(panel + (r * GEMM_SLICE_STRIPS + s) * STRIP_COLUMNS + 16 * v);
-                for (int m = 0; m < x_rows; ++m) acc[r][m] = _mm512_fmadd_ps(weight, xv[m], acc[r][m]);
-            }
-        }
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < x_rows; ++m) _mm512_store_ps(sums + r * sums_row_stride + 16 * m, acc[r][m]);
-}
-
-static inline __attribute__((always_inline)) void gemm_tile_rows(const float *panel, int64_t rows, const float *x,
-                                                                 int64_t strips, float *sums, int64_t sums_row_stride,
-                                                                 const int x_rows) {
-    int64_t r = 0;
-    for (; r + GEMM_TILE_ROWS <= rows; r += GEMM_TILE_ROWS)
-        gemm_tile(panel + r * GEMM_SLICE_STRIPS * STRIP_COLUMNS, x, strips, sums + r * sums_row_stride,
-                  sums_row_stride, GEMM_TILE_ROWS, x_rows);
-    for (; r < rows; ++r)
-        gemm_tile(panel + r * GEMM_SLICE_STRIPS * STRIP_COLUMNS, x, strips, sums + r * sums_row_stride,
-                  sums_row_stride, 1, x_rows);
-}
-
-/* Weight rows [n0, n0 + rows) against all M rows of x: per K slice, decode the panel once, then
- * every x tile runs over it; sums (rows, M, 16) carries the partial sums across slices. */
-static void gemm_rows(const ql_matmul_job *job, const strip_scales *table, const ql_chunk *chunk, __m512 codebook, int64_t n0,
-                      int64_t rows, float *panel, float *sums) {
-    const int64_t strips = (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS, m = job->m;
-    memset(sums, 0, sizeof(float) * (size_t)(rows * m * 16));
-    for (int64_t s0 = 0; s0 < strips; s0 += GEMM_SLICE_STRIPS) {
-        const int64_t count = strips - s0 < GEMM_SLICE_STRIPS ? strips - s0 : GEMM_SLICE_STRIPS;
-        decode_panel(job, table, chunk, codebook, n0, rows, s0, count, panel);
-        for (int64_t m0 = 0; m0 < m; m0 += QL_AVX512_X_TILE) {
-            const int x_rows = m - m0 < QL_AVX512_X_TILE ? (int)(m - m0) : QL_AVX512_X_TILE;
-            const float *x = job->x_packed + ql_avx512_x_position(0, m0, m, job->padded_k) + s0 * 8 * x_rows * 16;
-            float *tile_sums = sums + m0 * 16;
-            switch (x_rows) {
-                case 1: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 1); break;
-                case 2: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 2); break;
-                case 3: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 3); break;
-                case 4: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 4); break;
-                case 5: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 5); break;
-                case 6: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 6); break;
-                case 7: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 7); break;
-                default: gemm_tile_rows(panel, rows, x, count, tile_sums, m * 16, 8); break;
-            }
-        }
-    }
-    float dense[QL_ROW_GRAIN * QL_AVX512_X_TILE];  /* (rows, x_rows) of one x tile */
-    for (int64_t m0 = 0; m0 < m; m0 += QL_AVX512_X_TILE) {
-        const int x_rows = m - m0 < QL_AVX512_X_TILE ? (int)(m - m0) : QL_AVX512_X_TILE;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int i = 0; i < x_rows; ++i) dense[r * x_rows + i] = _mm512_reduce_add_ps(_mm512_load_ps(sums + (r * m + m0 + i) * 16));
-        store_outputs(job, chunk, n0, rows, m0, x_rows, dense);
-    }
-}
-
 void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
     float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
     const strip_scales *table = build_strip_scales(job, scratch);
@@ -322,11 +211,6 @@ void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n
         if (status != QL_OK) {
             ql_chunk_fail(job, status);
             return;
-        }
-        if (job->m > GEMM_MIN_M) {
-            float *panel = (float *)(table + (job->padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS);
-            gemm_rows(job, table, &chunk, codebook, n0, rows, panel, panel + QL_ROW_GRAIN * GEMM_SLICE_STRIPS * STRIP_COLUMNS);
-            continue;
         }
         for (int64_t m0 = 0; m0 < job->m; m0 += QL_AVX512_X_TILE) {
             const int x_rows = job->m - m0 < QL_AVX512_X_TILE ? (int)(job->m - m0) : QL_AVX512_X_TILE;

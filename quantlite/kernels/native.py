@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import threading
 import weakref
 from pathlib import Path
 
@@ -152,16 +151,6 @@ _cpu_library_loaded: ctypes.CDLL | None = None
 _CPU = torch.device("cpu")
 _cpu_threads: int | None = None  # set by cpu_threads(); None: torch.get_num_threads()
 
-# Prefill: from this many rows of x on, qmatmul_cpu (isa="auto") dequantizes the weight a panel of
-# rows at a time into a float32 buffer and multiplies each panel with torch's sgemm, which runs the
-# FMAs at about twice the rate of the library's own GEMM path (docs/native.md, "Prefill"; measured
-# crossover). A panel is at most PREFILL_PANEL_BYTES; the buffer is kept per thread and reused, so
-# no call pays page faults for it (the largest layer's panel, 64 MiB at most, stays allocated).
-PREFILL_MIN_M = 64
-PREFILL_PANEL_BYTES = 64 << 20
-_panel_buffers = threading.local()
-
-
 def _threads(n_threads: int | None) -> int:
     """A CPU kernel call's thread count: as given, else cpu_threads()'s, else torch's."""
     return n_threads or _cpu_threads or torch.get_num_threads()
@@ -281,8 +270,7 @@ def qmatmul_cpu(
     (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
     (..., N) when it is contiguous. isa: "auto" (the best, cpu_isa()), "avx512", "avx2" or "scalar"
     (any level up to cpu_isa()); n_threads: default torch.get_num_threads() (or cpu_threads()'s).
-    With isa="auto" and M >= PREFILL_MIN_M, the product runs panel by panel through torch's sgemm
-    (_prefill; its FMAs use torch's threads); a named isa always runs the library's own kernel.
+    Every M runs the library's kernels (with AVX-512, from 16 rows of x on, its prefill GEMM).
 
     The decode path calls this ~120 times a token with M = 1, so a contiguous x with no `out` goes
     straight to the library: no reshape, no copy, the weight's struct pointer cached (14 -> 9.5 us of
@@ -304,9 +292,7 @@ def qmatmul_cpu(
         out = _checked_out(out, m, qw.shape[0], x.dtype)
         out_stride = rows_stride(out)
         y = out.reshape(*x.shape[:-1], qw.shape[0]) if out.is_contiguous() else out
-    if m >= PREFILL_MIN_M and isa == "auto":
-        _prefill(rows.reshape(m, qw.shape[1]), qw, out.view(m, qw.shape[0]), n_threads)
-    elif m:
+    if m:
         status = library.ql_cpu_qmatmul(
             _cpu_weight_pointer(qw), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
             DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
@@ -314,26 +300,6 @@ def qmatmul_cpu(
         if status:
             _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
     return y
-
-
-def _prefill(rows: torch.Tensor, qw: QWeight, out: torch.Tensor, n_threads: int | None) -> None:
-    """out (M, N) = rows (M, K) @ W^T, panel by panel: rows [n0, n1) of W dequantized (outliers
-    included, as dequantize_cpu) into the reused float32 buffer, then one torch.mm per panel into
-    the columns [n0, n1) of y (sgemm writes a column slice in place: its rows are contiguous)."""
-    n, k = qw.shape
-    panel_rows = max(1, min(n, PREFILL_PANEL_BYTES // (4 * k)))
-    buffer = getattr(_panel_buffers, "buffer", None)
-    if buffer is None or buffer.numel() < panel_rows * k:
-        buffer = _panel_buffers.buffer = torch.empty(panel_rows * k)  # float32
-    x = rows.to(torch.float32)  # (M, K)
-    y = out if out.dtype == torch.float32 else torch.empty(out.shape)  # (M, N) float32
-    for n0 in range(0, n, panel_rows):
-        n1 = min(n, n0 + panel_rows)
-        panel = dequantize_cpu(qw, rows=(n0, n1), out=buffer[: (n1 - n0) * k].view(n1 - n0, k),
-                               n_threads=n_threads)
-        torch.mm(x, panel.t(), out=y[:, n0:n1])
-    if y is not out:
-        out.copy_(y)
 
 
 def _is_contiguous_input(x, shape, qw) -> bool:
@@ -367,7 +333,7 @@ def dequantize_cpu(
 ) -> torch.Tensor:
     """Dense weight rows (n_end - n_begin, K) in `dtype` (float32/float16/bfloat16), outliers included,
     decoded by the CPU library. rows: (n_begin, n_end), default all N; out: optional tensor of that
-    shape and dtype with contiguous rows (the prefill path reuses one); isa as for qmatmul_cpu."""
+    shape and dtype with contiguous rows (a buffer to reuse); isa as for qmatmul_cpu."""
     library = _cpu_library()
     where = "native cpu dequantize"
     if dtype not in DTYPE_TAGS:
