@@ -14,6 +14,8 @@ machine's best one runs here.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -257,3 +259,116 @@ def test_decode_attention_names_the_sizes_and_a_full_cache(generator):
     cache.advance(4)
     with pytest.raises(llama.QuantliteError, match="KV cache holds 4 positions; this step needs 5"):
         cache.end(1)
+
+
+# ---------------------------------------------------------------------------- a whole decoder layer
+# cpu_ops.DecodeLayer runs, in one C call, the native calls llama.decoder_layer makes one by one on a
+# decode step (rms_norm, qmatmul, decode_attention, silu_mul, the float32 adds) in the same order, so
+# its output and cache writes must equal theirs bit for bit; each of those calls is held to float64
+# above (and in test_native.py), and the layer as a whole to transformers in test_llama_exact.py,
+# test_families.py and test_runtime_decode.py, which decode through it.
+def layer_weights(generator, config: ModelConfig, biased: bool) -> dict:
+    """Random 4-bit weights of one layer, named and joined as the loader hands them to decoder_layer."""
+    from quantlite.quantizer import quantize
+
+    hidden, inner, d = config.hidden_size, config.intermediate_size, config.head_dim
+    shapes = {"self_attn.q_proj": (config.num_heads * d, hidden), "self_attn.k_proj": (config.num_kv_heads * d, hidden),
+              "self_attn.v_proj": (config.num_kv_heads * d, hidden), "self_attn.o_proj": (hidden, config.num_heads * d),
+              "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+    w = {f"{name}.weight": quantize(torch.randn(shape, generator=generator) / shape[1] ** 0.5, block_size=32, name=name)
+         for name, shape in shapes.items()}
+    if biased:
+        w.update({f"{name}.bias": torch.randn(shape[0], generator=generator) / 4 for name, shape in shapes.items()})
+    w["input_layernorm.weight"] = torch.rand(hidden, generator=generator) + 0.5
+    w["post_attention_layernorm.weight"] = torch.rand(hidden, generator=generator) + 0.5
+    if config.qk_norm:
+        w["self_attn.q_norm.weight"] = torch.rand(d, generator=generator) + 0.5
+        w["self_attn.k_norm.weight"] = torch.rand(d, generator=generator) + 0.5
+    return llama.fuse_projections(w)
+
+
+def decode_layer_steps(generator, config, w, batch, padded, steps=3):
+    """A prompt of 5 through decoder_layer (torch and per-op code), then `steps` decode steps ->
+    (each step's output, the cache) for fresh inputs drawn from `generator`."""
+    cache = llama.KVCache(config, batch, 5 + steps, torch.float32, "cpu")
+    valid = torch.ones(batch, 5 + steps, dtype=torch.bool)
+    if padded:
+        valid[-1, :2] = False  # left padding in the last row
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cos, sin = llama.rope_cos_sin(config, positions[:, :5], torch.float32)
+    mask = llama.attention_mask(valid[:, :5], 5, torch.float32) if padded else None
+    llama.decoder_layer(torch.randn(batch, 5, config.hidden_size, generator=generator), w, config, cos, sin, mask, cache, 0)
+    cache.advance(5)
+    outputs = []
+    for step in range(steps):
+        end = 5 + step + 1
+        cos, sin = llama.rope_cos_sin(config, positions[:, end - 1 : end], torch.float32)
+        mask = llama.attention_mask(valid[:, :end], 1, torch.float32) if padded else None
+        x = torch.randn(batch, 1, config.hidden_size, generator=generator)
+        outputs.append(llama.decoder_layer(x, w, config, cos, sin, mask, cache, 0))
+        cache.advance(1)
+    return outputs, cache
+
+
+@pytest.mark.parametrize("hidden, inner, heads, kv_heads, d, batch, biased, qk_norm, padded", [
+    (576, 1536, 9, 3, 64, 1, False, False, False),  # SmolLM2's layer
+    (72, 45, 6, 2, 12, 1, True, True, False),       # odd sizes, every bias (Qwen2), q/k norm (Qwen3)
+    (40, 33, 3, 3, 8, 3, False, False, True),       # a batch with left padding, no grouping
+    (56, 24, 5, 1, 16, 2, True, False, False),      # one kv head for five
+])
+def test_decode_layer_equals_the_per_op_calls(seed, monkeypatch, hidden, inner, heads, kv_heads, d, batch, biased,
+                                              qk_norm, padded):
+    config = dataclasses.replace(small_config(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, qk_norm=qk_norm),
+                                 hidden_size=hidden, intermediate_size=inner)
+    w = layer_weights(torch.Generator().manual_seed(seed), config, biased)
+    x = torch.randn(batch, 1, hidden)
+    assert cpu_ops.takes_layer(x, w)
+    runs = {}
+    for way in ("layer, 2 threads", "layer, 1 thread", "per op"):
+        if way == "per op":
+            monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+        with native.cpu_threads(1 if way == "layer, 1 thread" else 2):
+            runs[way] = decode_layer_steps(torch.Generator().manual_seed(seed + 1), config, w, batch, padded)
+    (per_op, per_op_cache) = runs.pop("per op")
+    for way, (outputs, cache) in runs.items():
+        assert len(cache.native_layers) == 1, way  # the native layer ran
+        for step, (got, want) in enumerate(zip(outputs, per_op)):
+            assert torch.equal(got, want), f"{way}, step {step}: {(got - want).abs().max().item():.3g} from the per-op calls"
+        end = cache.length
+        assert torch.equal(cache.keys[0][:, :, :end], per_op_cache.keys[0][:, :, :end]), way
+        assert torch.equal(cache.values[0][:, :, :end], per_op_cache.values[0][:, :, :end]), way
+
+
+def test_decode_layer_is_packed_once_and_follows_new_weights(generator):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=False), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=False)
+    outputs, cache = decode_layer_steps(generator, config, w, 1, False)
+    call = cache.native_layers[0]
+    keys, values = cache.layer(0)
+    assert call.serves(w, keys, values)
+    other = dict(w, **{"post_attention_layernorm.weight": w["post_attention_layernorm.weight"].clone()})
+    assert not call.serves(other, keys, values)  # a weight replaced: packed anew
+    x = torch.randn(1, 1, 32, generator=generator)
+    cos, sin = llama.rope_cos_sin(config, torch.tensor([[7]]), torch.float32)
+    cache.length = 7
+    llama.decoder_layer(x, other, config, cos, sin, None, cache, 0)
+    assert cache.native_layers[0] is not call and cache.native_layers[0].serves(other, keys, values)
+
+
+def test_decode_layer_names_the_sizes(generator):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=False), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=False)
+    keys = values = torch.zeros(1, 2, 6, 8)
+    bad = dict(w, **{"input_layernorm.weight": torch.ones(31)})
+    with pytest.raises(native.NativeKernelError, match=r"norm weights \[\(31,\), \(32,\)\].*32 features"):
+        cpu_ops.DecodeLayer(bad, 1e-6, keys, values, 4, 0.3)
+    call = cpu_ops.DecodeLayer(w, 1e-6, keys, values, 4, 0.3)
+    cos = sin = torch.zeros(1, 1, 1, 8)
+    with pytest.raises(native.NativeKernelError, match=r"x is \(1, 1, 31\), expected \(1, 1, 32\)"):
+        call(torch.zeros(1, 1, 31), cos, sin, None, 0)
+    with pytest.raises(native.NativeKernelError, match="position 6 outside the cache's 6"):
+        call(torch.zeros(1, 1, 32), cos, sin, None, 6)
+    with pytest.raises(native.NativeKernelError, match="x is torch.float64"):
+        call(torch.zeros(1, 1, 32, dtype=torch.float64), cos, sin, None, 0)

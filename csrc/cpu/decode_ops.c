@@ -7,6 +7,10 @@
  *   ql_cpu_decode_attention  one new position per sequence: per-head q/k RMSNorm (optional), RoPE on
  *                            q and k, k and v written into the KV cache at `position`, grouped-query
  *                            attention of each query head over the cache [0, position], additive mask.
+ *   ql_cpu_decode_layer      a whole pre-norm decoder layer at one position: the two norms, the four
+ *                            matmuls (ql_cpu_qmatmul), the attention above, silu_mul, the residual
+ *                            adds; the per-op calls' exact arithmetic in their order, in one call
+ *                            (a decode step's Python between these ops cost as much as the ops).
  *
  * Layouts (row-major, float32):
  *   qkv     (B, (H + 2 Hkv) * D)    one row per sequence: H query heads, then Hkv key, Hkv value heads
@@ -32,9 +36,11 @@
  * 2-core Xeon (AVX-512), one thread: attention at T = 100 for SmolLM2's 9 / 3 heads of 64 in 13 us
  * (docs/runtime.md, "Native decode-step primitives").
  */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* Comparisons may be evaluated for every lane (the selects of exp_f32, the max of the scores): GCC
  * vectorizes such loops only when it need not keep the FP exception flags of untaken branches. The
@@ -250,4 +256,67 @@ int ql_cpu_decode_attention(const ql_decode_attention_args *a, int n_threads) {
         ql_parallel_for(chunks, 1, threads, attention_chunk, &job);
     free(scratch);
     return QL_OK;
+}
+
+/* ---------------------------------------------------------------- a whole decoder layer */
+static double seconds_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+/* y (rows, N) = x (rows, K) @ W^T (+ bias), rows contiguous; the call's wall time added to *seconds. */
+static int projection(const ql_weight *w, const float *bias, const float *x, int64_t rows, float *y, int n_threads,
+                      double *seconds) {
+    const double start = seconds_now();
+    const int status = ql_cpu_qmatmul(w, x, rows, w->k, y, w->n, QL_F32, QL_ISA_AUTO, n_threads);
+    *seconds += seconds_now() - start;
+    if (status == QL_OK && bias != NULL)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < w->n; ++i) y[r * w->n + i] += bias[i];
+    return status;
+}
+
+/* out (n,) = x + delta, element by element (torch's float32 add) */
+static void add_rows(const float *x, const float *delta, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] + delta[i];
+}
+
+int ql_cpu_decode_layer(ql_decode_layer_args *a, int n_threads) {
+    if (a == NULL || a->qkv == NULL || a->o == NULL || a->gate_up == NULL || a->down == NULL || a->input_norm == NULL ||
+        a->post_attention_norm == NULL || a->x == NULL || a->out == NULL)
+        return QL_ERR_NULL_POINTER;
+    const ql_decode_attention_args *at = &a->attention;
+    const int64_t rows = at->batch, e = a->hidden, f = a->intermediate;
+    const int64_t qkv_n = (at->heads + 2 * at->kv_heads) * at->head_dim, attention_n = at->heads * at->head_dim;
+    if (rows <= 0 || e <= 0 || f <= 0 || a->qkv->n != qkv_n || a->qkv->k != e || a->o->n != e ||
+        a->o->k != attention_n || a->gate_up->n != 2 * f || a->gate_up->k != e || a->down->n != e || a->down->k != f)
+        return QL_ERR_BAD_SIZE;
+    /* scratch, (B, ...) each: h (E), qkv, attention out (H D), gate_up (2F), silu_mul (F), a projection (E) */
+    float *scratch = malloc(sizeof(float) * (size_t)(rows * (e + qkv_n + attention_n + 2 * f + f + e)));
+    if (scratch == NULL) return QL_ERR_OUT_OF_MEMORY;
+    float *h = scratch, *qkv = h + rows * e, *attended = qkv + rows * qkv_n, *gate_up = attended + rows * attention_n;
+    float *activated = gate_up + rows * 2 * f, *delta = activated + rows * f;
+
+    int status = ql_cpu_rms_norm(a->x, rows, e, e, a->input_norm, a->eps, h);
+    if (status == QL_OK) status = projection(a->qkv, a->qkv_bias, h, rows, qkv, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) {
+        ql_decode_attention_args attention = *at;
+        attention.qkv = qkv;
+        attention.out = attended;
+        const double start = seconds_now();
+        status = ql_cpu_decode_attention(&attention, n_threads);
+        a->attention_seconds += seconds_now() - start;
+    }
+    if (status == QL_OK) status = projection(a->o, a->o_bias, attended, rows, delta, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) {
+        add_rows(a->x, delta, rows * e, a->out);  /* x1, kept in out */
+        status = ql_cpu_rms_norm(a->out, rows, e, e, a->post_attention_norm, a->eps, h);
+    }
+    if (status == QL_OK) status = projection(a->gate_up, a->gate_up_bias, h, rows, gate_up, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) status = ql_cpu_silu_mul(gate_up, rows, f, 2 * f, activated);
+    if (status == QL_OK) status = projection(a->down, a->down_bias, activated, rows, delta, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) add_rows(a->out, delta, rows * e, a->out);
+    free(scratch);
+    return status;
 }

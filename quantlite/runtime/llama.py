@@ -182,6 +182,8 @@ def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.
     A quantized table dequantizes only the rows asked for."""
     if not isinstance(weight, (QWeight, Q8Weight)):
         return F.embedding(input_ids, weight).to(dtype)
+    if input_ids.numel() == 1:  # a decode step of one sequence: no duplicates to share (torch.unique ~20 us)
+        return weight.dequantize_rows(input_ids.reshape(1), dtype).reshape(*input_ids.shape, -1)
     rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
     table = weight.dequantize_rows(rows, dtype)  # (n_unique, hidden)
     return table[inverse].reshape(*input_ids.shape, -1)
@@ -203,6 +205,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.first_layer = 0
+        self.native_layers: dict[int, cpu_ops.DecodeLayer] = {}  # native_decode_layer's packed calls, by layer
 
     @property
     def nbytes(self) -> int:
@@ -324,5 +327,24 @@ def decoder_layer(
     layer: int = 0,
 ) -> torch.Tensor:
     """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+    if x.shape[1] == 1 and cache is not None and cpu_ops.takes_layer(x, w):  # a CPU decode step: what follows, in one C call
+        return native_decode_layer(x, w, config, cos, sin, mask, cache, layer)
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
+
+
+def native_decode_layer(x: torch.Tensor, w: dict, config: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
+                        mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+    """decoder_layer's decode step (x (batch, 1, hidden)) in one native call, which runs the calls the
+    torch code above makes on the CPU (rms_norm, linear, decode_attention, silu_mul, the adds) in its
+    order: one ctypes hop a layer instead of ~10 (docs/runtime.md, "The split of a decode step").
+    The call's arguments are packed once per layer and cache (cache.native_layers)."""
+    keys, values = cache.layer(layer)
+    call = cache.native_layers.get(layer)
+    if call is None or not call.serves(w, keys, values):
+        call = cache.native_layers[layer] = cpu_ops.DecodeLayer(w, config.rms_norm_eps, keys, values, config.num_heads,
+                                                                config.head_dim**-0.5)
+    out, matmul_seconds, attention_seconds = call(x, cos, sin, mask, cache.end(1) - 1)
+    OP_SECONDS.matmul += matmul_seconds
+    OP_SECONDS.attention += attention_seconds
+    return out

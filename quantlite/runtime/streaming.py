@@ -519,6 +519,8 @@ class StreamingLlama:
     def _next_streamed(self, index: int) -> int | None:
         """The first streamed unit after `index` (-1: before the pass); after the last one, the first
         of the next pass. None when nothing streams."""
+        if not self._streamed:  # all resident: asked twice a layer, every step
+            return None
         later = [unit for unit in self._streamed if unit > index]
         return later[0] if later else (self._streamed[0] if self._streamed else None)
 
