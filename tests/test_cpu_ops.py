@@ -190,6 +190,25 @@ def test_decode_attention_matches_float64(generator, batch, heads, kv_heads, d, 
     assert torch.equal(values[:, :, others], before_values[:, :, others])
 
 
+@pytest.mark.parametrize("batch, heads, kv_heads, position", [(1, 9, 3, 200), (1, 6, 6, 90), (2, 4, 1, 511), (3, 10, 5, 40)])
+def test_decode_attention_is_the_same_on_1_and_2_threads(generator, batch, heads, kv_heads, position):
+    # one sequence's query heads go to the pool one by one, a batch's by kv head: neither may change a bit
+    d = 32
+    qkv, cos, sin, keys, values, _ = make_case(generator, batch, heads, kv_heads, d, position, position + 1, False)
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as generate's decode steps: the kernels' pool takes the attention
+    try:
+        for n in (1, 2):
+            k, v = keys.clone(), values.clone()
+            with native.cpu_threads(n):
+                results.append((cpu_ops.decode_attention(qkv, cos, sin, None, k, v, position, heads, d**-0.5), k, v))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("window", [4, 16, 17])
 @pytest.mark.parametrize("offset", [-1, 0, 1, 9])
 def test_decode_attention_masks_padding_and_the_window(generator, window, offset):

@@ -20,11 +20,14 @@
  *   mask    (B, T) or NULL          additive, T = position + 1 (0 or the dtype's lowest: padding, window)
  *   out     (B, H * D)              the attention output, heads side by side
  *
- * Work partition: one chunk per (sequence, kv head); it writes that kv head's new key and value and
- * then attends for the H / Hkv query heads that read them (GQA: query head h reads kv head
- * h / (H / Hkv), as transformers' repeat_kv). Chunks are independent, so the thread pool takes them
- * when the batch is large (self-calibration samples 16 sequences); one sequence runs on the caller's
- * thread (a wake-up costs more than the work at B = 1).
+ * Work partition: first every (sequence, kv head)'s new key and value are written into the cache
+ * (the caller's thread: B * Hkv rows). Then one chunk per (sequence, kv head) attends for the H / Hkv
+ * query heads that read it (GQA: query head h reads kv head h / (H / Hkv), as transformers'
+ * repeat_kv), each key and value row read once for the group; where those chunks are too few for
+ * the threads (one sequence: SmolLM2 has 3 kv heads for 2 threads), one chunk per query head. A
+ * query head's arithmetic is the same in either partition and on any thread, so the result does not
+ * depend on the thread count. Below ATTENTION_PARALLEL_MIN multiply-adds everything runs on the
+ * caller's thread (a hand-off to the pool costs more than the work).
  *
  * Per query head:  q = rope(norm(q));  s[t] = (q . k[t]) * scale + mask[t];  p = softmax(s) (float32,
  * max subtracted);  out = sum_t p[t] v[t].  A row whose keys are all masked gets equal weights (every
@@ -51,8 +54,10 @@
 #include "quantlite.h"
 
 #define PARTIAL_SUMS 16
-/* Below this many multiply-adds (QK and PV over every head) the caller's thread does it all. */
-#define ATTENTION_PARALLEL_MIN (1 << 18)
+/* Below this many multiply-adds (QK and PV over every head) the caller's thread does it all: SmolLM2's
+ * 9 heads of 64 from about 28 cached positions on (the pool's workers are awake between a decode
+ * step's calls, so a hand-off costs ~1 us against ~4 us of work here). */
+#define ATTENTION_PARALLEL_MIN (1 << 15)
 
 /* x86-64: each exported function is also built for AVX2 and AVX-512 and the loader picks the best the
  * CPU has (GCC function multi-versioning, an ifunc: no -m flags on this file, so it runs on any
@@ -175,61 +180,75 @@ typedef struct {
     const ql_decode_attention_args *a;
     int64_t qkv_row;      /* (H + 2 Hkv) * D */
     int64_t group;        /* H / Hkv query heads per kv head */
+    int64_t per_chunk;    /* query heads of one kv head per chunk: the group, or 1 */
     float *scratch;       /* (threads, scratch_floats) */
 } attention_job;
 
-/* Per thread: a normed head (D), the group's rotated queries (group, D), scores (group, T), sums (group). */
-static int64_t scratch_floats(const ql_decode_attention_args *a, int64_t group) {
-    return a->head_dim + group * (a->head_dim + a->position + 2);
+/* Per thread: a normed head (D), the chunk's rotated queries (per_chunk, D), scores (per_chunk, T),
+ * sums (per_chunk). */
+static int64_t scratch_floats(const ql_decode_attention_args *a, int64_t per_chunk) {
+    return a->head_dim + per_chunk * (a->head_dim + a->position + 2);
 }
 
+/* Each (sequence, kv head)'s new key (normed, rotated) and value into the cache at `position`. */
+static QL_VECTOR_CLONES void write_new_position(const attention_job *job, float *normed) {
+    const ql_decode_attention_args *a = job->a;
+    const int64_t d = a->head_dim, kv_heads = a->kv_heads;
+    for (int64_t b = 0; b < a->batch; ++b)
+        for (int64_t kv = 0; kv < kv_heads; ++kv) {
+            const float *row = a->qkv + b * job->qkv_row;
+            float *keys = a->keys + ((b * kv_heads + kv) * a->capacity + a->position) * d;
+            float *values = a->values + ((b * kv_heads + kv) * a->capacity + a->position) * d;
+            const float *k_new = row + (a->heads + kv) * d;
+            if (a->k_norm != NULL) rms_norm_row(k_new, a->k_norm, d, a->eps, normed), k_new = normed;
+            rope_row(k_new, a->cos + b * d, a->sin + b * d, d, keys);
+            memcpy(values, row + (a->heads + kv_heads + kv) * d, sizeof(float) * (size_t)d);
+        }
+}
+
+/* Chunk c: sequence b, kv head kv, its query heads [first, first + count) (per_chunk of them). */
 static QL_VECTOR_CLONES void attention_chunk(void *context, int64_t begin, int64_t end, int thread_index) {
     const attention_job *job = context;
     const ql_decode_attention_args *a = job->a;
     const int64_t d = a->head_dim, kv_heads = a->kv_heads, total = a->position + 1, group = job->group;
-    float *normed = job->scratch + thread_index * scratch_floats(a, group);  /* (D,) */
-    float *queries = normed + d;                                              /* (group, D) */
-    float *scores = queries + group * d;                                      /* (group, T) */
-    float *sums = scores + group * total;                                     /* (group,) */
+    const int64_t per_chunk = job->per_chunk, chunks_per_kv = group / per_chunk;
+    float *normed = job->scratch + thread_index * scratch_floats(a, per_chunk);  /* (D,) */
+    float *queries = normed + d;                                                  /* (per_chunk, D) */
+    float *scores = queries + per_chunk * d;                                      /* (per_chunk, T) */
+    float *sums = scores + per_chunk * total;                                     /* (per_chunk,) */
 
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t b = chunk / kv_heads, kv = chunk % kv_heads;
+        const int64_t b = chunk / (kv_heads * chunks_per_kv), kv = chunk / chunks_per_kv % kv_heads;
+        const int64_t first = kv * group + chunk % chunks_per_kv * per_chunk;  /* query head */
         const float *row = a->qkv + b * job->qkv_row;
         const float *cos_row = a->cos + b * d, *sin_row = a->sin + b * d;
         const float *mask = a->mask == NULL ? NULL : a->mask + b * a->mask_row_stride;
-        float *keys = a->keys + ((b * kv_heads + kv) * a->capacity) * d;   /* (L, D) of this kv head */
-        float *values = a->values + ((b * kv_heads + kv) * a->capacity) * d;
+        const float *keys = a->keys + ((b * kv_heads + kv) * a->capacity) * d;   /* (L, D) of this kv head */
+        const float *values = a->values + ((b * kv_heads + kv) * a->capacity) * d;
 
-        /* --- the new key (normed, rotated) and value into the cache at `position` */
-        const float *k_new = row + (a->heads + kv) * d;
-        if (a->k_norm != NULL) rms_norm_row(k_new, a->k_norm, d, a->eps, normed), k_new = normed;
-        rope_row(k_new, cos_row, sin_row, d, keys + a->position * d);
-        const float *v_new = row + (a->heads + kv_heads + kv) * d;
-        for (int64_t i = 0; i < d; ++i) values[a->position * d + i] = v_new[i];
-
-        /* --- the group's query heads, normed and rotated */
-        for (int64_t j = 0; j < group; ++j) {
-            const float *q = row + (kv * group + j) * d;
+        /* --- the chunk's query heads, normed and rotated */
+        for (int64_t j = 0; j < per_chunk; ++j) {
+            const float *q = row + (first + j) * d;
             if (a->q_norm != NULL) rms_norm_row(q, a->q_norm, d, a->eps, normed), q = normed;
             rope_row(q, cos_row, sin_row, d, queries + j * d);
         }
 
-        /* --- scores (each key row read once for the group), softmax in float32, max subtracted */
+        /* --- scores (each key row read once for the chunk), softmax in float32, max subtracted */
         for (int64_t t = 0; t < total; ++t)
-            for (int64_t j = 0; j < group; ++j)
+            for (int64_t j = 0; j < per_chunk; ++j)
                 scores[j * total + t] = dot(queries + j * d, keys + t * d, d) * a->scale + (mask == NULL ? 0.0f : mask[t]);
-        for (int64_t j = 0; j < group; ++j) {
+        for (int64_t j = 0; j < per_chunk; ++j) {
             float *s = scores + j * total, high = -INFINITY;
             for (int64_t t = 0; t < total; ++t) high = s[t] > high ? s[t] : high;
             for (int64_t t = 0; t < total; ++t) s[t] = exp_f32(s[t] - high);
             sums[j] = sum(s, total);
         }
 
-        /* --- out = sum_t p[t] v[t] (each value row read once for the group) */
-        float *out = a->out + b * a->heads * d + kv * group * d;  /* (group, D) */
-        for (int64_t i = 0; i < group * d; ++i) out[i] = 0.0f;
+        /* --- out = sum_t p[t] v[t] (each value row read once for the chunk) */
+        float *out = a->out + b * a->heads * d + first * d;  /* (per_chunk, D) */
+        for (int64_t i = 0; i < per_chunk * d; ++i) out[i] = 0.0f;
         for (int64_t t = 0; t < total; ++t)
-            for (int64_t j = 0; j < group; ++j) {
+            for (int64_t j = 0; j < per_chunk; ++j) {
                 axpy(scores[j * total + t] / sums[j], values + t * d, out + j * d, d);
             }
     }
@@ -243,13 +262,16 @@ int ql_cpu_decode_attention(const ql_decode_attention_args *a, int n_threads) {
         a->head_dim <= 0 || a->head_dim % 2 != 0 || a->position < 0 || a->position >= a->capacity)
         return QL_ERR_BAD_SIZE;
     if (a->mask != NULL && a->mask_row_stride < a->position + 1) return QL_ERR_BAD_STRIDE;
-    const int64_t chunks = a->batch * a->kv_heads;
     const int64_t work = 2 * a->batch * a->heads * (a->position + 1) * a->head_dim;
     const int threads = work < ATTENTION_PARALLEL_MIN ? 1 : n_threads > 0 ? n_threads : ql_available_cores();
     const int64_t group = a->heads / a->kv_heads;
-    float *scratch = malloc(sizeof(float) * (size_t)(threads * scratch_floats(a, group)));
+    /* a chunk per query head where the kv heads alone are too few to share between the threads */
+    const int64_t per_chunk = threads > 1 && a->batch * a->kv_heads < 2 * threads ? 1 : group;
+    float *scratch = malloc(sizeof(float) * (size_t)(threads * scratch_floats(a, per_chunk)));
     if (scratch == NULL) return QL_ERR_OUT_OF_MEMORY;
-    attention_job job = {a, (a->heads + 2 * a->kv_heads) * a->head_dim, group, scratch};
+    attention_job job = {a, (a->heads + 2 * a->kv_heads) * a->head_dim, group, per_chunk, scratch};
+    write_new_position(&job, scratch);
+    const int64_t chunks = a->batch * a->kv_heads * (group / per_chunk);
     if (threads == 1)
         attention_chunk(&job, 0, chunks, 0);
     else
