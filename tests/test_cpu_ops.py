@@ -281,7 +281,7 @@ def test_decode_attention_names_the_sizes_and_a_full_cache(generator):
 
 
 # ---------------------------------------------------------------------------- a whole decoder layer
-# cpu_ops.DecodeLayer runs, in one C call, the native calls llama.decoder_layer makes one by one on a
+# cpu_ops.DecodeLayers runs, in one C call, the native calls llama.decoder_layer makes one by one on a
 # decode step (rms_norm, qmatmul, decode_attention, silu_mul, the float32 adds) in the same order, so
 # its output and cache writes must equal theirs bit for bit; each of those calls is held to float64
 # above (and in test_native.py), and the layer as a whole to transformers in test_llama_exact.py,
@@ -350,7 +350,7 @@ def test_decode_layer_equals_the_per_op_calls(seed, monkeypatch, hidden, inner, 
             runs[way] = decode_layer_steps(torch.Generator().manual_seed(seed + 1), config, w, batch, padded)
     (per_op, per_op_cache) = runs.pop("per op")
     for way, (outputs, cache) in runs.items():
-        assert len(cache.native_layers) == 1, way  # the native layer ran
+        assert list(cache.native_layers) == [(0, 1)], way  # the native layer ran
         for step, (got, want) in enumerate(zip(outputs, per_op)):
             assert torch.equal(got, want), f"{way}, step {step}: {(got - want).abs().max().item():.3g} from the per-op calls"
         end = cache.length
@@ -363,27 +363,62 @@ def test_decode_layer_is_packed_once_and_follows_new_weights(generator):
                                  intermediate_size=40)
     w = layer_weights(generator, config, biased=False)
     outputs, cache = decode_layer_steps(generator, config, w, 1, False)
-    call = cache.native_layers[0]
-    keys, values = cache.layer(0)
-    assert call.serves(w, keys, values)
+    call = cache.native_layers[0, 1]
+    caches = [cache.layer(0)]
+    assert call.serves([w], caches)
     other = dict(w, **{"post_attention_layernorm.weight": w["post_attention_layernorm.weight"].clone()})
-    assert not call.serves(other, keys, values)  # a weight replaced: packed anew
+    assert not call.serves([other], caches)  # a weight replaced: packed anew
+    assert not call.serves([w], [(caches[0][0].clone(), caches[0][1])])  # another cache likewise
     x = torch.randn(1, 1, 32, generator=generator)
     cos, sin = llama.rope_cos_sin(config, torch.tensor([[7]]), torch.float32)
     cache.length = 7
     llama.decoder_layer(x, other, config, cos, sin, None, cache, 0)
-    assert cache.native_layers[0] is not call and cache.native_layers[0].serves(other, keys, values)
+    assert cache.native_layers[0, 1] is not call and cache.native_layers[0, 1].serves([other], caches)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_decode_layers_equal_layer_after_layer(seed, monkeypatch, biased):
+    # several layers in one call (the resident model's decode step), each with its own weights and
+    # cache, against decoder_layer called layer by layer through the per-op calls
+    config = dataclasses.replace(small_config(num_heads=6, num_kv_heads=3, head_dim=10, qk_norm=False), hidden_size=44,
+                                 intermediate_size=50, num_layers=3)
+    generator = torch.Generator().manual_seed(seed)
+    layers = [layer_weights(generator, config, biased) for _ in range(3)]
+    results = []
+    for native_path in (True, False):
+        if not native_path:
+            monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+        generator = torch.Generator().manual_seed(seed + 1)
+        cache = llama.KVCache(config, 2, 6, torch.float32, "cpu")
+        positions = torch.arange(6).expand(2, 6)
+        x = torch.randn(2, 4, 44, generator=generator)
+        llama.decoder_layers(x, layers, config, *llama.rope_cos_sin(config, positions[:, :4], torch.float32), None, cache)
+        cache.advance(4)
+        steps = []
+        for position in (4, 5):
+            x = torch.randn(2, 1, 44, generator=generator)
+            steps.append(llama.decoder_layers(x, layers, config, *llama.rope_cos_sin(config, positions[:, position:position + 1],
+                                                                                     torch.float32), None, cache))
+            cache.advance(1)
+        results.append((steps, cache))
+    (native_steps, native_cache), (steps, per_op_cache) = results
+    assert list(native_cache.native_layers) == [(0, 3)]
+    for got, want in zip(native_steps, steps):
+        assert torch.equal(got, want)
+    for layer in range(3):
+        assert torch.equal(native_cache.keys[layer], per_op_cache.keys[layer])
+        assert torch.equal(native_cache.values[layer], per_op_cache.values[layer])
 
 
 def test_decode_layer_names_the_sizes(generator):
     config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=False), hidden_size=32,
                                  intermediate_size=40)
     w = layer_weights(generator, config, biased=False)
-    keys = values = torch.zeros(1, 2, 6, 8)
+    caches = [(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))]
     bad = dict(w, **{"input_layernorm.weight": torch.ones(31)})
     with pytest.raises(native.NativeKernelError, match=r"norm weights \[\(31,\), \(32,\)\].*32 features"):
-        cpu_ops.DecodeLayer(bad, 1e-6, keys, values, 4, 0.3)
-    call = cpu_ops.DecodeLayer(w, 1e-6, keys, values, 4, 0.3)
+        cpu_ops.DecodeLayers([bad], 1e-6, caches, 4, 0.3)
+    call = cpu_ops.DecodeLayers([w], 1e-6, caches, 4, 0.3)
     cos = sin = torch.zeros(1, 1, 1, 8)
     with pytest.raises(native.NativeKernelError, match=r"x is \(1, 1, 31\), expected \(1, 1, 32\)"):
         call(torch.zeros(1, 1, 31), cos, sin, None, 0)

@@ -7,10 +7,11 @@
  *   ql_cpu_decode_attention  one new position per sequence: per-head q/k RMSNorm (optional), RoPE on
  *                            q and k, k and v written into the KV cache at `position`, grouped-query
  *                            attention of each query head over the cache [0, position], additive mask.
- *   ql_cpu_decode_layer      a whole pre-norm decoder layer at one position: the two norms, the four
- *                            matmuls (ql_cpu_qmatmul), the attention above, silu_mul, the residual
- *                            adds; the per-op calls' exact arithmetic in their order, in one call
- *                            (a decode step's Python between these ops cost as much as the ops).
+ *   ql_cpu_decode_layer      whole pre-norm decoder layers at one position, one after another: the two
+ *                            norms, the four matmuls (ql_cpu_qmatmul), the attention above, silu_mul,
+ *                            the residual adds; the per-op calls' exact arithmetic in their order, in
+ *                            one call (a decode step's Python between these ops cost as much as the
+ *                            ops, and more after each matmul had emptied the caches it runs from).
  *
  * Layouts (row-major, float32):
  *   qkv     (B, (H + 2 Hkv) * D)    one row per sequence: H query heads, then Hkv key, Hkv value heads
@@ -304,8 +305,8 @@ static void add_rows(const float *x, const float *delta, int64_t n, float *out) 
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] + delta[i];
 }
 
-int ql_cpu_decode_layer(ql_decode_layer_args *a, int n_threads) {
-    if (a == NULL || a->qkv == NULL || a->o == NULL || a->gate_up == NULL || a->down == NULL || a->input_norm == NULL ||
+static int decode_one_layer(ql_decode_layer_args *a, int n_threads) {
+    if (a->qkv == NULL || a->o == NULL || a->gate_up == NULL || a->down == NULL || a->input_norm == NULL ||
         a->post_attention_norm == NULL || a->x == NULL || a->out == NULL)
         return QL_ERR_NULL_POINTER;
     const ql_decode_attention_args *at = &a->attention;
@@ -332,7 +333,7 @@ int ql_cpu_decode_layer(ql_decode_layer_args *a, int n_threads) {
     }
     if (status == QL_OK) status = projection(a->o, a->o_bias, attended, rows, delta, n_threads, &a->matmul_seconds);
     if (status == QL_OK) {
-        add_rows(a->x, delta, rows * e, a->out);  /* x1, kept in out */
+        add_rows(a->x, delta, rows * e, a->out);  /* x1, kept in out (x is not read after this) */
         status = ql_cpu_rms_norm(a->out, rows, e, e, a->post_attention_norm, a->eps, h);
     }
     if (status == QL_OK) status = projection(a->gate_up, a->gate_up_bias, h, rows, gate_up, n_threads, &a->matmul_seconds);
@@ -341,4 +342,27 @@ int ql_cpu_decode_layer(ql_decode_layer_args *a, int n_threads) {
     if (status == QL_OK) add_rows(a->out, delta, rows * e, a->out);
     free(scratch);
     return status;
+}
+
+int ql_cpu_decode_layer(ql_decode_layer_args *layers, int64_t n_layers, int n_threads) {
+    if (layers == NULL) return QL_ERR_NULL_POINTER;
+    if (n_layers <= 0) return QL_ERR_BAD_SIZE;
+    const ql_decode_layer_args *first = &layers[0];
+    for (int64_t i = 0; i < n_layers; ++i) {
+        ql_decode_layer_args *a = &layers[i];
+        if (i > 0) {  /* the step's inputs are layers[0]'s; the stream runs in place in `out` */
+            if (a->attention.batch != first->attention.batch || a->hidden != first->hidden ||
+                a->attention.head_dim != first->attention.head_dim)
+                return QL_ERR_BAD_SIZE;
+            a->attention.position = first->attention.position;
+            a->attention.cos = first->attention.cos;
+            a->attention.sin = first->attention.sin;
+            a->attention.mask = first->attention.mask;
+            a->attention.mask_row_stride = first->attention.mask_row_stride;
+            a->x = a->out = first->out;
+        }
+        const int status = decode_one_layer(a, n_threads);
+        if (status != QL_OK) return status;
+    }
+    return QL_OK;
 }

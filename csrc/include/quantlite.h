@@ -29,7 +29,7 @@ extern "C" {
 #define QL_ABI_VERSION 6  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
                              4: ql_weight's storage tags (stored scales / outliers, no widened copies);
                              5: the decode-step primitives (ql_cpu_rms_norm, ...);
-                             6: ql_cpu_decode_layer (a whole decoder layer's decode step) */
+                             6: ql_cpu_decode_layer (decoder layers' decode step) */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -241,7 +241,11 @@ typedef struct {
     double attention_seconds;       /* out: wall seconds inside the attention */
 } ql_decode_layer_args;
 
-QL_API int ql_cpu_decode_layer(ql_decode_layer_args *args, int n_threads);
+/* n_layers consecutive layers, layer i's output layer i + 1's input: layers[0] holds the step (x, out,
+ * and the attention's position, cos, sin, mask, mask_row_stride), which the others' fields are set
+ * to (their x and out to layers[0].out: the stream runs in place there). Each layer adds its own
+ * matmul and attention seconds. */
+QL_API int ql_cpu_decode_layer(ql_decode_layer_args *layers, int64_t n_layers, int n_threads);
 
 #ifdef __cplusplus
 }

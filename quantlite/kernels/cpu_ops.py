@@ -69,7 +69,7 @@ def _library() -> ctypes.CDLL | None:
     library.ql_cpu_rms_norm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _FLOAT, _PTR]
     library.ql_cpu_silu_mul.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
     library.ql_cpu_decode_attention.argtypes = [ctypes.POINTER(_AttentionArgs), _INT]
-    library.ql_cpu_decode_layer.argtypes = [ctypes.POINTER(_LayerArgs), _INT]
+    library.ql_cpu_decode_layer.argtypes = [ctypes.POINTER(_LayerArgs), _I64, _INT]
     return library
 
 
@@ -212,14 +212,14 @@ def _set_attention_step(args: _AttentionArgs, what: str, cos, sin, mask, positio
     return cos, sin, mask
 
 
-# the projections of a decoder layer that DecodeLayer takes, in ql_decode_layer_args' order
+# the projections of a decoder layer that DecodeLayers takes, in ql_decode_layer_args' order
 LAYER_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3's, else absent
 
 
 def takes_layer(x: torch.Tensor, w: dict) -> bool:
-    """Whether DecodeLayer computes a decode step of the layer with weights `w` (named as llama.py's
+    """Whether DecodeLayers computes a decode step of the layer with weights `w` (named as llama.py's
     decoder_layer has them): x float32 on the CPU outside autograd, fewer rows than qmatmul's prefill
     path takes, the projections joined by llama.fuse_projections and 4-bit (QWeight), and qmatmul's
     default on the CPU the native kernel (so the per-op calls would run the same kernels)."""
@@ -229,7 +229,7 @@ def takes_layer(x: torch.Tensor, w: dict) -> bool:
 
 
 def _absent() -> None:
-    """DecodeLayer's stand-in for the weak reference of a weight the layer does not have."""
+    """DecodeLayers' stand-in for the weak reference of a weight the layer does not have."""
     return None
 
 
@@ -240,68 +240,86 @@ def _default_cpu_backend() -> str:
     return default_backend("cpu")
 
 
-class DecodeLayer:
-    """One decode step of a pre-norm decoder layer in one native call (ql_cpu_decode_layer), as
-    llama.decoder_layer computes it from the same native ops (the same result, bit for bit).
+class DecodeLayers:
+    """A decode step of consecutive pre-norm decoder layers in one native call (ql_cpu_decode_layer),
+    as llama.decoder_layer computes each from the same native ops (the same result, bit for bit).
 
-    Made once per layer and KV cache: the weights (w as decoder_layer has them: LAYER_PROJECTIONS as
-    QWeights, their optional biases, LAYER_NORMS, HEAD_NORMS where the model has them), the cache and
-    the attention's constants are checked and packed into the C struct here; a step then sets only
-    x, the position, RoPE and the mask (a struct packed per call cost ~40 us of Python, a layer's
-    glue twice over). It holds weak references to the weights (a streamed layer's arena is not
-    kept alive by it): `serves(w, keys)` says whether these are still what it points to."""
+    Made once per layers and KV cache: each layer's weights (w as decoder_layer has them:
+    LAYER_PROJECTIONS as QWeights, their optional biases, LAYER_NORMS, HEAD_NORMS where the model has
+    them), its cache and the attention's constants are checked and packed into the C structs here;
+    a step then sets only x, the position, RoPE and the mask. Why: packing a layer's struct cost ~40
+    us of Python, and the Python between one layer's call and the next ~90 us on the loaded machine
+    (it runs after the matmuls have emptied the CPU's caches), against ~30 us of C glue and attention.
+    It holds weak references to the weights (a streamed layer's arena is not kept alive by it):
+    `serves(layers, caches)` says whether these are still what it points to."""
 
-    def __init__(self, w: dict, eps: float, keys: torch.Tensor, values: torch.Tensor, heads: int, scale: float):
-        weights = [w[f"{name}.weight"] for name in LAYER_PROJECTIONS]
-        biases = [w.get(f"{name}.bias") for name in LAYER_PROJECTIONS]
-        norms = [w[name] for name in LAYER_NORMS]
-        hidden = weights[0].shape[1]
-        if any(norm.shape != (hidden,) for norm in norms) or any(
-                bias is not None and bias.shape != (weight.shape[0],) for bias, weight in zip(biases, weights)):
-            raise native.NativeKernelError(
-                f"native cpu decode_layer: norm weights {[tuple(n.shape) for n in norms]}, biases "
-                f"{[None if b is None else tuple(b.shape) for b in biases]} do not agree with {hidden} features and "
-                f"projections {[tuple(p.shape) for p in weights]}")
-        _check_float32_cpu("decode_layer", **dict(zip(LAYER_NORMS, norms)),
-                           **{f"{name}.bias": bias for name, bias in zip(LAYER_PROJECTIONS, biases)})
-        head_norms = [w.get(name) for name in HEAD_NORMS]
-        attention, copies = _attention_cache_args("decode_layer", keys, values, heads, scale, *head_norms, eps)
-        norms, biases = [t.contiguous() for t in norms], [None if b is None else b.contiguous() for b in biases]
-        self._keep = copies, norms, biases  # what the struct points into (the originals themselves, mostly)
-        self._sources = [(name, _absent if t is None else weakref.ref(t)) for name, t in self._originals(w)]
-        self._cache = weakref.ref(keys), weakref.ref(values)
-        self._args = _LayerArgs(hidden, weights[2].shape[0] // 2, *(native._cpu_weight_pointer(p) for p in weights),
-                                *(_pointer(b) for b in biases), norms[0].data_ptr(), norms[1].data_ptr(), eps, attention)
-        self.batch, self.hidden = keys.shape[0], hidden
+    def __init__(self, layers: list[dict], eps: float, caches: list[tuple[torch.Tensor, torch.Tensor]], heads: int,
+                 scale: float):
+        packed = [_pack_layer(w, eps, keys, values, heads, scale) for w, (keys, values) in zip(layers, caches, strict=True)]
+        self._array = (_LayerArgs * len(packed))(*(args for args, _ in packed))
+        self._keep = [keep for _, keep in packed]  # what the structs point into (the originals themselves, mostly)
+        self._sources = [_sources(w) for w in layers]
+        self._caches = [(weakref.ref(keys), weakref.ref(values)) for keys, values in caches]
+        self.batch, self.hidden = caches[0][0].shape[0], self._array[0].hidden
 
-    @staticmethod
-    def _originals(w: dict) -> list[tuple[str, object]]:
-        names = [f"{name}.{part}" for name in LAYER_PROJECTIONS for part in ("weight", "bias")] + list(LAYER_NORMS + HEAD_NORMS)
-        return [(name, w.get(name)) for name in names]
-
-    def serves(self, w: dict, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Whether this was made for these weights and this cache (the same objects, alive)."""
-        if self._cache[0]() is not keys or self._cache[1]() is not values:
+    def serves(self, layers: list[dict], caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether this was made for these weights and caches (the same objects, alive)."""
+        if len(layers) != len(self._sources):
             return False
-        for name, source in self._sources:
-            if w.get(name) is not source():
+        for w, (keys, values), sources, (packed_keys, packed_values) in zip(layers, caches, self._sources, self._caches):
+            if packed_keys() is not keys or packed_values() is not values:
                 return False
+            for name, source in sources:
+                if w.get(name) is not source():
+                    return False
         return True
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                  position: int) -> tuple[torch.Tensor, float, float]:
         """x (B, 1, E) float32 at cache index `position`; cos, sin, mask as decode_attention's ->
-        (the layer's output (B, 1, E), seconds inside the matmuls, seconds inside the attention)."""
+        (the last layer's output (B, 1, E), seconds inside the matmuls, seconds inside the attention)."""
         if x.shape != (self.batch, 1, self.hidden):
             raise native.NativeKernelError(f"native cpu decode_layer: x is {tuple(x.shape)}, expected "
                                            f"({self.batch}, 1, {self.hidden})")
         _check_float32_cpu("decode_layer", x=x)
-        args = self._args
-        step = _set_attention_step(args.attention, "decode_layer", cos, sin, mask, position)  # alive over the call
+        first = self._array[0]
+        step = _set_attention_step(first.attention, "decode_layer", cos, sin, mask, position)  # alive over the call
         x = x.contiguous()
         out = torch.empty(self.batch, 1, self.hidden)
-        args.x, args.out, args.matmul_seconds, args.attention_seconds = x.data_ptr(), out.data_ptr(), 0.0, 0.0
-        status = _library().ql_cpu_decode_layer(ctypes.byref(args), native._threads(None))
+        first.x, first.out = x.data_ptr(), out.data_ptr()
+        for args in self._array:
+            args.matmul_seconds = args.attention_seconds = 0.0
+        status = _library().ql_cpu_decode_layer(self._array, len(self._array), native._threads(None))
         if status:
-            raise _failed(status, f"decode_layer (x {tuple(x.shape)}, position {position})")
-        return out, args.matmul_seconds, args.attention_seconds
+            raise _failed(status, f"decode_layer ({len(self._array)} layers, x {tuple(x.shape)}, position {position})")
+        return (out, sum(args.matmul_seconds for args in self._array), sum(args.attention_seconds for args in self._array))
+
+
+def _pack_layer(w: dict, eps: float, keys: torch.Tensor, values: torch.Tensor, heads: int,
+                scale: float) -> tuple[_LayerArgs, tuple]:
+    """One layer's ql_decode_layer_args but the step's fields, checked, and the tensors it points
+    into besides the weights and the cache (contiguous copies where needed)."""
+    weights = [w[f"{name}.weight"] for name in LAYER_PROJECTIONS]
+    biases = [w.get(f"{name}.bias") for name in LAYER_PROJECTIONS]
+    norms = [w[name] for name in LAYER_NORMS]
+    hidden = weights[0].shape[1]
+    if any(norm.shape != (hidden,) for norm in norms) or any(
+            bias is not None and bias.shape != (weight.shape[0],) for bias, weight in zip(biases, weights)):
+        raise native.NativeKernelError(
+            f"native cpu decode_layer: norm weights {[tuple(n.shape) for n in norms]}, biases "
+            f"{[None if b is None else tuple(b.shape) for b in biases]} do not agree with {hidden} features and "
+            f"projections {[tuple(p.shape) for p in weights]}")
+    _check_float32_cpu("decode_layer", **dict(zip(LAYER_NORMS, norms)),
+                       **{f"{name}.bias": bias for name, bias in zip(LAYER_PROJECTIONS, biases)})
+    attention, copies = _attention_cache_args("decode_layer", keys, values, heads, scale,
+                                              *(w.get(name) for name in HEAD_NORMS), eps)
+    norms, biases = [t.contiguous() for t in norms], [None if b is None else b.contiguous() for b in biases]
+    args = _LayerArgs(hidden, weights[2].shape[0] // 2, *(native._cpu_weight_pointer(p) for p in weights),
+                      *(_pointer(b) for b in biases), norms[0].data_ptr(), norms[1].data_ptr(), eps, attention)
+    return args, (copies, norms, biases)
+
+
+def _sources(w: dict) -> list[tuple[str, object]]:
+    """(name, a weak reference or _absent) of every weight of w that a packed layer points into."""
+    names = [f"{name}.{part}" for name in LAYER_PROJECTIONS for part in ("weight", "bias")] + list(LAYER_NORMS + HEAD_NORMS)
+    return [(name, _absent if w.get(name) is None else weakref.ref(w[name])) for name in names]

@@ -205,7 +205,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.first_layer = 0
-        self.native_layers: dict[int, cpu_ops.DecodeLayer] = {}  # native_decode_layer's packed calls, by layer
+        self.native_layers: dict[tuple[int, int], cpu_ops.DecodeLayers] = {}  # native_decode_layers' packed calls,
+        # by (first layer, number of layers)
 
     @property
     def nbytes(self) -> int:
@@ -327,23 +328,50 @@ def decoder_layer(
     layer: int = 0,
 ) -> torch.Tensor:
     """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
-    if x.shape[1] == 1 and cache is not None and cpu_ops.takes_layer(x, w):  # a CPU decode step: what follows, in one C call
-        return native_decode_layer(x, w, config, cos, sin, mask, cache, layer)
+    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):  # a CPU decode step: what follows, in one C call
+        out = native_decode_layers(x, [w], config, cos, sin, mask, cache, layer)
+        if out is not None:
+            return out
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
 
 
-def native_decode_layer(x: torch.Tensor, w: dict, config: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
-                        mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
-    """decoder_layer's decode step (x (batch, 1, hidden)) in one native call, which runs the calls the
-    torch code above makes on the CPU (rms_norm, linear, decode_attention, silu_mul, the adds) in its
-    order: one ctypes hop a layer instead of ~10 (docs/runtime.md, "The split of a decode step").
-    The call's arguments are packed once per layer and cache (cache.native_layers)."""
-    keys, values = cache.layer(layer)
-    call = cache.native_layers.get(layer)
-    if call is None or not call.serves(w, keys, values):
-        call = cache.native_layers[layer] = cpu_ops.DecodeLayer(w, config.rms_norm_eps, keys, values, config.num_heads,
-                                                                config.head_dim**-0.5)
+def decoder_layers(
+    x: torch.Tensor,
+    layers: list[dict],
+    config: ModelConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    first_layer: int = 0,
+) -> torch.Tensor:
+    """decoder_layer over consecutive model layers first_layer, first_layer + 1, ... (weights `layers`)."""
+    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):
+        out = native_decode_layers(x, layers, config, cos, sin, mask, cache, first_layer)
+        if out is not None:
+            return out
+    for i, w in enumerate(layers):
+        x = decoder_layer(x, w, config, cos, sin, mask, cache, first_layer + i)
+    return x
+
+
+def native_decode_layers(x: torch.Tensor, layers: list[dict], config: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
+                         mask: torch.Tensor | None, cache: KVCache, first_layer: int) -> torch.Tensor | None:
+    """decoder_layers' decode step (x (batch, 1, hidden) float32 on the CPU) in one native call, which
+    runs the calls the torch code of decoder_layer makes on the CPU (rms_norm, linear,
+    decode_attention, silu_mul, the adds) in its order, layer after layer: one ctypes hop for the
+    layers instead of ~10 a layer (docs/runtime.md, "The split of a decode step"). None where the
+    native call does not take these layers (cpu_ops.takes_layer). The call's arguments are packed
+    once per layers and cache (cache.native_layers)."""
+    key = (first_layer, len(layers))
+    caches = [cache.layer(first_layer + i) for i in range(len(layers))]
+    call = cache.native_layers.get(key)
+    if call is None or not call.serves(layers, caches):
+        if not all(cpu_ops.takes_layer(x, w) for w in layers):
+            return None
+        call = cache.native_layers[key] = cpu_ops.DecodeLayers(layers, config.rms_norm_eps, caches, config.num_heads,
+                                                               config.head_dim**-0.5)
     out, matmul_seconds, attention_seconds = call(x, cos, sin, mask, cache.end(1) - 1)
     OP_SECONDS.matmul += matmul_seconds
     OP_SECONDS.attention += attention_seconds

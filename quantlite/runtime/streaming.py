@@ -568,7 +568,11 @@ class StreamingLlama:
 
         self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
         x = self._embed(input_ids.to(self.device)) if hidden is None else hidden.to(self.device, self.dtype)  # (batch, seq, hidden)
-        for index in self.layers:
+        resident = [self._resident.get(index) for index in self.layers]
+        all_resident = not self._streamed and None not in resident
+        if all_resident:  # one call for every layer (a CPU decode step: one native call)
+            x = llama.decoder_layers(x, resident, self.config, cos, sin, mask, cache, self.layers.start)
+        for index in () if all_resident else self.layers:
             weights = self._unit(index)
             self._request(self._next_streamed(index))
             try:
