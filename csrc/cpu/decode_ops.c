@@ -55,10 +55,10 @@
 #include "quantlite.h"
 
 #define PARTIAL_SUMS 16
-/* Below this many multiply-adds (QK and PV over every head) the caller's thread does it all: SmolLM2's
- * 9 heads of 64 from about 28 cached positions on (the pool's workers are awake between a decode
- * step's calls, so a hand-off costs ~1 us against ~4 us of work here). */
-#define ATTENTION_PARALLEL_MIN (1 << 15)
+/* Below this many multiply-adds (QK and PV over every head) the caller's thread does it all (SmolLM2's
+ * 9 heads of 64: below ~228 cached positions). 1 << 15 (from ~28 positions) was slower on the loaded
+ * machine, where the worker is often descheduled (docs/runtime.md, session 13); not measured quiet. */
+#define ATTENTION_PARALLEL_MIN (1 << 18)
 
 /* x86-64: each exported function is also built for AVX2 and AVX-512 and the loader picks the best the
  * CPU has (GCC function multi-versioning, an ifunc: no -m flags on this file, so it runs on any

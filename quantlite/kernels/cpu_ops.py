@@ -1,14 +1,18 @@
 """ctypes binding of the CPU decode-step primitives (csrc/cpu/decode_ops.c, C ABI at the end of
-csrc/include/quantlite.h): the float32 work between a decode step's matmuls.
+csrc/include/quantlite.h): the float32 work between a decode step's matmuls, and whole layers.
 
     rms_norm(x, weight, eps)    x (..., n) -> (..., n)
     silu_mul(gate_up)           (..., 2n) = [gate | up] -> (..., n) silu(gate) * up
     decode_attention(...)       one new position per sequence: q/k norm, RoPE, KV-cache write, GQA
+    DecodeLayers(...)(x, ...)   consecutive 4-bit decoder layers' decode step: the calls above and the
+                                layers' qmatmuls in llama.decoder_layer's order, one C call for all
 
-quantlite/runtime/llama.py holds the same math in torch and calls these where `takes` says yes (CPU
-float32 tensors outside autograd, the library built). Why: a decode step of SmolLM2 ran ~20 torch ops
-per layer at 1.5-15 us each, about a third of the step (docs/runtime.md, "The split of a decode
-step"); each of these is one C call. One hop, as quantlite.kernels.native: check, allocate, call.
+quantlite/runtime/llama.py holds the same math in torch and calls these where `takes` (`takes_layer`)
+says yes (CPU float32 tensors outside autograd, the library built). Why: a decode step of SmolLM2
+ran ~20 torch ops per layer at 1.5-15 us each, about a third of the step; one C call per op left
+~10 Python hops a layer, which ran slowly after each matmul had emptied the caches; one call for
+the layers leaves a few (docs/runtime.md, "The split of a decode step"). One hop, as
+quantlite.kernels.native: check, allocate, call.
 """
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ Activations are (batch, seq, hidden) in the compute dtype; RoPE angles and softm
 On the CPU in float32 the glue between the matmuls runs in native primitives (quantlite.kernels.cpu_ops:
 rms_norm, silu_mul and, for a decode step, q/k norm + RoPE + cache write + attention in one call),
 which compute what the torch code beside each call computes (tests/test_cpu_ops.py holds both to a
-float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.md).
+float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.md). A decode step
+of 4-bit layers goes further: `decoder_layers` hands every layer to one native call that makes those
+same calls and the layers' matmuls in decoder_layer's order (bit for bit the same result).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class OpSeconds:
     """Wall seconds spent in `linear` (the matmuls) and in attention (everything between the q/k/v and
     the output projection: q/k norm, RoPE, cache update, attend), summed
     over every call in this process; a reader takes differences. Two perf_counter calls per op:
-    ~0.2 us, against ~10 us for the cheapest matmul call."""
+    ~0.2 us, against ~10 us for the cheapest matmul call. The native decode layers
+    (native_decode_layers) time their matmul and attention calls in C and add them here."""
     matmul: float = 0.0
     attention: float = 0.0
 
