@@ -15,6 +15,8 @@ machine's best one runs here.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -375,6 +377,24 @@ def test_decode_layer_is_packed_once_and_follows_new_weights(generator):
     cache.length = 7
     llama.decoder_layer(x, other, config, cos, sin, None, cache, 0)
     assert cache.native_layers[0, 1] is not call and cache.native_layers[0, 1].serves([other], caches)
+
+
+def test_decode_layer_copies_a_strided_weight_and_holds_no_weight(generator, monkeypatch):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=True)
+    w["input_layernorm.weight"] = torch.rand(64, generator=generator)[::2] + 0.5  # (32,), stride 2
+    w["self_attn.q_norm.weight"] = torch.rand(16, generator=generator)[::2] + 0.5
+    native_steps, cache = decode_layer_steps(torch.Generator().manual_seed(5), config, w, 1, False)
+    monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+    per_op_steps, _ = decode_layer_steps(torch.Generator().manual_seed(5), config, w, 1, False)
+    assert all(torch.equal(a, b) for a, b in zip(native_steps, per_op_steps))
+    call, caches = cache.native_layers[0, 1], [cache.layer(0)]
+    probe = weakref.ref(w["mlp.down_proj.weight"])
+    del w
+    gc.collect()
+    assert probe() is None  # the packed call did not keep the layer's weights alive
+    assert not call.serves([{}], caches)
 
 
 @pytest.mark.parametrize("biased", [False, True])

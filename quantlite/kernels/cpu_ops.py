@@ -167,8 +167,8 @@ def decode_attention(
         raise native.NativeKernelError(f"native cpu decode_attention: qkv {tuple(qkv.shape)} and keys {tuple(keys.shape)} "
                                        f"do not agree with {heads} query heads")
     _check_float32_cpu("decode_attention", qkv=qkv)
-    args, norms = _attention_cache_args("decode_attention", keys, values, heads, scale, q_norm, k_norm, eps)
-    step = _set_attention_step(args, "decode_attention", cos, sin, mask, position)  # norms, step: alive over the call
+    args, _norms = _attention_cache_args("decode_attention", keys, values, heads, scale, q_norm, k_norm, eps)
+    _step = _set_attention_step(args, "decode_attention", cos, sin, mask, position)  # _norms, _step: alive over the call
     qkv = qkv.contiguous()
     out = torch.empty(batch, 1, heads * head_dim)
     args.qkv, args.out = qkv.data_ptr(), out.data_ptr()
@@ -232,9 +232,13 @@ def takes_layer(x: torch.Tensor, w: dict) -> bool:
     return all(type(w.get(f"{name}.weight")) is QWeight for name in LAYER_PROJECTIONS)
 
 
-def _absent() -> None:
-    """DecodeLayers' stand-in for the weak reference of a weight the layer does not have."""
-    return None
+_ABSENT = object()  # what DecodeLayers.serves compares a weight the layer does not have with
+
+
+def _absent() -> object:
+    """DecodeLayers' stand-in for the weak reference of a weight the layer does not have (a dead weak
+    reference gives None, which is never _ABSENT)."""
+    return _ABSENT
 
 
 @functools.cache
@@ -261,7 +265,7 @@ class DecodeLayers:
                  scale: float):
         packed = [_pack_layer(w, eps, keys, values, heads, scale) for w, (keys, values) in zip(layers, caches, strict=True)]
         self._array = (_LayerArgs * len(packed))(*(args for args, _ in packed))
-        self._keep = [keep for _, keep in packed]  # what the structs point into (the originals themselves, mostly)
+        self._copies = [copies for _, copies in packed]  # contiguous copies the structs point into (rarely any)
         self._sources = [_sources(w) for w in layers]
         self._caches = [(weakref.ref(keys), weakref.ref(values)) for keys, values in caches]
         self.batch, self.hidden = caches[0][0].shape[0], self._array[0].hidden
@@ -274,7 +278,7 @@ class DecodeLayers:
             if packed_keys() is not keys or packed_values() is not values:
                 return False
             for name, source in sources:
-                if w.get(name) is not source():
+                if w.get(name, _ABSENT) is not source():
                     return False
         return True
 
@@ -287,7 +291,7 @@ class DecodeLayers:
                                            f"({self.batch}, 1, {self.hidden})")
         _check_float32_cpu("decode_layer", x=x)
         first = self._array[0]
-        step = _set_attention_step(first.attention, "decode_layer", cos, sin, mask, position)  # alive over the call
+        _step = _set_attention_step(first.attention, "decode_layer", cos, sin, mask, position)  # alive over the call
         x = x.contiguous()
         out = torch.empty(self.batch, 1, self.hidden)
         first.x, first.out = x.data_ptr(), out.data_ptr()
@@ -301,8 +305,9 @@ class DecodeLayers:
 
 def _pack_layer(w: dict, eps: float, keys: torch.Tensor, values: torch.Tensor, heads: int,
                 scale: float) -> tuple[_LayerArgs, tuple]:
-    """One layer's ql_decode_layer_args but the step's fields, checked, and the tensors it points
-    into besides the weights and the cache (contiguous copies where needed)."""
+    """One layer's ql_decode_layer_args but the step's fields, checked, and the contiguous copies it
+    points into where a weight was not contiguous (the weights themselves are not held: the caller
+    checks that they are alive, DecodeLayers.serves)."""
     weights = [w[f"{name}.weight"] for name in LAYER_PROJECTIONS]
     biases = [w.get(f"{name}.bias") for name in LAYER_PROJECTIONS]
     norms = [w[name] for name in LAYER_NORMS]
@@ -315,12 +320,15 @@ def _pack_layer(w: dict, eps: float, keys: torch.Tensor, values: torch.Tensor, h
             f"projections {[tuple(p.shape) for p in weights]}")
     _check_float32_cpu("decode_layer", **dict(zip(LAYER_NORMS, norms)),
                        **{f"{name}.bias": bias for name, bias in zip(LAYER_PROJECTIONS, biases)})
-    attention, copies = _attention_cache_args("decode_layer", keys, values, heads, scale,
-                                              *(w.get(name) for name in HEAD_NORMS), eps)
-    norms, biases = [t.contiguous() for t in norms], [None if b is None else b.contiguous() for b in biases]
+    head_norms = [w.get(name) for name in HEAD_NORMS]
+    attention, head_norms_used = _attention_cache_args("decode_layer", keys, values, heads, scale, *head_norms, eps)
+    norms_used = [t.contiguous() for t in norms]
+    biases_used = [None if b is None else b.contiguous() for b in biases]
     args = _LayerArgs(hidden, weights[2].shape[0] // 2, *(native._cpu_weight_pointer(p) for p in weights),
-                      *(_pointer(b) for b in biases), norms[0].data_ptr(), norms[1].data_ptr(), eps, attention)
-    return args, (copies, norms, biases)
+                      *(_pointer(b) for b in biases_used), norms_used[0].data_ptr(), norms_used[1].data_ptr(), eps,
+                      attention)
+    pairs = zip([*head_norms_used, *norms_used, *biases_used], [*head_norms, *norms, *biases])
+    return args, [used for used, given in pairs if used is not given]
 
 
 def _sources(w: dict) -> list[tuple[str, object]]:
