@@ -224,10 +224,11 @@ HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3's, 
 
 def takes_layer(x: torch.Tensor, w: dict) -> bool:
     """Whether DecodeLayers computes a decode step of the layer with weights `w` (named as llama.py's
-    decoder_layer has them): x float32 on the CPU outside autograd, fewer rows than qmatmul's prefill
-    path takes, the projections joined by llama.fuse_projections and 4-bit (QWeight), and qmatmul's
-    default on the CPU the native kernel (so the per-op calls would run the same kernels)."""
-    if not takes(x) or x.shape[0] >= native.PREFILL_MIN_M or _default_cpu_backend() != "cpu":
+    decoder_layer has them): x float32 on the CPU outside autograd, the projections joined by
+    llama.fuse_projections and 4-bit (QWeight), and qmatmul's default on the CPU the native kernel,
+    ql_cpu_qmatmul, which native.qmatmul_cpu runs for every number of rows since issue 12's prefill
+    GEMM (so the per-op calls run the same kernels)."""
+    if not takes(x) or _default_cpu_backend() != "cpu":
         return False
     return all(type(w.get(f"{name}.weight")) is QWeight for name in LAYER_PROJECTIONS)
 
