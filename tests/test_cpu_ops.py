@@ -14,6 +14,10 @@ machine's best one runs here.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -188,6 +192,26 @@ def test_decode_attention_matches_float64(generator, batch, heads, kv_heads, d, 
     assert torch.equal(values[:, :, others], before_values[:, :, others])
 
 
+@pytest.mark.parametrize("batch, heads, kv_heads, position", [(1, 9, 3, 300), (1, 6, 6, 400), (2, 4, 1, 511), (3, 10, 5, 120)])
+def test_decode_attention_is_the_same_on_1_and_2_threads(generator, batch, heads, kv_heads, position):
+    # enough work for the pool (ATTENTION_PARALLEL_MIN); one sequence's query heads go to it one by
+    # one, a batch's by kv head: neither may change a bit
+    d = 64
+    qkv, cos, sin, keys, values, _ = make_case(generator, batch, heads, kv_heads, d, position, position + 1, False)
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as generate's decode steps: the kernels' pool takes the attention
+    try:
+        for n in (1, 2):
+            k, v = keys.clone(), values.clone()
+            with native.cpu_threads(n):
+                results.append((cpu_ops.decode_attention(qkv, cos, sin, None, k, v, position, heads, d**-0.5), k, v))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("window", [4, 16, 17])
 @pytest.mark.parametrize("offset", [-1, 0, 1, 9])
 def test_decode_attention_masks_padding_and_the_window(generator, window, offset):
@@ -257,3 +281,169 @@ def test_decode_attention_names_the_sizes_and_a_full_cache(generator):
     cache.advance(4)
     with pytest.raises(llama.QuantliteError, match="KV cache holds 4 positions; this step needs 5"):
         cache.end(1)
+
+
+# ---------------------------------------------------------------------------- a whole decoder layer
+# cpu_ops.DecodeLayers runs, in one C call, the native calls llama.decoder_layer makes one by one on a
+# decode step (rms_norm, qmatmul, decode_attention, silu_mul, the float32 adds) in the same order, so
+# its output and cache writes must equal theirs bit for bit; each of those calls is held to float64
+# above (and in test_native.py), and the layer as a whole to transformers in test_llama_exact.py,
+# test_families.py and test_runtime_decode.py, which decode through it.
+def layer_weights(generator, config: ModelConfig, biased: bool) -> dict:
+    """Random 4-bit weights of one layer, named and joined as the loader hands them to decoder_layer."""
+    from quantlite.quantizer import quantize
+
+    hidden, inner, d = config.hidden_size, config.intermediate_size, config.head_dim
+    shapes = {"self_attn.q_proj": (config.num_heads * d, hidden), "self_attn.k_proj": (config.num_kv_heads * d, hidden),
+              "self_attn.v_proj": (config.num_kv_heads * d, hidden), "self_attn.o_proj": (hidden, config.num_heads * d),
+              "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+    w = {f"{name}.weight": quantize(torch.randn(shape, generator=generator) / shape[1] ** 0.5, block_size=32, name=name)
+         for name, shape in shapes.items()}
+    if biased:
+        w.update({f"{name}.bias": torch.randn(shape[0], generator=generator) / 4 for name, shape in shapes.items()})
+    w["input_layernorm.weight"] = torch.rand(hidden, generator=generator) + 0.5
+    w["post_attention_layernorm.weight"] = torch.rand(hidden, generator=generator) + 0.5
+    if config.qk_norm:
+        w["self_attn.q_norm.weight"] = torch.rand(d, generator=generator) + 0.5
+        w["self_attn.k_norm.weight"] = torch.rand(d, generator=generator) + 0.5
+    return llama.fuse_projections(w)
+
+
+def decode_layer_steps(generator, config, w, batch, padded, steps=3):
+    """A prompt of 5 through decoder_layer (torch and per-op code), then `steps` decode steps ->
+    (each step's output, the cache) for fresh inputs drawn from `generator`."""
+    cache = llama.KVCache(config, batch, 5 + steps, torch.float32, "cpu")
+    valid = torch.ones(batch, 5 + steps, dtype=torch.bool)
+    if padded:
+        valid[-1, :2] = False  # left padding in the last row
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cos, sin = llama.rope_cos_sin(config, positions[:, :5], torch.float32)
+    mask = llama.attention_mask(valid[:, :5], 5, torch.float32) if padded else None
+    llama.decoder_layer(torch.randn(batch, 5, config.hidden_size, generator=generator), w, config, cos, sin, mask, cache, 0)
+    cache.advance(5)
+    outputs = []
+    for step in range(steps):
+        end = 5 + step + 1
+        cos, sin = llama.rope_cos_sin(config, positions[:, end - 1 : end], torch.float32)
+        mask = llama.attention_mask(valid[:, :end], 1, torch.float32) if padded else None
+        x = torch.randn(batch, 1, config.hidden_size, generator=generator)
+        outputs.append(llama.decoder_layer(x, w, config, cos, sin, mask, cache, 0))
+        cache.advance(1)
+    return outputs, cache
+
+
+@pytest.mark.parametrize("hidden, inner, heads, kv_heads, d, batch, biased, qk_norm, padded", [
+    (576, 1536, 9, 3, 64, 1, False, False, False),  # SmolLM2's layer
+    (72, 45, 6, 2, 12, 1, True, True, False),       # odd sizes, every bias (Qwen2), q/k norm (Qwen3)
+    (40, 33, 3, 3, 8, 3, False, False, True),       # a batch with left padding, no grouping
+    (56, 24, 5, 1, 16, 2, True, False, False),      # one kv head for five
+])
+def test_decode_layer_equals_the_per_op_calls(seed, monkeypatch, hidden, inner, heads, kv_heads, d, batch, biased,
+                                              qk_norm, padded):
+    config = dataclasses.replace(small_config(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, qk_norm=qk_norm),
+                                 hidden_size=hidden, intermediate_size=inner)
+    w = layer_weights(torch.Generator().manual_seed(seed), config, biased)
+    x = torch.randn(batch, 1, hidden)
+    assert cpu_ops.takes_layer(x, w)
+    runs = {}
+    for way in ("layer, 2 threads", "layer, 1 thread", "per op"):
+        if way == "per op":
+            monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+        with native.cpu_threads(1 if way == "layer, 1 thread" else 2):
+            runs[way] = decode_layer_steps(torch.Generator().manual_seed(seed + 1), config, w, batch, padded)
+    (per_op, per_op_cache) = runs.pop("per op")
+    for way, (outputs, cache) in runs.items():
+        assert list(cache.native_layers) == [(0, 1)], way  # the native layer ran
+        for step, (got, want) in enumerate(zip(outputs, per_op)):
+            assert torch.equal(got, want), f"{way}, step {step}: {(got - want).abs().max().item():.3g} from the per-op calls"
+        end = cache.length
+        assert torch.equal(cache.keys[0][:, :, :end], per_op_cache.keys[0][:, :, :end]), way
+        assert torch.equal(cache.values[0][:, :, :end], per_op_cache.values[0][:, :, :end]), way
+
+
+def test_decode_layer_is_packed_once_and_follows_new_weights(generator):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=False), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=False)
+    outputs, cache = decode_layer_steps(generator, config, w, 1, False)
+    call = cache.native_layers[0, 1]
+    caches = [cache.layer(0)]
+    assert call.serves([w], caches)
+    other = dict(w, **{"post_attention_layernorm.weight": w["post_attention_layernorm.weight"].clone()})
+    assert not call.serves([other], caches)  # a weight replaced: packed anew
+    assert not call.serves([w], [(caches[0][0].clone(), caches[0][1])])  # another cache likewise
+    x = torch.randn(1, 1, 32, generator=generator)
+    cos, sin = llama.rope_cos_sin(config, torch.tensor([[7]]), torch.float32)
+    cache.length = 7
+    llama.decoder_layer(x, other, config, cos, sin, None, cache, 0)
+    assert cache.native_layers[0, 1] is not call and cache.native_layers[0, 1].serves([other], caches)
+
+
+def test_decode_layer_copies_a_strided_weight_and_holds_no_weight(generator, monkeypatch):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=True)
+    w["input_layernorm.weight"] = torch.rand(64, generator=generator)[::2] + 0.5  # (32,), stride 2
+    w["self_attn.q_norm.weight"] = torch.rand(16, generator=generator)[::2] + 0.5
+    native_steps, cache = decode_layer_steps(torch.Generator().manual_seed(5), config, w, 1, False)
+    monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+    per_op_steps, _ = decode_layer_steps(torch.Generator().manual_seed(5), config, w, 1, False)
+    assert all(torch.equal(a, b) for a, b in zip(native_steps, per_op_steps))
+    call, caches = cache.native_layers[0, 1], [cache.layer(0)]
+    probe = weakref.ref(w["mlp.down_proj.weight"])
+    del w
+    gc.collect()
+    assert probe() is None  # the packed call did not keep the layer's weights alive
+    assert not call.serves([{}], caches)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_decode_layers_equal_layer_after_layer(seed, monkeypatch, biased):
+    # several layers in one call (the resident model's decode step), each with its own weights and
+    # cache, against decoder_layer called layer by layer through the per-op calls
+    config = dataclasses.replace(small_config(num_heads=6, num_kv_heads=3, head_dim=10, qk_norm=False), hidden_size=44,
+                                 intermediate_size=50, num_layers=3)
+    generator = torch.Generator().manual_seed(seed)
+    layers = [layer_weights(generator, config, biased) for _ in range(3)]
+    results = []
+    for native_path in (True, False):
+        if not native_path:
+            monkeypatch.setattr(cpu_ops, "takes_layer", lambda x, w: False)
+        generator = torch.Generator().manual_seed(seed + 1)
+        cache = llama.KVCache(config, 2, 6, torch.float32, "cpu")
+        positions = torch.arange(6).expand(2, 6)
+        x = torch.randn(2, 4, 44, generator=generator)
+        llama.decoder_layers(x, layers, config, *llama.rope_cos_sin(config, positions[:, :4], torch.float32), None, cache)
+        cache.advance(4)
+        steps = []
+        for position in (4, 5):
+            x = torch.randn(2, 1, 44, generator=generator)
+            steps.append(llama.decoder_layers(x, layers, config, *llama.rope_cos_sin(config, positions[:, position:position + 1],
+                                                                                     torch.float32), None, cache))
+            cache.advance(1)
+        results.append((steps, cache))
+    (native_steps, native_cache), (steps, per_op_cache) = results
+    assert list(native_cache.native_layers) == [(0, 3)]
+    for got, want in zip(native_steps, steps):
+        assert torch.equal(got, want)
+    for layer in range(3):
+        assert torch.equal(native_cache.keys[layer], per_op_cache.keys[layer])
+        assert torch.equal(native_cache.values[layer], per_op_cache.values[layer])
+
+
+def test_decode_layer_names_the_sizes(generator):
+    config = dataclasses.replace(small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=False), hidden_size=32,
+                                 intermediate_size=40)
+    w = layer_weights(generator, config, biased=False)
+    caches = [(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))]
+    bad = dict(w, **{"input_layernorm.weight": torch.ones(31)})
+    with pytest.raises(native.NativeKernelError, match=r"norm weights \[\(31,\), \(32,\)\].*32 features"):
+        cpu_ops.DecodeLayers([bad], 1e-6, caches, 4, 0.3)
+    call = cpu_ops.DecodeLayers([w], 1e-6, caches, 4, 0.3)
+    cos = sin = torch.zeros(1, 1, 1, 8)
+    with pytest.raises(native.NativeKernelError, match=r"x is \(1, 1, 31\), expected \(1, 1, 32\)"):
+        call(torch.zeros(1, 1, 31), cos, sin, None, 0)
+    with pytest.raises(native.NativeKernelError, match="position 6 outside the cache's 6"):
+        call(torch.zeros(1, 1, 32), cos, sin, None, 6)
+    with pytest.raises(native.NativeKernelError, match="x is torch.float64"):
+        call(torch.zeros(1, 1, 32, dtype=torch.float64), cos, sin, None, 0)

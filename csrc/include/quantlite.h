@@ -26,9 +26,10 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 5  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
+#define QL_ABI_VERSION 6  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
                              4: ql_weight's storage tags (stored scales / outliers, no widened copies);
-                             5: the decode-step primitives (ql_cpu_rms_norm, ...) */
+                             5: the decode-step primitives (ql_cpu_rms_norm, ...);
+                             6: ql_cpu_decode_layer (decoder layers' decode step) */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -174,7 +175,7 @@ QL_API const char *ql_cuda_last_error(void);
 /* ---------------------------------------------------------------- CPU decode-step primitives
  * The float32 work of a decode step between the matmuls (csrc/cpu/decode_ops.c, which draws the
  * layouts; quantlite/runtime/llama.py holds the same math in torch). Single-threaded except
- * ql_cpu_decode_attention over a large batch. */
+ * ql_cpu_decode_attention over a large batch and the matmuls of ql_cpu_decode_layer. */
 
 /* out (rows, n) = weight * (x * 1 / sqrt(mean(x^2) + eps)) per row; x rows of x_row_stride (>= n)
  * floats, out contiguous (it may be x when the stride is n). */
@@ -210,6 +211,41 @@ typedef struct {
 /* out = softmax(rope(q) . keys^T * scale + mask) @ values per query head, after writing rope(k) and
  * v at `position`; n_threads as for ql_cpu_qmatmul (used only when the batch's work is large). */
 QL_API int ql_cpu_decode_attention(const ql_decode_attention_args *args, int n_threads);
+
+/* One decode step of a pre-norm decoder layer (quantlite/runtime/llama.py's decoder_layer, in the
+ * same operations and order: the result equals the per-op calls bit for bit):
+ *     h = rms_norm(x) * input_norm;            qkv = h @ W_qkv^T (+ b_qkv)
+ *     a = decode_attention(qkv) (as above);    x1 = x + (a @ W_o^T (+ b_o))
+ *     h = rms_norm(x1) * post_attention_norm;  g = silu_mul(h @ W_gate_up^T (+ b_gate_up))
+ *     out = x1 + (g @ W_down^T (+ b_down))
+ * The matmuls are ql_cpu_qmatmul (float32, QL_ISA_AUTO, n_threads). `attention` holds the attention's
+ * arguments except qkv and out (the layer's own scratch; they are ignored); attention.batch rows. */
+typedef struct {
+    int64_t hidden;                 /* E: x's row */
+    int64_t intermediate;           /* F: the MLP's width */
+    const ql_weight *qkv;           /* ((H + 2 Hkv) * D, E): q, k, v rows */
+    const ql_weight *o;             /* (E, H * D) */
+    const ql_weight *gate_up;       /* (2F, E): gate rows, then up rows */
+    const ql_weight *down;          /* (E, F) */
+    const float *qkv_bias;          /* ((H + 2 Hkv) * D,) or NULL; likewise the others */
+    const float *o_bias;            /* (E,) */
+    const float *gate_up_bias;      /* (2F,) */
+    const float *down_bias;         /* (E,) */
+    const float *input_norm;        /* (E,) */
+    const float *post_attention_norm;  /* (E,) */
+    float eps;                      /* of both norms */
+    ql_decode_attention_args attention;
+    const float *x;                 /* (B, E) contiguous, the layer's input */
+    float *out;                     /* (B, E) contiguous, the layer's output (may be x) */
+    double matmul_seconds;          /* out: wall seconds inside the four ql_cpu_qmatmul calls */
+    double attention_seconds;       /* out: wall seconds inside the attention */
+} ql_decode_layer_args;
+
+/* n_layers consecutive layers, layer i's output layer i + 1's input: layers[0] holds the step (x, out,
+ * and the attention's position, cos, sin, mask, mask_row_stride), which the others' fields are set
+ * to (their x and out to layers[0].out: the stream runs in place there). Each layer adds its own
+ * matmul and attention seconds. */
+QL_API int ql_cpu_decode_layer(ql_decode_layer_args *layers, int64_t n_layers, int n_threads);
 
 #ifdef __cplusplus
 }

@@ -22,7 +22,7 @@ from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-ABI_VERSION = 5  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 6  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order

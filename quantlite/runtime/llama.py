@@ -28,7 +28,9 @@ Activations are (batch, seq, hidden) in the compute dtype; RoPE angles and softm
 On the CPU in float32 the glue between the matmuls runs in native primitives (quantlite.kernels.cpu_ops:
 rms_norm, silu_mul and, for a decode step, q/k norm + RoPE + cache write + attention in one call),
 which compute what the torch code beside each call computes (tests/test_cpu_ops.py holds both to a
-float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.md).
+float64 reference): one C call instead of ~20 torch ops per layer (docs/runtime.md). A decode step
+of 4-bit layers goes further: `decoder_layers` hands every layer to one native call that makes those
+same calls and the layers' matmuls in decoder_layer's order (bit for bit the same result).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class OpSeconds:
     """Wall seconds spent in `linear` (the matmuls) and in attention (everything between the q/k/v and
     the output projection: q/k norm, RoPE, cache update, attend), summed
     over every call in this process; a reader takes differences. Two perf_counter calls per op:
-    ~0.2 us, against ~10 us for the cheapest matmul call."""
+    ~0.2 us, against ~10 us for the cheapest matmul call. The native decode layers
+    (native_decode_layers) time their matmul and attention calls in C and add them here."""
     matmul: float = 0.0
     attention: float = 0.0
 
@@ -182,6 +185,8 @@ def embed(input_ids: torch.Tensor, weight: torch.Tensor | QWeight, dtype: torch.
     A quantized table dequantizes only the rows asked for."""
     if not isinstance(weight, (QWeight, Q8Weight)):
         return F.embedding(input_ids, weight).to(dtype)
+    if input_ids.numel() == 1:  # a decode step of one sequence: no duplicates to share (torch.unique ~20 us)
+        return weight.dequantize_rows(input_ids.reshape(1), dtype).reshape(*input_ids.shape, -1)
     rows, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
     table = weight.dequantize_rows(rows, dtype)  # (n_unique, hidden)
     return table[inverse].reshape(*input_ids.shape, -1)
@@ -203,6 +208,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.first_layer = 0
+        self.native_layers: dict[tuple[int, int], cpu_ops.DecodeLayers] = {}  # native_decode_layers' packed calls,
+        # by (first layer, number of layers)
 
     @property
     def nbytes(self) -> int:
@@ -324,5 +331,51 @@ def decoder_layer(
     layer: int = 0,
 ) -> torch.Tensor:
     """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):  # a CPU decode step: what follows, in one C call
+        out = native_decode_layers(x, [w], config, cos, sin, mask, cache, layer)
+        if out is not None:
+            return out
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
+
+
+def decoder_layers(
+    x: torch.Tensor,
+    layers: list[dict],
+    config: ModelConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    first_layer: int = 0,
+) -> torch.Tensor:
+    """decoder_layer over consecutive model layers first_layer, first_layer + 1, ... (weights `layers`)."""
+    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):
+        out = native_decode_layers(x, layers, config, cos, sin, mask, cache, first_layer)
+        if out is not None:
+            return out
+    for i, w in enumerate(layers):
+        x = decoder_layer(x, w, config, cos, sin, mask, cache, first_layer + i)
+    return x
+
+
+def native_decode_layers(x: torch.Tensor, layers: list[dict], config: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
+                         mask: torch.Tensor | None, cache: KVCache, first_layer: int) -> torch.Tensor | None:
+    """decoder_layers' decode step (x (batch, 1, hidden) float32 on the CPU) in one native call, which
+    runs the calls the torch code of decoder_layer makes on the CPU (rms_norm, linear,
+    decode_attention, silu_mul, the adds) in its order, layer after layer: one ctypes hop for the
+    layers instead of ~10 a layer (docs/runtime.md, "The split of a decode step"). None where the
+    native call does not take these layers (cpu_ops.takes_layer). The call's arguments are packed
+    once per layers and cache (cache.native_layers)."""
+    key = (first_layer, len(layers))
+    caches = [cache.layer(first_layer + i) for i in range(len(layers))]
+    call = cache.native_layers.get(key)
+    if call is None or not call.serves(layers, caches):
+        if not all(cpu_ops.takes_layer(x, w) for w in layers):
+            return None
+        call = cache.native_layers[key] = cpu_ops.DecodeLayers(layers, config.rms_norm_eps, caches, config.num_heads,
+                                                               config.head_dim**-0.5)
+    out, matmul_seconds, attention_seconds = call(x, cos, sin, mask, cache.end(1) - 1)
+    OP_SECONDS.matmul += matmul_seconds
+    OP_SECONDS.attention += attention_seconds
+    return out

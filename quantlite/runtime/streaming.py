@@ -519,6 +519,8 @@ class StreamingLlama:
     def _next_streamed(self, index: int) -> int | None:
         """The first streamed unit after `index` (-1: before the pass); after the last one, the first
         of the next pass. None when nothing streams."""
+        if not self._streamed:  # all resident: asked twice a layer, every step
+            return None
         later = [unit for unit in self._streamed if unit > index]
         return later[0] if later else (self._streamed[0] if self._streamed else None)
 
@@ -566,7 +568,11 @@ class StreamingLlama:
 
         self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
         x = self._embed(input_ids.to(self.device)) if hidden is None else hidden.to(self.device, self.dtype)  # (batch, seq, hidden)
-        for index in self.layers:
+        resident = [self._resident.get(index) for index in self.layers]
+        all_resident = not self._streamed and None not in resident
+        if all_resident:  # one call for every layer (a CPU decode step: one native call)
+            x = llama.decoder_layers(x, resident, self.config, cos, sin, mask, cache, self.layers.start)
+        for index in () if all_resident else self.layers:
             weights = self._unit(index)
             self._request(self._next_streamed(index))
             try:
