@@ -290,7 +290,7 @@ class StreamStats:
     prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
-    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless both were lent
+    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless all were lent
     most_read_ahead: int = 0      # the most streamed units requested at once and not yet computing (the prefetch depth reached)
     kept_reads: int = 0           # streamed reads that rebuilt nothing: the weights of the shard's last read into that arena (packed.KeptUnit)
     passes: int = 0               # forward passes over all layers
