@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -361,10 +362,6 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ql-synth-7b"))
@@ -408,7 +405,7 @@ def main() -> None:
         floor = max(io_floor, compute_floor)
         own_bandwidth, _ = best_bandwidth(cold_reads[i], cold_reads[i + 1])  # the measurements just before and after this run
         own_floor = max(max(run["step_bytes"]) / own_bandwidth, compute_floor)
-        best, middle = min(run["step_seconds"]), median(run["step_seconds"])
+        best, middle = min(run["step_seconds"]), statistics.median(run["step_seconds"])
         ratios.append(best / floor)
         print(f"run {i + 1} ({clock[i]}-{clock[i + 1]} UTC): steps {', '.join(f'{t:.2f}' for t in run['step_seconds'])} s; "
               f"floor max(I/O {io_floor:.2f} s, compute {compute_floor:.2f} s) = {floor:.2f} s: ratio {best / floor:.2f} best, "
@@ -416,7 +413,7 @@ def main() -> None:
               f"{best / own_floor:.2f} / {middle / own_floor:.2f}); waited on the loader {run['wait_seconds']:.2f} s in all")
         print_loader_split(run, (reads["layers"] + reads["heads"]) * args.steps)
     print(f"ratio            : best step {min(ratios):.2f} x the strict floor, median of the runs' best steps "
-          f"{median(ratios):.2f} x (goal <= 1.2)")
+          f"{statistics.median(ratios):.2f} x (goal <= 1.2)")
     print(f"peak RSS         : {', '.join(gib(run['peak_rss']) for run in streams)} (interpreter + torch before loading: "
           f"{gib(stream['baseline_rss'])}; above that: {', '.join(gib(run['peak_rss'] - run['baseline_rss']) for run in streams)}; "
           f"budget {args.budget}, one layer {gib(stream['max_layer_bytes'])}, KV cache {stream['kv_bytes'] / 2**20:.1f} MiB)")

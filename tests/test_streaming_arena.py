@@ -62,6 +62,17 @@ def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
         read_into_arena(shard, aligned_buffer(layout.nbytes + 4096)[1:], layout, direct=False)
 
 
+def model_and_resident_logits(tmp_path, generator, config: dict, default_format: bool):
+    """A synthetic packed model of `config`'s shapes, a random (2, 5) batch of token ids, its logits
+    with every layer resident (the reference), and the units' sizes as the plan counts them."""
+    write_synthetic(tmp_path / "m", config, quantized=True, default_format=default_format)
+    packed = PackedModel.open(tmp_path / "m")
+    input_ids = torch.randint(0, config["vocab_size"], (2, 5), generator=generator)
+    with StreamingLlama(packed, memory_budget="1GB") as model:
+        expected = model(input_ids)
+    return packed, input_ids, expected, unit_sizes(packed, torch.float32)
+
+
 @pytest.mark.parametrize("direct_io, default_format", [(True, False), (False, False), (True, True)])
 def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, direct_io, default_format):
     """Every layer and the head streamed into two arenas, pass after pass: logits bit-identical to
@@ -69,12 +80,7 @@ def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, dir
     in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it.
     default_format: double-quantized scales and outliers; every unit, as its weights hold nothing
     outside the arena, is kept after the first pass (packed.KeptUnit) and rebuilt no more."""
-    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=default_format)
-    packed = PackedModel.open(tmp_path / "m")
-    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
-    with StreamingLlama(packed, memory_budget="1GB") as model:
-        expected = model(input_ids)
-    sizes = unit_sizes(packed, torch.float32)
+    packed, input_ids, expected, sizes = model_and_resident_logits(tmp_path, generator, SMALL, default_format)
     with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head]), direct_io=direct_io) as model:
         assert model.stats.resident_layers == 0 and not model.plan.head_resident
         passes = 4
@@ -96,12 +102,7 @@ def test_reads_ahead_fill_every_slot_the_budget_gives(tmp_path, generator, direc
     free (4 units requested ahead at once); logits bit-identical to the all-resident model, no buffer
     allocated beyond the slots, and a shard built at most once per arena (the rest kept)."""
     config = {**SMALL, "num_hidden_layers": 6}
-    write_synthetic(tmp_path / "m", config, quantized=True, default_format=True)
-    packed = PackedModel.open(tmp_path / "m")
-    input_ids = torch.randint(0, config["vocab_size"], (2, 5), generator=generator)
-    with StreamingLlama(packed, memory_budget="1GB") as model:
-        expected = model(input_ids)
-    sizes = unit_sizes(packed, torch.float32)
+    packed, input_ids, expected, sizes = model_and_resident_logits(tmp_path, generator, config, default_format=True)
     assert max(sizes.layers) < READ_AHEAD_BYTES // 4
     with StreamingLlama(packed, memory_budget=sizes.norm + sizes.head + 4 * max(sizes.layers), direct_io=direct_io) as model:
         assert (model.plan.resident_layers, model.plan.head_resident, model.plan.slots) == (0, True, 4)
