@@ -4,8 +4,10 @@
 
 Writes (once) a packed model of random 4-bit weights with Llama-2-7B shapes and 40 layers (>= 4 GB
 on disk), then measures in separate child processes (so each peak RSS is its own):
-  * the sequential read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED),
-    just before and just after the streamed run (the faster one sets the floor: the disk is shared);
+  * the read bandwidth of the shards, page cache dropped first (posix_fadvise DONTNEED), buffered and
+    O_DIRECT (one queue of reads across the shards), before the first streamed run and after each
+    (`--repeats`); the fastest of all sets the strict floor (the disk is shared), and each run's
+    ratio is also printed against the measurements just around it;
   * "stream": decode steps with the budget; every shard is dropped from the page cache right after
     it is read, so each step really reads the streamed layers from disk (and, by default, the runtime
     reads them O_DIRECT, as it does on its own for a model larger than the memory: `--io`);
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -184,55 +187,60 @@ class ColdPackedModel:
 
 
 def read_bandwidth(packed: PackedModel, max_bytes: int = 2 << 30) -> dict[str, float]:
-    """Bytes/s of cold reads of whole layer shards (up to max_bytes of them), each way the disk can
-    be read here, every shard dropped from the page cache first:
+    """Bytes/s of cold reads of whole layer shards (up to max_bytes of them, in layer order), each way
+    the disk can be read here, every shard dropped from the page cache first:
       * "buffered": sequential readinto of IO_CHUNK_BYTES into one reused buffer, the next shard
         hinted (WILLNEED) before this one is read (the runtime's page-cache mode);
       * "direct": O_DIRECT, IO_THREADS positioned reads of IO_CHUNK_BYTES in flight into one reused
-        aligned buffer (the runtime's direct mode, sources.arena), where the file system allows it.
+        aligned buffer, one queue across the shards (the next shard's reads start while this one's
+        last are in flight: the disk is never left idle between shards), where the file system allows it.
     The floor of a benchmark is the best of them: the disk's speed, not the loader's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from quantlite.sources.arena import IO_CHUNK_BYTES, IO_THREADS, PAGE, aligned_buffer
 
     paths = [packed.path / layer_file(index) for index in range(packed.num_layers)]
-    largest = max(path.stat().st_size for path in paths)
-    buffer = aligned_buffer(-(-largest // PAGE) * PAGE)
+    sizes = [path.stat().st_size for path in paths]
+    paths = paths[: next((i + 1 for i in range(len(sizes)) if sum(sizes[: i + 1]) >= max_bytes), len(paths))]
+    buffer = aligned_buffer(-(-max(sizes) // PAGE) * PAGE)
     buffer.fill_(0)  # faulted in before timing
     view = memoryview(buffer.numpy())
 
-    def buffered(index: int) -> int:
-        if index + 1 < len(paths):
-            fadvise(paths[index + 1], os.POSIX_FADV_WILLNEED)
+    def buffered() -> int:
         total = 0
-        with open(paths[index], "rb", buffering=0) as handle:
-            while (got := handle.readinto(view[:IO_CHUNK_BYTES])) > 0:
-                total += got
+        for index, path in enumerate(paths):
+            if index + 1 < len(paths):
+                fadvise(paths[index + 1], os.POSIX_FADV_WILLNEED)
+            with open(path, "rb", buffering=0) as handle:
+                while (got := handle.readinto(view[:IO_CHUNK_BYTES])) > 0:
+                    total += got
         return total
 
-    def direct(index: int) -> int:
-        fd = os.open(paths[index], os.O_RDONLY | os.O_DIRECT)
-        size = paths[index].stat().st_size
+    def direct() -> int:
+        fds: list[int] = []
 
-        def chunk(offset: int) -> int:
+        def chunk(fd_and_offset: tuple[int, int]) -> int:
+            fd, offset = fd_and_offset
             return os.preadv(fd, [view[offset : offset + IO_CHUNK_BYTES]], offset)
 
         try:
+            for path in paths:
+                fds.append(os.open(path, os.O_RDONLY | os.O_DIRECT))
+            chunks = [(fd, offset) for fd, size in zip(fds, sizes) for offset in range(0, -(-size // PAGE) * PAGE, IO_CHUNK_BYTES)]
             with ThreadPoolExecutor(IO_THREADS) as pool:
-                return min(size, sum(pool.map(chunk, range(0, -(-size // PAGE) * PAGE, IO_CHUNK_BYTES))))
+                sum(pool.map(chunk, chunks))
+            return sum(sizes[: len(fds)])
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
 
     rates = {}
     for name, read in (("buffered", buffered), ("direct", direct)):
         for path in paths:
             drop_from_page_cache(path)
-        total, start = 0, time.perf_counter()
+        start = time.perf_counter()
         try:
-            for index in range(len(paths)):
-                total += read(index)
-                if total >= max_bytes:
-                    break
+            total = read()
         except OSError:  # no O_DIRECT on this file system
             continue
         rates[name] = total / (time.perf_counter() - start)
@@ -289,7 +297,7 @@ def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: boo
     return {"decode_load_seconds": load, "decode_prepare_seconds": prepare, "decode_wait_seconds": wait,
             "direct_io": model.stats.direct_io, "arenas_allocated": model.stats.arenas_allocated, "kept_reads": model.stats.kept_reads,
             "step_seconds": times, "step_bytes": reads, "step_reads": counts, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss,
-            "budget": model.memory_budget, "head_resident": model.plan.head_resident, "embedding_resident": model.stats.embedding_resident,
+            "budget": model.memory_budget, "slots": model.plan.slots, "head_resident": model.plan.head_resident, "embedding_resident": model.stats.embedding_resident,
             "load_seconds": model.stats.load_seconds,
             "resident_layers": model.stats.resident_layers, "layers": model.config.num_layers,
             "resident_bytes": model.stats.resident_bytes, "max_layer_bytes": max(model.stats.layer_bytes),
@@ -297,9 +305,10 @@ def measure_decode(path: str, budget: str, steps: int, cold: bool, prefetch: boo
             "utime": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
 
 
-def measure_peak_growth(path: str, budget: int, steps: int) -> dict:
+def measure_peak_growth(path: str, budget: int, steps: int, direct_io: bool | None = None) -> dict:
     """Peak RSS growth over the resident set just before the model opens (VmHWM reset through
-    /proc/self/clear_refs; Linux), over `steps` decode steps with `budget`. Run it in a child process."""
+    /proc/self/clear_refs; Linux), over `steps` decode steps with `budget` (direct_io: as
+    StreamingLlama's). Run it in a child process."""
     from quantlite.kernels.dispatch import qmatmul
     from quantlite.runtime.streaming import StreamingLlama
 
@@ -309,7 +318,7 @@ def measure_peak_growth(path: str, budget: int, steps: int) -> dict:
     status = Path("/proc/self/status").read_text()
     before = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    model = StreamingLlama(PackedModel.open(path), memory_budget=budget)
+    model = StreamingLlama(PackedModel.open(path), memory_budget=budget, direct_io=direct_io)
     with torch.inference_mode():
         cache = model.new_cache(1, steps + 2)
         token = torch.tensor([[1, 2]])
@@ -317,7 +326,9 @@ def measure_peak_growth(path: str, budget: int, steps: int) -> dict:
             token = model.forward(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
     status = Path("/proc/self/status").read_text()
     peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    model.close()
     return {"growth": peak - before, "resident_layers": model.stats.resident_layers, "head_resident": model.plan.head_resident,
+            "slots": model.plan.slots,
             "embedding_resident": model.stats.embedding_resident, "fixed": model.sizes.embedding + model.sizes.head}
 
 
@@ -357,6 +368,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--budget", default="1GB")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="streamed runs, each its own process, with a cold-read measurement before the first and after each")
     parser.add_argument("--io", choices=("direct", "buffered", "auto"), default="direct",
                         help="how the runtime reads streamed shards (auto: O_DIRECT when the model outgrows the memory; "
                              "the cold reads here stand for such a model)")
@@ -364,33 +377,46 @@ def main() -> None:
     print(describe())
     packed = write_synthetic(args.out, {**LLAMA2_7B, "num_hidden_layers": args.layers}, quantized=True)
     total = sum(f["size"] for f in packed.manifest["files"].values())
-    before = read_bandwidth(packed)
     direct_io = {"direct": True, "buffered": False, "auto": None}[args.io]
-    stream = run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True, direct_io=direct_io)
-    after = read_bandwidth(packed)
-    # the disk is shared: the fastest of the measurements is the stricter floor
-    bandwidth, how = best_bandwidth(before, after)
-    print(f"packed model: {gib(total)} on disk, {packed.num_layers} layers of {gib(packed.layer_nbytes(0))}")
-    print(f"cold read        : {describe_bandwidth('before', before)}; {describe_bandwidth('after', after)}; "
-          f"floor at the best, {bandwidth / 1e9:.2f} GB/s ({how})")
+    cold_reads, streams, clock = [read_bandwidth(packed)], [], []
+    for _ in range(args.repeats):  # the disk is shared: its speed is measured around every run
+        clock.append(time.strftime("%H:%M:%S", time.gmtime()))
+        streams.append(run_child(path=args.out, budget=args.budget, steps=args.steps, cold=True, direct_io=direct_io))
+        cold_reads.append(read_bandwidth(packed))
+    clock.append(time.strftime("%H:%M:%S", time.gmtime()))
     resident = run_child(path=args.out, budget="64GB", steps=args.steps, cold=False)
-    step = min(stream["step_seconds"])
     compute_floor = min(resident["step_seconds"])
-    io_floor = max(stream["step_bytes"]) / bandwidth
-    floor = max(io_floor, compute_floor)
-    reads = stream["step_reads"][stream["step_seconds"].index(step)]  # the best step's reads, as it is the one timed
+    # the strict floor: the fastest of all the cold-read measurements
+    bandwidth, how = best_bandwidth(*cold_reads)
+    stream = streams[0]
+    reads = stream["step_reads"][stream["step_seconds"].index(min(stream["step_seconds"]))]
+    print(f"packed model: {gib(total)} on disk, {packed.num_layers} layers of {gib(packed.layer_nbytes(0))}")
     print(f"budget {args.budget}: {stream['resident_layers']} of {stream['layers']} layers resident, head "
           f"{'resident' if stream['head_resident'] else 'streamed'}, embedding {'resident' if stream['embedding_resident'] else 'on disk'}; "
+          f"{stream['slots']} streaming slots (prefetch depth {stream['slots'] - 1}); "
           f"per decode step {reads['layers']} layers, {reads['heads']} head and {reads['embedding_rows']} embedding rows read, "
           f"{gib(max(stream['step_bytes']))}; streamed shards read {'O_DIRECT' if stream['direct_io'] else 'through the page cache'}")
-    print(f"baseline (floor) : max(I/O {io_floor:.2f} s, compute {compute_floor:.2f} s) = {floor:.2f} s per step")
-    print(f"ours (streaming) : {step:.2f} s per step (all steps: {', '.join(f'{t:.2f}' for t in stream['step_seconds'])}; "
-          f"waited on the loader {stream['wait_seconds']:.2f} s in total)")
-    print_loader_split(stream, (reads["layers"] + reads["heads"]) * args.steps)
-    print(f"ratio            : {step / floor:.2f} x the floor (goal <= 1.2)")
-    print(f"peak RSS         : {gib(stream['peak_rss'])} (interpreter + torch before loading: {gib(stream['baseline_rss'])}; "
-          f"above that: {gib(stream['peak_rss'] - stream['baseline_rss'])}; budget {args.budget}, "
-          f"one layer {gib(stream['max_layer_bytes'])}, KV cache {stream['kv_bytes'] / 2**20:.1f} MiB)")
+    print(f"compute floor    : {compute_floor:.2f} s per step (every layer resident, best of {args.steps})")
+    print(f"cold reads       : {'; '.join(describe_bandwidth(f'#{i}', rates) for i, rates in enumerate(cold_reads))}; "
+          f"strict floor at the best, {bandwidth / 1e9:.2f} GB/s ({how})")
+    ratios = []
+    for i, run in enumerate(streams):
+        io_floor = max(run["step_bytes"]) / bandwidth
+        floor = max(io_floor, compute_floor)
+        own_bandwidth, _ = best_bandwidth(cold_reads[i], cold_reads[i + 1])  # the measurements just before and after this run
+        own_floor = max(max(run["step_bytes"]) / own_bandwidth, compute_floor)
+        best, middle = min(run["step_seconds"]), statistics.median(run["step_seconds"])
+        ratios.append(best / floor)
+        print(f"run {i + 1} ({clock[i]}-{clock[i + 1]} UTC): steps {', '.join(f'{t:.2f}' for t in run['step_seconds'])} s; "
+              f"floor max(I/O {io_floor:.2f} s, compute {compute_floor:.2f} s) = {floor:.2f} s: ratio {best / floor:.2f} best, "
+              f"{middle / floor:.2f} median (against the cold reads #{i} and #{i + 1} around it, {own_bandwidth / 1e9:.2f} GB/s: "
+              f"{best / own_floor:.2f} / {middle / own_floor:.2f}); waited on the loader {run['wait_seconds']:.2f} s in all")
+        print_loader_split(run, (reads["layers"] + reads["heads"]) * args.steps)
+    print(f"ratio            : best step {min(ratios):.2f} x the strict floor, median of the runs' best steps "
+          f"{statistics.median(ratios):.2f} x (goal <= 1.2)")
+    print(f"peak RSS         : {', '.join(gib(run['peak_rss']) for run in streams)} (interpreter + torch before loading: "
+          f"{gib(stream['baseline_rss'])}; above that: {', '.join(gib(run['peak_rss'] - run['baseline_rss']) for run in streams)}; "
+          f"budget {args.budget}, one layer {gib(stream['max_layer_bytes'])}, KV cache {stream['kv_bytes'] / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from quantlite.packed import PackedModel
 from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import QWeight
 from quantlite.quantizer import quantize
-from quantlite.runtime.streaming import MemoryBudgetError, StreamingLlama, parse_size, plan_residency
+from quantlite.runtime.streaming import (MAX_SLOTS, READ_AHEAD_BYTES, MemoryBudgetError, StreamingLlama, parse_size, plan_residency,
+                                        read_ahead_slots)
 from quantlite.sources.checksum import sha256_file
 from quantlite.sources.safetensors_file import SafetensorsFile
 from test_llama_exact import BASE, build_checkpoint, module_generator
@@ -163,19 +164,37 @@ def copy_with_embedding(source, destination, table: QWeight | Q8Weight):
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_plan_residency(prefetch):
+    """Units as large as READ_AHEAD_BYTES: two slots (one without prefetch), as many resident as fit."""
     slots = 2 if prefetch else 1
-    layers, head, embedding = [10] * 4, 7, 30
-    assert plan_residency(10**6, 1, layers, head, embedding, False, prefetch).embedding_resident
+    unit = READ_AHEAD_BYTES
+    layers, head, embedding = [unit] * 4, unit * 7 // 10, 3 * unit
+    assert plan_residency(10**12, 1, layers, head, embedding, False, prefetch).embedding_resident
     # room for the head, one layer and the slots: the head stays, the embedding goes to disk
-    plan = plan_residency(1 + head + 10 + slots * 10, 1, layers, head, embedding, False, prefetch)
-    assert (plan.resident_layers, plan.head_resident, plan.embedding_resident) == (1, True, False)
+    plan = plan_residency(1 + head + unit + slots * unit, 1, layers, head, embedding, False, prefetch)
+    assert (plan.resident_layers, plan.head_resident, plan.embedding_resident, plan.slots) == (1, True, False, slots)
     # a tied head that stays serves the embedding rows
-    assert plan_residency(1 + head + 10 + slots * 10, 1, layers, head, head, True, prefetch).embedding_resident
+    assert plan_residency(1 + head + unit + slots * unit, 1, layers, head, head, True, prefetch).embedding_resident
     # just the slots: everything streams, the head too
-    plan = plan_residency(1 + slots * 10, 1, layers, head, embedding, False, prefetch)
-    assert (plan.resident_layers, plan.head_resident, plan.slot_bytes) == (0, False, 10)
+    plan = plan_residency(1 + slots * unit, 1, layers, head, embedding, False, prefetch)
+    assert (plan.resident_layers, plan.head_resident, plan.slot_bytes, plan.slots) == (0, False, unit, slots)
     with pytest.raises(MemoryBudgetError, match="streaming needs"):
-        plan_residency(slots * 10, 1, layers, head, embedding, False, prefetch)
+        plan_residency(slots * unit, 1, layers, head, embedding, False, prefetch)
+
+
+def test_prefetch_depth_is_chosen_by_the_budget():
+    """Units smaller than READ_AHEAD_BYTES get the slots whose reads ahead cover it, before resident
+    layers; fewer only when nothing resident leaves room for them; never more than the units can use."""
+    layer = READ_AHEAD_BYTES * 3 // 4  # two units ahead cover it: 3 slots
+    layers, head = [layer] * 40, layer // 2
+    assert read_ahead_slots(layer, 40, True) == 3 and read_ahead_slots(READ_AHEAD_BYTES, 40, True) == 2
+    assert read_ahead_slots(1, 40, True) == MAX_SLOTS and read_ahead_slots(1, 40, False) == 1
+    assert read_ahead_slots(1, 1, True) == 2  # one streamed unit: computing, and read for the next pass
+    # room for the head and 9 layers: 6 resident and 3 slots, not 7 and 2
+    plan = plan_residency(head + 9 * layer, 0, layers, head, head, True, True)
+    assert (plan.resident_layers, plan.head_resident, plan.slots, plan.slot_bytes) == (6, True, 3, layer)
+    # room for 2 layers only (the head streams, no smaller than half a layer): 2 slots rather than none
+    plan = plan_residency(2 * layer, 0, layers, head, head, True, True)
+    assert (plan.resident_layers, plan.head_resident, plan.slots) == (0, False, 2)
 
 
 def test_budget_below_the_streaming_slots_is_refused(packed_dir):
@@ -265,3 +284,19 @@ def put_nan_into_a_codebook(path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.seek(shard.data_start + entry.begin)
         handle.write(struct.pack("<f", float("nan")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_peak_rss_stays_within_a_budget_that_reads_ahead(tmp_path):
+    """The same model, 8 layers, a budget with room for the head and 4 layers: every layer streams
+    through 4 slots (reads ahead, O_DIRECT where the file system allows it, on two loader threads),
+    and the peak RSS grows by no more than the budget plus 24 MiB, as above."""
+    config = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                  vocab_size=32768, num_hidden_layers=8, tie_word_embeddings=False)
+    write_synthetic(tmp_path / "m", config, quantized=True, quantized_embedding=False)
+    norm, layers, head = unit_sizes(tmp_path / "m")
+    budget = norm + head + 4 * max(layers)
+    result = run_child("benchmarks.streaming_synthetic:measure_peak_growth", path=tmp_path / "m", budget=budget, steps=3,
+                       direct_io=True)
+    assert (result["resident_layers"], result["head_resident"], result["slots"]) == (0, True, 4)
+    assert result["growth"] <= budget + 24 * 2**20, (result, budget)

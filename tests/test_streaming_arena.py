@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from benchmarks.streaming_synthetic import random_qweight, write_synthetic
 from quantlite.errors import FormatError
 from quantlite.packed import PackedModel
-from quantlite.runtime.streaming import ArenaPool, StreamingLlama, StreamStats, unit_sizes
+from quantlite.runtime.streaming import READ_AHEAD_BYTES, ArenaPool, StreamingLlama, StreamStats, unit_sizes
 from quantlite.sources import arena as arena_module
 from quantlite.sources.arena import aligned_buffer, arena_layout, read_into_arena
 from quantlite.sources.safetensors_file import SafetensorsFile
@@ -62,6 +62,17 @@ def test_an_arena_too_small_or_misaligned_is_refused(tmp_path, generator):
         read_into_arena(shard, aligned_buffer(layout.nbytes + 4096)[1:], layout, direct=False)
 
 
+def model_and_resident_logits(tmp_path, generator, config: dict, default_format: bool):
+    """A synthetic packed model of `config`'s shapes, a random (2, 5) batch of token ids, its logits
+    with every layer resident (the reference), and the units' sizes as the plan counts them."""
+    write_synthetic(tmp_path / "m", config, quantized=True, default_format=default_format)
+    packed = PackedModel.open(tmp_path / "m")
+    input_ids = torch.randint(0, config["vocab_size"], (2, 5), generator=generator)
+    with StreamingLlama(packed, memory_budget="1GB") as model:
+        expected = model(input_ids)
+    return packed, input_ids, expected, unit_sizes(packed, torch.float32)
+
+
 @pytest.mark.parametrize("direct_io, default_format", [(True, False), (False, False), (True, True)])
 def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, direct_io, default_format):
     """Every layer and the head streamed into two arenas, pass after pass: logits bit-identical to
@@ -69,12 +80,7 @@ def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, dir
     in memory (its arena and the kernel layout's tensors) within the slot the budget counts for it.
     default_format: double-quantized scales and outliers; every unit, as its weights hold nothing
     outside the arena, is kept after the first pass (packed.KeptUnit) and rebuilt no more."""
-    write_synthetic(tmp_path / "m", SMALL, quantized=True, default_format=default_format)
-    packed = PackedModel.open(tmp_path / "m")
-    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=generator)
-    with StreamingLlama(packed, memory_budget="1GB") as model:
-        expected = model(input_ids)
-    sizes = unit_sizes(packed, torch.float32)
+    packed, input_ids, expected, sizes = model_and_resident_logits(tmp_path, generator, SMALL, default_format)
     with StreamingLlama(packed, memory_budget=sizes.norm + 2 * max(sizes.layers + [sizes.head]), direct_io=direct_io) as model:
         assert model.stats.resident_layers == 0 and not model.plan.head_resident
         passes = 4
@@ -87,6 +93,27 @@ def test_streamed_units_in_reused_arenas_change_nothing(tmp_path, generator, dir
             units = SMALL["num_hidden_layers"] + 1
             assert model.stats.kept_reads >= passes * units - 2 * units, model.stats.kept_reads
         assert all(held <= model.plan.slot_bytes for held in model.stats.layer_bytes), (model.stats.layer_bytes, model.plan)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_reads_ahead_fill_every_slot_the_budget_gives(tmp_path, generator, direct_io):
+    """Units far smaller than READ_AHEAD_BYTES and a budget with room for the head and 4 of them: the
+    plan streams every layer through 4 slots, and each slot reads the next unit as soon as it is
+    free (4 units requested ahead at once); logits bit-identical to the all-resident model, no buffer
+    allocated beyond the slots, and a shard built at most once per arena (the rest kept)."""
+    config = {**SMALL, "num_hidden_layers": 6}
+    packed, input_ids, expected, sizes = model_and_resident_logits(tmp_path, generator, config, default_format=True)
+    assert max(sizes.layers) < READ_AHEAD_BYTES // 4
+    with StreamingLlama(packed, memory_budget=sizes.norm + sizes.head + 4 * max(sizes.layers), direct_io=direct_io) as model:
+        assert (model.plan.resident_layers, model.plan.head_resident, model.plan.slots) == (0, True, 4)
+        passes = 6
+        for _ in range(passes):
+            assert torch.equal(model(input_ids), expected)
+        assert model.stats.most_read_ahead == 4
+        assert model.stats.arenas_allocated == 4
+        assert model.stats.layer_loads == passes * config["num_hidden_layers"]
+        # the reads of the passes (those read ahead for a next pass may still be in flight, and only add)
+        assert model.stats.kept_reads >= (passes - 4) * config["num_hidden_layers"], model.stats.kept_reads
 
 
 def test_an_arena_lent_is_not_handed_out_again():

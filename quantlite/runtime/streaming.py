@@ -3,24 +3,28 @@
     load(path, device, memory_budget, prefetch) -> StreamingLlama
 
 The memory budget covers every weight in memory at once: what stays resident, and the streamed
-weights in flight (the one computing and, with prefetch, the one being read). The units are the
+weights in flight (the one computing and, with prefetch, those being read ahead). The units are the
 decoder layers 0..L-1 and the head (unit L); their sizes in memory are known from the shard headers
 before anything is read (`memory_nbytes`). The plan (`plan_residency`):
   * everything fits (embedding, head, all layers): all resident, a second pass reads nothing;
   * otherwise the embedding stays on disk (a step reads the rows of its tokens, `PackedModel.
     load_embedding_rows`, never the table; a tied head that is resident serves them instead), and
     of "head resident" and "head streamed" the one that keeps more bytes resident is chosen; layers
-    0..R-1 are resident, R..L-1 (and the head, if streamed) are read on every pass into one of two
-    slots (one with prefetch off), each as large as the largest streamed unit.
+    0..R-1 are resident, R..L-1 (and the head, if streamed) are read on every pass into slots, each
+    as large as the largest streamed unit: one with prefetch off; with prefetch, the prefetch depth
+    is chosen by the budget (`read_ahead_slots`): enough slots that the units read ahead cover two
+    rounds of the O_DIRECT reader's queue (3 for 0.1 GiB Llama-7B layers, 2 for 1.7 GiB 405B ones,
+    at most MAX_SLOTS), before any layer stays resident; fewer, down to 2, on a budget too small.
 
-A single loader thread reads the next streamed unit while the current one computes; one read is in
-flight at a time. While the head computes, the first streamed unit of the next pass is read. A
-streamed unit is read into its slot's buffer (an arena, sources.arena: allocated once, reused, lent
-to a unit until it has computed), as stored, O_DIRECT when the model outgrows the memory; each
-weight is made compute-ready as soon as its bytes are in, while the rest of the unit is still being
-read. What a read built is kept with the arena (packed.KeptUnit) when it holds nothing outside it
-(on the CPU the kernels read the stored tensors): the next read of that shard into that arena, the
-file unchanged, reads the bytes and rebuilds nothing.
+Loader threads read the streamed units ahead while the current one computes: each free slot takes
+the next streamed unit as soon as it is free (after the head, the first streamed units of the next
+pass), so with O_DIRECT the next unit's reads are queued behind the current one's and the disk is
+never idle between units. A streamed unit is read into its slot's buffer (an arena, sources.arena:
+allocated once, reused, lent to a unit until it has computed), as stored, O_DIRECT when the model
+outgrows the memory; each weight is made compute-ready as soon as its bytes are in, while the rest
+of the unit is still being read. What a read built is kept with the arena (packed.KeptUnit) when it
+holds nothing outside it (on the CPU the kernels read the stored tensors): the next read of that
+shard into that arena, the file unchanged, reads the bytes and rebuilds nothing.
 
 Bytes read, unit loads, time spent waiting on the loader and peak memory are counted in `stats`.
 """
@@ -46,7 +50,7 @@ from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import OUTLIER_FIELDS, QWeight
 from quantlite.runtime import llama
-from quantlite.sources.arena import aligned_buffer, arena_layout
+from quantlite.sources.arena import IO_CHUNK_BYTES, IO_THREADS, aligned_buffer, arena_layout
 from quantlite.sources.safetensors_file import SafetensorsFile
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -200,34 +204,60 @@ class Residency:
     head_resident: bool
     embedding_resident: bool   # False: rows read on demand (or served by a resident tied head)
     slot_bytes: int            # room kept for each streamed unit in flight (0 when nothing streams)
-    slots: int                 # streamed units in memory at once: 2 with prefetch, 1 without
+    slots: int                 # streamed units in memory at once: the one computing and those read ahead (1 without prefetch)
+
+
+# The streaming slots beyond the unit computing should hold at least this many bytes of reads ahead:
+# two rounds of the O_DIRECT reader's queue (sources.arena: IO_THREADS reads of IO_CHUNK_BYTES), the
+# unit being finished and the next one's first round, so the disk is never left without a queued read
+# while a unit computes (docs/runtime.md "The loader").
+READ_AHEAD_BYTES = 2 * IO_THREADS * IO_CHUNK_BYTES
+MAX_SLOTS = 4  # the memory given to reads ahead is bounded; units smaller than a round get no more
+
+
+def read_ahead_slots(slot_bytes: int, streamed_units: int, prefetch: bool) -> int:
+    """Slots the plan wants for streamed units of up to `slot_bytes`: 1 without prefetch; else enough
+    that the units read ahead cover READ_AHEAD_BYTES, at least 2 and at most MAX_SLOTS, and no more
+    than can be in use (each of the `streamed_units` once, one of them twice: computing, and read
+    for the next pass)."""
+    if not prefetch:
+        return 1
+    wanted = 1 + -(-READ_AHEAD_BYTES // max(slot_bytes, 1))
+    return max(2, min(wanted, MAX_SLOTS, streamed_units + 1))
 
 
 def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedding: int, tied: bool,
                    prefetch: bool) -> Residency:
     """Where each unit lives under `budget` bytes (see the module docstring). `fixed`: the final norm;
-    `embedding`: the table's bytes (ignored when tied: the head is the table). Raises MemoryBudgetError."""
+    `embedding`: the table's bytes (ignored when tied: the head is the table). The slots the reads
+    ahead want (read_ahead_slots) come before resident layers; fewer, down to 2, only when even
+    nothing resident leaves no room for them. Raises MemoryBudgetError."""
     room = budget - fixed
-    slots = 2 if prefetch else 1
+    least = 2 if prefetch else 1
     if sum(layers) + head + (0 if tied else embedding) <= room:
-        return Residency(len(layers), True, True, 0, slots)
+        return Residency(len(layers), True, True, 0, least)
     best: tuple[int, Residency] | None = None
     for head_resident in (True, False):
         left = room - (head if head_resident else 0)
-        for resident in range(len(layers), -1, -1):
-            streamed = layers[resident:] + ([] if head_resident else [head])
-            slot = max(streamed, default=0)
-            if sum(layers[:resident]) + slots * slot <= left:
-                kept = sum(layers[:resident]) + (head if head_resident else 0)
-                option = Residency(resident, head_resident, tied and head_resident, slot, slots)
+        for fewer in range(MAX_SLOTS):
+            option = None
+            for resident in range(len(layers), -1, -1):
+                streamed = layers[resident:] + ([] if head_resident else [head])
+                slot = max(streamed, default=0)
+                slots = max(least, read_ahead_slots(slot, len(streamed), prefetch) - fewer)
+                if sum(layers[:resident]) + slots * slot <= left:
+                    option = Residency(resident, head_resident, tied and head_resident, slot, slots)
+                    break
+            if option is not None:
+                kept = sum(layers[: option.resident_layers]) + (head if head_resident else 0)
                 if best is None or kept > best[0]:
                     best = (kept, option)
                 break
     if best is None:
         largest = max(layers + [head])
         raise MemoryBudgetError(
-            f"memory budget {format_size(budget)} is below the {format_size(fixed + slots * largest)} that streaming needs: "
-            f"{slots} x the largest unit ({format_size(largest)}, a decoder layer or the head"
+            f"memory budget {format_size(budget)} is below the {format_size(fixed + least * largest)} that streaming needs: "
+            f"{least} x the largest unit ({format_size(largest)}, a decoder layer or the head"
             + (", computing while the next is read)" if prefetch else ")") + " plus the final norm"
         )
     return best[1]
@@ -260,7 +290,8 @@ class StreamStats:
     prepare_seconds: float = 0.0  # of which building the kernel layout (for a streamed unit: while its later weights are read)
     wait_seconds: float = 0.0     # compute time lost waiting for a unit that was not ready
     direct_io: bool = False       # streamed shards read O_DIRECT (around the page cache)
-    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless both were lent
+    arenas_allocated: int = 0     # buffers allocated for streamed units: the slots, unless all were lent
+    most_read_ahead: int = 0      # the most streamed units requested at once and not yet computing (the prefetch depth reached)
     kept_reads: int = 0           # streamed reads that rebuilt nothing: the weights of the shard's last read into that arena (packed.KeptUnit)
     passes: int = 0               # forward passes over all layers
     resident_layers: int = 0
@@ -303,17 +334,20 @@ class StreamingLlama:
         self._tokenizer = None
 
         self._resident: dict[int, dict] = {}
-        # the loader's torch ops are small and memory-bound: one intra-op thread (a per-thread setting
-        # with OpenMP), so they neither fight the matmuls' thread team nor wait on its barrier (on 2
-        # busy cores a 1536-row repeat_interleave took 40 ms with 2 threads, 0.04 ms with 1)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlite-loader", initializer=torch.set_num_threads,
-                                          initargs=(1,)) if prefetch else None
         self._pending: dict[int, Future] = {}
         self._lent: dict[int, Arena] = {}  # streamed unit -> the arena it was read into, while it computes
         self._lock = threading.Lock()
 
         self.plan = self._plan()
         self.stats.direct_io = self._direct_io(direct_io)
+        # the loader's torch ops are small and memory-bound: one intra-op thread (a per-thread setting
+        # with OpenMP), so they neither fight the matmuls' thread team nor wait on its barrier (on 2
+        # busy cores a 1536-row repeat_interleave took 40 ms with 2 threads, 0.04 ms with 1). O_DIRECT
+        # reads are queued to the I/O threads (sources.arena), so a second loader thread queues the next
+        # unit's reads while this unit's last ones are in flight; a buffered read is the loader's own copy
+        self._loader = ThreadPoolExecutor(max_workers=min(self.plan.slots, 2 if self.stats.direct_io else 1),
+                                          thread_name_prefix="quantlite-loader", initializer=torch.set_num_threads,
+                                          initargs=(1,)) if prefetch else None
         # the units read on every pass, in order: layers R..L-1, then the head (num_layers) if it streams
         self._streamed = list(range(self.layers.start + self.plan.resident_layers, self.layers.stop))
         self._streamed += [] if self.plan.head_resident or not self.last else [self.config.num_layers]
@@ -392,9 +426,10 @@ class StreamingLlama:
         self.stats.bytes_read += nbytes
         return table
 
-    def _read_unit(self, index: int):
+    def _read_unit(self, index: int, arena: Arena | None = None):
         """Runs on the loader thread (or inline without prefetch): layer `index` (a dict of weights),
-        or the head (index == num_layers)."""
+        or the head (index == num_layers). A streamed unit is read into `arena` (default: one taken
+        now), which is lent to it until _give_back."""
         start = time.perf_counter()
         streamed = index >= self.layers.start + self.plan.resident_layers
         if self.prefetch and not self.stats.direct_io:
@@ -414,7 +449,8 @@ class StreamingLlama:
         # read built is kept with the arena (packed.KeptUnit) when it holds nothing else: the next
         # read of the same shard into it rebuilds nothing
         name = self._unit_file(index)
-        arena = self._arenas.take(name) if streamed else None
+        if streamed and arena is None:
+            arena = self._arenas.take(name)
         kept_before = arena.kept.get(name) if streamed else None
 
         def quantized(value):
@@ -484,10 +520,20 @@ class StreamingLlama:
             os.close(fd)
 
     def _request(self, index: int | None) -> None:
-        """Start reading a streamed unit in the background (no-op if pending, None or prefetch off)."""
-        if index is None or self._loader is None or index in self._pending:
+        """Start reading streamed unit `index` in the background, then the ones after it (into the
+        next pass) while a slot is free; a unit already being read is passed over. No-op for None or
+        with prefetch off. The arena is taken here, on the computing thread, in the order of the
+        units, so that which shard lands in which arena does not depend on the loader's timing."""
+        if index is None or self._loader is None:
             return
-        self._pending[index] = self._loader.submit(self._read_unit, index)
+        for _ in self._streamed:
+            if index not in self._pending:
+                if not self._arenas.free():
+                    return
+                arena = self._arenas.take(self._unit_file(index))
+                self._pending[index] = self._loader.submit(self._read_unit, index, arena)
+                self.stats.most_read_ahead = max(self.stats.most_read_ahead, len(self._pending))
+            index = self._next_streamed(index)
 
     def _unit(self, index: int):
         """Layer `index`'s weights or the head (index == num_layers): from memory, from the loader,
@@ -511,10 +557,11 @@ class StreamingLlama:
         return unit
 
     def _give_back(self, index: int) -> None:
-        """Unit `index` has computed: its arena may take the next streamed unit."""
+        """Unit `index` has computed: its arena takes the next streamed unit not yet being read."""
         arena = self._lent.pop(index, None)
         if arena is not None:
             self._arenas.give_back(arena)
+            self._request(self._next_streamed(index))
 
     def _next_streamed(self, index: int) -> int | None:
         """The first streamed unit after `index` (-1: before the pass); after the last one, the first
@@ -678,6 +725,10 @@ class ArenaPool:
         self.nbytes, self.count, self.stats = nbytes, count, stats
         self._arenas: list[Arena] = []
         self._takes = 0
+
+    def free(self) -> int:
+        """How many of the `count` slots are not lent (allocated or not yet)."""
+        return self.count - sum(arena.lent for arena in self._arenas)
 
     def take(self, shard: str | None = None) -> Arena:
         free = [arena for arena in self._arenas if not arena.lent]
