@@ -42,7 +42,7 @@ SELF_CALIBRATION_PROMPTS = ("The", "In 1998,", "Once upon a time", "Scientists h
                             "The city of", "Chapter 1", "Breaking news:", "My favorite")
 SELF_CALIBRATION_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 0}
 # calibration="random" (convert --calibration random): windows of token ids drawn uniformly (seeded) from the
-# tokenizer's vocabulary without its special tokens; no text, no generation. Their E[x x^T] is trusted less
+# tokenizer's vocabulary (tokenizer.json's, added tokens included) without its special tokens; no text, no generation. Their E[x x^T] is trusted less
 # than a text's: RANDOM_CALIBRATION_PRIOR x mean(diag) is added to its diagonal (with_identity_prior), which
 # measured better than GPTQ's usual 1 % (docs/accuracy.md, "Calibration on random tokens").
 RANDOM_CALIBRATION = "random"

@@ -416,13 +416,18 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
     from transformers import AutoTokenizer
 
     from quantlite.calibration import random_token_ids, sampled_calibration_text
+    from quantlite.runtime.generate import GenerationError, Tokenizer
 
+    if _is_random_calibration(text_file):  # the vocabulary of the tokenizer already written into OUT
+        try:
+            backend = Tokenizer(out / TOKENIZER_DIR).backend
+        except GenerationError as error:
+            raise ConversionError(f"--calibration random needs the model's vocabulary: {error}") from error
+        special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
+        vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
+        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"])
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
-    if _is_random_calibration(text_file):
-        vocabulary = min(len(tokenizer), source.model_config.vocab_size)
-        return random_token_ids(vocabulary, tokenizer.all_special_ids, calibration["windows"] * calibration["ctx"],
-                                calibration["seed"])
     if _is_self_calibration(text_file):
         scratch = out / SELF_CALIBRATION_DIR
         text = sampled_calibration_text(

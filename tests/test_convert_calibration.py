@@ -130,7 +130,7 @@ def test_random_calibration_quantizes_layer_0_with_the_statistics_of_random_toke
                       calibration_ctx=64, progress=False)
     assert summary.manifest["quantization"]["calibration"] == {"file": "random", "windows": 3, "ctx": 64, "seed": 0,
                                                                "identity_prior": RANDOM_CALIBRATION_PRIOR}
-    tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)
+    tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)  # its special tokens are tokenizer.json's
     ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 3 * 64, seed=0)
     stats = next(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=64, max_windows=3, progress=False))[1]
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
