@@ -50,8 +50,8 @@ from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, con
 from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
 from quantlite.calibration import (
-    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, SELF_CALIBRATION, SELF_CALIBRATION_DIR,
-    SELF_CALIBRATION_SAMPLING,
+    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS,
+    SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, TEXT_CALIBRATION_WINDOWS,
 )
 from quantlite.model_config import ATTENTION_PROJECTIONS, EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
 from quantlite.sources.safetensors_file import SafetensorsFile
@@ -169,7 +169,7 @@ def convert(
     workers: int = 1,
     progress: bool = True,
     calibration: str | Path | None = None,
-    calibration_windows: int = 16,
+    calibration_windows: int | None = None,
     calibration_ctx: int = 512,
     run_jobs: Callable | None = None,
 ) -> ConversionSummary:
@@ -178,16 +178,16 @@ def convert(
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
     in blocks of `attention_block_size` (None: the method's choice for a conversion without
-    calibration or calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output head and the embedding as `head`
-    and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
+    calibration or calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
+    head and the embedding as `head` and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
     a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
     `calibration` (a UTF-8 text file, the string "random" for uniformly random token ids (seeded,
     with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
-    turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
-    from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
+    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
+    16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
     resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
     who converts the files (default: this process or its pool of `workers`; quantlite.distributed.
     convert shares them among torchrun ranks); not used for the layers of a calibrated conversion.
@@ -387,6 +387,8 @@ def _write_tokenizer(source, out: Path) -> dict:
 def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
     if no_quantize:
         raise ConversionError("--calibration has no use with --no-quantize")
+    if windows is None:
+        windows = RANDOM_CALIBRATION_WINDOWS if _is_random_calibration(text_file) else TEXT_CALIBRATION_WINDOWS
     if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
         raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
     if _is_self_calibration(text_file):

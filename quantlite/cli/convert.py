@@ -56,8 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per scale along the input dimension (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
-                             "method without --calibration or with --calibration random, which keeps less of NF4's damage at the same "
-                             "bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
+                             "method without --calibration or with --calibration random, which keeps less of "
+                             "NF4's damage at the same bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
                              "0.01, as many as fit 4.5 bits/weight per tensor)")
@@ -84,7 +84,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "must not overlap text you evaluate on. 'random': on uniformly random token ids "
                              "(seeded; no data, no generation). 'self': on text the model samples itself "
                              "(no data needed, but runs the float model; a file named self or random is ./self, ./random)")
-    parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=16, help="windows of calibration text (default 16)")
+    parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=None,
+                        help="windows of calibration text (default 16; 4 with --calibration random, as good there)")
     parser.add_argument("--calibration-ctx", type=arguments.count(1 << 20), default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_timeout_argument(parser.add_argument_group("distributed (under torchrun)"))

