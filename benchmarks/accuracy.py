@@ -12,7 +12,8 @@ by quantize(w).dequantize() in transformers' float32 model — the same weights 
 computes with. Perplexity: protocol gptq, windows of --ctx tokens from the start of the file.
 Calibration (rows marked "calibrated"): E[x x^T] of every Linear input over --calibration-windows
 windows of --ctx tokens taken from the END of the same file; the script checks that they do not overlap the
-evaluated windows. Results are kept per row in --results (JSON) so an interrupted run resumes.
+evaluated windows. Rows "on random token ids": the same number of windows of convert --calibration
+random's seeded random ids instead, statistics in one pass of the float model. Results are kept per row in --results (JSON) so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Row:
     key: str
     label: str
     options: dict = field(default_factory=dict)  # keyword arguments of quantize()
-    calibrated: bool = False                     # importance = E[x x^T] of the layer input
+    calibrated: bool | str = False               # importance = E[x x^T] of the layer input; "diagonal", "random*": see quantizer_for, measure
     group: str = "main"                          # main, outliers, block size, ablation, rotation, codebook (study only)
     per_type: dict = field(default_factory=dict)  # tensor type ("q_proj", ...) -> options that override `options`
 
@@ -82,6 +83,10 @@ ROWS = [
         {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, True, "codebook", QKVO_32),
     Row("cal-fit-refine", "calibrated GPTQ with a fitted codebook + least-squares scale refinement",
         {"method": "quantlite", "fit_codebook": True, "refine_scales": True}, True, "codebook"),
+    Row("cal-random", "calibrated GPTQ on random token ids (one pass; identity prior 1.0), q/k/v/o_proj at block 32",
+        {"method": "quantlite"}, "random", "main", QKVO_32),
+    Row("cal-random-noprior", "calibrated GPTQ on random token ids (one pass; GPTQ's 1 % damping only), q/k/v/o_proj at block 32",
+        {"method": "quantlite"}, "random-noprior", "main", QKVO_32),
     Row("default", "**quantlite default**: calibrated GPTQ, up to 1 % outliers within 4.5 bits/weight, scale search, DQ, g64",
         {"method": "quantlite"}, True),
     *[Row(f"of-{f}", f"calibrated GPTQ with {100 * f:g} % outliers (no bit cap)", {"method": "quantlite", "outlier_frac": f}, True, "outliers")
@@ -196,8 +201,11 @@ def quantizer_for(row: Row):
         rotated = rotated_quantizer(lambda w, name: quantize(w, name=name, **row.options))
         return lambda w, name, stats: rotated(w, name)
     if row.per_type:
+        from quantlite.calibration import RANDOM_CALIBRATION_PRIOR, with_identity_prior
+
         options = lambda name: {**row.options, **row.per_type.get(name.split(".")[-2], {})}  # noqa: E731
-        return lambda w, name, stats: quantize(w, importance=stats if row.calibrated else None, name=name, **options(name))
+        prior = (lambda h: with_identity_prior(h, RANDOM_CALIBRATION_PRIOR)) if row.calibrated == "random" else (lambda h: h)
+        return lambda w, name, stats: quantize(w, importance=prior(stats) if row.calibrated else None, name=name, **options(name))
     if row.calibrated == "diagonal":
         return lambda w, name, stats: quantize(w, importance=torch.diagonal(stats).clone(), name=name, **row.options)
     if row.calibrated:
@@ -232,7 +240,7 @@ def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibrat
     if windows * ctx > calibration_start:
         raise SystemExit(f"{subject_name}: {windows} evaluated windows would overlap the calibration text")
     forward = lambda ids: model(ids, use_cache=False).logits  # noqa: E731
-    stats = None
+    stats = random_stats = None
     table = results.setdefault(subject.name, {"title": subject.title, "source": subject.model_source, "rows": {}})
     table.update(ctx=ctx, windows=windows, tokens_in_file=token_ids.numel(),
                  calibration=f"{calibration_windows} windows, tokens {calibration_start}..{calibration_start + calibration_windows * ctx} of the same file")
@@ -245,9 +253,15 @@ def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibrat
         if row.key == "fp32":
             result, bits = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False), 32.0
         else:
-            if row.calibrated and stats is None:
+            on_random = isinstance(row.calibrated, str) and row.calibrated.startswith("random")
+            if row.calibrated and not on_random and stats is None:
                 stats = _calibration(model, token_ids[calibration_start:], ctx, calibration_cache)
-            with fake_quantized(model, quantizer_for(row), importance=stats) as fake:
+            if on_random and random_stats is None:  # convert --calibration random's windows, in one pass
+                from quantlite.calibration import random_token_ids
+
+                ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, calibration_windows * ctx)
+                random_stats = _calibration(model, ids, ctx, None)
+            with fake_quantized(model, quantizer_for(row), importance=random_stats if on_random else stats) as fake:
                 result = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False)
             bits = fake.bits_per_weight
         table["rows"][row.key] = {"label": row.label, "group": row.group, "bits_per_weight": bits, "ppl": result.ppl,

@@ -43,14 +43,14 @@ def main() -> None:
     from quantlite.runtime.streaming import StreamingLlama, unit_sizes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--packed", type=Path, help="a packed SmolLM2 (default: quantlite demo --no-calibration's)")
+    parser.add_argument("--packed", type=Path, help="a packed SmolLM2 (default: quantlite demo --calibration none's)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(describe())
     if args.packed is None:
         from quantlite.cli.demo import default_out, packed_model
 
-        args.packed = packed_model(default_out(calibrated=False), calibrated=False)
+        args.packed = packed_model(default_out("none"), "none")
     packed = PackedModel.open(args.packed)
     paths = [packed.path / layer_file(i) for i in range(packed.num_layers)]
     shard = statistics.mean(p.stat().st_size for p in paths)

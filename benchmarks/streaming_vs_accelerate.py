@@ -6,7 +6,7 @@ transformers + accelerate disk offload (what users pick today to run a model lar
 Baseline: the GGUF loaded by transformers, saved as a bf16 safetensors folder, then loaded in bf16 with
 an explicit device_map that puts every decoder layer on "disk" (accelerate's offload folder, read back
 on every forward) and the embedding, final norm and tied head in memory.
-Ours: the 4-bit packed model (`quantlite demo --no-calibration`'s conversion) with the smallest budget
+Ours: the 4-bit packed model (`quantlite demo --calibration none`'s conversion) with the smallest budget
 that keeps the tied embedding/head and the two streaming slots: 0 of 30 layers resident, so every
 decoder layer is read from its shard on every token (from the page cache: the files are warm).
 Both print how many decoder layers were read per decoded token, counted (accelerate: forwards of the
@@ -129,7 +129,7 @@ def main() -> None:
 
         args.gguf = smollm2_gguf()
     prepare_baseline_checkpoint(args.gguf, args.work / "hf-bf16")
-    packed = packed_model(args.work / "packed-4bit", calibrated=False)
+    packed = packed_model(args.work / "packed-4bit", "none")
 
     runs: dict[str, list[dict]] = {"base": [], "ours": []}
     for _ in range(args.repeats):  # alternating, so both see the same load on a shared machine

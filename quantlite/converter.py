@@ -49,7 +49,10 @@ from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, concat_rows
 from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
-from quantlite.calibration import SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING
+from quantlite.calibration import (
+    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS,
+    SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, TEXT_CALIBRATION_WINDOWS,
+)
 from quantlite.model_config import ATTENTION_PROJECTIONS, EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
 from quantlite.sources.safetensors_file import SafetensorsFile
 from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
@@ -166,7 +169,7 @@ def convert(
     workers: int = 1,
     progress: bool = True,
     calibration: str | Path | None = None,
-    calibration_windows: int = 16,
+    calibration_windows: int | None = None,
     calibration_ctx: int = 512,
     run_jobs: Callable | None = None,
 ) -> ConversionSummary:
@@ -175,15 +178,16 @@ def convert(
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
     in blocks of `attention_block_size` (None: the method's choice for a conversion without
-    calibration, 32 for "quantlite"; else `block_size`); the output head and the embedding as `head`
-    and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
+    calibration or calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
+    head and the embedding as `head` and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
     a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file, or the string "self" for text sampled from the model itself)
-    turns on calibrated quantization over `calibration_windows` windows of `calibration_ctx` tokens
-    from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
+    `calibration` (a UTF-8 text file, the string "random" for uniformly random token ids (seeded,
+    with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
+    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
+    16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
     resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
     who converts the files (default: this process or its pool of `workers`; quantlite.distributed.
     convert shares them among torchrun ranks); not used for the layers of a calibrated conversion.
@@ -192,7 +196,8 @@ def convert(
     """
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
-                               float_dtype, no_quantize, workers, attention_block_size, calibrated=calibration is not None)
+                               float_dtype, no_quantize, workers, attention_block_size,
+                               calibrated=calibration is not None and not _is_random_calibration(calibration))
     if calibration is not None:
         settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
     source = open_source(src)
@@ -382,10 +387,15 @@ def _write_tokenizer(source, out: Path) -> dict:
 def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
     if no_quantize:
         raise ConversionError("--calibration has no use with --no-quantize")
+    if windows is None:
+        windows = RANDOM_CALIBRATION_WINDOWS if _is_random_calibration(text_file) else TEXT_CALIBRATION_WINDOWS
     if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
         raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
     if _is_self_calibration(text_file):
         return {"file": SELF_CALIBRATION, "windows": windows, "ctx": ctx, "sampling": SELF_CALIBRATION_SAMPLING}
+    if _is_random_calibration(text_file):
+        return {"file": RANDOM_CALIBRATION, "windows": windows, "ctx": ctx, "seed": RANDOM_CALIBRATION_SEED,
+                "identity_prior": RANDOM_CALIBRATION_PRIOR}
     path = Path(text_file)
     if not path.is_file():
         raise ConversionError(f"calibration text {path} is not a readable file")
@@ -397,18 +407,29 @@ def _is_self_calibration(text_file) -> bool:
     return isinstance(text_file, str) and text_file == SELF_CALIBRATION
 
 
-def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,
-                       progress: bool):
-    """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
-    statistics in GPTQ's sequential order: the calibration windows reach each layer through the
-    layers before it as written (quantized), so a layer's statistics include their errors. Layers
-    already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
+def _is_random_calibration(text_file) -> bool:
+    """The string "random" (not a Path), as _is_self_calibration."""
+    return isinstance(text_file, str) and text_file == RANDOM_CALIBRATION
+
+
+def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict, progress: bool) -> torch.Tensor:
+    """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
+    for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR)."""
     from transformers import AutoTokenizer
 
-    from quantlite.calibration import iter_layer_input_stats, sampled_calibration_text
+    from quantlite.calibration import random_token_ids, sampled_calibration_text
+    from quantlite.runtime.generate import GenerationError, Tokenizer
 
+    if _is_random_calibration(text_file):  # the vocabulary of the tokenizer already written into OUT
+        try:
+            backend = Tokenizer(out / TOKENIZER_DIR).backend
+        except GenerationError as error:
+            raise ConversionError(f"--calibration random needs the model's vocabulary: {error}") from error
+        special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
+        vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
+        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"])
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
-    calibration = settings.calibration
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     if _is_self_calibration(text_file):
         scratch = out / SELF_CALIBRATION_DIR
         text = sampled_calibration_text(
@@ -418,8 +439,19 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"calibration text {text_file}: {error}") from error
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+    return tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+
+
+def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,
+                       progress: bool):
+    """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
+    statistics in GPTQ's sequential order: the calibration windows reach each layer through the
+    layers before it as written (quantized), so a layer's statistics include their errors. Layers
+    already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
+    from quantlite.calibration import iter_layer_input_stats, with_identity_prior
+
+    calibration = settings.calibration
+    ids = _calibration_ids(source, out, text_file, calibration, progress)
     if ids.numel() < calibration["ctx"]:
         raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
 
@@ -432,9 +464,13 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
 
     layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
                                     progress=False, forward_weights=as_written)  # convert's bar counts the layers
+    prior = calibration.get("identity_prior")
     for layer, stats in layers:
         file = layer_file(layer)
         if file not in done:
+            if prior is not None:  # one tensor per shared statistic (q/k/v, gate/up), as they came
+                shared = {id(h): with_identity_prior(h, prior) for h in stats.values()}
+                stats = {name: shared[id(h)] for name, h in stats.items()}
             yield file, write_shard(source, out, settings, file, plan[file], importance=stats)
 
 
@@ -444,7 +480,7 @@ def _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embed
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     frac = METHODS[method].outlier_frac if outlier_frac is None else float(outlier_frac)
-    if attention_block_size is None:  # the method's choice, for data-free conversions at the default block size
+    if attention_block_size is None:  # the method's choice, for data-free or random-token conversions at the default block size
         chosen = METHODS[method].attention_block_size if not calibrated and block_size == DEFAULT_BLOCK_SIZE else None
         attention_block_size = chosen or block_size  # (docs/accuracy.md); a block size the user chose holds for all
     if problem := block_size_problem(block_size) or block_size_problem(attention_block_size) or outlier_frac_problem(frac):

@@ -5,7 +5,9 @@ Linear quantized with it exactly as quantize(w, importance=...) does; recorded i
 import pytest
 import torch
 
-from quantlite.calibration import collect_input_stats, iter_layer_input_stats
+from quantlite.calibration import (
+    RANDOM_CALIBRATION_PRIOR, CalibrationError, collect_input_stats, iter_layer_input_stats, random_token_ids, with_identity_prior,
+)
 from quantlite.converter import convert
 from quantlite.errors import ConversionError
 from quantlite.packed import PackedModel
@@ -99,6 +101,83 @@ def test_self_calibration_samples_its_own_text_reproducibly(stories260k_hf, tmp_
     shard = "layer-00003.safetensors"
     assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()  # seeded sampling
     assert (tmp_path / "a" / shard).read_bytes() != (tmp_path / "plain" / shard).read_bytes()  # it calibrated
+
+
+def test_random_token_ids_are_seeded_uniform_and_never_special(generator):
+    vocabulary = int(torch.randint(50, 400, (1,), generator=generator))
+    excluded = torch.randperm(vocabulary, generator=generator)[:int(torch.randint(1, 20, (1,), generator=generator))].tolist()
+    seed = int(torch.randint(2**31, (1,), generator=generator))
+    ids = random_token_ids(vocabulary, excluded + [vocabulary + 5], 200 * vocabulary, seed)
+    assert ids.dtype == torch.int64 and ids.shape == (200 * vocabulary,)
+    assert torch.equal(ids, random_token_ids(vocabulary, excluded, 200 * vocabulary, seed))  # seeded
+    counts = torch.bincount(ids, minlength=vocabulary)
+    assert int(counts[excluded].sum()) == 0
+    allowed = counts[[i for i in range(vocabulary) if i not in excluded]].double()
+    # uniform: each allowed id's count is Binomial(n, 1/V'); 6 standard deviations around its mean
+    n, p = ids.numel(), 1 / allowed.numel()
+    assert float((allowed - n * p).abs().max()) < 6 * (n * p * (1 - p)) ** 0.5
+    with pytest.raises(CalibrationError, match="all special tokens"):
+        random_token_ids(3, [0, 1, 2], 10)
+
+
+def test_random_calibration_quantizes_layer_0_with_the_statistics_of_random_tokens(stories260k_hf, tmp_path):
+    """convert(calibration="random"): layer 0 is quantized with E[x x^T] over the seeded random windows (the
+    ids random_token_ids gives; transformers' forward pass agrees to float rounding) plus the identity
+    prior, bit for bit as quantize() does with them; recorded in the manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = convert(stories260k_hf, tmp_path / "packed", calibration="random", calibration_windows=3,
+                      calibration_ctx=64, progress=False)
+    assert summary.manifest["quantization"]["calibration"] == {"file": "random", "windows": 3, "ctx": 64, "seed": 0,
+                                                               "identity_prior": RANDOM_CALIBRATION_PRIOR}
+    tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)  # its special tokens are tokenizer.json's
+    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 3 * 64, seed=0)
+    stats = next(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=64, max_windows=3, progress=False))[1]
+    model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
+    hooked = collect_input_stats(model, ids, ctx=64, max_windows=3, full=True, progress=False)
+    packed = PackedModel.open(tmp_path / "packed")
+    for name in ("self_attn.k_proj.weight", "mlp.up_proj.weight"):
+        key = f"model.layers.0.{name}"
+        torch.testing.assert_close(stats[key], hooked[key], rtol=1e-5, atol=1e-6 * float(hooked[key].abs().max()))
+        w = model.state_dict()[key]
+        block_size = 32 if "self_attn" in name else 64  # the data-free block sizes (convert's attention_block_size)
+        expected = quantize(w, importance=with_identity_prior(stats[key], RANDOM_CALIBRATION_PRIOR), block_size=block_size)
+        assert torch.equal(packed.load_layer(0)[name].dequantize(), expected.dequantize())
+        assert not torch.equal(expected.dequantize(), quantize(w, block_size=block_size).dequantize())  # it calibrated
+
+
+def test_random_token_statistics_lower_the_layer_output_error_on_real_text(stories260k_hf, calibration_text, generator):
+    """What --calibration random is for: on a trained model, GPTQ with E[x x^T] of random token ids (plus the
+    identity prior) gives each decoder layer a lower output error on real text, tr(dW H dW^T) / tr(W H W^T)
+    with H from TinyStories, than the data-free default. Random windows drawn fresh."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)
+    real = collect_input_stats(model, tokenizer(calibration_text.read_text(), return_tensors="pt").input_ids[0],
+                               ctx=256, max_windows=4, full=True, progress=False)
+    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 4 * 256, int(torch.randint(2**31, (1,), generator=generator)))
+    random = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
+
+    def output_error(w, qw, h):  # float64
+        d, h = qw.dequantize(torch.float64) - w.double(), h.double()
+        return float(torch.einsum("nk,kl,nl->", d, h, d) / torch.einsum("nk,kl,nl->", w.double(), h, w.double()))
+
+    for layer in range(model.config.num_hidden_layers):
+        names = [n for n in random if n.startswith(f"model.layers.{layer}.")]
+        weights = {name: model.state_dict()[name] for name in names}
+        data_free = sum(output_error(w, quantize(w), real[name]) for name, w in weights.items())
+        calibrated = sum(output_error(w, quantize(w, importance=with_identity_prior(random[name], RANDOM_CALIBRATION_PRIOR)),
+                                      real[name]) for name, w in weights.items())
+        assert calibrated < data_free, (layer, calibrated, data_free)
+
+
+def test_the_identity_prior_adds_a_multiple_of_the_mean_diagonal(generator):
+    x = torch.randn(50, 7, generator=generator, dtype=torch.float64)
+    h = x.T @ x / 50
+    weight = float(torch.rand(1, generator=generator)) * 3
+    expected = h + weight * torch.diagonal(h).mean() * torch.eye(7, dtype=torch.float64)
+    torch.testing.assert_close(with_identity_prior(h, weight), expected, rtol=1e-12, atol=0)
 
 
 def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_hf, calibration_text):

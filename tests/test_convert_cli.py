@@ -87,3 +87,29 @@ def test_inspect_of_a_manifest_without_statistics_is_a_clean_error(converted, ca
     capsys.readouterr()
     assert main(["inspect", str(converted)]) == 2
     assert "lacks the statistics" in capsys.readouterr().err
+
+
+def test_convert_and_demo_help_name_the_calibration_modes(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = capsys.readouterr().out
+    assert "--calibration random" in out and "TEXT_FILE|self|random" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "{random,self,none}" in out and "random token ids" in out
+
+
+def test_demo_refuses_an_unknown_calibration(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--calibration", "text.txt"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+
+def test_random_calibration_without_a_tokenizer_is_a_one_line_error(tmp_path, generator, capsys):
+    src = write_random_llama(tmp_path / "hf", dtype=torch.float16, generator=generator)  # no tokenizer.json
+    assert main(["convert", str(src), str(tmp_path / "out"), "--calibration", "random", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration random needs the model's vocabulary" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / MANIFEST).exists()

@@ -215,6 +215,23 @@ def test_cli_generate_batch_and_errors(packed_dir, capsys, generator, tmp_path):
     assert "--prompt" in capsys.readouterr().err
 
 
+def test_cli_demo_converts_with_random_token_calibration_by_default(tmp_path, capsys, generator, monkeypatch):
+    """The demo's own conversion (the fetch replaced by a small checkpoint with a tokenizer): GPTQ on random
+    token ids, RANDOM_CALIBRATION_WINDOWS of them, recorded in the manifest; then it answers."""
+    import quantlite.fetch
+    from quantlite.calibration import RANDOM_CALIBRATION_WINDOWS
+
+    _, folder = build_checkpoint(tmp_path, generator)
+    write_tokenizer(folder)
+    monkeypatch.setattr(quantlite.fetch, "smollm2_gguf", lambda: folder)
+    capsys.readouterr()
+    assert cli_main(["demo", "--out", str(tmp_path / "packed"), "--prompt", random_text(generator, 3), "--max-new-tokens", "2"]) == 0
+    calibration = json.loads((tmp_path / "packed" / "quantlite.json").read_text())["quantization"]["calibration"]
+    assert calibration["file"] == "random" and calibration["windows"] == RANDOM_CALIBRATION_WINDOWS
+    out, err = capsys.readouterr()
+    assert "calibrated on random token ids" in err and "time to first token" in out
+
+
 def test_cli_demo_reuses_a_complete_conversion(packed_dir, capsys, generator):
     """With --out naming a complete packed model, demo neither fetches nor converts: it chats and reports."""
     capsys.readouterr()

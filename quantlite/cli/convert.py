@@ -22,6 +22,7 @@ examples:
   quantlite convert ./llama ./llama-q4 --keep-head-float --float-dtype float32   # head and floats as version 1
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
+  quantlite convert ./llama ./llama-q4 --calibration random         # calibrated on random token ids, no data
   quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
   torchrun --nproc-per-node 4 -m quantlite convert ./llama ./llama-q4  # 4 ranks share the layers (docs/convert.md)
 
@@ -55,8 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per scale along the input dimension (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
-                             "method without --calibration, which keeps less of NF4's damage at the same "
-                             "bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
+                             "method without --calibration or with --calibration random, which keeps less of "
+                             "NF4's damage at the same bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
                              "0.01, as many as fit 4.5 bits/weight per tensor)")
@@ -77,12 +78,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1)")
-    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self",
+    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self|random",
                         help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
                              "converted in order, each on the text as it leaves the quantized layers before it; "
-                             "must not overlap text you evaluate on. 'self': on text the model samples itself "
-                             "(no data needed; a file named self is ./self)")
-    parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=16, help="windows of calibration text (default 16)")
+                             "must not overlap text you evaluate on. 'random': on uniformly random token ids "
+                             "(seeded; no data, no generation). 'self': on text the model samples itself "
+                             "(no data needed, but runs the float model; a file named self or random is ./self, ./random)")
+    parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=None,
+                        help="windows of calibration text (default 16; 4 with --calibration random, as good there)")
     parser.add_argument("--calibration-ctx", type=arguments.count(1 << 20), default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_timeout_argument(parser.add_argument_group("distributed (under torchrun)"))
