@@ -4,7 +4,7 @@ checkout's, on the same weights and x, through ctypes only (no Python hop in eit
     .venv/bin/python -m benchmarks.cpu_library_ab /work/main/quantlite/_native/libquantlite_cpu.so
 
 The baseline gets the layout its ABI version takes: version 3, the widened one (float32 scales,
-int32 outlier columns, float32 values: what its prepare built), this checkout's version (native.ABI_VERSION) the stored
+int32 outlier columns, float32 values: what its prepare built), versions 4..native.ABI_VERSION the stored
 one. Cases: M = 1 on the 4 weights of one SmolLM2 decoder layer as the runtime holds them
 (--packed, default the benchmark cache's) and their sum, then random 4096 x 4096 and 11008 x 4096
 weights with 0 and 1 % outliers; 1 thread (CPU time of the calling thread) and 2 (wall clock).
@@ -35,6 +35,9 @@ class WeightV3(ctypes.Structure):
                [("nnz", ctypes.c_int64)]
 
 
+# ABI versions whose ql_weight is this checkout's (4: the stored layout; later versions added functions)
+STORED_LAYOUT_VERSIONS = range(4, native.ABI_VERSION + 1)
+
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                 ctypes.c_int, ctypes.c_int, ctypes.c_int]
 
@@ -43,14 +46,15 @@ def load_library(path: Path) -> tuple[ctypes.CDLL, int]:
     library = ctypes.CDLL(str(path))
     library.ql_cpu_qmatmul.argtypes = _MATMUL_ARGS
     version = library.ql_abi_version()
-    if version not in (3, native.ABI_VERSION):
-        raise SystemExit(f"{path}: ABI version {version}; this benchmark builds structs for 3 and {native.ABI_VERSION}")
+    if version != 3 and version not in STORED_LAYOUT_VERSIONS:
+        raise SystemExit(f"{path}: ABI version {version}; this benchmark builds structs for 3 and "
+                         f"{STORED_LAYOUT_VERSIONS.start}..{native.ABI_VERSION}")
     return library, version
 
 
 def weight_struct(qw: QWeight, version: int, keep: list) -> int:
     """The address of qw's ql_weight for a library of ABI `version` (its tensors kept alive in `keep`)."""
-    if version == native.ABI_VERSION:
+    if version in STORED_LAYOUT_VERSIONS:
         struct = native._struct(prepare(qw, "cpu"))
     else:
         wide = prepare(qw, "cpu", widened=True)
