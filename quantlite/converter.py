@@ -415,8 +415,6 @@ def _is_random_calibration(text_file) -> bool:
 def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict, progress: bool) -> torch.Tensor:
     """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
     for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR)."""
-    from transformers import AutoTokenizer
-
     from quantlite.calibration import random_token_ids, sampled_calibration_text
     from quantlite.runtime.generate import GenerationError, Tokenizer
 
@@ -428,6 +426,8 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
         special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
         vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
         return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"])
+    from transformers import AutoTokenizer  # a text or "self": the source's own tokenizer, as transformers reads it
+
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     if _is_self_calibration(text_file):

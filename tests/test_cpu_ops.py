@@ -447,3 +447,20 @@ def test_decode_layer_names_the_sizes(generator):
         call(torch.zeros(1, 1, 32), cos, sin, None, 6)
     with pytest.raises(native.NativeKernelError, match="x is torch.float64"):
         call(torch.zeros(1, 1, 32, dtype=torch.float64), cos, sin, None, 0)
+
+
+@pytest.mark.parametrize("name", ["input_layernorm.weight", "self_attn.q_norm.weight", "mlp.down_proj.bias"])
+def test_a_layer_with_a_float_the_native_layer_cannot_read_takes_the_per_op_path(generator, name):
+    # a norm or bias that is not float32 (a direct caller's bfloat16 norm): the per-op path computes
+    # it in torch, so the native layer declines the layer instead of failing in the packing
+    config = small_config(num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    w = layer_weights(generator, config, biased=True)
+    x = torch.randn(1, 1, config.hidden_size, generator=generator)
+    assert cpu_ops.takes_layer(x, w)
+    w[name] = w[name].to(torch.bfloat16)
+    assert not cpu_ops.takes_layer(x, w)
+    cache = llama.KVCache(config, 1, 4, torch.float32, "cpu")
+    positions = torch.zeros(1, 1, dtype=torch.int64)
+    cos, sin = llama.rope_cos_sin(config, positions, torch.float32)
+    assert llama.native_decode_layers(x, [w], config, cos, sin, None, cache, 0) is None
+    assert torch.isfinite(llama.decoder_layer(x, w, config, cos, sin, None, cache, 0)).all()

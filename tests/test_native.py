@@ -303,12 +303,26 @@ def test_every_m_up_to_130_through_the_dispatch(generator, dtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, k, block_size", [(300, 1000, 64), (131, 383, 128), (37, 1056, 48), (9, 4096, 256)])
 def test_gemm_sizes_over_its_blocks(generator, isa, n, k, block_size):
-    # The AVX-512 GEMM's blocks of 256 weight rows (300 = 256 + 44) and 128-column K slices (1000 =
+    # The AVX-512 GEMM's row blocks (the pool's chunks of these N) and 128-column K slices (1000 =
     # 7 x 128 + 104; 1056 = 8 x 128 + 32 with B = 48 straddling slices), at M = 16, 47 and 100.
     qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.01)
     for m in (16, 47, 100):
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_blocks_of_256_rows_within_one_chunk(generator, isa):
+    # The calls above split their rows into the pool's chunks (under 256 rows each), so the GEMM's
+    # full block of 256 weight rows and a second block in one chunk come only from a chunk of more than
+    # 256 rows: a small call in one chunk (300 x 32 at M = 16: under the pool's 2^18), and one thread
+    # over 1100 rows (chunks of 288 = 256 + 32).
+    small = random_weight(generator, n=300, k=32, block_size=32, outlier_frac=0.03)
+    x = torch.randn(16, 32, generator=generator)
+    assert_matches_reference(native.qmatmul_cpu(x, small, isa=isa), x, small)
+    tall = random_weight(generator, n=1100, k=200, outlier_frac=0.01)
+    x = torch.randn(17, 200, generator=generator)
+    assert_matches_reference(native.qmatmul_cpu(x, tall, isa=isa, n_threads=1), x, tall)
 
 
 def test_bad_arguments_name_the_sizes(generator):

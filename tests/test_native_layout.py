@@ -103,8 +103,24 @@ def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
         status = native._cpu_library().ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), m, 64, y.data_ptr(), 70, 0,
                                                       native.ISA_TAGS[isa], 2)
         assert native._cpu_library().ql_error_string(status).decode().startswith("outlier CSR is malformed")
+    # no outliers (nnz 0, no columns or values) but a row pointer mid-table that says 5: a kernel that
+    # reads the table must refuse it (the GEMM once walked it into the absent columns); one that never
+    # reads it may compute the weight's product
+    without = random_weight(generator, n=70, k=64, outlier_frac=0.0)
+    plain = prepare(without, "cpu", widened=True)
+    bogus = plain.row_ptr.clone()
+    bogus[35] = 5
+    weight = native._struct(replace(plain, row_ptr=bogus))
+    x, y = torch.randn(m, 64), torch.empty(m, 70)
+    status = native._cpu_library().ql_cpu_qmatmul(ctypes.byref(weight), x.data_ptr(), m, 64, y.data_ptr(), 70, 0,
+                                                  native.ISA_TAGS[isa], 2)
+    if status != 0:
+        assert native._cpu_library().ql_error_string(status).decode().startswith("outlier CSR is malformed")
+    else:
+        assert_matches_reference(y, x, without)
 
 
+@pytest.mark.skipif("avx512" not in native.cpu_isas(), reason="the AVX-512 GEMM needs an AVX-512 CPU")
 def test_the_gemm_refuses_outlier_columns_out_of_order(generator):
     # The GEMM walks each row's outliers once as its 128-column slices pass, so it relies on the
     # format's ascending columns: a row whose columns fall back to an earlier slice is refused, not

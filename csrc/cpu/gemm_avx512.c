@@ -19,10 +19,12 @@
  * vectors, 1 broadcast); per column k: V vector loads of x, 8 vbroadcastss of panel[r][k] (a load
  * port each, no shuffle) and 8 V FMAs. From V = 2 on the two FMA ports bound it, not the loads (11
  * loads per 24 FMAs at V = 3); 4 x 6 tiles (10 loads per 24) measured the same.
- * Loop nest per block of PANEL_ROWS weight rows (a thread's rows of y come in api.c's chunks of 32):
+ * Loop nest per block of up to PANEL_ROWS weight rows (a thread's rows of y come in api.c's chunks,
+ * row_grain: about N / (4 threads) rows rounded up to 32, or all N for a small call, so a block is
+ * min(256, the chunk) rows and x is read once per block: ~6 times a call at SmolLM2's N = 576):
  * for each K_C slice: decode the panel; for each block of V groups of x: for each MR rows of the
  * panel: K_C columns of FMAs. A block's x (V x 8 KiB) stays in L1 over the panel's 32 micro-tiles;
- * the panel and acc (M x 1 KiB) in L2; all of x (M x K floats) is read once per 256 weight rows.
+ * the panel and acc (M x 1 KiB) in L2; all of x (M x K floats) is read once per block.
  * Blocks of 32 rows (x read 8 times as often) measured 0.74-0.78x torch fp32 at 4096 x 11008, M =
  * 128, against 1.04-1.05x with 128; 256 rows gained another 0-4 % over 128 (M = 64-512, one and
  * two threads, A/B in one process); K_C = 64 and 256 no better (one thread, loaded machine).
@@ -40,7 +42,7 @@
 #include "levels_avx512.h"
 #include "quantlite_decode.h"
 
-#define PANEL_ROWS 256          /* weight rows decoded together (8 of api.c's chunks of 32) */
+#define PANEL_ROWS 256          /* weight rows decoded together, at most (a chunk may hold fewer) */
 #define K_C 128                 /* columns per panel slice */
 #define MR 8                    /* weight rows per micro-tile */
 #define MAX_GROUPS 3            /* x groups per micro-tile: 8 x 3 accumulators + 3 x = 27 zmm */
@@ -167,7 +169,7 @@ void ql_gemm_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_en
     for (int64_t n0 = n_begin; n0 < n_end; n0 += PANEL_ROWS) {
         const int64_t rows = n_end - n0 < PANEL_ROWS ? n_end - n0 : PANEL_ROWS;
         const float *scales = ql_chunk_scales(w, job->padded_k, n0, rows, scale_scratch);
-        if ((w->nnz && !ql_chunk_row_ptr_ok(w, n0, rows)) || !block_product(job, scales, codebook, n0, rows, panel, acc)) {
+        if (!ql_chunk_row_ptr_ok(w, n0, rows) || !block_product(job, scales, codebook, n0, rows, panel, acc)) {
             ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
             return;
         }

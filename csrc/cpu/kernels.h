@@ -26,7 +26,8 @@ typedef struct {
      * rows of x side by side (chunk.h); at M = 1, x itself. NULL for the AVX-512 GEMM (it adds
      * the outliers to its decoded weights). */
     const float *x_columns;
-    float *scratch;                    /* ql_avx2_scratch_floats / ql_avx512_scratch_floats per thread */
+    float *scratch;                    /* per thread: ql_avx2_scratch_floats, ql_avx512_scratch_floats or
+                                          ql_gemm_avx512_scratch_floats */
     int64_t scratch_floats_per_thread;
     int *status;                       /* QL_OK, or the error a chunk met (chunk.h: a malformed CSR) */
 } ql_matmul_job;

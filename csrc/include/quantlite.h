@@ -133,9 +133,8 @@ QL_API int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t 
 QL_API int ql_cpu_dequantize(const ql_weight *w, void *out, int64_t out_row_stride, int dtype,
                              int n_threads);
 
-/* out (n_end - n_begin, K) = rows [n_begin, n_end) of W, as ql_cpu_dequantize (the prefill path
- * decodes a panel of rows at a time). isa as for ql_cpu_qmatmul: AVX-512 has its own code, AVX2
- * runs the scalar one. */
+/* out (n_end - n_begin, K) = rows [n_begin, n_end) of W, as ql_cpu_dequantize, for a caller that
+ * needs a dense slice of the weight. isa as for ql_cpu_qmatmul: AVX-512 has its own code, AVX2 runs the scalar one. */
 QL_API int ql_cpu_dequantize_rows(const ql_weight *w, int64_t n_begin, int64_t n_end, void *out,
                                   int64_t out_row_stride, int dtype, int isa, int n_threads);
 

@@ -230,7 +230,9 @@ def takes_layer(x: torch.Tensor, w: dict) -> bool:
     GEMM (so the per-op calls run the same kernels)."""
     if not takes(x) or _default_cpu_backend() != "cpu":
         return False
-    return all(type(w.get(f"{name}.weight")) is QWeight for name in LAYER_PROJECTIONS)
+    floats = [w.get(name) for name in LAYER_NORMS + HEAD_NORMS] + [w.get(f"{name}.bias") for name in LAYER_PROJECTIONS]
+    return (all(type(w.get(f"{name}.weight")) is QWeight for name in LAYER_PROJECTIONS)
+            and takes(*(t for t in floats if t is not None)))  # float32 CPU norms and biases, as the per-op path's
 
 
 _ABSENT = object()  # what DecodeLayers.serves compares a weight the layer does not have with

@@ -274,10 +274,11 @@ def self_attention(
     heads, kv_heads = config.num_heads, config.num_kv_heads
     qkv = projections(x, w, "self_attn.qkv_proj")  # (batch, seq, (heads + 2 kv_heads) * head_dim)
     start = time.perf_counter()
-    if seq == 1 and cache is not None and cpu_ops.takes(qkv):  # a CPU decode step: what follows, in one C call
+    head_norms = [w.get("self_attn.q_norm.weight"), w.get("self_attn.k_norm.weight")]  # Qwen3's, else None
+    if seq == 1 and cache is not None and cpu_ops.takes(qkv, *(n for n in head_norms if n is not None)):
+        # a CPU decode step: what follows, in one C call
         out = cpu_ops.decode_attention(qkv, cos, sin, mask, *cache.layer(layer), cache.end(1) - 1,
-                                       heads, config.head_dim**-0.5, w.get("self_attn.q_norm.weight"),
-                                       w.get("self_attn.k_norm.weight"), config.rms_norm_eps)
+                                       heads, config.head_dim**-0.5, *head_norms, config.rms_norm_eps)
     else:
         qkv = qkv.view(batch, seq, heads + 2 * kv_heads, config.head_dim)
         qk = qkv[:, :, : heads + kv_heads]
