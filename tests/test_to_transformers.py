@@ -4,7 +4,13 @@ against quantlite's own streaming runtime on the same packed folder.
 Both run the same float32 math on the same weights: QLinear and the runtime call the same qmatmul on
 the same QWeights, and the runtime's attention, RoPE and norms follow transformers' (test_llama_exact
 holds them to 1e-4 relative in the unquantized case). So the tolerance is that case's 1e-4 relative
-(max |diff| / max |logit|); identical results are what is observed. Greedy tokens must be identical.
+(max |diff| / max |logit|) on the tiny models. Greedy tokens must be identical.
+
+SmolLM2 is worse conditioned: the two sides' float32 roundings differ (transformers' RMSNorm in torch,
+the runtime's in C), and a random pair of token ids at the start of a sequence can drive its large
+activations so that an ulp becomes 1e-4 of the largest logit. Measured over 69 draws of (2, 11) random
+ids: a median of 2e-6, 7e-5 for the worst of 60, and 1.55e-4 for one draw (seed 1488205912; 9.1e-5
+there with session 12's code, before the prefill GEMM): so 1e-3 for SmolLM2.
 """
 from __future__ import annotations
 
@@ -19,14 +25,14 @@ from quantlite.qlinear import QLinear  # noqa: E402
 from test_llama_exact import BASE, build_checkpoint, relative_error  # noqa: E402
 
 
-def assert_matches_runtime(packed_dir, hf_model, generator, vocab: int) -> None:
+def assert_matches_runtime(packed_dir, hf_model, generator, vocab: int, tolerance: float = 1e-4) -> None:
     input_ids = torch.randint(0, vocab, (2, 11), generator=generator)
     prompt = input_ids[0, :6]
     with quantlite.load(packed_dir) as runtime, torch.no_grad():
         expected = runtime(input_ids)
         logits = hf_model(input_ids).logits
         assert logits.dtype == torch.float32 and logits.shape == expected.shape
-        assert relative_error(logits, expected) <= 1e-4
+        assert relative_error(logits, expected) <= tolerance
         greedy = hf_model.generate(prompt[None], max_new_tokens=10, do_sample=False)[0, len(prompt):]
         assert greedy.tolist() == runtime.generate(prompt.tolist(), max_new_tokens=10).token_ids[0]
 
@@ -75,7 +81,7 @@ def test_a_folder_that_is_not_packed_is_refused(tmp_path):
 def test_smollm2_matches_the_runtime(smollm2_gguf, tmp_path, generator):
     quantlite.convert(smollm2_gguf, tmp_path / "packed", progress=False)
     model = quantlite.to_transformers(tmp_path / "packed")
-    assert_matches_runtime(tmp_path / "packed", model, generator, model.config.vocab_size)
+    assert_matches_runtime(tmp_path / "packed", model, generator, model.config.vocab_size, tolerance=1e-3)
 
 
 def test_text_generation_pipeline_answers_as_the_runtime(stories260k_hf, tmp_path):
