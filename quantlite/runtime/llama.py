@@ -332,10 +332,9 @@ def decoder_layer(
     layer: int = 0,
 ) -> torch.Tensor:
     """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
-    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):  # a CPU decode step: what follows, in one C call
-        out = native_decode_layers(x, [w], config, cos, sin, mask, cache, layer)
-        if out is not None:
-            return out
+    out = native_decode_layers(x, [w], config, cos, sin, mask, cache, layer)  # a CPU decode step: in one C call
+    if out is not None:
+        return out
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
 
@@ -351,23 +350,24 @@ def decoder_layers(
     first_layer: int = 0,
 ) -> torch.Tensor:
     """decoder_layer over consecutive model layers first_layer, first_layer + 1, ... (weights `layers`)."""
-    if x.shape[1] == 1 and cache is not None and cpu_ops.takes(x):
-        out = native_decode_layers(x, layers, config, cos, sin, mask, cache, first_layer)
-        if out is not None:
-            return out
+    out = native_decode_layers(x, layers, config, cos, sin, mask, cache, first_layer)
+    if out is not None:
+        return out
     for i, w in enumerate(layers):
         x = decoder_layer(x, w, config, cos, sin, mask, cache, first_layer + i)
     return x
 
 
 def native_decode_layers(x: torch.Tensor, layers: list[dict], config: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
-                         mask: torch.Tensor | None, cache: KVCache, first_layer: int) -> torch.Tensor | None:
+                         mask: torch.Tensor | None, cache: KVCache | None, first_layer: int) -> torch.Tensor | None:
     """decoder_layers' decode step (x (batch, 1, hidden) float32 on the CPU) in one native call, which
     runs the calls the torch code of decoder_layer makes on the CPU (rms_norm, linear,
     decode_attention, silu_mul, the adds) in its order, layer after layer: one ctypes hop for the
-    layers instead of ~10 a layer (docs/runtime.md, "The split of a decode step"). None where the
-    native call does not take these layers (cpu_ops.takes_layer). The call's arguments are packed
-    once per layers and cache (cache.native_layers)."""
+    layers instead of ~10 a layer (docs/runtime.md, "The split of a decode step"). None for anything
+    else (not one position with a cache, or layers cpu_ops.takes_layer refuses): the caller then runs
+    the torch code. The call's arguments are packed once per layers and cache (cache.native_layers)."""
+    if x.shape[1] != 1 or cache is None or not cpu_ops.takes(x):
+        return None
     key = (first_layer, len(layers))
     caches = [cache.layer(first_layer + i) for i in range(len(layers))]
     call = cache.native_layers.get(key)

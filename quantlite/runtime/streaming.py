@@ -568,8 +568,7 @@ class StreamingLlama:
         of the next pass. None when nothing streams."""
         if not self._streamed:  # all resident: asked twice a layer, every step
             return None
-        later = [unit for unit in self._streamed if unit > index]
-        return later[0] if later else (self._streamed[0] if self._streamed else None)
+        return next((unit for unit in self._streamed if unit > index), self._streamed[0])
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (batch, seq) -> (batch, seq, hidden): from the resident table, or from the rows
@@ -616,17 +615,17 @@ class StreamingLlama:
         self._request(self._next_streamed(-1))  # the first streamed unit loads while resident ones run
         x = self._embed(input_ids.to(self.device)) if hidden is None else hidden.to(self.device, self.dtype)  # (batch, seq, hidden)
         resident = [self._resident.get(index) for index in self.layers]
-        all_resident = not self._streamed and None not in resident
-        if all_resident:  # one call for every layer (a CPU decode step: one native call)
+        if not self._streamed and None not in resident:  # one call for every layer (a CPU decode step: one native call)
             x = llama.decoder_layers(x, resident, self.config, cos, sin, mask, cache, self.layers.start)
-        for index in () if all_resident else self.layers:
-            weights = self._unit(index)
-            self._request(self._next_streamed(index))
-            try:
-                x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
-            finally:
-                del weights
-                self._give_back(index)  # a streamed layer's arena is free for the next read
+        else:
+            for index in self.layers:
+                weights = self._unit(index)
+                self._request(self._next_streamed(index))
+                try:
+                    x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
+                finally:
+                    del weights
+                    self._give_back(index)  # a streamed layer's arena is free for the next read
         if cache is not None:
             cache.advance(seq)
         self.stats.passes += 1
