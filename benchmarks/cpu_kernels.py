@@ -6,6 +6,7 @@
     .venv/bin/python -m benchmarks.cpu_kernels --m 1,4,8,16 --no-bnb-matmul   # other batch sizes
     .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
     .venv/bin/python -m benchmarks.cpu_kernels --only decode --packed DIR    # SmolLM2's per-layer calls
+    .venv/bin/python -m benchmarks.cpu_kernels --only qmatmul --isa avx2     # as on an AVX2-only CPU
 
 0. Bandwidth (issue 12): M = 1 on 4096 x 4096 and 11008 x 4096, all threads: the bytes the kernel
    reads per call (codes, scales as stored and the CSR outliers of the compute layout) over its time,
@@ -20,7 +21,12 @@
    csrc/cpu/gemm_avx512.c) against torch fp32 `F.linear` on the dequantized weight and against
    bitsandbytes' CPU `matmul_4bit` on the same weights. Goals: issue 6 (M = 1 >= 2.5x
    torch fp32, >= 10x bitsandbytes; M = 8 >= 2x torch fp32, >= 10x bitsandbytes) and issue 12
-   (prefill not slower than torch fp32).
+   (prefill not slower than torch fp32). --isa avx2 runs the machine as an AVX2-only CPU would: the
+   native calls forced to AVX2 (from M = 16 on its prefill GEMM, csrc/cpu/gemm_avx2.c) and torch's
+   BLAS restricted to AVX2 too (MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
+   ATEN_CPU_CAPABILITY=avx2, set before torch loads: the benchmark starts itself again with them),
+   so the baseline is torch's fp32 F.linear as it runs on such a CPU; the instruction set MKL
+   reports is printed.
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
    computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
@@ -42,7 +48,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,7 +141,29 @@ def bench_bandwidth(repeats: int) -> None:
     del buffer
 
 
-def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
+# What makes torch run as on a CPU with AVX2 and no AVX-512 (read when torch and its BLAS load).
+AVX2_ONLY_ENVIRONMENT = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def mkl_instruction_set() -> str:
+    """The instruction set MKL's sgemm runs with in this process ("AVX2", "AVX-512"), from the banner
+    of its verbose mode (written to file descriptor 1), or "unknown"."""
+    sys.stdout.flush()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
+                torch.nn.functional.linear(torch.ones(4, 64), torch.ones(64, 64))
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        found = re.search(r"\(Intel\(R\) (AVX[^)]*)\)", log.read())
+    return found.group(1) if found else "unknown"
+
+
+def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str) -> None:
     import bitsandbytes
     import bitsandbytes.functional as bnb_functional
 
@@ -140,11 +171,14 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
     # while after each of its calls and slow whatever runs next on the other core, so a native call
     # timed right after one would be charged for bitsandbytes' threads (at 2 threads, M = 1 measured
     # 1.68 ms for 4096 x 4096 after bitsandbytes calls, 1.25 ms after torch's).
-    isa = native.cpu_isa()
-    print(f"\n== qmatmul: ms per call (ratio = baseline / native {isa}, each group timed on its own; "
-          f"'avx2' = the same call forced to AVX2)")
-    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} {'avx2':>8} {'vs fp32':>8} "
-          f"{'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
+    ran = native.cpu_isa() if isa == "auto" else isa
+    also_avx2 = ran != "avx2"
+    forced = "" if isa == "auto" else ", forced"
+    avx2_column = "; 'avx2' = the same call forced to AVX2" if also_avx2 else ""
+    print(f"\n== qmatmul: ms per call (ratio = baseline / native {ran}{forced}, each group timed on its own"
+          f"{avx2_column}); torch's MKL runs {mkl_instruction_set()}")
+    print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} " + (f"{'avx2':>8} " if also_avx2 else "")
+          + f"{'vs fp32':>8} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
         qw = quantize(w, method="nf4", outlier_frac=0.005)
@@ -152,12 +186,13 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int]) -> None:
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
         for m in batch_sizes:
             x = torch.randn(m, k)
-            ours = lambda: native.qmatmul_cpu(x, qw)  # noqa: E731
-            timed = {"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours,
-                     "avx2": lambda: native.qmatmul_cpu(x, qw, isa="avx2")}
+            ours = lambda: native.qmatmul_cpu(x, qw, isa=isa)  # noqa: E731
+            timed = {"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours}
+            if also_avx2:
+                timed["avx2"] = lambda: native.qmatmul_cpu(x, qw, isa="avx2")
             fp32 = interleaved_medians(timed, repeats)
             row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
-                   f"{fp32['avx2'] * 1e3:8.2f} {fp32['torch'] / fp32['native']:7.2f}x")
+                   + (f"{fp32['avx2'] * 1e3:8.2f} " if also_avx2 else "") + f"{fp32['torch'] / fp32['native']:7.2f}x")
             if with_bnb:
                 bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
                                            "native": ours}, repeats)
@@ -284,7 +319,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the native calls use the same count)")
     parser.add_argument("--cpu-time", action="store_true", help="with --threads 1: time the calling thread's CPU time, not the wall clock")
+    parser.add_argument("--isa", choices=["auto", "avx2", "avx512"], default="auto",
+                        help="qmatmul section: force the native calls to this instruction set (default: cpuid's best); "
+                             "avx2 also restricts torch's BLAS to AVX2, as on an AVX2-only CPU")
     args = parser.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(name) != value for name, value in AVX2_ONLY_ENVIRONMENT.items()):
+        os.environ.update(AVX2_ONLY_ENVIRONMENT)  # read only when torch loads: start again with them
+        os.execv(sys.executable, sys.orig_argv)
+    if args.isa != "auto" and args.isa not in native.cpu_isas():
+        raise SystemExit(f"--isa {args.isa}: this CPU has only {', '.join(native.cpu_isas())}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
@@ -294,12 +337,13 @@ def main() -> None:
         CLOCK = time.thread_time
     if native.cpu_status():
         raise SystemExit(f"native CPU library not usable: {native.cpu_status()}")
-    print(f"machine: {describe()}; native isa: {native.cpu_isa()}; "
+    print(f"machine: {describe()}; native isa: {native.cpu_isa()}"
+          f"{'' if args.isa == 'auto' else f' (qmatmul forced to {args.isa})'}; "
           f"clock: {'CPU time of the calling thread' if args.cpu_time else 'wall'}")
     if args.only in (None, "bandwidth"):
         bench_bandwidth(args.repeats)
     if args.only in (None, "qmatmul"):
-        bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")])
+        bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")], args.isa)
     if args.only in (None, "encode"):
         bench_encode(args.repeats)
     if args.only in (None, "decode"):

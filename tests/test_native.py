@@ -72,7 +72,8 @@ def test_qmatmul_sweep_m_and_odd_shapes(generator, isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qmatmul_every_m_up_to_70(generator, isa, dtype):
     # Every M from 1 to 70: each register tile, the AVX-512 kernel's x tiles of 8 rows with every
-    # remainder, its switch to the GEMM (15 / 16), and the AVX2 switches. K = 300 (B = 64): 3 strips of 128 columns, the last short,
+    # remainder, the AVX2 switches (4 / 5, 8 / 9), the switch to either GEMM (15 / 16) and its groups
+    # of 16 (AVX-512) or 8 (AVX2) rows with every remainder and blocks of 1-3 groups. K = 300 (B = 64): 3 strips of 128 columns, the last short,
     # and padding inside the last block; N = 37: an odd number of rows (a weight row tile of 2 plus
     # a single row), no outliers in some rows.
     qw = random_weight(generator, n=37, k=300, block_size=64, outlier_frac=0.003)
@@ -90,7 +91,7 @@ def test_qmatmul_block_sizes_and_k_around_block_multiples(generator, isa, block_
     # blocks straddle the AVX-512 kernel's 128-column strips. K around 128 and 256: whole strips, one
     # column more or less.
     qw = random_weight(generator, n=19, k=k, block_size=block_size)
-    for m in (1, 3, 7, 40):  # 40: the AVX-512 GEMM (M >= 16)
+    for m in (1, 3, 7, 40):  # 40: the GEMM (M >= 16)
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
@@ -103,7 +104,7 @@ def test_qmatmul_k_slices_of_the_register_path(generator, isa, block_size, k):
     # its switch from scaled sums to scaled levels, 8 / 9 the switch to the GEMM. N = 70 leaves a
     # partial chunk of 32 rows; 2 % outliers give 40-80 per row.
     qw = random_weight(generator, n=70, k=k, block_size=block_size, outlier_frac=0.02)
-    for m in (4, 5, 7, 8, 9, 33):  # 33: the AVX-512 GEMM over many K slices
+    for m in (4, 5, 7, 8, 9, 33):  # 33: the GEMM over many K slices
         x = torch.randn(m, k, generator=generator)
         assert_matches_reference(native.qmatmul_cpu(x, qw, isa=isa), x, qw)
 
@@ -133,7 +134,7 @@ def test_wide_rows_with_int32_columns_and_a_single_short_row(generator, isa, n, 
 @pytest.mark.parametrize("isa", ISAS)
 def test_strided_x_and_out_leave_the_gaps_alone(generator, isa):
     qw = random_weight(generator, n=23, k=100)
-    for m in (6, 20):  # 20: the AVX-512 GEMM's packing of x
+    for m in (6, 20):  # 20: the GEMM's packing of x
         wide_x = torch.randn(m, 130, generator=generator)
         x = wide_x[:, 10:110]                              # (m, 100), row stride 130
         wide_out = torch.full((m, 31), float("nan"))
@@ -152,13 +153,14 @@ def test_leading_dimensions_and_empty_input(generator):
     assert native.qmatmul_cpu(torch.empty(0, 70), qw).shape == (0, 29)
 
 
-def test_thread_counts_give_identical_results(generator):
+@pytest.mark.parametrize("isa", ISAS)
+def test_thread_counts_give_identical_results(generator, isa):
     # each output element is computed by one thread in a fixed order: bitwise equal for any count
-    # (M = 16, 40, 130: the AVX-512 GEMM, whose blocks of 256 rows each thread cuts differently)
+    # (M = 16, 40, 130: the GEMM, whose blocks of 256 rows each thread cuts differently)
     qw = random_weight(generator, n=700, k=512)  # 700 * 512 weights: above the parallel threshold
     for m in (1, 6, 16, 40, 130):
         x = torch.randn(m, 512, generator=generator)
-        results = [native.qmatmul_cpu(x, qw, n_threads=t) for t in (1, 2, 3)]
+        results = [native.qmatmul_cpu(x, qw, isa=isa, n_threads=t) for t in (1, 2, 3)]
         assert all(torch.equal(results[0], r) for r in results[1:])
         assert_matches_reference(results[0], x, qw)
 
@@ -190,7 +192,7 @@ def test_codes_ending_at_a_page_boundary_are_not_overread(generator, isa):
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     qw = random_weight(generator, n=5, k=448, block_size=64, outlier_frac=0.0)  # 224 bytes a row: 3.5 strips
-    for m in (3, 17):  # 17: the AVX-512 GEMM, whose last K slice (448 = 3 x 128 + 64) is short
+    for m in (3, 17):  # 17: the GEMM, whose last K slice (448 = 3 x 128 + 64) is short
         x = torch.randn(m, 448, generator=generator)
         child = context.Process(target=_qmatmul_with_guarded_codes, args=(queue, qw, x, isa))
         child.start()
@@ -303,7 +305,7 @@ def test_every_m_up_to_130_through_the_dispatch(generator, dtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, k, block_size", [(300, 1000, 64), (131, 383, 128), (37, 1056, 48), (9, 4096, 256)])
 def test_gemm_sizes_over_its_blocks(generator, isa, n, k, block_size):
-    # The AVX-512 GEMM's row blocks (the pool's chunks of these N) and 128-column K slices (1000 =
+    # The GEMM's row blocks (the pool's chunks of these N) and 128-column K slices (1000 =
     # 7 x 128 + 104; 1056 = 8 x 128 + 32 with B = 48 straddling slices), at M = 16, 47 and 100.
     qw = random_weight(generator, n=n, k=k, block_size=block_size, outlier_frac=0.01)
     for m in (16, 47, 100):
@@ -323,6 +325,23 @@ def test_gemm_blocks_of_256_rows_within_one_chunk(generator, isa):
     tall = random_weight(generator, n=1100, k=200, outlier_frac=0.01)
     x = torch.randn(17, 200, generator=generator)
     assert_matches_reference(native.qmatmul_cpu(x, tall, isa=isa, n_threads=1), x, tall)
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(native.cpu_isas()), reason="needs a CPU with AVX2 and AVX-512")
+def test_the_two_gemms_agree_bitwise(generator):
+    # gemm_avx2.c and gemm_avx512.c run one plan (gemm.h): the same float32 weights and one FMA chain
+    # over k in order per output, so their results are equal to the bit for any M from the switch on
+    # (groups of 8 and of 16 rows, every remainder), outliers, a short last K slice, double-quantized
+    # ("quantlite") and float16 / float32 scales.
+    double_quantized = random_weight(generator, n=300, k=1000, block_size=64, outlier_frac=0.02, method="quantlite")
+    plain = random_weight(generator, n=300, k=1000, block_size=64, outlier_frac=0.02, method="nf4")  # float32 scales
+    half = QWeight(**{**plain.__dict__, "scales": plain.scales.to(torch.float16)})
+    for weight in (double_quantized, plain, half):
+        for m in (16, 17, 24, 33, 47, 64, 70):
+            x = torch.randn(m, 1000, generator=generator)
+            avx2 = native.qmatmul_cpu(x, weight, isa="avx2")
+            assert torch.equal(avx2, native.qmatmul_cpu(x, weight, isa="avx512")), f"M = {m}"
+            assert_matches_reference(avx2, x, weight)
 
 
 def test_bad_arguments_name_the_sizes(generator):

@@ -79,7 +79,7 @@ def test_many_outliers_span_the_kernels_pieces(generator, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [1, 3, 20])  # 20: the AVX-512 GEMM, which adds outliers to its decoded panel
+@pytest.mark.parametrize("m", [1, 3, 20])  # 20: the GEMMs, which add outliers to their decoded panels
 def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
     qw = random_weight(generator, n=70, k=64, outlier_frac=0.05)
     bad_col = qw.outlier_cols.clone()
@@ -120,8 +120,8 @@ def test_a_malformed_csr_is_refused_as_it_is_read(generator, isa, m):
         assert_matches_reference(y, x, without)
 
 
-@pytest.mark.skipif("avx512" not in native.cpu_isas(), reason="the AVX-512 GEMM needs an AVX-512 CPU")
-def test_the_gemm_refuses_outlier_columns_out_of_order(generator):
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa.values[0] != "scalar"])  # the GEMMs' (gemm.h)
+def test_the_gemm_refuses_outlier_columns_out_of_order(generator, isa):
     # The GEMM walks each row's outliers once as its 128-column slices pass, so it relies on the
     # format's ascending columns: a row whose columns fall back to an earlier slice is refused, not
     # summed wrongly or dropped. (The other kernels sum a row's outliers in any order.)
@@ -132,11 +132,11 @@ def test_the_gemm_refuses_outlier_columns_out_of_order(generator):
     vals = torch.tensor([1.0, -2.0]).to(torch.float16)
     unsorted = QWeight(**{**qw.__dict__, "outlier_row_ptr": row_ptr, "outlier_cols": cols, "outlier_vals": vals})
     with pytest.raises(native.NativeKernelError, match="outlier CSR is malformed"):
-        native.qmatmul_cpu(torch.randn(20, 300), unsorted, isa="auto")
+        native.qmatmul_cpu(torch.randn(20, 300), unsorted, isa=isa)
     ordered = QWeight(**{**unsorted.__dict__, "outlier_cols": torch.tensor([5, 200], dtype=torch.int32).to(torch.uint16),
                          "outlier_vals": vals.flip(0)})
     x = torch.randn(20, 300, generator=generator)
-    assert_matches_reference(native.qmatmul_cpu(x, ordered), x, ordered)
+    assert_matches_reference(native.qmatmul_cpu(x, ordered, isa=isa), x, ordered)
 
 
 def test_a_bad_storage_tag_is_refused(generator):

@@ -1,6 +1,7 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
- * qmatmul_avx2.c, qmatmul_avx512.c and gemm_avx512.c (AVX-512 from QL_GEMM_MIN_M rows of x). */
+ * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
+ * QL_GEMM_MIN_M rows of x). */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,34 +85,44 @@ static void gemm_chunk_avx512(void *job, int64_t begin, int64_t end, int thread_
     ql_gemm_rows_avx512((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
-/* The kernel a vector call runs: the AVX2 one, the AVX-512 GEMV / small-M tiles, or the AVX-512
- * prefill GEMM (gemm_avx512.c) from QL_GEMM_MIN_M rows of x on. */
-enum { KERNEL_AVX2, KERNEL_AVX512, KERNEL_GEMM_AVX512 };
-
-static int vector_kernel(int isa, int64_t m) {
-    if (isa == QL_ISA_AVX2) return KERNEL_AVX2;
-    return m >= QL_GEMM_MIN_M ? KERNEL_GEMM_AVX512 : KERNEL_AVX512;
+static void gemm_chunk_avx2(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_gemm_rows_avx2((const ql_matmul_job *)job, begin, end, thread_index);
 }
 
+/* The kernel a vector call runs: per instruction set, the GEMV / small-M kernel, or the prefill GEMM
+ * (gemm.h) from QL_GEMM_MIN_M rows of x on. */
+enum { KERNEL_AVX2, KERNEL_AVX512, KERNEL_GEMM_AVX2, KERNEL_GEMM_AVX512 };
+
+static int vector_kernel(int isa, int64_t m) {
+    if (m >= QL_GEMM_MIN_M) return isa == QL_ISA_AVX2 ? KERNEL_GEMM_AVX2 : KERNEL_GEMM_AVX512;
+    return isa == QL_ISA_AVX2 ? KERNEL_AVX2 : KERNEL_AVX512;
+}
+
+static int is_gemm(int kernel) { return kernel == KERNEL_GEMM_AVX2 || kernel == KERNEL_GEMM_AVX512; }
+
+/* Rows of x per group of a GEMM's x_packed (kernels.h). */
+static int64_t gemm_x_group(int kernel) { return kernel == KERNEL_GEMM_AVX2 ? QL_GEMM_AVX2_X_GROUP : QL_GEMM_AVX512_X_GROUP; }
+
 /* Floats of x_packed for each kernel (kernels.h); the AVX-512 one covers whole 128-column strips,
- * the GEMM's whole groups of 16 rows. */
+ * the GEMMs' whole groups of rows. */
 static int64_t x_packed_floats(const ql_matmul_job *job, int kernel) {
     if (kernel == KERNEL_AVX2) return job->m * job->padded_k;
-    if (kernel == KERNEL_GEMM_AVX512) return (job->m + QL_GEMM_X_GROUP - 1) / QL_GEMM_X_GROUP * QL_GEMM_X_GROUP * job->padded_k;
+    if (is_gemm(kernel)) return (job->m + gemm_x_group(kernel) - 1) / gemm_x_group(kernel) * gemm_x_group(kernel) * job->padded_k;
     return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
 }
 
 /* x (M, K) in any dtype -> x_packed in the kernel's order (kernels.h), every padding column zero,
- * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row); the GEMM
+ * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row); a GEMM
  * adds the outliers to its weights and needs no x_columns (NULL). */
 static void pack_x(const ql_matmul_job *job, int kernel, float *x_packed, int64_t x_packed_count, float *x_columns) {
     const int64_t k = job->w->k, m_rows = job->m;
     memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
-    if (kernel == KERNEL_GEMM_AVX512) {
+    if (is_gemm(kernel)) {
+        const int64_t group = gemm_x_group(kernel);
         for (int64_t m = 0; m < m_rows; ++m) {
             const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
-            float *row = x_packed + ql_gemm_x_position(0, m, job->padded_k);
-            for (int64_t c = 0; c < k; ++c) row[c * QL_GEMM_X_GROUP] = ql_load(x_row, job->dtype, c);
+            float *row = x_packed + ql_gemm_x_position(0, m, job->padded_k, group);
+            for (int64_t c = 0; c < k; ++c) row[c * group] = ql_load(x_row, job->dtype, c);
         }
         return;
     }
@@ -197,17 +208,19 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     const int kernel = vector_kernel(isa, m);
     job.scratch_floats_per_thread = aligned_floats(kernel == KERNEL_AVX2 ? ql_avx2_scratch_floats(&job)
                                                    : kernel == KERNEL_AVX512 ? ql_avx512_scratch_floats(&job)
+                                                   : kernel == KERNEL_GEMM_AVX2 ? ql_gemm_avx2_scratch_floats(&job)
                                                    : ql_gemm_avx512_scratch_floats(&job));
-    const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, kernel)), x_columns_count = kernel == KERNEL_GEMM_AVX512 ? 0 : aligned_floats(m * w->k);
+    const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, kernel)), x_columns_count = is_gemm(kernel) ? 0 : aligned_floats(m * w->k);
     float *buffer = call_buffer(sizeof(float) * (size_t)(x_packed_count + x_columns_count + job.scratch_floats_per_thread * threads));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
     float *x_packed = buffer, *x_columns = buffer + x_packed_count;  /* x_packed 64-byte aligned: aligned loads */
     pack_x(&job, kernel, x_packed, x_packed_count, x_columns);
     job.x_packed = x_packed;
-    job.x_columns = kernel == KERNEL_GEMM_AVX512 ? NULL : x_columns;
+    job.x_columns = is_gemm(kernel) ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;
     ql_parallel_for(w->n, grain, threads, kernel == KERNEL_AVX2 ? qmatmul_chunk_avx2
-                                          : kernel == KERNEL_AVX512 ? qmatmul_chunk_avx512 : gemm_chunk_avx512, &job);
+                                          : kernel == KERNEL_AVX512 ? qmatmul_chunk_avx512
+                                          : kernel == KERNEL_GEMM_AVX2 ? gemm_chunk_avx2 : gemm_chunk_avx512, &job);
     release_call_buffer(buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }

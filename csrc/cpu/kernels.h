@@ -19,15 +19,15 @@ typedef struct {
      * in which the AVX2 kernel decodes weights, padding columns zero. M <= 8: (Kp / 8, M, 8), per
      * group the M rows side by side (the register path reads them together); M > 8: (M, Kp), row
      * after row (the GEMM's x tiles, measured faster so at K = 11008). AVX-512: tiles of 8 rows
-     * in strips of 128 columns (ql_avx512_x_position); its GEMM: groups of 16 rows
-     * (ql_gemm_x_position). */
+     * in strips of 128 columns (ql_avx512_x_position); the GEMMs: groups of 16 (AVX-512) or 8
+     * (AVX2) rows (ql_gemm_x_position). */
     const float *x_packed;
     /* (K, M) float32, AVX2 and AVX-512: x transposed, so that the outliers of a column meet its M
-     * rows of x side by side (chunk.h); at M = 1, x itself. NULL for the AVX-512 GEMM (it adds
-     * the outliers to its decoded weights). */
+     * rows of x side by side (chunk.h); at M = 1, x itself. NULL for the GEMMs (they add the
+     * outliers to their decoded weights). */
     const float *x_columns;
-    float *scratch;                    /* per thread: ql_avx2_scratch_floats, ql_avx512_scratch_floats or
-                                          ql_gemm_avx512_scratch_floats */
+    float *scratch;                    /* per thread: ql_avx2_scratch_floats, ql_avx512_scratch_floats,
+                                          ql_gemm_avx512_scratch_floats or ql_gemm_avx2_scratch_floats */
     int64_t scratch_floats_per_thread;
     int *status;                       /* QL_OK, or the error a chunk met (chunk.h: a malformed CSR) */
 } ql_matmul_job;
@@ -67,14 +67,18 @@ static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, i
     return tile * QL_AVX512_X_TILE * strips * QL_AVX512_STRIP + ((strip * 8 + v) * x_rows + m % QL_AVX512_X_TILE) * 16 + lane;
 }
 
-/* The prefill GEMM (gemm_avx512.c) from this many rows of x on, where cpuid reports AVX-512 F;
- * its x_packed: (G, Kp, 16), G = ceil(M / 16), group g = rows 16g .. 16g + 15 side by side per
- * column, rows past M zero. */
+/* The prefill GEMM (gemm.h: gemm_avx512.c, gemm_avx2.c) from this many rows of x on, with either
+ * instruction set (the crossover from the small-M kernels: AVX-512 M = 12: tiles 10.0 ms, GEMM 13.7;
+ * M = 16: 11.3 and 10.2; AVX2 M = 9: its old GEMM 8.8 ms, this one 14.2; M = 16: 14.0 and 14.4,
+ * 4096 x 4096, one thread); its x_packed: (G, Kp, group), G = ceil(M / group), group g = rows
+ * group * g .. group * (g + 1) - 1 side by side per column, rows past M zero; group = the floats of
+ * a vector. */
 #define QL_GEMM_MIN_M 16
-#define QL_GEMM_X_GROUP 16
+#define QL_GEMM_AVX512_X_GROUP 16
+#define QL_GEMM_AVX2_X_GROUP 8
 
-static inline int64_t ql_gemm_x_position(int64_t k, int64_t m, int64_t padded_k) {
-    return ((m / QL_GEMM_X_GROUP) * padded_k + k) * QL_GEMM_X_GROUP + m % QL_GEMM_X_GROUP;
+static inline int64_t ql_gemm_x_position(int64_t k, int64_t m, int64_t padded_k, int64_t group) {
+    return ((m / group) * padded_k + k) * group + m % group;
 }
 
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */
@@ -97,6 +101,8 @@ void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n
 int64_t ql_avx512_scratch_floats(const ql_matmul_job *job);
 void ql_gemm_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 int64_t ql_gemm_avx512_scratch_floats(const ql_matmul_job *job);
+void ql_gemm_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_gemm_avx2_scratch_floats(const ql_matmul_job *job);
 void ql_dequantize_rows_scalar(const ql_dequantize_job *job, int64_t begin, int64_t end);
 void ql_dequantize_rows_avx512(const ql_dequantize_job *job, int64_t begin, int64_t end);
 void ql_encode_rows_scalar(const ql_encode_job *job, int64_t n_begin, int64_t n_end);

@@ -39,9 +39,11 @@
  *       shorter runs per row.
  *     The 8-lane totals go to a (rows, M, 8) buffer; per output row they are reduced to one vector
  *     (lane m = row m of x) with horizontal adds.
- *   GEMM, M > 8 (prefill): per chunk of QL_ROW_GRAIN weight rows and a slice of K, decode (and
- *       scale) the slice into a float buffer (L1/L2), then a 3 x 4 register tile (3 rows of x, 4
- *       weight rows, 12 accumulators) runs over it: each decoded weight is reused by all M rows.
+ *   GEMM, 8 < M < QL_GEMM_MIN_M (short prefill chunks): per chunk of QL_ROW_GRAIN weight rows and
+ *       a slice of K, decode (and scale) the slice into a float buffer (L1/L2), then a 3 x 4
+ *       register tile (3 rows of x, 4 weight rows, 12 accumulators) runs over it: each decoded
+ *       weight is reused by all M rows. From QL_GEMM_MIN_M rows on api.c calls the prefill GEMM of
+ *       gemm_avx2.c instead (it decodes each weight once per call, with a lower cost per row of x).
  * Outliers: per chunk, before the dense part, their sums against every row of x (chunk.h); each
  * output adds its row's. */
 #include <immintrin.h>
@@ -218,7 +220,7 @@ static inline __attribute__((always_inline)) void register_rows(const ql_matmul_
     }
 }
 
-/* ---------------------------------------------------------------- GEMM (M > 8) */
+/* ---------------------------------------------------------------- GEMM (8 < M < QL_GEMM_MIN_M) */
 /* Weight row n (float32 scales at scale_row), columns [k0, k0 + length) (whole blocks), dequantized
  * and scaled into out, in x_packed's column order. */
 static void decode_slice(const ql_weight *w, const level_planes *planes, int64_t kp, int64_t n,
