@@ -9,14 +9,15 @@
  *             GEMM_GROUP g .. GEMM_GROUP (g + 1) - 1 of x side by side per column
  *             (ql_gemm_x_position; rows past M and columns past K zero), packed once per call by
  *             api.c. A group's K_C columns are one contiguous run (8 / 4 KiB at K_C = 128).
- *   panel     (PANEL_ROWS, K_C) float32 per thread: 256 weight rows, columns [k0, k0 + K_C), decoded
+ *   panel     (ACC_ROWS, K_C) float32 per thread: 256 weight rows, columns [k0, k0 + K_C), decoded
  *             and scaled (the level times the block's scale: the float32 product of
  *             QWeight.dequantize) with the row's outliers in those columns added (as dequantize
  *             does), natural column order; 128 KiB, in L2. Each weight is decoded once per call and
  *             then used by every group of x: at M = 64 one decode feeds 64 FMA lanes. Scales as
  *             float32 (chunk.h's ql_chunk_scales: the stored array, or its float16 / double-quantized
- *             form decoded).
- *   acc       (G, PANEL_ROWS, GEMM_GROUP) float32 per thread: lane j of (g, r) = y[GEMM_GROUP g + j,
+ *             form decoded). ACC_ROWS = 256 rounded up to whole micro-tiles (rows past a block's
+ *             end zero, never stored).
+ *   acc       (G, ACC_ROWS, GEMM_GROUP) float32 per thread: lane j of (g, r) = y[GEMM_GROUP g + j,
  *             n0 + r] so far, carried from one K_C slice to the next, rounded to x's dtype when
  *             written out.
  * Micro-kernel (the vector file's gemm_micro_tile): GEMM_MR weight rows x V = 1..GEMM_MAX_GROUPS
@@ -28,6 +29,12 @@
  * for each K_C slice: decode the panel; for each block of V groups of x: for each GEMM_MR rows of the
  * panel: K_C columns of FMAs. A block's x (V x 8 KiB or 4 KiB) stays in L1 over the panel's
  * micro-tiles; the panel and acc (M x 1 KiB) in L2; all of x (M x K floats) is read once per block.
+ * Software prefetch: while a slice's panel is decoded, each row's codes and scales of the next
+ * slice (the rows are 2 KiB apart at K = 4096, a stride the hardware prefetchers do not follow:
+ * without it the AVX2 GEMM forced down to M = 1, where the decode is most of the call, took 22 ms
+ * at 4096 x 4096, with it 14; one thread); while
+ * a block of groups runs, the next block's x slice, a few lines per micro-tile (1-7 % at M =
+ * 64-512, both instruction sets, one thread, A/B in one process).
  * Blocks of 32 rows (x read 8 times as often) measured 0.74-0.78x torch fp32 at 4096 x 11008, M =
  * 128, against 1.04-1.05x with 128; 256 rows gained another 0-4 % over 128 (AVX-512, M = 64-512,
  * one and two threads, A/B in one process); K_C = 64 and 256 no better (one thread, loaded machine).
@@ -49,8 +56,8 @@
 
 #define PANEL_ROWS 256          /* weight rows decoded together, at most (a chunk may hold fewer) */
 #define K_C 128                 /* columns per panel slice */
-_Static_assert(GEMM_MAX_GROUPS == 3, "block_product's switch instantiates V = 1 .. 3");
-_Static_assert(PANEL_ROWS % GEMM_MR == 0 && PANEL_ROWS % 16 == 0, "whole micro-tiles, whole output vectors");
+#define ACC_ROWS ((PANEL_ROWS + GEMM_MR - 1) / GEMM_MR * GEMM_MR)  /* the panel's and acc's rows: whole micro-tiles */
+_Static_assert(GEMM_MAX_GROUPS == 2 || GEMM_MAX_GROUPS == 3, "block_product instantiates V = 1 .. 3");
 
 /* The vector file's hooks (its instruction set's code), with GEMM_GROUP, GEMM_MR, GEMM_MAX_GROUPS and
  * the gemm_codebook type (the 16 levels held in registers) defined before this header:
@@ -59,7 +66,7 @@ _Static_assert(PANEL_ROWS % GEMM_MR == 0 && PANEL_ROWS % 16 == 0, "whole micro-t
  *                        column) times `scale`, stored at out (64-byte aligned);
  *   gemm_micro_tile      acc[v][r] += panel[r][0 .. kc) . x group v's columns, r < GEMM_MR, v < V
  *                        (x: group 0 at the slice's first column, groups x_group_stride floats apart;
- *                        acc: group v's rows at acc + v * PANEL_ROWS * GEMM_GROUP);
+ *                        acc: group v's rows at acc + v * ACC_ROWS * GEMM_GROUP);
  *   gemm_store_outputs   y[m, n0 + r] = acc's lane m % GEMM_GROUP of (m / GEMM_GROUP, r), r < rows,
  *                        in the job's dtype. */
 static inline gemm_codebook gemm_load_codebook(const float *codebook);
@@ -72,7 +79,7 @@ static int64_t gemm_groups(const ql_matmul_job *job) { return (job->m + GEMM_GRO
 
 /* Per thread: the panel (64-byte aligned), acc, the decoded scales (chunk.h). */
 static int64_t gemm_scratch_floats(const ql_matmul_job *job) {
-    return 16 + PANEL_ROWS * K_C + gemm_groups(job) * PANEL_ROWS * GEMM_GROUP +
+    return 16 + ACC_ROWS * K_C + gemm_groups(job) * ACC_ROWS * GEMM_GROUP +
            PANEL_ROWS * (job->padded_k / job->w->block_size);
 }
 
@@ -114,7 +121,7 @@ static int block_groups(int64_t left) {
     return left >= GEMM_MAX_GROUPS ? (left == 4 ? 2 : GEMM_MAX_GROUPS) : (int)left;
 }
 
-/* acc (G, PANEL_ROWS, GEMM_GROUP) = weight rows [n0, n0 + rows) against every group of x, over all
+/* acc (G, ACC_ROWS, GEMM_GROUP) = weight rows [n0, n0 + rows) against every group of x, over all
  * of K: slice by slice, the panel decoded, then every block of V groups over it. 0 on a malformed
  * outlier table. */
 static int block_product(const ql_matmul_job *job, const float *scales, gemm_codebook codebook, int64_t n0, int64_t rows,
@@ -125,18 +132,30 @@ static int block_product(const ql_matmul_job *job, const float *scales, gemm_cod
     int64_t next[PANEL_ROWS];
     for (int64_t r = 0; r < rows; ++r) next[r] = w->row_ptr[n0 + r];
     memset(panel + rows * K_C, 0, sizeof(float) * (size_t)((tile_rows - rows) * K_C));
-    memset(acc, 0, sizeof(float) * (size_t)(groups * PANEL_ROWS * GEMM_GROUP));
+    memset(acc, 0, sizeof(float) * (size_t)(groups * ACC_ROWS * GEMM_GROUP));
     for (int64_t k0 = 0; k0 < kp; k0 += K_C) {
         const int64_t kc = kp - k0 < K_C ? kp - k0 : K_C;
         if (!decode_panel(w, kp, scales, codebook, n0, rows, k0, kc, next, panel)) return 0;
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups(groups - g0)) {
             const float *x = job->x_packed + (g0 * kp + k0) * GEMM_GROUP;
-            float *block_acc = acc + g0 * PANEL_ROWS * GEMM_GROUP;
-            for (int64_t r0 = 0; r0 < tile_rows; r0 += GEMM_MR) {
+            float *block_acc = acc + g0 * ACC_ROWS * GEMM_GROUP;
+            /* the x slice the next block of groups reads (or the first of the next K slice), brought
+             * into L1 a few lines per micro-tile while this block runs: 1-7 % faster at M = 64-512 */
+            const int64_t next_g0 = g0 + block_groups(groups - g0) < groups ? g0 + block_groups(groups - g0) : 0;
+            const int64_t next_k0 = next_g0 ? k0 : k0 + K_C;
+            const int64_t next_groups = next_k0 < kp ? block_groups(groups - next_g0) : 0;
+            const char *next_x = (const char *)(job->x_packed + (next_g0 * kp + (next_groups ? next_k0 : 0)) * GEMM_GROUP);
+            const int64_t lines = next_groups ? (kp - next_k0 < K_C ? kp - next_k0 : K_C) * GEMM_GROUP * 4 / 64 : 0;
+            const int64_t lines_per_tile = (lines + tile_rows / GEMM_MR - 1) / (tile_rows / GEMM_MR);
+            for (int64_t r0 = 0, line = 0; r0 < tile_rows; r0 += GEMM_MR) {
+                for (const int64_t end = line + lines_per_tile < lines ? line + lines_per_tile : lines; line < end; ++line)
+                    for (int64_t v = 0; v < next_groups; ++v) _mm_prefetch(next_x + (v * kp * GEMM_GROUP) * 4 + line * 64, _MM_HINT_T0);
                 switch (block_groups(groups - g0)) {  /* a constant V keeps the accumulators in registers */
                     case 1: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 1); break;
-                    case 2: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 2); break;
-                    default: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 3); break;
+#if GEMM_MAX_GROUPS == 3
+                    case 3: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 3); break;
+#endif
+                    default: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 2); break;
                 }
             }
         }
@@ -151,7 +170,7 @@ static void gemm_rows(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, 
     const ql_weight *w = job->w;
     float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
     float *panel = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *acc = panel + PANEL_ROWS * K_C, *scale_scratch = acc + gemm_groups(job) * PANEL_ROWS * GEMM_GROUP;
+    float *acc = panel + ACC_ROWS * K_C, *scale_scratch = acc + gemm_groups(job) * ACC_ROWS * GEMM_GROUP;
     const gemm_codebook codebook = gemm_load_codebook(w->codebook);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += PANEL_ROWS) {
         const int64_t rows = n_end - n0 < PANEL_ROWS ? n_end - n0 : PANEL_ROWS;

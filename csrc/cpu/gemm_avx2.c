@@ -9,10 +9,13 @@
  * each 8 columns take two lookups (levels 0-7 and 8-15, each in one register) and a vblendvps on bit
  * 3 (shifted up to the sign bit); then the multiply by the block's scale and a store. About 10
  * instructions per 8 weights, which feed M FMA lanes each: a few percent of the call from M = 64 on.
- * Micro-kernel: MR = 4 weight rows x V = 1..3 groups of 8 x rows (4 x 3 = 12 ymm accumulators, 3 x
- * vectors, 1 broadcast: all 16 registers; BLIS haswell's 6 x 16 turned around); per column k: V
- * vector loads of x, 4 vbroadcastss of panel[r][k] (a load port each) and 4 V FMAs: 7 loads per 12
- * FMAs at V = 3, so the two FMA ports bound it.
+ * Micro-kernel: MR = 6 weight rows x V = 1..2 groups of 8 x rows (6 x 2 = 12 ymm accumulators, 2 x
+ * vectors, 1 broadcast: 15 of the 16 registers; BLIS haswell's 6 x 16 with the operands turned
+ * around); per column k: V vector loads of x, 6 vbroadcastss of panel[r][k] (a load port each) and
+ * 6 V FMAs: 8 loads per 12 FMAs, so the two FMA ports bound it. A 256-row block is 43 micro-tiles,
+ * the last with 2 zero rows (gemm.h's ACC_ROWS). 4 x 24 (12 accumulators, 3 x vectors: all 16
+ * registers, 7 loads per 12 FMAs) measured 3 % slower in a C loop over one block and 0-5 % slower
+ * in the benchmark (one thread, loaded machine).
  * Output: per x row, 8 weight rows' lanes gathered (stride 8 floats) and stored as one vector
  * (float32) or rounded by ql_store. */
 #include <immintrin.h>
@@ -20,8 +23,8 @@
 #include "kernels.h"
 
 #define GEMM_GROUP QL_GEMM_AVX2_X_GROUP
-#define GEMM_MR 4               /* weight rows per micro-tile */
-#define GEMM_MAX_GROUPS 3       /* x groups per micro-tile: 4 x 3 accumulators + 3 x + 1 broadcast = 16 ymm */
+#define GEMM_MR 6               /* weight rows per micro-tile */
+#define GEMM_MAX_GROUPS 2       /* x groups per micro-tile: 6 x 2 accumulators + 2 x + 1 broadcast = 15 ymm */
 typedef struct {
     __m256 low, high;           /* levels 0-7, 8-15 */
 } gemm_codebook;
@@ -54,7 +57,7 @@ static inline __attribute__((always_inline)) void gemm_micro_tile(const float *p
                                                                   int64_t kc, float *acc, const int V) {
     __m256 c[GEMM_MR][GEMM_MAX_GROUPS];
     for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) c[r][v] = _mm256_load_ps(acc + (v * PANEL_ROWS + r) * GEMM_GROUP);
+        for (int v = 0; v < V; ++v) c[r][v] = _mm256_load_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP);
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
         __m256 b[GEMM_MAX_GROUPS];
@@ -65,13 +68,13 @@ static inline __attribute__((always_inline)) void gemm_micro_tile(const float *p
         }
     }
     for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) _mm256_store_ps(acc + (v * PANEL_ROWS + r) * GEMM_GROUP, c[r][v]);
+        for (int v = 0; v < V; ++v) _mm256_store_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP, c[r][v]);
 }
 
 static void gemm_store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
     const __m256i row_lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(GEMM_GROUP));
     for (int64_t m = 0; m < job->m; ++m) {
-        const float *lanes = acc + (m / GEMM_GROUP) * PANEL_ROWS * GEMM_GROUP + m % GEMM_GROUP;
+        const float *lanes = acc + (m / GEMM_GROUP) * ACC_ROWS * GEMM_GROUP + m % GEMM_GROUP;
         const int64_t y_row = m * job->y_row_stride + n0;
         for (int64_t r0 = 0; r0 < rows; r0 += 8) {
             const __m256i real = lanes_below(rows - r0);

@@ -35,7 +35,7 @@ static inline __attribute__((always_inline)) void gemm_micro_tile(const float *p
                                                                   int64_t kc, float *acc, const int V) {
     __m512 c[GEMM_MR][GEMM_MAX_GROUPS];
     for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) c[r][v] = _mm512_load_ps(acc + (v * PANEL_ROWS + r) * GEMM_GROUP);
+        for (int v = 0; v < V; ++v) c[r][v] = _mm512_load_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP);
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
         __m512 b[GEMM_MAX_GROUPS];
@@ -46,14 +46,14 @@ static inline __attribute__((always_inline)) void gemm_micro_tile(const float *p
         }
     }
     for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) _mm512_store_ps(acc + (v * PANEL_ROWS + r) * GEMM_GROUP, c[r][v]);
+        for (int v = 0; v < V; ++v) _mm512_store_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP, c[r][v]);
 }
 
 static void gemm_store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
     const __m512i row_lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                  _mm512_set1_epi32(GEMM_GROUP));
     for (int64_t m = 0; m < job->m; ++m) {
-        const float *lanes = acc + (m / GEMM_GROUP) * PANEL_ROWS * GEMM_GROUP + m % GEMM_GROUP;
+        const float *lanes = acc + (m / GEMM_GROUP) * ACC_ROWS * GEMM_GROUP + m % GEMM_GROUP;
         const int64_t y_row = m * job->y_row_stride + n0;
         for (int64_t r0 = 0; r0 < rows; r0 += 16) {
             const __mmask16 real = lanes_below(rows - r0);
