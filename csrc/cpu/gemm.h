@@ -20,7 +20,7 @@
  *   acc       (G, ACC_ROWS, GEMM_GROUP) float32 per thread: lane j of (g, r) = y[GEMM_GROUP g + j,
  *             n0 + r] so far, carried from one K_C slice to the next, rounded to x's dtype when
  *             written out.
- * Micro-kernel (the vector file's gemm_micro_tile): GEMM_MR weight rows x V = 1..GEMM_MAX_GROUPS
+ * Micro-kernel (micro_tile, in the vector file's operations): GEMM_MR weight rows x V = 1..GEMM_MAX_GROUPS
  * groups of x rows; per column k: V vector loads of x, GEMM_MR broadcasts of panel[r][k] (a load
  * port each, no shuffle) and GEMM_MR V FMAs into registers held over the whole slice.
  * Loop nest per block of up to PANEL_ROWS weight rows (a thread's rows of y come in api.c's chunks,
@@ -59,21 +59,16 @@
 #define ACC_ROWS ((PANEL_ROWS + GEMM_MR - 1) / GEMM_MR * GEMM_MR)  /* the panel's and acc's rows: whole micro-tiles */
 _Static_assert(GEMM_MAX_GROUPS == 2 || GEMM_MAX_GROUPS == 3, "block_product instantiates V = 1 .. 3");
 
-/* The vector file's hooks (its instruction set's code), with GEMM_GROUP, GEMM_MR, GEMM_MAX_GROUPS and
- * the gemm_codebook type (the 16 levels held in registers) defined before this header:
+/* What the vector file defines before it includes this header (its instruction set's code):
+ *   GEMM_GROUP, GEMM_MR, GEMM_MAX_GROUPS (above), the gemm_codebook type (the 16 levels held in
+ *   registers) and the gemm_vector type (GEMM_GROUP floats);
  *   gemm_load_codebook   the 16 float32 levels into registers;
  *   gemm_levels16        16 consecutive columns' levels (code bytes at `bytes`, low nibble = even
  *                        column) times `scale`, stored at out (64-byte aligned);
- *   gemm_micro_tile      acc[v][r] += panel[r][0 .. kc) . x group v's columns, r < GEMM_MR, v < V
- *                        (x: group 0 at the slice's first column, groups x_group_stride floats apart;
- *                        acc: group v's rows at acc + v * ACC_ROWS * GEMM_GROUP);
- *   gemm_store_outputs   y[m, n0 + r] = acc's lane m % GEMM_GROUP of (m / GEMM_GROUP, r), r < rows,
- *                        in the job's dtype. */
-static inline gemm_codebook gemm_load_codebook(const float *codebook);
-static inline void gemm_levels16(const uint8_t *bytes, gemm_codebook codebook, float scale, float *out);
-static inline void gemm_micro_tile(const float *panel, const float *x, int64_t x_group_stride, int64_t kc,
-                                   float *acc, const int V);
-static void gemm_store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows);
+ *   gemm_load, gemm_broadcast, gemm_fmadd, gemm_store   an aligned vector load, *p in every lane,
+ *                        a * b + c fused, an aligned vector store (the micro-kernel's operations);
+ *   gemm_gather_lanes    out[i] = lanes[i * GEMM_GROUP] for i < count <= GEMM_GROUP (one gather and
+ *                        one masked store: the outputs of `count` weight rows for one row of x). */
 
 static int64_t gemm_groups(const ql_matmul_job *job) { return (job->m + GEMM_GROUP - 1) / GEMM_GROUP; }
 
@@ -115,6 +110,27 @@ static int decode_panel(const ql_weight *w, int64_t padded_k, const float *scale
     return 1;
 }
 
+/* acc[v][r] += panel[r][0 .. kc) . x group v's columns, r < GEMM_MR, v < V (x: group 0 at the
+ * slice's first column, groups x_group_stride floats apart; acc: group v's rows at
+ * acc + v * ACC_ROWS * GEMM_GROUP). GEMM_MR x V accumulators held in registers over the slice. */
+static inline __attribute__((always_inline)) void micro_tile(const float *panel, const float *x, int64_t x_group_stride,
+                                                             int64_t kc, float *acc, const int V) {
+    gemm_vector c[GEMM_MR][GEMM_MAX_GROUPS];
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int v = 0; v < V; ++v) c[r][v] = gemm_load(acc + (v * ACC_ROWS + r) * GEMM_GROUP);
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k) {
+        gemm_vector b[GEMM_MAX_GROUPS];
+        for (int v = 0; v < V; ++v) b[v] = gemm_load(x + v * x_group_stride + k * GEMM_GROUP);
+        for (int r = 0; r < GEMM_MR; ++r) {
+            const gemm_vector a = gemm_broadcast(panel + r * K_C + k);
+            for (int v = 0; v < V; ++v) c[r][v] = gemm_fmadd(a, b[v], c[r][v]);
+        }
+    }
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int v = 0; v < V; ++v) gemm_store(acc + (v * ACC_ROWS + r) * GEMM_GROUP, c[r][v]);
+}
+
 /* Groups per micro-tile for the `left` groups still to do: GEMM_MAX_GROUPS (3), but 4 as 2 + 2 (never
  * a lone 1 after 3s: one group is load-bound, GEMM_MR broadcasts + 1 load per GEMM_MR FMAs). */
 static int block_groups(int64_t left) {
@@ -151,11 +167,11 @@ static int block_product(const ql_matmul_job *job, const float *scales, gemm_cod
                 for (const int64_t end = line + lines_per_tile < lines ? line + lines_per_tile : lines; line < end; ++line)
                     for (int64_t v = 0; v < next_groups; ++v) _mm_prefetch(next_x + (v * kp * GEMM_GROUP) * 4 + line * 64, _MM_HINT_T0);
                 switch (block_groups(groups - g0)) {  /* a constant V keeps the accumulators in registers */
-                    case 1: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 1); break;
+                    case 1: micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 1); break;
 #if GEMM_MAX_GROUPS == 3
-                    case 3: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 3); break;
+                    case 3: micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 3); break;
 #endif
-                    default: gemm_micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 2); break;
+                    default: micro_tile(panel + r0 * K_C, x, kp * GEMM_GROUP, kc, block_acc + r0 * GEMM_GROUP, 2); break;
                 }
             }
         }
@@ -163,6 +179,26 @@ static int block_product(const ql_matmul_job *job, const float *scales, gemm_cod
     for (int64_t r = 0; r < rows; ++r)
         if (next[r] != w->row_ptr[n0 + r + 1]) return 0;  /* an entry out of order was never added */
     return 1;
+}
+
+/* y[m, n0 + r] = acc's lane m % GEMM_GROUP of (m / GEMM_GROUP, r), r < rows: per x row, GEMM_GROUP
+ * weight rows at a time gathered and stored as one vector (float32) or rounded by ql_store (3-4 %
+ * faster at M = 64-128 than one by one, AVX-512). */
+static void store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
+    for (int64_t m = 0; m < job->m; ++m) {
+        const float *lanes = acc + (m / GEMM_GROUP) * ACC_ROWS * GEMM_GROUP + m % GEMM_GROUP;
+        const int64_t y_row = m * job->y_row_stride + n0;
+        for (int64_t r0 = 0; r0 < rows; r0 += GEMM_GROUP) {
+            const int64_t count = rows - r0 < GEMM_GROUP ? rows - r0 : GEMM_GROUP;
+            if (job->dtype == QL_F32) {
+                gemm_gather_lanes(lanes + r0 * GEMM_GROUP, count, (float *)job->y + y_row + r0);
+                continue;
+            }
+            float values[GEMM_GROUP];
+            gemm_gather_lanes(lanes + r0 * GEMM_GROUP, count, values);
+            for (int64_t i = 0; i < count; ++i) ql_store(job->y, job->dtype, y_row + r0 + i, values[i]);
+        }
+    }
 }
 
 /* Output rows [n_begin, n_end) (one pool chunk), block by block. */
@@ -179,7 +215,7 @@ static void gemm_rows(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, 
             ql_chunk_fail(job, QL_ERR_BAD_OUTLIERS);
             return;
         }
-        gemm_store_outputs(job, acc, n0, rows);
+        store_outputs(job, acc, n0, rows);
     }
 }
 

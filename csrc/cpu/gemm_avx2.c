@@ -16,10 +16,10 @@
  * the last with 2 zero rows (gemm.h's ACC_ROWS). 4 x 24 (12 accumulators, 3 x vectors: all 16
  * registers, 7 loads per 12 FMAs) measured 3 % slower in a C loop over one block and 0-5 % slower
  * in the benchmark (one thread, loaded machine).
- * Output: per x row, 8 weight rows' lanes gathered (stride 8 floats) and stored as one vector
- * (float32) or rounded by ql_store. */
+ * Output (gemm.h's store_outputs): 8 weight rows' lanes gathered (stride 8 floats), a masked store. */
 #include <immintrin.h>
 
+#include "chunk.h"
 #include "kernels.h"
 
 #define GEMM_GROUP QL_GEMM_AVX2_X_GROUP
@@ -29,7 +29,14 @@ typedef struct {
     __m256 low, high;           /* levels 0-7, 8-15 */
 } gemm_codebook;
 
-#include "gemm.h"
+/* the micro-kernel's operations (gemm.h) */
+typedef __m256 gemm_vector;
+static inline __attribute__((always_inline)) gemm_vector gemm_load(const float *p) { return _mm256_load_ps(p); }
+static inline __attribute__((always_inline)) gemm_vector gemm_broadcast(const float *p) { return _mm256_broadcast_ss(p); }
+static inline __attribute__((always_inline)) gemm_vector gemm_fmadd(gemm_vector a, gemm_vector b, gemm_vector c) {
+    return _mm256_fmadd_ps(a, b, c);
+}
+static inline __attribute__((always_inline)) void gemm_store(float *p, gemm_vector v) { _mm256_store_ps(p, v); }
 
 static inline gemm_codebook gemm_load_codebook(const float *codebook) {
     return (gemm_codebook){_mm256_loadu_ps(codebook), _mm256_loadu_ps(codebook + 8)};
@@ -53,43 +60,13 @@ static inline __attribute__((always_inline)) void gemm_levels16(const uint8_t *b
     _mm256_store_ps(out + 8, _mm256_mul_ps(levels8(second, codebook), scale_vector));
 }
 
-static inline __attribute__((always_inline)) void gemm_micro_tile(const float *panel, const float *x, int64_t x_group_stride,
-                                                                  int64_t kc, float *acc, const int V) {
-    __m256 c[GEMM_MR][GEMM_MAX_GROUPS];
-    for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) c[r][v] = _mm256_load_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP);
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; ++k) {
-        __m256 b[GEMM_MAX_GROUPS];
-        for (int v = 0; v < V; ++v) b[v] = _mm256_load_ps(x + v * x_group_stride + k * GEMM_GROUP);
-        for (int r = 0; r < GEMM_MR; ++r) {
-            const __m256 a = _mm256_broadcast_ss(panel + r * K_C + k);
-            for (int v = 0; v < V; ++v) c[r][v] = _mm256_fmadd_ps(a, b[v], c[r][v]);
-        }
-    }
-    for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) _mm256_store_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP, c[r][v]);
+static inline __attribute__((always_inline)) void gemm_gather_lanes(const float *lanes, int64_t count, float *out) {
+    const __m256i stride = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(GEMM_GROUP));
+    const __m256i real = lanes_below(count);
+    _mm256_maskstore_ps(out, real, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), lanes, stride, _mm256_castsi256_ps(real), 4));
 }
 
-static void gemm_store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
-    const __m256i row_lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(GEMM_GROUP));
-    for (int64_t m = 0; m < job->m; ++m) {
-        const float *lanes = acc + (m / GEMM_GROUP) * ACC_ROWS * GEMM_GROUP + m % GEMM_GROUP;
-        const int64_t y_row = m * job->y_row_stride + n0;
-        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-            const __m256i real = lanes_below(rows - r0);
-            const __m256 values = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), lanes + r0 * GEMM_GROUP, row_lanes,
-                                                           _mm256_castsi256_ps(real), 4);
-            if (job->dtype == QL_F32) {
-                _mm256_maskstore_ps((float *)job->y + y_row + r0, real, values);
-                continue;
-            }
-            float rounded[8];
-            _mm256_storeu_ps(rounded, values);
-            for (int64_t i = 0; i < 8 && r0 + i < rows; ++i) ql_store(job->y, job->dtype, y_row + r0 + i, rounded[i]);
-        }
-    }
-}
+#include "gemm.h"
 
 int64_t ql_gemm_avx2_scratch_floats(const ql_matmul_job *job) { return gemm_scratch_floats(job); }
 

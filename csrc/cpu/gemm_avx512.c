@@ -10,10 +10,10 @@
  * vectors, 1 broadcast); per column k: V vector loads of x, 8 vbroadcastss of panel[r][k] (a load
  * port each, no shuffle) and 8 V FMAs. From V = 2 on the two FMA ports bound it, not the loads (11
  * loads per 24 FMAs at V = 3); 4 x 6 tiles (10 loads per 24) measured the same.
- * Output: per x row, 16 weight rows' lanes gathered (stride 16 floats) and stored as one vector
- * (float32) or rounded by ql_store; 3-4 % faster at M = 64-128 than one by one. */
+ * Output (gemm.h's store_outputs): 16 weight rows' lanes gathered (stride 16 floats), a masked store. */
 #include <immintrin.h>
 
+#include "chunk.h"
 #include "kernels.h"
 #include "levels_avx512.h"
 
@@ -22,7 +22,14 @@
 #define GEMM_MAX_GROUPS 3       /* x groups per micro-tile: 8 x 3 accumulators + 3 x = 27 zmm */
 typedef __m512 gemm_codebook;
 
-#include "gemm.h"
+/* the micro-kernel's operations (gemm.h) */
+typedef __m512 gemm_vector;
+static inline __attribute__((always_inline)) gemm_vector gemm_load(const float *p) { return _mm512_load_ps(p); }
+static inline __attribute__((always_inline)) gemm_vector gemm_broadcast(const float *p) { return _mm512_set1_ps(*p); }
+static inline __attribute__((always_inline)) gemm_vector gemm_fmadd(gemm_vector a, gemm_vector b, gemm_vector c) {
+    return _mm512_fmadd_ps(a, b, c);
+}
+static inline __attribute__((always_inline)) void gemm_store(float *p, gemm_vector v) { _mm512_store_ps(p, v); }
 
 static inline gemm_codebook gemm_load_codebook(const float *codebook) { return _mm512_loadu_ps(codebook); }
 
@@ -31,43 +38,14 @@ static inline __attribute__((always_inline)) void gemm_levels16(const uint8_t *b
     _mm512_store_ps(out, _mm512_mul_ps(ql_avx512_levels16(bytes, codebook), _mm512_set1_ps(scale)));
 }
 
-static inline __attribute__((always_inline)) void gemm_micro_tile(const float *panel, const float *x, int64_t x_group_stride,
-                                                                  int64_t kc, float *acc, const int V) {
-    __m512 c[GEMM_MR][GEMM_MAX_GROUPS];
-    for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) c[r][v] = _mm512_load_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP);
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; ++k) {
-        __m512 b[GEMM_MAX_GROUPS];
-        for (int v = 0; v < V; ++v) b[v] = _mm512_load_ps(x + v * x_group_stride + k * GEMM_GROUP);
-        for (int r = 0; r < GEMM_MR; ++r) {
-            const __m512 a = _mm512_set1_ps(panel[r * K_C + k]);
-            for (int v = 0; v < V; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
-        }
-    }
-    for (int r = 0; r < GEMM_MR; ++r)
-        for (int v = 0; v < V; ++v) _mm512_store_ps(acc + (v * ACC_ROWS + r) * GEMM_GROUP, c[r][v]);
+static inline __attribute__((always_inline)) void gemm_gather_lanes(const float *lanes, int64_t count, float *out) {
+    const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(GEMM_GROUP));
+    const __mmask16 real = lanes_below(count);
+    _mm512_mask_storeu_ps(out, real, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, stride, lanes, 4));
 }
 
-static void gemm_store_outputs(const ql_matmul_job *job, const float *acc, int64_t n0, int64_t rows) {
-    const __m512i row_lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(GEMM_GROUP));
-    for (int64_t m = 0; m < job->m; ++m) {
-        const float *lanes = acc + (m / GEMM_GROUP) * ACC_ROWS * GEMM_GROUP + m % GEMM_GROUP;
-        const int64_t y_row = m * job->y_row_stride + n0;
-        for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-            const __mmask16 real = lanes_below(rows - r0);
-            const __m512 values = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, row_lanes, lanes + r0 * GEMM_GROUP, 4);
-            if (job->dtype == QL_F32) {
-                _mm512_mask_storeu_ps((float *)job->y + y_row + r0, real, values);
-                continue;
-            }
-            float rounded[16];
-            _mm512_storeu_ps(rounded, values);
-            for (int64_t i = 0; i < 16 && r0 + i < rows; ++i) ql_store(job->y, job->dtype, y_row + r0 + i, rounded[i]);
-        }
-    }
-}
+#include "gemm.h"
 
 int64_t ql_gemm_avx512_scratch_floats(const ql_matmul_job *job) { return gemm_scratch_floats(job); }
 
