@@ -69,8 +69,8 @@ static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, i
 
 /* The prefill GEMM (gemm.h: gemm_avx512.c, gemm_avx2.c) from this many rows of x on, with either
  * instruction set (the crossover from the small-M kernels: AVX-512 M = 12: tiles 10.0 ms, GEMM 13.7;
- * M = 16: 11.3 and 10.2; AVX2, the GEMM's first form, before its prefetches: M = 9: its old GEMM
- * 8.8 ms, this one 14.2; M = 16: 14.0 and 14.4; 4096 x 4096, one thread); its x_packed: (G, Kp, group), G = ceil(M / group), group g = rows
+ * M = 16: 11.3 and 10.2; AVX2 M = 12: its old GEMM 14.5 ms, this one 17.4; M = 16: 18.0 and 17.6;
+ * 4096 x 4096, one thread); its x_packed: (G, Kp, group), G = ceil(M / group), group g = rows
  * group * g .. group * (g + 1) - 1 side by side per column, rows past M zero; group = the floats of
  * a vector. */
 #define QL_GEMM_MIN_M 16
