@@ -185,7 +185,7 @@ def convert(
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file, the string "random" for uniformly random token ids (seeded,
+    `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
     with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
     16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
