@@ -24,6 +24,7 @@ part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,14 +42,19 @@ SELF_CALIBRATION_PROMPTS = ("The", "In 1998,", "Once upon a time", "Scientists h
                             "def main():", "Dear", "The following", "According to", "She said", "In mathematics,",
                             "The city of", "Chapter 1", "Breaking news:", "My favorite")
 SELF_CALIBRATION_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 0}
-# calibration="random" (convert --calibration random): windows of token ids drawn uniformly (seeded) from the
-# tokenizer's vocabulary (tokenizer.json's, added tokens included) without its special tokens; no text, no
-# generation. Their E[x x^T] is trusted less than a text's: RANDOM_CALIBRATION_PRIOR x mean(diag) is added to
-# its diagonal (with_identity_prior), which measured better than GPTQ's usual 1 % (docs/accuracy.md,
-# "Calibration on random tokens").
+# calibration="random" (convert --calibration random): windows of token ids drawn (seeded) from the tokenizer's
+# vocabulary (tokenizer.json's, added tokens included) without its special tokens; no text, no generation. Ids are
+# drawn by a Zipf-like law of their frequency rank r (token_frequency_ranks: a BPE tokenizer learns its merges in
+# order of frequency), p(r) ~ (r + RANDOM_TOKEN_RANK_OFFSET) ** -RANDOM_TOKEN_EXPONENT, closer to a text's token
+# frequencies than uniform draws (exponent 0). Their E[x x^T] is trusted less than a text's:
+# RANDOM_CALIBRATION_PRIOR x mean(diag) is added to its diagonal (with_identity_prior), which measured better than
+# GPTQ's usual 1 % (docs/accuracy.md, "Calibration on random tokens").
 RANDOM_CALIBRATION = "random"
 RANDOM_CALIBRATION_SEED = 0
 RANDOM_CALIBRATION_PRIOR = 1.0
+RANDOM_TOKEN_EXPONENT = 1.0
+RANDOM_TOKEN_RANK_OFFSET = 10.0
+BYTE_FALLBACK_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece's byte tokens in tokenizer.json
 # Windows of 512 random tokens by default: 4 measured as good as 16 on both study models, at a quarter of the
 # calibration's cost (docs/accuracy.md); a text or the model's own samples default to TEXT_CALIBRATION_WINDOWS.
 RANDOM_CALIBRATION_WINDOWS = 4
@@ -180,16 +186,59 @@ def sampled_calibration_text(write_float_copy: Callable[[], object], scratch: Pa
     return "\n\n".join(prompt + text for prompt, text in zip(prompts, result.texts))
 
 
-def random_token_ids(vocabulary_size: int, excluded: list[int], count: int, seed: int = RANDOM_CALIBRATION_SEED) -> torch.Tensor:
-    """(count,) int64 token ids drawn uniformly, with a seeded generator, from range(vocabulary_size)
-    without the ids in `excluded` (the tokenizer's special tokens)."""
+def random_token_ids(vocabulary_size: int, excluded: list[int], count: int, seed: int = RANDOM_CALIBRATION_SEED,
+                     ranks: torch.Tensor | None = None, exponent: float | None = None,
+                     offset: float | None = None) -> torch.Tensor:
+    """(count,) int64 token ids drawn with a seeded generator from range(vocabulary_size) without the
+    ids in `excluded` (the tokenizer's special tokens): id i with probability proportional to
+    (ranks[i] + offset) ** -exponent (defaults RANDOM_TOKEN_RANK_OFFSET, RANDOM_TOKEN_EXPONENT), `ranks`
+    ((vocabulary_size,) int64, 0 = most frequent) as token_frequency_ranks gives; uniformly without
+    `ranks` or with exponent 0."""
+    exponent = RANDOM_TOKEN_EXPONENT if exponent is None else exponent
+    offset = RANDOM_TOKEN_RANK_OFFSET if offset is None else offset
+    if ranks is not None and ranks.shape != (vocabulary_size,):
+        raise CalibrationError(f"token ranks have shape {tuple(ranks.shape)}, expected ({vocabulary_size},)")
+    if not (exponent >= 0 and offset > 0):
+        raise CalibrationError(f"the token law needs an exponent >= 0 and an offset > 0, got {exponent} and {offset}")
     allowed = torch.ones(vocabulary_size, dtype=torch.bool)
     allowed[[i for i in excluded if 0 <= i < vocabulary_size]] = False
     choices = allowed.nonzero().squeeze(1)  # (V',) int64
     if choices.numel() == 0:
         raise CalibrationError(f"the tokenizer's {vocabulary_size} ids are all special tokens: nothing to draw from")
     generator = torch.Generator().manual_seed(seed)
-    return choices[torch.randint(choices.numel(), (count,), generator=generator)]
+    if ranks is None or exponent == 0:
+        return choices[torch.randint(choices.numel(), (count,), generator=generator)]
+    weights = (ranks[choices].double() + offset) ** -exponent  # (V',) float64, unnormalised
+    return choices[torch.multinomial(weights, count, replacement=True, generator=generator)]
+
+
+def token_frequency_ranks(model: dict, vocabulary_size: int) -> torch.Tensor:
+    """(vocabulary_size,) int64 frequency rank of each token id (0 = most frequent, ties allowed) from a
+    tokenizer.json "model" entry, without any text: a BPE tokenizer learns its merges in order of
+    frequency, so a token ranks at the first merge it takes part in (as one of the two parts or as the
+    result: a base byte or character of a frequent merge is itself frequent). Tokens in no merge (added
+    tokens, characters never merged) and ids the vocabulary lacks rank after all of them, in id order,
+    and byte fallback tokens ("<0x41>", only used for what the vocabulary cannot spell) last; a tokenizer
+    that is not BPE ranks its tokens in id order."""
+    vocabulary = model.get("vocab") if model.get("type") == "BPE" else None
+    merges = model.get("merges", []) if vocabulary is not None else []
+    unranked = len(merges)
+    first_merge = [unranked] * vocabulary_size
+    for order, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge  # "a b" (older files) or [a, b]
+        for token in (left, right, left + right):
+            token_id = vocabulary.get(token)
+            if token_id is not None and token_id < vocabulary_size:
+                first_merge[token_id] = min(first_merge[token_id], order)
+    ranks = torch.tensor(first_merge, dtype=torch.int64)  # (vocabulary_size,)
+    byte_fallback = torch.zeros(vocabulary_size, dtype=torch.bool)
+    if vocabulary is not None and model.get("byte_fallback"):
+        byte_fallback[[i for token, i in vocabulary.items() if BYTE_FALLBACK_TOKEN.fullmatch(token) and i < vocabulary_size]] = True
+    in_no_merge = ranks == unranked
+    late = torch.cat([(in_no_merge & ~byte_fallback).nonzero().squeeze(1),  # (L,) ids: the others in id order,
+                      (in_no_merge & byte_fallback).nonzero().squeeze(1)])  # then the byte fallback tokens
+    ranks[late] = unranked + torch.arange(late.numel())
+    return ranks
 
 
 def with_identity_prior(second_moment: torch.Tensor, weight: float) -> torch.Tensor:

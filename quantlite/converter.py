@@ -50,7 +50,8 @@ from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, con
 from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
 from quantlite.calibration import (
-    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS,
+    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS, RANDOM_TOKEN_EXPONENT,
+    RANDOM_TOKEN_RANK_OFFSET,
     SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, TEXT_CALIBRATION_WINDOWS,
 )
 from quantlite.model_config import ATTENTION_PROJECTIONS, EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
@@ -184,7 +185,7 @@ def convert(
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file, the string "random" for uniformly random token ids (seeded,
+    `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
     with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
     16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
@@ -395,6 +396,7 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
         return {"file": SELF_CALIBRATION, "windows": windows, "ctx": ctx, "sampling": SELF_CALIBRATION_SAMPLING}
     if _is_random_calibration(text_file):
         return {"file": RANDOM_CALIBRATION, "windows": windows, "ctx": ctx, "seed": RANDOM_CALIBRATION_SEED,
+                "exponent": RANDOM_TOKEN_EXPONENT, "rank_offset": RANDOM_TOKEN_RANK_OFFSET,
                 "identity_prior": RANDOM_CALIBRATION_PRIOR}
     path = Path(text_file)
     if not path.is_file():
@@ -415,7 +417,7 @@ def _is_random_calibration(text_file) -> bool:
 def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict, progress: bool) -> torch.Tensor:
     """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
     for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR)."""
-    from quantlite.calibration import random_token_ids, sampled_calibration_text
+    from quantlite.calibration import random_token_ids, sampled_calibration_text, token_frequency_ranks
     from quantlite.runtime.generate import GenerationError, Tokenizer
 
     if _is_random_calibration(text_file):  # the vocabulary of the tokenizer already written into OUT
@@ -425,7 +427,9 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
             raise ConversionError(f"--calibration random needs the model's vocabulary: {error}") from error
         special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
         vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
-        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"])
+        ranks = token_frequency_ranks(json.loads(backend.to_str())["model"], vocabulary)
+        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"],
+                                ranks, calibration["exponent"], calibration["rank_offset"])
     from transformers import AutoTokenizer  # a text or "self": the source's own tokenizer, as transformers reads it
 
     folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)

@@ -2,11 +2,14 @@
 Linear's input over the text, reached through the layers before as written (quantized), then every
 Linear quantized with it exactly as quantize(w, importance=...) does; recorded in the manifest."""
 
+import json
+
 import pytest
 import torch
 
 from quantlite.calibration import (
-    RANDOM_CALIBRATION_PRIOR, CalibrationError, collect_input_stats, iter_layer_input_stats, random_token_ids, with_identity_prior,
+    RANDOM_CALIBRATION_PRIOR, RANDOM_TOKEN_EXPONENT, RANDOM_TOKEN_RANK_OFFSET, collect_input_stats, iter_layer_input_stats,
+    random_token_ids, token_frequency_ranks, with_identity_prior,
 )
 from quantlite.converter import convert
 from quantlite.errors import ConversionError
@@ -103,23 +106,6 @@ def test_self_calibration_samples_its_own_text_reproducibly(stories260k_hf, tmp_
     assert (tmp_path / "a" / shard).read_bytes() != (tmp_path / "plain" / shard).read_bytes()  # it calibrated
 
 
-def test_random_token_ids_are_seeded_uniform_and_never_special(generator):
-    vocabulary = int(torch.randint(50, 400, (1,), generator=generator))
-    excluded = torch.randperm(vocabulary, generator=generator)[:int(torch.randint(1, 20, (1,), generator=generator))].tolist()
-    seed = int(torch.randint(2**31, (1,), generator=generator))
-    ids = random_token_ids(vocabulary, excluded + [vocabulary + 5], 200 * vocabulary, seed)
-    assert ids.dtype == torch.int64 and ids.shape == (200 * vocabulary,)
-    assert torch.equal(ids, random_token_ids(vocabulary, excluded, 200 * vocabulary, seed))  # seeded
-    counts = torch.bincount(ids, minlength=vocabulary)
-    assert int(counts[excluded].sum()) == 0
-    allowed = counts[[i for i in range(vocabulary) if i not in excluded]].double()
-    # uniform: each allowed id's count is Binomial(n, 1/V'); 6 standard deviations around its mean
-    n, p = ids.numel(), 1 / allowed.numel()
-    assert float((allowed - n * p).abs().max()) < 6 * (n * p * (1 - p)) ** 0.5
-    with pytest.raises(CalibrationError, match="all special tokens"):
-        random_token_ids(3, [0, 1, 2], 10)
-
-
 def test_random_calibration_quantizes_layer_0_with_the_statistics_of_random_tokens(stories260k_hf, tmp_path):
     """convert(calibration="random"): layer 0 is quantized with E[x x^T] over the seeded random windows (the
     ids random_token_ids gives; transformers' forward pass agrees to float rounding) plus the identity
@@ -128,10 +114,12 @@ def test_random_calibration_quantizes_layer_0_with_the_statistics_of_random_toke
 
     summary = convert(stories260k_hf, tmp_path / "packed", calibration="random", calibration_windows=3,
                       calibration_ctx=64, progress=False)
-    assert summary.manifest["quantization"]["calibration"] == {"file": "random", "windows": 3, "ctx": 64, "seed": 0,
-                                                               "identity_prior": RANDOM_CALIBRATION_PRIOR}
+    assert summary.manifest["quantization"]["calibration"] == {
+        "file": "random", "windows": 3, "ctx": 64, "seed": 0, "exponent": RANDOM_TOKEN_EXPONENT,
+        "rank_offset": RANDOM_TOKEN_RANK_OFFSET, "identity_prior": RANDOM_CALIBRATION_PRIOR}
     tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)  # its special tokens are tokenizer.json's
-    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 3 * 64, seed=0)
+    ranks = token_frequency_ranks(json.loads((stories260k_hf / "tokenizer.json").read_text())["model"], len(tokenizer))
+    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 3 * 64, 0, ranks)
     stats = next(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=64, max_windows=3, progress=False))[1]
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     hooked = collect_input_stats(model, ids, ctx=64, max_windows=3, full=True, progress=False)
@@ -156,7 +144,9 @@ def test_random_token_statistics_lower_the_layer_output_error_on_real_text(stori
     tokenizer = AutoTokenizer.from_pretrained(stories260k_hf)
     real = collect_input_stats(model, tokenizer(calibration_text.read_text(), return_tensors="pt").input_ids[0],
                                ctx=256, max_windows=4, full=True, progress=False)
-    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 4 * 256, int(torch.randint(2**31, (1,), generator=generator)))
+    ranks = token_frequency_ranks(json.loads((stories260k_hf / "tokenizer.json").read_text())["model"], len(tokenizer))
+    ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, 4 * 256, int(torch.randint(2**31, (1,), generator=generator)),
+                           ranks)
     random = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
 
     def output_error(w, qw, h):  # float64

@@ -81,8 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self|random",
                         help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
                              "converted in order, each on the text as it leaves the quantized layers before it; "
-                             "must not overlap text you evaluate on. 'random': on uniformly random token ids "
-                             "(seeded; no data, no generation). 'self': on text the model samples itself "
+                             "must not overlap text you evaluate on. 'random': on random token ids (seeded; no data, "
+                             "no generation), drawn by a Zipf-like law of their frequency rank, which a BPE tokenizer's "
+                             "merge order gives (docs/convert.md). 'self': on text the model samples itself "
                              "(no data needed, but runs the float model; a file named self or random is ./self, ./random)")
     parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=None,
                         help="windows of calibration text (default 16; 4 with --calibration random, as good there)")
