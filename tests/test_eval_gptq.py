@@ -186,7 +186,7 @@ def test_matches_the_float64_reference(generator, monkeypatch, act_order):
     flat = out_rows * k + out_cols
     assert bool((flat[1:] > flat[:-1]).all())  # sorted by row then column
     # float32 against float64: a rounding tie can flip a code and what follows in its row; measured
-    # 0-2 differing weights out of 4608 over 40 draws, so 1 % catches any wrong update or order
+    # 0-1 differing weights out of 4608 over 60 draws (both orders), so 1 % catches any wrong update or order
     differing = (ours - reference).abs() > 1e-3 * w.abs().max()
     assert int(differing.sum()) <= 0.01 * n * k
     assert int((reference_exact[out_rows, out_cols]).sum()) >= 50 - 3
@@ -208,7 +208,7 @@ def test_salient_outliers_beat_magnitude_outliers(generator):
     assert by_saliency[1].numel() == count
     errors = [output_error(w, Reconstruction(reconstructed(*result[:1], scales, codebook, *result[1:], block_size)), h)
               for result in (by_magnitude, by_saliency)]
-    # measured ratio 0.80-0.90 over 30 draws; an inverted or random choice lands above 1
+    # measured ratio 0.74-0.89 over 30 draws; an inverted or random choice lands above 1
     assert errors[1] < 0.95 * errors[0]
 
 
