@@ -43,10 +43,16 @@ class Row:
     calibrated: bool | str = False               # importance = E[x x^T] of the layer input; "diagonal", "random*": see quantizer_for, measure
     group: str = "main"                          # main, outliers, block size, ablation, rotation, codebook (study only)
     per_type: dict = field(default_factory=dict)  # tensor type ("q_proj", ...) -> options that override `options`
+    # module constants set while the row is measured, "module.NAME" -> value (GPTQ's settings, which
+    # quantize() takes no argument for)
+    settings: dict = field(default_factory=dict)
 
 
 QKV_32 = {t: {"block_size": 32} for t in ("q_proj", "k_proj", "v_proj")}
 QKVO_32 = {t: {"block_size": 32} for t in ("q_proj", "k_proj", "v_proj", "o_proj")}
+# GPTQ as it was before issue 16's goal 2 (all outliers chosen before the scales, columns in order):
+# the setting the outlier, block-size and ablation sweeps were measured with
+BEFORE_GOAL2 = {"quantlite.quantizer.PRE_SCALE_SHARE": 1.0, "quantlite.gptq.ACT_ORDER": False}
 ROWS = [
     Row("fp32", "unquantized (float32)"),
     Row("rtn", "RTN int4 absmax, g64", {"method": "rtn"}),
@@ -87,16 +93,26 @@ ROWS = [
         {"method": "quantlite"}, "random", "main", QKVO_32),
     Row("cal-random-noprior", "calibrated GPTQ on random token ids (one pass; GPTQ's 1 % damping only), q/k/v/o_proj at block 32",
         {"method": "quantlite"}, "random-noprior", "main", QKVO_32),
-    Row("default", "**quantlite default**: calibrated GPTQ, up to 1 % outliers within 4.5 bits/weight, scale search, DQ, g64",
+    Row("default", "**quantlite default**: calibrated GPTQ (act-order), up to 1 % outliers within 4.5 bits/weight (half chosen in the GPTQ pass by saliency), scale search, DQ, g64",
         {"method": "quantlite"}, True),
-    *[Row(f"of-{f}", f"calibrated GPTQ with {100 * f:g} % outliers (no bit cap)", {"method": "quantlite", "outlier_frac": f}, True, "outliers")
+    # issue 16, goal 2: the GPTQ pass before (outliers all chosen before the scales, natural column
+    # order) and each of the two changes alone
+    Row("cal-before-spqr", "calibrated default before issue 16's goal 2 (outliers all chosen before the scales, columns in order)",
+        {"method": "quantlite"}, True, "outliers", settings=BEFORE_GOAL2),
+    Row("cal-act-order", "calibrated: + act-order only (outliers all chosen before the scales)",
+        {"method": "quantlite"}, True, "outliers", settings={"quantlite.quantizer.PRE_SCALE_SHARE": 1.0}),
+    Row("cal-salient", "calibrated: + half the outliers chosen in the GPTQ pass by saliency only (columns in order)",
+        {"method": "quantlite"}, True, "outliers", settings={"quantlite.gptq.ACT_ORDER": False}),
+    Row("cal-salient-all", "calibrated: all outliers chosen in the GPTQ pass by saliency, act-order",
+        {"method": "quantlite"}, True, "outliers", settings={"quantlite.quantizer.PRE_SCALE_SHARE": 0.0}),
+    *[Row(f"of-{f}", f"calibrated GPTQ with {100 * f:g} % outliers (no bit cap)", {"method": "quantlite", "outlier_frac": f}, True, "outliers", settings=BEFORE_GOAL2)
       for f in (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02)],
     *[Row(f"bs-{b}", f"the calibrated default with block size {b} (outliers within 4.5 bits/weight)",
-          {"method": "quantlite", "block_size": b}, True, "block size") for b in (32, 128)],
+          {"method": "quantlite", "block_size": b}, True, "block size", settings=BEFORE_GOAL2) for b in (32, 128)],
     Row("diag", "ablation: (K,) importance only (0.5 % weighted outliers, weighted scale search, no GPTQ)",
         {"method": "quantlite", "outlier_frac": 0.005}, "diagonal", "ablation"),
     Row("no-search", "ablation: calibrated GPTQ, 0.5 % outliers, no scale search (absmax scales)",
-        {"method": "quantlite", "scale_search": False, "outlier_frac": 0.005}, True, "ablation"),
+        {"method": "quantlite", "scale_search": False, "outlier_frac": 0.005}, True, "ablation", settings=BEFORE_GOAL2),
     Row("nf4-of", "ablation: plain NF4 + 0.5 % largest-magnitude outliers, no search",
         {"method": "nf4", "outlier_frac": 0.005}, False, "ablation"),
     # Data-free: the block-64 random-sign Hadamard rotation along K (benchmarks/rotation.py)
@@ -229,6 +245,19 @@ def _calibration(model, token_ids: torch.Tensor, ctx: int, cache: Path | None) -
     return stats
 
 
+def _settings(settings: dict):
+    """A context in which each "module.NAME" of `settings` holds its value (restored after)."""
+    import contextlib
+    import importlib
+    from unittest import mock
+
+    stack = contextlib.ExitStack()
+    for path, value in settings.items():
+        module, _, name = path.rpartition(".")
+        stack.enter_context(mock.patch.object(importlib.import_module(module), name, value))
+    return stack
+
+
 def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibration_windows: int, results: dict,
             results_path: Path, calibration_cache: Path | None = None) -> None:
     from quantlite.eval import fake_quantized, perplexity
@@ -261,7 +290,7 @@ def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibrat
 
                 ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, calibration_windows * ctx)
                 random_stats = _calibration(model, ids, ctx, None)
-            with fake_quantized(model, quantizer_for(row), importance=random_stats if on_random else stats) as fake:
+            with _settings(row.settings), fake_quantized(model, quantizer_for(row), importance=random_stats if on_random else stats) as fake:
                 result = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False)
             bits = fake.bits_per_weight
         table["rows"][row.key] = {"label": row.label, "group": row.group, "bits_per_weight": bits, "ppl": result.ppl,

@@ -13,8 +13,17 @@ What is particular to quantlite:
   * the block scales are fixed before the loop (GPTQ's "static groups"): computed from W and, when
     asked, double-quantized, so the stored format is unchanged and the codes use exactly the scales
     a reader decodes;
+  * act-order: columns are rounded in decreasing order of H[j, j] (the columns whose error costs
+    most go first, while the most columns are left to absorb it); with static groups each column
+    still uses its own block's scale, so the stored format does not change;
   * outliers stay exact: at an outlier position the "quantized" value is the current,
-    error-compensated weight, so it adds no error, and that compensated value is what is stored.
+    error-compensated weight, so it adds no error, and that compensated value is what is stored;
+  * outliers chosen in the pass (SpQR, Dettmers et al. 2023): besides those chosen before the scales,
+    `salient_outliers` more are the weights whose rounding costs the output most, by their saliency
+    (w - q(w))^2 / [H_F^-1]_jj = ((w - q(w)) / U[j, j])^2 at the time column j is rounded (w the
+    compensated weight, F the columns not yet rounded). A first pass measures every weight's
+    saliency; the `salient_outliers` largest give each column its number of outliers, and the
+    second pass keeps that many in the column, those with the largest rounding error at that time.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from quantlite.errors import QuantizationInputError
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
 DAMPING = (0.01, 0.1, 1.0)    # fractions of mean(diag H) added to the diagonal, tried in turn
+ACT_ORDER = True              # columns in decreasing H[j, j] (docs/accuracy.md: measured better on SmolLM2)
 
 
 def gptq_codes(
@@ -35,32 +45,69 @@ def gptq_codes(
     outlier_rows: torch.Tensor,
     outlier_cols: torch.Tensor,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    salient_outliers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float32, scales (N, Kp // B) float32 (as decoded), codebook (16,) float32,
-    hessian (K, K) E[x x^T], outliers as (rows, cols) int64 ->
-    codes (N, Kp) uint8 (zero level at outliers and in padding), outlier values (nnz,) float32."""
+    hessian (K, K) E[x x^T], the outliers chosen beforehand as (rows, cols) int64, and how many more
+    to choose in the pass by saliency ->
+    codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
+    (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    padded_k = scales.shape[1] * block_size
-    upper = _inverse_cholesky(hessian, k)                                          # (K, K) float32
-    # Everything is kept transposed, (K, N): column j of W is row j here, so each step of the loop
-    # reads and writes contiguous memory.
-    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T.contiguous()  # (K, N) float32
-    inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    order = column_order(hessian)                                                  # (K,) int64
+    upper = _inverse_cholesky(hessian[order][:, order], k)                         # (K, K) float32
+    # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
+    # here, so each step of the loop reads and writes contiguous memory.
+    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
     is_outlier = torch.zeros(k, n, dtype=torch.bool)
     is_outlier[outlier_cols, outlier_rows] = True
-    has_outlier = is_outlier.any(dim=1).tolist()
+    is_outlier = is_outlier[order]
+    work = w.T.to(torch.float32)[order].contiguous()          # (K, N) updated in place as errors flow down
+    quota = None
+    if salient_outliers > 0:
+        saliency = _gptq_pass(work.clone(), column_scale, codebook, upper, is_outlier.clone())[1]  # (K, N)
+        chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
+        quota = torch.bincount(chosen // n, minlength=k).tolist()
+    codes, _ = _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota)
+    restore = torch.argsort(order)
+    codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
+    zero = int((codebook == 0).nonzero()[0, 0])
+    stored = torch.full((n, scales.shape[1] * block_size), zero, dtype=torch.uint8)  # padding keeps the zero level
+    stored[:, :k] = codes.T
+    rows, cols = is_outlier.T.nonzero(as_tuple=True)          # row-major: sorted by row then column
+    return stored, rows, cols, work[cols, rows]
 
-    work = w.T.to(torch.float32).contiguous()                 # (K, N) updated in place as errors flow down
+
+def column_order(hessian: torch.Tensor) -> torch.Tensor:
+    """The order GPTQ rounds the columns in: (K,) int64, decreasing H[j, j] with ACT_ORDER, else 0..K-1."""
+    if ACT_ORDER:
+        return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    return torch.arange(hessian.shape[0])
+
+
+def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
+    """One pass of error feedback over work (K, N) float32 (changed in place), with column_scale
+    (K, N) and upper (K, K) in processing order; at is_outlier (K, N) bool the weight stays exact.
+    quota: per column, how many more weights to keep exact there (marked in is_outlier), those with
+    the largest rounding error; None: none. -> codes (K, N) uint8, saliency (K, N) float32 (each
+    weight's squared rounding error over U[j, j]^2; 0 at outliers)."""
+    k, n = work.shape
+    inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    has_outlier = is_outlier.any(dim=1).tolist()
     codes = torch.empty(k, n, dtype=torch.uint8)
+    saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
-        errors = torch.empty(end - start, n)                   # (block, N) scaled errors e_j / U[j, j]
+        errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
         for j in range(end - start):
             column = start + j
             x = work[column]
             code = nearest_code(x * inverse_scale[column], codebook)
             quantized = codebook[code.long()] * column_scale[column]
+            if quota is not None and quota[column] > 0:
+                rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
+                is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
+                has_outlier[column] = True
             if has_outlier[column]:
                 keep = is_outlier[column]
                 quantized = torch.where(keep, x, quantized)
@@ -69,9 +116,8 @@ def gptq_codes(
             torch.div(x - quantized, upper[column, column], out=errors[j])
             work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]
         work[end:] -= upper[start:end, end:].T @ errors
-    stored = torch.full((n, padded_k), zero, dtype=torch.uint8)  # padding columns keep the zero level
-    stored[:, :k] = codes.T
-    return stored, work[outlier_cols, outlier_rows]
+        errors.square_()
+    return codes, saliency
 
 
 def _inverse_cholesky(hessian: torch.Tensor, k: int) -> torch.Tensor:

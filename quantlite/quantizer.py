@@ -3,13 +3,15 @@
 The steps, in order (each is a small function below):
   1. check the input (2-D float, finite, sizes) and pad K up to a multiple of the block size;
   2. pick the outliers and take them out of the dense matrix, *before* the scales, so one huge
-     weight no longer stretches its block's scale (quantlite.outliers);
+     weight no longer stretches its block's scale (quantlite.outliers); under GPTQ only part of
+     them, the rest is chosen in step 5 by saliency;
   3. the codebook: the method's (NF4 or int4), or with fit_codebook one fitted to this tensor by
      Lloyd steps alternated with the scale search (quantlite.codebook.lloyd_step), or one given;
      block scales: absmax, optionally a search over shrunken candidates that minimises the block's
      (importance-weighted) squared error, optionally refined by least squares on the chosen codes;
   4. optionally double-quantize the scales to 8 bits (QLoRA), and use the decoded scales from then on;
-  5. codes: the nearest codebook level of w / scale; the zero level at outliers and in padding.
+  5. codes: the nearest codebook level of w / scale, or GPTQ's (which also picks the rest of the
+     outliers); the zero level at outliers and in padding.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class MethodDefaults:
 METHODS: dict[str, MethodDefaults] = {
     # NF4, up to 1 % outliers chosen before the scales (as many as fit 4.5 bits/weight all-in), MSE
     # scale search, double-quantized scales; with importance=E[x x^T] the codes come from GPTQ error
-    # feedback. docs/accuracy.md has what this keeps of plain NF4's perplexity increase, and why.
+    # feedback (act-order), which also chooses half of the outliers. docs/accuracy.md has what this keeps of plain NF4's perplexity increase, and why.
     # Without calibration the converter quantizes the attention projections in blocks of 32 (within
     # the same 4.5 bits, so with fewer outliers): less of NF4's damage on both study models
     # (docs/accuracy.md); calibrated (GPTQ) conversions keep one block size, block 32 being
@@ -84,6 +86,11 @@ FIT_SAMPLE_BLOCKS = 1024
 # Least-squares refinements of each block's scale, s = <a w, l> / <a l, l> for its current levels l,
 # each kept only where it lowers the block's error (llama.cpp's make_qx_quants does the same).
 REFINE_STEPS = 2
+# Under GPTQ (importance (K, K)) this share of the outlier budget is chosen before the scales by
+# magnitude x sqrt(E[x_j^2]), so the largest weights do not stretch their blocks' scales; the rest is
+# chosen inside the GPTQ pass by saliency (quantlite.gptq). Half and half measured best on SmolLM2
+# (docs/accuracy.md, "Outliers chosen in the GPTQ pass").
+PRE_SCALE_SHARE = 0.5
 
 
 def quantize(
@@ -109,8 +116,9 @@ def quantize(
     input over a calibration text (quantlite.calibration), so the error of the layer's output is
     minimised rather than the error of W:
       (K,)   mean x**2 per input column: weights outlier selection and the scale search;
-      (K, K) E[x x^T]: outliers are selected with its diagonal, and the codes are chosen by GPTQ
-             error feedback (quantlite.gptq) — the setting behind docs/accuracy.md's default row.
+      (K, K) E[x x^T]: the codes are chosen by GPTQ error feedback (quantlite.gptq); PRE_SCALE_SHARE
+             of the outliers are selected before the scales with its diagonal, the rest in the GPTQ
+             pass by saliency — the setting behind docs/accuracy.md's default row.
     max_bits_per_weight caps the outlier table so the whole stored tensor (QWeight.nbytes) stays
     within that many bits per weight, when the rest of it leaves room; with outlier_frac left as
     None it defaults to the method's cap (quantlite: 4.5), an explicit outlier_frac is kept as given.
@@ -158,7 +166,8 @@ def quantize(
     n_outliers = round(outlier_frac * n * k)
     if max_bits_per_weight is not None:
         n_outliers = min(n_outliers, _outliers_within(max_bits_per_weight, (n, k), block_size, method, double_quant, scale_dtype))
-    rows, cols = select_outliers(dense[:, :k], n_outliers, block_size, importance)
+    salient = 0 if hessian is None else n_outliers - round(PRE_SCALE_SHARE * n_outliers)
+    rows, cols = select_outliers(dense[:, :k], n_outliers - salient, block_size, importance)
     outlier_vals = dense[rows, cols].to(torch.float16)
     dense[rows, cols] = 0.0
 
@@ -189,7 +198,7 @@ def quantize(
     if hessian is None:
         codes = _encode(blocks, scales.float(), codebook)
     else:
-        codes, compensated = gptq_codes(w.detach().float(), scales.float(), codebook, hessian, rows, cols, block_size)
+        codes, rows, cols, compensated = gptq_codes(w.detach().float(), scales.float(), codebook, hessian, rows, cols, block_size, salient)
         codes = _pack_nibbles(codes)
         outlier_vals = compensated.to(torch.float16)
 
