@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from quantlite.model_config import ModelConfig
 from quantlite.quantizer import _double_quantize
-from quantlite.qweight import QWeight, decode_double_quant
+from quantlite.qweight import QWeight
 
 TUNING_LEARNING_RATE = 1e-3  # Adam, on the log-scales, the outliers and the gains (docs/accuracy.md)
 TUNING_SEED = 0              # the windows' order: a conversion is a pure function of its settings
