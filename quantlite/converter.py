@@ -49,6 +49,7 @@ from quantlite.q8weight import Q8Weight, quantize_int8
 from quantlite.qweight import SCALE_GROUP_SIZE, QWeight, block_size_problem, concat_rows
 from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
+from quantlite.tuning import tune_steps_problem
 from quantlite.calibration import (
     RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS, RANDOM_TOKEN_EXPONENT,
     RANDOM_TOKEN_RANK_OFFSET,
@@ -172,6 +173,7 @@ def convert(
     calibration: str | Path | None = None,
     calibration_windows: int | None = None,
     calibration_ctx: int = 512,
+    tune_steps: int = 0,
     run_jobs: Callable | None = None,
 ) -> ConversionSummary:
     """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
@@ -188,7 +190,9 @@ def convert(
     `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
     with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
     turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
-    16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order. Rerunning after an interruption
+    16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
+    `tune_steps` > 0 then tunes each layer's scales, outliers and norm gains for that many steps
+    towards the float layer's output on those windows (quantlite.tuning). Rerunning after an interruption
     resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
     who converts the files (default: this process or its pool of `workers`; quantlite.distributed.
     convert shares them among torchrun ranks); not used for the layers of a calibrated conversion.
@@ -199,8 +203,11 @@ def convert(
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
                                float_dtype, no_quantize, workers, attention_block_size,
                                calibrated=calibration is not None and not _is_random_calibration(calibration))
+    if tune_steps != 0 and (problem := tune_steps_problem(tune_steps, calibration)):
+        raise ConversionError(problem)
     if calibration is not None:
-        settings = replace(settings, calibration=_describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize))
+        described = _describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize)
+        settings = replace(settings, calibration={**described, "tune_steps": tune_steps} if tune_steps else described)
     source = open_source(src)
     if source.model_config.tie_word_embeddings and settings.head != settings.embedding and not no_quantize:
         raise ConversionError(
@@ -284,9 +291,10 @@ def _sqnr_db(w: torch.Tensor, parts: list, rows: int) -> float | None:
 
 # --------------------------------------------------------------------------- one output file
 def write_shard(source, out: Path, settings: Settings, file: str, names: list[str],
-                importance: dict[str, torch.Tensor] | None = None) -> dict:
+                importance: dict[str, torch.Tensor] | None = None, tune: Callable | None = None) -> dict:
     """Read, quantize and write one output file; returns its manifest entry (sha256, size, tensor stats).
-    `importance`: calibration statistics by weight name (quantize's importance=)."""
+    `importance`: calibration statistics by weight name (quantize's importance=); `tune(tensors,
+    stats)`: the file's tensors as they will be written, from the quantized ones (quantlite.tuning)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
     for name in names:
@@ -309,6 +317,8 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
             stats[name] = {"file": file, "shape": list(w.shape), "stored": str(w.dtype).replace("torch.", ""),
                            "bytes": w.numel() * w.element_size()}
         del w
+    if tune is not None:
+        tensors = tune(tensors, stats)
     from safetensors.torch import save_file
 
     _write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
@@ -453,6 +463,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     layers before it as written (quantized), so a layer's statistics include their errors. Layers
     already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
     from quantlite.calibration import iter_layer_input_stats, with_identity_prior
+    from quantlite.tuning import tune_shard
 
     calibration = settings.calibration
     ids = _calibration_ids(source, out, text_file, calibration, progress)
@@ -467,15 +478,17 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
                 for name, value in loaded.items()}
 
     layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
-                                    progress=False, forward_weights=as_written)  # convert's bar counts the layers
+                                    progress=False, forward_weights=as_written, with_inputs=True)  # convert's bar counts the layers
     prior = calibration.get("identity_prior")
-    for layer, stats in layers:
+    tune_steps = calibration.get("tune_steps", 0)
+    for layer, stats, inputs in layers:
         file = layer_file(layer)
         if file not in done:
             if prior is not None:  # one tensor per shared statistic (q/k/v, gate/up), as they came
                 shared = {id(h): with_identity_prior(h, prior) for h in stats.values()}
                 stats = {name: shared[id(h)] for name, h in stats.items()}
-            yield file, write_shard(source, out, settings, file, plan[file], importance=stats)
+            tune = (lambda tensors, entries: tune_shard(tensors, entries, source, layer, inputs, tune_steps, progress)) if tune_steps else None
+            yield file, write_shard(source, out, settings, file, plan[file], importance=stats, tune=tune)
 
 
 # --------------------------------------------------------------------------- plan, state, manifest

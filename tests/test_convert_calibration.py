@@ -79,10 +79,10 @@ def test_an_interrupted_calibrated_conversion_resumes_to_identical_bytes(stories
     convert(stories260k_hf, tmp_path / "whole", **options)
     real_write_shard = converter.write_shard
 
-    def interrupted(source, out, settings, file, names, importance=None):
+    def interrupted(source, out, settings, file, names, importance=None, tune=None):
         if file == "layer-00002.safetensors":
             raise KeyboardInterrupt
-        return real_write_shard(source, out, settings, file, names, importance)
+        return real_write_shard(source, out, settings, file, names, importance, tune)
 
     monkeypatch.setattr(converter, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):

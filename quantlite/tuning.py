@@ -1,0 +1,166 @@
+"""Tuning a quantized decoder layer's continuous stored parameters against its float original.
+
+GPTQ (quantlite.gptq) fixes the 4-bit codes of each Linear for the least error of *that Linear's*
+output. What it leaves is the layer as a whole: the attention's softmax and the MLP's SiLU sit between
+the Linears, and the RMSNorm gains scale their inputs. With the codes frozen, the continuous stored
+parameters of a layer can still move:
+
+    block scales    (N, Kp/B) per 4-bit weight, as scale = absmax-search scale * exp(t), t trained
+    outlier values  (nnz,) fp16 per 4-bit weight, trained as float32
+    RMSNorm gains   (hidden,) input_layernorm and post_attention_layernorm (and q/k norms if any)
+
+`tune_layer` trains them with Adam so that the quantized layer's output on the calibration windows
+matches the float layer's output on the same inputs (block-wise reconstruction, as OmniQuant and
+EfficientQAT's Block-AP train their learnable scales; one layer in memory, so it scales to any
+model the converter can calibrate). Then it stores them as the format has them — the scales
+double-quantized again (quantizer._double_quantize: 8-bit codes, a (min, step) per 256), the
+outliers in fp16, the gains in their stored dtype — and measures the loss from that stored form.
+If the stored form is no better than the layer as GPTQ left it, the layer is returned unchanged:
+tuning never makes the calibration loss it reports worse. docs/accuracy.md, "Tuning the scales end
+to end", has what it buys.
+
+The loss is the layer's relative output error over the windows,
+    sum ||layer_q(x) - layer(x)||^2 / sum ||layer(x) - x||^2,
+the squared error of what the layer adds to the residual stream, relative to its size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from quantlite.model_config import ModelConfig
+from quantlite.quantizer import _double_quantize
+from quantlite.qweight import QWeight
+
+TUNING_LEARNING_RATE = 1e-3  # Adam, on the log-scales, the outliers and the gains (docs/accuracy.md)
+TUNING_SEED = 0              # the windows' order: a conversion is a pure function of its settings
+
+
+def tune_steps_problem(steps: object, calibration: object) -> str | None:
+    """Why convert cannot tune `steps` steps with this `calibration` (None: none given), or None."""
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+        return f"tune steps ({steps!r}) must be an integer >= 0"
+    if steps and calibration is None:
+        return "--tune-steps tunes a calibrated conversion's layers: give --calibration TEXT_FILE (or random) too"
+    return None
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    layer: dict          # the layer's weights as stored: QWeights and float tensors, named as given
+    loss_before: float   # relative output error of the layer as given (GPTQ's)
+    loss_after: float    # the same of the returned layer (== loss_before when tuning did not help)
+    steps: int
+
+
+class _TunedQWeight(torch.nn.Module):
+    """One QWeight with trainable log-scale offsets t (N, nb) (0 = the stored scales) and outlier values."""
+
+    def __init__(self, qw: QWeight):
+        super().__init__()
+        self.qw = qw
+        self.levels = qw.codebook[qw.unpacked_codes().long()].view(qw.shape[0], qw.n_blocks, qw.block_size)  # (N, nb, B)
+        self.scales = qw.block_scales()                                                                        # (N, nb)
+        self.log_offset = torch.nn.Parameter(torch.zeros_like(self.scales))
+        self.rows = torch.repeat_interleave(torch.arange(qw.shape[0]), torch.diff(qw.outlier_row_ptr.long()))
+        self.cols = qw.outlier_cols.long()
+        self.outliers = torch.nn.Parameter(qw.outlier_vals.float())                                           # (nnz,)
+
+    def weight(self) -> torch.Tensor:
+        """(N, K) float32, differentiable in the scales and outliers."""
+        n, k = self.qw.shape
+        scales = self.scales * self.log_offset.exp()
+        dense = (self.levels * scales.unsqueeze(2)).view(n, -1)[:, :k]
+        if self.outliers.numel():
+            dense = dense.index_put((self.rows, self.cols), self.outliers, accumulate=True)
+        return dense
+
+    def stored(self) -> QWeight:
+        """The QWeight with the trained scales and outliers, rounded as the format stores them."""
+        with torch.no_grad():
+            scales = self.scales * self.log_offset.exp()
+            if self.qw.double_quant:
+                fields = _double_quantize(scales)
+            else:
+                fields = {"scales": scales.to(self.qw.scales.dtype)}
+            return replace(self.qw, outlier_vals=self.outliers.detach().to(torch.float16), **fields)
+
+
+def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: ModelConfig, *, steps: int,
+               learning_rate: float = TUNING_LEARNING_RATE) -> TuningResult:
+    """Tune `layer` (decoder_layer's weights, relative names: QWeights for the projections, float
+    tensors for the norms and biases, as the converter stores them) towards `float_layer` (the same
+    names, float32 originals) on `inputs` (W, ctx, hidden) float32, the layer's input windows.
+    `steps` Adam steps, one window each (in a seeded order). Codes, codebook and biases never change."""
+    from quantlite.runtime import llama
+
+    ctx = inputs.shape[1]
+    cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
+    with torch.no_grad():
+        targets = torch.cat([llama.decoder_layer(inputs[w : w + 1], float_layer, config, cos, sin) for w in range(inputs.shape[0])])
+        scale = float((targets - inputs).square().sum())  # the size of what the layer adds
+
+    tuned = {name: _TunedQWeight(qw) for name, qw in layer.items() if isinstance(qw, QWeight)}
+    gains = {name: torch.nn.Parameter(t.float()) for name, t in layer.items() if name.endswith("norm.weight")}
+
+    def weights() -> dict:
+        return {**_computed(layer), **{n: q.weight() for n, q in tuned.items()}, **gains}
+
+    def loss(weights: dict) -> float:
+        with torch.no_grad():
+            return sum(float((llama.decoder_layer(inputs[w : w + 1], weights, config, cos, sin) - targets[w : w + 1]).square().sum())
+                       for w in range(inputs.shape[0])) / scale
+
+    before = loss(_computed(layer))
+    parameters = [p for q in tuned.values() for p in (q.log_offset, q.outliers) if p.numel()] + list(gains.values())
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    order = torch.randint(inputs.shape[0], (steps,), generator=torch.Generator().manual_seed(TUNING_SEED)).tolist()
+    for w in order:
+        optimizer.zero_grad()
+        out = llama.decoder_layer(inputs[w : w + 1], weights(), config, cos, sin)
+        F.mse_loss(out, targets[w : w + 1], reduction="sum").backward()
+        optimizer.step()
+
+    stored = dict(layer)
+    stored.update({name: q.stored() for name, q in tuned.items()})
+    stored.update({name: g.detach().to(layer[name].dtype) for name, g in gains.items()})
+    after = loss(_computed(stored))
+    if after >= before:
+        return TuningResult(dict(layer), before, before, steps)
+    return TuningResult(stored, before, after, steps)
+
+
+def _computed(layer: dict) -> dict:
+    """The layer as decoder_layer computes with it: QWeights as they are, float tensors as float32."""
+    return {name: t if isinstance(t, QWeight) else t.float() for name, t in layer.items()}
+
+
+def tune_shard(tensors: dict[str, torch.Tensor], stats: dict[str, dict], source, layer: int, inputs: torch.Tensor,
+               steps: int, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The converter's hook (write_shard's `tune`): decoder layer `layer`'s shard tensors (flat, as
+    QWeight.to_dict writes them) -> the same tensors after tune_layer against the layer's float
+    weights read from `source`, on `inputs` (W, ctx, hidden), the windows as they enter the layer.
+    The manifest entries `stats` get each 4-bit weight's SQNR of the tuned weight."""
+    from quantlite.converter import _sqnr_db
+    from quantlite.packed import group_tensors
+
+    prefix = f"model.layers.{layer}."
+    stored = group_tensors(tensors, f"layer {layer}")
+    float_layer = {name[len(prefix):]: source.read(name).float() for name in stored}
+    result = tune_layer({name[len(prefix):]: value for name, value in stored.items()}, float_layer,
+                        inputs.clone(), source.model_config, steps=steps)  # a clone: inputs may be an inference tensor
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(f"layer {layer}: relative output error {result.loss_before:.4g} -> {result.loss_after:.4g} "
+                   f"after {steps} tuning steps")
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in result.layer.items():
+        if isinstance(value, QWeight):
+            flat.update(value.to_dict(prefix + name + "."))
+            stats[prefix + name]["sqnr_db"] = _sqnr_db(float_layer[name], [value], value.shape[0])
+        else:
+            flat[prefix + name] = value
+    return flat
