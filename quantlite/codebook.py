@@ -57,8 +57,12 @@ def nearest_code(normalized: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
     Decision thresholds are the float32 midpoints between neighbouring levels and a value exactly on a
     midpoint goes to the lower level, as in bitsandbytes' quantize_4bit, so plain NF4 reproduces its
     codes bit for bit. Returns uint8 of the same shape."""
-    midpoints = (codebook[1:] + codebook[:-1]) / 2
-    return torch.bucketize(normalized, midpoints).to(torch.uint8)
+    return torch.bucketize(normalized, code_midpoints(codebook)).to(torch.uint8)
+
+
+def code_midpoints(codebook: torch.Tensor) -> torch.Tensor:
+    """(15,) the decision thresholds of nearest_code: float32 midpoints of neighbouring levels."""
+    return (codebook[1:] + codebook[:-1]) / 2
 
 
 def lloyd_step(

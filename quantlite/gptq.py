@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from quantlite.codebook import nearest_code
+from quantlite.codebook import code_midpoints
 from quantlite.errors import QuantizationInputError
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
@@ -96,14 +96,17 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     codes = torch.empty(k, n, dtype=torch.uint8)
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
+    midpoints = code_midpoints(codebook)
+    # The loop runs once per column: a few small torch calls each, so their count is its cost
+    # (bucketize's int64 codes index the codebook directly; addr_ is the rank-1 update in one call).
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
         for j in range(end - start):
             column = start + j
             x = work[column]
-            code = nearest_code(x * inverse_scale[column], codebook)
-            quantized = codebook[code.long()] * column_scale[column]
+            code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
+            quantized = codebook[code] * column_scale[column]
             if quota is not None and quota[column] > 0:
                 rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
                 is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
@@ -114,7 +117,7 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
                 code[keep] = zero
             codes[column] = code
             torch.div(x - quantized, upper[column, column], out=errors[j])
-            work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]
+            work[column:end].addr_(upper[column, column:end], errors[j], alpha=-1.0)
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
     return codes, saliency
