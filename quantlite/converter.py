@@ -53,7 +53,8 @@ from quantlite.tuning import tune_steps_problem
 from quantlite.calibration import (
     RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS, RANDOM_TOKEN_EXPONENT,
     RANDOM_TOKEN_RANK_OFFSET,
-    SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, TEXT_CALIBRATION_WINDOWS,
+    SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, SELF_CALIBRATION_WINDOWS,
+    TEXT_CALIBRATION_WINDOWS,
 )
 from quantlite.model_config import ATTENTION_PROJECTIONS, EMBEDDING, FINAL_NORM, LAYER_NAME, LINEAR_WEIGHTS, LM_HEAD
 from quantlite.sources.safetensors_file import SafetensorsFile
@@ -399,7 +400,8 @@ def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
     if no_quantize:
         raise ConversionError("--calibration has no use with --no-quantize")
     if windows is None:
-        windows = RANDOM_CALIBRATION_WINDOWS if _is_random_calibration(text_file) else TEXT_CALIBRATION_WINDOWS
+        windows = (RANDOM_CALIBRATION_WINDOWS if _is_random_calibration(text_file)
+                   else SELF_CALIBRATION_WINDOWS if _is_self_calibration(text_file) else TEXT_CALIBRATION_WINDOWS)
     if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
         raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
     if _is_self_calibration(text_file):
