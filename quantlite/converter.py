@@ -190,8 +190,8 @@ def convert(
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
     `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
     with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
-    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", else
-    16) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
+    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", 16 for
+    "self", 32 for a file) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
     `tune_steps` > 0 then tunes each layer's scales, outliers and norm gains for that many steps
     towards the float layer's output on those windows (quantlite.tuning). Rerunning after an interruption
     resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
