@@ -98,7 +98,7 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
     # The loop runs once per column: a few small torch calls each, so their count is its cost
-    # (bucketize's int64 codes index the codebook directly; addr_ is the rank-1 update in one call).
+    # (the midpoints once per pass; bucketize's int64 codes index the codebook directly).
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
@@ -117,7 +117,8 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
                 code[keep] = zero
             codes[column] = code
             torch.div(x - quantized, upper[column, column], out=errors[j])
-            work[column:end].addr_(upper[column, column:end], errors[j], alpha=-1.0)
+            work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]  # rounded product, then
+            # the subtraction: a fused rank-1 update (addr_) rounds once and changes the stored outliers' last bits
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
     return codes, saliency
