@@ -90,24 +90,35 @@ static void gemm_chunk_avx2(void *job, int64_t begin, int64_t end, int thread_in
 }
 
 /* The kernel a vector call runs: per instruction set, the GEMV / small-M kernel, or the prefill GEMM
- * (gemm.h) from QL_GEMM_MIN_M rows of x on. */
+ * (gemm.h) from QL_GEMM_MIN_M rows of x on; what api.c needs of each is one entry of VECTOR_KERNELS. */
 enum { KERNEL_AVX2, KERNEL_AVX512, KERNEL_GEMM_AVX2, KERNEL_GEMM_AVX512 };
+
+typedef struct {
+    ql_chunk_fn rows;                                   /* a chunk of output rows (ql_parallel_for's fn) */
+    int64_t (*scratch_floats)(const ql_matmul_job *);   /* per thread */
+    int64_t gemm_x_group;                               /* a GEMM's rows of x per x_packed group (kernels.h); 0: not a GEMM */
+} vector_kernel_entry;
+
+static const vector_kernel_entry VECTOR_KERNELS[] = {
+    [KERNEL_AVX2] = {qmatmul_chunk_avx2, ql_avx2_scratch_floats, 0},
+    [KERNEL_AVX512] = {qmatmul_chunk_avx512, ql_avx512_scratch_floats, 0},
+    [KERNEL_GEMM_AVX2] = {gemm_chunk_avx2, ql_gemm_avx2_scratch_floats, QL_GEMM_AVX2_X_GROUP},
+    [KERNEL_GEMM_AVX512] = {gemm_chunk_avx512, ql_gemm_avx512_scratch_floats, QL_GEMM_AVX512_X_GROUP},
+};
 
 static int vector_kernel(int isa, int64_t m) {
     if (m >= QL_GEMM_MIN_M) return isa == QL_ISA_AVX2 ? KERNEL_GEMM_AVX2 : KERNEL_GEMM_AVX512;
     return isa == QL_ISA_AVX2 ? KERNEL_AVX2 : KERNEL_AVX512;
 }
 
-static int is_gemm(int kernel) { return kernel == KERNEL_GEMM_AVX2 || kernel == KERNEL_GEMM_AVX512; }
-
-/* Rows of x per group of a GEMM's x_packed (kernels.h). */
-static int64_t gemm_x_group(int kernel) { return kernel == KERNEL_GEMM_AVX2 ? QL_GEMM_AVX2_X_GROUP : QL_GEMM_AVX512_X_GROUP; }
+static int is_gemm(int kernel) { return VECTOR_KERNELS[kernel].gemm_x_group != 0; }
 
 /* Floats of x_packed for each kernel (kernels.h); the AVX-512 one covers whole 128-column strips,
  * the GEMMs' whole groups of rows. */
 static int64_t x_packed_floats(const ql_matmul_job *job, int kernel) {
     if (kernel == KERNEL_AVX2) return job->m * job->padded_k;
-    if (is_gemm(kernel)) return (job->m + gemm_x_group(kernel) - 1) / gemm_x_group(kernel) * gemm_x_group(kernel) * job->padded_k;
+    const int64_t group = VECTOR_KERNELS[kernel].gemm_x_group;
+    if (is_gemm(kernel)) return (job->m + group - 1) / group * group * job->padded_k;
     return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
 }
 
@@ -118,7 +129,7 @@ static void pack_x(const ql_matmul_job *job, int kernel, float *x_packed, int64_
     const int64_t k = job->w->k, m_rows = job->m;
     memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
     if (is_gemm(kernel)) {
-        const int64_t group = gemm_x_group(kernel);
+        const int64_t group = VECTOR_KERNELS[kernel].gemm_x_group;
         for (int64_t m = 0; m < m_rows; ++m) {
             const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
             float *row = x_packed + ql_gemm_x_position(0, m, job->padded_k, group);
@@ -206,10 +217,7 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
     const int kernel = vector_kernel(isa, m);
-    job.scratch_floats_per_thread = aligned_floats(kernel == KERNEL_AVX2 ? ql_avx2_scratch_floats(&job)
-                                                   : kernel == KERNEL_AVX512 ? ql_avx512_scratch_floats(&job)
-                                                   : kernel == KERNEL_GEMM_AVX2 ? ql_gemm_avx2_scratch_floats(&job)
-                                                   : ql_gemm_avx512_scratch_floats(&job));
+    job.scratch_floats_per_thread = aligned_floats(VECTOR_KERNELS[kernel].scratch_floats(&job));
     const int64_t x_packed_count = aligned_floats(x_packed_floats(&job, kernel)), x_columns_count = is_gemm(kernel) ? 0 : aligned_floats(m * w->k);
     float *buffer = call_buffer(sizeof(float) * (size_t)(x_packed_count + x_columns_count + job.scratch_floats_per_thread * threads));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
@@ -218,9 +226,7 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     job.x_packed = x_packed;
     job.x_columns = is_gemm(kernel) ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;
-    ql_parallel_for(w->n, grain, threads, kernel == KERNEL_AVX2 ? qmatmul_chunk_avx2
-                                          : kernel == KERNEL_AVX512 ? qmatmul_chunk_avx512
-                                          : kernel == KERNEL_GEMM_AVX2 ? gemm_chunk_avx2 : gemm_chunk_avx512, &job);
+    ql_parallel_for(w->n, grain, threads, VECTOR_KERNELS[kernel].rows, &job);
     release_call_buffer(buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }
