@@ -189,7 +189,7 @@ def quantize(
     # 4. double quantization of the scales
     scale_fields: dict[str, torch.Tensor] = {"scales": scales}
     if double_quant:
-        scale_fields = _double_quantize(scales.float())
+        scale_fields = double_quantize(scales.float())
         scales = decode_double_quant(**scale_fields)  # codes must use exactly what a reader decodes
 
     # 5. codes
@@ -199,7 +199,7 @@ def quantize(
         codes = _encode(blocks, scales.float(), codebook)
     else:
         codes, rows, cols, compensated = gptq_codes(w.detach().float(), scales.float(), codebook, hessian, rows, cols, block_size, salient)
-        codes = _pack_nibbles(codes)
+        codes = pack_nibbles(codes)
         outlier_vals = compensated.to(torch.float16)
 
     row_ptr = torch.zeros(n + 1, dtype=torch.int32)
@@ -282,7 +282,7 @@ def _encode(blocks, scales, codebook, column_weight=None, want_errors=False):
 
         return encode_codes(blocks, scales, codebook, blocks.shape[2], column_weight, want_errors)
     codes = nearest_code(blocks * _safe_reciprocal(scales).unsqueeze(2), codebook)
-    packed = _pack_nibbles(codes.reshape(blocks.shape[0], -1))
+    packed = pack_nibbles(codes.reshape(blocks.shape[0], -1))
     if not want_errors:
         return packed
     squared = (blocks - codebook[codes.long()] * scales.unsqueeze(2)).square_()
@@ -357,7 +357,7 @@ def _refine_scales(blocks, scales, codebook, column_weight, scale_dtype) -> torc
     return scales
 
 
-def _double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
+def double_quantize(scales: torch.Tensor) -> dict[str, torch.Tensor]:
     """scales (N, nb) float32 -> 8-bit codes with a float32 (min, step) per group of 256 scales."""
     flat = scales.reshape(-1)
     n_groups = -(-flat.numel() // SCALE_GROUP_SIZE)
@@ -378,6 +378,6 @@ def _unpacked_codes(blocks, scales, codebook) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(blocks.shape)
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(N, Kp) uint8 codes -> (N, Kp/2) uint8, low nibble = even column."""
     return codes[:, 0::2] | (codes[:, 1::2] << 4)

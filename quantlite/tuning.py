@@ -13,11 +13,20 @@ parameters of a layer can still move:
 matches the float layer's output on the same inputs (block-wise reconstruction, as OmniQuant and
 EfficientQAT's Block-AP train their learnable scales; one layer in memory, so it scales to any
 model the converter can calibrate). Then it stores them as the format has them — the scales
-double-quantized again (quantizer._double_quantize: 8-bit codes, a (min, step) per 256), the
+double-quantized again (quantizer.double_quantize: 8-bit codes, a (min, step) per 256), the
 outliers in fp16, the gains in their stored dtype — and measures the loss from that stored form.
 If the stored form is no better than the layer as GPTQ left it, the layer is returned unchanged:
 tuning never makes the calibration loss it reports worse. docs/accuracy.md, "Tuning the scales end
 to end", has what it buys.
+
+With move_codes the codes move too: each weight gets a position u in units of its block's scale,
+starting at its level (so at its code), and is stored as the level nearest u; the gradient passes
+the rounding straight through (STE, as EfficientQAT's Block-AP trains its weights). u moves by a
+momentum step normalised by the RMS gradient of the whole tensor, not of each weight (Adam's
+per-weight normalisation moves every weight at the same speed, noise or not, and flipped codes at
+random: worse than no tuning on stories260K). It lowers the calibration loss about twice as much
+as the scales alone but did not lower the perplexity reliably (docs/accuracy.md), so it is off in
+convert.
 
 The loss is the layer's relative output error over the windows,
     sum ||layer_q(x) - layer(x)||^2 / sum ||layer(x) - x||^2,
@@ -30,11 +39,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from quantlite.codebook import code_midpoints, zero_code
 from quantlite.model_config import ModelConfig
-from quantlite.quantizer import _double_quantize
+from quantlite.quantizer import double_quantize, pack_nibbles
 from quantlite.qweight import QWeight
 
 TUNING_LEARNING_RATE = 1e-3  # Adam, on the log-scales, the outliers and the gains (docs/accuracy.md)
+CODE_LEARNING_RATE = 1e-4    # with move_codes: a position's step, in levels, per RMS gradient of its tensor
+CODE_MOMENTUM = (0.9, 0.999) # decay of the positions' gradient mean and of their tensor's mean squared gradient
 TUNING_SEED = 0              # the windows' order: a conversion is a pure function of its settings
 
 
@@ -56,44 +68,72 @@ class TuningResult:
 
 
 class _TunedQWeight(torch.nn.Module):
-    """One QWeight with trainable log-scale offsets t (N, nb) (0 = the stored scales) and outlier values."""
+    """One QWeight with trainable log-scale offsets t (N, nb) (0 = the stored scales), outlier values
+    and, with move_codes, each weight's position u (N, nb, B) in units of its block's scale (initially
+    its level, so its code): the weight is level(u) * scale * exp(t), level() the nearest codebook
+    level (nearest_code's rule), its gradient passed straight through (STE). u is not divided by
+    exp(t): a scale that moves leaves the codes where they are (re-rounding the levels under the
+    new scale flipped codes the scale was tuned for). Outliers and padding keep the zero level."""
 
-    def __init__(self, qw: QWeight):
+    def __init__(self, qw: QWeight, move_codes: bool):
         super().__init__()
         self.qw = qw
-        self.levels = qw.codebook[qw.unpacked_codes().long()].view(qw.shape[0], qw.n_blocks, qw.block_size)  # (N, nb, B)
+        n, nb, b = qw.shape[0], qw.n_blocks, qw.block_size
+        self.levels = qw.codebook[qw.unpacked_codes().long()].view(n, nb, b)                                  # (N, nb, B)
         self.scales = qw.block_scales()                                                                        # (N, nb)
         self.log_offset = torch.nn.Parameter(torch.zeros_like(self.scales))
-        self.rows = torch.repeat_interleave(torch.arange(qw.shape[0]), torch.diff(qw.outlier_row_ptr.long()))
+        self.rows = torch.repeat_interleave(torch.arange(n), torch.diff(qw.outlier_row_ptr.long()))
         self.cols = qw.outlier_cols.long()
         self.outliers = torch.nn.Parameter(qw.outlier_vals.float())                                           # (nnz,)
+        self.position = torch.nn.Parameter(self.levels.clone()) if move_codes else None                      # (N, nb, B)
+        movable = torch.zeros(n, nb * b, dtype=torch.bool)
+        movable[:, : qw.shape[1]] = True
+        movable[self.rows, self.cols] = False
+        self.movable = movable.view(n, nb, b)
+        self.midpoints = code_midpoints(qw.codebook)
+
+    def codes(self) -> torch.Tensor:
+        """(N, nb, B) int64: the codes the weight uses now."""
+        if self.position is None:
+            return self.qw.unpacked_codes().long().view(self.levels.shape)
+        with torch.no_grad():
+            codes = torch.bucketize(self.position, self.midpoints)
+            return torch.where(self.movable, codes, zero_code(self.qw.codebook))
 
     def weight(self) -> torch.Tensor:
-        """(N, K) float32, differentiable in the scales and outliers."""
+        """(N, K) float32, differentiable in the scales, outliers and positions."""
         n, k = self.qw.shape
-        scales = self.scales * self.log_offset.exp()
-        dense = (self.levels * scales.unsqueeze(2)).view(n, -1)[:, :k]
+        factor = self.log_offset.exp().unsqueeze(2)                                                            # (N, nb, 1)
+        levels = self.levels
+        if self.position is not None:
+            levels = self.position + (self.qw.codebook[self.codes()] - self.position).detach()  # straight through
+            levels = levels * self.movable
+        dense = (levels * (self.scales.unsqueeze(2) * factor)).view(n, -1)[:, :k]
         if self.outliers.numel():
             dense = dense.index_put((self.rows, self.cols), self.outliers, accumulate=True)
         return dense
 
     def stored(self) -> QWeight:
-        """The QWeight with the trained scales and outliers, rounded as the format stores them."""
+        """The QWeight with the trained scales, outliers and codes, rounded as the format stores them."""
         with torch.no_grad():
             scales = self.scales * self.log_offset.exp()
             if self.qw.double_quant:
-                fields = _double_quantize(scales)
+                fields = double_quantize(scales)
             else:
                 fields = {"scales": scales.to(self.qw.scales.dtype)}
+            if self.position is not None:
+                fields["codes"] = pack_nibbles(self.codes().to(torch.uint8).view(self.qw.shape[0], -1))
             return replace(self.qw, outlier_vals=self.outliers.detach().to(torch.float16), **fields)
 
 
 def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: ModelConfig, *, steps: int,
-               learning_rate: float = TUNING_LEARNING_RATE) -> TuningResult:
+               learning_rate: float = TUNING_LEARNING_RATE, move_codes: bool = False,
+               code_learning_rate: float = CODE_LEARNING_RATE) -> TuningResult:
     """Tune `layer` (decoder_layer's weights, relative names: QWeights for the projections, float
     tensors for the norms and biases, as the converter stores them) towards `float_layer` (the same
     names, float32 originals) on `inputs` (W, ctx, hidden) float32, the layer's input windows.
-    `steps` Adam steps, one window each (in a seeded order). Codes, codebook and biases never change."""
+    `steps` Adam steps, one window each (in a seeded order). Codebook and biases never change, the
+    codes only with move_codes (code_learning_rate: their positions' step, see the module's doc)."""
     from quantlite.runtime import llama
 
     ctx = inputs.shape[1]
@@ -102,7 +142,7 @@ def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: Mod
         targets = torch.cat([llama.decoder_layer(inputs[w : w + 1], float_layer, config, cos, sin) for w in range(inputs.shape[0])])
         scale = float((targets - inputs).square().sum())  # the size of what the layer adds
 
-    tuned = {name: _TunedQWeight(qw) for name, qw in layer.items() if isinstance(qw, QWeight)}
+    tuned = {name: _TunedQWeight(qw, move_codes) for name, qw in layer.items() if isinstance(qw, QWeight)}
     gains = {name: torch.nn.Parameter(t.float()) for name, t in layer.items() if name.endswith("norm.weight")}
 
     def weights() -> dict:
@@ -115,13 +155,16 @@ def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: Mod
 
     before = loss(_computed(layer))
     parameters = [p for q in tuned.values() for p in (q.log_offset, q.outliers) if p.numel()] + list(gains.values())
+    positions = [q.position for q in tuned.values() if q.position is not None]
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    moments = [(torch.zeros_like(p), torch.zeros(())) for p in positions]  # gradient mean, tensor's mean square
     order = torch.randint(inputs.shape[0], (steps,), generator=torch.Generator().manual_seed(TUNING_SEED)).tolist()
     for w in order:
         optimizer.zero_grad()
         out = llama.decoder_layer(inputs[w : w + 1], weights(), config, cos, sin)
         F.mse_loss(out, targets[w : w + 1], reduction="sum").backward()
         optimizer.step()
+        _step_positions(positions, moments, code_learning_rate)
 
     stored = dict(layer)
     stored.update({name: q.stored() for name, q in tuned.items()})
@@ -130,6 +173,18 @@ def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: Mod
     if after >= before:
         return TuningResult(dict(layer), before, before, steps)
     return TuningResult(stored, before, after, steps)
+
+
+def _step_positions(positions: list, moments: list, learning_rate: float) -> None:
+    """One momentum step of each position tensor p (N, nb, B), its mean gradient over the RMS
+    gradient of the whole tensor (Adam with one second moment per tensor; no bias correction)."""
+    first, second = CODE_MOMENTUM
+    with torch.no_grad():
+        for p, (mean, square) in zip(positions, moments):
+            mean.mul_(first).add_(p.grad, alpha=1 - first)
+            square.mul_(second).add_(p.grad.square().mean(), alpha=1 - second)
+            p.sub_(learning_rate * mean / (square.sqrt() + torch.finfo(torch.float32).tiny))
+            p.grad = None
 
 
 def _computed(layer: dict) -> dict:

@@ -129,3 +129,29 @@ def test_tune_steps_needs_calibration(tmp_path, generator):
         convert(src, tmp_path / "out", tune_steps=10, progress=False)
     with pytest.raises(ConversionError, match="must be an integer >= 0"):
         convert(src, tmp_path / "out", calibration="random", tune_steps=-1, progress=False)
+
+
+def test_tuning_with_moving_codes_lowers_the_layer_error_and_stores_valid_codes(tiny_source, generator):
+    layer, float_layer, inputs = quantized_layer(tiny_source, generator)
+    result = tune_layer(layer, float_layer, inputs, tiny_source.model_config, steps=60, move_codes=True)
+
+    config = tiny_source.model_config
+    before = relative_output_error_f64(layer, float_layer, inputs, config)
+    after = relative_output_error_f64(result.layer, float_layer, inputs, config)
+    assert result.loss_after == pytest.approx(after, rel=1e-3)
+    assert after < 0.97 * before
+    moved = 0
+    for name, old in layer.items():
+        if not isinstance(old, QWeight):
+            continue
+        new = result.layer[name]
+        codes, old_codes = new.unpacked_codes(), old.unpacked_codes()
+        moved += int((codes != old_codes).sum())
+        zero = int((new.codebook == 0).nonzero()[0, 0])
+        assert bool((codes[:, new.shape[1]:] == zero).all())  # padding keeps the zero level
+        rows = torch.repeat_interleave(torch.arange(new.shape[0]), torch.diff(new.outlier_row_ptr.long()))
+        assert bool((codes[rows, new.outlier_cols.long()] == zero).all())  # so do the outliers, whose places stay
+        assert torch.equal(new.outlier_row_ptr, old.outlier_row_ptr) and torch.equal(new.outlier_cols, old.outlier_cols)
+        assert new.nbytes == old.nbytes
+        assert torch.equal(QWeight.from_dict(new.to_dict()).dequantize(), new.dequantize())  # the format round trip
+    assert moved > 0
