@@ -152,7 +152,7 @@ static void pack_gemm_x_groups(void *context, int64_t begin, int64_t end, int th
             for (int64_t i = 0; i < rows; ++i) {
                 const char *x_row = x_rows + i * row_bytes;
                 float *column = pack->x_packed + ql_gemm_x_position(c0, g * group + i, kp, group);
-                if (job->dtype == QL_F32)
+                if (job->dtype == QL_F32)  /* the common case, without ql_load's dtype test per float */
                     for (int64_t c = 0; c < columns; ++c) column[c * group] = ((const float *)x_row)[c0 + c];
                 else
                     for (int64_t c = 0; c < columns; ++c) column[c * group] = ql_load(x_row, job->dtype, c0 + c);
