@@ -7,6 +7,7 @@
     .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
     .venv/bin/python -m benchmarks.cpu_kernels --only decode --packed DIR    # SmolLM2's per-layer calls
     .venv/bin/python -m benchmarks.cpu_kernels --only qmatmul --isa avx2     # as on an AVX2-only CPU
+    .venv/bin/python -m benchmarks.cpu_kernels --only qmatmul --back-to-back # the method before: no settling
 
 0. Bandwidth (issue 12): M = 1 on 4096 x 4096 and 11008 x 4096, all threads: the bytes the kernel
    reads per call (codes, scales as stored and the CSR outliers of the compute layout) over its time,
@@ -14,7 +15,8 @@
    interleaved with it: torch.sum over a float32 buffer of max(1 GiB, 3 x L3). The kernel cycles
    through copies of the weight that together also exceed 2 x L3, so every call reads from DRAM as
    in a model (one weight called over and over sits in L3: printed as "hot" for comparison). Goal:
-   >= 0.70 of the DRAM bandwidth.
+   >= 0.70 of the DRAM bandwidth: the fraction is the median over rounds of each round's kernel
+   rate over that round's DRAM rate, printed with its range.
 1. qmatmul, M = 1, 8, 16 and 128 (--m; 128 = prefill), on 4096 x 4096, 11008 x 4096 and
    4096 x 11008 (NF4, block 64, 0.5 % outliers): native `qmatmul_cpu` (the ISA cpuid picks, and
    forced to AVX2 for comparison; with AVX-512 from M = 16 on that is the library's prefill GEMM,
@@ -41,8 +43,11 @@
 4. --runtime: SmolLM2-135M-Instruct (converted to 4-bit with `quantlite convert`) decoding on the
    CPU with the dispatch's choice (the native library) against the torch reference back-end.
 Times are medians of interleaved repeats (a baseline and ours alternate, so a noisy neighbour hits
-both; each baseline is paired with ours on its own); all use torch's thread count (--threads sets
-it, default all cores; 1 is the steadiest on a shared machine).
+both; each baseline is paired with ours on its own), and ratios the median of each round's pair with
+its range; every timed call follows a 50 ms sleep (torch's OpenMP threads spin for milliseconds after
+each call and would take the core our second thread needs) and, but in the bandwidth section, one
+untimed call of its own, so each library is timed in its steady state. All use torch's thread count
+(--threads sets it, default all cores; 1 is the steadiest on a shared machine).
 """
 from __future__ import annotations
 
@@ -74,17 +79,44 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) = (out, in)
 CLOCK = time.perf_counter
 
 
-def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
-    """{name: median seconds}, running every function once per round (after one warm-up each)."""
+# Before each timed call the benchmark sleeps this long: longer than torch's OpenMP workers spin after
+# a call (libgomp's default, 300,000 pauses: a native two-thread call made right after a torch call
+# got its second thread 5-15 ms late, loaded machine; 50 ms after it, at once). Without it every
+# native call timed right after a torch one ran its first milliseconds on one core, while torch's
+# calls after ours lost at most our pool's 0.3 ms spin: a bias against whichever side runs second.
+SETTLE_SECONDS = 0.05
+SETTLE = True  # --back-to-back: no sleep and no lead-in call (the method before; to see what they change)
+
+
+def interleaved_samples(functions: dict, repeats: int, lead_in: bool = True) -> dict[str, list[float]]:
+    """{name: seconds of each round}: every round runs each function in turn, timed after SETTLE_SECONDS
+    of sleep (nobody's threads spinning) and, with lead_in, one untimed call of its own (its threads
+    awake and spinning, as in a run of calls: each library timed in its own steady state). Rounds
+    alternate the functions, so a noisy neighbour hits all of them; a warm-up call of each first."""
     for fn in functions.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
+            if SETTLE:
+                time.sleep(SETTLE_SECONDS)
+            if lead_in and SETTLE:
+                fn()
             start = CLOCK()
             fn()
             samples[name].append(CLOCK() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
+
+
+def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
+    """{name: median seconds} of interleaved_samples."""
+    return {name: statistics.median(times) for name, times in interleaved_samples(functions, repeats).items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], baseline: str, ours: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of baseline time / our time, each round's pair on its own."""
+    ratios = [b / o for b, o in zip(samples[baseline], samples[ours])]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def l3_bytes() -> int:
@@ -117,8 +149,10 @@ def bench_bandwidth(repeats: int) -> None:
     read_dram = lambda: buffer.sum()  # noqa: E731
     print(f"\n== M = 1 against DRAM read bandwidth ({torch.get_num_threads()} threads; torch.sum over "
           f"{buffer.numel() * 4 / 2**30:.2f} GiB, L3 {l3 / 2**20:.0f} MiB)")
+    print("(fraction: the median over rounds of the kernel's GB/s over the DRAM GB/s of the same round; range: "
+          "its lowest and highest)")
     print(f"{'N x K':>13} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} {'fraction':>8}"
-          f" {'hot ms':>7} {'hot GB/s':>8}")
+          f" {'range':>9} {'hot ms':>7} {'hot GB/s':>8}")
     for n, k in SHAPES[:2]:
         qw = quantize(torch.randn(n, k), method="nf4", outlier_frac=0.005)
         per_call = bytes_read(qw)
@@ -131,11 +165,17 @@ def bench_bandwidth(repeats: int) -> None:
             for copy in copies:
                 native.qmatmul_cpu(x, copy)
 
-        t = interleaved_medians({"dram": read_dram, "cold": cold, "hot": lambda: native.qmatmul_cpu(x, qw)}, repeats)
+        # no lead-in call: it would leave a copy in L3; the settling sleep still lets torch's threads stop
+        samples = interleaved_samples({"dram": read_dram, "cold": cold, "hot": lambda: native.qmatmul_cpu(x, qw)},
+                                      repeats, lead_in=False)
+        for name in samples:
+            samples[name] = [seconds / (len(copies) if name == "cold" else 1) for seconds in samples[name]]
+        fraction, low, high = paired_ratios({"kernel": [per_call / s for s in samples["cold"]],
+                                             "dram": [buffer.numel() * 4 / s for s in samples["dram"]]}, "kernel", "dram")
+        t = {name: statistics.median(times) for name, times in samples.items()}
         bandwidth = buffer.numel() * 4 / t["dram"]
-        cold_call = t["cold"] / len(copies)
-        print(f"{n:>6} x {k:<5} {per_call / 1e6:8.2f} {len(copies):>6} {bandwidth / 1e9:9.1f} {cold_call * 1e3:9.3f} "
-              f"{per_call / cold_call / 1e9:6.1f} {per_call / cold_call / bandwidth:8.2f} {t['hot'] * 1e3:7.3f} "
+        print(f"{n:>6} x {k:<5} {per_call / 1e6:8.2f} {len(copies):>6} {bandwidth / 1e9:9.1f} {t['cold'] * 1e3:9.3f} "
+              f"{per_call / t['cold'] / 1e9:6.1f} {fraction:8.2f} {f'{low:.2f}-{high:.2f}':>9} {t['hot'] * 1e3:7.3f} "
               f"{per_call / t['hot'] / 1e9:8.1f}")
         del copies
     del buffer
@@ -175,10 +215,11 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str
     also_avx2 = ran != "avx2"
     forced = "" if isa == "auto" else ", forced"
     avx2_column = "; 'avx2' = the same call forced to AVX2" if also_avx2 else ""
-    print(f"\n== qmatmul: ms per call (ratio = baseline / native {ran}{forced}, each group timed on its own"
-          f"{avx2_column}); torch's MKL runs {mkl_instruction_set()}")
+    print(f"\n== qmatmul: ms per call (median over rounds; vs fp32 = the median over rounds of torch / native {ran}{forced}"
+          f" within each round, range = its lowest and highest; each group timed on its own{avx2_column}); torch's MKL "
+          f"runs {mkl_instruction_set()}")
     print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} " + (f"{'avx2':>8} " if also_avx2 else "")
-          + f"{'vs fp32':>8} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
+          + f"{'vs fp32':>8} {'range':>9} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
         qw = quantize(w, method="nf4", outlier_frac=0.005)
@@ -190,9 +231,11 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str
             timed = {"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours}
             if also_avx2:
                 timed["avx2"] = lambda: native.qmatmul_cpu(x, qw, isa="avx2")
-            fp32 = interleaved_medians(timed, repeats)
+            samples = interleaved_samples(timed, repeats)
+            fp32 = {name: statistics.median(times) for name, times in samples.items()}
+            ratio, low, high = paired_ratios(samples, "torch", "native")
             row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
-                   + (f"{fp32['avx2'] * 1e3:8.2f} " if also_avx2 else "") + f"{fp32['torch'] / fp32['native']:7.2f}x")
+                   + (f"{fp32['avx2'] * 1e3:8.2f} " if also_avx2 else "") + f"{ratio:7.2f}x {f'{low:.2f}-{high:.2f}':>9}")
             if with_bnb:
                 bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
                                            "native": ours}, repeats)
@@ -322,7 +365,13 @@ def main() -> None:
     parser.add_argument("--isa", choices=["auto", "avx2", "avx512"], default="auto",
                         help="qmatmul section: force the native calls to this instruction set (default: cpuid's best); "
                              "avx2 also restricts torch's BLAS to AVX2, as on an AVX2-only CPU")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="time each call right after the previous one (no settling sleep, no lead-in call): "
+                             "shows what torch's spinning OpenMP threads cost the call timed after them")
     args = parser.parse_args()
+    if args.back_to_back:
+        global SETTLE
+        SETTLE = False
     if args.isa == "avx2" and any(os.environ.get(name) != value for name, value in AVX2_ONLY_ENVIRONMENT.items()):
         os.environ.update(AVX2_ONLY_ENVIRONMENT)  # read only when torch loads: start again with them
         os.execv(sys.executable, sys.orig_argv)

@@ -165,6 +165,22 @@ def test_thread_counts_give_identical_results(generator, isa):
         assert_matches_reference(results[0], x, qw)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_x_packed_by_every_thread(generator, isa, dtype):
+    # The GEMM's x is packed by the pool, a chunk of groups of 16 (AVX-512) or 8 (AVX2) rows each:
+    # M around those multiples (a last group part full), K = 2B - 1 (padding columns) and 1000 (not a
+    # multiple of the 16-column packing tiles), x strided, 1-3 threads; bitwise equal across counts.
+    for k in (127, 1000):
+        qw = random_weight(generator, n=520, k=k)  # over the parallel threshold at these M
+        for m in (16, 17, 24, 31, 33, 48, 49, 70):
+            wide_x = torch.randn(m, k + 9, generator=generator).to(dtype)
+            x = wide_x[:, 5:5 + k]                                    # (m, k), row stride k + 9
+            results = [native.qmatmul_cpu(x, qw, isa=isa, n_threads=t) for t in (1, 2, 3)]
+            assert all(torch.equal(results[0], r) for r in results[1:]), f"M = {m}, K = {k}"
+            assert_matches_reference(results[0], x, qw)
+
+
 def _qmatmul_in_child(queue, qw, x):
     queue.put(native.qmatmul_cpu(x, qw, n_threads=2).tolist())  # a list: no tensor sharing across processes
 

@@ -122,21 +122,50 @@ static int64_t x_packed_floats(const ql_matmul_job *job, int kernel) {
     return job->m * ((job->padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP * QL_AVX512_STRIP);
 }
 
-/* x (M, K) in any dtype -> x_packed in the kernel's order (kernels.h), every padding column zero,
- * and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row); a GEMM
- * adds the outliers to its weights and needs no x_columns (NULL). */
+/* A GEMM's x (M, K) in any dtype -> x_packed (G, Kp, group) (ql_gemm_x_position), rows past M and
+ * columns past K zero: groups [begin, end) (ql_parallel_for's chunk; every thread packs its share
+ * before the GEMM starts). A tile of PACK_COLUMNS columns at a time, row by row: the group's rows
+ * lie a multiple of 4 KiB apart at K = 4096, so reading all of them column by column thrashes one
+ * L1 set (1.6 ns a float); whole rows at a time (as before) wrote with a 64-byte stride over the
+ * group's whole slab (2.6 ns a float, 3-4 % of a one-thread M = 64-512 call, on the caller alone). */
+typedef struct {
+    const ql_matmul_job *job;
+    int64_t group;
+    float *x_packed;
+} gemm_pack_job;
+
+#define PACK_COLUMNS 16  /* per step: one 64-byte line of each row read, PACK_COLUMNS runs written */
+
+static void pack_gemm_x_groups(void *context, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    const gemm_pack_job *pack = context;
+    const ql_matmul_job *job = pack->job;
+    const int64_t group = pack->group, k = job->w->k, kp = job->padded_k;
+    const int64_t row_bytes = job->x_row_stride * ql_dtype_size(job->dtype);
+    for (int64_t g = begin; g < end; ++g) {
+        const int64_t rows = job->m - g * group < group ? job->m - g * group : group;
+        const char *x_rows = (const char *)job->x + g * group * row_bytes;
+        float *out = pack->x_packed + g * kp * group;
+        if (rows < group || k < kp) memset(out, 0, sizeof(float) * (size_t)(kp * group));  /* the padding */
+        for (int64_t c0 = 0; c0 < k; c0 += PACK_COLUMNS) {
+            const int64_t columns = k - c0 < PACK_COLUMNS ? k - c0 : PACK_COLUMNS;
+            for (int64_t i = 0; i < rows; ++i) {
+                const char *x_row = x_rows + i * row_bytes;
+                float *column = pack->x_packed + ql_gemm_x_position(c0, g * group + i, kp, group);
+                if (job->dtype == QL_F32)  /* the common case, without ql_load's dtype test per float */
+                    for (int64_t c = 0; c < columns; ++c) column[c * group] = ((const float *)x_row)[c0 + c];
+                else
+                    for (int64_t c = 0; c < columns; ++c) column[c * group] = ql_load(x_row, job->dtype, c0 + c);
+            }
+        }
+    }
+}
+
+/* x (M, K) in any dtype -> x_packed in a GEMV kernel's order (kernels.h), every padding column
+ * zero, and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row). */
 static void pack_x(const ql_matmul_job *job, int kernel, float *x_packed, int64_t x_packed_count, float *x_columns) {
     const int64_t k = job->w->k, m_rows = job->m;
     memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
-    if (is_gemm(kernel)) {
-        const int64_t group = VECTOR_KERNELS[kernel].gemm_x_group;
-        for (int64_t m = 0; m < m_rows; ++m) {
-            const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
-            float *row = x_packed + ql_gemm_x_position(0, m, job->padded_k, group);
-            for (int64_t c = 0; c < k; ++c) row[c * group] = ql_load(x_row, job->dtype, c);
-        }
-        return;
-    }
     for (int64_t m = 0; m < m_rows; ++m) {
         const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
         for (int64_t c = 0; c < k; ++c) x_columns[c * m_rows + m] = ql_load(x_row, job->dtype, c);
@@ -222,7 +251,13 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     float *buffer = call_buffer(sizeof(float) * (size_t)(x_packed_count + x_columns_count + job.scratch_floats_per_thread * threads));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
     float *x_packed = buffer, *x_columns = buffer + x_packed_count;  /* x_packed 64-byte aligned: aligned loads */
-    pack_x(&job, kernel, x_packed, x_packed_count, x_columns);
+    if (is_gemm(kernel)) {
+        const int64_t group = VECTOR_KERNELS[kernel].gemm_x_group, groups = (m + group - 1) / group;
+        gemm_pack_job pack = {&job, group, x_packed};
+        ql_parallel_for(groups, (groups + threads - 1) / threads, threads, pack_gemm_x_groups, &pack);
+    } else {
+        pack_x(&job, kernel, x_packed, x_packed_count, x_columns);
+    }
     job.x_packed = x_packed;
     job.x_columns = is_gemm(kernel) ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;

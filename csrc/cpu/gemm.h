@@ -8,7 +8,8 @@
  *   x_packed  (G, Kp, GEMM_GROUP) float32, G = ceil(M / GEMM_GROUP): group g holds rows
  *             GEMM_GROUP g .. GEMM_GROUP (g + 1) - 1 of x side by side per column
  *             (ql_gemm_x_position; rows past M and columns past K zero), packed once per call by
- *             api.c. A group's K_C columns are one contiguous run (8 / 4 KiB at K_C = 128).
+ *             api.c, every thread a chunk of groups (a pool job before the GEMM's). A group's K_C
+ *             columns are one contiguous run (8 / 4 KiB at K_C = 128).
  *   panel     (ACC_ROWS, K_C) float32 per thread: 256 weight rows, columns [k0, k0 + K_C), decoded
  *             and scaled (the level times the block's scale: the float32 product of
  *             QWeight.dequantize) with the row's outliers in those columns added (as dequantize
