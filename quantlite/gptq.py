@@ -23,9 +23,16 @@ What is particular to quantlite:
     (w - q(w))^2 / [H_F^-1]_jj = ((w - q(w)) / U[j, j])^2 at the time column j is rounded (w the
     compensated weight, F the columns not yet rounded). A first pass measures every weight's
     saliency; the `salient_outliers` largest give each column its number of outliers, and the
-    second pass keeps that many in the column, those with the largest rounding error at that time.
+    second pass keeps that many in the column, those with the largest rounding error at that time;
+  * bounded memory: above HESSIAN_BLOCK input columns the statistic is kept on its diagonal blocks
+    only (BlockDiagonal, collected so by quantlite.calibration), O(K x HESSIAN_BLOCK) instead of
+    O(K^2). With a block-diagonal H the inverse's Cholesky factor is block-diagonal too, so GPTQ is
+    exactly one pass per block (act-order within the block); the in-pass outliers are still the
+    `salient_outliers` most salient weights of the whole matrix, whichever block they are in.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,26 +42,71 @@ from quantlite.errors import QuantizationInputError
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
 DAMPING = (0.01, 0.1, 1.0)    # fractions of mean(diag H) added to the diagonal, tried in turn
 ACT_ORDER = True              # columns in decreasing H[j, j] (docs/accuracy.md: measured better on SmolLM2)
+# Above this many input columns E[x x^T] is kept and used on diagonal blocks of this size: its float64
+# running sum then takes K x 4096 x 8 bytes (1.7 GB at Llama-3-405B's down_proj, K = 53 248, instead of
+# 22.7 GB), the Cholesky factorisations K x 4096^2 flops instead of K^3, and every Linear of a model of
+# hidden size up to 4096 (Llama 7B/8B's q/k/v/o/gate/up) keeps the full matrix. What the blocks cost
+# in perplexity: docs/accuracy.md, "A block-diagonal Hessian".
+HESSIAN_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """E[x x^T] (K, K) kept on its diagonal blocks only: blocks[i] (b_i, b_i) float covers the input
+    columns sum(b_0..b_i-1) up to that plus b_i (hessian_blocks(K) gives them); the rest is taken as 0."""
+    blocks: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k = sum(block.shape[0] for block in self.blocks)
+        return (k, k)
+
+    def diagonal(self) -> torch.Tensor:
+        """(K,) the diagonal, E[x_j^2]."""
+        return torch.cat([block.diagonal() for block in self.blocks])
+
+    def to_dense(self) -> torch.Tensor:
+        """(K, K): the matrix the blocks stand for (for tests and small K only)."""
+        return torch.block_diag(*self.blocks)
+
+
+def hessian_blocks(k: int) -> list[tuple[int, int]]:
+    """(start, end) of the diagonal blocks E[x x^T] over K input columns is kept on: one block up to
+    HESSIAN_BLOCK columns, else blocks of HESSIAN_BLOCK and a last, shorter one."""
+    return [(start, min(start + HESSIAN_BLOCK, k)) for start in range(0, k, HESSIAN_BLOCK)] if k > HESSIAN_BLOCK else [(0, k)]
 
 
 def gptq_codes(
     w: torch.Tensor,
     scales: torch.Tensor,
     codebook: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | BlockDiagonal,
     outlier_rows: torch.Tensor,
     outlier_cols: torch.Tensor,
     block_size: int,
     salient_outliers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float32, scales (N, Kp // B) float32 (as decoded), codebook (16,) float32,
-    hessian (K, K) E[x x^T], the outliers chosen beforehand as (rows, cols) int64, and how many more
+    hessian (K, K) E[x x^T] or its BlockDiagonal, the outliers chosen beforehand as (rows, cols) int64, and how many more
     to choose in the pass by saliency ->
     codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
     (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    order = column_order(hessian)                                                  # (K,) int64
-    upper = _inverse_cholesky(hessian[order][:, order], k)                         # (K, K) float32
+    blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
+    mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
+    if len(blocks) > 1:
+        diagonal = torch.cat([block.diagonal() for block in blocks]).double()     # (K,) float64
+        mean_diagonal = float(torch.where(diagonal > 0, diagonal, 1.0).mean())
+    # Per diagonal block (the whole matrix when it is one): act-order inside it, and the upper Cholesky
+    # factor of its inverse; the blocks follow each other, so errors never leave a block.
+    order, segments, start = [], [], 0
+    for block in blocks:
+        end = start + block.shape[0]
+        local = column_order(block)                                                # (b,) int64
+        order.append(start + local)
+        segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
+        start = end
+    order = torch.cat(order)                                                       # (K,) int64
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
     column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
@@ -64,10 +116,10 @@ def gptq_codes(
     work = w.T.to(torch.float32)[order].contiguous()          # (K, N) updated in place as errors flow down
     quota = None
     if salient_outliers > 0:
-        saliency = _gptq_pass(work.clone(), column_scale, codebook, upper, is_outlier.clone())[1]  # (K, N)
+        saliency = _gptq_passes(work.clone(), column_scale, codebook, segments, is_outlier.clone())[1]  # (K, N)
         chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
         quota = torch.bincount(chosen // n, minlength=k).tolist()
-    codes, _ = _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota)
+    codes, _ = _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota)
     restore = torch.argsort(order)
     codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
     zero = int((codebook == 0).nonzero()[0, 0])
@@ -82,6 +134,14 @@ def column_order(hessian: torch.Tensor) -> torch.Tensor:
     if ACT_ORDER:
         return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     return torch.arange(hessian.shape[0])
+
+
+def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None):
+    """_gptq_pass over each diagonal block (start, end, upper) of the processing order in turn, on views
+    of the block's rows (changed in place) -> codes (K, N) uint8, saliency (K, N) float32."""
+    passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
+                         None if quota is None else quota[start:end]) for start, end, upper in segments]
+    return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
 
 
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
@@ -124,16 +184,19 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     return codes, saliency
 
 
-def _inverse_cholesky(hessian: torch.Tensor, k: int) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1, float32. A column the calibration never excited
-    (H[j, j] == 0) gets H[j, j] = 1: it is quantized without feeding or receiving error."""
+def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping x mean_diag x I)^-1, float32, of H (k, k): the whole
+    matrix, or one diagonal block with mean_diag the whole matrix's (None: H's own mean diagonal). A
+    column the calibration never excited (H[j, j] == 0) gets H[j, j] = 1 (in the mean too): it is
+    quantized without feeding or receiving error."""
+    k = hessian.shape[0]
     h = hessian.to(torch.float64, copy=True)
     diag = torch.diagonal(h)
     dead = diag <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     diag[dead] = 1.0
-    mean_diag = float(diag.mean())
+    mean_diag = float(diag.mean()) if mean_diag is None else mean_diag
     for damping in DAMPING:
         factor, info = torch.linalg.cholesky_ex(h + damping * mean_diag * torch.eye(k, dtype=torch.float64))
         if int(info) == 0:

@@ -44,6 +44,9 @@ class HFCheckpoint:
             shutil.copyfile(self.path / name, folder / name, follow_symlinks=True)
         finish_tokenizer_folder(folder, {})
 
+    def has_tokenizer(self) -> bool:
+        return self._is_file("tokenizer.json")
+
     def tokenizer_nbytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in self._tokenizer_files())
 
