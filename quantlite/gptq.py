@@ -6,8 +6,8 @@ With H = E[x x^T] (K, K), the second moment of the layer input over a calibratio
 error of a weight error dW is tr(dW H dW^T). After column j is rounded (error e_j), the optimal
 update of the remaining columns is  W[:, j+1:] -= e_j / U[j, j] * U[j, j+1:], where U is the upper
 Cholesky factor of H^-1 (the OBQ update, in GPTQ's Cholesky form). Columns are processed in lazy
-blocks of 128: the update inside a block is rank-1 per column, the rest of the matrix gets one
-matmul per block.
+blocks of 128, each in sub-blocks of 16: the update inside a sub-block is rank-1 per column, the
+rest of the lazy block gets one matmul per sub-block, the rest of the matrix one per lazy block.
 
 What is particular to quantlite:
   * the block scales are fixed before the loop (GPTQ's "static groups"): computed from W and, when
@@ -32,6 +32,7 @@ What is particular to quantlite:
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from quantlite.codebook import code_midpoints
 from quantlite.errors import QuantizationInputError
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
+SUB_BLOCK = 16                # columns per rank-1-updated sub-block of a lazy block (less memory traffic per column)
 DAMPING = (0.01, 0.1, 1.0)    # fractions of mean(diag H) added to the diagonal, tried in turn
 ACT_ORDER = True              # columns in decreasing H[j, j] (docs/accuracy.md: measured better on SmolLM2)
 # Above this many input columns E[x x^T] is kept and used on diagonal blocks of this size: its float64
@@ -92,21 +94,7 @@ def gptq_codes(
     codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
     (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
-    mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
-    if len(blocks) > 1:
-        diagonal = torch.cat([block.diagonal() for block in blocks]).double()     # (K,) float64
-        mean_diagonal = float(torch.where(diagonal > 0, diagonal, 1.0).mean())
-    # Per diagonal block (the whole matrix when it is one): act-order inside it, and the upper Cholesky
-    # factor of its inverse; the blocks follow each other, so errors never leave a block.
-    order, segments, start = [], [], 0
-    for block in blocks:
-        end = start + block.shape[0]
-        local = column_order(block)                                                # (b,) int64
-        order.append(start + local)
-        segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
-        start = end
-    order = torch.cat(order)                                                       # (K,) int64
+    order, segments = _factored(hessian)
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
     column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
@@ -127,6 +115,40 @@ def gptq_codes(
     stored[:, :k] = codes.T
     rows, cols = is_outlier.T.nonzero(as_tuple=True)          # row-major: sorted by row then column
     return stored, rows, cols, work[cols, rows]
+
+
+def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list]:
+    """(order (K,) int64, [(start, end, upper (b, b) float32)] per diagonal block) of a statistic:
+    act-order inside each block (the whole matrix when it is one) and the upper Cholesky factor of
+    its inverse; the blocks follow each other in the order, so errors never leave a block. Kept
+    while the statistic lives: q/k/v and gate/up share one statistic object, factored once."""
+    key = id(hessian)
+    cached = _factors.get(key)
+    if cached is not None and cached[0]() is hessian and cached[1] == _versions(hessian):
+        return cached[2]
+    blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
+    mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
+    if len(blocks) > 1:
+        diagonal = torch.cat([block.diagonal() for block in blocks]).double()     # (K,) float64
+        mean_diagonal = float(torch.where(diagonal > 0, diagonal, 1.0).mean())
+    order, segments, start = [], [], 0
+    for block in blocks:
+        end = start + block.shape[0]
+        local = column_order(block)                                                # (b,) int64
+        order.append(start + local)
+        segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
+        start = end
+    result = (torch.cat(order), segments)
+    _factors[key] = (weakref.ref(hessian, lambda _: _factors.pop(key, None)), _versions(hessian), result)
+    return result
+
+
+def _versions(hessian) -> tuple[int, ...]:
+    """The in-place version counters of the statistic's tensors: a changed statistic is factored again."""
+    return tuple(block._version for block in (hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)))
+
+
+_factors: dict[int, tuple] = {}  # id(statistic) -> (weak reference to it, its versions, _factored's result)
 
 
 def column_order(hessian: torch.Tensor) -> torch.Tensor:
@@ -157,28 +179,31 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
-    # The loop runs once per column: a few small torch calls each, so their count is its cost
-    # (the midpoints once per pass; bucketize's int64 codes index the codebook directly).
+    # The loop runs once per column: a few small torch calls each, so their count is its cost (the
+    # midpoints once per pass; bucketize's int64 codes index the codebook directly). Errors flow down
+    # in three levels: a rank-1 update of the rest of the column's sub-block of SUB_BLOCK columns, one
+    # matmul per sub-block for the rest of its lazy block, one per lazy block for the rest of W.
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
-        for j in range(end - start):
-            column = start + j
-            x = work[column]
-            code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
-            quantized = codebook[code] * column_scale[column]
-            if quota is not None and quota[column] > 0:
-                rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
-                is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
-                has_outlier[column] = True
-            if has_outlier[column]:
-                keep = is_outlier[column]
-                quantized = torch.where(keep, x, quantized)
-                code[keep] = zero
-            codes[column] = code
-            torch.div(x - quantized, upper[column, column], out=errors[j])
-            work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]  # rounded product, then
-            # the subtraction: a fused rank-1 update (addr_) rounds once and changes the stored outliers' last bits
+        for sub in range(start, end, SUB_BLOCK):
+            sub_end = min(sub + SUB_BLOCK, end)
+            for column in range(sub, sub_end):
+                x = work[column]
+                code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
+                quantized = codebook.index_select(0, code) * column_scale[column]
+                if quota is not None and quota[column] > 0:
+                    rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
+                    is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
+                    has_outlier[column] = True
+                if has_outlier[column]:
+                    keep = is_outlier[column]
+                    quantized = torch.where(keep, x, quantized)
+                    code[keep] = zero
+                codes[column] = code
+                error = torch.div(x - quantized, upper[column, column], out=errors[column - start])  # (N,)
+                work[column + 1:sub_end] -= upper[column, column + 1:sub_end].unsqueeze(1) * error
+            work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
     return codes, saliency
