@@ -25,6 +25,7 @@ part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -221,6 +222,17 @@ def random_token_ids(vocabulary_size: int, excluded: list[int], count: int, seed
         return choices[torch.randint(choices.numel(), (count,), generator=generator)]
     weights = (ranks[choices].double() + offset) ** -exponent  # (V',) float64, unnormalised
     return choices[torch.multinomial(weights, count, replacement=True, generator=generator)]
+
+
+def tokenizer_random_ids(backend, vocabulary_size: int, count: int, seed: int = RANDOM_CALIBRATION_SEED,
+                         exponent: float | None = None, offset: float | None = None) -> torch.Tensor:
+    """(count,) int64 ids as `convert --calibration random` draws them from a `tokenizers.Tokenizer`
+    (tokenizer.json): its vocabulary, added tokens included, up to the model's `vocabulary_size`,
+    without its special tokens, by the rank law of token_frequency_ranks (random_token_ids)."""
+    special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
+    vocabulary = min(backend.get_vocab_size(with_added_tokens=True), vocabulary_size)
+    ranks = token_frequency_ranks(json.loads(backend.to_str())["model"], vocabulary)
+    return random_token_ids(vocabulary, special, count, seed, ranks, exponent, offset)
 
 
 def token_frequency_ranks(model: dict, vocabulary_size: int) -> torch.Tensor:

@@ -448,20 +448,16 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
     """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
     for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR); the
     tokenizer is the one already written into OUT (for a GGUF, transformers built it from the metadata)."""
-    from quantlite.calibration import random_token_ids, sampled_calibration_text, token_frequency_ranks
+    from quantlite.calibration import sampled_calibration_text, tokenizer_random_ids
     from quantlite.runtime.generate import GenerationError, Tokenizer
 
     try:
         tokenizer = Tokenizer(out / TOKENIZER_DIR)
     except GenerationError as error:
         raise ConversionError(f"--calibration {text_file} needs the model's tokenizer: {error}") from error
-    backend = tokenizer.backend
     if _is_named(text_file, RANDOM_CALIBRATION):  # the tokenizer's vocabulary, drawn by frequency rank
-        special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
-        vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
-        ranks = token_frequency_ranks(json.loads(backend.to_str())["model"], vocabulary)
-        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"],
-                                ranks, calibration["exponent"], calibration["rank_offset"])
+        return tokenizer_random_ids(tokenizer.backend, source.model_config.vocab_size, calibration["windows"] * calibration["ctx"],
+                                    calibration["seed"], calibration["exponent"], calibration["rank_offset"])
     if _is_named(text_file, SELF_CALIBRATION):
         scratch = out / SELF_CALIBRATION_DIR
         text = sampled_calibration_text(

@@ -223,10 +223,12 @@ def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> 
     diag[dead] = 1.0
     mean_diag = float(diag.mean()) if mean_diag is None else mean_diag
     for damping in DAMPING:
-        factor, info = torch.linalg.cholesky_ex(h + damping * mean_diag * torch.eye(k, dtype=torch.float64))
+        # With J the order reversal and J (H + damping) J = L L^T: (H + damping)^-1 = U^T U for the upper
+        # triangular U = J L^-1 J: one factorisation and one triangular solve, no inverse formed.
+        identity = torch.eye(k, dtype=torch.float64)
+        factor, info = torch.linalg.cholesky_ex((h + damping * mean_diag * identity).flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+            return torch.linalg.solve_triangular(factor, identity, upper=False).flip(0, 1).to(torch.float32)
     raise QuantizationInputError(
         f"the input second-moment matrix ({k}x{k}) is not positive definite even with damping "
         f"{DAMPING[-1]} x mean(diag): it is not E[x x^T] of real activations"
