@@ -9,8 +9,8 @@ name that is renamed into place when complete. So that an interrupted run can re
   * every file is a pure function of (source, settings), so the resumed result is byte-identical to an
     uninterrupted run; the manifest's creation time is the first run's (or $SOURCE_DATE_EPOCH);
   * `quantlite.json` is written last: a folder without it never looks complete.
-Calibration (optional, `calibration=TEXT_FILE`): the decoder layers are converted one after the other
-while windows of the text run through the model: for each layer, the second moment E[x x^T] of every
+Calibration (by default on random token ids; a text file, "self", or "none"): the decoder layers are
+converted one after the other while windows of the text run through the model: for each layer, the second moment E[x x^T] of every
 Linear's input, then its Linears quantized with it (GPTQ error feedback, docs/accuracy.md), then the
 windows pass through the layer as written, to the next (GPTQ's sequential order;
 quantlite.calibration.iter_layer_input_stats). One layer in float32, its statistics and the windows'
@@ -183,16 +183,18 @@ def convert(
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
-    in blocks of `attention_block_size` (None: the method's choice for a conversion without
-    calibration or calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
+    in blocks of `attention_block_size` (None: the method's choice for a data-free conversion or one
+    calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
     head and the embedding as `head` and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
     a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
-    with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
-    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", 16 for
+    `calibration`: a UTF-8 text file, "random" for random token ids (seeded, drawn by frequency rank,
+    with quantlite.calibration's identity prior), "self" for text sampled from the model itself, or
+    "none" for none (data-free, no forward pass); None (the default): "random" for the "quantlite"
+    method when the source has a tokenizer.json, else none, said in one line on stderr
+    (calibration_to_run). A calibration runs over `calibration_windows` windows (None: 4 for "random", 16 for
     "self", 32 for a file) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
     `tune_steps` > 0 then tunes each layer's scales, outliers and norm gains for that many steps
     towards the float layer's output on those windows (quantlite.tuning). Rerunning after an interruption

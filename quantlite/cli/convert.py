@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per scale along the input dimension (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
-                             "method without --calibration or with --calibration random, which keeps less of "
+                             "method on random tokens (the default) or with --calibration none, which keeps less of "
                              "NF4's damage at the same bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
