@@ -211,7 +211,7 @@ def convert(
     source = open_source(src)
     given, calibration = calibration, calibration_to_run(calibration, source, method, no_quantize)
     if given is None and calibration is None and method == DEFAULT_METHOD and not no_quantize:
-        print(f"note: {source.path.name} has no tokenizer.json to draw random calibration tokens from, so this "
+        print(f"note: {source.path.name} has no usable tokenizer.json to draw random calibration tokens from, so this "
               "conversion is data-free (as --calibration none); give --calibration TEXT_FILE to calibrate it",
               file=sys.stderr)
     if tune_steps != 0 and (problem := tune_steps_problem(tune_steps, calibration)):

@@ -131,7 +131,7 @@ def test_without_a_tokenizer_the_default_is_data_free_and_says_so(tmp_path, gene
     assert main(["convert", str(src), str(tmp_path / "out"), "--quiet", *flags]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == ([] if flags else [
-        "note: hf has no tokenizer.json to draw random calibration tokens from, so this conversion is data-free "
+        "note: hf has no usable tokenizer.json to draw random calibration tokens from, so this conversion is data-free "
         "(as --calibration none); give --calibration TEXT_FILE to calibrate it"])
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["quantization"]["calibration"] is None
 
