@@ -150,7 +150,7 @@ def test_packed_model_equals_fake_quantization(stories260k_hf, shared_data, tmp_
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(data.read_text(), return_tensors="pt").input_ids[0]
-        # convert --calibration none: the attention projections in blocks of 32, the MLP's in blocks of 64
+    # convert --calibration none: the attention projections in blocks of 32, the MLP's in blocks of 64
     block_size = lambda name: 32 if ".self_attn." in name else 64  # noqa: E731
     with fake_quantized(model, lambda w, name, _: quantize(w, name=name, block_size=block_size(name)), progress=False):
         expected = perplexity(lambda x: model(x, use_cache=False).logits, ids, ctx=256, max_windows=2, progress=False)
