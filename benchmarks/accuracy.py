@@ -89,9 +89,9 @@ ROWS = [
         {"method": "quantlite", "fit_codebook": False, "refine_scales": False}, True, "codebook", QKVO_32),
     Row("cal-fit-refine", "calibrated GPTQ with a fitted codebook + least-squares scale refinement",
         {"method": "quantlite", "fit_codebook": True, "refine_scales": True}, True, "codebook"),
-    Row("cal-random", "calibrated GPTQ on random token ids (one pass; identity prior 1.0), q/k/v/o_proj at block 32",
+    Row("cal-random", "calibrated GPTQ on random token ids drawn by merge rank as convert does (one pass; identity prior 1.0), q/k/v/o_proj at block 32",
         {"method": "quantlite"}, "random", "main", QKVO_32),
-    Row("cal-random-noprior", "calibrated GPTQ on random token ids (one pass; GPTQ's 1 % damping only), q/k/v/o_proj at block 32",
+    Row("cal-random-noprior", "calibrated GPTQ on random token ids drawn by merge rank (one pass; GPTQ's 1 % damping only), q/k/v/o_proj at block 32",
         {"method": "quantlite"}, "random-noprior", "main", QKVO_32),
     Row("default", "**quantlite default**: calibrated GPTQ (act-order), up to 1 % outliers within 4.5 bits/weight (half chosen in the GPTQ pass by saliency), scale search, DQ, g64",
         {"method": "quantlite"}, True),
@@ -286,9 +286,9 @@ def measure(subject_name: str, rows: list[Row], windows: int, ctx: int, calibrat
             if row.calibrated and not on_random and stats is None:
                 stats = _calibration(model, token_ids[calibration_start:], ctx, calibration_cache)
             if on_random and random_stats is None:  # convert --calibration random's windows, in one pass
-                from quantlite.calibration import random_token_ids
+                from quantlite.calibration import tokenizer_random_ids
 
-                ids = random_token_ids(len(tokenizer), tokenizer.all_special_ids, calibration_windows * ctx)
+                ids = tokenizer_random_ids(tokenizer.backend_tokenizer, model.config.vocab_size, calibration_windows * ctx)
                 random_stats = _calibration(model, ids, ctx, None)
             with _settings(row.settings), fake_quantized(model, quantizer_for(row), importance=random_stats if on_random else stats) as fake:
                 result = perplexity(forward, token_ids, ctx=ctx, max_windows=windows, progress=False)

@@ -5,7 +5,8 @@ quantize(w, importance=...).
               dW is sum_j E[x_j^2] * |dW[:, j]|^2 when the input columns are uncorrelated.
   full=True   the second moment E[x x^T], (K, K): GPTQ's Hessian (quantlite.gptq), which also
               accounts for correlated columns. This is what the default "quantlite" setting of
-              docs/accuracy.md was measured with.
+              docs/accuracy.md was measured with. Above gptq.HESSIAN_BLOCK input columns only its
+              diagonal blocks are collected (a gptq.BlockDiagonal), so memory is O(K x block).
 
 Linears that read the same tensor (q/k/v projections; gate/up) share one statistic: it is computed
 once and the returned dict holds the same tensor object under each of their names.
@@ -24,6 +25,7 @@ part of the evaluation file after the evaluated windows, and says so).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -32,7 +34,11 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.gptq import BlockDiagonal, hessian_blocks
 
+# calibration="none" (convert --calibration none): no calibration, the data-free conversion (no forward pass).
+# Without --calibration, convert calibrates on random tokens (below) when the source has a tokenizer, else none.
+NO_CALIBRATION = "none"
 # calibration="self" (convert --calibration self): the text is sampled from the unquantized model itself,
 # one sequence per window, each starting from one of these prompts, by the runtime from a float copy of
 # the model kept in OUT/SELF_CALIBRATION_DIR while it runs.
@@ -218,6 +224,17 @@ def random_token_ids(vocabulary_size: int, excluded: list[int], count: int, seed
     return choices[torch.multinomial(weights, count, replacement=True, generator=generator)]
 
 
+def tokenizer_random_ids(backend, vocabulary_size: int, count: int, seed: int = RANDOM_CALIBRATION_SEED,
+                         exponent: float | None = None, offset: float | None = None) -> torch.Tensor:
+    """(count,) int64 ids as `convert --calibration random` draws them from a `tokenizers.Tokenizer`
+    (tokenizer.json): its vocabulary, added tokens included, up to the model's `vocabulary_size`,
+    without its special tokens, by the rank law of token_frequency_ranks (random_token_ids)."""
+    special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
+    vocabulary = min(backend.get_vocab_size(with_added_tokens=True), vocabulary_size)
+    ranks = token_frequency_ranks(json.loads(backend.to_str())["model"], vocabulary)
+    return random_token_ids(vocabulary, special, count, seed, ranks, exponent, offset)
+
+
 def token_frequency_ranks(model: dict, vocabulary_size: int) -> torch.Tensor:
     """(vocabulary_size,) int64 frequency rank of each token id (0 = most frequent, ties allowed) from a
     tokenizer.json "model" entry, without any text: a BPE tokenizer learns its merges in order of
@@ -247,11 +264,18 @@ def token_frequency_ranks(model: dict, vocabulary_size: int) -> torch.Tensor:
     return ranks
 
 
-def with_identity_prior(second_moment: torch.Tensor, weight: float) -> torch.Tensor:
-    """E[x x^T] (K, K) + weight * mean(diag) * I: between the statistic (weight 0) and no calibration
-    (weight -> infinity: GPTQ then rounds each weight to nearest, as a data-free conversion does)."""
+def with_identity_prior(second_moment: torch.Tensor | BlockDiagonal, weight: float) -> torch.Tensor | BlockDiagonal:
+    """E[x x^T] (K, K) or its BlockDiagonal + weight * mean(diag) * I: between the statistic (weight 0)
+    and no calibration (weight -> infinity: GPTQ then rounds each weight to nearest, as a data-free
+    conversion does)."""
     mean_diagonal = float(second_moment.diagonal().mean())
-    return second_moment + weight * mean_diagonal * torch.eye(second_moment.shape[0], dtype=second_moment.dtype)
+
+    def plus_prior(block: torch.Tensor) -> torch.Tensor:
+        return block + weight * mean_diagonal * torch.eye(block.shape[0], dtype=block.dtype)
+
+    if isinstance(second_moment, BlockDiagonal):
+        return BlockDiagonal(tuple(plus_prior(block) for block in second_moment.blocks))
+    return plus_prior(second_moment)
 
 
 def _check_token_ids(token_ids: torch.Tensor) -> None:
@@ -274,13 +298,14 @@ class _RecordsInput:
 
 
 class _SecondMoments:
-    """Running E[x x^T] (full) or E[x^2] per column of named inputs. Consecutive inputs that are the
-    same tensor (q/k/v read one normalised x, gate/up another) share one statistic: it is computed once
-    and means() returns the same tensor object under each name."""
+    """Running E[x x^T] (full; its diagonal blocks of gptq.hessian_blocks(K) when K is large) or E[x^2]
+    per column of named inputs. Consecutive inputs that are the same tensor (q/k/v read one normalised
+    x, gate/up another) share one statistic: it is computed once and means() returns the same object
+    under each name."""
 
     def __init__(self, full: bool):
         self.full = full
-        self.sums: dict[str, torch.Tensor] = {}   # owner name -> float64 running sum, (K,) or (K, K)
+        self.sums: dict[str, list[torch.Tensor]] = {}  # owner name -> float64 running sums: [(K,)], or (b, b) per block
         self.counts: dict[str, int] = {}          # owner name -> rows of x seen
         self.owner_of: dict[str, str] = {}        # input name -> the name whose statistic it shares
         self.last_input, self.last_owner = None, None
@@ -293,14 +318,20 @@ class _SecondMoments:
         self.owner_of[name] = name
         rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (tokens, K)
         # float32 products, float64 running sum: one window's sum is exact enough, many add up
-        moment = (rows.T @ rows if self.full else rows.square().sum(dim=0)).double()
-        self.sums[name] = self.sums[name] + moment if name in self.sums else moment
+        if self.full:
+            moment = [(rows[:, start:end].T @ rows[:, start:end]).double() for start, end in hessian_blocks(rows.shape[1])]
+        else:
+            moment = [rows.square().sum(dim=0).double()]
+        self.sums[name] = [total + part for total, part in zip(self.sums[name], moment)] if name in self.sums else moment
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
     def next_pass(self) -> None:
         """A new forward pass begins: never share a statistic across passes."""
         self.last_input = None
 
-    def means(self) -> dict[str, torch.Tensor]:
-        mean_of = {owner: (total / self.counts[owner]).float() for owner, total in self.sums.items()}
+    def means(self) -> dict[str, torch.Tensor | BlockDiagonal]:
+        mean_of = {}
+        for owner, totals in self.sums.items():
+            means = tuple((total / self.counts[owner]).float() for total in totals)
+            mean_of[owner] = means[0] if len(means) == 1 else BlockDiagonal(means)
         return {name: mean_of[owner] for name, owner in self.owner_of.items()}

@@ -9,8 +9,8 @@ name that is renamed into place when complete. So that an interrupted run can re
   * every file is a pure function of (source, settings), so the resumed result is byte-identical to an
     uninterrupted run; the manifest's creation time is the first run's (or $SOURCE_DATE_EPOCH);
   * `quantlite.json` is written last: a folder without it never looks complete.
-Calibration (optional, `calibration=TEXT_FILE`): the decoder layers are converted one after the other
-while windows of the text run through the model: for each layer, the second moment E[x x^T] of every
+Calibration (by default on random token ids; a text file, "self", or "none"): the decoder layers are
+converted one after the other while windows of the text run through the model: for each layer, the second moment E[x x^T] of every
 Linear's input, then its Linears quantized with it (GPTQ error feedback, docs/accuracy.md), then the
 windows pass through the layer as written, to the next (GPTQ's sequential order;
 quantlite.calibration.iter_layer_input_stats). One layer in float32, its statistics and the windows'
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ from quantlite.quantizer import METHODS, outlier_frac_problem, quantize
 from quantlite.sources import open_source
 from quantlite.tuning import tune_steps_problem
 from quantlite.calibration import (
-    RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS, RANDOM_TOKEN_EXPONENT,
+    NO_CALIBRATION, RANDOM_CALIBRATION, RANDOM_CALIBRATION_PRIOR, RANDOM_CALIBRATION_SEED, RANDOM_CALIBRATION_WINDOWS, RANDOM_TOKEN_EXPONENT,
     RANDOM_TOKEN_RANK_OFFSET,
     SELF_CALIBRATION, SELF_CALIBRATION_DIR, SELF_CALIBRATION_SAMPLING, SELF_CALIBRATION_WINDOWS,
     TEXT_CALIBRATION_WINDOWS,
@@ -67,6 +68,7 @@ LOCK_FILE = ".quantlite.lock"  # flock()ed while a convert writes OUT; the kerne
 # block-scaled int8 (quantlite.q8weight), "float" unquantized. The default q8 costs about 0.1 %
 # perplexity where q4 costs more than 1 % (docs/accuracy.md, "The head and the embedding").
 DEFAULT_BLOCK_SIZE = 64  # weights per scale, unless convert is told otherwise
+DEFAULT_METHOD = "quantlite"  # the only method calibrated by default (nf4 and rtn are the plain baselines)
 WIDTHS = ("q8", "q4", "float")
 DEFAULT_WIDTH = "q8"
 # Unquantized tensors (norms, a float head) are stored in 16 bits: the source's own 16-bit dtype, and
@@ -159,7 +161,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     *,
-    method: str = "quantlite",
+    method: str = DEFAULT_METHOD,
     block_size: int = DEFAULT_BLOCK_SIZE,
     attention_block_size: int | None = None,
     outlier_frac: float | None = None,
@@ -181,16 +183,18 @@ def convert(
 
     Decoder Linear weights are quantized with `method` ("quantlite", "nf4", "rtn"; see
     quantlite.quantizer.METHODS) in blocks of `block_size`, the attention projections (q/k/v/o_proj)
-    in blocks of `attention_block_size` (None: the method's choice for a conversion without
-    calibration or calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
+    in blocks of `attention_block_size` (None: the method's choice for a data-free conversion or one
+    calibrated on random tokens, 32 for "quantlite"; else `block_size`); the output
     head and the embedding as `head` and `embedding` say (WIDTHS: "q8" block-scaled int8, the default; "q4" as the layers; "float"),
     a tied head being the embedding (both must then agree); unquantized tensors in `float_dtype` ("bfloat16", "float16",
     "float32"; None: the source's 16-bit dtype, bfloat16 for a float32 source); `no_quantize` writes
     the same layout with the original weights. `outlier_frac` and `max_bits_per_weight` are as in
     quantlite.quantize (left as None: the method's default fraction, capped by its bit budget).
-    `calibration` (a UTF-8 text file, the string "random" for random token ids (seeded, drawn by frequency rank,
-    with quantlite.calibration's identity prior), or "self" for text sampled from the model itself)
-    turns on calibrated quantization over `calibration_windows` windows (None: 4 for "random", 16 for
+    `calibration`: a UTF-8 text file, "random" for random token ids (seeded, drawn by frequency rank,
+    with quantlite.calibration's identity prior), "self" for text sampled from the model itself, or
+    "none" for none (data-free, no forward pass); None (the default): "random" for the "quantlite"
+    method when the source has a tokenizer.json, else none, said in one line on stderr
+    (calibration_to_run). A calibration runs over `calibration_windows` windows (None: 4 for "random", 16 for
     "self", 32 for a file) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
     `tune_steps` > 0 then tunes each layer's scales, outliers and norm gains for that many steps
     towards the float layer's output on those windows (quantlite.tuning). Rerunning after an interruption
@@ -203,13 +207,18 @@ def convert(
     started = time.perf_counter()
     settings = _check_settings(method, block_size, outlier_frac, max_bits_per_weight, embedding, head,
                                float_dtype, no_quantize, workers, attention_block_size,
-                               calibrated=calibration is not None and not _is_random_calibration(calibration))
+                               calibrated=_is_named(calibration, SELF_CALIBRATION) or _is_text_file(calibration))
+    source = open_source(src)
+    given, calibration = calibration, calibration_to_run(calibration, source, method, no_quantize)
+    if given is None and calibration is None and method == DEFAULT_METHOD and not no_quantize:
+        print(f"note: {source.path.name} has no usable tokenizer.json to draw random calibration tokens from, so this "
+              "conversion is data-free (as --calibration none); give --calibration TEXT_FILE to calibrate it",
+              file=sys.stderr)
     if tune_steps != 0 and (problem := tune_steps_problem(tune_steps, calibration)):
         raise ConversionError(problem)
     if calibration is not None:
         described = _describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize)
         settings = replace(settings, calibration={**described, "tune_steps": tune_steps} if tune_steps else described)
-    source = open_source(src)
     if source.model_config.tie_word_embeddings and settings.head != settings.embedding and not no_quantize:
         raise ConversionError(
             f"this model ties lm_head to the embedding, one matrix: give --head and --embedding the same width "
@@ -396,57 +405,62 @@ def _write_tokenizer(source, out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- calibration
+def calibration_to_run(calibration, source, method: str = DEFAULT_METHOD, no_quantize: bool = False) -> str | Path | None:
+    """What convert calibrates on: `calibration` as given (NO_CALIBRATION: None, data-free); not given
+    (None), random token ids for the default method when the source has a tokenizer.json to draw them
+    from, else None (docs/convert.md, "Calibration")."""
+    if calibration is None:
+        default = method == DEFAULT_METHOD and not no_quantize and source.has_tokenizer()
+        return RANDOM_CALIBRATION if default else None
+    return None if _is_named(calibration, NO_CALIBRATION) else calibration
+
+
 def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
     if no_quantize:
         raise ConversionError("--calibration has no use with --no-quantize")
     if windows is None:
-        windows = (RANDOM_CALIBRATION_WINDOWS if _is_random_calibration(text_file)
-                   else SELF_CALIBRATION_WINDOWS if _is_self_calibration(text_file) else TEXT_CALIBRATION_WINDOWS)
+        windows = (RANDOM_CALIBRATION_WINDOWS if _is_named(text_file, RANDOM_CALIBRATION)
+                   else SELF_CALIBRATION_WINDOWS if _is_named(text_file, SELF_CALIBRATION) else TEXT_CALIBRATION_WINDOWS)
     if not (isinstance(windows, int) and windows >= 1 and isinstance(ctx, int) and ctx >= 2):
         raise ConversionError(f"calibration windows ({windows!r}) and ctx ({ctx!r}) must be integers >= 1 and >= 2")
-    if _is_self_calibration(text_file):
+    if _is_named(text_file, SELF_CALIBRATION):
         return {"file": SELF_CALIBRATION, "windows": windows, "ctx": ctx, "sampling": SELF_CALIBRATION_SAMPLING}
-    if _is_random_calibration(text_file):
+    if _is_named(text_file, RANDOM_CALIBRATION):
         return {"file": RANDOM_CALIBRATION, "windows": windows, "ctx": ctx, "seed": RANDOM_CALIBRATION_SEED,
                 "exponent": RANDOM_TOKEN_EXPONENT, "rank_offset": RANDOM_TOKEN_RANK_OFFSET,
                 "identity_prior": RANDOM_CALIBRATION_PRIOR}
     path = Path(text_file)
     if not path.is_file():
-        raise ConversionError(f"calibration text {path} is not a readable file")
+        raise ConversionError(f"calibration text {path} is not a readable file (or give random, self or none)")
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "windows": windows, "ctx": ctx}
 
 
-def _is_self_calibration(text_file) -> bool:
-    """The string "self" (not a Path: a file of that name is given as Path("self") or "./self")."""
-    return isinstance(text_file, str) and text_file == SELF_CALIBRATION
+def _is_named(calibration, name: str) -> bool:
+    """Whether `calibration` is the string `name` ("none", "random", "self"): a file of that name is given
+    as a Path, or as "./name" on the command line."""
+    return isinstance(calibration, str) and calibration == name
 
 
-def _is_random_calibration(text_file) -> bool:
-    """The string "random" (not a Path), as _is_self_calibration."""
-    return isinstance(text_file, str) and text_file == RANDOM_CALIBRATION
+def _is_text_file(calibration) -> bool:
+    return calibration is not None and not any(_is_named(calibration, name)
+                                               for name in (NO_CALIBRATION, RANDOM_CALIBRATION, SELF_CALIBRATION))
 
 
 def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict, progress: bool) -> torch.Tensor:
     """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
-    for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR)."""
-    from quantlite.calibration import random_token_ids, sampled_calibration_text, token_frequency_ranks
+    for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR); the
+    tokenizer is the one already written into OUT (for a GGUF, transformers built it from the metadata)."""
+    from quantlite.calibration import sampled_calibration_text, tokenizer_random_ids
     from quantlite.runtime.generate import GenerationError, Tokenizer
 
-    if _is_random_calibration(text_file):  # the vocabulary of the tokenizer already written into OUT
-        try:
-            backend = Tokenizer(out / TOKENIZER_DIR).backend
-        except GenerationError as error:
-            raise ConversionError(f"--calibration random needs the model's vocabulary: {error}") from error
-        special = [i for i, token in backend.get_added_tokens_decoder().items() if token.special]
-        vocabulary = min(backend.get_vocab_size(with_added_tokens=True), source.model_config.vocab_size)
-        ranks = token_frequency_ranks(json.loads(backend.to_str())["model"], vocabulary)
-        return random_token_ids(vocabulary, special, calibration["windows"] * calibration["ctx"], calibration["seed"],
-                                ranks, calibration["exponent"], calibration["rank_offset"])
-    from transformers import AutoTokenizer  # a text or "self": the source's own tokenizer, as transformers reads it
-
-    folder, gguf = (Path(source.path).parent, Path(source.path).name) if source.kind == "gguf" else (Path(source.path), None)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
-    if _is_self_calibration(text_file):
+    try:
+        tokenizer = Tokenizer(out / TOKENIZER_DIR)
+    except GenerationError as error:
+        raise ConversionError(f"--calibration {text_file} needs the model's tokenizer: {error}") from error
+    if _is_named(text_file, RANDOM_CALIBRATION):  # the tokenizer's vocabulary, drawn by frequency rank
+        return tokenizer_random_ids(tokenizer.backend, source.model_config.vocab_size, calibration["windows"] * calibration["ctx"],
+                                    calibration["seed"], calibration["exponent"], calibration["rank_offset"])
+    if _is_named(text_file, SELF_CALIBRATION):
         scratch = out / SELF_CALIBRATION_DIR
         text = sampled_calibration_text(
             lambda: convert(source.path, scratch, no_quantize=True, overwrite=True, progress=False), scratch, calibration, progress)
@@ -455,7 +469,7 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"calibration text {text_file}: {error}") from error
-    return tokenizer(text, return_tensors="pt").input_ids[0].to(torch.int64)
+    return torch.tensor(tokenizer.encode(text), dtype=torch.int64)
 
 
 def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,

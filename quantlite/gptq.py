@@ -6,8 +6,8 @@ With H = E[x x^T] (K, K), the second moment of the layer input over a calibratio
 error of a weight error dW is tr(dW H dW^T). After column j is rounded (error e_j), the optimal
 update of the remaining columns is  W[:, j+1:] -= e_j / U[j, j] * U[j, j+1:], where U is the upper
 Cholesky factor of H^-1 (the OBQ update, in GPTQ's Cholesky form). Columns are processed in lazy
-blocks of 128: the update inside a block is rank-1 per column, the rest of the matrix gets one
-matmul per block.
+blocks of 128, each in sub-blocks of 16: the update inside a sub-block is rank-1 per column, the
+rest of the lazy block gets one matmul per sub-block, the rest of the matrix one per lazy block.
 
 What is particular to quantlite:
   * the block scales are fixed before the loop (GPTQ's "static groups"): computed from W and, when
@@ -23,9 +23,17 @@ What is particular to quantlite:
     (w - q(w))^2 / [H_F^-1]_jj = ((w - q(w)) / U[j, j])^2 at the time column j is rounded (w the
     compensated weight, F the columns not yet rounded). A first pass measures every weight's
     saliency; the `salient_outliers` largest give each column its number of outliers, and the
-    second pass keeps that many in the column, those with the largest rounding error at that time.
+    second pass keeps that many in the column, those with the largest rounding error at that time;
+  * bounded memory: above HESSIAN_BLOCK input columns the statistic is kept on its diagonal blocks
+    only (BlockDiagonal, collected so by quantlite.calibration), O(K x HESSIAN_BLOCK) instead of
+    O(K^2). With a block-diagonal H the inverse's Cholesky factor is block-diagonal too, so GPTQ is
+    exactly one pass per block (act-order within the block); the in-pass outliers are still the
+    `salient_outliers` most salient weights of the whole matrix, whichever block they are in.
 """
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -33,28 +41,60 @@ from quantlite.codebook import code_midpoints
 from quantlite.errors import QuantizationInputError
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
+SUB_BLOCK = 16                # columns per rank-1-updated sub-block of a lazy block (less memory traffic per column)
 DAMPING = (0.01, 0.1, 1.0)    # fractions of mean(diag H) added to the diagonal, tried in turn
 ACT_ORDER = True              # columns in decreasing H[j, j] (docs/accuracy.md: measured better on SmolLM2)
+# Above this many input columns E[x x^T] is kept and used on diagonal blocks of this size: its float64
+# running sum then takes K x 4096 x 8 bytes (1.7 GB at Llama-3-405B's down_proj, K = 53 248, instead of
+# 22.7 GB), the Cholesky factorisations K x 4096^2 flops instead of K^3, and every Linear of a model of
+# hidden size up to 4096 (Llama 7B/8B's q/k/v/o/gate/up) keeps the full matrix. What the blocks cost
+# in perplexity: docs/accuracy.md, "A block-diagonal Hessian".
+HESSIAN_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """E[x x^T] (K, K) kept on its diagonal blocks only: blocks[i] (b_i, b_i) float covers the input
+    columns sum(b_0..b_i-1) up to that plus b_i (hessian_blocks(K) gives them); the rest is taken as 0."""
+    blocks: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k = sum(block.shape[0] for block in self.blocks)
+        return (k, k)
+
+    def diagonal(self) -> torch.Tensor:
+        """(K,) the diagonal, E[x_j^2]."""
+        return torch.cat([block.diagonal() for block in self.blocks])
+
+    def to_dense(self) -> torch.Tensor:
+        """(K, K): the matrix the blocks stand for (for tests and small K only)."""
+        return torch.block_diag(*self.blocks)
+
+
+def hessian_blocks(k: int) -> list[tuple[int, int]]:
+    """(start, end) of the diagonal blocks E[x x^T] over K input columns is kept on: one block up to
+    HESSIAN_BLOCK columns, else blocks of HESSIAN_BLOCK and a last, shorter one."""
+    return [(start, min(start + HESSIAN_BLOCK, k)) for start in range(0, k, HESSIAN_BLOCK)] if k > HESSIAN_BLOCK else [(0, k)]
 
 
 def gptq_codes(
     w: torch.Tensor,
     scales: torch.Tensor,
     codebook: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | BlockDiagonal,
     outlier_rows: torch.Tensor,
     outlier_cols: torch.Tensor,
     block_size: int,
     salient_outliers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float32, scales (N, Kp // B) float32 (as decoded), codebook (16,) float32,
-    hessian (K, K) E[x x^T], the outliers chosen beforehand as (rows, cols) int64, and how many more
+    hessian (K, K) E[x x^T] or its BlockDiagonal, the outliers chosen beforehand as (rows, cols) int64, and how many more
     to choose in the pass by saliency ->
     codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
     (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    order = column_order(hessian)                                                  # (K,) int64
-    upper = _inverse_cholesky(hessian[order][:, order], k)                         # (K, K) float32
+    order, segments = _factored(hessian)
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
     column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
@@ -64,10 +104,10 @@ def gptq_codes(
     work = w.T.to(torch.float32)[order].contiguous()          # (K, N) updated in place as errors flow down
     quota = None
     if salient_outliers > 0:
-        saliency = _gptq_pass(work.clone(), column_scale, codebook, upper, is_outlier.clone())[1]  # (K, N)
+        saliency = _gptq_passes(work.clone(), column_scale, codebook, segments, is_outlier.clone())[1]  # (K, N)
         chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
         quota = torch.bincount(chosen // n, minlength=k).tolist()
-    codes, _ = _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota)
+    codes, _ = _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota)
     restore = torch.argsort(order)
     codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
     zero = int((codebook == 0).nonzero()[0, 0])
@@ -77,11 +117,53 @@ def gptq_codes(
     return stored, rows, cols, work[cols, rows]
 
 
+def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list]:
+    """(order (K,) int64, [(start, end, upper (b, b) float32)] per diagonal block) of a statistic:
+    act-order inside each block (the whole matrix when it is one) and the upper Cholesky factor of
+    its inverse; the blocks follow each other in the order, so errors never leave a block. Kept
+    while the statistic lives: q/k/v and gate/up share one statistic object, factored once."""
+    key = id(hessian)
+    cached = _factors.get(key)
+    if cached is not None and cached[0]() is hessian and cached[1] == _versions(hessian):
+        return cached[2]
+    blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
+    mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
+    if len(blocks) > 1:
+        diagonal = torch.cat([block.diagonal() for block in blocks]).double()     # (K,) float64
+        mean_diagonal = float(torch.where(diagonal > 0, diagonal, 1.0).mean())
+    order, segments, start = [], [], 0
+    for block in blocks:
+        end = start + block.shape[0]
+        local = column_order(block)                                                # (b,) int64
+        order.append(start + local)
+        segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
+        start = end
+    result = (torch.cat(order), segments)
+    _factors[key] = (weakref.ref(hessian, lambda _: _factors.pop(key, None)), _versions(hessian), result)
+    return result
+
+
+def _versions(hessian) -> tuple[int, ...]:
+    """The in-place version counters of the statistic's tensors: a changed statistic is factored again."""
+    return tuple(block._version for block in (hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)))
+
+
+_factors: dict[int, tuple] = {}  # id(statistic) -> (weak reference to it, its versions, _factored's result)
+
+
 def column_order(hessian: torch.Tensor) -> torch.Tensor:
     """The order GPTQ rounds the columns in: (K,) int64, decreasing H[j, j] with ACT_ORDER, else 0..K-1."""
     if ACT_ORDER:
         return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     return torch.arange(hessian.shape[0])
+
+
+def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None):
+    """_gptq_pass over each diagonal block (start, end, upper) of the processing order in turn, on views
+    of the block's rows (changed in place) -> codes (K, N) uint8, saliency (K, N) float32."""
+    passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
+                         None if quota is None else quota[start:end]) for start, end, upper in segments]
+    return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
 
 
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
@@ -97,48 +179,56 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
-    # The loop runs once per column: a few small torch calls each, so their count is its cost
-    # (the midpoints once per pass; bucketize's int64 codes index the codebook directly).
+    # The loop runs once per column: a few small torch calls each, so their count is its cost (the
+    # midpoints once per pass; bucketize's int64 codes index the codebook directly). Errors flow down
+    # in three levels: a rank-1 update of the rest of the column's sub-block of SUB_BLOCK columns, one
+    # matmul per sub-block for the rest of its lazy block, one per lazy block for the rest of W.
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
-        for j in range(end - start):
-            column = start + j
-            x = work[column]
-            code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
-            quantized = codebook[code] * column_scale[column]
-            if quota is not None and quota[column] > 0:
-                rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
-                is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
-                has_outlier[column] = True
-            if has_outlier[column]:
-                keep = is_outlier[column]
-                quantized = torch.where(keep, x, quantized)
-                code[keep] = zero
-            codes[column] = code
-            torch.div(x - quantized, upper[column, column], out=errors[j])
-            work[column:end] -= upper[column, column:end].unsqueeze(1) * errors[j]  # rounded product, then
-            # the subtraction: a fused rank-1 update (addr_) rounds once and changes the stored outliers' last bits
+        for sub in range(start, end, SUB_BLOCK):
+            sub_end = min(sub + SUB_BLOCK, end)
+            for column in range(sub, sub_end):
+                x = work[column]
+                code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
+                quantized = codebook.index_select(0, code) * column_scale[column]
+                if quota is not None and quota[column] > 0:
+                    rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
+                    is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
+                    has_outlier[column] = True
+                if has_outlier[column]:
+                    keep = is_outlier[column]
+                    quantized = torch.where(keep, x, quantized)
+                    code[keep] = zero
+                codes[column] = code
+                error = torch.div(x - quantized, upper[column, column], out=errors[column - start])  # (N,)
+                work[column + 1:sub_end] -= upper[column, column + 1:sub_end].unsqueeze(1) * error
+            work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
     return codes, saliency
 
 
-def _inverse_cholesky(hessian: torch.Tensor, k: int) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1, float32. A column the calibration never excited
-    (H[j, j] == 0) gets H[j, j] = 1: it is quantized without feeding or receiving error."""
+def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping x mean_diag x I)^-1, float32, of H (k, k): the whole
+    matrix, or one diagonal block with mean_diag the whole matrix's (None: H's own mean diagonal). A
+    column the calibration never excited (H[j, j] == 0) gets H[j, j] = 1 (in the mean too): it is
+    quantized without feeding or receiving error."""
+    k = hessian.shape[0]
     h = hessian.to(torch.float64, copy=True)
     diag = torch.diagonal(h)
     dead = diag <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     diag[dead] = 1.0
-    mean_diag = float(diag.mean())
+    mean_diag = float(diag.mean()) if mean_diag is None else mean_diag
     for damping in DAMPING:
-        factor, info = torch.linalg.cholesky_ex(h + damping * mean_diag * torch.eye(k, dtype=torch.float64))
+        # With J the order reversal and J (H + damping) J = L L^T: (H + damping)^-1 = U^T U for the upper
+        # triangular U = J L^-1 J: one factorisation and one triangular solve, no inverse formed.
+        identity = torch.eye(k, dtype=torch.float64)
+        factor, info = torch.linalg.cholesky_ex((h + damping * mean_diag * identity).flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+            return torch.linalg.solve_triangular(factor, identity, upper=False).flip(0, 1).to(torch.float32)
     raise QuantizationInputError(
         f"the input second-moment matrix ({k}x{k}) is not positive definite even with damping "
         f"{DAMPING[-1]} x mean(diag): it is not E[x x^T] of real activations"

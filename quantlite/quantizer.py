@@ -23,7 +23,7 @@ import torch
 
 from quantlite.codebook import codebook_problem, int4_codebook, lloyd_step, nearest_code, nf4_codebook, uniform_codebooks
 from quantlite.errors import QuantizationInputError
-from quantlite.gptq import gptq_codes
+from quantlite.gptq import BlockDiagonal, gptq_codes
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
     SCALE_GROUP_SIZE,
@@ -154,7 +154,7 @@ def quantize(
     dense[:, :k] = w.detach()
     dense[:, k:] = 0.0
     hessian = None
-    if importance is not None and importance.dim() == 2:
+    if importance is not None and (isinstance(importance, BlockDiagonal) or importance.dim() == 2):
         # The scale search stays unweighted under GPTQ (docs/accuracy.md, "Open": the weighted
         # search under GPTQ is the next thing to measure).
         hessian, importance = importance, importance.diagonal()
@@ -251,6 +251,13 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits
         isinstance(max_bits_per_weight, (int, float)) and math.isfinite(max_bits_per_weight) and max_bits_per_weight > 0
     ):
         raise QuantizationInputError(f"max_bits_per_weight {max_bits_per_weight!r} must be a positive number of bits")
+    if isinstance(importance, BlockDiagonal):  # each diagonal block is the E[x x^T] of its own columns
+        if importance.shape != (w.shape[1], w.shape[1]):
+            raise QuantizationInputError(f"importance's diagonal blocks cover {importance.shape[0]} input columns, "
+                                         f"the tensor has {w.shape[1]}")
+        for block in importance.blocks:
+            _check_inputs(w[:, :block.shape[0]], block_size, outlier_frac, scale_dtype, block, max_bits_per_weight, label)
+        return
     if importance is not None:
         k = w.shape[1]
         if importance.shape not in ((k,), (k, k)):

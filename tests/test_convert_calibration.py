@@ -98,7 +98,7 @@ def test_self_calibration_samples_its_own_text_reproducibly(stories260k_hf, tmp_
     options = dict(calibration="self", calibration_windows=2, calibration_ctx=96, progress=False)
     first = convert(stories260k_hf, tmp_path / "a", **options)
     convert(stories260k_hf, tmp_path / "b", **options)
-    convert(stories260k_hf, tmp_path / "plain", progress=False)
+    convert(stories260k_hf, tmp_path / "plain", calibration="none", progress=False)
     assert first.manifest["quantization"]["calibration"]["file"] == "self"
     assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # the float copy is gone
     shard = "layer-00003.safetensors"
@@ -132,6 +132,23 @@ def test_random_calibration_quantizes_layer_0_with_the_statistics_of_random_toke
         expected = quantize(w, importance=with_identity_prior(stats[key], RANDOM_CALIBRATION_PRIOR), block_size=block_size)
         assert torch.equal(packed.load_layer(0)[name].dequantize(), expected.dequantize())
         assert not torch.equal(expected.dequantize(), quantize(w, block_size=block_size).dequantize())  # it calibrated
+
+
+def test_the_default_is_random_calibration_and_none_is_data_free(stories260k_hf, tmp_path):
+    """convert() without `calibration` on a source with a tokenizer writes what calibration="random"
+    writes; "none" is the data-free conversion; the plain methods stay plain."""
+    options = dict(calibration_windows=2, calibration_ctx=64, progress=False)
+    default = convert(stories260k_hf, tmp_path / "default", **options)
+    convert(stories260k_hf, tmp_path / "random", calibration="random", **options)
+    none = convert(stories260k_hf, tmp_path / "none", calibration="none", **options)
+    nf4 = convert(stories260k_hf, tmp_path / "nf4", method="nf4", **options)
+    assert default.manifest["quantization"]["calibration"]["file"] == "random"
+    assert none.manifest["quantization"]["calibration"] is None and nf4.manifest["quantization"]["calibration"] is None
+    assert none.manifest["quantization"]["attention_block_size"] == default.manifest["quantization"]["attention_block_size"] == 32
+    for path in sorted((tmp_path / "default").glob("*.safetensors")):
+        assert (tmp_path / "random" / path.name).read_bytes() == path.read_bytes(), path.name
+    shard = "layer-00000.safetensors"
+    assert (tmp_path / "none" / shard).read_bytes() != (tmp_path / "default" / shard).read_bytes()  # it calibrated
 
 
 def test_random_token_statistics_lower_the_layer_output_error_on_real_text(stories260k_hf, calibration_text, generator):

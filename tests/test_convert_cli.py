@@ -93,7 +93,8 @@ def test_convert_and_demo_help_name_the_calibration_modes(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     out = capsys.readouterr().out
-    assert "--calibration random" in out and "TEXT_FILE|self|random" in out
+    assert "--calibration none" in out and "random|none|TEXT_FILE|self" in out
+    assert "Default: random when SRC has a tokenizer.json" in " ".join(out.split())
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
@@ -111,5 +112,31 @@ def test_random_calibration_without_a_tokenizer_is_a_one_line_error(tmp_path, ge
     src = write_random_llama(tmp_path / "hf", dtype=torch.float16, generator=generator)  # no tokenizer.json
     assert main(["convert", str(src), str(tmp_path / "out"), "--calibration", "random", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--calibration random needs the model's vocabulary" in err and "Traceback" not in err
+    assert "--calibration random needs the model's tokenizer" in err and "Traceback" not in err
     assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_the_default_calibrates_on_random_tokens(stories260k_hf, tmp_path, capsys):
+    """No flags, a source with a tokenizer: random-token calibration, recorded in the manifest, no note."""
+    assert main(["convert", str(stories260k_hf), str(tmp_path / "out"), "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    quantization = json.loads((tmp_path / "out" / MANIFEST).read_text())["quantization"]
+    assert quantization["calibration"]["file"] == "random" and quantization["calibration"]["windows"] == 4
+    assert quantization["attention_block_size"] == 32
+
+
+@pytest.mark.parametrize("flags", [[], ["--calibration", "none"]])
+def test_without_a_tokenizer_the_default_is_data_free_and_says_so(tmp_path, generator, capsys, flags):
+    src = write_random_llama(tmp_path / "hf", dtype=torch.float16, generator=generator)  # no tokenizer.json
+    assert main(["convert", str(src), str(tmp_path / "out"), "--quiet", *flags]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ([] if flags else [
+        "note: hf has no usable tokenizer.json to draw random calibration tokens from, so this conversion is data-free "
+        "(as --calibration none); give --calibration TEXT_FILE to calibrate it"])
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["quantization"]["calibration"] is None
+
+
+def test_a_missing_calibration_file_names_the_choices(tmp_path, generator, capsys):
+    src = write_random_llama(tmp_path / "hf", dtype=torch.float16, generator=generator)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--calibration", "nome", "--quiet"]) == 2
+    assert "calibration text nome is not a readable file (or give random, self or none)" in capsys.readouterr().err

@@ -264,12 +264,13 @@ def test_ranks_with_different_packed_models_refuse_to_start(model_dirs, tmp_path
 @pytest.mark.slow
 def test_parallel_conversion_is_byte_identical_and_resumes(model_dirs, tmp_path, monkeypatch):
     """3 ranks convert the whole model, and finish an interrupted single-process conversion: both
-    byte-identical to one process's uninterrupted conversion."""
+    byte-identical to one process's uninterrupted conversion (data-free: the ranks share the files).
+    The default (random-token calibration, the source has a tokenizer) runs on rank 0 alone."""
     import quantlite.converter as converter
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     source = model_dirs[0]
-    quantlite.convert(source, tmp_path / "single", progress=False)
+    quantlite.convert(source, tmp_path / "single", calibration="none", progress=False)
 
     original, written = converter.write_shard, []
 
@@ -281,7 +282,7 @@ def test_parallel_conversion_is_byte_identical_and_resumes(model_dirs, tmp_path,
 
     monkeypatch.setattr(converter, "write_shard", fail_after_three)
     with pytest.raises(KeyboardInterrupt):
-        quantlite.convert(source, tmp_path / "resumed", progress=False)
+        quantlite.convert(source, tmp_path / "resumed", calibration="none", progress=False)
     monkeypatch.setattr(converter, "write_shard", original)
 
     import json
@@ -289,11 +290,16 @@ def test_parallel_conversion_is_byte_identical_and_resumes(model_dirs, tmp_path,
     recorded = len(json.loads((tmp_path / "resumed" / converter.PARTIAL_STATE).read_text())["done"])
     assert recorded == 4  # the tokenizer and the three shards before the interruption
     env = child_env(SOURCE_DATE_EPOCH="1700000000")
-    torchrun(3, "-m", "quantlite", "convert", source, tmp_path / "parallel", "--quiet", env=env)
-    done = torchrun(3, "-m", "quantlite", "convert", source, tmp_path / "resumed", "--quiet", env=env)
+    torchrun(3, "-m", "quantlite", "convert", source, tmp_path / "parallel", "--calibration", "none", "--quiet", env=env)
+    done = torchrun(3, "-m", "quantlite", "convert", source, tmp_path / "resumed", "--calibration", "none", "--quiet", env=env)
     assert f"{recorded} resumed" in done.stdout
     for name in ("parallel", "resumed"):
         files = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*") if p.is_file())
         for file in files:
             assert (tmp_path / name / file).read_bytes() == (tmp_path / "single" / file).read_bytes(), (name, file)
+    calibrated = torchrun(3, "-m", "quantlite", "convert", source, tmp_path / "calibrated", "--quiet", env=env)
+    assert "rank 1: a calibrated conversion runs on rank 0 alone" in calibrated.stderr
+    quantlite.convert(source, tmp_path / "calibrated-single", progress=False)
+    for path in sorted((tmp_path / "calibrated-single").glob("*.safetensors")):
+        assert (tmp_path / "calibrated" / path.name).read_bytes() == path.read_bytes(), path.name

@@ -143,14 +143,14 @@ def test_packed_model_equals_fake_quantization(stories260k_hf, shared_data, tmp_
 
     packed = tmp_path / "packed"
     # the reference fake-quantizes the decoder Linears only: the head, embedding and norms stay float32
-    convert(stories260k_hf, packed, head="float", embedding="float", float_dtype="float32", progress=False)
+    convert(stories260k_hf, packed, head="float", embedding="float", float_dtype="float32", calibration="none", progress=False)
     data = shared_data / "tinystories_valid_sample.txt"
     assert cli_main(["ppl", str(packed), "--data", str(data), "--ctx", "256", "--max-windows", "2", "--json"]) == 0
     reported = json.loads(capsys.readouterr().out)
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(data.read_text(), return_tensors="pt").input_ids[0]
-    # convert's data-free default: the attention projections in blocks of 32, the MLP's in blocks of 64
+    # convert --calibration none: the attention projections in blocks of 32, the MLP's in blocks of 64
     block_size = lambda name: 32 if ".self_attn." in name else 64  # noqa: E731
     with fake_quantized(model, lambda w, name, _: quantize(w, name=name, block_size=block_size(name)), progress=False):
         expected = perplexity(lambda x: model(x, use_cache=False).logits, ids, ctx=256, max_windows=2, progress=False)

@@ -8,21 +8,22 @@ SRC is a folder with config.json and model.safetensors (or sharded *.safetensors
 model.safetensors.index.json) plus tokenizer files, or a .gguf file. OUT receives quantlite.json,
 one safetensors file per decoder layer, the embedding and final files, and tokenizer/ (docs/FORMAT.md).
 
-Decoder Linear weights are quantized (NF4 codes, block scales, fp16 outliers); the output head and
-the embedding to block-scaled int8 (--head, --embedding; a 4-bit head costs over 1 % perplexity,
-int8 about 0.1 %: docs/accuracy.md); norms and other unquantized tensors in 16 bits (the source's
-16-bit dtype, bfloat16 for a float32 source), computed in float32 at run time. An interrupted conversion resumes when rerun with the
+Decoder Linear weights are quantized (NF4 codes, block scales, fp16 outliers), the codes chosen by
+GPTQ on random token ids by default (--calibration); the output head and the embedding to
+block-scaled int8 (--head, --embedding; a 4-bit head costs over 1 % perplexity, int8 about 0.1 %:
+docs/accuracy.md); norms and other unquantized tensors in 16 bits (the source's 16-bit dtype,
+bfloat16 for a float32 source), computed in float32 at run time. An interrupted conversion resumes when rerun with the
 same arguments, and yields the same bytes as an uninterrupted one.
 
 examples:
-  quantlite convert ./SmolLM2-135M ./smol-q4                      # default method "quantlite"
+  quantlite convert ./SmolLM2-135M ./smol-q4                      # default: calibrated on random token ids
+  quantlite convert ./SmolLM2-135M ./smol-q4 --calibration none   # data-free: faster, less accurate
   quantlite convert model.Q4_1.gguf ./smol-q4 --workers 2          # GGUF input, two processes
   quantlite convert ./llama ./llama-nf4 --method nf4 --block-size 128
   quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --head q4 --embedding q4
   quantlite convert ./llama ./llama-q4 --keep-head-float --float-dtype float32   # head and floats as version 1
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
-  quantlite convert ./llama ./llama-q4 --calibration random         # calibrated on random token ids, no data
   quantlite convert ./llama ./llama-q4 --calibration calib.txt --tune-steps 200   # + each layer's scales tuned
   quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
   torchrun --nproc-per-node 4 -m quantlite convert ./llama ./llama-q4  # 4 ranks share the layers (docs/convert.md)
@@ -57,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per scale along the input dimension (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--attention-block-size", type=int, default=None, metavar="N",
                         help="block size of the attention projections q/k/v/o_proj (default: 32 for the quantlite "
-                             "method without --calibration or with --calibration random, which keeps less of "
+                             "method on random tokens (the default) or with --calibration none, which keeps less of "
                              "NF4's damage at the same bits/weight: docs/accuracy.md, at the default --block-size; else --block-size)")
     parser.add_argument("--outlier-frac", type=float, default=None,
                         help="fraction of weights kept exactly in fp16 (default: the method's; for quantlite up to "
@@ -79,15 +80,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
     parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1)")
-    parser.add_argument("--calibration", default=None, metavar="TEXT_FILE|self|random",
-                        help="calibrate on this text (GPTQ error feedback, docs/accuracy.md): layers are "
-                             "converted in order, each on the text as it leaves the quantized layers before it; "
-                             "must not overlap text you evaluate on. 'random': on random token ids (seeded; no data, "
-                             "no generation), drawn by a Zipf-like law of their frequency rank, which a BPE tokenizer's "
-                             "merge order gives (docs/convert.md); it keeps about 40 %% of plain NF4's perplexity "
-                             "damage on SmolLM2 where no --calibration keeps 78 %%, for about 4x the conversion time "
-                             "(docs/accuracy.md). 'self': on text the model samples itself "
-                             "(no data needed, but runs the float model; a file named self or random is ./self, ./random)")
+    parser.add_argument("--calibration", default=None, metavar="random|none|TEXT_FILE|self",
+                        help="what GPTQ error feedback (docs/convert.md, 'Calibration') calibrates the 4-bit codes on. "
+                             "Default: random when SRC has a tokenizer.json (a GGUF always has one), else none, with "
+                             "a note; --method nf4 and rtn stay plain unless given one. "
+                             "'random': random token ids (seeded, drawn by their BPE merge rank; no data, no "
+                             "generation): on SmolLM2-135M it keeps 37 %% of plain NF4's perplexity increase, on "
+                             "stories260K 47 %%, at 4.49 bits/weight, for ~3.6x the data-free conversion time. "
+                             "'none': data-free, no forward pass, the fastest: 78 %% and 50 %%, same bits. "
+                             "TEXT_FILE: calibrate on this text (22 %% on SmolLM2 with 32 windows of WikiText-2; "
+                             "must not overlap text you evaluate on). 'self': on text the float model samples "
+                             "itself (minutes of generation). Layers are converted in order, each on the windows "
+                             "as they leave the quantized layers before it (docs/accuracy.md has every figure; a "
+                             "file named random, none or self is ./random, ./none, ./self)")
     parser.add_argument("--calibration-windows", type=arguments.count(1 << 16), default=None,
                         help="windows of calibration text (default 32 for a text file; 16 with --calibration self, 4 with --calibration random, as good there; a shorter text gives fewer)")
     parser.add_argument("--calibration-ctx", type=arguments.count(1 << 20), default=512, help="tokens per calibration window (default 512)")

@@ -69,7 +69,7 @@ def packed_model(out: Path, calibration: str = "none") -> Path:
     how = {"random": "calibrated on random token ids", "self": "calibrated on text it samples itself (a few minutes)",
            "none": "without calibration"}[calibration]
     print(f"[demo] converting {gguf.name} -> {out}, {how}", file=sys.stderr)
-    convert(gguf, out, overwrite=True, progress=True, calibration=None if calibration == "none" else calibration)
+    convert(gguf, out, overwrite=True, progress=True, calibration=calibration)
     return out
 
 

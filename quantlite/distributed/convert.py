@@ -11,7 +11,7 @@ ranks exchange their manifest entries (all_gather) and rank 0 records them in OU
 So the result is byte-identical to a single process's, and an interrupted run loses at most the
 round in flight: rerun the same command (with any number of ranks, or none) to resume.
 
-Calibrated conversion (--calibration) is sequential in the layers: layer i's statistics come from
+Calibrated conversion (--calibration, and convert's default random calibration) is sequential in the layers: layer i's statistics come from
 the calibration windows leaving the quantized layers before it. Rank 0 then converts everything
 alone, exactly as one process would, and the other ranks end at once (docs/convert.md).
 """
@@ -43,7 +43,10 @@ def _convert_on_rank(group, src: str | Path, out: str | Path, options: dict):
                               "(--nproc-per-node) instead of --workers")
     groups.same_everywhere(group, "the conversion (source, output, options)",
                            (str(Path(src).resolve()), str(Path(out).resolve()), sorted(options.items(), key=str)))
-    if options.get("calibration") is not None:
+    from quantlite.sources import open_source
+
+    if converter.calibration_to_run(options.get("calibration"), open_source(src), options.get("method", converter.DEFAULT_METHOD),
+                                    options.get("no_quantize", False)) is not None:
         if group.rank != 0:
             print(f"rank {group.rank}: a calibrated conversion runs on rank 0 alone (its layers are sequential); "
                   "nothing to do here", file=sys.stderr)

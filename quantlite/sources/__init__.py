@@ -9,6 +9,8 @@ Every source offers the same small surface, which is all convert.py uses:
     shapes: dict[str, tuple]        every tensor the packed model needs, HF names
     itemsize(name) -> int           bytes per element as read (for the disk-space estimate)
     tokenizer_nbytes() -> int       an upper bound of the tokenizer folder's size (ditto)
+    has_tokenizer() -> bool         whether write_tokenizer writes a usable tokenizer.json (the
+                                    vocabulary convert's default random calibration draws from)
     read(name) -> Tensor            one tensor, on the CPU, in the source's dtype
     write_tokenizer(folder) -> None tokenizer.json + tokenizer_config.json (+ what the source has)
     identity() -> dict              what a resumed conversion must find unchanged

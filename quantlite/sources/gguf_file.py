@@ -154,6 +154,10 @@ class GGUFCheckpoint:
         finish_tokenizer_folder(folder, {"chat_template": template,
                                          "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token})
 
+    def has_tokenizer(self) -> bool:
+        """The GGUF holds a vocabulary (tokenizer.ggml.tokens), from which write_tokenizer builds tokenizer.json."""
+        return "tokenizer.ggml.tokens" in self._reader.fields
+
     def tokenizer_nbytes(self) -> int:
         """An upper bound for tokenizer.json: the metadata (token list, merges) as JSON, a few times over."""
         return 4 * int(min(t.data_offset for t in self._reader.tensors)) if self._reader.tensors else 0

@@ -44,6 +44,18 @@ class HFCheckpoint:
             shutil.copyfile(self.path / name, folder / name, follow_symlinks=True)
         finish_tokenizer_folder(folder, {})
 
+    def has_tokenizer(self) -> bool:
+        """A tokenizer.json the `tokenizers` library reads (what the runtime and random calibration use)."""
+        if not self._is_file("tokenizer.json"):
+            return False
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        except Exception:  # the library raises plain Exception for a file it cannot use
+            return False
+        return True
+
     def tokenizer_nbytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in self._tokenizer_files())
 
