@@ -18,7 +18,7 @@ same arguments, and yields the same bytes as an uninterrupted one.
 examples:
   quantlite convert ./SmolLM2-135M ./smol-q4                      # default: calibrated on random token ids
   quantlite convert ./SmolLM2-135M ./smol-q4 --calibration none   # data-free: faster, less accurate
-  quantlite convert model.Q4_1.gguf ./smol-q4 --workers 2          # GGUF input, two processes
+  quantlite convert model.Q4_1.gguf ./smol-q4 --calibration none --workers 2   # GGUF, data-free, two processes
   quantlite convert ./llama ./llama-nf4 --method nf4 --block-size 128
   quantlite convert ./llama ./llama-q4 --outlier-frac 0.02 --max-bits-per-weight 4.6 --head q4 --embedding q4
   quantlite convert ./llama ./llama-q4 --keep-head-float --float-dtype float32   # head and floats as version 1
@@ -79,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "dtype, bfloat16 for a float32 source (a GGUF is read as float32)")
     parser.add_argument("--no-quantize", action="store_true", help="write the same layout with the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete conversion already in OUT")
-    parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1)")
+    parser.add_argument("--workers", type=arguments.count(256), default=1, help="processes converting layers in parallel (default 1); a calibrated conversion (the default) converts its layers in order, in this process, and uses them for the other files only")
     parser.add_argument("--calibration", default=None, metavar="random|none|TEXT_FILE|self",
                         help="what GPTQ error feedback (docs/convert.md, 'Calibration') calibrates the 4-bit codes on. "
                              "Default: random when SRC has a tokenizer.json (a GGUF always has one), else none, with "

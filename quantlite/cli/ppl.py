@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict(ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol, bos_id=model.bos_id,
                    batch_size=args.batch_size, progress=not args.json)
     if pipeline:  # model.forward is this rank's PipelineLlama: every rank runs, the last one prints
-        result = model.forward.perplexity(token_ids, **options)
+        with model.forward:  # then leaves the process group: a gloo group left to the interpreter's exit can abort it
+            result = model.forward.perplexity(token_ids, **options)
         if not model.forward.is_driver:
             return 0
     else:
