@@ -256,20 +256,23 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits
             raise QuantizationInputError(f"importance's diagonal blocks cover {importance.shape[0]} input columns, "
                                          f"the tensor has {w.shape[1]}")
         for block in importance.blocks:
-            _check_inputs(w[:, :block.shape[0]], block_size, outlier_frac, scale_dtype, block, max_bits_per_weight, label)
-        return
-    if importance is not None:
-        k = w.shape[1]
-        if importance.shape not in ((k,), (k, k)):
-            raise QuantizationInputError(
-                f"importance must have shape ({k},) (mean x**2 per input column) or ({k}, {k}) (E[x x^T]), "
-                f"got {tuple(importance.shape)}"
-            )
-        diagonal = importance.diagonal() if importance.dim() == 2 else importance
-        if not bool(torch.isfinite(importance).all()) or bool((diagonal < 0).any()):
-            raise QuantizationInputError("importance must be finite, with a non-negative (diagonal) per column")
-        if importance.dim() == 2 and not torch.allclose(importance, importance.T, rtol=1e-4, atol=1e-6 * float(diagonal.max())):
-            raise QuantizationInputError(f"importance ({k}, {k}) must be symmetric: it is E[x x^T]")
+            _check_importance(block, block.shape[0])
+    elif importance is not None:
+        _check_importance(importance, w.shape[1])
+
+
+def _check_importance(importance: torch.Tensor, k: int) -> None:
+    """importance over k input columns: (k,) E[x^2] or (k, k) E[x x^T], finite, symmetric, diagonal >= 0."""
+    if importance.shape not in ((k,), (k, k)):
+        raise QuantizationInputError(
+            f"importance must have shape ({k},) (mean x**2 per input column) or ({k}, {k}) (E[x x^T]), "
+            f"got {tuple(importance.shape)}"
+        )
+    diagonal = importance.diagonal() if importance.dim() == 2 else importance
+    if not bool(torch.isfinite(importance).all()) or bool((diagonal < 0).any()):
+        raise QuantizationInputError("importance must be finite, with a non-negative (diagonal) per column")
+    if importance.dim() == 2 and not torch.allclose(importance, importance.T, rtol=1e-4, atol=1e-6 * float(diagonal.max())):
+        raise QuantizationInputError(f"importance ({k}, {k}) must be symmetric: it is E[x x^T]")
 
 
 def _safe_reciprocal(scales: torch.Tensor) -> torch.Tensor:
