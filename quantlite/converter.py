@@ -276,7 +276,7 @@ def quantize_in_row_chunks(
     parts = [quantize(w[start:start + rows], method=settings.method, block_size=block_size,
                       outlier_frac=settings.outlier_frac, max_bits_per_weight=settings.max_bits_per_weight,
                       importance=importance, name=name) for start in range(0, n, rows)]
-    return concat_rows(parts), _sqnr_db(w, parts, rows)
+    return concat_rows(parts), sqnr_db(w, parts, rows)
 
 
 def quantize_int8_in_row_chunks(w: torch.Tensor, block_size: int, name: str) -> tuple[Q8Weight, float | None]:
@@ -286,10 +286,10 @@ def quantize_int8_in_row_chunks(w: torch.Tensor, block_size: int, name: str) -> 
     parts = [quantize_int8(w[start:start + rows], block_size, name) for start in range(0, w.shape[0], rows)]
     whole = Q8Weight(shape=tuple(w.shape), block_size=block_size, qs=torch.cat([p.qs for p in parts]),
                      scales=torch.cat([p.scales for p in parts]))
-    return whole, _sqnr_db(w, parts, rows)
+    return whole, sqnr_db(w, parts, rows)
 
 
-def _sqnr_db(w: torch.Tensor, parts: list, rows: int) -> float | None:
+def sqnr_db(w: torch.Tensor, parts: list, rows: int) -> float | None:
     """10 log10(|w|^2 / |w - dequantized|^2) over chunks of `rows` rows (parts[i] is chunk i), None when exact."""
     signal = noise = 0.0
     for index, part in enumerate(parts):

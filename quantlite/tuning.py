@@ -198,7 +198,7 @@ def tune_shard(tensors: dict[str, torch.Tensor], stats: dict[str, dict], source,
     QWeight.to_dict writes them) -> the same tensors after tune_layer against the layer's float
     weights read from `source`, on `inputs` (W, ctx, hidden), the windows as they enter the layer.
     The manifest entries `stats` get each 4-bit weight's SQNR of the tuned weight."""
-    from quantlite.converter import _sqnr_db
+    from quantlite.converter import sqnr_db
     from quantlite.packed import group_tensors
 
     prefix = f"model.layers.{layer}."
@@ -215,7 +215,7 @@ def tune_shard(tensors: dict[str, torch.Tensor], stats: dict[str, dict], source,
     for name, value in result.layer.items():
         if isinstance(value, QWeight):
             flat.update(value.to_dict(prefix + name + "."))
-            stats[prefix + name]["sqnr_db"] = _sqnr_db(float_layer[name], [value], value.shape[0])
+            stats[prefix + name]["sqnr_db"] = sqnr_db(float_layer[name], [value], value.shape[0])
         else:
             flat[prefix + name] = value
     return flat
