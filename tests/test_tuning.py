@@ -131,6 +131,16 @@ def test_tune_steps_needs_calibration(tmp_path, generator):
         convert(src, tmp_path / "out", calibration="random", tune_steps=-1, progress=False)
 
 
+def test_convert_command_takes_tune_steps_zero_as_off_and_refuses_negative(capsys):
+    from quantlite.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["convert", "src", "out", "--tune-steps", "0"]).tune_steps == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "src", "out", "--tune-steps", "-1"])
+    assert "-1 must be between 0 and" in capsys.readouterr().err
+
+
 def test_tuning_with_moving_codes_lowers_the_layer_error_and_stores_valid_codes(tiny_source, generator):
     layer, float_layer, inputs = quantized_layer(tiny_source, generator)
     result = tune_layer(layer, float_layer, inputs, tiny_source.model_config, steps=60, move_codes=True)

@@ -8,12 +8,12 @@ import math
 MAX_NEW_TOKENS = 1 << 20  # the KV cache is allocated for prompt + max_new_tokens up front
 
 
-def count(limit: int):
-    """A positive integer up to `limit`."""
+def count(limit: int, least: int = 1):
+    """An integer from `least` (a positive count by default) up to `limit`."""
     def parse(text: str) -> int:
         value = _integer(text)
-        if not 1 <= value <= limit:
-            raise argparse.ArgumentTypeError(f"{value} must be between 1 and {limit}")
+        if not least <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{value} must be between {least} and {limit}")
         return value
     parse.__name__ = "count"
     return parse
