@@ -191,12 +191,15 @@ def test_bad_prompts_are_refused(packed_dir):
 
 # ------------------------------------------------------------------------------ the command
 def test_cli_generate_streams_and_reports_stats(packed_dir, capsys, generator):
-    prompt = random_text(generator, 4)
     capsys.readouterr()  # the fixtures' seed lines
-    status = cli_main(["generate", str(packed_dir), "--prompt", prompt, "--max-new-tokens", "5", "--stats",
-                       "--memory-budget", "1GB"])
-    out, err = capsys.readouterr()
-    assert status == 0
+    for _ in range(5):  # a random model ends at once (EOS first) now and then: no decode step to split
+        prompt = random_text(generator, 4)
+        status = cli_main(["generate", str(packed_dir), "--prompt", prompt, "--max-new-tokens", "5", "--stats",
+                           "--memory-budget", "1GB"])
+        out, err = capsys.readouterr()
+        assert status == 0
+        if "no decode step" not in err:
+            break
     with quantlite.load(packed_dir) as model:
         assert out.strip() == model.generate(prompt, max_new_tokens=5).texts[0].strip()
     for label in ("time to first token", "decode speed", "decode step", "matmuls", "attention", "peak memory",
