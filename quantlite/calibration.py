@@ -129,9 +129,8 @@ def iter_layer_input_stats(
     max_windows: int | None = 16,
     progress: bool = True,
     forward_weights: Callable[[int], dict] | None = None,
-    with_inputs: bool = False,
 ) -> Iterator[tuple]:
-    """(layer index, {weight name: E[x x^T]}) for each decoder layer in order, computed in float32
+    """(layer index, {weight name: E[x x^T]}, inputs) for each decoder layer in order, computed in float32
     with one layer's weights in memory at a time; a consumer that stores or uses each layer's
     statistics before asking for the next holds one layer's worth of them. Each window of `ctx`
     tokens is a sequence of its own, as in a forward pass of the whole model.
@@ -140,8 +139,8 @@ def iter_layer_input_stats(
     through forward_weights(i) (a layer dict as quantlite.runtime.llama.decoder_layer takes, e.g.
     the layer as quantized), called after the consumer has had layer i's statistics: GPTQ's
     sequential order, in which each layer is calibrated on the errors of the layers before it.
-    with_inputs: yield (layer, statistics, inputs) instead, inputs (W, ctx, hidden) float32 the
-    windows as they enter the layer (read-only; valid until the consumer asks for the next layer)."""
+    inputs (W, ctx, hidden) float32: the windows as they enter the layer (what quantlite.tuning
+    tunes on; read-only, valid until the consumer asks for the next layer)."""
     from tqdm.auto import tqdm
 
     from quantlite.eval.ppl import window_starts
@@ -173,7 +172,7 @@ def iter_layer_input_stats(
             weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
         run_layer(layer, weights, update=forward_weights is None, moments=moments)
         del weights
-        yield (layer, moments.means(), hidden) if with_inputs else (layer, moments.means())
+        yield layer, moments.means(), hidden
         if forward_weights is not None:
             run_layer(layer, forward_weights(layer), update=True)
 

@@ -210,7 +210,7 @@ def convert(
                                calibrated=_is_named(calibration, SELF_CALIBRATION) or _is_text_file(calibration))
     source = open_source(src)
     given, calibration = calibration, calibration_to_run(calibration, source, method, no_quantize)
-    if given is None and calibration is None and method == DEFAULT_METHOD and not no_quantize:
+    if given is None and calibration is None and _calibrates_by_default(method, no_quantize):  # no tokenizer
         print(f"note: {source.path.name} has no usable tokenizer.json to draw random calibration tokens from, so this "
               "conversion is data-free (as --calibration none); give --calibration TEXT_FILE to calibrate it",
               file=sys.stderr)
@@ -410,9 +410,13 @@ def calibration_to_run(calibration, source, method: str = DEFAULT_METHOD, no_qua
     (None), random token ids for the default method when the source has a tokenizer.json to draw them
     from, else None (docs/convert.md, "Calibration")."""
     if calibration is None:
-        default = method == DEFAULT_METHOD and not no_quantize and source.has_tokenizer()
-        return RANDOM_CALIBRATION if default else None
+        return RANDOM_CALIBRATION if _calibrates_by_default(method, no_quantize) and source.has_tokenizer() else None
     return None if _is_named(calibration, NO_CALIBRATION) else calibration
+
+
+def _calibrates_by_default(method: str, no_quantize: bool) -> bool:
+    """Whether a conversion given no calibration calibrates on random tokens, its source's tokenizer permitting."""
+    return method == DEFAULT_METHOD and not no_quantize
 
 
 def _describe_calibration(text_file, windows, ctx, no_quantize) -> dict:
@@ -494,7 +498,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
                 for name, value in loaded.items()}
 
     layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
-                                    progress=False, forward_weights=as_written, with_inputs=True)  # convert's bar counts the layers
+                                    progress=False, forward_weights=as_written)  # convert's bar counts the layers
     prior = calibration.get("identity_prior")
     tune_steps = calibration.get("tune_steps", 0)
     for layer, stats, inputs in layers:

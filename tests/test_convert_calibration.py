@@ -59,9 +59,10 @@ def test_calibrated_conversion_quantizes_each_layer_with_its_sequential_statisti
             stored = value.dequantize() if isinstance(value, QWeight) else value.float()
             model.get_parameter(f"model.layers.{layer}.{name}").data = stored
     sequential = collect_input_stats(model, ids, ctx=256, max_windows=4, full=True, progress=False)
-    ours = dict(iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=256, max_windows=4, progress=False,
-                                       forward_weights=lambda i: {k: v if isinstance(v, QWeight) else v.float()
-                                                                  for k, v in packed.load_layer(i).items()}))[2]
+    layers = iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=256, max_windows=4, progress=False,
+                                    forward_weights=lambda i: {k: v if isinstance(v, QWeight) else v.float()
+                                                               for k, v in packed.load_layer(i).items()})
+    ours = {layer: stats for layer, stats, _inputs in layers}[2]
     for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
         key = f"model.layers.2.{name}"
         # the fused kernel and F.linear on dequantized weights sum in different orders
@@ -196,7 +197,7 @@ def test_layer_streaming_statistics_equal_those_of_the_whole_model(stories260k_h
     ids = AutoTokenizer.from_pretrained(stories260k_hf)(calibration_text.read_text(), return_tensors="pt").input_ids[0]
     whole = collect_input_stats(model, ids, ctx=128, max_windows=3, full=True, progress=False)
     layers = iter_layer_input_stats(open_source(stories260k_hf), ids, ctx=128, max_windows=3, progress=False)
-    streamed = {name: stats for _layer, layer_stats in layers for name, stats in layer_stats.items()}
+    streamed = {name: stats for _layer, layer_stats, _inputs in layers for name, stats in layer_stats.items()}
     assert set(streamed) == set(whole) and len(whole) == 7 * model.config.num_hidden_layers
     for name, expected in whole.items():
         # float32 products summed in float64: the two forward passes may round differently in the last bits
