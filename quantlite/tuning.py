@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from quantlite.codebook import code_midpoints, zero_code
+from quantlite.codebook import nearest_code, zero_code
 from quantlite.model_config import ModelConfig
 from quantlite.quantizer import double_quantize, pack_nibbles
 from quantlite.qweight import QWeight
@@ -90,14 +90,13 @@ class _TunedQWeight(torch.nn.Module):
         movable[:, : qw.shape[1]] = True
         movable[self.rows, self.cols] = False
         self.movable = movable.view(n, nb, b)
-        self.midpoints = code_midpoints(qw.codebook)
 
     def codes(self) -> torch.Tensor:
         """(N, nb, B) int64: the codes the weight uses now."""
         if self.position is None:
             return self.qw.unpacked_codes().long().view(self.levels.shape)
         with torch.no_grad():
-            codes = torch.bucketize(self.position, self.midpoints)
+            codes = nearest_code(self.position, self.qw.codebook).long()
             return torch.where(self.movable, codes, zero_code(self.qw.codebook))
 
     def weight(self) -> torch.Tensor:
