@@ -310,7 +310,7 @@ def layer_weights(generator, config: ModelConfig, biased: bool) -> dict:
 
 
 def decode_layer_steps(generator, config, w, batch, padded, steps=3):
-    """A prompt of 5 through decoder_layer (torch and per-op code), then `steps` decode steps ->
+    """A prompt of 5 through decoder_layers (torch and per-op code), then `steps` decode steps ->
     (each step's output, the cache) for fresh inputs drawn from `generator`."""
     cache = llama.KVCache(config, batch, 5 + steps, torch.float32, "cpu")
     valid = torch.ones(batch, 5 + steps, dtype=torch.bool)
@@ -319,7 +319,7 @@ def decode_layer_steps(generator, config, w, batch, padded, steps=3):
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     cos, sin = llama.rope_cos_sin(config, positions[:, :5], torch.float32)
     mask = llama.attention_mask(valid[:, :5], 5, torch.float32) if padded else None
-    llama.decoder_layer(torch.randn(batch, 5, config.hidden_size, generator=generator), w, config, cos, sin, mask, cache, 0)
+    llama.decoder_layers(torch.randn(batch, 5, config.hidden_size, generator=generator), [w], config, cos, sin, mask, cache, 0)
     cache.advance(5)
     outputs = []
     for step in range(steps):
@@ -327,7 +327,7 @@ def decode_layer_steps(generator, config, w, batch, padded, steps=3):
         cos, sin = llama.rope_cos_sin(config, positions[:, end - 1 : end], torch.float32)
         mask = llama.attention_mask(valid[:, :end], 1, torch.float32) if padded else None
         x = torch.randn(batch, 1, config.hidden_size, generator=generator)
-        outputs.append(llama.decoder_layer(x, w, config, cos, sin, mask, cache, 0))
+        outputs.append(llama.decoder_layers(x, [w], config, cos, sin, mask, cache, 0))
         cache.advance(1)
     return outputs, cache
 
@@ -375,7 +375,7 @@ def test_decode_layer_is_packed_once_and_follows_new_weights(generator):
     x = torch.randn(1, 1, 32, generator=generator)
     cos, sin = llama.rope_cos_sin(config, torch.tensor([[7]]), torch.float32)
     cache.length = 7
-    llama.decoder_layer(x, other, config, cos, sin, None, cache, 0)
+    llama.decoder_layers(x, [other], config, cos, sin, None, cache, 0)
     assert cache.native_layers[0, 1] is not call and cache.native_layers[0, 1].serves([other], caches)
 
 
@@ -463,4 +463,4 @@ def test_a_layer_with_a_float_the_native_layer_cannot_read_takes_the_per_op_path
     positions = torch.zeros(1, 1, dtype=torch.int64)
     cos, sin = llama.rope_cos_sin(config, positions, torch.float32)
     assert llama.native_decode_layers(x, [w], config, cos, sin, None, cache, 0) is None
-    assert torch.isfinite(llama.decoder_layer(x, w, config, cos, sin, None, cache, 0)).all()
+    assert torch.isfinite(llama.decoder_layers(x, [w], config, cos, sin, None, cache, 0)).all()

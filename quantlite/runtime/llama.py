@@ -331,10 +331,8 @@ def decoder_layer(
     cache: KVCache | None = None,
     layer: int = 0,
 ) -> torch.Tensor:
-    """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
-    out = native_decode_layers(x, [w], config, cos, sin, mask, cache, layer)  # a CPU decode step: in one C call
-    if out is not None:
-        return out
+    """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)). (decoder_layers runs a CPU
+    decode step of 4-bit layers as one native call instead.)"""
     x = x + self_attention(rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps), w, config, cos, sin, mask, cache, layer)
     return x + swiglu_mlp(rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps), w)
 
@@ -349,7 +347,8 @@ def decoder_layers(
     cache: KVCache | None = None,
     first_layer: int = 0,
 ) -> torch.Tensor:
-    """decoder_layer over consecutive model layers first_layer, first_layer + 1, ... (weights `layers`)."""
+    """decoder_layer over consecutive model layers first_layer, first_layer + 1, ... (weights `layers`);
+    a CPU decode step of 4-bit layers in one native call (native_decode_layers), the same result."""
     out = native_decode_layers(x, layers, config, cos, sin, mask, cache, first_layer)
     if out is not None:
         return out

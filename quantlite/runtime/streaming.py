@@ -622,7 +622,7 @@ class StreamingLlama:
                 weights = self._unit(index)
                 self._request(self._next_streamed(index))
                 try:
-                    x = llama.decoder_layer(x, weights, self.config, cos, sin, mask, cache, index)
+                    x = llama.decoder_layers(x, [weights], self.config, cos, sin, mask, cache, index)
                 finally:
                     del weights
                     self._give_back(index)  # a streamed layer's arena is free for the next read
