@@ -168,32 +168,37 @@ def test_plan_residency(prefetch):
     slots = 2 if prefetch else 1
     unit = READ_AHEAD_BYTES
     layers, head, embedding = [unit] * 4, unit * 7 // 10, 3 * unit
-    assert plan_residency(10**12, 1, layers, head, embedding, False, prefetch).embedding_resident
+    assert plan_residency(10**12, 1, layers, head, embedding, False, prefetch, True).embedding_resident
     # room for the head, one layer and the slots: the head stays, the embedding goes to disk
-    plan = plan_residency(1 + head + unit + slots * unit, 1, layers, head, embedding, False, prefetch)
+    plan = plan_residency(1 + head + unit + slots * unit, 1, layers, head, embedding, False, prefetch, True)
     assert (plan.resident_layers, plan.head_resident, plan.embedding_resident, plan.slots) == (1, True, False, slots)
     # a tied head that stays serves the embedding rows
-    assert plan_residency(1 + head + unit + slots * unit, 1, layers, head, head, True, prefetch).embedding_resident
+    assert plan_residency(1 + head + unit + slots * unit, 1, layers, head, head, True, prefetch, True).embedding_resident
     # just the slots: everything streams, the head too
-    plan = plan_residency(1 + slots * unit, 1, layers, head, embedding, False, prefetch)
+    plan = plan_residency(1 + slots * unit, 1, layers, head, embedding, False, prefetch, True)
     assert (plan.resident_layers, plan.head_resident, plan.slot_bytes, plan.slots) == (0, False, unit, slots)
     with pytest.raises(MemoryBudgetError, match="streaming needs"):
-        plan_residency(slots * unit, 1, layers, head, embedding, False, prefetch)
+        plan_residency(slots * unit, 1, layers, head, embedding, False, prefetch, True)
 
 
 def test_prefetch_depth_is_chosen_by_the_budget():
-    """Units smaller than READ_AHEAD_BYTES get the slots whose reads ahead cover it, before resident
-    layers; fewer only when nothing resident leaves room for them; never more than the units can use."""
+    """Read O_DIRECT, units smaller than READ_AHEAD_BYTES get the slots whose reads ahead cover it,
+    before resident layers; fewer only when nothing resident leaves room for them; never more than the
+    units can use. Read through the page cache, two."""
     layer = READ_AHEAD_BYTES * 3 // 4  # two units ahead cover it: 3 slots
     layers, head = [layer] * 40, layer // 2
-    assert read_ahead_slots(layer, 40, True) == 3 and read_ahead_slots(READ_AHEAD_BYTES, 40, True) == 2
-    assert read_ahead_slots(1, 40, True) == MAX_SLOTS and read_ahead_slots(1, 40, False) == 1
-    assert read_ahead_slots(1, 1, True) == 2  # one streamed unit: computing, and read for the next pass
+    assert read_ahead_slots(layer, 40, True, True) == 3 and read_ahead_slots(READ_AHEAD_BYTES, 40, True, True) == 2
+    assert read_ahead_slots(1, 40, True, True) == MAX_SLOTS and read_ahead_slots(1, 40, False, True) == 1
+    assert read_ahead_slots(1, 1, True, True) == 2  # one streamed unit: computing, and read for the next pass
+    assert read_ahead_slots(1, 40, True, False) == 2  # through the page cache: one unit read ahead
     # room for the head and 9 layers: 6 resident and 3 slots, not 7 and 2
-    plan = plan_residency(head + 9 * layer, 0, layers, head, head, True, True)
+    plan = plan_residency(head + 9 * layer, 0, layers, head, head, True, True, True)
     assert (plan.resident_layers, plan.head_resident, plan.slots, plan.slot_bytes) == (6, True, 3, layer)
+    # read through the page cache the same budget keeps 7 resident and 2 slots
+    plan = plan_residency(head + 9 * layer, 0, layers, head, head, True, True, False)
+    assert (plan.resident_layers, plan.head_resident, plan.slots, plan.slot_bytes) == (7, True, 2, layer)
     # room for 2 layers only (the head streams, no smaller than half a layer): 2 slots rather than none
-    plan = plan_residency(2 * layer, 0, layers, head, head, True, True)
+    plan = plan_residency(2 * layer, 0, layers, head, head, True, True, True)
     assert (plan.resident_layers, plan.head_resident, plan.slots) == (0, False, 2)
 
 

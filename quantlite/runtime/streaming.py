@@ -12,9 +12,10 @@ before anything is read (`memory_nbytes`). The plan (`plan_residency`):
     of "head resident" and "head streamed" the one that keeps more bytes resident is chosen; layers
     0..R-1 are resident, R..L-1 (and the head, if streamed) are read on every pass into slots, each
     as large as the largest streamed unit: one with prefetch off; with prefetch, the prefetch depth
-    is chosen by the budget (`read_ahead_slots`): enough slots that the units read ahead cover two
-    rounds of the O_DIRECT reader's queue (3 for 0.1 GiB Llama-7B layers, 2 for 1.7 GiB 405B ones,
-    at most MAX_SLOTS), before any layer stays resident; fewer, down to 2, on a budget too small.
+    is chosen by the budget (`read_ahead_slots`): with O_DIRECT enough slots that the units read
+    ahead cover two rounds of the reader's queue (3 for 0.1 GiB Llama-7B layers, 2 for 1.7 GiB 405B
+    ones, at most MAX_SLOTS), before any layer stays resident; fewer, down to 2, on a budget too
+    small; 2 when the shards are read through the page cache.
 
 Loader threads read the streamed units ahead while the current one computes: each free slot takes
 the next streamed unit as soon as it is free (after the head, the first streamed units of the next
@@ -215,19 +216,22 @@ READ_AHEAD_BYTES = 2 * IO_THREADS * IO_CHUNK_BYTES
 MAX_SLOTS = 4  # the memory given to reads ahead is bounded; units smaller than a round get no more
 
 
-def read_ahead_slots(slot_bytes: int, streamed_units: int, prefetch: bool) -> int:
-    """Slots the plan wants for streamed units of up to `slot_bytes`: 1 without prefetch; else enough
-    that the units read ahead cover READ_AHEAD_BYTES, at least 2 and at most MAX_SLOTS, and no more
-    than can be in use (each of the `streamed_units` once, one of them twice: computing, and read
-    for the next pass)."""
+def read_ahead_slots(slot_bytes: int, streamed_units: int, prefetch: bool, direct_io: bool) -> int:
+    """Slots the plan wants for streamed units of up to `slot_bytes`: 1 without prefetch; 2 when the
+    shards are read through the page cache (one loader thread copies one unit ahead, the kernel's own
+    readahead keeps the disk busy); with O_DIRECT enough that the units read ahead cover
+    READ_AHEAD_BYTES, at least 2 and at most MAX_SLOTS, and no more than can be in use (each of the
+    `streamed_units` once, one of them twice: computing, and read for the next pass)."""
     if not prefetch:
         return 1
+    if not direct_io:
+        return 2
     wanted = 1 + -(-READ_AHEAD_BYTES // max(slot_bytes, 1))
     return max(2, min(wanted, MAX_SLOTS, streamed_units + 1))
 
 
 def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedding: int, tied: bool,
-                   prefetch: bool) -> Residency:
+                   prefetch: bool, direct_io: bool) -> Residency:
     """Where each unit lives under `budget` bytes (see the module docstring). `fixed`: the final norm;
     `embedding`: the table's bytes (ignored when tied: the head is the table). The slots the reads
     ahead want (read_ahead_slots) come before resident layers; fewer, down to 2, only when even
@@ -244,7 +248,7 @@ def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedd
             for resident in range(len(layers), -1, -1):
                 streamed = layers[resident:] + ([] if head_resident else [head])
                 slot = max(streamed, default=0)
-                slots = max(least, read_ahead_slots(slot, len(streamed), prefetch) - fewer)
+                slots = max(least, read_ahead_slots(slot, len(streamed), prefetch, direct_io) - fewer)
                 if sum(layers[:resident]) + slots * slot <= left:
                     option = Residency(resident, head_resident, tied and head_resident, slot, slots)
                     break
@@ -338,8 +342,8 @@ class StreamingLlama:
         self._lent: dict[int, Arena] = {}  # streamed unit -> the arena it was read into, while it computes
         self._lock = threading.Lock()
 
-        self.plan = self._plan()
         self.stats.direct_io = self._direct_io(direct_io)
+        self.plan = self._plan()
         # the loader's torch ops are small and memory-bound: one intra-op thread (a per-thread setting
         # with OpenMP), so they neither fight the matmuls' thread team nor wait on its barrier (on 2
         # busy cores a 1536-row repeat_interleave took 40 ms with 2 threads, 0.04 ms with 1). O_DIRECT
@@ -402,7 +406,8 @@ class StreamingLlama:
         embedding = sizes.embedding if self.first else 0
         layers = sizes.layers[self.layers.start:self.layers.stop]
         tied = self.config.tie_word_embeddings and self.first and self.last
-        plan = plan_residency(self.memory_budget, norm, layers, head, embedding, tied, self.prefetch)
+        plan = plan_residency(self.memory_budget, norm, layers, head, embedding, tied, self.prefetch,
+                              self.stats.direct_io)
         self.stats.resident_bytes = (norm + sum(layers[: plan.resident_layers]) + (head if plan.head_resident else 0)
                                      + (embedding if plan.embedding_resident and not tied else 0))
         return plan
