@@ -42,23 +42,46 @@ def packed_dir(tmp_path_factory):
 
 
 class RecordingPacked:
-    """A PackedModel that records which thread read each layer."""
+    """A PackedModel that records which thread read each layer, and with how many torch threads."""
 
     def __init__(self, packed: PackedModel):
         self.packed = packed
         self.reads: list[tuple[int, str]] = []
+        self.torch_threads: list[int] = []
 
     def __getattr__(self, name):
         return getattr(self.packed, name)
 
     def load_layer(self, index, **read):
         self.reads.append((index, threading.current_thread().name))
+        self.torch_threads.append(torch.get_num_threads())
         return self.packed.load_layer(index, **read)
 
 
 def shard_bytes(packed_dir, layers) -> int:
     packed = PackedModel.open(packed_dir)
     return sum(packed.layer_nbytes(i) for i in layers)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_every_read_runs_torch_on_one_thread(packed_dir, generator, prefetch):
+    """Resident layers read on the computing thread, and streamed ones inline (prefetch off) or on the
+    loader, all run torch on one thread; the caller's setting is back afterwards."""
+    input_ids = torch.randint(0, BASE["vocab_size"], (1, 4), generator=generator)
+    norm, layers, head = unit_sizes(packed_dir)
+    recording = RecordingPacked(PackedModel.open(packed_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        budget = norm + head + layers[0] + (2 if prefetch else 1) * max(layers)  # layer 0 resident, the rest stream
+        with StreamingLlama(recording, memory_budget=budget, prefetch=prefetch) as model:
+            model(input_ids)
+            assert model.stats.resident_layers == 1 and model.stats.streamed_layers == LAYERS - 1
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert {index for index, _ in recording.reads} == set(range(LAYERS))  # (with prefetch, layer 1 again: the next pass's)
+    assert set(recording.torch_threads) == {1}
 
 
 def test_everything_resident_when_it_fits_and_second_pass_reads_nothing(packed_dir, generator):

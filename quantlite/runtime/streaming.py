@@ -31,6 +31,7 @@ Bytes read, unit loads, time spent waiting on the loader and peak memory are cou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -265,6 +266,20 @@ def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedd
             + (", computing while the next is read)" if prefetch else ")") + " plus the final norm"
         )
     return best[1]
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op threads of the calling thread set to `count` inside the block. A unit read on
+    the computing thread (a resident layer's first pass, every unit without prefetch) runs the small,
+    memory-bound torch ops of the loader: with SmolLM2's 30 resident layers on two busy cores (load
+    ~5) the first pass took 5.2-7.4 s with two threads, 1.0-1.4 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def peak_rss_bytes() -> int:
@@ -549,7 +564,11 @@ class StreamingLlama:
             return self._resident[index]
         start = time.perf_counter()
         pending = self._pending.pop(index, None)
-        unit, arena = pending.result() if pending is not None else self._read_unit(index)
+        if pending is not None:
+            unit, arena = pending.result()
+        else:
+            with _torch_threads(1):  # as on the loader threads (their initializer, and why, in __init__)
+                unit, arena = self._read_unit(index)
         self.stats.wait_seconds += time.perf_counter() - start
         if arena is not None:
             self._lent[index] = arena  # until _give_back(index)
