@@ -180,21 +180,24 @@ class Trainer:
         self.optimizer = torch.optim.Adam(parameters, lr=learning_rate)
         self.positions = [q.position for q in tuned if q.position is not None]                      # each (N, nb, B)
         self.moments = [(torch.zeros_like(p), torch.zeros(())) for p in self.positions]  # gradient mean, tensor's mean square
-        self.code_learning_rate = code_learning_rate
+        self.learning_rate, self.code_learning_rate = learning_rate, code_learning_rate
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
         for p in self.positions:
             p.grad = None
 
-    def step(self) -> None:
+    def step(self, rate: float = 1.0) -> None:
+        """One step, both learning rates multiplied by `rate` (a schedule's factor)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate * rate
         self.optimizer.step()
         first, second = CODE_MOMENTUM
         with torch.no_grad():
             for p, (mean, square) in zip(self.positions, self.moments):
                 mean.mul_(first).add_(p.grad, alpha=1 - first)
                 square.mul_(second).add_(p.grad.square().mean(), alpha=1 - second)
-                p.sub_(self.code_learning_rate * mean / (square.sqrt() + torch.finfo(torch.float32).tiny))
+                p.sub_(self.code_learning_rate * rate * mean / (square.sqrt() + torch.finfo(torch.float32).tiny))
 
 
 def stored_layer(layer: dict, tuned: dict[str, TunedQWeight], gains: dict[str, torch.nn.Parameter]) -> dict:

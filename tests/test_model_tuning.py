@@ -9,17 +9,10 @@ from quantlite.converter import convert
 from quantlite.errors import ConversionError
 from quantlite.model_tuning import held_out_count, tune_model
 from quantlite.packed import PackedModel
-from quantlite.quantizer import quantize
 from quantlite.qweight import QWeight
 from quantlite.sources import open_source
 from quantlite.sources.synthetic import write_random_llama
-
-TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32",
-}
+from test_tuning import TINY, stored_as_calibrated
 
 
 def float_model(source) -> tuple[list[dict], dict]:
@@ -28,22 +21,6 @@ def float_model(source) -> tuple[list[dict], dict]:
                for name in source.shapes if name.startswith(f"model.layers.{i}.")} for i in range(TINY["num_hidden_layers"])]
     rest = {name: source.read(name).float() for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
     return layers, rest
-
-
-def quantized(layers: list[dict], generator) -> list[dict]:
-    """Each layer as the calibrated converter stores it: GPTQ codes (E[x x^T] of random inputs), 1 %
-    outliers, double-quantized scales, bf16 norms."""
-    stored = []
-    for layer in layers:
-        q = {}
-        for name, w in layer.items():
-            if name.endswith("_proj.weight"):
-                x = torch.randn(256, w.shape[1], generator=generator)
-                q[name] = quantize(w, importance=x.T @ x / 256, outlier_frac=0.01, name=name)
-            else:
-                q[name] = w.to(torch.bfloat16)
-        stored.append(q)
-    return stored
 
 
 def log_probs_f64(layers: list[dict], rest: dict, windows: torch.Tensor, config) -> torch.Tensor:
@@ -71,7 +48,7 @@ def held_out_kl_f64(layers, float_layers, rest, windows, config) -> float:
 def tiny(tmp_path, generator):
     source = open_source(write_random_llama(tmp_path / "tiny", TINY, generator=generator))
     float_layers, rest = float_model(source)
-    layers = quantized(float_layers, generator)
+    layers = [stored_as_calibrated(layer, generator) for layer in float_layers]
     windows = torch.randint(TINY["vocab_size"], (8, 16), generator=generator)
     return source.model_config, float_layers, rest, layers, windows
 
