@@ -25,7 +25,7 @@ examples:
   quantlite convert ./llama ./llama-ref --no-quantize               # same layout, original weights
   quantlite convert ./llama ./llama-q4 --calibration calib.txt      # calibrated (GPTQ) default method
   quantlite convert ./llama ./llama-q4 --calibration calib.txt --tune-steps 200   # + each layer's scales tuned
-  quantlite convert ./tiny ./tiny-q4 --calibration calib.txt --calibration-windows 128 --tune-model-steps 1000
+  quantlite convert ./tiny ./tiny-q4 --calibration calib.txt --calibration-windows 128 --tune-model-steps 1500
                                                                     # + all layers tuned together towards the float logits
   quantlite convert ./llama ./llama-q4 --calibration self           # calibrated on the model's own samples
   torchrun --nproc-per-node 4 -m quantlite convert ./llama ./llama-q4  # 4 ranks share the layers (docs/convert.md)
@@ -114,9 +114,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "windows (one window a step); one window in 8 is held out and the best checkpoint on it "
                              "is kept, never worse than the untuned layers. Same format and bits. Holds the whole "
                              "model's layers as float32 trainables (~7 floats a weight): for small models. Give it "
-                             "more windows than the default 32: on stories260K with 128 windows of TinyStories (the "
-                             "evaluated file's tail), N=1000 cut the perplexity increase from 43 %% to ?? %% of "
-                             "plain NF4's (docs/accuracy.md, 'Tuning the whole model'). Default: 0, off")
+                             "more windows than the default 32: on stories260K, with --calibration-windows 128 of "
+                             "TinyStories text, N=1500 cut the perplexity increase over float from 43 %% to 22 %% of "
+                             "plain NF4's, in 11 min instead of 33 s on a loaded 2-core machine (docs/accuracy.md, "
+                             "'Tuning the whole model'). Default: 0, off")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_timeout_argument(parser.add_argument_group("distributed (under torchrun)"))
 
