@@ -63,6 +63,7 @@ from quantlite.sources.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
 from quantlite.untrusted import parse_json
 
 PARTIAL_STATE = ".quantlite-partial.json"
+MODEL_TUNING, MODEL_TUNED = "model_tuning", "model_tuned"  # the partial state's marks of --tune-model-steps
 LOCK_FILE = ".quantlite.lock"  # flock()ed while a convert writes OUT; the kernel drops it if the process dies
 # How the embedding and the output head may be stored: "q4" the conversion's 4-bit method, "q8"
 # block-scaled int8 (quantlite.q8weight), "float" unquantized. The default q8 costs about 0.1 %
@@ -177,6 +178,7 @@ def convert(
     calibration_windows: int | None = None,
     calibration_ctx: int = 512,
     tune_steps: int = 0,
+    tune_model_steps: int = 0,
     run_jobs: Callable | None = None,
 ) -> ConversionSummary:
     """Convert `src` (HF folder or .gguf file of a Llama-family model) into the packed directory `out`.
@@ -197,7 +199,9 @@ def convert(
     (calibration_to_run). A calibration runs over `calibration_windows` windows (None: 4 for "random", 16 for
     "self", 32 for a file) of `calibration_ctx` tokens from its start, layer after layer in GPTQ's sequential order;
     `tune_steps` > 0 then tunes each layer's scales, outliers and norm gains for that many steps
-    towards the float layer's output on those windows (quantlite.tuning). Rerunning after an interruption
+    towards the float layer's output on those windows (quantlite.tuning); `tune_model_steps` > 0, after
+    all that, tunes the whole model's layers, codes included, towards the float model's logits on the
+    same windows, one held out in eight for early stopping (quantlite.model_tuning). Rerunning after an interruption
     resumes. run_jobs(source, out, settings, todo, workers) -> iterator of (file, manifest entry):
     who converts the files (default: this process or its pool of `workers`; quantlite.distributed.
     convert shares them among torchrun ranks); not used for the layers of a calibrated conversion.
@@ -214,11 +218,13 @@ def convert(
         print(f"note: {source.path.name} has no usable tokenizer.json to draw random calibration tokens from, so this "
               "conversion is data-free (as --calibration none); give --calibration TEXT_FILE to calibrate it",
               file=sys.stderr)
-    if tune_steps != 0 and (problem := tune_steps_problem(tune_steps, calibration)):
-        raise ConversionError(problem)
+    for steps, flag in ((tune_steps, "--tune-steps"), (tune_model_steps, "--tune-model-steps")):
+        if steps != 0 and (problem := tune_steps_problem(steps, calibration, flag)):
+            raise ConversionError(problem)
     if calibration is not None:
         described = _describe_calibration(calibration, calibration_windows, calibration_ctx, no_quantize)
-        settings = replace(settings, calibration={**described, "tune_steps": tune_steps} if tune_steps else described)
+        tuning = {key: steps for key, steps in (("tune_steps", tune_steps), ("tune_model_steps", tune_model_steps)) if steps}
+        settings = replace(settings, calibration={**described, **tuning})
     if source.model_config.tie_word_embeddings and settings.head != settings.embedding and not no_quantize:
         raise ConversionError(
             f"this model ties lm_head to the embedding, one matrix: give --head and --embedding the same width "
@@ -230,6 +236,9 @@ def convert(
     with _output_lock(out):  # released (and removed) however convert ends
         state = _prepare_output(out, fingerprint, overwrite, plan)
         done: dict = state["done"]
+        if state.pop(MODEL_TUNING, None) is not None:  # stopped while tuning the model: the layers from the start
+            done = state["done"] = {file: entry for file, entry in done.items()
+                                     if file not in plan or not LAYER_NAME.fullmatch(plan[file][0])}
         resumed = len(done)
         _check_disk_space(out, source, settings, plan, done)
 
@@ -251,6 +260,17 @@ def convert(
                 done[file] = entry
                 _save_state(out, state)
                 bar.update(params_of[file])
+        if settings.calibration and settings.calibration.get("tune_model_steps") and not state.get(MODEL_TUNED):
+            from quantlite.model_tuning import tune_model_shards
+
+            state[MODEL_TUNING] = True
+            _save_state(out, state)
+            ids = _calibration_ids(source, out, calibration, settings.calibration, progress)
+            for file, entry in tune_model_shards(source, out, ids, settings.calibration, done, progress):
+                done[file] = entry
+            del state[MODEL_TUNING]
+            state[MODEL_TUNED] = True
+            _save_state(out, state)
 
         manifest = _manifest(source, settings, plan, done, state["created"])
         _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))

@@ -50,12 +50,13 @@ CODE_MOMENTUM = (0.9, 0.999) # decay of the positions' gradient mean and of thei
 TUNING_SEED = 0              # the windows' order: a conversion is a pure function of its settings
 
 
-def tune_steps_problem(steps: object, calibration: object) -> str | None:
-    """Why convert cannot tune `steps` steps with this `calibration` (None: none given), or None."""
+def tune_steps_problem(steps: object, calibration: object, flag: str = "--tune-steps") -> str | None:
+    """Why convert cannot tune `steps` steps (given by `flag`) with this `calibration` (None: none
+    given), or None."""
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
-        return f"tune steps ({steps!r}) must be an integer >= 0"
+        return f"{flag} ({steps!r}) must be an integer >= 0"
     if steps and calibration is None:
-        return "--tune-steps tunes a calibrated conversion's layers: give --calibration TEXT_FILE (or random) too"
+        return f"{flag} tunes a calibrated conversion's layers: give --calibration TEXT_FILE (or random) too"
     return None
 
 
@@ -67,7 +68,7 @@ class TuningResult:
     steps: int
 
 
-class _TunedQWeight(torch.nn.Module):
+class TunedQWeight(torch.nn.Module):
     """One QWeight with trainable log-scale offsets t (N, nb) (0 = the stored scales), outlier values
     and, with move_codes, each weight's position u (N, nb, B) in units of its block's scale (initially
     its level, so its code): the weight is level(u) * scale * exp(t), level() the nearest codebook
@@ -141,52 +142,73 @@ def tune_layer(layer: dict, float_layer: dict, inputs: torch.Tensor, config: Mod
         targets = torch.cat([llama.decoder_layer(inputs[w : w + 1], float_layer, config, cos, sin) for w in range(inputs.shape[0])])
         scale = float((targets - inputs).square().sum())  # the size of what the layer adds
 
-    tuned = {name: _TunedQWeight(qw, move_codes) for name, qw in layer.items() if isinstance(qw, QWeight)}
+    tuned = {name: TunedQWeight(qw, move_codes) for name, qw in layer.items() if isinstance(qw, QWeight)}
     gains = {name: torch.nn.Parameter(t.float()) for name, t in layer.items() if name.endswith("norm.weight")}
 
     def weights() -> dict:
-        return {**_computed(layer), **{n: q.weight() for n, q in tuned.items()}, **gains}
+        return {**as_computed(layer), **{n: q.weight() for n, q in tuned.items()}, **gains}
 
     def loss(weights: dict) -> float:
         with torch.no_grad():
             return sum(float((llama.decoder_layer(inputs[w : w + 1], weights, config, cos, sin) - targets[w : w + 1]).square().sum())
                        for w in range(inputs.shape[0])) / scale
 
-    before = loss(_computed(layer))
-    parameters = [p for q in tuned.values() for p in (q.log_offset, q.outliers) if p.numel()] + list(gains.values())
-    positions = [q.position for q in tuned.values() if q.position is not None]
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-    moments = [(torch.zeros_like(p), torch.zeros(())) for p in positions]  # gradient mean, tensor's mean square
+    before = loss(as_computed(layer))
+    trainer = Trainer(list(tuned.values()), list(gains.values()), learning_rate, code_learning_rate)
     order = torch.randint(inputs.shape[0], (steps,), generator=torch.Generator().manual_seed(TUNING_SEED)).tolist()
     for w in order:
-        optimizer.zero_grad()
+        trainer.zero_grad()
         out = llama.decoder_layer(inputs[w : w + 1], weights(), config, cos, sin)
         F.mse_loss(out, targets[w : w + 1], reduction="sum").backward()
-        optimizer.step()
-        _step_positions(positions, moments, code_learning_rate)
+        trainer.step()
 
-    stored = dict(layer)
-    stored.update({name: q.stored() for name, q in tuned.items()})
-    stored.update({name: g.detach().to(layer[name].dtype) for name, g in gains.items()})
-    after = loss(_computed(stored))
+    stored = stored_layer(layer, tuned, gains)
+    after = loss(as_computed(stored))
     if after >= before:
         return TuningResult(dict(layer), before, before, steps)
     return TuningResult(stored, before, after, steps)
 
 
-def _step_positions(positions: list, moments: list, learning_rate: float) -> None:
-    """One momentum step of each position tensor p (N, nb, B), its mean gradient over the RMS
-    gradient of the whole tensor (Adam with one second moment per tensor; no bias correction)."""
-    first, second = CODE_MOMENTUM
-    with torch.no_grad():
-        for p, (mean, square) in zip(positions, moments):
-            mean.mul_(first).add_(p.grad, alpha=1 - first)
-            square.mul_(second).add_(p.grad.square().mean(), alpha=1 - second)
-            p.sub_(learning_rate * mean / (square.sqrt() + torch.finfo(torch.float32).tiny))
+class Trainer:
+    """The optimiser of tune_layer and quantlite.model_tuning: Adam on the log-scales, outlier values
+    and gains; with move_codes, the positions by one momentum step over the RMS gradient of their
+    whole tensor (Adam with one second moment per tensor; no bias correction)."""
+
+    def __init__(self, tuned: list[TunedQWeight], gains: list[torch.nn.Parameter], learning_rate: float,
+                 code_learning_rate: float):
+        parameters = [p for q in tuned for p in (q.log_offset, q.outliers) if p.numel()] + gains
+        self.optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+        self.positions = [q.position for q in tuned if q.position is not None]                      # each (N, nb, B)
+        self.moments = [(torch.zeros_like(p), torch.zeros(())) for p in self.positions]  # gradient mean, tensor's mean square
+        self.learning_rate, self.code_learning_rate = learning_rate, code_learning_rate
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+        for p in self.positions:
             p.grad = None
 
+    def step(self, rate: float = 1.0) -> None:
+        """One step, both learning rates multiplied by `rate` (a schedule's factor)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate * rate
+        self.optimizer.step()
+        first, second = CODE_MOMENTUM
+        with torch.no_grad():
+            for p, (mean, square) in zip(self.positions, self.moments):
+                mean.mul_(first).add_(p.grad, alpha=1 - first)
+                square.mul_(second).add_(p.grad.square().mean(), alpha=1 - second)
+                p.sub_(self.code_learning_rate * rate * mean / (square.sqrt() + torch.finfo(torch.float32).tiny))
 
-def _computed(layer: dict) -> dict:
+
+def stored_layer(layer: dict, tuned: dict[str, TunedQWeight], gains: dict[str, torch.nn.Parameter]) -> dict:
+    """`layer` with its tuned weights and gains as the format stores them (gains in their stored dtype)."""
+    stored = dict(layer)
+    stored.update({name: q.stored() for name, q in tuned.items()})
+    stored.update({name: g.detach().to(layer[name].dtype) for name, g in gains.items()})
+    return stored
+
+
+def as_computed(layer: dict) -> dict:
     """The layer as decoder_layer computes with it: QWeights as they are, float tensors as float32."""
     return {name: t if isinstance(t, QWeight) else t.float() for name, t in layer.items()}
 
@@ -197,7 +219,6 @@ def tune_shard(tensors: dict[str, torch.Tensor], stats: dict[str, dict], source,
     QWeight.to_dict writes them) -> the same tensors after tune_layer against the layer's float
     weights read from `source`, on `inputs` (W, ctx, hidden), the windows as they enter the layer.
     The manifest entries `stats` get each 4-bit weight's SQNR of the tuned weight."""
-    from quantlite.converter import sqnr_db
     from quantlite.packed import group_tensors
 
     prefix = f"model.layers.{layer}."
@@ -210,8 +231,17 @@ def tune_shard(tensors: dict[str, torch.Tensor], stats: dict[str, dict], source,
 
         tqdm.write(f"layer {layer}: relative output error {result.loss_before:.4g} -> {result.loss_after:.4g} "
                    f"after {steps} tuning steps")
+    return flat_layer(result.layer, prefix, float_layer, stats)
+
+
+def flat_layer(layer: dict, prefix: str, float_layer: dict, stats: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """A tuned layer (relative names) -> its shard's flat tensors (names under `prefix`, as
+    QWeight.to_dict writes them); each 4-bit weight's manifest entry in `stats` gets the SQNR of its
+    tuned form against `float_layer`'s original."""
+    from quantlite.converter import sqnr_db
+
     flat: dict[str, torch.Tensor] = {}
-    for name, value in result.layer.items():
+    for name, value in layer.items():
         if isinstance(value, QWeight):
             flat.update(value.to_dict(prefix + name + "."))
             stats[prefix + name]["sqnr_db"] = sqnr_db(float_layer[name], [value], value.shape[0])

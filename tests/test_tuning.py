@@ -28,6 +28,12 @@ def quantized_layer(source, generator):
     float_layer = {name.removeprefix("model.layers.0."): source.read(name).float()
                    for name in source.shapes if name.startswith("model.layers.0.")}
     inputs = torch.randn(3, 16, TINY["hidden_size"], generator=generator)
+    return stored_as_calibrated(float_layer, generator), float_layer, inputs
+
+
+def stored_as_calibrated(float_layer: dict, generator) -> dict:
+    """A float layer as the calibrated converter stores it: GPTQ codes (E[x x^T] of random inputs), 1 %
+    outliers, double-quantized scales, bf16 norms."""
     layer = {}
     for name, w in float_layer.items():
         if name.endswith("_proj.weight"):
@@ -35,7 +41,7 @@ def quantized_layer(source, generator):
             layer[name] = quantize(w, importance=x.T @ x / 256, outlier_frac=0.01, name=name)
         else:
             layer[name] = w.to(torch.bfloat16)
-    return layer, float_layer, inputs
+    return layer
 
 
 def relative_output_error_f64(layer: dict, float_layer: dict, inputs: torch.Tensor, config) -> float:
