@@ -33,6 +33,8 @@ What is particular to quantlite:
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -161,9 +163,24 @@ def column_order(hessian: torch.Tensor) -> torch.Tensor:
 def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None):
     """_gptq_pass over each diagonal block (start, end, upper) of the processing order in turn, on views
     of the block's rows (changed in place) -> codes (K, N) uint8, saliency (K, N) float32."""
-    passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
-                         None if quota is None else quota[start:end]) for start, end, upper in segments]
+    with _one_thread():
+        passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
+                             None if quota is None else quota[start:end]) for start, end, upper in segments]
     return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while the body runs, then as before. GPTQ's column loop is a long chain of
+    small ops (N values each): on more threads, the few that torch splits (bucketize above 200
+    values, the matmuls) wait on each other, and on a loaded machine each such wait costs a
+    scheduler slice (a SmolLM2 layer's GPTQ took 7x longer on two threads than on one, at load 5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
@@ -179,30 +196,39 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
-    # The loop runs once per column: a few small torch calls each, so their count is its cost (the
-    # midpoints once per pass; bucketize's int64 codes index the codebook directly). Errors flow down
-    # in three levels: a rank-1 update of the rest of the column's sub-block of SUB_BLOCK columns, one
-    # matmul per sub-block for the rest of its lazy block, one per lazy block for the rest of W.
+    # The loop runs once per column, so its cost is the count of its torch calls, not their
+    # arithmetic: each column's rows (of work, the scales, the codes, the errors) are views taken
+    # once per pass, U[j, j] a Python float, the midpoints once per pass (bucketize's int64 codes
+    # index the codebook directly). Errors flow down in three levels: a rank-1 update of the rest of
+    # the column's sub-block of SUB_BLOCK columns, one matmul per sub-block for the rest of its lazy
+    # block, one per lazy block for the rest of W.
+    rows, inverse_rows, scale_rows = work.unbind(0), inverse_scale.unbind(0), column_scale.unbind(0)
+    code_rows, error_rows, outlier_rows = codes.unbind(0), saliency.unbind(0), is_outlier.unbind(0)
+    pivots = upper.diagonal().tolist()
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
         for sub in range(start, end, SUB_BLOCK):
             sub_end = min(sub + SUB_BLOCK, end)
+            below = work[sub:sub_end]                          # (sub block, N): the rank-1 updates' rows
+            coefficients = upper[sub:sub_end, sub:sub_end].unsqueeze(2)  # (sub block, sub block, 1)
             for column in range(sub, sub_end):
-                x = work[column]
-                code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
-                quantized = codebook.index_select(0, code) * column_scale[column]
+                x = rows[column]
+                code = torch.bucketize(torch.mul(x, inverse_rows[column]), midpoints)  # (N,) int64: nearest_code's rule
+                quantized = codebook.index_select(0, code).mul_(scale_rows[column])
                 if quota is not None and quota[column] > 0:
-                    rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
-                    is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
+                    rounding = (x - quantized).abs_().masked_fill_(outlier_rows[column], -1.0)
+                    outlier_rows[column][torch.topk(rounding, quota[column], sorted=False).indices] = True
                     has_outlier[column] = True
                 if has_outlier[column]:
-                    keep = is_outlier[column]
+                    keep = outlier_rows[column]
                     quantized = torch.where(keep, x, quantized)
-                    code[keep] = zero
-                codes[column] = code
-                error = torch.div(x - quantized, upper[column, column], out=errors[column - start])  # (N,)
-                work[column + 1:sub_end] -= upper[column, column + 1:sub_end].unsqueeze(1) * error
+                    code.masked_fill_(keep, zero)
+                code_rows[column].copy_(code)
+                error = torch.div(torch.sub(x, quantized), pivots[column], out=error_rows[column])  # (N,)
+                local = column - sub
+                if local + 1 < sub_end - sub:
+                    below[local + 1:].sub_(coefficients[local, local + 1:] * error)
             work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
