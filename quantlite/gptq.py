@@ -32,7 +32,6 @@ What is particular to quantlite:
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,19 +83,20 @@ def gptq_codes(
     w: torch.Tensor,
     scales: torch.Tensor,
     codebook: torch.Tensor,
-    hessian: torch.Tensor | BlockDiagonal,
+    hessian: torch.Tensor | BlockDiagonal | Factored,
     outlier_rows: torch.Tensor,
     outlier_cols: torch.Tensor,
     block_size: int,
     salient_outliers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float32, scales (N, Kp // B) float32 (as decoded), codebook (16,) float32,
-    hessian (K, K) E[x x^T] or its BlockDiagonal, the outliers chosen beforehand as (rows, cols) int64, and how many more
+    hessian (K, K) E[x x^T], its BlockDiagonal, or either's Factored (factored here if not), the outliers chosen beforehand as (rows, cols) int64, and how many more
     to choose in the pass by saliency ->
     codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
     (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    order, segments = _factored(hessian)
+    factored = hessian if isinstance(hessian, Factored) else factor(hessian)
+    order, segments = factored.order, factored.segments
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
     column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
@@ -119,15 +119,28 @@ def gptq_codes(
     return stored, rows, cols, work[cols, rows]
 
 
-def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list]:
-    """(order (K,) int64, [(start, end, upper (b, b) float32)] per diagonal block) of a statistic:
-    act-order inside each block (the whole matrix when it is one) and the upper Cholesky factor of
-    its inverse; the blocks follow each other in the order, so errors never leave a block. Kept
-    while the statistic lives: q/k/v and gate/up share one statistic object, factored once."""
-    key = id(hessian)
-    cached = _factors.get(key)
-    if cached is not None and cached[0]() is hessian and cached[1] == _versions(hessian):
-        return cached[2]
+@dataclass(frozen=True)
+class Factored:
+    """A statistic E[x x^T] with what GPTQ derives from it (factor(hessian) makes it): order (K,)
+    int64, act-order inside each diagonal block (the whole matrix when it is one), and per block
+    (start, end, upper (b, b) float32), the upper Cholesky factor of its damped inverse in that
+    order; the blocks follow each other in the order, so errors never leave a block. Linears that
+    share a statistic (q/k/v, gate/up) share one Factored, so it is factored once for all of them."""
+    hessian: torch.Tensor | BlockDiagonal
+    order: torch.Tensor
+    segments: tuple[tuple[int, int, torch.Tensor], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.hessian.shape)
+
+    def diagonal(self) -> torch.Tensor:
+        """(K,) the statistic's diagonal, E[x_j^2]."""
+        return self.hessian.diagonal()
+
+
+def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
+    """The Factored of E[x x^T] (K, K) or its BlockDiagonal: column order and inverse Cholesky factors."""
     blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
     mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
     if len(blocks) > 1:
@@ -140,17 +153,7 @@ def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list
         order.append(start + local)
         segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
         start = end
-    result = (torch.cat(order), segments)
-    _factors[key] = (weakref.ref(hessian, lambda _: _factors.pop(key, None)), _versions(hessian), result)
-    return result
-
-
-def _versions(hessian) -> tuple[int, ...]:
-    """The in-place version counters of the statistic's tensors: a changed statistic is factored again."""
-    return tuple(block._version for block in (hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)))
-
-
-_factors: dict[int, tuple] = {}  # id(statistic) -> (weak reference to it, its versions, _factored's result)
+    return Factored(hessian, torch.cat(order), tuple(segments))
 
 
 def column_order(hessian: torch.Tensor) -> torch.Tensor:
