@@ -195,7 +195,7 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     k, n = work.shape
     inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
     has_outlier = is_outlier.any(dim=1).tolist()
-    codes = torch.empty(k, n, dtype=torch.uint8)
+    codes = torch.empty(k, n, dtype=torch.int64)              # bucketize's own dtype: written in place, cast once
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
@@ -217,7 +217,7 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
             coefficients = upper[sub:sub_end, sub:sub_end].unsqueeze(2)  # (sub block, sub block, 1)
             for column in range(sub, sub_end):
                 x = rows[column]
-                code = torch.bucketize(torch.mul(x, inverse_rows[column]), midpoints)  # (N,) int64: nearest_code's rule
+                code = torch.bucketize(torch.mul(x, inverse_rows[column]), midpoints, out=code_rows[column])  # (N,): nearest_code's rule
                 quantized = codebook.index_select(0, code).mul_(scale_rows[column])
                 if quota is not None and quota[column] > 0:
                     rounding = (x - quantized).abs_().masked_fill_(outlier_rows[column], -1.0)
@@ -227,15 +227,14 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
                     keep = outlier_rows[column]
                     quantized = torch.where(keep, x, quantized)
                     code.masked_fill_(keep, zero)
-                code_rows[column].copy_(code)
                 error = torch.div(torch.sub(x, quantized), pivots[column], out=error_rows[column])  # (N,)
                 local = column - sub
                 if local + 1 < sub_end - sub:
-                    below[local + 1:].sub_(coefficients[local, local + 1:] * error)
+                    below[local + 1:].addcmul_(coefficients[local, local + 1:], error, value=-1.0)
             work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
-    return codes, saliency
+    return codes.to(torch.uint8), saliency
 
 
 def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> torch.Tensor:
