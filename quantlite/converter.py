@@ -503,6 +503,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     layers before it as written (quantized), so a layer's statistics include their errors. Layers
     already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
     from quantlite.calibration import iter_layer_input_stats, with_identity_prior
+    from quantlite.gptq import factor
     from quantlite.tuning import tune_shard
 
     calibration = settings.calibration
@@ -524,9 +525,10 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     for layer, stats, inputs in layers:
         file = layer_file(layer)
         if file not in done:
-            if prior is not None:  # one tensor per shared statistic (q/k/v, gate/up), as they came
-                shared = {id(h): with_identity_prior(h, prior) for h in stats.values()}
-                stats = {name: shared[id(h)] for name, h in stats.items()}
+            # one statistic per shared input (q/k/v, gate/up), as they came: its prior added and GPTQ's
+            # factorisation made once for the Linears that share it
+            shared = {id(h): factor(h if prior is None else with_identity_prior(h, prior)) for h in stats.values()}
+            stats = {name: shared[id(h)] for name, h in stats.items()}
             tune = (lambda tensors, entries: tune_shard(tensors, entries, source, layer, inputs, tune_steps, progress)) if tune_steps else None
             yield file, write_shard(source, out, settings, file, plan[file], importance=stats, tune=tune)
 

@@ -32,7 +32,8 @@ What is particular to quantlite:
 """
 from __future__ import annotations
 
-import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,19 +83,20 @@ def gptq_codes(
     w: torch.Tensor,
     scales: torch.Tensor,
     codebook: torch.Tensor,
-    hessian: torch.Tensor | BlockDiagonal,
+    hessian: torch.Tensor | BlockDiagonal | Factored,
     outlier_rows: torch.Tensor,
     outlier_cols: torch.Tensor,
     block_size: int,
     salient_outliers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float32, scales (N, Kp // B) float32 (as decoded), codebook (16,) float32,
-    hessian (K, K) E[x x^T] or its BlockDiagonal, the outliers chosen beforehand as (rows, cols) int64, and how many more
+    hessian (K, K) E[x x^T], its BlockDiagonal, or either's Factored (factored here if not), the outliers chosen beforehand as (rows, cols) int64, and how many more
     to choose in the pass by saliency ->
     codes (N, Kp) uint8 (zero level at outliers and in padding), and every outlier: rows, cols
     (nnz,) int64 sorted by row then column, values (nnz,) float32 (the compensated weights)."""
     n, k = w.shape
-    order, segments = _factored(hessian)
+    factored = hessian if isinstance(hessian, Factored) else factor(hessian)
+    order, segments = factored.order, factored.segments
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
     column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
@@ -117,15 +119,28 @@ def gptq_codes(
     return stored, rows, cols, work[cols, rows]
 
 
-def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list]:
-    """(order (K,) int64, [(start, end, upper (b, b) float32)] per diagonal block) of a statistic:
-    act-order inside each block (the whole matrix when it is one) and the upper Cholesky factor of
-    its inverse; the blocks follow each other in the order, so errors never leave a block. Kept
-    while the statistic lives: q/k/v and gate/up share one statistic object, factored once."""
-    key = id(hessian)
-    cached = _factors.get(key)
-    if cached is not None and cached[0]() is hessian and cached[1] == _versions(hessian):
-        return cached[2]
+@dataclass(frozen=True)
+class Factored:
+    """A statistic E[x x^T] with what GPTQ derives from it (factor(hessian) makes it): order (K,)
+    int64, act-order inside each diagonal block (the whole matrix when it is one), and per block
+    (start, end, upper (b, b) float32), the upper Cholesky factor of its damped inverse in that
+    order; the blocks follow each other in the order, so errors never leave a block. Linears that
+    share a statistic (q/k/v, gate/up) share one Factored, so it is factored once for all of them."""
+    hessian: torch.Tensor | BlockDiagonal
+    order: torch.Tensor
+    segments: tuple[tuple[int, int, torch.Tensor], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.hessian.shape)
+
+    def diagonal(self) -> torch.Tensor:
+        """(K,) the statistic's diagonal, E[x_j^2]."""
+        return self.hessian.diagonal()
+
+
+def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
+    """The Factored of E[x x^T] (K, K) or its BlockDiagonal: column order and inverse Cholesky factors."""
     blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
     mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
     if len(blocks) > 1:
@@ -138,17 +153,7 @@ def _factored(hessian: torch.Tensor | BlockDiagonal) -> tuple[torch.Tensor, list
         order.append(start + local)
         segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
         start = end
-    result = (torch.cat(order), segments)
-    _factors[key] = (weakref.ref(hessian, lambda _: _factors.pop(key, None)), _versions(hessian), result)
-    return result
-
-
-def _versions(hessian) -> tuple[int, ...]:
-    """The in-place version counters of the statistic's tensors: a changed statistic is factored again."""
-    return tuple(block._version for block in (hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)))
-
-
-_factors: dict[int, tuple] = {}  # id(statistic) -> (weak reference to it, its versions, _factored's result)
+    return Factored(hessian, torch.cat(order), tuple(segments))
 
 
 def column_order(hessian: torch.Tensor) -> torch.Tensor:
@@ -161,9 +166,24 @@ def column_order(hessian: torch.Tensor) -> torch.Tensor:
 def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None):
     """_gptq_pass over each diagonal block (start, end, upper) of the processing order in turn, on views
     of the block's rows (changed in place) -> codes (K, N) uint8, saliency (K, N) float32."""
-    passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
-                         None if quota is None else quota[start:end]) for start, end, upper in segments]
+    with _one_thread():
+        passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
+                             None if quota is None else quota[start:end]) for start, end, upper in segments]
     return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while the body runs, then as before. GPTQ's column loop is a long chain of
+    small ops (N values each): on more threads, the few that torch splits (bucketize above 200
+    values, the matmuls) wait on each other, and on a loaded machine each such wait costs a
+    scheduler slice (a SmolLM2 layer's GPTQ took 7x longer on two threads than on one, at load 5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
@@ -175,38 +195,46 @@ def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     k, n = work.shape
     inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
     has_outlier = is_outlier.any(dim=1).tolist()
-    codes = torch.empty(k, n, dtype=torch.uint8)
+    codes = torch.empty(k, n, dtype=torch.int64)              # bucketize's own dtype: written in place, cast once
     saliency = torch.empty(k, n)
     zero = int((codebook == 0).nonzero()[0, 0])
     midpoints = code_midpoints(codebook)
-    # The loop runs once per column: a few small torch calls each, so their count is its cost (the
-    # midpoints once per pass; bucketize's int64 codes index the codebook directly). Errors flow down
-    # in three levels: a rank-1 update of the rest of the column's sub-block of SUB_BLOCK columns, one
-    # matmul per sub-block for the rest of its lazy block, one per lazy block for the rest of W.
+    # The loop runs once per column, so its cost is the count of its torch calls, not their
+    # arithmetic: each column's rows (of work, the scales, the codes, the errors) are views taken
+    # once per pass, U[j, j] a Python float, the midpoints once per pass (bucketize's int64 codes
+    # index the codebook directly). Errors flow down in three levels: a rank-1 update of the rest of
+    # the column's sub-block of SUB_BLOCK columns, one matmul per sub-block for the rest of its lazy
+    # block, one per lazy block for the rest of W.
+    rows, inverse_rows, scale_rows = work.unbind(0), inverse_scale.unbind(0), column_scale.unbind(0)
+    code_rows, error_rows, outlier_rows = codes.unbind(0), saliency.unbind(0), is_outlier.unbind(0)
+    pivots = upper.diagonal().tolist()
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
         for sub in range(start, end, SUB_BLOCK):
             sub_end = min(sub + SUB_BLOCK, end)
+            below = work[sub:sub_end]                          # (sub block, N): the rank-1 updates' rows
+            coefficients = upper[sub:sub_end, sub:sub_end].unsqueeze(2)  # (sub block, sub block, 1)
             for column in range(sub, sub_end):
-                x = work[column]
-                code = torch.bucketize(x * inverse_scale[column], midpoints)   # (N,) int64: nearest_code's rule
-                quantized = codebook.index_select(0, code) * column_scale[column]
+                x = rows[column]
+                code = torch.bucketize(torch.mul(x, inverse_rows[column]), midpoints, out=code_rows[column])  # (N,): nearest_code's rule
+                quantized = codebook.index_select(0, code).mul_(scale_rows[column])
                 if quota is not None and quota[column] > 0:
-                    rounding = (x - quantized).abs_().masked_fill_(is_outlier[column], -1.0)
-                    is_outlier[column, torch.topk(rounding, quota[column], sorted=False).indices] = True
+                    rounding = (x - quantized).abs_().masked_fill_(outlier_rows[column], -1.0)
+                    outlier_rows[column][torch.topk(rounding, quota[column], sorted=False).indices] = True
                     has_outlier[column] = True
                 if has_outlier[column]:
-                    keep = is_outlier[column]
+                    keep = outlier_rows[column]
                     quantized = torch.where(keep, x, quantized)
-                    code[keep] = zero
-                codes[column] = code
-                error = torch.div(x - quantized, upper[column, column], out=errors[column - start])  # (N,)
-                work[column + 1:sub_end] -= upper[column, column + 1:sub_end].unsqueeze(1) * error
+                    code.masked_fill_(keep, zero)
+                error = torch.div(torch.sub(x, quantized), pivots[column], out=error_rows[column])  # (N,)
+                local = column - sub
+                if local + 1 < sub_end - sub:
+                    below[local + 1:].addcmul_(coefficients[local, local + 1:], error, value=-1.0)
             work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
-    return codes, saliency
+    return codes.to(torch.uint8), saliency
 
 
 def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from quantlite.codebook import codebook_problem, int4_codebook, lloyd_step, nearest_code, nf4_codebook, uniform_codebooks
 from quantlite.errors import QuantizationInputError
-from quantlite.gptq import BlockDiagonal, gptq_codes
+from quantlite.gptq import BlockDiagonal, Factored, gptq_codes
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
     SCALE_GROUP_SIZE,
@@ -102,7 +102,7 @@ def quantize(
     scale_search: bool | None = None,
     double_quant: bool | None = None,
     scale_dtype: torch.dtype | None = None,
-    importance: torch.Tensor | None = None,
+    importance: torch.Tensor | BlockDiagonal | Factored | None = None,
     max_bits_per_weight: float | None = None,
     fit_codebook: bool | None = None,
     refine_scales: bool | None = None,
@@ -118,7 +118,8 @@ def quantize(
       (K,)   mean x**2 per input column: weights outlier selection and the scale search;
       (K, K) E[x x^T]: the codes are chosen by GPTQ error feedback (quantlite.gptq); PRE_SCALE_SHARE
              of the outliers are selected before the scales with its diagonal, the rest in the GPTQ
-             pass by saliency — the setting behind docs/accuracy.md's default row.
+             pass by saliency — the setting behind docs/accuracy.md's default row; its BlockDiagonal
+             or gptq.factor(E[x x^T]) alike (the latter factored once for the Linears that share it).
     max_bits_per_weight caps the outlier table so the whole stored tensor (QWeight.nbytes) stays
     within that many bits per weight, when the rest of it leaves room; with outlier_frac left as
     None it defaults to the method's cap (quantlite: 4.5), an explicit outlier_frac is kept as given.
@@ -144,6 +145,9 @@ def quantize(
         raise QuantizationInputError(problem)
     label = f"tensor {name!r}" if name else "the tensor"
 
+    factored = importance if isinstance(importance, Factored) else None  # E[x x^T] with GPTQ's factors, made once
+    if factored is not None:
+        importance = factored.hessian
     _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label)
     n, k = w.shape
     method_codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
@@ -157,7 +161,7 @@ def quantize(
     if importance is not None and (isinstance(importance, BlockDiagonal) or importance.dim() == 2):
         # The scale search stays unweighted under GPTQ (docs/accuracy.md, "Open": the weighted
         # search under GPTQ is the next thing to measure).
-        hessian, importance = importance, importance.diagonal()
+        hessian, importance = factored or importance, importance.diagonal()
     column_weight = None
     if importance is not None and hessian is None:
         column_weight = torch.nn.functional.pad(importance.to(torch.float32), (0, padded_k - k))

@@ -80,3 +80,25 @@ def test_a_block_diagonal_statistic_of_the_wrong_size_is_refused(generator):
     bad.blocks[1][0, 1] = float("nan")
     with pytest.raises(QuantizationInputError, match="finite"):
         quantize(w, importance=bad)
+
+
+@pytest.mark.parametrize("bounds", [None, [(0, 64), (64, 160)]])
+def test_a_statistic_factored_once_quantizes_every_weight_that_shares_it_as_the_statistic_does(generator, bounds):
+    """convert factors each shared statistic (q/k/v, gate/up) once with gptq.factor and hands the
+    Factored to quantize for each weight: the same codes, outliers and values as the statistic itself
+    (factored inside gptq_codes), for a full matrix and a block-diagonal one; and GPTQ's column loop,
+    which runs on one torch thread, leaves the caller's thread count as it found it."""
+    h = second_moment(generator, 160)
+    statistic = h if bounds is None else blocks_of(h, bounds)
+    shared = gptq.factor(statistic)
+    assert shared.shape == (160, 160) and torch.equal(shared.diagonal(), statistic.diagonal())
+    threads = torch.get_num_threads()
+    for rows in (48, 16, 16):  # q, k, v of a small attention
+        w = 0.02 * torch.randn(rows, 160, generator=generator)
+        w.view(-1)[torch.randint(w.numel(), (8,), generator=generator)] = 0.4  # outliers, chosen both ways
+        direct, factored = (quantize(w, importance=given, outlier_frac=0.01) for given in (statistic, shared))
+        assert direct.n_outliers > 0
+        for field in ("codes", "outlier_row_ptr", "outlier_cols", "outlier_vals"):
+            assert torch.equal(getattr(direct, field), getattr(factored, field)), field
+        assert torch.equal(direct.dequantize(), factored.dequantize())
+        assert torch.get_num_threads() == threads
