@@ -32,14 +32,13 @@ What is particular to quantlite:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from quantlite.codebook import code_midpoints
 from quantlite.errors import QuantizationInputError
+from quantlite.torch_threads import torch_threads
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
 SUB_BLOCK = 16                # columns per rank-1-updated sub-block of a lazy block (less memory traffic per column)
@@ -166,24 +165,10 @@ def column_order(hessian: torch.Tensor) -> torch.Tensor:
 def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None):
     """_gptq_pass over each diagonal block (start, end, upper) of the processing order in turn, on views
     of the block's rows (changed in place) -> codes (K, N) uint8, saliency (K, N) float32."""
-    with _one_thread():
+    with torch_threads(1):  # a chain of small ops (quantlite.torch_threads says why)
         passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
                              None if quota is None else quota[start:end]) for start, end, upper in segments]
     return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread while the body runs, then as before. GPTQ's column loop is a long chain of
-    small ops (N values each): on more threads, the few that torch splits (bucketize above 200
-    values, the matmuls) wait on each other, and on a loaded machine each such wait costs a
-    scheduler slice (a SmolLM2 layer's GPTQ took 7x longer on two threads than on one, at load 5)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):

@@ -24,6 +24,7 @@ import torch
 
 from quantlite.errors import QuantliteError
 from quantlite.runtime import llama
+from quantlite.torch_threads import torch_threads
 
 
 class GenerationError(QuantliteError, ValueError):
@@ -405,13 +406,8 @@ def _decode_threads(model):
     if not (quantized and default_backend(model.device) == "cpu"):
         yield
         return
-    threads = torch.get_num_threads()
-    with native.cpu_threads(threads):
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+    with native.cpu_threads(torch.get_num_threads()), torch_threads(1):
+        yield
 
 
 def _cut_at_stop(text: str, stop_strings: list[str]) -> str:

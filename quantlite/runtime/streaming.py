@@ -31,7 +31,6 @@ Bytes read, unit loads, time spent waiting on the loader and peak memory are cou
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import resource
@@ -54,6 +53,7 @@ from quantlite.qweight import OUTLIER_FIELDS, QWeight
 from quantlite.runtime import llama
 from quantlite.sources.arena import IO_CHUNK_BYTES, IO_THREADS, aligned_buffer, arena_layout
 from quantlite.sources.safetensors_file import SafetensorsFile
+from quantlite.torch_threads import torch_threads
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -266,20 +266,6 @@ def plan_residency(budget: int, fixed: int, layers: list[int], head: int, embedd
             + (", computing while the next is read)" if prefetch else ")") + " plus the final norm"
         )
     return best[1]
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    """torch's intra-op threads of the calling thread set to `count` inside the block. A unit read on
-    the computing thread (a resident layer's first pass, every unit without prefetch) runs the small,
-    memory-bound torch ops of the loader: with SmolLM2's 30 resident layers on two busy cores (load
-    ~5) the first pass took 5.2-7.4 s with two threads, 1.0-1.4 s with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def peak_rss_bytes() -> int:
@@ -567,7 +553,7 @@ class StreamingLlama:
         if pending is not None:
             unit, arena = pending.result()
         else:
-            with _torch_threads(1):  # as on the loader threads (their initializer, and why, in __init__)
+            with torch_threads(1):  # as on the loader threads (their initializer; quantlite.torch_threads says why)
                 unit, arena = self._read_unit(index)
         self.stats.wait_seconds += time.perf_counter() - start
         if arena is not None:
