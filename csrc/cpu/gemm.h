@@ -55,7 +55,7 @@
 #include "kernels.h"
 #include "quantlite_decode.h"
 
-#define PANEL_ROWS 256          /* weight rows decoded together, at most (a chunk may hold fewer) */
+#define PANEL_ROWS QL_GEMM_PANEL_ROWS  /* weight rows decoded together, at most (a chunk may hold fewer) */
 #define K_C 128                 /* columns per panel slice */
 #define ACC_ROWS ((PANEL_ROWS + GEMM_MR - 1) / GEMM_MR * GEMM_MR)  /* the panel's and acc's rows: whole micro-tiles */
 _Static_assert(GEMM_MAX_GROUPS == 2 || GEMM_MAX_GROUPS == 3, "block_product instantiates V = 1 .. 3");

@@ -74,6 +74,7 @@ static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, i
  * group * g .. group * (g + 1) - 1 side by side per column, rows past M zero; group = the floats of
  * a vector. */
 #define QL_GEMM_MIN_M 16
+#define QL_GEMM_PANEL_ROWS 256  /* weight rows a GEMM decodes into one panel (gemm.h), at most */
 #define QL_GEMM_AVX512_X_GROUP 16
 #define QL_GEMM_AVX2_X_GROUP 8
 
