@@ -3,6 +3,7 @@
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
  * QL_GEMM_MIN_M rows of x). */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -236,9 +237,10 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     if (status == QL_OK && isa == QL_ISA_SCALAR) status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
 
+    static _Atomic uint64_t calls;
     ql_matmul_job job = {
         .w = w, .padded_k = ql_padded_k(w), .x = x, .m = m, .x_row_stride = x_row_stride,
-        .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status,
+        .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status, .call = ++calls,
     };
     if (isa == QL_ISA_SCALAR) {
         ql_parallel_for(w->n, row_grain(w->n, job.padded_k * m, MIN_CHUNK_ROWS), n_threads, qmatmul_chunk_scalar, &job);
