@@ -48,7 +48,7 @@ static int resolve_isa(int isa, int *resolved) {
 }
 
 /* The smallest chunk of rows a thread takes, but for the GEMMs (QL_GEMM_PANEL_ROWS: a smaller chunk
- * decodes a smaller panel, and x is read once per panel): the pool hands out 1 / (2 x threads) of
+ * decodes a smaller panel, and x is read once per panel): the pool hands out 1 / (4 x threads) of
  * the rows left, at least this, so only the last few chunks are this small. */
 #define MIN_CHUNK_ROWS (2 * QL_ROW_GRAIN)
 

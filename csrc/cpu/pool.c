@@ -10,11 +10,13 @@
  * The ticket holds the job's generation in its high 32 bits, so a worker still holding an old
  * job's arguments can never take a chunk of a newer job.
  *
- * Why chunks shrink (guided self-scheduling): a chunk is 1 / (2 x threads) of the grains left, at
- * least one grain, so the first ones are large (few hand-offs) and the last ones one grain each.
- * With fixed chunks of 1 / (4 x threads) of the rows (until issue 12's sixth round), a thread that
- * ran a little slower, or started late, left the other alone for up to a whole chunk at the end:
- * an eighth of a two-thread call, in which an M = 1 call reads DRAM at one thread's rate.
+ * Why chunks shrink (guided self-scheduling): a chunk is 1 / (4 x threads) of the grains left, at
+ * least one grain, so the first ones are as large as the fixed chunks before (few hand-offs) and
+ * the last ones one grain each. With fixed chunks of 1 / (4 x threads) of the rows (until issue
+ * 12's sixth round), a thread that ran a little slower, or started late, left the other alone for
+ * up to a whole chunk at the end: an eighth of a two-thread call, in which an M = 1 call reads
+ * DRAM at one thread's rate. (1 / (2 x threads) would hand out fewer, larger first chunks, and a
+ * thread preempted in one of them, as happens on a loaded machine, holds up the call longer.)
  *
  * Why a worker spins a little before it sleeps: a decode step's calls come one after another with
  * tens of microseconds of Python between them, and a worker woken through the condition variable
@@ -191,7 +193,7 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pthread_mutex_lock(&pool.lock);
     start_workers(helpers);
     if (pool.n_workers < helpers) helpers = pool.n_workers;  /* a thread failed to start: run with fewer */
-    const ql_job job = {fn, context, total, grain, (uint32_t)grains, 2 * (uint32_t)(helpers + 1), pool.job.generation + 1};
+    const ql_job job = {fn, context, total, grain, (uint32_t)grains, 4 * (uint32_t)(helpers + 1), pool.job.generation + 1};
     pool.job = job;
     pool.wanted = helpers;
     atomic_store(&pool.completed, 0);
