@@ -30,8 +30,9 @@ typedef struct {
                                           ql_gemm_avx512_scratch_floats or ql_gemm_avx2_scratch_floats */
     int64_t scratch_floats_per_thread;
     int *status;                       /* QL_OK, or the error a chunk met (chunk.h: a malformed CSR) */
-    uint64_t call;                     /* this call's number (api.c counts them): what a thread builds
-                                          once per call in its scratch is marked with it */
+    uint64_t call;                     /* this call's number (api.c counts them), by which a thread
+                                          knows that its scratch already holds what it built for the
+                                          call at an earlier chunk (qmatmul_avx512.c's strip table) */
 } ql_matmul_job;
 
 /* Dequantization of weight rows [n_begin, n_end) into out ((n_end - n_begin, K) in `dtype`, rows
