@@ -14,10 +14,6 @@
 #include "quantlite_decode.h"
 #include "quantlite_status.h"
 
-/* Below this many weights one thread is faster: waking a worker costs a few microseconds, and a
- * 576 x 576 GEMV (SmolLM2's attention projections) takes about 20. */
-#define PARALLEL_MIN_WEIGHTS (1 << 18)
-
 /* ---------------------------------------------------------------- instruction sets */
 /* Levels are ordered: a CPU with one runs every lower one (AVX-512 F CPUs all have AVX2, FMA and
  * F16C; the vector kernels widen float16 scales and outliers with F16C's vcvtph2ps).
@@ -45,17 +41,6 @@ static int resolve_isa(int isa, int *resolved) {
     if (isa < QL_ISA_SCALAR || isa > best) return QL_ERR_BAD_ISA;
     *resolved = isa;
     return QL_OK;
-}
-
-/* The smallest chunk of rows a thread takes, but for the GEMMs (QL_GEMM_PANEL_ROWS: a smaller chunk
- * decodes a smaller panel, and x is read once per panel): the pool hands out 1 / (4 x threads) of
- * the rows left, at least this, so only the last few chunks are this small. */
-#define MIN_CHUNK_ROWS (2 * QL_ROW_GRAIN)
-
-/* The pool's grain for n_rows rows: min_rows, or all of them (one chunk: no hand-off) when the
- * call is too small to share. */
-static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int64_t min_rows) {
-    return n_rows * weights_per_row < PARALLEL_MIN_WEIGHTS ? n_rows : min_rows;
 }
 
 /* row_ptr runs from 0 to nnz, and over the rows [n_begin, n_end) a call reads it rises and every
@@ -99,12 +84,12 @@ typedef struct {
     ql_chunk_fn rows;                                   /* a chunk of output rows (ql_parallel_for's fn) */
     int64_t (*scratch_floats)(const ql_matmul_job *);   /* per thread */
     int64_t gemm_x_group;                               /* a GEMM's rows of x per x_packed group (kernels.h); 0: not a GEMM */
-    int64_t min_chunk_rows;                             /* row_grain's min_rows */
+    int64_t min_chunk_rows;                             /* ql_row_grain's min_rows */
 } vector_kernel_entry;
 
 static const vector_kernel_entry VECTOR_KERNELS[] = {
-    [KERNEL_AVX2] = {qmatmul_chunk_avx2, ql_avx2_scratch_floats, 0, MIN_CHUNK_ROWS},
-    [KERNEL_AVX512] = {qmatmul_chunk_avx512, ql_avx512_scratch_floats, 0, MIN_CHUNK_ROWS},
+    [KERNEL_AVX2] = {qmatmul_chunk_avx2, ql_avx2_scratch_floats, 0, QL_MIN_CHUNK_ROWS},
+    [KERNEL_AVX512] = {qmatmul_chunk_avx512, ql_avx512_scratch_floats, 0, QL_MIN_CHUNK_ROWS},
     [KERNEL_GEMM_AVX2] = {gemm_chunk_avx2, ql_gemm_avx2_scratch_floats, QL_GEMM_AVX2_X_GROUP, QL_GEMM_PANEL_ROWS},
     [KERNEL_GEMM_AVX512] = {gemm_chunk_avx512, ql_gemm_avx512_scratch_floats, QL_GEMM_AVX512_X_GROUP, QL_GEMM_PANEL_ROWS},
 };
@@ -243,7 +228,7 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
         .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status, .call = ++calls,
     };
     if (isa == QL_ISA_SCALAR) {
-        ql_parallel_for(w->n, row_grain(w->n, job.padded_k * m, MIN_CHUNK_ROWS), n_threads, qmatmul_chunk_scalar, &job);
+        ql_parallel_for(w->n, ql_row_grain(w->n, job.padded_k * m, QL_MIN_CHUNK_ROWS, n_threads), n_threads, qmatmul_chunk_scalar, &job);
         return QL_OK;
     }
 
@@ -264,7 +249,7 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     job.x_packed = x_packed;
     job.x_columns = is_gemm(kernel) ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;
-    ql_parallel_for(w->n, row_grain(w->n, job.padded_k * m, VECTOR_KERNELS[kernel].min_chunk_rows), threads,
+    ql_parallel_for(w->n, ql_row_grain(w->n, job.padded_k * m, VECTOR_KERNELS[kernel].min_chunk_rows, threads), threads,
                     VECTOR_KERNELS[kernel].rows, &job);
     release_call_buffer(buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
@@ -313,7 +298,7 @@ int ql_cpu_dequantize_rows(const ql_weight *w, int64_t n_begin, int64_t n_end, v
     if (status != QL_OK) return status;
     ql_dequantize_job job = {w, ql_padded_k(w), n_begin, out, out_row_stride, dtype};
     /* no AVX2 code: an AVX2 CPU runs the scalar one (a dense copy is not on the decode path) */
-    ql_parallel_for(n_end - n_begin, row_grain(n_end - n_begin, job.padded_k, MIN_CHUNK_ROWS), n_threads,
+    ql_parallel_for(n_end - n_begin, ql_row_grain(n_end - n_begin, job.padded_k, QL_MIN_CHUNK_ROWS, n_threads), n_threads,
                           isa == QL_ISA_AVX512 ? dequantize_chunk_avx512 : dequantize_chunk_scalar, &job);
     return QL_OK;
 }
@@ -343,7 +328,7 @@ int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *c
     if (status != QL_OK) return status;
     ql_encode_job job = {blocks, scales, codebook, column_weight, padded_k, block_size, codes, errors};
     /* the encoder has no AVX-512 code: an AVX-512 CPU runs its AVX2 code */
-    ql_parallel_for(n, row_grain(n, padded_k, MIN_CHUNK_ROWS), n_threads,
+    ql_parallel_for(n, ql_row_grain(n, padded_k, QL_MIN_CHUNK_ROWS, n_threads), n_threads,
                     isa == QL_ISA_SCALAR ? encode_chunk_scalar : encode_chunk_avx2, &job);
     return QL_OK;
 }
