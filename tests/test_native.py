@@ -166,6 +166,18 @@ def test_thread_counts_give_identical_results(generator, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_shrinking_chunks_cover_every_row(generator, isa):
+    # The pool hands out 1 / (4 x threads) of the rows left, at least one grain (64 rows; the GEMM's
+    # 256): with 4100 rows the first chunks span several grains and the last grain is part full.
+    qw = random_weight(generator, n=4100, k=128)
+    for m in (1, 16):  # the GEMV's grain, the GEMM's
+        x = torch.randn(m, 128, generator=generator)
+        results = [native.qmatmul_cpu(x, qw, isa=isa, n_threads=t) for t in (1, 2, 3)]
+        assert all(torch.equal(results[0], r) for r in results[1:]), f"M = {m}"
+        assert_matches_reference(results[0], x, qw)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gemm_x_packed_by_every_thread(generator, isa, dtype):
     # The GEMM's x is packed by the pool, a chunk of groups of 16 (AVX-512) or 8 (AVX2) rows each:

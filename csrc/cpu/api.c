@@ -3,6 +3,7 @@
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
  * QL_GEMM_MIN_M rows of x). */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,10 +13,6 @@
 #include "quantlite_checks.h"
 #include "quantlite_decode.h"
 #include "quantlite_status.h"
-
-/* Below this many weights one thread is faster: waking a worker costs a few microseconds, and a
- * 576 x 576 GEMV (SmolLM2's attention projections) takes about 20. */
-#define PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* ---------------------------------------------------------------- instruction sets */
 /* Levels are ordered: a CPU with one runs every lower one (AVX-512 F CPUs all have AVX2, FMA and
@@ -44,16 +41,6 @@ static int resolve_isa(int isa, int *resolved) {
     if (isa < QL_ISA_SCALAR || isa > best) return QL_ERR_BAD_ISA;
     *resolved = isa;
     return QL_OK;
-}
-
-static int64_t row_grain(int64_t n_rows, int64_t weights_per_row, int n_threads) {
-    if (n_rows * weights_per_row < PARALLEL_MIN_WEIGHTS) return n_rows;  /* one chunk: no hand-off */
-    if (n_threads <= 0) n_threads = ql_available_cores();
-    /* ~4 chunks per thread balance load; the division rounds up, so that N = 4096 gives 8 chunks of
-     * 512 rows at 2 threads (n / 8 + 1 rounded to 32 gave 7 of 544 and one of 288: one thread
-     * ran 256 rows more than the other, 6 % of an M = 1 call) */
-    const int64_t chunks = (int64_t)n_threads * 4, per_chunk = (n_rows + chunks - 1) / chunks;
-    return (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
 }
 
 /* row_ptr runs from 0 to nnz, and over the rows [n_begin, n_end) a call reads it rises and every
@@ -97,13 +84,14 @@ typedef struct {
     ql_chunk_fn rows;                                   /* a chunk of output rows (ql_parallel_for's fn) */
     int64_t (*scratch_floats)(const ql_matmul_job *);   /* per thread */
     int64_t gemm_x_group;                               /* a GEMM's rows of x per x_packed group (kernels.h); 0: not a GEMM */
+    int64_t min_chunk_rows;                             /* ql_row_grain's min_rows */
 } vector_kernel_entry;
 
 static const vector_kernel_entry VECTOR_KERNELS[] = {
-    [KERNEL_AVX2] = {qmatmul_chunk_avx2, ql_avx2_scratch_floats, 0},
-    [KERNEL_AVX512] = {qmatmul_chunk_avx512, ql_avx512_scratch_floats, 0},
-    [KERNEL_GEMM_AVX2] = {gemm_chunk_avx2, ql_gemm_avx2_scratch_floats, QL_GEMM_AVX2_X_GROUP},
-    [KERNEL_GEMM_AVX512] = {gemm_chunk_avx512, ql_gemm_avx512_scratch_floats, QL_GEMM_AVX512_X_GROUP},
+    [KERNEL_AVX2] = {qmatmul_chunk_avx2, ql_avx2_scratch_floats, 0, QL_MIN_CHUNK_ROWS},
+    [KERNEL_AVX512] = {qmatmul_chunk_avx512, ql_avx512_scratch_floats, 0, QL_MIN_CHUNK_ROWS},
+    [KERNEL_GEMM_AVX2] = {gemm_chunk_avx2, ql_gemm_avx2_scratch_floats, QL_GEMM_AVX2_X_GROUP, QL_GEMM_PANEL_ROWS},
+    [KERNEL_GEMM_AVX512] = {gemm_chunk_avx512, ql_gemm_avx512_scratch_floats, QL_GEMM_AVX512_X_GROUP, QL_GEMM_PANEL_ROWS},
 };
 
 static int vector_kernel(int isa, int64_t m) {
@@ -234,13 +222,13 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     if (status == QL_OK && isa == QL_ISA_SCALAR) status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
 
+    static _Atomic uint64_t calls;
     ql_matmul_job job = {
         .w = w, .padded_k = ql_padded_k(w), .x = x, .m = m, .x_row_stride = x_row_stride,
-        .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status,
+        .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status, .call = ++calls,
     };
-    const int64_t grain = row_grain(w->n, job.padded_k * m, n_threads);
     if (isa == QL_ISA_SCALAR) {
-        ql_parallel_for(w->n, grain, n_threads, qmatmul_chunk_scalar, &job);
+        ql_parallel_for(w->n, ql_row_grain(w->n, job.padded_k * m, QL_MIN_CHUNK_ROWS, n_threads), n_threads, qmatmul_chunk_scalar, &job);
         return QL_OK;
     }
 
@@ -261,7 +249,8 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     job.x_packed = x_packed;
     job.x_columns = is_gemm(kernel) ? NULL : x_columns;
     job.scratch = x_columns + x_columns_count;
-    ql_parallel_for(w->n, grain, threads, VECTOR_KERNELS[kernel].rows, &job);
+    ql_parallel_for(w->n, ql_row_grain(w->n, job.padded_k * m, VECTOR_KERNELS[kernel].min_chunk_rows, threads), threads,
+                    VECTOR_KERNELS[kernel].rows, &job);
     release_call_buffer(buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }
@@ -309,7 +298,7 @@ int ql_cpu_dequantize_rows(const ql_weight *w, int64_t n_begin, int64_t n_end, v
     if (status != QL_OK) return status;
     ql_dequantize_job job = {w, ql_padded_k(w), n_begin, out, out_row_stride, dtype};
     /* no AVX2 code: an AVX2 CPU runs the scalar one (a dense copy is not on the decode path) */
-    ql_parallel_for(n_end - n_begin, row_grain(n_end - n_begin, job.padded_k, n_threads), n_threads,
+    ql_parallel_for(n_end - n_begin, ql_row_grain(n_end - n_begin, job.padded_k, QL_MIN_CHUNK_ROWS, n_threads), n_threads,
                           isa == QL_ISA_AVX512 ? dequantize_chunk_avx512 : dequantize_chunk_scalar, &job);
     return QL_OK;
 }
@@ -339,7 +328,7 @@ int ql_cpu_encode_codes(const float *blocks, const float *scales, const float *c
     if (status != QL_OK) return status;
     ql_encode_job job = {blocks, scales, codebook, column_weight, padded_k, block_size, codes, errors};
     /* the encoder has no AVX-512 code: an AVX-512 CPU runs its AVX2 code */
-    ql_parallel_for(n, row_grain(n, padded_k, n_threads), n_threads,
+    ql_parallel_for(n, ql_row_grain(n, padded_k, QL_MIN_CHUNK_ROWS, n_threads), n_threads,
                     isa == QL_ISA_SCALAR ? encode_chunk_scalar : encode_chunk_avx2, &job);
     return QL_OK;
 }

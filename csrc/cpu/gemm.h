@@ -24,9 +24,10 @@
  * Micro-kernel (micro_tile, in the vector file's operations): GEMM_MR weight rows x V = 1..GEMM_MAX_GROUPS
  * groups of x rows; per column k: V vector loads of x, GEMM_MR broadcasts of panel[r][k] (a load
  * port each, no shuffle) and GEMM_MR V FMAs into registers held over the whole slice.
- * Loop nest per block of up to PANEL_ROWS weight rows (a thread's rows of y come in api.c's chunks,
- * row_grain: about N / (4 threads) rows rounded up to 32, or all N for a small call, so a block is
- * min(256, the chunk) rows and x is read once per block: ~6 times a call at SmolLM2's N = 576):
+ * Loop nest per block of up to PANEL_ROWS weight rows (a thread's rows of y come in the pool's
+ * shrinking chunks, kernels.h's ql_row_grain: at least 256 rows, or N / (4 threads) rounded up to 32
+ * if less, or all N for a small call, so a block is min(256, the chunk) rows and x is read once per
+ * block: ~6 times a call at SmolLM2's N = 576):
  * for each K_C slice: decode the panel; for each block of V groups of x: for each GEMM_MR rows of the
  * panel: K_C columns of FMAs. A block's x (V x 8 KiB or 4 KiB) stays in L1 over the panel's
  * micro-tiles; the panel and acc (M x 1 KiB) in L2; all of x (M x K floats) is read once per block.
@@ -55,7 +56,7 @@
 #include "kernels.h"
 #include "quantlite_decode.h"
 
-#define PANEL_ROWS 256          /* weight rows decoded together, at most (a chunk may hold fewer) */
+#define PANEL_ROWS QL_GEMM_PANEL_ROWS  /* weight rows decoded together, at most (a chunk may hold fewer) */
 #define K_C 128                 /* columns per panel slice */
 #define ACC_ROWS ((PANEL_ROWS + GEMM_MR - 1) / GEMM_MR * GEMM_MR)  /* the panel's and acc's rows: whole micro-tiles */
 _Static_assert(GEMM_MAX_GROUPS == 2 || GEMM_MAX_GROUPS == 3, "block_product instantiates V = 1 .. 3");

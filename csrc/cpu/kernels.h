@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "pool.h"
 #include "quantlite.h"
 
 typedef struct {
@@ -30,6 +31,9 @@ typedef struct {
                                           ql_gemm_avx512_scratch_floats or ql_gemm_avx2_scratch_floats */
     int64_t scratch_floats_per_thread;
     int *status;                       /* QL_OK, or the error a chunk met (chunk.h: a malformed CSR) */
+    uint64_t call;                     /* this call's number (api.c counts them), by which a thread
+                                          knows that its scratch already holds what it built for the
+                                          call at an earlier chunk (qmatmul_avx512.c's strip table) */
 } ql_matmul_job;
 
 /* Dequantization of weight rows [n_begin, n_end) into out ((n_end - n_begin, K) in `dtype`, rows
@@ -74,6 +78,7 @@ static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, i
  * group * g .. group * (g + 1) - 1 side by side per column, rows past M zero; group = the floats of
  * a vector. */
 #define QL_GEMM_MIN_M 16
+#define QL_GEMM_PANEL_ROWS 256  /* weight rows a GEMM decodes into one panel (gemm.h), at most */
 #define QL_GEMM_AVX512_X_GROUP 16
 #define QL_GEMM_AVX2_X_GROUP 8
 
@@ -83,6 +88,27 @@ static inline int64_t ql_gemm_x_position(int64_t k, int64_t m, int64_t padded_k,
 
 /* Output rows one parallel chunk should hold at least (a multiple of every kernel's row tile). */
 #define QL_ROW_GRAIN 32
+
+/* Below this many weights x rows of x one thread is faster: waking a worker costs a few
+ * microseconds, and a 576 x 576 GEMV (SmolLM2's attention projections) takes about 20. */
+#define QL_PARALLEL_MIN_WEIGHTS (1 << 18)
+
+/* The smallest chunk of rows a thread takes, but for the GEMMs (QL_GEMM_PANEL_ROWS: a smaller chunk
+ * decodes a smaller panel, and x is read once per panel): the pool hands out 1 / (4 x threads) of
+ * the rows left, at least this, so only the last few chunks are this small. */
+#define QL_MIN_CHUNK_ROWS (2 * QL_ROW_GRAIN)
+
+/* The pool's grain for n_rows output rows: all of them (one chunk: no hand-off) when the call is
+ * too small to share, else min_rows, but no more than n_rows / (4 x threads) rounded up to
+ * QL_ROW_GRAIN, so that a small call still has ~4 chunks a thread (a GEMM of 576 rows: 6 of 96
+ * rows at 2 threads, not 256 + 256 + 64, which would leave one thread 25 % more rows). */
+static inline int64_t ql_row_grain(int64_t n_rows, int64_t weights_per_row, int64_t min_rows, int n_threads) {
+    if (n_rows * weights_per_row < QL_PARALLEL_MIN_WEIGHTS) return n_rows;
+    if (n_threads <= 0) n_threads = ql_available_cores();
+    const int64_t chunks = 4 * (int64_t)n_threads, per_chunk = (n_rows + chunks - 1) / chunks;
+    const int64_t even_share = (per_chunk + QL_ROW_GRAIN - 1) / QL_ROW_GRAIN * QL_ROW_GRAIN;
+    return even_share < min_rows ? even_share : min_rows;
+}
 
 typedef struct {
     const float *blocks;         /* (N, Kp) float32 */

@@ -10,6 +10,14 @@
  * The ticket holds the job's generation in its high 32 bits, so a worker still holding an old
  * job's arguments can never take a chunk of a newer job.
  *
+ * Why chunks shrink (guided self-scheduling): a chunk is 1 / (4 x threads) of the grains left, at
+ * least one grain, so the first ones are as large as the fixed chunks before (few hand-offs) and
+ * the last ones one grain each. With fixed chunks of 1 / (4 x threads) of the rows (until issue
+ * 12's sixth round), a thread that ran a little slower, or started late, left the other alone for
+ * up to a whole chunk at the end: an eighth of a two-thread call, in which an M = 1 call reads
+ * DRAM at one thread's rate. (1 / (2 x threads) would hand out fewer, larger first chunks, and a
+ * thread preempted in one of them, as happens on a loaded machine, holds up the call longer.)
+ *
  * Why a worker spins a little before it sleeps: a decode step's calls come one after another with
  * tens of microseconds of Python between them, and a worker woken through the condition variable
  * arrives after a call of that size is over (the caller has taken every chunk), so two threads ran
@@ -30,7 +38,8 @@ typedef struct {
     ql_chunk_fn fn;
     void *context;
     int64_t total, grain;
-    uint32_t chunks;
+    uint32_t grains;       /* ceil(total / grain): what the ticket counts */
+    uint32_t split;        /* a chunk takes (grains left) / split grains, at least one */
     uint32_t generation;
 } ql_job;
 
@@ -41,8 +50,8 @@ typedef struct {
     int n_workers;               /* threads started besides the caller */
     int wanted;                  /* workers (by index) that take part in the current job */
     ql_job job;
-    _Atomic uint64_t ticket;     /* generation << 32 | next chunk */
-    _Atomic uint32_t completed;  /* chunks of the current job finished */
+    _Atomic uint64_t ticket;     /* generation << 32 | next grain */
+    _Atomic uint32_t completed;  /* grains of the current job finished */
     _Atomic uint32_t posted;     /* generation of the newest job, read by spinning workers */
 } ql_pool;
 
@@ -65,12 +74,15 @@ int ql_available_cores(void) {
 static void run_chunks(const ql_job *job, int thread_index) {
     uint64_t ticket = atomic_load(&pool.ticket);
     for (;;) {
-        if ((uint32_t)(ticket >> 32) != job->generation || (uint32_t)ticket >= job->chunks) return;
-        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + 1)) continue;
-        const int64_t begin = (int64_t)(uint32_t)ticket * job->grain;
-        const int64_t end = begin + job->grain < job->total ? begin + job->grain : job->total;
+        const uint32_t first = (uint32_t)ticket;
+        if ((uint32_t)(ticket >> 32) != job->generation || first >= job->grains) return;
+        uint32_t take = (job->grains - first) / job->split;
+        if (take < 1) take = 1;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + take)) continue;
+        const int64_t begin = (int64_t)first * job->grain;
+        const int64_t end = begin + take * job->grain < job->total ? begin + take * job->grain : job->total;
         job->fn(job->context, begin, end, thread_index);
-        atomic_fetch_add_explicit(&pool.completed, 1, memory_order_release);
+        atomic_fetch_add_explicit(&pool.completed, take, memory_order_release);
         ticket = atomic_load(&pool.ticket);
     }
 }
@@ -157,9 +169,9 @@ static void start_workers(int count) {
  * was probably preempted, and yielding lets it run. */
 #define SPIN_SECONDS 2e-3
 
-static void wait_for_running_chunks(uint32_t chunks) {
+static void wait_for_running_chunks(uint32_t grains) {
     const double give_up = seconds_now() + SPIN_SECONDS;
-    for (unsigned spins = 1; atomic_load_explicit(&pool.completed, memory_order_acquire) < chunks; ++spins) {
+    for (unsigned spins = 1; atomic_load_explicit(&pool.completed, memory_order_acquire) < grains; ++spins) {
         cpu_relax();
         if (spins % 256 == 0 && seconds_now() > give_up) sched_yield();
     }
@@ -170,9 +182,9 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     if (grain < 1) grain = 1;
     if (n_threads <= 0) n_threads = ql_available_cores();
     if (n_threads > QL_MAX_THREADS) n_threads = QL_MAX_THREADS;
-    const int64_t chunks = (total + grain - 1) / grain;
-    int helpers = (int)(chunks < n_threads ? chunks : n_threads) - 1;
-    if (helpers <= 0 || chunks > UINT32_MAX) {
+    const int64_t grains = (total + grain - 1) / grain;
+    int helpers = (int)(grains < n_threads ? grains : n_threads) - 1;
+    if (helpers <= 0 || grains > UINT32_MAX) {
         fn(context, 0, total, 0);  /* one chunk or one thread: no hand-off at all */
         return;
     }
@@ -181,7 +193,7 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pthread_mutex_lock(&pool.lock);
     start_workers(helpers);
     if (pool.n_workers < helpers) helpers = pool.n_workers;  /* a thread failed to start: run with fewer */
-    const ql_job job = {fn, context, total, grain, (uint32_t)chunks, pool.job.generation + 1};
+    const ql_job job = {fn, context, total, grain, (uint32_t)grains, 4 * (uint32_t)(helpers + 1), pool.job.generation + 1};
     pool.job = job;
     pool.wanted = helpers;
     atomic_store(&pool.completed, 0);
@@ -191,6 +203,6 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pthread_mutex_unlock(&pool.lock);
 
     run_chunks(&job, 0);
-    wait_for_running_chunks(job.chunks);
+    wait_for_running_chunks(job.grains);
     pthread_mutex_unlock(&pool.call_lock);
 }

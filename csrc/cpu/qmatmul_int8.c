@@ -8,7 +8,7 @@
  * is shaped for streaming qs once:
  *
  *   x32 = x in float32, (M, Kp), padding columns 0           -- once per call, shared by the threads
- *   rows n split over the thread pool in chunks of QL_ROW_GRAIN
+ *   rows n split over the thread pool in shrinking chunks (kernels.h: ql_row_grain)
  *   for n in chunk:                                          -- one weight row: Kp bytes, stays in L1
  *       for m in 0..M:
  *           acc[0..16) = 0
@@ -31,8 +31,6 @@
 #include "quantlite_decode.h"
 
 #define LANES 16
-/* Below this many multiply-adds one thread is faster (as for the 4-bit kernels in api.c). */
-#define INT8_PARALLEL_MIN_WEIGHTS (1 << 18)
 
 /* One row's dot product: sum over blocks b of scale(b) * sum_{k in b} x[k] * q[k]; x padded with 0. */
 typedef float (*row_dot_fn)(const float *x, const int8_t *q, const uint16_t *scales, int64_t n_blocks, int64_t block);
@@ -137,12 +135,7 @@ int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m, int64
     const row_dot_fn row_dot = isa >= QL_ISA_AVX512 && w->block_size % (2 * LANES) == 0 ? row_dot_avx512
                              : isa >= QL_ISA_AVX2 ? row_dot_avx2 : row_dot_scalar;
     int8_job job = {w, padded_k, m, x32, y, y_row_stride, dtype, row_dot};
-    int64_t grain = w->n;  /* one chunk: no hand-off */
-    if (w->n * padded_k * m >= INT8_PARALLEL_MIN_WEIGHTS) {
-        const int threads = n_threads > 0 ? n_threads : ql_available_cores();
-        grain = (w->n / ((int64_t)threads * 4) / QL_ROW_GRAIN + 1) * QL_ROW_GRAIN;  /* ~4 chunks a thread */
-    }
-    ql_parallel_for(w->n, grain, n_threads, int8_chunk, &job);
+    ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, n_threads), n_threads, int8_chunk, &job);
     free(x32);
     return QL_OK;
 }
