@@ -88,7 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "a note; --method nf4 and rtn stay plain unless given one. "
                              "'random': random token ids (seeded, drawn by their BPE merge rank; no data, no "
                              "generation): on SmolLM2-135M it keeps 37 %% of plain NF4's perplexity increase, on "
-                             "stories260K 47 %%, at 4.49 bits/weight, for ~3.6x the data-free conversion time. "
+                             "stories260K 47 %%, at 4.49 bits/weight, for ~2.8x the data-free conversion time. "
                              "'none': data-free, no forward pass, the fastest: 78 %% and 50 %%, same bits. "
                              "TEXT_FILE: calibrate on this text (22 %% on SmolLM2 with 32 windows of WikiText-2; "
                              "must not overlap text you evaluate on). 'self': on text the float model samples "
