@@ -273,7 +273,7 @@ def convert(
             _save_state(out, state)
 
         manifest = _manifest(source, settings, plan, done, state["created"])
-        _write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+        write_atomically(out / MANIFEST, lambda temp: temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
         (out / PARTIAL_STATE).unlink()
         return ConversionSummary(out, manifest, time.perf_counter() - started, len(todo), resumed)
 
@@ -351,7 +351,7 @@ def write_shard(source, out: Path, settings: Settings, file: str, names: list[st
         tensors = tune(tensors, stats)
     from safetensors.torch import save_file
 
-    _write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+    write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
     return {"sha256": sha256_file(out / file), "size": (out / file).stat().st_size, "tensors": stats}
 
 
@@ -387,7 +387,7 @@ def _run_jobs(source, out: Path, settings: Settings, todo: list, workers: int):
             raise
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(temporary path), flush it to disk, then rename: a reader sees all of the file or nothing."""
     temp = path.with_name(_temp_name(path.name))
     try:
@@ -728,7 +728,7 @@ def _load_state(out: Path) -> dict | None:
 
 
 def _save_state(out: Path, state: dict) -> None:
-    _write_atomically(out / PARTIAL_STATE, lambda temp: temp.write_text(json.dumps(state, sort_keys=True)))
+    write_atomically(out / PARTIAL_STATE, lambda temp: temp.write_text(json.dumps(state, sort_keys=True)))
 
 
 def _still_intact(out: Path, file: str, entry: dict) -> bool:

@@ -136,7 +136,7 @@ def tune_model_shards(source, out: Path, ids: torch.Tensor, calibration: dict, d
     windows of calibration["ctx"] tokens of `ids`, towards the float model read from `source`; rewrite
     each layer's shard and yield (file, its new manifest entry). Nothing is rewritten when no
     checkpoint beat the layers as written."""
-    from quantlite.converter import _write_atomically
+    from quantlite.converter import write_atomically
     from quantlite.eval.ppl import window_starts
     from quantlite.model_config import EMBEDDING
     from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, group_tensors, layer_file
@@ -191,5 +191,5 @@ def tune_model_shards(source, out: Path, ids: torch.Tensor, calibration: dict, d
         file = layer_file(i)
         entry = {**done[file], "tensors": {name: dict(stats) for name, stats in done[file]["tensors"].items()}}
         tensors = flat_layer(layer, prefix, float_layer(i), entry["tensors"])
-        _write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+        write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
         yield file, {**entry, "sha256": sha256_file(out / file), "size": (out / file).stat().st_size}
