@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 
 import quantlite
 from quantlite.errors import ConversionError, FormatError
+from quantlite.gptq import Factored, factor
 from quantlite.packed import (
     EMBEDDING_FILE, FINAL_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, check_relative_path,
     group_tensors, layer_file, sha256_file,
@@ -280,7 +281,7 @@ def convert(
 
 # --------------------------------------------------------------------------- quantization of one tensor
 def quantize_in_row_chunks(
-    w: torch.Tensor, settings: Settings, name: str, importance: torch.Tensor | None = None
+    w: torch.Tensor, settings: Settings, name: str, importance: torch.Tensor | Factored | None = None
 ) -> tuple[QWeight, float | None]:
     """(QWeight, SQNR in dB or None when exact) of w (N, K) float, quantized in chunks of whole rows.
 
@@ -321,7 +322,7 @@ def sqnr_db(w: torch.Tensor, parts: list, rows: int) -> float | None:
 
 # --------------------------------------------------------------------------- one output file
 def write_shard(source, out: Path, settings: Settings, file: str, names: list[str],
-                importance: dict[str, torch.Tensor] | None = None, tune: Callable | None = None) -> dict:
+                importance: dict[str, torch.Tensor | Factored] | None = None, tune: Callable | None = None) -> dict:
     """Read, quantize and write one output file; returns its manifest entry (sha256, size, tensor stats).
     `importance`: calibration statistics by weight name (quantize's importance=); `tune(tensors,
     stats)`: the file's tensors as they will be written, from the quantized ones (quantlite.tuning)."""
@@ -503,7 +504,6 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     layers before it as written (quantized), so a layer's statistics include their errors. Layers
     already done (a resumed conversion) are read back and only run. One layer is in memory at a time."""
     from quantlite.calibration import iter_layer_input_stats, with_identity_prior
-    from quantlite.gptq import factor
     from quantlite.tuning import tune_shard
 
     calibration = settings.calibration

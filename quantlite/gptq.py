@@ -129,14 +129,6 @@ class Factored:
     order: torch.Tensor
     segments: tuple[tuple[int, int, torch.Tensor], ...]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.hessian.shape)
-
-    def diagonal(self) -> torch.Tensor:
-        """(K,) the statistic's diagonal, E[x_j^2]."""
-        return self.hessian.diagonal()
-
 
 def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
     """The Factored of E[x x^T] (K, K) or its BlockDiagonal: column order and inverse Cholesky factors."""
