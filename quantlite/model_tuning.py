@@ -22,9 +22,10 @@ So one window in HELD_OUT_EVERY is held out, never trained on: every CHECK_EVERY
 held-out windows, and the best checkpoint is returned — the layers as given when none beat them.
 
 Memory: every decoder layer's trainables at once (about seven float32 per 4-bit weight: the level,
-its position, the position's gradient and momentum, the weight and its gradient) plus the float
-model's final hidden states (windows x ctx x hidden): meant for small models (stories260K: 1 MB of
-weights, 0.55 GB peak for the whole conversion; SmolLM2-135M: about 3 GB by this count, not measured).
+its position, the position's gradient and momentum, the weight and its gradient), the float
+model's decoder layers (one float32 per weight, read once for the teacher and for each tensor's
+SQNR) and its final hidden states (windows x ctx x hidden): meant for small models (stories260K: 1 MB of
+weights, 0.55 GB peak for the whole conversion; SmolLM2-135M: about 3.5 GB by this count, not measured).
 """
 from __future__ import annotations
 
@@ -166,10 +167,10 @@ def tune_model_shards(source, out: Path, ids: torch.Tensor, calibration: dict, d
     float_embedding = source.read(EMBEDDING).float()
     float_head = float_embedding if config.tie_word_embeddings else source.read("lm_head.weight").float()
     cos, sin = llama.rope_cos_sin(config, torch.arange(ctx).unsqueeze(0), torch.float32)
+    float_layers = [float_layer(layer) for layer in range(config.num_layers)]  # read once: the teacher, then each SQNR
     with torch.no_grad():  # the teacher: the float model, one layer at a time
         hidden = llama.embed(windows, float_embedding, torch.float32)  # (W, ctx, hidden)
-        for layer in range(config.num_layers):
-            weights = float_layer(layer)
+        for weights in float_layers:
             hidden = torch.cat([llama.decoder_layer(hidden[w : w + 1], weights, config, cos, sin) for w in range(hidden.shape[0])])
         float_final = llama.rms_norm(hidden, source.read("model.norm.weight").float(), config.rms_norm_eps)
 
@@ -190,6 +191,6 @@ def tune_model_shards(source, out: Path, ids: torch.Tensor, calibration: dict, d
     for i, (prefix, layer) in enumerate(zip(prefixes, result.layers)):
         file = layer_file(i)
         entry = {**done[file], "tensors": {name: dict(stats) for name, stats in done[file]["tensors"].items()}}
-        tensors = flat_layer(layer, prefix, float_layer(i), entry["tensors"])
+        tensors = flat_layer(layer, prefix, float_layers[i], entry["tensors"])
         write_atomically(out / file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
         yield file, {**entry, "sha256": sha256_file(out / file), "size": (out / file).stat().st_size}
