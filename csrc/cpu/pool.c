@@ -53,12 +53,15 @@ typedef struct {
     _Atomic uint64_t ticket;     /* generation << 32 | next grain */
     _Atomic uint32_t completed;  /* grains of the current job finished */
     _Atomic uint32_t posted;     /* generation of the newest job, read by spinning workers */
+    pthread_cond_t job_done;     /* the caller sleeps on it while a worker ends a long-running chunk */
+    _Atomic int caller_sleeping;
 } ql_pool;
 
 static ql_pool pool = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .work_ready = PTHREAD_COND_INITIALIZER,
     .call_lock = PTHREAD_MUTEX_INITIALIZER,
+    .job_done = PTHREAD_COND_INITIALIZER,
 };
 
 int ql_available_cores(void) {
@@ -70,27 +73,39 @@ int ql_available_cores(void) {
     return 1;
 }
 
-/* Runs chunks of `job` until none is left or a newer job has replaced it. */
-static void run_chunks(const ql_job *job, int thread_index) {
+static double seconds_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+/* Runs chunks of `job` until none is left or a newer job has replaced it; returns how long the
+ * last chunk this thread ran took (0: none). A worker that ends the job's last running chunk wakes
+ * the caller if it sleeps (wait_for_running_chunks). */
+static double run_chunks(const ql_job *job, int thread_index) {
+    double last_chunk_seconds = 0.0;
     uint64_t ticket = atomic_load(&pool.ticket);
     for (;;) {
         const uint32_t first = (uint32_t)ticket;
-        if ((uint32_t)(ticket >> 32) != job->generation || first >= job->grains) return;
+        if ((uint32_t)(ticket >> 32) != job->generation || first >= job->grains) return last_chunk_seconds;
         uint32_t take = (job->grains - first) / job->split;
         if (take < 1) take = 1;
         if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + take)) continue;
         const int64_t begin = (int64_t)first * job->grain;
         const int64_t end = begin + take * job->grain < job->total ? begin + take * job->grain : job->total;
+        const double start = seconds_now();
         job->fn(job->context, begin, end, thread_index);
-        atomic_fetch_add_explicit(&pool.completed, take, memory_order_release);
+        last_chunk_seconds = seconds_now() - start;
+        /* sequentially consistent, as is the caller's store of caller_sleeping before it reads
+         * `completed`: one of the two sees the other's write, so the caller is never left asleep */
+        if (atomic_fetch_add(&pool.completed, take) + take == job->grains && thread_index != 0 &&
+            atomic_load(&pool.caller_sleeping)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_broadcast(&pool.job_done);
+            pthread_mutex_unlock(&pool.lock);
+        }
         ticket = atomic_load(&pool.ticket);
     }
-}
-
-static double seconds_now(void) {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
 }
 
 static inline void cpu_relax(void) {
@@ -142,6 +157,7 @@ static void forget_workers_after_fork(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_mutex_init(&pool.call_lock, NULL);
     pthread_cond_init(&pool.work_ready, NULL);
+    pthread_cond_init(&pool.job_done, NULL);
     pool.n_workers = 0;
 }
 
@@ -163,18 +179,31 @@ static void start_workers(int count) {
     }
 }
 
-/* Only chunks that a running worker has begun are left, each a fraction of a millisecond: spin for
- * them. Yielding at once would hand this core to another process for a whole time slice (on the
- * shared 2-core machine, a 2 ms GEMV then took 12 ms of wall time); past SPIN_SECONDS the worker
- * was probably preempted, and yielding lets it run. */
-#define SPIN_SECONDS 2e-3
+/* Only chunks that a worker has begun are left. A chunk normally ends within about as long as the
+ * caller's own last chunk took (chunks shrink, so the worker's is no larger by more than a grain):
+ * spin that long, twice over, plus SPIN_MIN_SECONDS. Yielding or sleeping at once would hand this
+ * core to another process for a time slice (on the shared 2-core machine, a 2 ms GEMV then took
+ * 12 ms of wall time). A worker still busy after that was preempted in its chunk (issue 12,
+ * seventh round: in an M = 1 loop, 1 call in 10 took 1-9 ms instead of 0.5, the caller spinning
+ * while the worker waited for a core): the caller then sleeps until the worker wakes it, so its
+ * core goes idle and the scheduler moves the waiting worker onto it instead of leaving it queued
+ * behind another process until that one's time slice ends. Waking a sleeping thread here costs
+ * 10-35 us. */
+#define SPIN_MIN_SECONDS 5e-5
 
-static void wait_for_running_chunks(uint32_t grains) {
-    const double give_up = seconds_now() + SPIN_SECONDS;
+static void wait_for_running_chunks(uint32_t grains, double last_chunk_seconds) {
+    if (atomic_load(&pool.completed) == grains) return;
+    const double give_up = seconds_now() + SPIN_MIN_SECONDS + 2.0 * last_chunk_seconds;
     for (unsigned spins = 1; atomic_load_explicit(&pool.completed, memory_order_acquire) < grains; ++spins) {
         cpu_relax();
-        if (spins % 256 == 0 && seconds_now() > give_up) sched_yield();
+        if (spins % 256 == 0 && seconds_now() > give_up) break;
     }
+    if (atomic_load(&pool.completed) == grains) return;
+    pthread_mutex_lock(&pool.lock);
+    atomic_store(&pool.caller_sleeping, 1);
+    while (atomic_load(&pool.completed) < grains) pthread_cond_wait(&pool.job_done, &pool.lock);
+    atomic_store(&pool.caller_sleeping, 0);
+    pthread_mutex_unlock(&pool.lock);
 }
 
 void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn, void *context) {
@@ -202,7 +231,7 @@ void ql_parallel_for(int64_t total, int64_t grain, int n_threads, ql_chunk_fn fn
     pthread_cond_broadcast(&pool.work_ready);
     pthread_mutex_unlock(&pool.lock);
 
-    run_chunks(&job, 0);
-    wait_for_running_chunks(job.grains);
+    const double last_chunk_seconds = run_chunks(&job, 0);
+    wait_for_running_chunks(job.grains, last_chunk_seconds);
     pthread_mutex_unlock(&pool.call_lock);
 }
