@@ -181,19 +181,20 @@ static void start_workers(int count) {
 
 /* Only chunks that a worker has begun are left. A chunk normally ends within about as long as the
  * caller's own last chunk took (chunks shrink, so the worker's is no larger by more than a grain):
- * spin that long, twice over, plus SPIN_MIN_SECONDS. Yielding or sleeping at once would hand this
- * core to another process for a time slice (on the shared 2-core machine, a 2 ms GEMV then took
- * 12 ms of wall time). A worker still busy after that was preempted in its chunk (issue 12,
- * seventh round: in an M = 1 loop, 1 call in 10 took 1-9 ms instead of 0.5, the caller spinning
- * while the worker waited for a core): the caller then sleeps until the worker wakes it, so its
- * core goes idle and the scheduler moves the waiting worker onto it instead of leaving it queued
- * behind another process until that one's time slice ends. Waking a sleeping thread here costs
- * 10-35 us. */
-#define SPIN_MIN_SECONDS 5e-5
+ * spin that long, twice over, plus SPIN_EXTRA_SECONDS, which also covers a worker interrupted
+ * briefly. Yielding or sleeping at once would hand this core to another process for a time slice
+ * (on the shared 2-core machine, a 2 ms GEMV then took 12 ms of wall time). A worker still busy
+ * after that was preempted in its chunk (issue 12, seventh round: in an M = 1 loop, 1 call in 10
+ * took 4 ms or more instead of 0.5, the caller spinning while the worker waited for a core): the
+ * caller then sleeps until the worker wakes it, so its core goes idle and the scheduler can move
+ * the waiting worker onto it instead of leaving it queued behind another process until that
+ * one's time slice ends (before, the caller spun for 2 ms, then yielded, keeping its core busy).
+ * Waking a sleeping thread costs 10-35 us here. */
+#define SPIN_EXTRA_SECONDS 5e-4
 
 static void wait_for_running_chunks(uint32_t grains, double last_chunk_seconds) {
     if (atomic_load(&pool.completed) == grains) return;
-    const double give_up = seconds_now() + SPIN_MIN_SECONDS + 2.0 * last_chunk_seconds;
+    const double give_up = seconds_now() + SPIN_EXTRA_SECONDS + 2.0 * last_chunk_seconds;
     for (unsigned spins = 1; atomic_load_explicit(&pool.completed, memory_order_acquire) < grains; ++spins) {
         cpu_relax();
         if (spins % 256 == 0 && seconds_now() > give_up) break;
