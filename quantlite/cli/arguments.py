@@ -63,3 +63,13 @@ def device(text: str) -> str:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
     return text
+
+
+def add_int8_activations(parser: argparse.ArgumentParser) -> None:
+    """--int8-activations, as `generate` and `ppl` both take it (load(..., activations="int8"))."""
+    parser.add_argument(
+        "--int8-activations", action="store_true",
+        help="opt-in, CPU only: the 4-bit layers multiply x quantized to int8 per block of 32 (llama.cpp's "
+             "Q8_0 way; AVX-512 VNNI where the CPU has it) instead of float32. Buys: a faster M=1 kernel "
+             "(1.3-1.5x at 4096x4096, one thread). Costs: perplexity, +PPL_SMOL on SmolLM2 (WikiText-2, 40 x 512) "
+             "and +PPL_ST on stories260K (docs/accuracy.md). Default: float32, exact.")
