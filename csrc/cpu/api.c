@@ -272,10 +272,11 @@ static void q8act_chunk_avx512(void *job, int64_t begin, int64_t end, int thread
 
 static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
 
-/* x is quantized once per call by the caller's thread (ql_q8act_quantize_x: M x Kp values, against
- * the N x Kp / 2 code bytes the call reads), then the rows of W are split over the pool. The call
- * buffer holds, 64-byte aligned: x_q (M, Kp) int8, x_factor (M, Kp / A), and for AVX-512 the x
- * records and strip table, x_columns (K, M) float32 (the outliers') and every thread's scratch. */
+/* x is quantized once per call by the caller's thread (M x Kp values, against the N x Kp / 2 code
+ * bytes the call reads), then the rows of W are split over the pool. The call buffer holds, 64-byte
+ * aligned: for AVX-512 the x records and strip table, a float32 row of x padded to whole strips,
+ * x_columns (K, M) float32 (the outliers') and every thread's scratch; for the portable rule x_q
+ * (M, Kp) int8 and x_factor (M, Kp / A). */
 int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
                          int64_t y_row_stride, int dtype, int isa, int n_threads) {
     int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
@@ -294,28 +295,32 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     float level_unit;
     ql_q8act_levels(w->codebook, job.levels, &level_unit);
     const int64_t padded_k = job.base.padded_k;
-    const int64_t x_q_bytes = aligned_bytes(m * padded_k), factor_bytes = aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
-    int64_t strip_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
+    int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
     if (vnni) {
         strip_bytes = aligned_bytes(ql_q8act_avx512_strip_bytes(&job));
+        row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
         columns_bytes = aligned_bytes(sizeof(float) * m * w->k);
         job.base.scratch_floats_per_thread = aligned_floats(ql_q8act_avx512_scratch_floats(&job));
         scratch_bytes = (int64_t)sizeof(float) * job.base.scratch_floats_per_thread * threads;
+    } else {
+        x_q_bytes = aligned_bytes(m * padded_k);
+        factor_bytes = aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
     }
-    char *buffer = (char *)call_buffer((size_t)(strip_bytes + columns_bytes + scratch_bytes + factor_bytes + x_q_bytes));
+    char *buffer = (char *)call_buffer((size_t)(strip_bytes + row_bytes + columns_bytes + scratch_bytes + factor_bytes + x_q_bytes));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
-    char *x_strips = buffer, *x_columns = x_strips + strip_bytes, *scratch = x_columns + columns_bytes;
+    char *x_strips = buffer, *row = x_strips + strip_bytes, *x_columns = row + row_bytes, *scratch = x_columns + columns_bytes;
     float *x_factor = (float *)(scratch + scratch_bytes);
     int8_t *x_q = (int8_t *)((char *)x_factor + factor_bytes);
-    ql_q8act_quantize_x(x, dtype, x_row_stride, m, w->k, padded_k, job.act_block, level_unit, x_q, x_factor);
-    job.x_q = x_q;
-    job.x_factor = x_factor;
-    if (vnni) {
-        ql_q8act_pack_avx512(&job, x_strips);
+    if (vnni) {  /* x quantized straight into the kernel's records, in vectors */
+        ql_q8act_pack_avx512(&job, level_unit, (float *)row, x_strips);
         fill_x_columns(&job.base, (float *)x_columns);
         job.x_strips = x_strips;
         job.base.x_columns = (const float *)x_columns;
         job.base.scratch = (float *)scratch;
+    } else {
+        ql_q8act_quantize_x(x, dtype, x_row_stride, m, w->k, padded_k, job.act_block, level_unit, x_q, x_factor);
+        job.x_q = x_q;
+        job.x_factor = x_factor;
     }
     ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, threads), threads,
                     vnni ? q8act_chunk_avx512 : q8act_chunk_scalar, &job);

@@ -171,10 +171,10 @@ typedef struct {
     ql_matmul_job base;      /* w, padded_k, x (the float x: the outliers use it), m, y, dtype;
                                 x_columns, scratch, status, call for the AVX-512 kernel's chunks */
     int64_t act_block;       /* A = QL_Q8ACT_BLOCK(B) */
-    const int8_t *x_q;       /* (M, Kp) int8 in [-127, 127], padding columns 0 */
-    const float *x_factor;   /* (M, Kp / A) float32: activation scale * level unit */
+    const int8_t *x_q;       /* (M, Kp) int8 in [-127, 127], padding columns 0 (the scalar rule's) */
+    const float *x_factor;   /* (M, Kp / A) float32: activation scale * level unit (likewise) */
     int8_t levels[16];       /* round(127 * codebook / max |codebook|) */
-    const void *x_strips;    /* AVX-512: x_q and x_factor in the kernel's strip order (ql_q8act_pack_avx512) */
+    const void *x_strips;    /* AVX-512: x quantized into the kernel's strip records (ql_q8act_pack_avx512) */
 } ql_q8act_job;
 
 void ql_q8act_levels(const float *codebook, int8_t levels[16], float *level_unit);
@@ -184,7 +184,8 @@ void ql_q8act_rows_scalar(const ql_q8act_job *job, int64_t n_begin, int64_t n_en
 int ql_q8act_avx512_supported(void);  /* AVX-512 F, BW and VNNI (cpuid) */
 int64_t ql_q8act_avx512_strip_bytes(const ql_q8act_job *job);
 int64_t ql_q8act_avx512_scratch_floats(const ql_q8act_job *job);
-void ql_q8act_pack_avx512(const ql_q8act_job *job, void *x_strips);
+/* x (base.x, every row) -> the kernel's records and strip table in x_strips; row: strips * 128 floats of room */
+void ql_q8act_pack_avx512(const ql_q8act_job *job, float level_unit, float *row, void *x_strips);
 void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 
 #endif

@@ -15,7 +15,7 @@
  * columns (64 code bytes), strips = ceil(Kp / 128). Byte j of `even` is column 128 s + 2j, of `odd`
  * column 128 s + 2j + 1, so int32 lane l of a vpdpbusd covers columns 128 s + 8l .. 8l + 7: one
  * weight block and one activation block (8 divides A, A divides B). x per (row m, strip s), 256
- * bytes, built once per call (ql_q8act_pack_avx512):
+ * bytes, built once per call from x itself (ql_q8act_pack_avx512, the rule's quantization in vectors):
  *     [0, 64)    x_q of the strip's even columns      [64, 128)  of its odd columns
  *     [128, 192) int32 lane l: -128 * sum of x_q over columns 8l .. 8l + 7
  *     [192, 256) float32 lane l: x_factor of those columns' activation block (0 past Kp)
@@ -67,21 +67,60 @@ int64_t ql_q8act_avx512_strip_bytes(const ql_q8act_job *job) {
 
 int64_t ql_q8act_avx512_scratch_floats(const ql_q8act_job *job) { return ql_chunk_scratch_floats(&job->base); }
 
-void ql_q8act_pack_avx512(const ql_q8act_job *job, void *x_strips) {
-    const int64_t padded_k = job->base.padded_k, strips = strips_of(job), act_blocks = padded_k / job->act_block;
-    memset(x_strips, 0, (size_t)records_bytes(job));
-    for (int64_t m = 0; m < job->base.m; ++m) {
-        const int8_t *x_q = job->x_q + m * padded_k;
-        for (int64_t c = 0; c < padded_k; ++c) {
-            uint8_t *record = (uint8_t *)x_strips + (m * strips + c / STRIP_COLUMNS) * X_RECORD_BYTES;
-            const int64_t in_strip = c % STRIP_COLUMNS, lane = in_strip / 8;
-            record[(in_strip & 1) * 64 + in_strip / 2] = (uint8_t)x_q[c];
-            ((int32_t *)(record + 128))[lane] -= 128 * x_q[c];
-            ((float *)(record + 192))[lane] = job->x_factor[m * act_blocks + c / job->act_block];
+/* One strip (128 columns) of a float32 x row, padded with zeros, -> its record: the rule of
+ * ql_q8act_quantize_x in vectors, the same float32 operations (absmax, / 127, x / xs rounded half to
+ * even, xs * level_unit), so the same x_q and factors. The even / odd split is done on the int32
+ * values (vpermt2d) before narrowing; the lane sums of the correction come from vpdpbusd against
+ * ones (lane l of even and odd together is columns 8l .. 8l + 7, as in the kernel). */
+static void pack_strip(const float *x, int64_t columns_left, int64_t act_block, float level_unit, uint8_t *record) {
+    const __m512i even_index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd_index = _mm512_add_epi32(even_index, _mm512_set1_epi32(1));
+    const int vectors_per_block = (int)(act_block / 16), blocks = (int)(STRIP_COLUMNS / act_block);
+    __m512i q[8];
+    float factors[16] = {0};
+    for (int b = 0; b < blocks; ++b) {
+        const int first = b * vectors_per_block;
+        if (b * act_block >= columns_left) {  /* past Kp: x_q 0, factor 0 */
+            for (int v = first; v < first + vectors_per_block; ++v) q[v] = _mm512_setzero_si512();
+            continue;
         }
+        __m512 largest = _mm512_setzero_ps();
+        for (int v = first; v < first + vectors_per_block; ++v) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * v)));
+        const float scale = _mm512_reduce_max_ps(largest) / 127.0f;
+        factors[b] = scale * level_unit;
+        for (int v = first; v < first + vectors_per_block; ++v)
+            q[v] = scale > 0.0f ? _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + 16 * v), _mm512_set1_ps(scale)),
+                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                : _mm512_setzero_si512();
+    }
+    for (int h = 0; h < 4; ++h) {  /* columns 32h .. 32h + 31 -> bytes 16h .. 16h + 15 of each half */
+        _mm_store_si128((__m128i *)(record + 16 * h), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2 * h], even_index, q[2 * h + 1])));
+        _mm_store_si128((__m128i *)(record + 64 + 16 * h), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2 * h], odd_index, q[2 * h + 1])));
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i lane_sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_load_si512(record)),
+                                                  ones, _mm512_load_si512(record + 64));
+    _mm512_store_si512(record + 128, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(lane_sums, 7)));
+    /* lane l's columns 8l .. 8l + 7 lie in activation block 8l / A of the strip */
+    const __m512i lane_block = _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120),
+                                                 act_block == 32 ? 5 : 4);
+    _mm512_store_ps((float *)(record + 192), _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(factors)));
+}
+
+void ql_q8act_pack_avx512(const ql_q8act_job *job, float level_unit, float *row, void *x_strips) {
+    const ql_matmul_job *base = &job->base;
+    const int64_t padded_k = base->padded_k, strips = strips_of(job), k = base->w->k;
+    for (int64_t m = 0; m < base->m; ++m) {
+        const char *x_row = (const char *)base->x + m * base->x_row_stride * ql_dtype_size(base->dtype);
+        if (base->dtype == QL_F32) memcpy(row, x_row, sizeof(float) * (size_t)k);
+        else for (int64_t c = 0; c < k; ++c) row[c] = ql_load(x_row, base->dtype, c);
+        memset(row + k, 0, sizeof(float) * (size_t)(strips * STRIP_COLUMNS - k));
+        for (int64_t s = 0; s < strips; ++s)
+            pack_strip(row + s * STRIP_COLUMNS, padded_k - s * STRIP_COLUMNS, job->act_block, level_unit,
+                       (uint8_t *)x_strips + (m * strips + s) * X_RECORD_BYTES);
     }
     strip_scales *table = (strip_scales *)((uint8_t *)x_strips + records_bytes(job));
-    const int64_t block = job->base.w->block_size, n_blocks = padded_k / block;
+    const int64_t block = base->w->block_size, n_blocks = padded_k / block;
     for (int64_t s = 0; s < strips; ++s) {
         int32_t lanes[16];
         const int64_t first = s * STRIP_COLUMNS / block;
