@@ -32,6 +32,9 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NO_GPU_FOR_TRITON = "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
 INT4_ONLY_BACKENDS = ("cuda", "triton")  # no kernel for Q8Weight yet: it falls back to "torch"
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# what x is multiplied as: "float32" (the default, exact float32 accumulation) or "int8" (the opt-in
+# of the native CPU back-end, ql_cpu_qmatmul_q8act: docs/native.md, "Issue 12, seventh round")
+ACTIVATIONS = ("float32", "int8")
 
 
 class KernelInputError(QuantliteError, ValueError):
@@ -56,8 +59,8 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None,
             and not (x.requires_grad and torch.is_grad_enabled()):
         return _native_cpu.qmatmul_cpu(x, qw, activations=activations)  # the decode path's case (~120 calls a token)
     _check_inputs(x, qw)
-    if activations not in (None, "float32", "int8"):
-        raise KernelInputError(f"activations {activations!r} is not one of None, 'float32', 'int8'")
+    if activations is not None and activations not in ACTIVATIONS:
+        raise KernelInputError(f"activations {activations!r} is not one of None, {', '.join(map(repr, ACTIVATIONS))}")
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     name = _default_choice(x.device.type) if backend is None and not needs_grad else \
         _choose_backend(x.device, backend, needs_grad)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels.dispatch import ACTIVATIONS
 from quantlite.kernels.prepared import COL_KINDS, VAL_KINDS, PreparedWeight, prepare
 from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
@@ -27,9 +28,6 @@ ABI_VERSION = 7  # QL_ABI_VERSION in quantlite.h
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
 QL_ERR_CUDA = 10                                                       # ql_status: see ql_cuda_last_error
-# what x is multiplied as: "float32" (the default, exact float32 accumulation) or "int8" (the opt-in
-# ql_cpu_qmatmul_q8act: x quantized per block of 32 to int8, docs/native.md, "Issue 12, seventh round")
-ACTIVATIONS = ("float32", "int8")
 
 
 class NativeKernelError(QuantliteError, ValueError):

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.dispatch import fused_kernel_live
+from quantlite.kernels.dispatch import ACTIVATIONS, fused_kernel_live
 from quantlite.kernels.prepared import compute_ready, layout_extra_nbytes, prepare
 from quantlite.model_config import FINAL_NORM, LM_HEAD
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
@@ -773,8 +773,8 @@ class ArenaPool:
 
 def _checked_activations(activations: str, device: torch.device) -> str:
     """load()'s `activations`, checked: "float32" anywhere, "int8" (the CPU opt-in) on the CPU only."""
-    if activations not in ("float32", "int8"):
-        raise QuantliteError(f"activations {activations!r} is not one of 'float32', 'int8'")
+    if activations not in ACTIVATIONS:
+        raise QuantliteError(f"activations {activations!r} is not one of {', '.join(map(repr, ACTIVATIONS))}")
     if activations == "int8" and device.type != "cpu":
         raise QuantliteError(f"activations='int8' is an opt-in of the CPU kernels; the model runs on {device}")
     return activations
