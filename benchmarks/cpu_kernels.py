@@ -16,7 +16,9 @@
    through copies of the weight that together also exceed 2 x L3, so every call reads from DRAM as
    in a model (one weight called over and over sits in L3: printed as "hot" for comparison). Goal:
    >= 0.70 of the DRAM bandwidth: the fraction is the median over rounds of each round's kernel
-   rate over that round's DRAM rate, printed with its range.
+   rate over that round's DRAM rate, printed with its range. Each shape has two rows: the default
+   float32 path and the int8-activation opt-in (activations="int8", ql_cpu_qmatmul_q8act), timed in
+   the same rounds against the same DRAM reading.
 1. qmatmul, M = 1, 8, 16 and 128 (--m; 128 = prefill), on 4096 x 4096, 11008 x 4096 and
    4096 x 11008 (NF4, block 64, 0.5 % outliers): native `qmatmul_cpu` (the ISA cpuid picks, and
    forced to AVX2 for comparison; with AVX-512 from M = 16 on that is the library's prefill GEMM,
@@ -52,6 +54,7 @@ untimed call of its own, so each library is timed in its steady state. All use t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -150,9 +153,9 @@ def bench_bandwidth(repeats: int) -> None:
     print(f"\n== M = 1 against DRAM read bandwidth ({torch.get_num_threads()} threads; torch.sum over "
           f"{buffer.numel() * 4 / 2**30:.2f} GiB, L3 {l3 / 2**20:.0f} MiB)")
     print("(fraction: the median over rounds of the kernel's GB/s over the DRAM GB/s of the same round; range: "
-          "its lowest and highest)")
-    print(f"{'N x K':>13} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} {'fraction':>8}"
-          f" {'range':>9} {'hot ms':>7} {'hot GB/s':>8}")
+          "its lowest and highest; path: the default float32 activations, and the int8-activation opt-in)")
+    print(f"{'N x K':>13} {'path':>8} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} "
+          f"{'fraction':>8} {'range':>9} {'hot ms':>7} {'hot GB/s':>8}")
     for n, k in SHAPES[:2]:
         qw = quantize(torch.randn(n, k), method="nf4", outlier_frac=0.005)
         per_call = bytes_read(qw)
@@ -161,22 +164,30 @@ def bench_bandwidth(repeats: int) -> None:
         for copy in copies:
             native.qmatmul_cpu(x, copy)  # prepares every copy's layout before timing
 
-        def cold() -> None:
-            for copy in copies:
-                native.qmatmul_cpu(x, copy)
+        def cold(activations: str):
+            def run() -> None:
+                for copy in copies:
+                    native.qmatmul_cpu(x, copy, activations=activations)
+            return run
 
         # no lead-in call: it would leave a copy in L3; the settling sleep still lets torch's threads stop
-        samples = interleaved_samples({"dram": read_dram, "cold": cold, "hot": lambda: native.qmatmul_cpu(x, qw)},
-                                      repeats, lead_in=False)
+        paths = ("float32", "int8")
+        functions = {"dram": read_dram}
+        for path in paths:
+            functions[f"cold {path}"] = cold(path)
+            functions[f"hot {path}"] = functools.partial(native.qmatmul_cpu, x, qw, activations=path)
+        samples = interleaved_samples(functions, repeats, lead_in=False)
         for name in samples:
-            samples[name] = [seconds / (len(copies) if name == "cold" else 1) for seconds in samples[name]]
-        fraction, low, high = paired_ratios({"kernel": [per_call / s for s in samples["cold"]],
-                                             "dram": [buffer.numel() * 4 / s for s in samples["dram"]]}, "kernel", "dram")
+            samples[name] = [seconds / (len(copies) if name.startswith("cold") else 1) for seconds in samples[name]]
         t = {name: statistics.median(times) for name, times in samples.items()}
         bandwidth = buffer.numel() * 4 / t["dram"]
-        print(f"{n:>6} x {k:<5} {per_call / 1e6:8.2f} {len(copies):>6} {bandwidth / 1e9:9.1f} {t['cold'] * 1e3:9.3f} "
-              f"{per_call / t['cold'] / 1e9:6.1f} {fraction:8.2f} {f'{low:.2f}-{high:.2f}':>9} {t['hot'] * 1e3:7.3f} "
-              f"{per_call / t['hot'] / 1e9:8.1f}")
+        for path in paths:
+            cold_seconds, hot_seconds = t[f"cold {path}"], t[f"hot {path}"]
+            fraction, low, high = paired_ratios({"kernel": [per_call / s for s in samples[f"cold {path}"]],
+                                                 "dram": [buffer.numel() * 4 / s for s in samples["dram"]]}, "kernel", "dram")
+            print(f"{n:>6} x {k:<5} {path:>8} {per_call / 1e6:8.2f} {len(copies):>6} {bandwidth / 1e9:9.1f} "
+                  f"{cold_seconds * 1e3:9.3f} {per_call / cold_seconds / 1e9:6.1f} {fraction:8.2f} "
+                  f"{f'{low:.2f}-{high:.2f}':>9} {hot_seconds * 1e3:7.3f} {per_call / hot_seconds / 1e9:8.1f}")
         del copies
     del buffer
 

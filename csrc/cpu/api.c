@@ -1,7 +1,8 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
- * QL_GEMM_MIN_M rows of x). */
+ * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c and
+ * qmatmul_q8act_avx512.c. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -151,13 +152,17 @@ static void pack_gemm_x_groups(void *context, int64_t begin, int64_t end, int th
 
 /* x (M, K) in any dtype -> x_packed in a GEMV kernel's order (kernels.h), every padding column
  * zero, and x_columns (K, M) float32 (at M = 1 that is x as float32: x_packed's source row). */
+static void fill_x_columns(const ql_matmul_job *job, float *x_columns) {
+    for (int64_t m = 0; m < job->m; ++m) {
+        const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
+        for (int64_t c = 0; c < job->w->k; ++c) x_columns[c * job->m + m] = ql_load(x_row, job->dtype, c);
+    }
+}
+
 static void pack_x(const ql_matmul_job *job, int kernel, float *x_packed, int64_t x_packed_count, float *x_columns) {
     const int64_t k = job->w->k, m_rows = job->m;
     memset(x_packed, 0, sizeof(float) * (size_t)x_packed_count);
-    for (int64_t m = 0; m < m_rows; ++m) {
-        const char *x_row = (const char *)job->x + m * job->x_row_stride * ql_dtype_size(job->dtype);
-        for (int64_t c = 0; c < k; ++c) x_columns[c * m_rows + m] = ql_load(x_row, job->dtype, c);
-    }
+    fill_x_columns(job, x_columns);
     if (kernel == KERNEL_AVX2) {
         for (int64_t m = 0; m < m_rows; ++m)
             for (int64_t c = 0; c < k; ++c) x_packed[ql_packed_position(c, m, m_rows, job->padded_k)] = x_columns[c * m_rows + m];
@@ -252,6 +257,74 @@ int ql_cpu_qmatmul(const ql_weight *w, const void *x, int64_t m, int64_t x_row_s
     ql_parallel_for(w->n, ql_row_grain(w->n, job.padded_k * m, VECTOR_KERNELS[kernel].min_chunk_rows, threads), threads,
                     VECTOR_KERNELS[kernel].rows, &job);
     release_call_buffer(buffer);
+    return __atomic_load_n(&status, __ATOMIC_RELAXED);
+}
+
+/* ---------------------------------------------------------------- qmatmul with int8 activations */
+static void q8act_chunk_scalar(void *job, int64_t begin, int64_t end, int thread_index) {
+    (void)thread_index;
+    ql_q8act_rows_scalar((const ql_q8act_job *)job, begin, end);
+}
+
+static void q8act_chunk_avx512(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_q8act_rows_avx512((const ql_q8act_job *)job, begin, end, thread_index);
+}
+
+static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
+
+/* x is quantized once per call by the caller's thread (M x Kp values, against the N x Kp / 2 code
+ * bytes the call reads), then the rows of W are split over the pool. The call buffer holds, 64-byte
+ * aligned: for AVX-512 the x records and strip table, a float32 row of x padded to whole strips,
+ * x_columns (K, M) float32 (the outliers') and every thread's scratch; for the portable rule x_q
+ * (M, Kp) int8 and x_factor (M, Kp / A). */
+int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
+                         int64_t y_row_stride, int dtype, int isa, int n_threads) {
+    int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
+    if (status == QL_OK) status = resolve_isa(isa, &isa);
+    const int vnni = status == QL_OK && isa == QL_ISA_AVX512 && ql_q8act_avx512_supported();
+    /* the AVX-512 chunks check the CSR as they read it (chunk.h) */
+    if (status == QL_OK && !vnni) status = check_outliers(w, 0, w->n);
+    if (status != QL_OK) return status;
+
+    const int threads = n_threads > 0 ? n_threads : ql_available_cores();
+    ql_q8act_job job = {
+        .base = {.w = w, .padded_k = ql_padded_k(w), .x = x, .m = m, .x_row_stride = x_row_stride,
+                 .y = y, .y_row_stride = y_row_stride, .dtype = dtype, .status = &status},
+        .act_block = QL_Q8ACT_BLOCK(w->block_size),
+    };
+    float level_unit;
+    ql_q8act_levels(w->codebook, job.levels, &level_unit);
+    const int64_t padded_k = job.base.padded_k;
+    int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
+    if (vnni) {
+        strip_bytes = aligned_bytes(ql_q8act_avx512_strip_bytes(&job));
+        row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
+        columns_bytes = aligned_bytes(sizeof(float) * m * w->k);
+        job.base.scratch_floats_per_thread = aligned_floats(ql_q8act_avx512_scratch_floats(&job));
+        scratch_bytes = (int64_t)sizeof(float) * job.base.scratch_floats_per_thread * threads;
+    } else {
+        x_q_bytes = aligned_bytes(m * padded_k);
+        factor_bytes = aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
+    }
+    char *buffer = (char *)call_buffer((size_t)(strip_bytes + row_bytes + columns_bytes + scratch_bytes + factor_bytes + x_q_bytes));
+    if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
+    char *x_strips = buffer, *row = x_strips + strip_bytes, *x_columns = row + row_bytes, *scratch = x_columns + columns_bytes;
+    float *x_factor = (float *)(scratch + scratch_bytes);
+    int8_t *x_q = (int8_t *)((char *)x_factor + factor_bytes);
+    if (vnni) {  /* x quantized straight into the kernel's records, in vectors */
+        ql_q8act_pack_avx512(&job, level_unit, (float *)row, x_strips);
+        fill_x_columns(&job.base, (float *)x_columns);
+        job.x_strips = x_strips;
+        job.base.x_columns = (const float *)x_columns;
+        job.base.scratch = (float *)scratch;
+    } else {
+        ql_q8act_quantize_x(x, dtype, x_row_stride, m, w->k, padded_k, job.act_block, level_unit, x_q, x_factor);
+        job.x_q = x_q;
+        job.x_factor = x_factor;
+    }
+    ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, threads), threads,
+                    vnni ? q8act_chunk_avx512 : q8act_chunk_scalar, &job);
+    release_call_buffer((float *)buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }
 

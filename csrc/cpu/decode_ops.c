@@ -8,7 +8,8 @@
  *                            q and k, k and v written into the KV cache at `position`, grouped-query
  *                            attention of each query head over the cache [0, position], additive mask.
  *   ql_cpu_decode_layer      whole pre-norm decoder layers at one position, one after another: the two
- *                            norms, the four matmuls (ql_cpu_qmatmul), the attention above, silu_mul,
+ *                            norms, the four matmuls (ql_cpu_qmatmul, or ql_cpu_qmatmul_q8act where
+ *                            the caller opts in to int8 activations), the attention above, silu_mul,
  *                            the residual adds; the per-op calls' exact arithmetic in their order, in
  *                            one call (a decode step's Python between these ops cost as much as the
  *                            ops, and more after each matmul had emptied the caches it runs from).
@@ -288,11 +289,13 @@ static double seconds_now(void) {
     return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
 }
 
-/* y (rows, N) = x (rows, K) @ W^T (+ bias), rows contiguous; the call's wall time added to *seconds. */
+/* y (rows, N) = x (rows, K) @ W^T (+ bias), rows contiguous, by ql_cpu_qmatmul or, with int8_activations,
+ * ql_cpu_qmatmul_q8act; the call's wall time added to *seconds. */
 static int projection(const ql_weight *w, const float *bias, const float *x, int64_t rows, float *y, int n_threads,
-                      double *seconds) {
+                      int int8_activations, double *seconds) {
     const double start = seconds_now();
-    const int status = ql_cpu_qmatmul(w, x, rows, w->k, y, w->n, QL_F32, QL_ISA_AUTO, n_threads);
+    const int status = (int8_activations ? ql_cpu_qmatmul_q8act : ql_cpu_qmatmul)(w, x, rows, w->k, y, w->n, QL_F32,
+                                                                                   QL_ISA_AUTO, n_threads);
     *seconds += seconds_now() - start;
     if (status == QL_OK && bias != NULL)
         for (int64_t r = 0; r < rows; ++r)
@@ -322,7 +325,7 @@ static int decode_one_layer(ql_decode_layer_args *a, int n_threads) {
     float *activated = gate_up + rows * 2 * f, *delta = activated + rows * f;
 
     int status = ql_cpu_rms_norm(a->x, rows, e, e, a->input_norm, a->eps, h);
-    if (status == QL_OK) status = projection(a->qkv, a->qkv_bias, h, rows, qkv, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) status = projection(a->qkv, a->qkv_bias, h, rows, qkv, n_threads, a->int8_activations, &a->matmul_seconds);
     if (status == QL_OK) {
         ql_decode_attention_args attention = *at;
         attention.qkv = qkv;
@@ -331,14 +334,14 @@ static int decode_one_layer(ql_decode_layer_args *a, int n_threads) {
         status = ql_cpu_decode_attention(&attention, n_threads);
         a->attention_seconds += seconds_now() - start;
     }
-    if (status == QL_OK) status = projection(a->o, a->o_bias, attended, rows, delta, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) status = projection(a->o, a->o_bias, attended, rows, delta, n_threads, a->int8_activations, &a->matmul_seconds);
     if (status == QL_OK) {
         add_rows(a->x, delta, rows * e, a->out);  /* x1, kept in out (x is not read after this) */
         status = ql_cpu_rms_norm(a->out, rows, e, e, a->post_attention_norm, a->eps, h);
     }
-    if (status == QL_OK) status = projection(a->gate_up, a->gate_up_bias, h, rows, gate_up, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) status = projection(a->gate_up, a->gate_up_bias, h, rows, gate_up, n_threads, a->int8_activations, &a->matmul_seconds);
     if (status == QL_OK) status = ql_cpu_silu_mul(gate_up, rows, f, 2 * f, activated);
-    if (status == QL_OK) status = projection(a->down, a->down_bias, activated, rows, delta, n_threads, &a->matmul_seconds);
+    if (status == QL_OK) status = projection(a->down, a->down_bias, activated, rows, delta, n_threads, a->int8_activations, &a->matmul_seconds);
     if (status == QL_OK) add_rows(a->out, delta, rows * e, a->out);
     free(scratch);
     return status;
@@ -360,6 +363,7 @@ int ql_cpu_decode_layer(ql_decode_layer_args *layers, int64_t n_layers, int n_th
             a->attention.mask = first->attention.mask;
             a->attention.mask_row_stride = first->attention.mask_row_stride;
             a->x = a->out = first->out;
+            a->int8_activations = first->int8_activations;
         }
         const int status = decode_one_layer(a, n_threads);
         if (status != QL_OK) return status;

@@ -11,7 +11,8 @@
  * (printed) and then forced to every instruction set this CPU has (scalar .. ql_cpu_best_isa()), or
  * ql_cpu_qmatmul_int8 (its instruction set is cpuid's), checks each result against `y` and against
  * its own float64 dequantize-and-multiply of the stored fields, and exits 0 when all agree (printing
- * the errors), 1 when not, 2 on unreadable input.
+ * the errors), 1 when not, 2 on unreadable input. A 4-bit weight also runs the int8-activation
+ * opt-in, ql_cpu_qmatmul_q8act, whose relative error is printed.
  *
  * Build (what tests/test_embed_example.py does):
  *     cc -O2 -Icsrc/include csrc/examples/qmatmul_example.c -Lquantlite/_native -lquantlite_cpu \
@@ -381,6 +382,20 @@ int main(int argc, char **argv) {
         }
         ok = check_result(isa == QL_ISA_AUTO ? "auto" : ql_cpu_isa_name(isa), y, expected, reference, m * n, tolerance) && ok;
     }
+    /* 5. the opt-in with x quantized to int8 (faster, less exact): its error is shown, not checked
+     * against the float tolerance (tests/test_native_q8act.py holds it to its own bound) */
+    const int status = ql_cpu_qmatmul_q8act(&weight, x, m, k, y, n, QL_F32, QL_ISA_AUTO, 0);
+    if (status != QL_OK) {
+        fprintf(stderr, "qmatmul_example: ql_cpu_qmatmul_q8act failed: %s\n", ql_error_string(status));
+        return 1;
+    }
+    double error_squares = 0, reference_squares = 0;
+    for (int64_t i = 0; i < m * n; ++i) {
+        error_squares += (y[i] - reference[i]) * (y[i] - reference[i]);
+        reference_squares += reference[i] * reference[i];
+    }
+    printf("int8 activations (ql_cpu_qmatmul_q8act, opt-in): ||y - float64 reference|| / ||reference|| = %.3g\n",
+           sqrt(error_squares / (reference_squares > 0 ? reference_squares : 1)));
     printf("%s\n", ok ? "OK" : "MISMATCH");
     return ok ? 0 : 1;
 }

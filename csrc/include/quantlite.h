@@ -26,10 +26,12 @@
 extern "C" {
 #endif
 
-#define QL_ABI_VERSION 6  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
+#define QL_ABI_VERSION 7  /* 2: QL_ISA_AVX512, ql_cpu_qmatmul_int8; 3: ql_cpu_dequantize_rows;
                              4: ql_weight's storage tags (stored scales / outliers, no widened copies);
                              5: the decode-step primitives (ql_cpu_rms_norm, ...);
-                             6: ql_cpu_decode_layer (decoder layers' decode step) */
+                             6: ql_cpu_decode_layer (decoder layers' decode step);
+                             7: ql_cpu_qmatmul_q8act (int8 activations, opt-in) and
+                                ql_decode_layer_args.int8_activations */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -154,6 +156,17 @@ QL_API int ql_cpu_encode_codes(const float *blocks, const float *scales, const f
 QL_API int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m, int64_t x_row_stride,
                                void *y, int64_t y_row_stride, int dtype, int n_threads);
 
+/* y (M, N) ~= x (M, K) @ W^T with x quantized to int8 (an opt-in that trades accuracy for speed;
+ * arguments as for ql_cpu_qmatmul). The rule (csrc/cpu/qmatmul_q8act_scalar.c): x per row and block
+ * of 32 columns (16 when 32 does not divide B) to int8 with one float32 scale (absmax / 127,
+ * round half to even), the codebook to int8 levels round(127 * level / max |level|), each block's
+ * int32 dot product times (weight scale x activation scale) summed in float32, the outliers added
+ * with the float x. isa: QL_ISA_AVX512 runs AVX-512 VNNI (vpdpbusd) where cpuid reports AVX-512 F,
+ * BW and VNNI; every other level (and AVX-512 without VNNI) runs the portable C rule. Every M runs
+ * the same kernel (no separate prefill GEMM). */
+QL_API int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
+                                void *y, int64_t y_row_stride, int dtype, int isa, int n_threads);
+
 /* The instruction set QL_ISA_AUTO picks on this CPU (the highest it supports; every lower level runs
  * too), and its name ("avx512", "avx2", "scalar"). */
 QL_API int ql_cpu_best_isa(void);
@@ -238,6 +251,8 @@ typedef struct {
     float *out;                     /* (B, E) contiguous, the layer's output (may be x) */
     double matmul_seconds;          /* out: wall seconds inside the four ql_cpu_qmatmul calls */
     double attention_seconds;       /* out: wall seconds inside the attention */
+    int32_t int8_activations;       /* 0: the matmuls are ql_cpu_qmatmul; 1: ql_cpu_qmatmul_q8act (the
+                                       opt-in; read from layers[0] for every layer of the call) */
 } ql_decode_layer_args;
 
 /* n_layers consecutive layers, layer i's output layer i + 1's input: layers[0] holds the step (x, out,

@@ -9,6 +9,7 @@ Examples:
   quantlite generate ./big-model --prompt "Hello" --memory-budget 1GB --stats
   quantlite generate ./smollm2-q4 --prompt "Once" --prompt "In a land" --temperature 0.8 --top-p 0.9 --seed 7
   quantlite generate ./smollm2-q4 --prompt-file prompts.txt --max-new-tokens 32
+  quantlite generate ./smollm2-q4 --prompt "Hello" --int8-activations --stats   # faster decode, some accuracy
 
 Under torchrun the ranks share the layers (see "distributed" below); the last rank prints.
 
@@ -43,6 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", help="bytes for every weight in memory (resident ones and the streamed ones in flight), e.g. 1GB or 800MiB (default: half of free memory)")
     parser.add_argument("--no-prefetch", action="store_true", help="read each layer only when it is needed")
     parser.add_argument("--stats", action="store_true", help="print speed, memory and I/O figures at the end")
+    arguments.add_int8_activations(parser)
     add_pipeline_arguments(parser, "generate", '--prompt "Hello" --stats')
 
 
@@ -120,7 +122,9 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     pipeline = pipeline_options(args)
-    with load(args.path, device=args.device, memory_budget=args.memory_budget, prefetch=not args.no_prefetch, **pipeline) as model:
+    activations = "int8" if args.int8_activations else "float32"
+    with load(args.path, device=args.device, memory_budget=args.memory_budget, prefetch=not args.no_prefetch,
+              activations=activations, **pipeline) as model:
         single = len(prompts) == 1
         result = model.generate(
             prompts if not single else prompts[0],

@@ -12,6 +12,7 @@ Examples:
   quantlite ppl ./hf-smollm2 --data wiki.test.raw --ctx 512 --max-windows 40     # the baseline
   quantlite ppl ./packed --data wiki.test.raw --ctx 512 --protocol llamacpp --json
   quantlite ppl SmolLM2-135M-Instruct.Q4_1.gguf --data wiki.test.raw --max-windows 8
+  quantlite ppl ./packed --data wiki.test.raw --ctx 512 --max-windows 40 --int8-activations   # its cost
 
 A packed model under torchrun runs as a pipeline over the ranks (see "distributed" below; give
 --batch-size >= the number of ranks so that they overlap); the last rank prints.
@@ -37,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=arguments.device, default="cpu", help="torch device to run the model on (default cpu)")
     parser.add_argument("--memory-budget", help="for a packed model: bytes for every weight in memory, e.g. 1GB (default: half of free memory)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    arguments.add_int8_activations(parser)
     add_pipeline_arguments(parser, "ppl", "--data wiki.test.raw --batch-size 4")
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as error:
         raise EvaluationError(f"cannot read --data {data}: {error}") from error
     pipeline = pipeline_options(args)
-    model = open_for_eval(args.model, device=args.device, memory_budget=args.memory_budget, **pipeline)
+    activations = "int8" if args.int8_activations else "float32"
+    model = open_for_eval(args.model, device=args.device, memory_budget=args.memory_budget, activations=activations, **pipeline)
     # under torchrun only the last rank (the driver) scores the windows; the others serve their layers
     token_ids = model.tokenize(text) if not pipeline or model.forward.is_driver else None
     options = dict(ctx=args.ctx, max_windows=args.max_windows, protocol=args.protocol, bos_id=model.bos_id,

@@ -52,6 +52,8 @@ def open_for_eval(path: str | Path, device: str = "cpu", **load_options) -> Eval
         return _open_packed(path, device, **load_options)
     if load_options.get("distributed"):
         raise EvaluationError(f"{path}: a distributed run (torchrun) pipelines packed quantlite directories only")
+    if load_options.get("activations", "float32") != "float32":
+        raise EvaluationError(f"{path}: int8 activations are an opt-in of packed quantlite directories only")
     if path.is_dir() and (path / "config.json").exists():
         return _open_transformers(path, None, device, "hf")
     if path.is_file() and path.suffix == ".gguf":

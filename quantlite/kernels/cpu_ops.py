@@ -61,6 +61,7 @@ class _LayerArgs(ctypes.Structure):
         ("attention", _AttentionArgs),  # its qkv and out unused
         ("x", _PTR), ("out", _PTR),  # (B, E)
         ("matmul_seconds", ctypes.c_double), ("attention_seconds", ctypes.c_double),
+        ("int8_activations", ctypes.c_int32),  # 1: the matmuls are ql_cpu_qmatmul_q8act (layers[0]'s counts)
     ]
 
 
@@ -298,6 +299,7 @@ class DecodeLayers:
         x = x.contiguous()
         out = torch.empty(self.batch, 1, self.hidden)
         first.x, first.out = x.data_ptr(), out.data_ptr()
+        first.int8_activations = native.int8_activations_on()  # as the per-op path's qmatmul would run
         for args in self._array:
             args.matmul_seconds = args.attention_seconds = 0.0
         status = _library().ql_cpu_decode_layer(self._array, len(self._array), native._threads(None))

@@ -32,25 +32,35 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NO_GPU_FOR_TRITON = "Triton compiles for a GPU and no CUDA device is visible; set TRITON_INTERPRET=1 to run it on the CPU (slow)"
 INT4_ONLY_BACKENDS = ("cuda", "triton")  # no kernel for Q8Weight yet: it falls back to "torch"
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# what x is multiplied as: "float32" (the default, exact float32 accumulation) or "int8" (the opt-in
+# of the native CPU back-end, ql_cpu_qmatmul_q8act: docs/native.md, "Issue 12, seventh round")
+ACTIVATIONS = ("float32", "int8")
 
 
 class KernelInputError(QuantliteError, ValueError):
     """qmatmul was given an input it cannot multiply (dtype, shape, device); the message names the sizes."""
 
 
-def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None, activations: str | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16/fp32 -> (..., N) in x's dtype, = x @ qw.dequantize().T.
 
     backend: None (choose by x's device and what is live, see the module docstring), or one of
     "cuda", "triton", "cpu", "torch"; a named back-end that cannot run raises BackendUnavailable
     with the reason. Only "torch" has a backward pass: when x requires grad (outside no_grad) it is
     the choice, and naming another is an error. The fused back-ends move the weight to x's device
-    once and cache it (kernels.prepared); the reference dequantizes it on every call."""
+    once and cache it (kernels.prepared); the reference dequantizes it on every call.
+
+    activations: None or "float32" (exact, every back-end), or "int8": the opt-in of the native CPU
+    back-end for a 4-bit weight (x quantized per block of 32 to int8, llama.cpp's Q8_0; faster at
+    M = 1, at a perplexity cost docs/accuracy.md measures). None also follows
+    quantlite.kernels.native.activations("int8") on the CPU back-end."""
     if backend is None and _native_cpu is not None and type(qw) is QWeight and type(x) is torch.Tensor and x.is_cpu \
             and x.dim() and x.shape[-1] == qw.shape[1] and x.dtype in INPUT_DTYPES \
             and not (x.requires_grad and torch.is_grad_enabled()):
-        return _native_cpu.qmatmul_cpu(x, qw)  # the decode path's case (~120 calls a token), checked as below
+        return _native_cpu.qmatmul_cpu(x, qw, activations=activations)  # the decode path's case (~120 calls a token)
     _check_inputs(x, qw)
+    if activations is not None and activations not in ACTIVATIONS:
+        raise KernelInputError(f"activations {activations!r} is not one of None, {', '.join(map(repr, ACTIVATIONS))}")
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     name = _default_choice(x.device.type) if backend is None and not needs_grad else \
         _choose_backend(x.device, backend, needs_grad)
@@ -63,9 +73,13 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
 
         if name == "cpu" and backend is None:
             _remember_native_cpu(native)
+        if activations == "int8" and (name != "cpu" or isinstance(qw, Q8Weight)):
+            raise BackendUnavailable(_INT8_ACTIVATIONS_ONLY)
         if isinstance(qw, Q8Weight):  # name == "cpu"
             return native.qmatmul_int8_cpu(x, qw)
-        return native.qmatmul_cpu(x, qw) if name == "cpu" else native.qmatmul_cuda(x, qw)
+        return native.qmatmul_cpu(x, qw, activations=activations) if name == "cpu" else native.qmatmul_cuda(x, qw)
+    if activations == "int8":
+        raise BackendUnavailable(_INT8_ACTIVATIONS_ONLY)
     n, k = qw.shape
     rows = x.reshape(-1, k)  # (M, K), a view when x is contiguous
     if rows.shape[0] == 0:
@@ -78,6 +92,8 @@ def qmatmul(x: torch.Tensor, qw: QWeight | Q8Weight, backend: str | None = None)
         y = qmatmul_triton(rows.contiguous(), prepare(qw, x.device, widened=True))
     return y.reshape(*x.shape[:-1], n)
 
+
+_INT8_ACTIVATIONS_ONLY = "activations='int8' runs on the native CPU back-end ('cpu') with a 4-bit QWeight only"
 
 # quantlite.kernels.native once a default call has chosen the CPU library (then every later one does:
 # the choice is cached), so that qmatmul's first lines can hand a plain CPU call straight to it.

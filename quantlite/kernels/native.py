@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
+from quantlite.kernels.dispatch import ACTIVATIONS
 from quantlite.kernels.prepared import COL_KINDS, VAL_KINDS, PreparedWeight, prepare
 from quantlite.native import CPU_LIBRARY, CUDA_LIBRARY, NATIVE_DIR  # noqa: F401  where the build installs them
 from quantlite.q8weight import Q8Weight
 from quantlite.qweight import QWeight
 
-ABI_VERSION = 6  # QL_ABI_VERSION in quantlite.h
+ABI_VERSION = 7  # QL_ABI_VERSION in quantlite.h
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ql_dtype
 ISA_TAGS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}          # ql_isa, levels in order
@@ -91,6 +92,7 @@ def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"{path.name} has ABI version {library.ql_abi_version()}, this binding wants {ABI_VERSION} (rebuild: `make native`)"
     if path == CPU_LIBRARY:
         _declare(library, "ql_cpu_qmatmul", _MATMUL_ARGS + [_INT, _INT])
+        _declare(library, "ql_cpu_qmatmul_q8act", _MATMUL_ARGS + [_INT, _INT])
         _declare(library, "ql_cpu_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_dequantize_rows", [ctypes.POINTER(_Weight), _I64, _I64, _PTR, _I64, _INT, _INT, _INT])
         _declare(library, "ql_cpu_encode_codes", [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT])
@@ -166,6 +168,34 @@ def cpu_threads(n_threads: int):
         yield
     finally:
         _cpu_threads = before
+
+
+_int8_activations = False  # set by activations(); qmatmul_cpu's default when a call names none
+
+
+def _check_activations(kind: str, where: str) -> None:
+    if kind not in ACTIVATIONS:
+        raise NativeKernelError(f"{where}: activations {kind!r} is not one of {', '.join(ACTIVATIONS)}")
+
+
+@contextlib.contextmanager
+def activations(kind: str):
+    """Within the block, CPU qmatmul calls on 4-bit weights that name no `activations` multiply x as
+    `kind`: "int8" is the opt-in ql_cpu_qmatmul_q8act (faster, at a perplexity cost docs/accuracy.md
+    measures), "float32" the default. The runtime's `load(..., activations="int8")` runs its forward
+    passes inside this block."""
+    global _int8_activations
+    _check_activations(kind, "native cpu qmatmul")
+    before, _int8_activations = _int8_activations, kind == "int8"
+    try:
+        yield
+    finally:
+        _int8_activations = before
+
+
+def int8_activations_on() -> bool:
+    """Whether activations("int8") is in force (cpu_ops.DecodeLayers passes it to the native step)."""
+    return _int8_activations
 
 
 def _cuda_library() -> ctypes.CDLL:
@@ -264,9 +294,12 @@ def qmatmul_cpu(
     out: torch.Tensor | None = None,
     isa: str = "auto",
     n_threads: int | None = None,
+    activations: str | None = None,
 ) -> torch.Tensor:
     """x (..., K) float32/float16/bfloat16 on the CPU -> (..., N) in x's dtype = x @ dequantize(qw).T,
-    accumulated in float32. out: optional (M, N) tensor of x's dtype whose rows are contiguous
+    accumulated in float32. activations: "float32" (exact), "int8" (x quantized per block of 32 to
+    int8, ql_cpu_qmatmul_q8act: an opt-in trading accuracy for speed), None: activations()'s setting
+    (float32 unless inside activations("int8")). out: optional (M, N) tensor of x's dtype whose rows are contiguous
     (M = the product of x's leading sizes; its row stride may exceed N), written and returned as
     (..., N) when it is contiguous. isa: "auto" (the best, cpu_isa()), "avx512", "avx2" or "scalar"
     (any level up to cpu_isa()); n_threads: default torch.get_num_threads() (or cpu_threads()'s).
@@ -278,6 +311,9 @@ def qmatmul_cpu(
     library = _cpu_library_loaded or _cpu_library()
     if isa not in ISA_TAGS:
         raise NativeKernelError(f"native cpu qmatmul: isa {isa!r} is not one of {', '.join(ISA_TAGS)}")
+    if activations is not None:
+        _check_activations(activations, "native cpu qmatmul")
+    int8 = _int8_activations if activations is None else activations == "int8"
     shape = x.shape if isinstance(x, torch.Tensor) else None
     if out is None and _is_contiguous_input(x, shape, qw):  # the runtime's case: x is the (M, K) rows as is
         n, k = qw.shape
@@ -293,12 +329,13 @@ def qmatmul_cpu(
         out_stride = rows_stride(out)
         y = out.reshape(*x.shape[:-1], qw.shape[0]) if out.is_contiguous() else out
     if m:
-        status = library.ql_cpu_qmatmul(
+        status = (library.ql_cpu_qmatmul_q8act if int8 else library.ql_cpu_qmatmul)(
             _cpu_weight_pointer(qw), rows.data_ptr(), m, row_stride, out.data_ptr(), out_stride,
             DTYPE_TAGS[x.dtype], ISA_TAGS[isa], n_threads or _cpu_threads or torch.get_num_threads(),
         )
         if status:
-            _check(library, status, f"native cpu qmatmul (M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
+            _check(library, status, f"native cpu qmatmul{' (int8 activations)' if int8 else ''} "
+                                    f"(M={m}, N={qw.shape[0]}, K={qw.shape[1]}, isa={isa})")
     return y
 
 

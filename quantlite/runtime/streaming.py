@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from quantlite.errors import QuantliteError
-from quantlite.kernels.dispatch import fused_kernel_live
+from quantlite.kernels.dispatch import ACTIVATIONS, fused_kernel_live
 from quantlite.kernels.prepared import compute_ready, layout_extra_nbytes, prepare
 from quantlite.model_config import FINAL_NORM, LM_HEAD
 from quantlite.packed import EMBEDDING_FILE, FINAL_FILE, PackedModel, layer_file
@@ -317,11 +317,13 @@ class StreamingLlama:
     """A packed Llama-family model (Llama, Mistral, Qwen2, Qwen3) whose decoder layers stream from disk. `model(input_ids)` -> float32 logits."""
 
     def __init__(self, packed, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-                 dtype: torch.dtype | None = None, direct_io: bool | None = None, layers: range | None = None):
+                 dtype: torch.dtype | None = None, direct_io: bool | None = None, layers: range | None = None,
+                 activations: str = "float32"):
         self.packed = packed
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise QuantliteError(f"device {device!r} asked for, but torch sees no CUDA device here")
+        self.activations = _checked_activations(activations, self.device)
         # float32 on the CPU (no fast fp16 matmul there); fp16 on a GPU
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.float16)
         self.config = packed.model_config  # read and checked once, by PackedModel.open
@@ -609,7 +611,16 @@ class StreamingLlama:
         which cached-plus-new positions are real tokens (None: all). cache: filled and advanced.
         last_only: logits of the last position only (generation needs no others).
         A pipeline stage (layers=): a later one takes the previous stage's output as `hidden`
-        (batch, seq, hidden) instead of input_ids; one before the last returns (batch, seq, hidden)."""
+        (batch, seq, hidden) instead of input_ids; one before the last returns (batch, seq, hidden).
+        With activations="int8" the 4-bit layers' matmuls run ql_cpu_qmatmul_q8act at every M."""
+        if self.activations == "float32":
+            return self._forward(input_ids, positions, key_valid, cache, last_only, hidden)
+        from quantlite.kernels import native
+
+        with native.activations(self.activations):
+            return self._forward(input_ids, positions, key_valid, cache, last_only, hidden)
+
+    def _forward(self, input_ids, positions, key_valid, cache, last_only, hidden) -> torch.Tensor:
         batch, seq = (input_ids if hidden is None else hidden).shape[:2]
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -760,8 +771,18 @@ class ArenaPool:
         self._arenas.clear()
 
 
+def _checked_activations(activations: str, device: torch.device) -> str:
+    """load()'s `activations`, checked: "float32" anywhere, "int8" (the CPU opt-in) on the CPU only."""
+    if activations not in ACTIVATIONS:
+        raise QuantliteError(f"activations {activations!r} is not one of {', '.join(map(repr, ACTIVATIONS))}")
+    if activations == "int8" and device.type != "cpu":
+        raise QuantliteError(f"activations='int8' is an opt-in of the CPU kernels; the model runs on {device}")
+    return activations
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=None, prefetch: bool = True,
-         dtype: torch.dtype | None = None, direct_io: bool | None = None, distributed: bool = False, **pipeline) -> StreamingLlama:
+         dtype: torch.dtype | None = None, direct_io: bool | None = None, distributed: bool = False,
+         activations: str = "float32", **pipeline) -> StreamingLlama:
     """Open a packed model directory (quantlite convert) for streaming inference.
 
     memory_budget: bytes (int) or a size string ("1GB", "800MiB") for every weight in memory at
@@ -772,13 +793,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", memory_budget=Non
     distributed: under torchrun, this rank's stage of a layer pipeline over all ranks
     (quantlite.distributed.pipeline.load, which takes the `pipeline` options: layers_per_rank,
     micro_batches, timeout); memory_budget is then this rank's.
+    activations: "float32" (default) or "int8": on the CPU, the 4-bit layers multiply x quantized per
+    block of 32 to int8 (ql_cpu_qmatmul_q8act; faster decode, at the perplexity cost docs/accuracy.md
+    measures). Not with distributed.
     """
     if distributed or pipeline:
         from quantlite.distributed.pipeline import load as load_pipeline
 
         if not distributed:
             raise QuantliteError(f"{', '.join(pipeline)}: options of a distributed load (distributed=True)")
+        if activations != "float32":
+            raise QuantliteError("activations='int8' is not supported by a distributed (pipelined) load")
         return load_pipeline(path, device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype,
                              direct_io=direct_io, **pipeline)
     return StreamingLlama(PackedModel.open(path), device=device, memory_budget=memory_budget, prefetch=prefetch, dtype=dtype,
-                          direct_io=direct_io)
+                          direct_io=direct_io, activations=activations)
