@@ -31,34 +31,14 @@
  *     e     = (w - q) / U[j, j]
  *     w'    = fma(-U[j, j'], e, w')           for each later column j' of the sub-block: one
  *                                             rounding, as torch's addcmul_ on an FMA CPU
- * The rank-1 update is most of the arithmetic; it runs with the CPU's FMA when cpuid has one (a
- * copy compiled for AVX2 + FMA), else through the C library's fmaf (the same results, slower).
- * Single-threaded: at SmolLM2's shapes a sub-block is 16 x 192..1536 weights, about 10 us.
+ * A copy of the loop compiled for AVX2 + FMA runs when cpuid has them (fmaf one instruction, the
+ * loops 8 wide); elsewhere fmaf is the C library's (the same results, slower). Single-threaded.
  */
 #include <math.h>
 #include <stdlib.h>
 
 #include "quantlite.h"
 #include "quantlite_decode.h"
-
-/* rows[r][i] = fma(-coefficients[r * stride], e[i], rows[r][i]) for r < n_rows: the rank-1 update of
- * the sub-block's later columns. */
-static inline void rank1_update(float *rows, int64_t n_rows, int64_t n, const float *coefficients, int64_t stride,
-                                const float *e) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-        float *row = rows + r * n;
-        const float minus_coefficient = -coefficients[r * stride];
-        for (int64_t i = 0; i < n; ++i) row[i] = fmaf(minus_coefficient, e[i], row[i]);
-    }
-}
-
-#if defined(__x86_64__) || defined(__i386__)
-/* The same loop where fmaf is one instruction (and vectorised); run after cpuid says FMA. */
-__attribute__((target("avx2,fma"))) static void rank1_update_fma(float *rows, int64_t n_rows, int64_t n,
-                                                                  const float *coefficients, int64_t stride, const float *e) {
-    rank1_update(rows, n_rows, n, coefficients, stride, e);
-}
-#endif
 
 /* The quota weights of the largest rounding error in a column: a min-heap of `size` (error, row)
  * entries whose root is the worst kept; "better" = larger error, or equal error and lower row. */
@@ -100,9 +80,65 @@ static void choose_outliers(const float *w, const float *quantized, uint8_t *is_
     for (int64_t e = 0; e < quota; ++e) is_outlier[heap[e].row] = 1;
 }
 
+/* The arguments of one call (the layout above). */
+typedef struct {
+    float *work;
+    const float *column_scale, *upper;
+    int64_t upper_row_stride, upper_column_stride;
+    const float *codebook;
+    uint8_t *is_outlier;
+    const int64_t *quota;
+    int64_t columns, n;
+    uint8_t *codes;
+    float *errors;
+} sub_block;
+
+/* The sub-block's columns one after the other (the loop in the opening comment); heap holds the
+ * largest quota's entries. */
+static inline void round_columns(const sub_block *b, ranked *heap) {
+    const int64_t n = b->n;
+    float mid[15];
+    ql_midpoints(b->codebook, mid);
+    const uint8_t zero_code = (uint8_t)ql_encode_value(0.0f, mid);  /* the zero level's code */
+    for (int64_t j = 0; j < b->columns; ++j) {
+        float *w = b->work + j * n;
+        const float *scale = b->column_scale + j * n;
+        uint8_t *code = b->codes + j * n, *outlier = b->is_outlier + j * n;
+        float *e = b->errors + j * n;  /* holds q until the errors are known */
+        /* --- round: the code and the quantized value of each weight (three loops that vectorise) */
+        for (int64_t i = 0; i < n; ++i) e[i] = w[i] * ql_block_reciprocal(scale[i]);
+        for (int64_t i = 0; i < n; ++i) code[i] = (uint8_t)ql_encode_value(e[i], mid);
+        for (int64_t i = 0; i < n; ++i) e[i] = ql_weight_at(b->codebook, code[i], scale[i]);
+        /* --- the column's quota of new outliers */
+        if (b->quota != NULL && b->quota[j] > 0) choose_outliers(w, e, outlier, n, b->quota[j], heap);
+        /* --- outliers stay exact; the scaled errors */
+        const float *u_row = b->upper + j * b->upper_row_stride;  /* U[j, j'] = u_row[j' * upper_column_stride] */
+        const float pivot = u_row[j * b->upper_column_stride];
+        for (int64_t i = 0; i < n; ++i) {
+            const float q = outlier[i] ? w[i] : e[i];
+            code[i] = outlier[i] ? zero_code : code[i];
+            e[i] = (w[i] - q) / pivot;
+        }
+        /* --- the error flows into the sub-block's later columns: w' = fma(-U[j, j'], e, w') */
+        for (int64_t later = j + 1; later < b->columns; ++later) {
+            float *row = b->work + later * n;
+            const float minus_coefficient = -u_row[later * b->upper_column_stride];
+            for (int64_t i = 0; i < n; ++i) row[i] = fmaf(minus_coefficient, e[i], row[i]);
+        }
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* The same loop compiled for AVX2 + FMA, where fmaf is one instruction and the loops are 8 wide; run
+ * after cpuid says so (every result the same: -ffp-contract=off fuses nothing but the fmaf). */
+__attribute__((target("avx2,fma"))) static void round_columns_avx2(const sub_block *b, ranked *heap) {
+    round_columns(b, heap);
+}
+#endif
+
 int ql_cpu_gptq_columns(float *work, const float *column_scale, const float *upper, int64_t upper_row_stride,
-                        int64_t upper_column_stride, const float *codebook, uint8_t *is_outlier, const int64_t *quota, int64_t columns,
-                        int64_t n, uint8_t *codes, float *errors) {
+                        int64_t upper_column_stride, const float *codebook, uint8_t *is_outlier, const int64_t *quota,
+                        int64_t columns, int64_t n, uint8_t *codes, float *errors) {
     if (work == NULL || column_scale == NULL || upper == NULL || codebook == NULL || is_outlier == NULL ||
         codes == NULL || errors == NULL)
         return QL_ERR_NULL_POINTER;
@@ -115,41 +151,14 @@ int ql_cpu_gptq_columns(float *work, const float *column_scale, const float *upp
     }
     ranked *heap = NULL;
     if (largest_quota > 0 && (heap = malloc((size_t)largest_quota * sizeof *heap)) == NULL) return QL_ERR_OUT_OF_MEMORY;
+    const sub_block b = {work, column_scale, upper, upper_row_stride, upper_column_stride, codebook, is_outlier, quota,
+                         columns, n, codes, errors};
 #if defined(__x86_64__) || defined(__i386__)
-    void (*update)(float *, int64_t, int64_t, const float *, int64_t, const float *) =
-        ql_cpu_best_isa() >= QL_ISA_AVX2 ? rank1_update_fma : rank1_update;
+    if (ql_cpu_best_isa() >= QL_ISA_AVX2) round_columns_avx2(&b, heap);
+    else round_columns(&b, heap);
 #else
-    void (*update)(float *, int64_t, int64_t, const float *, int64_t, const float *) = rank1_update;
+    round_columns(&b, heap);
 #endif
-    float mid[15];
-    ql_midpoints(codebook, mid);
-    const uint8_t zero_code = (uint8_t)ql_encode_value(0.0f, mid);  /* the zero level's code */
-
-    for (int64_t j = 0; j < columns; ++j) {
-        float *w = work + j * n;
-        const float *scale = column_scale + j * n;
-        uint8_t *code = codes + j * n, *outlier = is_outlier + j * n;
-        float *e = errors + j * n;  /* holds q until the errors are known */
-        /* --- round: the code and the quantized value of each weight */
-        for (int64_t i = 0; i < n; ++i) {
-            code[i] = (uint8_t)ql_encode_value(w[i] * ql_block_reciprocal(scale[i]), mid);
-            e[i] = ql_weight_at(codebook, code[i], scale[i]);
-        }
-        /* --- the column's quota of new outliers */
-        if (quota != NULL && quota[j] > 0) choose_outliers(w, e, outlier, n, quota[j], heap);
-        /* --- outliers stay exact; the scaled errors */
-        const float *u_row = upper + j * upper_row_stride;  /* U[j, j'] = u_row[j' * upper_column_stride] */
-        const float pivot = u_row[j * upper_column_stride];
-        for (int64_t i = 0; i < n; ++i) {
-            if (outlier[i]) {
-                e[i] = w[i];
-                code[i] = zero_code;
-            }
-            e[i] = (w[i] - e[i]) / pivot;
-        }
-        /* --- the error flows into the sub-block's later columns */
-        update(w + n, columns - j - 1, n, u_row + (j + 1) * upper_column_stride, upper_column_stride, e);
-    }
     free(heap);
     return QL_OK;
 }
