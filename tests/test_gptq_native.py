@@ -13,6 +13,7 @@ import quantlite.gptq as gptq
 from quantlite.codebook import nf4_codebook, zero_code
 from quantlite.kernels import native
 from quantlite.kernels.native import NativeKernelError
+from test_native_helpers import library_built  # noqa: F401 (a fixture)
 
 
 def torch_addcmul_is_fused() -> bool:
@@ -25,7 +26,7 @@ def torch_addcmul_is_fused() -> bool:
 
 
 pytestmark = [
-    pytest.mark.skipif(native.cpu_status() is not None, reason=f"the CPU library is not built: {native.cpu_status()}"),
+    pytest.mark.usefixtures("library_built"),
     pytest.mark.skipif(not torch_addcmul_is_fused(), reason="torch's addcmul_ rounds twice on this CPU (no FMA kernel): "
                        "the C loop's fused update differs from the Python loop at rounding level"),
 ]
