@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlite.codebook import code_midpoints
+from quantlite.codebook import code_midpoints, zero_code
 from quantlite.errors import QuantizationInputError
+from quantlite.kernels import native
 from quantlite.torch_threads import torch_threads
 
 LAZY_BLOCK = 128              # columns per lazy update (GPTQ's default)
@@ -107,7 +108,7 @@ def gptq_codes(
     if salient_outliers > 0:
         saliency = _gptq_passes(work.clone(), column_scale, codebook, segments, is_outlier.clone())[1]  # (K, N)
         chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
-        quota = torch.bincount(chosen // n, minlength=k).tolist()
+        quota = torch.bincount(chosen // n, minlength=k)                  # (K,) int64
     codes, _ = _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota)
     restore = torch.argsort(order)
     codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
@@ -166,52 +167,62 @@ def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None)
 def _gptq_pass(work, column_scale, codebook, upper, is_outlier, quota=None):
     """One pass of error feedback over work (K, N) float32 (changed in place), with column_scale
     (K, N) and upper (K, K) in processing order; at is_outlier (K, N) bool the weight stays exact.
-    quota: per column, how many more weights to keep exact there (marked in is_outlier), those with
-    the largest rounding error; None: none. -> codes (K, N) uint8, saliency (K, N) float32 (each
-    weight's squared rounding error over U[j, j]^2; 0 at outliers)."""
+    quota: (K,) int64, per column how many more weights to keep exact there (marked in is_outlier),
+    those with the largest rounding error; None: none. -> codes (K, N) uint8, saliency (K, N) float32
+    (each weight's squared rounding error over U[j, j]^2; 0 at outliers).
+
+    Errors flow down in three levels: inside a sub-block of SUB_BLOCK columns a rank-1 update per
+    column (_round_columns, or the same in C: native.gptq_columns, bit-identical, when the CPU
+    library is built; docs/accuracy.md, "Eighth round"), one matmul per sub-block for the rest of its
+    lazy block, one per lazy block for the rest of W."""
     k, n = work.shape
-    inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    has_outlier = is_outlier.any(dim=1).tolist()
-    codes = torch.empty(k, n, dtype=torch.int64)              # bucketize's own dtype: written in place, cast once
+    codes = torch.empty(k, n, dtype=torch.uint8)
     saliency = torch.empty(k, n)
-    zero = int((codebook == 0).nonzero()[0, 0])
-    midpoints = code_midpoints(codebook)
-    # The loop runs once per column, so its cost is the count of its torch calls, not their
-    # arithmetic: each column's rows (of work, the scales, the codes, the errors) are views taken
-    # once per pass, U[j, j] a Python float, the midpoints once per pass (bucketize's int64 codes
-    # index the codebook directly). Errors flow down in three levels: a rank-1 update of the rest of
-    # the column's sub-block of SUB_BLOCK columns, one matmul per sub-block for the rest of its lazy
-    # block, one per lazy block for the rest of W.
-    rows, inverse_rows, scale_rows = work.unbind(0), inverse_scale.unbind(0), column_scale.unbind(0)
-    code_rows, error_rows, outlier_rows = codes.unbind(0), saliency.unbind(0), is_outlier.unbind(0)
-    pivots = upper.diagonal().tolist()
+    round_columns = _native_round_columns() or _round_columns
     for start in range(0, k, LAZY_BLOCK):
         end = min(start + LAZY_BLOCK, k)
         errors = saliency[start:end]                           # (block, N) scaled errors e_j / U[j, j], squared below
         for sub in range(start, end, SUB_BLOCK):
             sub_end = min(sub + SUB_BLOCK, end)
-            below = work[sub:sub_end]                          # (sub block, N): the rank-1 updates' rows
-            coefficients = upper[sub:sub_end, sub:sub_end].unsqueeze(2)  # (sub block, sub block, 1)
-            for column in range(sub, sub_end):
-                x = rows[column]
-                code = torch.bucketize(torch.mul(x, inverse_rows[column]), midpoints, out=code_rows[column])  # (N,): nearest_code's rule
-                quantized = codebook.index_select(0, code).mul_(scale_rows[column])
-                if quota is not None and quota[column] > 0:
-                    rounding = (x - quantized).abs_().masked_fill_(outlier_rows[column], -1.0)
-                    outlier_rows[column][torch.topk(rounding, quota[column], sorted=False).indices] = True
-                    has_outlier[column] = True
-                if has_outlier[column]:
-                    keep = outlier_rows[column]
-                    quantized = torch.where(keep, x, quantized)
-                    code.masked_fill_(keep, zero)
-                error = torch.div(torch.sub(x, quantized), pivots[column], out=error_rows[column])  # (N,)
-                local = column - sub
-                if local + 1 < sub_end - sub:
-                    below[local + 1:].addcmul_(coefficients[local, local + 1:], error, value=-1.0)
+            round_columns(work[sub:sub_end], column_scale[sub:sub_end], upper[sub:sub_end, sub:sub_end], codebook,
+                          is_outlier[sub:sub_end], None if quota is None else quota[sub:sub_end],
+                          codes[sub:sub_end], saliency[sub:sub_end])
             work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start:sub_end - start]
         work[end:] -= upper[start:end, end:].T @ errors
         errors.square_()
-    return codes.to(torch.uint8), saliency
+    return codes, saliency
+
+
+def _round_columns(work, column_scale, upper, codebook, is_outlier, quota, codes, errors):
+    """The S columns of one sub-block rounded one after the other (the reference of the C loop,
+    csrc/cpu/gptq.c, which agrees bit for bit): work (S, N) float32 (changed in place), column_scale
+    (S, N), upper (S, S) the sub-block's diagonal block of U, is_outlier (S, N) bool (the quota's
+    choices marked in it), quota (S,) int64 or None -> codes (S, N) uint8, errors (S, N) float32
+    (written). Column j: its nearest codes (nearest_code's rule), the quota[j] weights of the
+    largest rounding error made outliers (existing ones count -1; equal errors: the lower row
+    first), outliers kept exact with the zero code, the scaled error e = (w - q) / U[j, j], and the
+    rank-1 update w' -= U[j, j'] e of the later columns (addcmul_: one rounding on an FMA CPU, as C's fmaf)."""
+    inverse_scale = torch.where(column_scale > 0, 1.0 / column_scale.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    midpoints = code_midpoints(codebook)
+    zero = zero_code(codebook)
+    pivots = upper.diagonal().tolist()
+    quotas = [0] * len(work) if quota is None else quota.tolist()
+    for column, x in enumerate(work.unbind(0)):
+        code = torch.bucketize(x * inverse_scale[column], midpoints)        # (N,) int64: nearest_code's rule
+        quantized = codebook[code] * column_scale[column]
+        keep = is_outlier[column]
+        if quotas[column] > 0:
+            rounding = (x - quantized).abs_().masked_fill_(keep, -1.0)
+            keep[torch.sort(rounding, descending=True, stable=True).indices[:quotas[column]]] = True
+        quantized = torch.where(keep, x, quantized)
+        codes[column] = code.masked_fill_(keep, zero)
+        torch.div(x - quantized, pivots[column], out=errors[column])
+        work[column + 1:].addcmul_(upper[column, column + 1:].unsqueeze(1), errors[column], value=-1.0)
+
+
+def _native_round_columns():
+    """native.gptq_columns when the CPU library is built and loads, else None."""
+    return native.gptq_columns if native.cpu_status() is None else None
 
 
 def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> torch.Tensor:

@@ -30,8 +30,9 @@ extern "C" {
                              4: ql_weight's storage tags (stored scales / outliers, no widened copies);
                              5: the decode-step primitives (ql_cpu_rms_norm, ...);
                              6: ql_cpu_decode_layer (decoder layers' decode step);
-                             7: ql_cpu_qmatmul_q8act (int8 activations, opt-in) and
-                                ql_decode_layer_args.int8_activations */
+                             7: ql_cpu_qmatmul_q8act (int8 activations, opt-in),
+                                ql_decode_layer_args.int8_activations, ql_cpu_gptq_columns
+                                (GPTQ's column loop) */
 
 #if defined(_WIN32)
 #define QL_API __declspec(dllexport)
@@ -260,6 +261,23 @@ typedef struct {
  * to (their x and out to layers[0].out: the stream runs in place there). Each layer adds its own
  * matmul and attention seconds. */
 QL_API int ql_cpu_decode_layer(ql_decode_layer_args *layers, int64_t n_layers, int n_threads);
+
+/* ---------------------------------------------------------------- GPTQ's column loop (csrc/cpu/gptq.c)
+ * The offline quantizer's GPTQ pass, innermost level (bit-identical with quantlite/gptq.py's Python
+ * loop): `columns` (S) consecutive columns of the processing order rounded one after the other, each
+ * one's scaled rounding error e = (w - q) / U[j, j] flowing into the later ones by
+ * w' = fma(-U[j, j'], e, w'). The weight is held transposed, a column of W = a row of N floats:
+ *   work (S, N) float32 in place, column_scale (S, N) float32, upper (S, S) float32 with U[j, j'] at
+ *   upper[j * upper_row_stride + j' * upper_column_stride] (the diagonal block of U, the upper
+ *   Cholesky factor of H^-1; strides > 0, in floats),
+ *   codebook (16,) float32 ascending with a 0 level, is_outlier (S, N) uint8 0/1 in and out,
+ *   quota (S,) int64 in [0, N] or NULL: per column, how many more weights to keep exact (those of
+ *   the largest |w - q|, ties to the lower row)
+ *   -> codes (S, N) uint8 (code = #{i : mid[i] < w * r} as ql_cpu_encode_codes; the zero level's at
+ *      outliers, where q = w), errors (S, N) float32 = e (0 at outliers). Single-threaded. */
+QL_API int ql_cpu_gptq_columns(float *work, const float *column_scale, const float *upper, int64_t upper_row_stride,
+                               int64_t upper_column_stride, const float *codebook, uint8_t *is_outlier, const int64_t *quota, int64_t columns,
+                               int64_t n, uint8_t *codes, float *errors);
 
 #ifdef __cplusplus
 }

@@ -99,6 +99,7 @@ def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
         _declare(library, "ql_cpu_qmatmul_int8", [ctypes.POINTER(_WeightInt8), _PTR, _I64, _I64, _PTR, _I64, _INT, _INT])
         _declare(library, "ql_cpu_best_isa", [])
         _declare(library, "ql_cpu_isa_name", [_INT], ctypes.c_char_p)
+        _declare(library, "ql_cpu_gptq_columns", [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR])
     else:
         _declare(library, "ql_cuda_qmatmul", _MATMUL_ARGS + [_PTR])
         _declare(library, "ql_cuda_dequantize", [ctypes.POINTER(_Weight), _PTR, _I64, _INT, _PTR])
@@ -459,6 +460,45 @@ def qmatmul_int8_cpu(x: torch.Tensor, qw: Q8Weight, *, n_threads: int | None = N
                                              out.data_ptr(), n, DTYPE_TAGS[x.dtype], _threads(n_threads))
         _check(library, status, f"native cpu int8 qmatmul (M={m}, N={n}, K={k})")
     return out.reshape(*x.shape[:-1], n)
+
+
+def gptq_columns(
+    work: torch.Tensor,
+    column_scale: torch.Tensor,
+    upper: torch.Tensor,
+    codebook: torch.Tensor,
+    is_outlier: torch.Tensor,
+    quota: torch.Tensor | None,
+    codes: torch.Tensor,
+    errors: torch.Tensor,
+) -> None:
+    """GPTQ's innermost level in C (csrc/cpu/gptq.c; quantlite/gptq.py's Python loop is the
+    reference): the S columns of one sub-block, in processing order, rounded one after the other,
+    each one's error flowing into the later ones. A column of W is a row of N here:
+    work (S, N) float32 (changed in place), column_scale (S, N) float32, upper (S, S) float32 (the
+    sub-block's diagonal block of U, any strides: a view of the whole U), codebook (16,) float32,
+    is_outlier (S, N) bool (the quota's choices are marked in it), quota (S,) int64 or None ->
+    codes (S, N) uint8 and errors (S, N) float32 = (w - q) / U[j, j], written."""
+    library = _cpu_library_loaded or _cpu_library()
+    where = "native cpu gptq_columns"
+    columns, n = work.shape
+    expected = {"work": (work, (columns, n), torch.float32), "column_scale": (column_scale, (columns, n), torch.float32),
+                "codebook": (codebook, (16,), torch.float32), "is_outlier": (is_outlier, (columns, n), torch.bool),
+                "codes": (codes, (columns, n), torch.uint8), "errors": (errors, (columns, n), torch.float32)}
+    if quota is not None:
+        expected["quota"] = (quota, (columns,), torch.int64)
+    for label, (tensor, shape, dtype) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_cpu or not tensor.is_contiguous():
+            raise NativeKernelError(f"{where}: {label} must be a contiguous {dtype} CPU tensor {shape} (S = {columns} columns of "
+                                    f"N = {n}), got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+    if tuple(upper.shape) != (columns, columns) or upper.dtype != torch.float32 or not upper.is_cpu or min(upper.stride()) <= 0:
+        raise NativeKernelError(f"{where}: upper must be a float32 CPU tensor ({columns}, {columns}) with positive strides, "
+                                f"got {tuple(upper.shape)} {upper.dtype} strides {upper.stride()} on {upper.device}")
+    status = library.ql_cpu_gptq_columns(
+        work.data_ptr(), column_scale.data_ptr(), upper.data_ptr(), upper.stride(0), upper.stride(1), codebook.data_ptr(),
+        is_outlier.data_ptr(), None if quota is None else quota.data_ptr(), columns, n, codes.data_ptr(), errors.data_ptr(),
+    )
+    _check(library, status, f"{where} (S={columns}, N={n})")
 
 
 # ---------------------------------------------------------------------------- CUDA
