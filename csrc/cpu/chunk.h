@@ -290,4 +290,29 @@ static inline void ql_chunk_fail(const ql_matmul_job *job, int status) {
     __atomic_store_n(job->status, status, __ATOMIC_RELAXED);
 }
 
+/* y's rows m0 .. m0 + x_rows - 1 at the chunk's columns [n0, n0 + rows): a tile's sums (rows, x_rows)
+ * plus the chunk's outlier sums, in y's dtype. */
+static inline void ql_chunk_store(const ql_matmul_job *job, const ql_chunk *chunk, int64_t n0, int64_t rows, int64_t m0,
+                                  int x_rows, const float *sums) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int m = 0; m < x_rows; ++m)
+            ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n0 + r,
+                     sums[r * x_rows + m] + chunk->outliers[r * job->m + m0 + m]);
+}
+
+/* The GEMV kernels' walk over their rows [n0, n_end) in grains: begins the grain at n0 (up to
+ * QL_ROW_GRAIN rows) and returns its row count, or 0 when it failed (then kept by ql_chunk_fail and
+ * the kernel returns):
+ *     for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
+ *         ql_chunk chunk;
+ *         if (!(rows = ql_chunk_next(job, n0, n_end, scratch, &chunk))) return;
+ *         ... rows [n0, n0 + rows) ... } */
+static inline int64_t ql_chunk_next(const ql_matmul_job *job, int64_t n0, int64_t n_end, float *scratch, ql_chunk *chunk) {
+    const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+    const int status = ql_chunk_begin(job, n0, rows, scratch, chunk);
+    if (status == QL_OK) return rows;
+    ql_chunk_fail(job, status);
+    return 0;
+}
+
 #endif

@@ -318,14 +318,9 @@ void ql_qmatmul_rows_avx2(const ql_matmul_job *job, int64_t n_begin, int64_t n_e
     const level_planes planes = make_planes(job->w->codebook);
     float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
     float *chunk_scratch = scratch + own_scratch_floats(job);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
-        const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+    for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
         ql_chunk chunk;
-        const int status = ql_chunk_begin(job, n0, rows, chunk_scratch, &chunk);
-        if (status != QL_OK) {
-            ql_chunk_fail(job, status);
-            return;
-        }
+        if (!(rows = ql_chunk_next(job, n0, n_end, chunk_scratch, &chunk))) return;
         switch (job->m) {  /* a constant row count lets the compiler keep every accumulator in a register */
             case 1: register_rows(job, &planes, &chunk, n0, rows, scratch, 1); break;
             case 2: register_rows(job, &planes, &chunk, n0, rows, scratch, 2); break;

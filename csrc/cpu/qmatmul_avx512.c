@@ -197,28 +197,15 @@ static inline __attribute__((always_inline)) void tile_rows_pass(const ql_matmul
 }
 
 /* y[m0 + m, n0 + r] = sums[r, m] + the chunk's outlier sums of row r against x row m0 + m. */
-static void store_outputs(const ql_matmul_job *job, const ql_chunk *chunk, int64_t n0, int64_t rows, int64_t m0,
-                          int x_rows, const float *sums) {
-    for (int64_t r = 0; r < rows; ++r)
-        for (int m = 0; m < x_rows; ++m)
-            ql_store(job->y, job->dtype, (m0 + m) * job->y_row_stride + n0 + r,
-                     sums[r * x_rows + m] + chunk->outliers[r * job->m + m0 + m]);
-}
-
 void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
     float *scratch = job->scratch + thread_index * job->scratch_floats_per_thread;
     const strip_scales *table = strip_scales_of_call(job, scratch);
     const __m512 codebook = _mm512_loadu_ps(job->w->codebook);
     float sums[QL_ROW_GRAIN * QL_AVX512_X_TILE];  /* (rows, x_rows) */
     float *chunk_scratch = scratch + own_scratch_floats(job);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
-        const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+    for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
         ql_chunk chunk;
-        const int status = ql_chunk_begin(job, n0, rows, chunk_scratch, &chunk);
-        if (status != QL_OK) {
-            ql_chunk_fail(job, status);
-            return;
-        }
+        if (!(rows = ql_chunk_next(job, n0, n_end, chunk_scratch, &chunk))) return;
         for (int64_t m0 = 0; m0 < job->m; m0 += QL_AVX512_X_TILE) {
             const int x_rows = job->m - m0 < QL_AVX512_X_TILE ? (int)(job->m - m0) : QL_AVX512_X_TILE;
             const float *x = job->x_packed + ql_avx512_x_position(0, m0, job->m, job->padded_k);
@@ -232,7 +219,7 @@ void ql_qmatmul_rows_avx512(const ql_matmul_job *job, int64_t n_begin, int64_t n
                 case 7: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 7); break;
                 default: tile_rows_pass(job, table, codebook, n0, rows, &chunk, x, sums, 8); break;
             }
-            store_outputs(job, &chunk, n0, rows, m0, x_rows, sums);
+            ql_chunk_store(job, &chunk, n0, rows, m0, x_rows, sums);
         }
     }
 }

@@ -217,14 +217,9 @@ void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_en
     for (int i = 0; i < 16; ++i) unsigned_levels[i] = (uint8_t)(job->levels[i] + 128);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)unsigned_levels));
     float sums[QL_ROW_GRAIN * X_TILE];  /* (rows, x_rows) */
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += QL_ROW_GRAIN) {
-        const int64_t rows = n_end - n0 < QL_ROW_GRAIN ? n_end - n0 : QL_ROW_GRAIN;
+    for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
         ql_chunk chunk;
-        const int status = ql_chunk_begin(base, n0, rows, scratch, &chunk);
-        if (status != QL_OK) {
-            ql_chunk_fail(base, status);
-            return;
-        }
+        if (!(rows = ql_chunk_next(base, n0, n_end, scratch, &chunk))) return;
         for (int64_t m0 = 0; m0 < base->m; m0 += X_TILE) {
             const int x_rows = base->m - m0 < X_TILE ? (int)(base->m - m0) : X_TILE;
             switch (x_rows) {  /* a constant row count keeps every accumulator in a register */
@@ -233,10 +228,7 @@ void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_en
                 case 3: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 3); break;
                 default: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 4); break;
             }
-            for (int64_t r = 0; r < rows; ++r)
-                for (int m = 0; m < x_rows; ++m)
-                    ql_store(base->y, base->dtype, (m0 + m) * base->y_row_stride + n0 + r,
-                             sums[r * x_rows + m] + chunk.outliers[r * base->m + m0 + m]);
+            ql_chunk_store(base, &chunk, n0, rows, m0, x_rows, sums);
         }
     }
 }
