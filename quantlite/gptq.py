@@ -132,8 +132,12 @@ class Factored:
 
 
 def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
-    """The Factored of E[x x^T] (K, K) or its BlockDiagonal: column order and inverse Cholesky factors."""
+    """The Factored of E[x x^T] (K, K) or its BlockDiagonal, checked (check_second_moment on each
+    block, so quantize need not check it again for each Linear sharing it): column order and
+    inverse Cholesky factors."""
     blocks = hessian.blocks if isinstance(hessian, BlockDiagonal) else (hessian,)
+    for block in blocks:
+        check_second_moment(block)
     mean_diagonal = None  # the damping's unit: over the whole matrix, dead columns as 1, as _inverse_cholesky has it
     if len(blocks) > 1:
         diagonal = torch.cat([block.diagonal() for block in blocks]).double()     # (K,) float64
@@ -146,6 +150,17 @@ def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
         segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
         start = end
     return Factored(hessian, torch.cat(order), tuple(segments))
+
+
+def check_second_moment(matrix: torch.Tensor) -> None:
+    """Raises QuantizationInputError unless matrix (k, k) can be E[x x^T]: finite, a non-negative
+    diagonal, symmetric (to float rounding)."""
+    k = matrix.shape[0]
+    diagonal = matrix.diagonal()
+    if not bool(torch.isfinite(matrix).all()) or bool((diagonal < 0).any()):
+        raise QuantizationInputError("importance must be finite, with a non-negative (diagonal) per column")
+    if not torch.allclose(matrix, matrix.T, rtol=1e-4, atol=1e-6 * float(diagonal.max())):
+        raise QuantizationInputError(f"importance ({k}, {k}) must be symmetric: it is E[x x^T]")
 
 
 def column_order(hessian: torch.Tensor) -> torch.Tensor:

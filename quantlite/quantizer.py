@@ -23,7 +23,7 @@ import torch
 
 from quantlite.codebook import codebook_problem, int4_codebook, lloyd_step, nearest_code, nf4_codebook, uniform_codebooks
 from quantlite.errors import QuantizationInputError
-from quantlite.gptq import BlockDiagonal, Factored, gptq_codes
+from quantlite.gptq import BlockDiagonal, Factored, check_second_moment, gptq_codes
 from quantlite.outliers import select_outliers
 from quantlite.qweight import (
     SCALE_GROUP_SIZE,
@@ -148,7 +148,8 @@ def quantize(
     factored = importance if isinstance(importance, Factored) else None  # E[x x^T] with GPTQ's factors, made once
     if factored is not None:
         importance = factored.hessian
-    _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label)
+    _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label,
+                  statistic_checked=factored is not None)
     n, k = w.shape
     method_codebook = nf4_codebook() if defaults.codebook == "nf4" else int4_codebook()
     n_blocks = -(-k // block_size)
@@ -227,7 +228,10 @@ def _outliers_within(max_bits_per_weight, shape, block_size, method, double_quan
     return 1 + (budget - size(n_outliers=1)) // bytes_per_outlier
 
 
-def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label) -> None:
+def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits_per_weight, label,
+                  statistic_checked: bool = False) -> None:
+    """statistic_checked: importance's values were checked already (gptq.factor does, once for every
+    Linear sharing the statistic); its shape still is."""
     if not isinstance(w, torch.Tensor):
         raise QuantizationInputError(f"{label} must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
@@ -260,23 +264,25 @@ def _check_inputs(w, block_size, outlier_frac, scale_dtype, importance, max_bits
             raise QuantizationInputError(f"importance's diagonal blocks cover {importance.shape[0]} input columns, "
                                          f"the tensor has {w.shape[1]}")
         for block in importance.blocks:
-            _check_importance(block, block.shape[0])
+            _check_importance(block, block.shape[0], statistic_checked)
     elif importance is not None:
-        _check_importance(importance, w.shape[1])
+        _check_importance(importance, w.shape[1], statistic_checked)
 
 
-def _check_importance(importance: torch.Tensor, k: int) -> None:
-    """importance over k input columns: (k,) E[x^2] or (k, k) E[x x^T], finite, symmetric, diagonal >= 0."""
+def _check_importance(importance: torch.Tensor, k: int, values_checked: bool = False) -> None:
+    """importance over k input columns: (k,) E[x^2] or (k, k) E[x x^T], finite, diagonal >= 0, and a
+    matrix symmetric (gptq.check_second_moment); values_checked: the shape alone."""
     if importance.shape not in ((k,), (k, k)):
         raise QuantizationInputError(
             f"importance must have shape ({k},) (mean x**2 per input column) or ({k}, {k}) (E[x x^T]), "
             f"got {tuple(importance.shape)}"
         )
-    diagonal = importance.diagonal() if importance.dim() == 2 else importance
-    if not bool(torch.isfinite(importance).all()) or bool((diagonal < 0).any()):
+    if values_checked:
+        return
+    if importance.dim() == 2:
+        check_second_moment(importance)
+    elif not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
         raise QuantizationInputError("importance must be finite, with a non-negative (diagonal) per column")
-    if importance.dim() == 2 and not torch.allclose(importance, importance.T, rtol=1e-4, atol=1e-6 * float(diagonal.max())):
-        raise QuantizationInputError(f"importance ({k}, {k}) must be symmetric: it is E[x x^T]")
 
 
 def _safe_reciprocal(scales: torch.Tensor) -> torch.Tensor:

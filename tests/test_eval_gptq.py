@@ -106,6 +106,23 @@ def test_rejects_bad_second_moments(importance, message):
         quantize(torch.randn(4, 64), importance=importance)
 
 
+@pytest.mark.parametrize(
+    "statistic, message",
+    [
+        (torch.randn(64, 64), "symmetric|non-negative"),
+        (torch.full((64, 64), float("nan")), "finite"),
+        (-torch.eye(64), "non-negative"),
+    ],
+)
+def test_factor_checks_the_statistic_once_for_every_sharer(statistic, message):
+    """gptq.factor checks E[x x^T] (quantize then checks a Factored's shape only): a bad one is
+    refused there, whole or as a block of a BlockDiagonal."""
+    with pytest.raises(QuantizationInputError, match=message):
+        gptq.factor(statistic)
+    with pytest.raises(QuantizationInputError, match=message):
+        gptq.factor(gptq.BlockDiagonal((torch.eye(32), statistic)))
+
+
 def test_rejects_indefinite_second_moment():
     h = -torch.eye(64)
     h[0, 0] = 1.0  # diagonal must be non-negative: caught before the factorisation
