@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import describe
+from benchmarks.machine import cpu_flags, describe
 from quantlite.codebook import nf4_codebook
 from quantlite.kernels import native
 from quantlite.kernels.prepared import prepare
@@ -154,6 +154,10 @@ def bench_bandwidth(repeats: int) -> None:
           f"{buffer.numel() * 4 / 2**30:.2f} GiB, L3 {l3 / 2**20:.0f} MiB)")
     print("(fraction: the median over rounds of the kernel's GB/s over the DRAM GB/s of the same round; range: "
           "its lowest and highest; path: the default float32 activations, and the int8-activation opt-in)")
+    flags = cpu_flags()
+    vnni = "yes" if {"avx512bw", "avx512_vnni"} <= flags else "no" if flags else "unknown"
+    print(f"(int8 rows: the AVX-512 VNNI kernel where the CPU has avx512bw and avx512_vnni, here: {vnni}; "
+          "else the portable C rule)")
     print(f"{'N x K':>13} {'path':>8} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} "
           f"{'fraction':>8} {'range':>9} {'hot ms':>7} {'hot GB/s':>8}")
     for n, k in SHAPES[:2]:
