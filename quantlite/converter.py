@@ -22,6 +22,7 @@ Memory: one tensor is in memory at a time, and a large tensor is quantized in ro
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -254,8 +255,10 @@ def convert(
                   unit="param", unit_scale=True, desc="convert", disable=not progress) as bar:
             jobs = [(run_jobs or _run_jobs)(source, out, settings, todo, workers)]
             layers = [(file, names) for file, names in todo if LAYER_NAME.fullmatch(names[0])]
+            # the calibration's token ids, made once (tokenized or sampled) for the layers and for model tuning
+            calibration_ids = functools.cache(lambda: _calibration_ids(source, out, calibration, settings.calibration, progress))
             if settings.calibration and layers:  # the decoder layers one after the other, then the rest
-                jobs = [_calibrated_layers(source, out, settings, calibration, plan, done, progress),
+                jobs = [_calibrated_layers(source, out, settings, calibration_ids, plan, done, progress),
                         _run_jobs(source, out, settings, [job for job in todo if job not in layers], workers)]
             for file, entry in (item for job in jobs for item in job):
                 done[file] = entry
@@ -266,8 +269,7 @@ def convert(
 
             state[MODEL_TUNING] = True
             _save_state(out, state)
-            ids = _calibration_ids(source, out, calibration, settings.calibration, progress)
-            for file, entry in tune_model_shards(source, out, ids, settings.calibration, done, progress):
+            for file, entry in tune_model_shards(source, out, calibration_ids(), settings.calibration, done, progress):
                 done[file] = entry
             del state[MODEL_TUNING]
             state[MODEL_TUNED] = True
@@ -474,7 +476,8 @@ def _is_text_file(calibration) -> bool:
 def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict, progress: bool) -> torch.Tensor:
     """(n,) int64 calibration token ids: random_token_ids for "random", the tokenized text of a file or,
     for "self", of what the model samples (its float copy written into OUT/SELF_CALIBRATION_DIR); the
-    tokenizer is the one already written into OUT (for a GGUF, transformers built it from the metadata)."""
+    tokenizer is the one already written into OUT (for a GGUF, transformers built it from the metadata).
+    Fewer ids than one window of calibration["ctx"]: ConversionError."""
     from quantlite.calibration import sampled_calibration_text, tokenizer_random_ids
     from quantlite.runtime.generate import GenerationError, Tokenizer
 
@@ -494,11 +497,14 @@ def _calibration_ids(source, out: Path, text_file: str | Path, calibration: dict
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"calibration text {text_file}: {error}") from error
-    return torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    if ids.numel() < calibration["ctx"]:
+        raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
+    return ids
 
 
-def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | Path, plan: dict, done: dict,
-                       progress: bool):
+def _calibrated_layers(source, out: Path, settings: Settings, calibration_ids: Callable[[], torch.Tensor], plan: dict,
+                       done: dict, progress: bool):
     """Yield (file, entry) for each decoder layer not yet done, in order, quantized with calibration
     statistics in GPTQ's sequential order: the calibration windows reach each layer through the
     layers before it as written (quantized), so a layer's statistics include their errors. Layers
@@ -507,9 +513,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, text_file: str | P
     from quantlite.tuning import tune_shard
 
     calibration = settings.calibration
-    ids = _calibration_ids(source, out, text_file, calibration, progress)
-    if ids.numel() < calibration["ctx"]:
-        raise ConversionError(f"calibration text {text_file} has {ids.numel()} tokens, fewer than one window of {calibration['ctx']}")
+    ids = calibration_ids()  # (n,) int64
 
     def as_written(layer: int) -> dict:
         """Layer `layer` as its shard holds it, named relative to the layer, floats as float32."""

@@ -126,11 +126,15 @@ def calibration(stories260k_hf, shared_data, tmp_path):
     return dict(calibration=text, calibration_windows=8, calibration_ctx=128, progress=False)
 
 
-def test_convert_tune_model_steps_lowers_the_packed_models_divergence(stories260k_hf, calibration, tmp_path):
+def test_convert_tune_model_steps_lowers_the_packed_models_divergence(stories260k_hf, calibration, tmp_path, monkeypatch):
+    import quantlite.converter as converter
     from quantlite.runtime.generate import Tokenizer
 
     plain = convert(stories260k_hf, tmp_path / "plain", **calibration)
+    made, real_ids = [], converter._calibration_ids  # the text is tokenized once, for the layers and the model tuning
+    monkeypatch.setattr(converter, "_calibration_ids", lambda *args: made.append(args) or real_ids(*args))
     tuned = convert(stories260k_hf, tmp_path / "tuned", tune_model_steps=100, **calibration)
+    assert len(made) == 1
     assert tuned.manifest["quantization"]["calibration"]["tune_model_steps"] == 100
     assert "tune_model_steps" not in plain.manifest["quantization"]["calibration"]
     assert tuned.manifest["totals"]["quantized_bits_per_weight"] == plain.manifest["totals"]["quantized_bits_per_weight"]
