@@ -69,13 +69,15 @@ def run_tune_model(tiny, **options):
 
 def test_model_tuning_lowers_the_held_out_divergence_moving_codes_in_the_same_format(tiny):
     config, float_layers, rest, layers, windows = tiny
-    result = run_tune_model(tiny, steps=100, code_learning_rate=1e-4)
+    # 200 steps: at 100 a few seeds in a hundred (e.g. 624957332) had not yet moved the held-out score
+    # by 3 %; at 200 the worst of ten seeds, that one included, kept 0.83 of it
+    result = run_tune_model(tiny, steps=200, code_learning_rate=1e-4)
 
     before = held_out_kl_f64(layers, float_layers, rest, windows, config)
     after = held_out_kl_f64(result.layers, float_layers, rest, windows, config)
     assert result.kl_before == pytest.approx(before, rel=1e-3)  # the reported scores are the stored layers' KL
     assert result.kl_after == pytest.approx(after, rel=1e-3)
-    assert after < 0.97 * before and result.best_step in (50, 100)
+    assert after < 0.97 * before and result.best_step in (100, 150, 200)
     moved = 0
     for old_layer, new_layer in zip(layers, result.layers):
         assert old_layer.keys() == new_layer.keys()
