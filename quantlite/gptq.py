@@ -147,7 +147,7 @@ def factor(hessian: torch.Tensor | BlockDiagonal) -> Factored:
         end = start + block.shape[0]
         local = column_order(block)                                                # (b,) int64
         order.append(start + local)
-        segments.append((start, end, _inverse_cholesky(block[local][:, local], mean_diagonal)))  # (b, b) float32
+        segments.append((start, end, _inverse_cholesky(block[local.unsqueeze(1), local], mean_diagonal)))  # (b, b) float32
         start = end
     return Factored(hessian, torch.cat(order), tuple(segments))
 
@@ -260,9 +260,11 @@ def _inverse_cholesky(hessian: torch.Tensor, mean_diag: float | None = None) -> 
     for damping in DAMPING:
         # With J the order reversal and J (H + damping) J = L L^T: (H + damping)^-1 = U^T U for the upper
         # triangular U = J L^-1 J: one factorisation and one triangular solve, no inverse formed.
-        identity = torch.eye(k, dtype=torch.float64)
-        factor, info = torch.linalg.cholesky_ex((h + damping * mean_diag * identity).flip(0, 1))
+        damped = h.flip(0, 1)  # J H J, a copy
+        damped.diagonal().add_(damping * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
+            identity = torch.eye(k, dtype=torch.float64)
             return torch.linalg.solve_triangular(factor, identity, upper=False).flip(0, 1).to(torch.float32)
     raise QuantizationInputError(
         f"the input second-moment matrix ({k}x{k}) is not positive definite even with damping "
