@@ -99,10 +99,10 @@ def gptq_codes(
     order, segments = factored.order, factored.segments
     # Everything is kept transposed, (K, N), and in processing order: column order[j] of W is row j
     # here, so each step of the loop reads and writes contiguous memory.
-    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()  # (K, N) float32
+    column_scale = scales.T[torch.div(order, block_size, rounding_mode="floor")].contiguous()  # (K, N) each weight's scale
+    restore = torch.argsort(order)                            # (K,) the processing position of each column
     is_outlier = torch.zeros(k, n, dtype=torch.bool)
-    is_outlier[outlier_cols, outlier_rows] = True
-    is_outlier = is_outlier[order]
+    is_outlier[restore[outlier_cols], outlier_rows] = True
     work = w.T.to(torch.float32)[order].contiguous()          # (K, N) updated in place as errors flow down
     quota = None
     if salient_outliers > 0:
@@ -110,7 +110,6 @@ def gptq_codes(
         chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
         quota = torch.bincount(chosen // n, minlength=k)                  # (K,) int64
     codes, _ = _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota)
-    restore = torch.argsort(order)
     codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
     zero = int((codebook == 0).nonzero()[0, 0])
     stored = torch.full((n, scales.shape[1] * block_size), zero, dtype=torch.uint8)  # padding keeps the zero level
@@ -180,6 +179,8 @@ def _gptq_passes(work, column_scale, codebook, segments, is_outlier, quota=None)
     with torch_threads(1):  # a chain of small ops (quantlite.torch_threads says why)
         passes = [_gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
                              None if quota is None else quota[start:end]) for start, end, upper in segments]
+    if len(passes) == 1:
+        return passes[0]
     return torch.cat([codes for codes, _ in passes]), torch.cat([saliency for _, saliency in passes])
 
 

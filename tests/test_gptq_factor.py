@@ -55,3 +55,56 @@ def test_factor_orders_the_statistic_as_two_gathers(generator):
     factored = gptq.factor(h)
     order = factored.order
     assert torch.equal(factored.segments[0][2], reference_inverse_cholesky(h[order][:, order]))
+
+
+def reference_gptq_codes(w, scales, codebook, factored, outlier_rows, outlier_cols, block_size, salient_outliers):
+    """gptq_codes' set-up and unpacking written plainly (every column's scale by repeat_interleave, the
+    outlier mask scattered then gathered into processing order, the passes' results concatenated)
+    around the same passes."""
+    n, k = w.shape
+    order = factored.order
+    column_scale = scales.repeat_interleave(block_size, dim=1)[:, :k].T[order].contiguous()
+    is_outlier = torch.zeros(k, n, dtype=torch.bool)
+    is_outlier[outlier_cols, outlier_rows] = True
+    is_outlier = is_outlier[order]
+    work = w.T.to(torch.float32)[order].contiguous()
+
+    def passes(work, is_outlier, quota=None):
+        results = [gptq._gptq_pass(work[start:end], column_scale[start:end], codebook, upper, is_outlier[start:end],
+                                   None if quota is None else quota[start:end]) for start, end, upper in factored.segments]
+        return torch.cat([c for c, _ in results]), torch.cat([s for _, s in results])
+
+    quota = None
+    if salient_outliers > 0:
+        saliency = passes(work.clone(), is_outlier.clone())[1]
+        chosen = torch.topk(saliency.reshape(-1), min(salient_outliers, saliency.numel()), sorted=False).indices
+        quota = torch.bincount(chosen // n, minlength=k)
+    codes, _ = passes(work, is_outlier, quota)
+    restore = torch.argsort(order)
+    codes, work, is_outlier = codes[restore], work[restore], is_outlier[restore]
+    zero = int((codebook == 0).nonzero()[0, 0])
+    stored = torch.full((n, scales.shape[1] * block_size), zero, dtype=torch.uint8)
+    stored[:, :k] = codes.T
+    rows, cols = is_outlier.T.nonzero(as_tuple=True)
+    return stored, rows, cols, work[cols, rows]
+
+
+@pytest.mark.parametrize("n, k, block_size, hessian_block", [(24, 100, 32, None), (40, 96, 16, 40), (3, 20, 64, None)])
+def test_gptq_codes_is_its_plain_formulation(n, k, block_size, hessian_block, generator, monkeypatch):
+    from quantlite.codebook import nf4_codebook
+
+    if hessian_block is not None:
+        monkeypatch.setattr(gptq, "HESSIAN_BLOCK", hessian_block)
+    w = torch.randn(n, k, generator=generator)
+    h = statistic(k, generator)
+    hessian = gptq.BlockDiagonal(tuple(h[s:e, s:e].clone() for s, e in gptq.hessian_blocks(k))) if hessian_block else h
+    factored = gptq.factor(hessian)
+    blocks = -(-k // block_size)
+    scales = torch.rand(n, blocks, generator=generator) * 0.5 + 0.1
+    picked = torch.randperm(n * k, generator=generator)[: n * k // 50]
+    outlier_rows, outlier_cols = picked // k, picked % k
+    for salient in (0, n * k // 40):
+        ours = gptq.gptq_codes(w, scales, nf4_codebook(), factored, outlier_rows, outlier_cols, block_size, salient)
+        expected = reference_gptq_codes(w, scales, nf4_codebook(), factored, outlier_rows, outlier_cols, block_size, salient)
+        for a, b in zip(ours, expected):
+            assert torch.equal(a, b)
