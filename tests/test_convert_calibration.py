@@ -243,3 +243,31 @@ def test_a_calibrated_conversion_reads_each_layer_tensor_once(stories260k_hf, tm
     assert len([name for name in reads if name.startswith("model.layers.")]) == 2 * len(layer_reads)
     for path in sorted((tmp_path / "once").glob("*.safetensors")):
         assert (tmp_path / "twice" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_read_once_keeps_only_the_layers_float32_reads():
+    """_ReadOnce keeps a float32 read of a listed name until it is read again or forgotten; other
+    dtypes (which the calibration's pass copies to float32 itself) and other names go to the source
+    every time."""
+    import quantlite.converter as converter
+
+    class Source:
+        shapes = {"a": (2,), "b": (2,), "c": (2,)}
+
+        def __init__(self):
+            self.reads = []
+
+        def read(self, name):
+            self.reads.append(name)
+            return torch.zeros(2, dtype=torch.bfloat16 if name == "b" else torch.float32)
+
+    source = Source()
+    kept = converter._ReadOnce(source, {"a", "b"})
+    assert kept.shapes is source.shapes  # everything else is the source's
+    first = kept.read("a")
+    assert kept.read("a") is first and kept.read("a") is not first  # kept once, then read again
+    kept.read("b"), kept.read("b"), kept.read("c"), kept.read("c")
+    assert source.reads == ["a", "a", "b", "b", "c", "c"]  # the second "a" from the source is kept again
+    kept.forget()
+    kept.read("a")
+    assert source.reads == ["a", "a", "b", "b", "c", "c", "a"]
