@@ -68,6 +68,9 @@ BYTE_FALLBACK_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece's byte 
 RANDOM_CALIBRATION_WINDOWS = 4
 SELF_CALIBRATION_WINDOWS = 16
 TEXT_CALIBRATION_WINDOWS = 32
+# The Linear of a decoder layer whose output goes to the layer's output only (added to the residual stream):
+# iter_layer_input_stats's recording pass skips its product when that output is not used
+OUTPUT_ONLY_LINEAR = "mlp.down_proj.weight"
 
 
 class CalibrationError(QuantliteError, ValueError):
@@ -169,7 +172,10 @@ def iter_layer_input_stats(
         for name in (n for n in source.shapes if n.startswith(prefix)):
             short, tensor = name[len(prefix):], source.read(name).float()
             is_linear = short.endswith("_proj.weight")
-            weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x)) if is_linear else tensor
+            # when the windows move on through forward_weights, this pass's output is not used: the Linear whose
+            # output only reaches it records its input and skips its product
+            needed = forward_weights is None or short != OUTPUT_ONLY_LINEAR
+            weights[short] = _RecordsInput(tensor, lambda x, name=name: moments.add(name, x), needed) if is_linear else tensor
         run_layer(layer, weights, update=forward_weights is None, moments=moments)
         del weights
         yield layer, moments.means(), hidden
@@ -284,15 +290,18 @@ def _check_token_ids(token_ids: torch.Tensor) -> None:
 
 class _RecordsInput:
     """Stands in for a Linear weight in the model math: F.linear(x, this) hands x to `record`, then
-    computes with the real weight (torch's __torch_function__ protocol)."""
+    computes with the real weight (torch's __torch_function__ protocol), or, if its output is not
+    `needed`, returns zeros of the output's shape."""
 
-    def __init__(self, weight: torch.Tensor, record):
-        self.weight, self.record = weight, record
+    def __init__(self, weight: torch.Tensor, record, needed: bool = True):
+        self.weight, self.record, self.needed = weight, record, needed
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         stand_in = next(a for a in args if isinstance(a, cls))
         stand_in.record(args[0])
+        if not stand_in.needed:
+            return args[0].new_zeros(args[0].shape[:-1] + stand_in.weight.shape[:1])
         return func(*(a.weight if isinstance(a, cls) else a for a in args), **(kwargs or {}))
 
 

@@ -217,3 +217,57 @@ def test_calibration_refusals(stories260k_hf, calibration_text, tmp_path):
     with pytest.raises(ConversionError, match="fewer than one window"):
         convert(stories260k_hf, tmp_path / "c", calibration=short, progress=False)
     assert not (tmp_path / "c" / "quantlite.json").exists()
+
+
+def test_a_calibrated_conversion_reads_each_layer_tensor_once(stories260k_hf, tmp_path, monkeypatch):
+    """The calibration's pass and write_shard share the layer's float32 reads (a GGUF's dequantization
+    is not done twice); what is written is the same as when every read goes to the source."""
+    import quantlite.converter as converter
+
+    options = dict(calibration="random", calibration_windows=2, calibration_ctx=64, progress=False)
+    source_class = type(open_source(stories260k_hf))
+    reads = []
+    original_read = source_class.read
+    monkeypatch.setattr(source_class, "read", lambda self, name: reads.append(name) or original_read(self, name))
+    convert(stories260k_hf, tmp_path / "once", **options)
+    layer_reads = [name for name in reads if name.startswith("model.layers.")]
+    assert layer_reads and sorted(layer_reads) == sorted(set(layer_reads))  # every layer tensor, once
+
+    class ReadsAlways(converter._ReadOnce):  # the reference: nothing kept
+        def read(self, name):
+            return self.source.read(name)
+
+    monkeypatch.setattr(converter, "_ReadOnce", ReadsAlways)
+    reads.clear()
+    convert(stories260k_hf, tmp_path / "twice", **options)
+    assert len([name for name in reads if name.startswith("model.layers.")]) == 2 * len(layer_reads)
+    for path in sorted((tmp_path / "once").glob("*.safetensors")):
+        assert (tmp_path / "twice" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_read_once_keeps_only_the_layers_float32_reads():
+    """_ReadOnce keeps a float32 read of a listed name until it is read again or forgotten; other
+    dtypes (which the calibration's pass copies to float32 itself) and other names go to the source
+    every time."""
+    import quantlite.converter as converter
+
+    class Source:
+        shapes = {"a": (2,), "b": (2,), "c": (2,)}
+
+        def __init__(self):
+            self.reads = []
+
+        def read(self, name):
+            self.reads.append(name)
+            return torch.zeros(2, dtype=torch.bfloat16 if name == "b" else torch.float32)
+
+    source = Source()
+    kept = converter._ReadOnce(source, {"a", "b"})
+    assert kept.shapes is source.shapes  # everything else is the source's
+    first = kept.read("a")
+    assert kept.read("a") is first and kept.read("a") is not first  # kept once, then read again
+    kept.read("b"), kept.read("b"), kept.read("c"), kept.read("c")
+    assert source.reads == ["a", "a", "b", "b", "c", "c"]  # the second "a" from the source is kept again
+    kept.forget()
+    kept.read("a")
+    assert source.reads == ["a", "a", "b", "b", "c", "c", "a"]
