@@ -22,8 +22,8 @@
  *     [0, 32)    |x_q| of the strip's even columns      [32, 64)   of its odd columns
  *     [64, 96)   x_q of its even columns (the signs)     [96, 128)  of its odd columns
  *     [128, 160) float32 lane l: x_factor of columns 8l .. 8l + 7's activation block (0 past Kp)
- * then a per-strip table of which weight scale each lane uses (a strip spans at most 4 blocks, as
- * B >= 16: a masked load of 4 of the row's scales from the strip's first block and one vpermps).
+ * then a per-strip table of which weight scale each lane uses (a strip spans at most 3 blocks, as
+ * B >= 32: a masked load of 4 of the row's scales from the strip's first block and one vpermps).
  *
  * Register tiles: 4 weight rows against up to 2 rows of x, else 2 against up to 4 (X_TILE); per
  * strip and weight row r, its levels and scale vector, then per x row m:
@@ -31,8 +31,8 @@
  *         + madd(maddubs(|x_odd[m]|, sign(odd[r], x_odd[m])), 1)                  (int32, exact)
  *     total[r][m] += float(acc) * (scale_vector[r] * factor[m])                  (float32)
  * then y = the sum of total's 8 lanes + the chunk's outlier sums (chunk.h: float x, as the default
- * path). A total's terms do not depend on the tile it ran in, so neither M nor the thread count
- * changes an output's bits.
+ * path). A total's terms do not depend on the tile it ran in, so neither the thread count nor M
+ * (from 2 on: at M = 1 chunk.h sums the outliers in another order) changes an output's bits.
  * Work partition: api.c hands chunks of QL_ROW_GRAIN weight rows to the pool; a chunk runs every
  * x tile over its rows (in L2 by then). Every M runs this kernel, as with AVX-512 VNNI. */
 #include <immintrin.h>
@@ -47,7 +47,7 @@
 #define X_RECORD_BYTES 160     /* per (row of x, strip), as drawn above */
 #define X_TILE 4               /* rows of x per tile */
 #define WIDE_TILE_MAX_X_ROWS 2 /* 4 weight rows up to this many x rows, else 2 (16 ymm registers) */
-#define STRIP_MAX_BLOCKS 4     /* weight blocks a strip can touch: 64 columns, B >= 16 */
+#define STRIP_SCALES 4         /* scales loaded per strip (an xmm): a strip touches at most 3 blocks */
 
 /* Per strip: which of the row's scales its 8 lanes use. */
 typedef struct {
@@ -92,13 +92,13 @@ void ql_q8act_pack_avx2(const ql_q8act_job *job, void *x_strips) {
     strip_scales *table = (strip_scales *)((uint8_t *)x_strips + records_bytes(job));
     const int64_t block = job->base.w->block_size, n_blocks = padded_k / block;
     for (int64_t s = 0; s < strips; ++s) {
-        int32_t lanes[8], present[STRIP_MAX_BLOCKS];
+        int32_t lanes[8], present[STRIP_SCALES];
         const int64_t first = s * STRIP_COLUMNS / block;
         for (int l = 0; l < 8; ++l) {
             const int64_t b = (s * STRIP_COLUMNS + 8 * l) / block;
             lanes[l] = (int32_t)((b < n_blocks ? b : n_blocks - 1) - first);  /* past Kp: any loaded scale, x is 0 */
         }
-        for (int i = 0; i < STRIP_MAX_BLOCKS; ++i) present[i] = first + i < n_blocks ? -1 : 0;
+        for (int i = 0; i < STRIP_SCALES; ++i) present[i] = first + i < n_blocks ? -1 : 0;
         table[s].lane_block = _mm256_loadu_si256((const __m256i *)lanes);
         table[s].blocks = _mm_loadu_si128((const __m128i *)present);
         table[s].first_block = first;
