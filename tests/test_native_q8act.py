@@ -4,11 +4,11 @@ Two references, each with a derived bound:
 
 1. The same rule in float64 (int8_rule below: x quantized per activation block exactly as the C
    code does it, in float32, the int8 levels, the integer dot products exact). The kernels sum the
-   same integers in float32: the scalar code per activation block, the AVX-512 code per 8-column
-   lane and strip, then 16 lanes pairwise. Every term t = float(int) * fl(scale * factor) carries at
-   most 2 roundings (the product of the two float32 factors, the product with the integer; integers
+   same integers in float32: the scalar code per activation block, the AVX-512 and AVX2 codes per
+   8-column lane and strip, then their 16 or 8 lanes pairwise. Every term
+   t = float(int) * fl(scale * factor) carries at most 2 roundings (the product of the two float32 factors, the product with the integer; integers
    below 2**24 convert exactly), and any output's sum is a chain of at most
-   n = Kp / 8 + nnz(row) + 8 float32 additions (lanes of 8 columns are the finest terms either
+   n = Kp / 8 + nnz(row) + 8 float32 additions (lanes of 8 columns are the finest terms any
    kernel adds; + the outliers; + the 16-lane reduction and the final add). So
        |y - rule| <= (n + 2) u / (1 - (n + 2) u) * S,   u = 2**-24,
    S = sum over 8-column lanes of |lane's integer dot| * |scale * factor| + sum |outlier * x| (the
@@ -21,7 +21,8 @@ Two references, each with a derived bound:
 
 Inputs are fresh per run (the seed fixture); M = 1..16 and larger, odd N, K around block multiples,
 block sizes 32 / 48 / 64 / 128, outliers, float16 / double-quantized scales, every ISA the CPU has
-(the AVX-512 level runs the VNNI kernel where cpuid has it; the others run the portable rule).
+(the AVX-512 level runs the VNNI kernel where cpuid has it, else the AVX2 kernel; the AVX2 level the
+AVX2 kernel, which the tests at the end also hold to the portable rule; scalar the portable rule).
 """
 from __future__ import annotations
 

@@ -276,10 +276,6 @@ static void q8act_chunk_avx512(void *job, int64_t begin, int64_t end, int thread
 
 static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
 
-/* The int8 kernels: AVX-512 VNNI where cpuid has it (and the ISA is not forced lower), else AVX2 at
- * that level or above, else the portable rule. */
-enum { Q8ACT_SCALAR, Q8ACT_AVX2, Q8ACT_AVX512 };
-
 /* x is quantized once per call by the caller's thread (M x Kp values, against the N x Kp / 2 code
  * bytes the call reads), then the rows of W are split over the pool. The call buffer holds, 64-byte
  * aligned: the kernel's x records and strip table (AVX-512 and AVX2), for AVX-512 a float32 row of
@@ -290,11 +286,10 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
                          int64_t y_row_stride, int dtype, int isa, int n_threads) {
     int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
     if (status == QL_OK) status = resolve_isa(isa, &isa);
-    const int kernel = status != QL_OK || isa == QL_ISA_SCALAR                    ? Q8ACT_SCALAR
-                       : isa == QL_ISA_AVX512 && ql_q8act_avx512_supported() ? Q8ACT_AVX512
-                                                                              : Q8ACT_AVX2;
+    const int vnni = status == QL_OK && isa == QL_ISA_AVX512 && ql_q8act_avx512_supported();
+    const int avx2 = status == QL_OK && !vnni && isa >= QL_ISA_AVX2;  /* AVX2, or AVX-512 without VNNI */
     /* the vector kernels' chunks check the CSR as they read it (chunk.h) */
-    if (status == QL_OK && kernel == Q8ACT_SCALAR) status = check_outliers(w, 0, w->n);
+    if (status == QL_OK && !vnni && !avx2) status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
@@ -307,14 +302,14 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     ql_q8act_levels(w->codebook, job.levels, &level_unit);
     const int64_t padded_k = job.base.padded_k;
     int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
-    if (kernel != Q8ACT_SCALAR) {
-        strip_bytes = aligned_bytes(kernel == Q8ACT_AVX512 ? ql_q8act_avx512_strip_bytes(&job) : ql_q8act_avx2_strip_bytes(&job));
+    if (vnni || avx2) {
+        strip_bytes = aligned_bytes(vnni ? ql_q8act_avx512_strip_bytes(&job) : ql_q8act_avx2_strip_bytes(&job));
         columns_bytes = aligned_bytes(sizeof(float) * m * w->k);
-        job.base.scratch_floats_per_thread = aligned_floats(
-            kernel == Q8ACT_AVX512 ? ql_q8act_avx512_scratch_floats(&job) : ql_q8act_avx2_scratch_floats(&job));
+        job.base.scratch_floats_per_thread = aligned_floats(vnni ? ql_q8act_avx512_scratch_floats(&job)
+                                                                 : ql_q8act_avx2_scratch_floats(&job));
         scratch_bytes = (int64_t)sizeof(float) * job.base.scratch_floats_per_thread * threads;
     }
-    if (kernel == Q8ACT_AVX512) {
+    if (vnni) {
         row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
     } else {
         x_q_bytes = aligned_bytes(m * padded_k);
@@ -325,22 +320,22 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     char *x_strips = buffer, *row = x_strips + strip_bytes, *x_columns = row + row_bytes, *scratch = x_columns + columns_bytes;
     float *x_factor = (float *)(scratch + scratch_bytes);
     int8_t *x_q = (int8_t *)((char *)x_factor + factor_bytes);
-    if (kernel == Q8ACT_AVX512) {  /* x quantized straight into the kernel's records, in vectors */
+    if (vnni) {  /* x quantized straight into the kernel's records, in vectors */
         ql_q8act_pack_avx512(&job, level_unit, (float *)row, x_strips);
     } else {
         ql_q8act_quantize_x(x, dtype, x_row_stride, m, w->k, padded_k, job.act_block, level_unit, x_q, x_factor);
         job.x_q = x_q;
         job.x_factor = x_factor;
-        if (kernel == Q8ACT_AVX2) ql_q8act_pack_avx2(&job, x_strips);
+        if (avx2) ql_q8act_pack_avx2(&job, x_strips);  /* the rule's x_q and factors, rearranged */
     }
-    if (kernel != Q8ACT_SCALAR) {
+    if (vnni || avx2) {
         fill_x_columns(&job.base, (float *)x_columns);
         job.x_strips = x_strips;
         job.base.x_columns = (const float *)x_columns;
         job.base.scratch = (float *)scratch;
     }
-    static void (*const chunk_of[])(void *, int64_t, int64_t, int) = {q8act_chunk_scalar, q8act_chunk_avx2, q8act_chunk_avx512};
-    ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, threads), threads, chunk_of[kernel], &job);
+    ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, threads), threads,
+                    vnni ? q8act_chunk_avx512 : avx2 ? q8act_chunk_avx2 : q8act_chunk_scalar, &job);
     release_call_buffer((float *)buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }

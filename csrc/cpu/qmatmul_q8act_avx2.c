@@ -56,6 +56,9 @@ typedef struct {
     int64_t first_block;  /* block of the strip's first column */
 } strip_scales;
 
+#define Q8ACT_TABLE __m256i
+#include "q8act_tiles.h"
+
 static int64_t strips_of(const ql_q8act_job *job) { return (job->base.padded_k + STRIP_COLUMNS - 1) / STRIP_COLUMNS; }
 
 static int64_t records_bytes(const ql_q8act_job *job) { return job->base.m * strips_of(job) * X_RECORD_BYTES; }
@@ -145,25 +148,18 @@ static inline float lane_total(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
 
-/* Weight rows n0 .. n0 + R - 1 (float32 scales from scale0, Kp / B apart) against x rows m0 ..
- * m0 + x_rows - 1: sums (R, x_rows) = the dense dot products. */
+/* q8act_tiles.h's tile: sums (R, x_rows) = the dense dot products, strip by strip, the last one short. */
 static inline __attribute__((always_inline)) void tile(const ql_q8act_job *job, const strip_scales *table_of_strips,
                                                        __m256i table, int64_t n0, const float *scale0, int64_t m0,
                                                        float *sums, const int R, const int x_rows) {
-    const ql_weight *w = job->base.w;
-    const int64_t row_bytes = job->base.padded_k / 2, n_blocks = job->base.padded_k / w->block_size;
+    const tile_weight_rows rows = weight_rows_of(job, n0, scale0, R);
+    const uint8_t *const *codes = rows.codes;
+    const float *const *scales = rows.scales;
     const int64_t strips = strips_of(job), x_stride = strips * X_RECORD_BYTES;
     const uint8_t *x = (const uint8_t *)job->x_strips + m0 * x_stride;
-    const uint8_t *codes[4];
-    const float *scales[4];
-    __m256 total[4][X_TILE];
-    for (int r = 0; r < R; ++r) {
-        codes[r] = w->codes + (n0 + r) * row_bytes;
-        scales[r] = scale0 + r * n_blocks;
-        for (int m = 0; m < x_rows; ++m) total[r][m] = _mm256_setzero_ps();
-    }
+    __m256 total[4][X_TILE] = {{_mm256_setzero_ps()}};  /* (R, x_rows) lane sums */
     int64_t s = 0;
-    if (w->block_size % STRIP_COLUMNS == 0)
+    if (job->base.w->block_size % STRIP_COLUMNS == 0)
         for (; s + 1 < strips; ++s)
             strip(table_of_strips + s, table, codes, scales, s * STRIP_BYTES, 0, _mm256_setzero_si256(),
                   x + s * X_RECORD_BYTES, x_stride, total, R, x_rows, 1);
@@ -171,7 +167,7 @@ static inline __attribute__((always_inline)) void tile(const ql_q8act_job *job, 
         for (; s + 1 < strips; ++s)
             strip(table_of_strips + s, table, codes, scales, s * STRIP_BYTES, 0, _mm256_setzero_si256(),
                   x + s * X_RECORD_BYTES, x_stride, total, R, x_rows, 0);
-    const int tail_dwords = (int)(row_bytes - s * STRIP_BYTES) / 4;
+    const int tail_dwords = (int)(job->base.padded_k / 2 - s * STRIP_BYTES) / 4;
     const __m256i dwords = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail_dwords), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     strip(table_of_strips + s, table, codes, scales, s * STRIP_BYTES, 1, dwords, x + s * X_RECORD_BYTES, x_stride,
           total, R, x_rows, 0);
@@ -179,38 +175,8 @@ static inline __attribute__((always_inline)) void tile(const ql_q8act_job *job, 
         for (int m = 0; m < x_rows; ++m) sums[r * x_rows + m] = lane_total(total[r][m]);
 }
 
-/* The chunk's rows [n0, n0 + rows) against x rows m0 .. m0 + x_rows - 1: sums (rows, x_rows). */
-static inline __attribute__((always_inline)) void tile_rows(const ql_q8act_job *job, const strip_scales *table_of_strips,
-                                                            __m256i table, int64_t n0, int64_t rows, const float *chunk_scales,
-                                                            int64_t m0, float *sums, const int x_rows) {
-    const int64_t n_blocks = job->base.padded_k / job->base.w->block_size;
-    int64_t r = 0;
-    if (x_rows <= WIDE_TILE_MAX_X_ROWS)
-        for (; r + 4 <= rows; r += 4)
-            tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 4, x_rows);
-    for (; r + 2 <= rows; r += 2)
-        tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 2, x_rows);
-    for (; r < rows; ++r) tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 1, x_rows);
-}
-
 void ql_q8act_rows_avx2(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
-    const ql_matmul_job *base = &job->base;
-    float *scratch = base->scratch + thread_index * base->scratch_floats_per_thread;
     const strip_scales *table_of_strips = (const strip_scales *)((const uint8_t *)job->x_strips + records_bytes(job));
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)job->levels));
-    float sums[QL_ROW_GRAIN * X_TILE];  /* (rows, x_rows) */
-    for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
-        ql_chunk chunk;
-        if (!(rows = ql_chunk_next(base, n0, n_end, scratch, &chunk))) return;
-        for (int64_t m0 = 0; m0 < base->m; m0 += X_TILE) {
-            const int x_rows = base->m - m0 < X_TILE ? (int)(base->m - m0) : X_TILE;
-            switch (x_rows) {  /* a constant row count keeps every accumulator in a register */
-                case 1: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 1); break;
-                case 2: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 2); break;
-                case 3: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 3); break;
-                default: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 4); break;
-            }
-            ql_chunk_store(base, &chunk, n0, rows, m0, x_rows, sums);
-        }
-    }
+    q8act_rows(job, n_begin, n_end, thread_index, table_of_strips, table);
 }
