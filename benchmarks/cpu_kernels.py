@@ -5,6 +5,7 @@
     .venv/bin/python -m benchmarks.cpu_kernels --threads 1 --cpu-time   # steadiest on a shared machine
     .venv/bin/python -m benchmarks.cpu_kernels --m 1,4,8,16 --no-bnb-matmul   # other batch sizes
     .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth              # the issue 12 goal alone
+    .venv/bin/python -m benchmarks.cpu_kernels --only bandwidth --isa avx2   # int8 / float32 as on an AVX2-only CPU
     .venv/bin/python -m benchmarks.cpu_kernels --only decode --packed DIR    # SmolLM2's per-layer calls
     .venv/bin/python -m benchmarks.cpu_kernels --only qmatmul --isa avx2     # as on an AVX2-only CPU
     .venv/bin/python -m benchmarks.cpu_kernels --only qmatmul --back-to-back # the method before: no settling
@@ -18,7 +19,9 @@
    >= 0.70 of the DRAM bandwidth: the fraction is the median over rounds of each round's kernel
    rate over that round's DRAM rate, printed with its range. Each shape has two rows: the default
    float32 path and the int8-activation opt-in (activations="int8", ql_cpu_qmatmul_q8act), timed in
-   the same rounds against the same DRAM reading.
+   the same rounds against the same DRAM reading. Then the int8 kernel on one thread at M = 1..64
+   against the float32 kernel of the same instruction set and against the portable C rule (the int8
+   path of a CPU without AVX2): --isa avx2 times the AVX2 int8 kernel as an AVX2-only CPU runs it.
 1. qmatmul, M = 1, 8, 16 and 128 (--m; 128 = prefill), on 4096 x 4096, 11008 x 4096 and
    4096 x 11008 (NF4, block 64, 0.5 % outliers): native `qmatmul_cpu` (the ISA cpuid picks, and
    forced to AVX2 for comparison; with AVX-512 from M = 16 on that is the library's prefill GEMM,
@@ -146,7 +149,15 @@ def bytes_read(qw: QWeight) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def bench_bandwidth(repeats: int) -> None:
+def int8_kernel(isa: str) -> str:
+    """Which ql_cpu_qmatmul_q8act kernel a call forced to `isa` runs here (api.c's choice)."""
+    ran = native.cpu_isa() if isa == "auto" else isa
+    if ran == "avx512" and {"avx512bw", "avx512_vnni"} <= cpu_flags():
+        return "the AVX-512 VNNI kernel"
+    return "the AVX2 kernel" if ran in ("avx2", "avx512") else "the portable C rule"
+
+
+def bench_bandwidth(repeats: int, isa: str) -> None:
     l3 = l3_bytes()
     buffer = torch.ones(max(1 << 30, 3 * l3) // 4)  # float32
     read_dram = lambda: buffer.sum()  # noqa: E731
@@ -154,10 +165,8 @@ def bench_bandwidth(repeats: int) -> None:
           f"{buffer.numel() * 4 / 2**30:.2f} GiB, L3 {l3 / 2**20:.0f} MiB)")
     print("(fraction: the median over rounds of the kernel's GB/s over the DRAM GB/s of the same round; range: "
           "its lowest and highest; path: the default float32 activations, and the int8-activation opt-in)")
-    flags = cpu_flags()
-    vnni = "yes" if {"avx512bw", "avx512_vnni"} <= flags else "no" if flags else "unknown"
-    print(f"(int8 rows: the AVX-512 VNNI kernel where the CPU has avx512bw and avx512_vnni, here: {vnni}; "
-          "else the portable C rule)")
+    print(f"(native calls at isa={isa}: float32 rows {native.cpu_isa() if isa == 'auto' else isa}, int8 rows "
+          f"{int8_kernel(isa)})")
     print(f"{'N x K':>13} {'path':>8} {'MB/call':>8} {'copies':>6} {'DRAM GB/s':>9} {'native ms':>9} {'GB/s':>6} "
           f"{'fraction':>8} {'range':>9} {'hot ms':>7} {'hot GB/s':>8}")
     for n, k in SHAPES[:2]:
@@ -171,7 +180,7 @@ def bench_bandwidth(repeats: int) -> None:
         def cold(activations: str):
             def run() -> None:
                 for copy in copies:
-                    native.qmatmul_cpu(x, copy, activations=activations)
+                    native.qmatmul_cpu(x, copy, activations=activations, isa=isa)
             return run
 
         # no lead-in call: it would leave a copy in L3; the settling sleep still lets torch's threads stop
@@ -179,7 +188,7 @@ def bench_bandwidth(repeats: int) -> None:
         functions = {"dram": read_dram}
         for path in paths:
             functions[f"cold {path}"] = cold(path)
-            functions[f"hot {path}"] = functools.partial(native.qmatmul_cpu, x, qw, activations=path)
+            functions[f"hot {path}"] = functools.partial(native.qmatmul_cpu, x, qw, activations=path, isa=isa)
         samples = interleaved_samples(functions, repeats, lead_in=False)
         for name in samples:
             samples[name] = [seconds / (len(copies) if name.startswith("cold") else 1) for seconds in samples[name]]
@@ -194,6 +203,35 @@ def bench_bandwidth(repeats: int) -> None:
                   f"{f'{low:.2f}-{high:.2f}':>9} {hot_seconds * 1e3:7.3f} {per_call / hot_seconds / 1e9:8.1f}")
         del copies
     del buffer
+
+
+INT8_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bench_int8_kernels(repeats: int, isa: str) -> None:
+    """The int8-activation kernel at `isa` against the float32 kernel at the same isa (from M = 16 on its
+    prefill GEMM) and against the portable rule (isa="scalar", the int8 path of a CPU without AVX2),
+    one thread, one weight called over and over (from L3 at these sizes), M = 1..64."""
+    ran = native.cpu_isa() if isa == "auto" else isa
+    print(f"\n== int8 activations, one thread: ms per call (median over rounds; 'x' = the median over rounds "
+          f"of the other's time / int8's, range = its lowest and highest); int8 = {int8_kernel(isa)}, "
+          f"float32 = the {ran} float kernel, rule = the portable C rule (int8, isa=scalar)")
+    print(f"{'N x K':>13} {'M':>3} {'float32':>9} {'int8':>9} {'rule':>9} {'vs float32':>10} {'range':>9} "
+          f"{'vs rule':>8} {'range':>11}")
+    for n, k in SHAPES[:2]:
+        qw = quantize(torch.randn(n, k), method="nf4", outlier_frac=0.005)
+        for m in INT8_BATCH_SIZES:
+            x = torch.randn(m, k)
+            timed = {name: functools.partial(native.qmatmul_cpu, x, qw, isa=call_isa, activations=activations, n_threads=1)
+                     for name, call_isa, activations in (("float32", isa, "float32"), ("int8", isa, "int8"),
+                                                         ("rule", "scalar", "int8"))}
+            samples = interleaved_samples(timed, repeats)
+            t = {name: statistics.median(times) for name, times in samples.items()}
+            vs_float, float_low, float_high = paired_ratios(samples, "float32", "int8")
+            vs_rule, rule_low, rule_high = paired_ratios(samples, "rule", "int8")
+            print(f"{n:>6} x {k:<5} {m:>3} {t['float32'] * 1e3:9.2f} {t['int8'] * 1e3:9.2f} {t['rule'] * 1e3:9.2f} "
+                  f"{vs_float:9.2f}x {f'{float_low:.2f}-{float_high:.2f}':>9} {vs_rule:7.1f}x "
+                  f"{f'{rule_low:.1f}-{rule_high:.1f}':>11}")
 
 
 # What makes torch run as on a CPU with AVX2 and no AVX-512 (read when torch and its BLAS load).
@@ -378,8 +416,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the native calls use the same count)")
     parser.add_argument("--cpu-time", action="store_true", help="with --threads 1: time the calling thread's CPU time, not the wall clock")
     parser.add_argument("--isa", choices=["auto", "avx2", "avx512"], default="auto",
-                        help="qmatmul section: force the native calls to this instruction set (default: cpuid's best); "
-                             "avx2 also restricts torch's BLAS to AVX2, as on an AVX2-only CPU")
+                        help="qmatmul and bandwidth sections: force the native calls to this instruction set (default: "
+                             "cpuid's best; avx2 runs the AVX2 int8 kernel too); avx2 also restricts torch's BLAS to "
+                             "AVX2, as on an AVX2-only CPU")
     parser.add_argument("--back-to-back", action="store_true",
                         help="time each call right after the previous one (no settling sleep, no lead-in call): "
                              "shows what torch's spinning OpenMP threads cost the call timed after them")
@@ -405,7 +444,8 @@ def main() -> None:
           f"{'' if args.isa == 'auto' else f' (qmatmul forced to {args.isa})'}; "
           f"clock: {'CPU time of the calling thread' if args.cpu_time else 'wall'}")
     if args.only in (None, "bandwidth"):
-        bench_bandwidth(args.repeats)
+        bench_bandwidth(args.repeats, args.isa)
+        bench_int8_kernels(args.repeats, args.isa)
     if args.only in (None, "qmatmul"):
         bench_qmatmul(args.repeats, not args.no_bnb_matmul, [int(m) for m in args.m.split(",")], args.isa)
     if args.only in (None, "encode"):

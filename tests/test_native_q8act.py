@@ -4,11 +4,11 @@ Two references, each with a derived bound:
 
 1. The same rule in float64 (int8_rule below: x quantized per activation block exactly as the C
    code does it, in float32, the int8 levels, the integer dot products exact). The kernels sum the
-   same integers in float32: the scalar code per activation block, the AVX-512 code per 8-column
-   lane and strip, then 16 lanes pairwise. Every term t = float(int) * fl(scale * factor) carries at
-   most 2 roundings (the product of the two float32 factors, the product with the integer; integers
+   same integers in float32: the scalar code per activation block, the AVX-512 and AVX2 codes per
+   8-column lane and strip, then their 16 or 8 lanes pairwise. Every term
+   t = float(int) * fl(scale * factor) carries at most 2 roundings (the product of the two float32 factors, the product with the integer; integers
    below 2**24 convert exactly), and any output's sum is a chain of at most
-   n = Kp / 8 + nnz(row) + 8 float32 additions (lanes of 8 columns are the finest terms either
+   n = Kp / 8 + nnz(row) + 8 float32 additions (lanes of 8 columns are the finest terms any
    kernel adds; + the outliers; + the 16-lane reduction and the final add). So
        |y - rule| <= (n + 2) u / (1 - (n + 2) u) * S,   u = 2**-24,
    S = sum over 8-column lanes of |lane's integer dot| * |scale * factor| + sum |outlier * x| (the
@@ -21,7 +21,8 @@ Two references, each with a derived bound:
 
 Inputs are fresh per run (the seed fixture); M = 1..16 and larger, odd N, K around block multiples,
 block sizes 32 / 48 / 64 / 128, outliers, float16 / double-quantized scales, every ISA the CPU has
-(the AVX-512 level runs the VNNI kernel where cpuid has it; the others run the portable rule).
+(the AVX-512 level runs the VNNI kernel where cpuid has it, else the AVX2 kernel; the AVX2 level the
+AVX2 kernel, which the tests at the end also hold to the portable rule; scalar the portable rule).
 """
 from __future__ import annotations
 
@@ -265,3 +266,82 @@ def test_the_cli_flag_on_stories260k(stories260k_hf, shared_data, tmp_path, caps
     capsys.readouterr()
     assert cli_main(["ppl", str(stories260k_hf), "--data", data, "--int8-activations"]) == 2
     assert "int8 activations are an opt-in of packed quantlite directories only" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the AVX2 kernel (qmatmul_q8act_avx2.c)
+# isa="avx2" forces it on any CPU that has AVX2 (an AVX-512 machine included); its integers are the
+# rule's, so it agrees with the float64 rule to test 1's bound and with the portable rule (isa="scalar")
+# to twice that (each lies within the bound of the same reference).
+AVX2 = [isa for isa in ISAS if isa.values == ("avx2",)]
+
+
+def assert_matches_rule_and_scalar(x: torch.Tensor, qw: QWeight, **call) -> torch.Tensor:
+    y = native.qmatmul_cpu(x, qw, isa="avx2", activations="int8", **call)
+    rule = int8_rule(x, qw)
+    assert_matches_rule(y, x, qw, rule)
+    scalar = native.qmatmul_cpu(x, qw, isa="scalar", activations="int8").double()
+    bound = 4 * gamma(chain_length(qw) + 2) * rule["magnitude"] + 1e-30
+    gap = (y.reshape(-1, qw.shape[0]).double() - scalar.reshape(-1, qw.shape[0])).abs()
+    assert (gap <= bound).all(), f"AVX2 vs the portable rule: {(gap / bound).max().item():.3g} x the bound"
+    return y
+
+
+@pytest.mark.parametrize("isa", AVX2)
+def test_avx2_every_m_from_1_to_33(generator, isa):
+    qw = random_weight(generator, n=75, k=704, block_size=64)  # 11 strips of 64 columns
+    for m in range(1, 34):
+        assert_matches_rule_and_scalar(random_x(generator, m, 704), qw)
+
+
+@pytest.mark.parametrize("isa", AVX2)
+@pytest.mark.parametrize("block_size, k", [(32, 31), (32, 65), (32, 95), (48, 95), (48, 143), (48, 193), (64, 63),
+                                           (64, 64), (64, 65), (64, 200), (128, 255), (128, 257), (256, 300)])
+def test_avx2_k_around_block_and_strip_multiples(generator, isa, block_size, k):
+    """Short last strips (8, 16, 24 code bytes: a dword-masked load), blocks that straddle strips
+    (B = 48: up to three blocks in one strip's lanes)."""
+    qw = random_weight(generator, n=33, k=k, block_size=block_size, outlier_frac=0.02)
+    for m in (1, 2, 3, 5):
+        assert_matches_rule_and_scalar(random_x(generator, m, k), qw)
+
+
+@pytest.mark.parametrize("isa", AVX2)
+@pytest.mark.parametrize("options", [dict(double_quant=True), dict(scale_dtype=torch.float16), dict(outlier_frac=0.05),
+                                     dict(outlier_frac=0.0)])
+def test_avx2_scale_kinds_and_outliers(generator, isa, options):
+    options = {"outlier_frac": 0.01, **options}
+    qw = random_weight(generator, n=97, k=640, **options)
+    for m in (1, 4):
+        assert_matches_rule_and_scalar(random_x(generator, m, 640), qw)
+
+
+@pytest.mark.parametrize("isa", AVX2)
+def test_avx2_full_scale_products_do_not_saturate(generator, isa):
+    """Every product at +-127 x 127 and both of a pair with one sign: vpmaddubsw's int16 pair sum is
+    +-32258, in range only with the sign trick (|x_q| unsigned, the level signed; a +128 bias as the
+    VNNI kernel uses would saturate at 64516). Rows of +-1 quantize to the levels +-127, a constant
+    |x| to x_q = +-127 (signs in runs of 2, so that both columns of a pair agree)."""
+    n, k = 24, 256
+    row_signs = torch.where(torch.rand(n, 1, generator=generator) < 0.5, -1.0, 1.0)
+    qw = quantize(row_signs.expand(n, k).contiguous(), block_size=64, outlier_frac=0.0)
+    column_signs = torch.where(torch.rand(3, k // 2, generator=generator) < 0.5, -1.0, 1.0).repeat_interleave(2, dim=1)
+    x = 3.0 * column_signs
+    y = assert_matches_rule_and_scalar(x, qw)
+    exact = x.double() @ qw.dequantize(torch.float64).T  # the levels +-1 are +-127 / 127 exactly
+    assert torch.allclose(y.double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("isa", AVX2)
+def test_avx2_rows_of_x_and_threads_do_not_change_an_output(generator, isa):
+    """A total's terms do not depend on its tile: an M-row call gives the rows of smaller calls bit for
+    bit (M > 1 each: at M = 1 chunk.h sums the outliers in another order), and 1, 2 or 3 threads the
+    same bits (chunks of 32 rows, tiles of 4, 2 and 1 weight rows, x tiles of 4, 3, 2 and 1)."""
+    qw = random_weight(generator, n=1501, k=576)
+    x = random_x(generator, 7, 576)
+    together = assert_matches_rule_and_scalar(x, qw, n_threads=2)
+    pieces = [native.qmatmul_cpu(x[rows], qw, isa="avx2", activations="int8", n_threads=1)
+              for rows in (slice(0, 2), slice(2, 5), slice(5, 7))]
+    assert torch.equal(torch.cat(pieces), together)
+    for threads in (1, 3):
+        assert torch.equal(native.qmatmul_cpu(x, qw, isa="avx2", activations="int8", n_threads=threads), together)
+    one_row = native.qmatmul_cpu(x[:1], qw, isa="avx2", activations="int8", n_threads=1)
+    assert torch.equal(native.qmatmul_cpu(x[:1], qw, isa="avx2", activations="int8", n_threads=2), one_row)

@@ -1,8 +1,8 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
- * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c and
- * qmatmul_q8act_avx512.c. */
+ * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c,
+ * qmatmul_q8act_avx2.c and qmatmul_q8act_avx512.c. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -266,6 +266,10 @@ static void q8act_chunk_scalar(void *job, int64_t begin, int64_t end, int thread
     ql_q8act_rows_scalar((const ql_q8act_job *)job, begin, end);
 }
 
+static void q8act_chunk_avx2(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_q8act_rows_avx2((const ql_q8act_job *)job, begin, end, thread_index);
+}
+
 static void q8act_chunk_avx512(void *job, int64_t begin, int64_t end, int thread_index) {
     ql_q8act_rows_avx512((const ql_q8act_job *)job, begin, end, thread_index);
 }
@@ -274,16 +278,18 @@ static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
 
 /* x is quantized once per call by the caller's thread (M x Kp values, against the N x Kp / 2 code
  * bytes the call reads), then the rows of W are split over the pool. The call buffer holds, 64-byte
- * aligned: for AVX-512 the x records and strip table, a float32 row of x padded to whole strips,
- * x_columns (K, M) float32 (the outliers') and every thread's scratch; for the portable rule x_q
- * (M, Kp) int8 and x_factor (M, Kp / A). */
+ * aligned: the kernel's x records and strip table (AVX-512 and AVX2), for AVX-512 a float32 row of
+ * x padded to whole strips, x_columns (K, M) float32 (the outliers') and every thread's scratch
+ * (both vector kernels); for the portable rule and AVX2 x_q (M, Kp) int8 and x_factor (M, Kp / A),
+ * which AVX2 then rearranges into its records. */
 int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride, void *y,
                          int64_t y_row_stride, int dtype, int isa, int n_threads) {
     int status = ql_check_matmul(w, x, m, x_row_stride, y, y_row_stride, dtype);
     if (status == QL_OK) status = resolve_isa(isa, &isa);
     const int vnni = status == QL_OK && isa == QL_ISA_AVX512 && ql_q8act_avx512_supported();
-    /* the AVX-512 chunks check the CSR as they read it (chunk.h) */
-    if (status == QL_OK && !vnni) status = check_outliers(w, 0, w->n);
+    const int avx2 = status == QL_OK && !vnni && isa >= QL_ISA_AVX2;  /* AVX2, or AVX-512 without VNNI */
+    /* the vector kernels' chunks check the CSR as they read it (chunk.h) */
+    if (status == QL_OK && !vnni && !avx2) status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
 
     const int threads = n_threads > 0 ? n_threads : ql_available_cores();
@@ -296,12 +302,15 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     ql_q8act_levels(w->codebook, job.levels, &level_unit);
     const int64_t padded_k = job.base.padded_k;
     int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
-    if (vnni) {
-        strip_bytes = aligned_bytes(ql_q8act_avx512_strip_bytes(&job));
-        row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
+    if (vnni || avx2) {
+        strip_bytes = aligned_bytes(vnni ? ql_q8act_avx512_strip_bytes(&job) : ql_q8act_avx2_strip_bytes(&job));
         columns_bytes = aligned_bytes(sizeof(float) * m * w->k);
-        job.base.scratch_floats_per_thread = aligned_floats(ql_q8act_avx512_scratch_floats(&job));
+        job.base.scratch_floats_per_thread = aligned_floats(vnni ? ql_q8act_avx512_scratch_floats(&job)
+                                                                 : ql_q8act_avx2_scratch_floats(&job));
         scratch_bytes = (int64_t)sizeof(float) * job.base.scratch_floats_per_thread * threads;
+    }
+    if (vnni) {
+        row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
     } else {
         x_q_bytes = aligned_bytes(m * padded_k);
         factor_bytes = aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
@@ -313,17 +322,20 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     int8_t *x_q = (int8_t *)((char *)x_factor + factor_bytes);
     if (vnni) {  /* x quantized straight into the kernel's records, in vectors */
         ql_q8act_pack_avx512(&job, level_unit, (float *)row, x_strips);
-        fill_x_columns(&job.base, (float *)x_columns);
-        job.x_strips = x_strips;
-        job.base.x_columns = (const float *)x_columns;
-        job.base.scratch = (float *)scratch;
     } else {
         ql_q8act_quantize_x(x, dtype, x_row_stride, m, w->k, padded_k, job.act_block, level_unit, x_q, x_factor);
         job.x_q = x_q;
         job.x_factor = x_factor;
+        if (avx2) ql_q8act_pack_avx2(&job, x_strips);  /* the rule's x_q and factors, rearranged */
+    }
+    if (vnni || avx2) {
+        fill_x_columns(&job.base, (float *)x_columns);
+        job.x_strips = x_strips;
+        job.base.x_columns = (const float *)x_columns;
+        job.base.scratch = (float *)scratch;
     }
     ql_parallel_for(w->n, ql_row_grain(w->n, padded_k * m, QL_MIN_CHUNK_ROWS, threads), threads,
-                    vnni ? q8act_chunk_avx512 : q8act_chunk_scalar, &job);
+                    vnni ? q8act_chunk_avx512 : avx2 ? q8act_chunk_avx2 : q8act_chunk_scalar, &job);
     release_call_buffer((float *)buffer);
     return __atomic_load_n(&status, __ATOMIC_RELAXED);
 }

@@ -162,7 +162,7 @@ static inline void ql_finish_block(const ql_encode_job *job, int64_t n, int64_t 
 
 /* ---------------------------------------------------------------- the int8-activation qmatmul
  * (ql_cpu_qmatmul_q8act: qmatmul_q8act_scalar.c states the rule, qmatmul_q8act_avx512.c runs it
- * with AVX-512 VNNI). Columns per activation scale: 32 (llama.cpp's Q8_0), 16 where 32 does not
+ * with AVX-512 VNNI, qmatmul_q8act_avx2.c with AVX2). Columns per activation scale: 32 (llama.cpp's Q8_0), 16 where 32 does not
  * divide the weight's block size B (a multiple of 16), so that no activation block straddles two
  * weight blocks. */
 #define QL_Q8ACT_BLOCK(block_size) ((block_size) % 32 == 0 ? 32 : 16)
@@ -171,10 +171,10 @@ typedef struct {
     ql_matmul_job base;      /* w, padded_k, x (the float x: the outliers use it), m, y, dtype;
                                 x_columns, scratch, status, call for the AVX-512 kernel's chunks */
     int64_t act_block;       /* A = QL_Q8ACT_BLOCK(B) */
-    const int8_t *x_q;       /* (M, Kp) int8 in [-127, 127], padding columns 0 (the scalar rule's) */
+    const int8_t *x_q;       /* (M, Kp) int8 in [-127, 127], padding columns 0 (the scalar rule's; AVX2 packs it) */
     const float *x_factor;   /* (M, Kp / A) float32: activation scale * level unit (likewise) */
     int8_t levels[16];       /* round(127 * codebook / max |codebook|) */
-    const void *x_strips;    /* AVX-512: x quantized into the kernel's strip records (ql_q8act_pack_avx512) */
+    const void *x_strips;    /* AVX-512 / AVX2: x in the kernel's strip records (ql_q8act_pack_avx512 / _avx2) */
 } ql_q8act_job;
 
 void ql_q8act_levels(const float *codebook, int8_t levels[16], float *level_unit);
@@ -187,5 +187,10 @@ int64_t ql_q8act_avx512_scratch_floats(const ql_q8act_job *job);
 /* x (base.x, every row) -> the kernel's records and strip table in x_strips; row: strips * 128 floats of room */
 void ql_q8act_pack_avx512(const ql_q8act_job *job, float level_unit, float *row, void *x_strips);
 void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_q8act_avx2_strip_bytes(const ql_q8act_job *job);
+int64_t ql_q8act_avx2_scratch_floats(const ql_q8act_job *job);
+/* x_q and x_factor (the rule's quantization of x) -> the kernel's records and strip table in x_strips */
+void ql_q8act_pack_avx2(const ql_q8act_job *job, void *x_strips);
+void ql_q8act_rows_avx2(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 
 #endif

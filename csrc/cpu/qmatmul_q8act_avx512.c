@@ -51,6 +51,9 @@ typedef struct {
     __mmask16 blocks;     /* the scales to load, from first_block on */
 } strip_scales;
 
+#define Q8ACT_TABLE __m512i
+#include "q8act_tiles.h"
+
 int ql_q8act_avx512_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
@@ -171,18 +174,14 @@ static inline __attribute__((always_inline)) void strip(const strip_scales *entr
 static inline __attribute__((always_inline)) void tile(const ql_q8act_job *job, const strip_scales *table_of_strips,
                                                        __m512i table, int64_t n0, const float *scale0, int64_t m0,
                                                        float *sums, const int R, const int x_rows) {
-    const ql_weight *w = job->base.w;
-    const int64_t row_bytes = job->base.padded_k / 2, n_blocks = job->base.padded_k / w->block_size;
-    const int64_t strips = strips_of(job), x_stride = strips * X_RECORD_BYTES;
+    const int64_t row_bytes = job->base.padded_k / 2, strips = strips_of(job), x_stride = strips * X_RECORD_BYTES;
     const uint8_t *x = (const uint8_t *)job->x_strips + m0 * x_stride;
-    const uint8_t *codes[4];
-    const float *scales[4];
+    const tile_weight_rows rows = weight_rows_of(job, n0, scale0, R);
+    const uint8_t *const *codes = rows.codes;
+    const float *const *scales = rows.scales;
     __m512 total[4][X_TILE];
-    for (int r = 0; r < R; ++r) {
-        codes[r] = w->codes + (n0 + r) * row_bytes;
-        scales[r] = scale0 + r * n_blocks;
+    for (int r = 0; r < R; ++r)
         for (int m = 0; m < x_rows; ++m) total[r][m] = _mm512_setzero_ps();
-    }
     int64_t s = 0;
     for (; s + 1 < strips; ++s)
         strip(table_of_strips + s, table, codes, scales, s * STRIP_BYTES, ~(__mmask64)0, R * row_bytes,
@@ -195,40 +194,10 @@ static inline __attribute__((always_inline)) void tile(const ql_q8act_job *job, 
         for (int m = 0; m < x_rows; ++m) sums[r * x_rows + m] = _mm512_reduce_add_ps(total[r][m]);
 }
 
-/* The chunk's rows [n0, n0 + rows) against x rows m0 .. m0 + x_rows - 1: sums (rows, x_rows). */
-static inline __attribute__((always_inline)) void tile_rows(const ql_q8act_job *job, const strip_scales *table_of_strips,
-                                                            __m512i table, int64_t n0, int64_t rows, const float *chunk_scales,
-                                                            int64_t m0, float *sums, const int x_rows) {
-    const int64_t n_blocks = job->base.padded_k / job->base.w->block_size;
-    int64_t r = 0;
-    if (x_rows <= WIDE_TILE_MAX_X_ROWS)
-        for (; r + 4 <= rows; r += 4)
-            tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 4, x_rows);
-    for (; r + 2 <= rows; r += 2)
-        tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 2, x_rows);
-    for (; r < rows; ++r) tile(job, table_of_strips, table, n0 + r, chunk_scales + r * n_blocks, m0, sums + r * x_rows, 1, x_rows);
-}
-
 void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index) {
-    const ql_matmul_job *base = &job->base;
-    float *scratch = base->scratch + thread_index * base->scratch_floats_per_thread;
     const strip_scales *table_of_strips = (const strip_scales *)((const uint8_t *)job->x_strips + records_bytes(job));
     uint8_t unsigned_levels[16];
     for (int i = 0; i < 16; ++i) unsigned_levels[i] = (uint8_t)(job->levels[i] + 128);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)unsigned_levels));
-    float sums[QL_ROW_GRAIN * X_TILE];  /* (rows, x_rows) */
-    for (int64_t n0 = n_begin, rows; n0 < n_end; n0 += rows) {
-        ql_chunk chunk;
-        if (!(rows = ql_chunk_next(base, n0, n_end, scratch, &chunk))) return;
-        for (int64_t m0 = 0; m0 < base->m; m0 += X_TILE) {
-            const int x_rows = base->m - m0 < X_TILE ? (int)(base->m - m0) : X_TILE;
-            switch (x_rows) {  /* a constant row count keeps every accumulator in a register */
-                case 1: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 1); break;
-                case 2: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 2); break;
-                case 3: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 3); break;
-                default: tile_rows(job, table_of_strips, table, n0, rows, chunk.scales, m0, sums, 4); break;
-            }
-            ql_chunk_store(base, &chunk, n0, rows, m0, x_rows, sums);
-        }
-    }
+    q8act_rows(job, n_begin, n_end, thread_index, table_of_strips, table);
 }

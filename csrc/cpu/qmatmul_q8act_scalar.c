@@ -1,6 +1,7 @@
 /* The int8-activation qmatmul (ql_cpu_qmatmul_q8act, an opt-in: docs/native.md, "Issue 12, seventh
- * round"): its one rule, in portable C. This file is the reference; qmatmul_q8act_avx512.c computes
- * the same integers with AVX-512 VNNI and sums the same terms in another float32 order.
+ * round"): its one rule, in portable C. This file is the reference; qmatmul_q8act_avx512.c (AVX-512
+ * VNNI) and qmatmul_q8act_avx2.c (AVX2) compute the same integers and sum the same terms in another
+ * float32 order.
  *
  * The rule (llama.cpp's Q8_0 activations against IQ4_NL-style int8 levels):
  *   levels  L = max |codebook[i]|; level_q[i] = round(127 * codebook[i] / L) (int8; NF4: L = 1, so

@@ -163,8 +163,8 @@ QL_API int ql_cpu_qmatmul_int8(const ql_weight_int8 *w, const void *x, int64_t m
  * round half to even), the codebook to int8 levels round(127 * level / max |level|), each block's
  * int32 dot product times (weight scale x activation scale) summed in float32, the outliers added
  * with the float x. isa: QL_ISA_AVX512 runs AVX-512 VNNI (vpdpbusd) where cpuid reports AVX-512 F,
- * BW and VNNI; every other level (and AVX-512 without VNNI) runs the portable C rule. Every M runs
- * the same kernel (no separate prefill GEMM). */
+ * BW and VNNI; QL_ISA_AVX2 (and AVX-512 without VNNI) runs AVX2 (vpmaddubsw); QL_ISA_SCALAR the
+ * portable C rule. Every M runs the same kernel (no separate prefill GEMM). */
 QL_API int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x_row_stride,
                                 void *y, int64_t y_row_stride, int dtype, int isa, int n_threads);
 

@@ -69,10 +69,11 @@ def add_int8_activations(parser: argparse.ArgumentParser) -> None:
     """--int8-activations, as `generate` and `ppl` both take it (load(..., activations="int8"))."""
     parser.add_argument(
         "--int8-activations", action="store_true",
-        help="opt-in, CPU with AVX-512 VNNI: the 4-bit layers multiply x quantized to int8 per block of 32 "
-             "(llama.cpp's Q8_0 way) instead of float32. Buys: a faster matmul kernel at decode (M=1: 1.3-1.5x "
-             "at 4096x4096 and SmolLM2's shapes, one thread; two threads: 0.74-0.96 of DRAM bandwidth against the "
-             "default's 0.56-0.75, quiet machine; docs/native.md), also for batches up to 64 rows; a long "
-             "prompt's prefill is slower (0.72x at 512 rows). Costs: perplexity +0.27%% on SmolLM2 (WikiText-2, "
-             "40 x 512) and +0.09%% on stories260K (docs/accuracy.md). Without VNNI a portable C version runs, slower than "
+        help="opt-in, CPU with AVX2 or AVX-512 VNNI: the 4-bit layers multiply x quantized to int8 per block of "
+             "32 (llama.cpp's Q8_0 way) instead of float32. Buys: a faster matmul kernel at decode (AVX-512 VNNI, "
+             "M=1: 1.3-1.5x at 4096x4096 and SmolLM2's shapes, one thread; two threads: 0.74-0.96 of DRAM bandwidth "
+             "against the default's 0.56-0.75, quiet machine; AVX2, M=1: 1.2-1.9x the AVX2 float kernel, one thread, "
+             "loaded machine; docs/native.md), also for batches up to 64 rows (AVX2: up to 32); a long prompt's "
+             "prefill is slower (0.72x at 512 rows). Costs: perplexity +0.27%% on SmolLM2 (WikiText-2, 40 x 512) "
+             "and +0.09%% on stories260K (docs/accuracy.md). Without AVX2 a portable C version runs, slower than "
              "the default. Default: float32 activations, exact.")
