@@ -180,7 +180,7 @@ typedef struct {
 } ql_q8act_job;
 
 /* The int8 GEMM (gemm_q8act_avx512.c) from this many rows of x on, where the VNNI kernel is used. */
-#define QL_Q8ACT_GEMM_MIN_M 16
+#define QL_Q8ACT_GEMM_MIN_M 24
 
 void ql_q8act_levels(const float *codebook, int8_t levels[16], float *level_unit);
 void ql_q8act_quantize_x(const void *x, int dtype, int64_t x_row_stride, int64_t m, int64_t k, int64_t padded_k,
