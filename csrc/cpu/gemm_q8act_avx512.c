@@ -111,7 +111,10 @@ static void decode_panel(const ql_weight *w, int64_t padded_k, __m512i table, in
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t *codes = w->codes + (n0 + r) * row_bytes + k0 / 2;
         uint8_t *out = panel + r * K_C;
-        if (k0 + K_C < padded_k) _mm_prefetch((const char *)(codes + K_C / 2), _MM_HINT_T0);  /* the next slice */
+        if (k0 + K_C < padded_k) {  /* the row's codes of the next slice (2 lines), a slice's work ahead */
+            _mm_prefetch((const char *)(codes + K_C / 2), _MM_HINT_T0);
+            _mm_prefetch((const char *)(codes + K_C - 1), _MM_HINT_T0);
+        }
         for (int64_t c = 0; c < kc; c += 128) {
             const int64_t bytes = (kc - c) / 2 < 64 ? (kc - c) / 2 : 64;
             const __m512i code = _mm512_maskz_loadu_epi8(bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1, codes + c / 2);
@@ -127,12 +130,13 @@ static void decode_panel(const ql_weight *w, int64_t padded_k, __m512i table, in
 
 /* acc[v][r] += the slice's activation blocks of panel rows r < MR against x groups v < V (x: group
  * 0's quads at the slice's first column, groups x_stride bytes apart; factor, neg_sum: group 0's at
- * the slice's first activation block, groups side_stride elements apart; scale_of[r][j]: row r's
- * scale of the slice's activation block j). A: activation block columns (16 or 32). */
+ * the slice's first activation block, groups side_stride elements apart; row r's scales at
+ * scale_of[r], the slice's activation block j in weight block block_of[j]). A: activation block
+ * columns (16 or 32). */
 static inline __attribute__((always_inline)) void micro_tile(const uint8_t *panel, const uint8_t *x, int64_t x_stride,
                                                              const float *factor, const int32_t *neg_sum, int64_t side_stride,
-                                                             const float *const *scale_of, int64_t kc, float *acc, const int V,
-                                                             const int A) {
+                                                             const float *const *scale_of, const int64_t *block_of, int64_t kc,
+                                                             float *acc, const int V, const int A) {
     __m512 facc[MR][MAX_GROUPS];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < V; ++v) facc[r][v] = _mm512_load_ps(acc + (v * ACC_ROWS + r) * GROUP);
@@ -157,7 +161,7 @@ static inline __attribute__((always_inline)) void micro_tile(const uint8_t *pane
         __m512 f[MAX_GROUPS];
         for (int v = 0; v < V; ++v) f[v] = _mm512_load_ps(factor + v * side_stride + j * GROUP);
         for (int r = 0; r < MR; ++r) {
-            const __m512 scale = _mm512_set1_ps(scale_of[r][j]);
+            const __m512 scale = _mm512_set1_ps(scale_of[r][block_of[j]]);
             for (int v = 0; v < V; ++v)
                 facc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][v]), _mm512_mul_ps(scale, f[v]), facc[r][v]);
         }
@@ -169,21 +173,23 @@ static inline __attribute__((always_inline)) void micro_tile(const uint8_t *pane
 /* Groups per micro-tile for the `left` groups still to do: 3, but 4 as 2 + 2 (never a lone 1 after 3s). */
 static int block_groups(int64_t left) { return left >= MAX_GROUPS ? (left == 4 ? 2 : MAX_GROUPS) : (int)left; }
 
-/* The slice's micro-tiles of one block of V groups over the panel's tile_rows rows. */
-static inline __attribute__((always_inline)) void groups_over_panel(const uint8_t *panel, int64_t tile_rows, const uint8_t *x,
+/* The slice's micro-tiles of one block of V groups over the panel's rows (scales: (rows, Kp / B);
+ * a tile's rows past `rows` read the last row's, and are never stored). */
+static inline __attribute__((always_inline)) void groups_over_panel(const uint8_t *panel, int64_t rows, const uint8_t *x,
                                                                     int64_t x_stride, const float *factor, const int32_t *neg_sum,
-                                                                    int64_t side_stride, const float *scale_table, int64_t kc,
-                                                                    float *acc, const int V, const int A) {
-    for (int64_t r0 = 0; r0 < tile_rows; r0 += MR) {
+                                                                    int64_t side_stride, const float *scales, int64_t n_blocks,
+                                                                    const int64_t *block_of, int64_t kc, float *acc, const int V,
+                                                                    const int A) {
+    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
         const float *scale_of[MR];
-        for (int r = 0; r < MR; ++r) scale_of[r] = scale_table + (r0 + r) * (K_C / 16);
-        micro_tile(panel + r0 * K_C, x, x_stride, factor, neg_sum, side_stride, scale_of, kc, acc + r0 * GROUP, V, A);
+        for (int r = 0; r < MR; ++r) scale_of[r] = scales + (r0 + r < rows ? r0 + r : rows - 1) * n_blocks;
+        micro_tile(panel + r0 * K_C, x, x_stride, factor, neg_sum, side_stride, scale_of, block_of, kc, acc + r0 * GROUP, V, A);
     }
 }
 
 /* y rows' acc (G, ACC_ROWS, 16) = weight rows [n0, n0 + rows) against every group of x, over all of K. */
 static void block_product(const ql_q8act_job *job, const float *scales, __m512i table, int64_t n0, int64_t rows, uint8_t *panel,
-                          float *scale_table, float *acc) {
+                          float *acc) {
     const ql_matmul_job *base = &job->base;
     const int64_t kp = base->padded_k, act = job->act_block, groups = groups_of(job), block = base->w->block_size;
     const int64_t n_blocks = kp / block, tile_rows = (rows + MR - 1) / MR * MR;
@@ -194,15 +200,14 @@ static void block_product(const ql_q8act_job *job, const float *scales, __m512i 
     for (int64_t k0 = 0; k0 < kp; k0 += K_C) {
         const int64_t kc = kp - k0 < K_C ? kp - k0 : K_C;
         decode_panel(base->w, kp, table, n0, rows, k0, kc, panel);
-        for (int64_t r = 0; r < tile_rows; ++r)  /* (tile_rows, K_C / 16): row r's scale of each activation block */
-            for (int64_t j = 0; j < kc / act; ++j)
-                scale_table[r * (K_C / 16) + j] = r < rows ? scales[r * n_blocks + (k0 + j * act) / block] : 0.0f;
+        int64_t block_of[K_C / 16];  /* the weight block of each of the slice's activation blocks */
+        for (int64_t j = 0; j < kc / act; ++j) block_of[j] = (k0 + j * act) / block;
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups(groups - g0)) {
             const uint8_t *x = x_groups + g0 * x_stride + k0 * GROUP;
             const float *factor = (const float *)(x_groups + g0 * x_stride + kp * GROUP) + k0 / act * GROUP;
             const int32_t *neg_sum = (const int32_t *)(factor + (kp / act) * GROUP);
             float *block_acc = acc + g0 * ACC_ROWS * GROUP;
-#define RUN(V, A) groups_over_panel(panel, tile_rows, x, x_stride, factor, neg_sum, side_stride, scale_table, kc, block_acc, V, A)
+#define RUN(V, A) groups_over_panel(panel, rows, x, x_stride, factor, neg_sum, side_stride, scales, n_blocks, block_of, kc, block_acc, V, A)
             switch (block_groups(groups - g0) * 100 + (int)act) {  /* constants keep the accumulators in registers */
                 case 132: RUN(1, 32); break;
                 case 232: RUN(2, 32); break;
@@ -263,14 +268,13 @@ void ql_q8act_gemm_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t
     float *scratch = base->scratch + thread_index * base->scratch_floats_per_thread;
     uint8_t *panel = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *acc = (float *)(panel + ACC_ROWS * K_C), *scale_scratch = acc + groups_of(job) * ACC_ROWS * GROUP;
-    float scale_table[ACC_ROWS * (K_C / 16)];
     uint8_t unsigned_levels[16];
     for (int i = 0; i < 16; ++i) unsigned_levels[i] = (uint8_t)(job->levels[i] + 128);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)unsigned_levels));
     for (int64_t n0 = n_begin; n0 < n_end; n0 += PANEL_ROWS) {
         const int64_t rows = n_end - n0 < PANEL_ROWS ? n_end - n0 : PANEL_ROWS;
         const float *scales = ql_chunk_scales(w, base->padded_k, n0, rows, scale_scratch);
-        block_product(job, scales, table, n0, rows, panel, scale_table, acc);
+        block_product(job, scales, table, n0, rows, panel, acc);
         if (job->outlier_sums)
             for (int64_t g = 0; g < groups_of(job); ++g)
                 for (int64_t r = 0; r < rows; ++r) {
