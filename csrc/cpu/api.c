@@ -1,8 +1,8 @@
 /* The CPU entry points of quantlite.h: check the arguments, pick the instruction set, prepare x,
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
- * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c and
- * qmatmul_q8act_avx512.c. */
+ * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c,
+ * qmatmul_q8act_avx512.c and its GEMM gemm_q8act_avx512.c (from QL_Q8ACT_GEMM_MIN_M rows). */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>

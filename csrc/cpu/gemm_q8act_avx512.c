@@ -5,7 +5,8 @@
  * in float32 block after block, plus the outliers times the float x); only the float32 sums' order
  * differs from the GEMV kernel's (qmatmul_q8act_avx512.c, which sums per 8-column lane). The plan is
  * gemm.h's (the float GEMM): y^T = W x^T, the weight decoded once per call into a panel that every
- * group of 16 rows of x then uses, the same row split over the pool. CMake gives this file
+ * group of 16 rows of x then uses, the same row split over the pool (x packed by a pool job first,
+ * every thread a share of the groups). CMake gives this file
  * -mavx512f; the pragma adds BW and VNNI, which api.c checks (ql_q8act_avx512_supported).
  *
  * Layouts (G = ceil(M / 16) groups of 16 rows of x, rows past M zero; A = QL_Q8ACT_BLOCK(B)):
@@ -17,25 +18,33 @@
  *               factor   (Kp / A, 16) float32: the rows' x_factor per activation block;
  *               neg_sum  (Kp / A, 16) int32: -128 x the rows' sum of x_q over the block.
  *   x_packed  the float GEMM's float32 x (G, Kp, 16) (api.c's pack_gemm_x_groups), for the outliers
- *             only (none: not packed).
+ *             only (a weight without outliers: neither it nor outlier_sums is made).
+ *   outlier_sums (G, N, 16) float32: lane i of (g, n) = sum_e vals[e] x[16 g + i, cols[e]] over row
+ *             n's CSR entries, from 0 in order (the rule's outlier sum, float x), made by the pack
+ *             job QL_Q8ACT_OUTLIER_GROUPS groups at a time right after packing them (their float x,
+ *             4 x 256 KiB at K = 4096, still in L2; made per panel instead, each outlier's line of
+ *             x came from L3 once per group: +33 % at M = 512, against +10 % now).
  *   panel     (ACC_ROWS, K_C) uint8 per thread: up to 256 weight rows, columns [k0, k0 + K_C), each
  *             weight its int8 level + 128 (16-entry table in every 128-bit lane, vpshufb on the low
  *             and high nibbles, the two byte streams interleaved back to column order: 64 code bytes
- *             -> 128 columns in 9 operations). 64 KiB, in L2; decoded once per call.
+ *             -> 128 columns in 9 operations; the next slice's code lines prefetched). 64 KiB, in
+ *             L2; each weight decoded once per call.
  *   acc       (G, ACC_ROWS, 16) float32 per thread: lane i of (g, r) = y[16 g + i, n0 + r] so far,
- *             carried over the K_C slices (as gemm.h's).
- * Micro-kernel: MR weight rows x V = 1..MAX_GROUPS groups of x, per activation block
- *     iacc[r][v] = neg_sum[v]                                       (int32: the +128 taken back)
+ *             carried over the K_C slices (as gemm.h's), then + outlier_sums, rounded to y's dtype.
+ * Micro-kernel: MR weight rows x V = 1..MAX_GROUPS groups of x, per activation block j of the slice
+ *     iacc[r][v] = neg_sum[v][j]                                    (int32: the +128 taken back)
  *     per quad q: xv[v] = quads[v][q]; iacc[r][v] = vpdpbusd(iacc[r][v], broadcast(panel[r][4q..]), xv[v])
- *     facc[r][v] = fma(float(iacc[r][v]), scale[r][block] * factor[v], facc[r][v])  (float32)
+ *     facc[r][v] = fma(float(iacc[r][v]), scale[r][block of j] * factor[v][j], facc[r][v])  (float32)
  * (u8 weight x s8 x, 4 products per int32 lane: 64 multiply-adds per vpdpbusd, 4x an FMA's). The
  * exact dot of the block is iacc: 32 x 255 x 127 fits in int32. MR x V int32 and float accumulators
- * in registers over the slice (4 x 3: 24 of 32 zmm); per quad V loads of x and MR broadcast loads.
+ * in registers over the slice (4 x 3: 24 of 32 zmm); per quad V loads of x and MR broadcast loads;
+ * per block MR scale broadcasts, V factor and V neg_sum loads, MR V converts, multiplies and FMAs.
  * Loop nest per block of up to 256 weight rows (the pool's chunk, kernels.h's ql_row_grain as for
- * the float GEMM): for each K_C slice: decode the panel; for each block of V groups: for each MR
- * rows of the panel: the slice's activation blocks. Then the rows' outliers against x_packed (per
- * row and group, sum_e vals[e] x[cols[e]] in float32 from 0, then added: the rule's order) and the
- * store. The CSR is checked where read (chunk.h's rules: row_ptr rising, columns in [0, K)). */
+ * the float GEMM): for each K_C slice: decode the panel; for each block of V groups (3, 4 as 2 + 2):
+ * for each MR rows of the panel: the slice's activation blocks. A block's x slice (V x 4 KiB) stays
+ * in L1 over the panel's micro-tiles. The CSR is checked whole before (api.c): the outlier pass
+ * reads every row's. Per output the float32 order is: blocks in column order, then + the outlier sum:
+ * independent of the split and the thread count, and of M from QL_Q8ACT_GEMM_MIN_M on (bitwise). */
 #pragma GCC target("avx512f,avx512bw,avx512vnni")
 #include <immintrin.h>
 #include <string.h>
