@@ -1,6 +1,7 @@
 /* The int8-activation opt-in's prefill GEMM, y (M, N) = x (M, K) @ W^T for M >= QL_Q8ACT_GEMM_MIN_M
- * (kernels.h) with AVX-512 VNNI: the rule of qmatmul_q8act_scalar.c (x quantized by
- * ql_q8act_quantize_x itself, the same exact int32 dot per (row, column, activation block), each
+ * (kernels.h) with AVX-512 VNNI: the rule of qmatmul_q8act_scalar.c (x quantized by the GEMV
+ * kernel's packing, the rule in vectors, so the same x_q and factors; the same exact int32 dot per
+ * (row, column, activation block), each
  * converted and multiplied by the float32 product (weight block scale x activation factor), summed
  * in float32 block after block, plus the outliers times the float x); only the float32 sums' order
  * differs from the GEMV kernel's (qmatmul_q8act_avx512.c, which sums per 8-column lane). The plan is
@@ -11,8 +12,9 @@
  *
  * Layouts (G = ceil(M / 16) groups of 16 rows of x, rows past M zero; A = QL_Q8ACT_BLOCK(B)):
  *   x_groups  per group g, packed once per call (ql_q8act_gemm_pack_groups, every thread a share of
- *             the groups): its rows quantized by ql_q8act_quantize_x (the rule, row-major, into the
- *             thread's scratch), then
+ *             the groups): its rows quantized by ql_q8act_pack_avx512 (qmatmul_q8act_avx512.c's
+ *             records, into the thread's scratch; each strip's even / odd bytes put back in column
+ *             order as the panel's are), then
  *               quads    (Kp / 4, 16, 4) int8: column quad q of the 16 rows side by side, 64 bytes
  *                        (one zmm: int32 lane i = row 16 g + i's x_q at columns 4q .. 4q + 3);
  *               factor   (Kp / A, 16) float32: the rows' x_factor per activation block;
@@ -70,29 +72,76 @@ static int64_t group_bytes(const ql_q8act_job *job) {
 
 int64_t ql_q8act_gemm_x_bytes(const ql_q8act_job *job) { return groups_of(job) * group_bytes(job); }
 
-/* Per thread: the packing's row-major x_q and factors of one group, or the panel (64-byte aligned),
- * acc and the decoded scales. */
+static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
+
+static int64_t strips_of(const ql_q8act_job *job) { return (job->base.padded_k + 127) / 128; }
+
+/* Group g's rows as a job of their own (ql_q8act_pack_avx512 packs base.m rows from base.x). */
+static ql_q8act_job group_job(const ql_q8act_job *job, int64_t g) {
+    ql_q8act_job group = *job;
+    group.base.x = (const char *)job->base.x + g * GROUP * job->base.x_row_stride * ql_dtype_size(job->base.dtype);
+    group.base.m = job->base.m - g * GROUP < GROUP ? job->base.m - g * GROUP : GROUP;
+    return group;
+}
+
+/* Bytes of the packing's scratch: the GEMV kernel's records and strip table for 16 rows, its
+ * float32 row, then the rows' x_q (16, Kp) int8 in column order and factors (16, Kp / A) float32. */
+static int64_t pack_scratch_bytes(const ql_q8act_job *job) {
+    ql_q8act_job sixteen = *job;
+    sixteen.base.m = GROUP;
+    const int64_t kp = job->base.padded_k;
+    return 64 + aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)) + strips_of(job) * 128 * 4 + GROUP * kp +
+           GROUP * (kp / job->act_block) * 4;
+}
+
+/* Per thread: the packing's scratch, or the panel (64-byte aligned), acc and the decoded scales. */
 int64_t ql_q8act_gemm_scratch_floats(const ql_q8act_job *job) {
     const int64_t kp = job->base.padded_k;
-    const int64_t pack = (GROUP * kp + GROUP * (kp / job->act_block) * 4) / 4 + 16;
+    const int64_t pack = pack_scratch_bytes(job) / 4 + 1;
     const int64_t gemm = 16 + ACC_ROWS * K_C / 4 + groups_of(job) * ACC_ROWS * GROUP + PANEL_ROWS * (kp / job->base.w->block_size);
     return pack > gemm ? pack : gemm;
 }
 
+/* 128 columns given as their even and odd bytes (byte j: columns 2j and 2j + 1), the first `columns`
+ * of them stored at out in column order (per 128-bit lane l unpacklo gives columns 32 l .. 32 l + 15
+ * and unpackhi 32 l + 16 .. 32 l + 31; one permute per 64 columns puts the lanes in order). */
+static inline __attribute__((always_inline)) void store_columns(__m512i even, __m512i odd, int64_t columns, uint8_t *out) {
+    const __m512i first_half = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second_half = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i low = _mm512_unpacklo_epi8(even, odd), high = _mm512_unpackhi_epi8(even, odd);
+    _mm512_mask_storeu_epi8(out, columns >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << columns) - 1,
+                            _mm512_permutex2var_epi64(low, first_half, high));
+    if (columns > 64)
+        _mm512_mask_storeu_epi8(out + 64, columns >= 128 ? ~(__mmask64)0 : ((__mmask64)1 << (columns - 64)) - 1,
+                                _mm512_permutex2var_epi64(low, second_half, high));
+}
+
 void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *x_groups, int64_t g_begin, int64_t g_end,
                                float *scratch) {
-    const ql_matmul_job *base = &job->base;
-    const int64_t kp = base->padded_k, act = job->act_block, act_blocks = kp / act;
-    int8_t *rows_q = (int8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);  /* (16, Kp) */
-    float *rows_factor = (float *)(rows_q + GROUP * kp);                       /* (16, Kp / A) */
+    const int64_t kp = job->base.padded_k, act = job->act_block, act_blocks = kp / act, strips = strips_of(job);
+    ql_q8act_job sixteen = *job;
+    sixteen.base.m = GROUP;
+    uint8_t *records = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);  /* 256 bytes per (row, strip) */
+    float *row = (float *)(records + aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)));
+    int8_t *rows_q = (int8_t *)(row + strips * 128);                               /* (16, Kp) */
+    float *rows_factor = (float *)(rows_q + GROUP * kp);                           /* (16, Kp / A) */
     const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                   _mm512_set1_epi32((int)(kp / 4)));
     const __m512i factor_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                      _mm512_set1_epi32((int)act_blocks));
     for (int64_t g = g_begin; g < g_end; ++g) {
-        const int64_t rows = base->m - g * GROUP < GROUP ? base->m - g * GROUP : GROUP;
-        const char *x = (const char *)base->x + g * GROUP * base->x_row_stride * ql_dtype_size(base->dtype);
-        ql_q8act_quantize_x(x, base->dtype, base->x_row_stride, rows, base->w->k, kp, act, level_unit, rows_q, rows_factor);
+        /* the rule in vectors (the GEMV kernel's packing, the same x_q and factors as
+         * ql_q8act_quantize_x), each record then back to column order */
+        const ql_q8act_job group = group_job(job, g);
+        const int64_t rows = group.base.m;
+        ql_q8act_pack_avx512(&group, level_unit, row, records);
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t s = 0; s < strips; ++s) {
+                const uint8_t *strip = records + (i * strips + s) * 256;
+                const int64_t columns = kp - 128 * s < 128 ? kp - 128 * s : 128;
+                store_columns(_mm512_load_si512(strip), _mm512_load_si512(strip + 64), columns, (uint8_t *)rows_q + i * kp + 128 * s);
+                const float *lane_factor = (const float *)(strip + 192);  /* lane l: the block of columns 8 l .. 8 l + 7 */
+                for (int64_t b = 0; b < columns / act; ++b) rows_factor[i * act_blocks + 128 * s / act + b] = lane_factor[b * act / 8];
+            }
         const __mmask16 real = (__mmask16)((1u << rows) - 1);
         uint8_t *record = (uint8_t *)x_groups + g * group_bytes(job);
         __m512i *quads = (__m512i *)record;
@@ -115,11 +164,9 @@ void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *
 static void decode_panel(const ql_weight *w, int64_t padded_k, __m512i table, int64_t n0, int64_t rows, int64_t k0, int64_t kc,
                          uint8_t *panel) {
     const __m512i low_nibbles = _mm512_set1_epi8(15);
-    const __m512i first_half = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second_half = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     const int64_t row_bytes = padded_k / 2;
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t *codes = w->codes + (n0 + r) * row_bytes + k0 / 2;
-        uint8_t *out = panel + r * K_C;
         if (k0 + K_C < padded_k) {  /* the row's codes of the next slice (2 lines), a slice's work ahead */
             _mm_prefetch((const char *)(codes + K_C / 2), _MM_HINT_T0);
             _mm_prefetch((const char *)(codes + K_C - 1), _MM_HINT_T0);
@@ -129,10 +176,7 @@ static void decode_panel(const ql_weight *w, int64_t padded_k, __m512i table, in
             const __m512i code = _mm512_maskz_loadu_epi8(bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1, codes + c / 2);
             const __m512i even = _mm512_shuffle_epi8(table, _mm512_and_si512(code, low_nibbles));
             const __m512i odd = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(code, 4), low_nibbles));
-            /* per 128-bit lane l: low = columns 32 l .. 32 l + 15, high = 32 l + 16 .. 32 l + 31 */
-            const __m512i low = _mm512_unpacklo_epi8(even, odd), high = _mm512_unpackhi_epi8(even, odd);
-            _mm512_store_si512(out + c, _mm512_permutex2var_epi64(low, first_half, high));
-            if (c + 64 < kc) _mm512_store_si512(out + c + 64, _mm512_permutex2var_epi64(low, second_half, high));
+            store_columns(even, odd, 2 * bytes, panel + r * K_C + c);
         }
     }
 }

@@ -196,7 +196,8 @@ void ql_q8act_pack_avx512(const ql_q8act_job *job, float level_unit, float *row,
 void ql_q8act_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 int64_t ql_q8act_gemm_x_bytes(const ql_q8act_job *job);
 int64_t ql_q8act_gemm_scratch_floats(const ql_q8act_job *job);
-/* groups [g_begin, g_end) of x -> x_groups; scratch: the thread's ql_q8act_gemm_scratch_floats */
+/* groups [g_begin, g_end) of x -> x_groups (quantized by ql_q8act_pack_avx512); scratch: the
+ * thread's ql_q8act_gemm_scratch_floats */
 void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *x_groups, int64_t g_begin, int64_t g_end,
                                float *scratch);
 /* groups of x the GEMM's pack job packs and then sums the outliers of together (their float x in
