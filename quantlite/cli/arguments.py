@@ -73,7 +73,6 @@ def add_int8_activations(parser: argparse.ArgumentParser) -> None:
              "(llama.cpp's Q8_0 way) instead of float32. Buys: a faster matmul kernel at decode (M=1: 1.3-1.5x "
              "at 4096x4096 and SmolLM2's shapes, one thread; two threads: 0.74-0.96 of DRAM bandwidth against the "
              "default's 0.56-0.75, quiet machine; docs/native.md), also for batches up to 64 rows; prefill from 24 "
-             "rows runs an int8 GEMM, 1.5-3.0x the default's float GEMM at 64-512 rows on 4096-wide layers, but on "
-             "SmolLM2's 576-wide ones quantizing x leaves a long prompt 0.8-1x the default (loaded machine). Costs: perplexity +0.27%% on SmolLM2 (WikiText-2, "
+             "rows runs an int8 GEMM, 1.9-2.6x the default's float GEMM at 64-512 rows (two threads, loaded machine). Costs: perplexity +0.27%% on SmolLM2 (WikiText-2, "
              "40 x 512) and +0.09%% on stories260K (docs/accuracy.md). Without VNNI a portable C version runs, slower than "
              "the default. Default: float32 activations, exact.")
