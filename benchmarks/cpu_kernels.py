@@ -33,7 +33,10 @@
    BLAS restricted to AVX2 too (MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
    ATEN_CPU_CAPABILITY=avx2, set before torch loads: the benchmark starts itself again with them),
    so the baseline is torch's fp32 F.linear as it runs on such a CPU; the instruction set MKL
-   reports is printed.
+   reports is printed. Where the CPU runs AVX-512, an 'int8' column times the int8-activation opt-in
+   (activations="int8") in the same rounds, with its ratios to the float path and to torch fp32 (issue
+   12, eighth round: from M = 24 on its VNNI GEMM, csrc/cpu/gemm_q8act_avx512.c; goal: at M >= 64 at
+   least as fast as the float GEMM).
 2. encode_codes (the quantizer's code step) against bitsandbytes' `quantize_4bit` (which also
    computes the absmax scales) and against the torch path of quantlite/quantizer.py. Goal: >= 2x
    bitsandbytes.
@@ -268,11 +271,15 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str
     also_avx2 = ran != "avx2"
     forced = "" if isa == "auto" else ", forced"
     avx2_column = "; 'avx2' = the same call forced to AVX2" if also_avx2 else ""
+    with_int8 = ran == "avx512"  # the opt-in's VNNI kernels (elsewhere: the portable rule, far slower)
+    int8_column = ("; 'int8' = the int8-activation opt-in (activations=\"int8\"; from M = 24 its VNNI GEMM), in the "
+                   "same rounds, 'int8 vs' = the median over rounds of native / int8 and of torch / int8") if with_int8 else ""
     print(f"\n== qmatmul: ms per call (median over rounds; vs fp32 = the median over rounds of torch / native {ran}{forced}"
-          f" within each round, range = its lowest and highest; each group timed on its own{avx2_column}); torch's MKL "
-          f"runs {mkl_instruction_set()}")
+          f" within each round, range = its lowest and highest; each group timed on its own{avx2_column}{int8_column}); "
+          f"torch's MKL runs {mkl_instruction_set()}")
     print(f"{'N x K':>13} {'M':>3} {'torch fp32':>11} {'native':>8} " + (f"{'avx2':>8} " if also_avx2 else "")
-          + f"{'vs fp32':>8} {'range':>9} {'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
+          + f"{'vs fp32':>8} {'range':>9} " + (f"{'int8':>8} {'int8 vs native':>14} {'int8 vs fp32':>12} " if with_int8 else "")
+          + f"{'bnb 4bit':>10} {'native':>8} {'vs bnb':>8}")
     for n, k in SHAPES:
         w = torch.randn(n, k)
         qw = quantize(w, method="nf4", outlier_frac=0.005)
@@ -284,11 +291,16 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str
             timed = {"torch": lambda: torch.nn.functional.linear(x, dense), "native": ours}
             if also_avx2:
                 timed["avx2"] = lambda: native.qmatmul_cpu(x, qw, isa="avx2")
+            if with_int8:
+                timed["int8"] = lambda: native.qmatmul_cpu(x, qw, isa=isa, activations="int8")
             samples = interleaved_samples(timed, repeats)
             fp32 = {name: statistics.median(times) for name, times in samples.items()}
             ratio, low, high = paired_ratios(samples, "torch", "native")
             row = (f"{n:>6} x {k:<5} {m:>3} {fp32['torch'] * 1e3:11.2f} {fp32['native'] * 1e3:8.2f} "
                    + (f"{fp32['avx2'] * 1e3:8.2f} " if also_avx2 else "") + f"{ratio:7.2f}x {f'{low:.2f}-{high:.2f}':>9}")
+            if with_int8:
+                row += (f" {fp32['int8'] * 1e3:8.2f} {paired_ratios(samples, 'native', 'int8')[0]:13.2f}x"
+                        f" {paired_ratios(samples, 'torch', 'int8')[0]:11.2f}x")
             if with_bnb:
                 bnb = interleaved_medians({"bnb": lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state),
                                            "native": ours}, repeats)

@@ -2,7 +2,8 @@
  * split the output rows over the thread pool. The arithmetic lives in qmatmul_scalar.c,
  * qmatmul_avx2.c, qmatmul_avx512.c and the prefill GEMMs gemm_avx2.c and gemm_avx512.c (from
  * QL_GEMM_MIN_M rows of x); the int8-activation opt-in in qmatmul_q8act_scalar.c,
- * qmatmul_q8act_avx2.c and qmatmul_q8act_avx512.c. */
+ * qmatmul_q8act_avx2.c and qmatmul_q8act_avx512.c, and with VNNI its GEMM gemm_q8act_avx512.c
+ * (from QL_Q8ACT_GEMM_MIN_M rows). */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -274,7 +275,64 @@ static void q8act_chunk_avx512(void *job, int64_t begin, int64_t end, int thread
     ql_q8act_rows_avx512((const ql_q8act_job *)job, begin, end, thread_index);
 }
 
+static void q8act_chunk_gemm_avx512(void *job, int64_t begin, int64_t end, int thread_index) {
+    ql_q8act_gemm_rows_avx512((const ql_q8act_job *)job, begin, end, thread_index);
+}
+
 static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
+
+/* The int8 GEMM's x: per group of 16 rows, its int8 record (gemm_q8act_avx512.c) and, with
+ * outliers, its float32 columns (the float GEMM's x_packed) and at once, while they are in L2, the
+ * group's outlier sums of every row of W; each thread a share of the groups. */
+typedef struct {
+    const ql_q8act_job *job;
+    float level_unit;
+    void *x_groups;
+    float *x_packed, *outlier_sums;  /* NULL: no outliers */
+} q8act_gemm_pack_job;
+
+static void pack_q8act_gemm_groups(void *context, int64_t begin, int64_t end, int thread_index) {
+    const q8act_gemm_pack_job *pack = context;
+    const ql_matmul_job *base = &pack->job->base;
+    for (int64_t g = begin; g < end; g += QL_Q8ACT_OUTLIER_GROUPS) {  /* a few groups at a time: their floats in L2 */
+        const int64_t g_end = end - g < QL_Q8ACT_OUTLIER_GROUPS ? end : g + QL_Q8ACT_OUTLIER_GROUPS;
+        ql_q8act_gemm_pack_groups(pack->job, pack->level_unit, pack->x_groups, g, g_end,
+                                  base->scratch + thread_index * base->scratch_floats_per_thread);
+        if (pack->x_packed == NULL) continue;
+        gemm_pack_job floats = {base, QL_GEMM_AVX512_X_GROUP, pack->x_packed};
+        pack_gemm_x_groups(&floats, g, g_end, thread_index);
+        ql_q8act_gemm_outliers(pack->job, pack->x_packed, pack->outlier_sums, g, g_end);
+    }
+}
+
+/* ql_cpu_qmatmul_q8act from QL_Q8ACT_GEMM_MIN_M rows on, with VNNI: the call buffer holds the x
+ * records, with outliers the float x_packed (G, Kp, 16) and the outlier sums (G, N, 16), and every
+ * thread's scratch. The CSR is checked whole first (the outlier pass reads every row's). */
+static int q8act_gemm(ql_q8act_job *job, float level_unit, int threads) {
+    const ql_matmul_job *base = &job->base;
+    const ql_weight *w = base->w;
+    const int status = check_outliers(w, 0, w->n);
+    if (status != QL_OK) return status;
+    const int64_t group = QL_GEMM_AVX512_X_GROUP, groups = (base->m + group - 1) / group;
+    const int64_t records_bytes = aligned_bytes(ql_q8act_gemm_x_bytes(job));
+    const int64_t packed_bytes = w->nnz ? aligned_bytes(sizeof(float) * groups * group * base->padded_k) : 0;
+    const int64_t sums_bytes = w->nnz ? aligned_bytes(sizeof(float) * groups * group * w->n) : 0;
+    job->base.scratch_floats_per_thread = aligned_floats(ql_q8act_gemm_scratch_floats(job));
+    const int64_t scratch_bytes = (int64_t)sizeof(float) * job->base.scratch_floats_per_thread * threads;
+    char *buffer = (char *)call_buffer((size_t)(records_bytes + packed_bytes + sums_bytes + scratch_bytes));
+    if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;
+    float *x_packed = w->nnz ? (float *)(buffer + records_bytes) : NULL;
+    float *outlier_sums = w->nnz ? (float *)(buffer + records_bytes + packed_bytes) : NULL;
+    job->x_groups = buffer;
+    job->outlier_sums = outlier_sums;
+    job->base.scratch = (float *)(buffer + records_bytes + packed_bytes + sums_bytes);
+    q8act_gemm_pack_job pack = {job, level_unit, buffer, x_packed, outlier_sums};
+    ql_parallel_for(groups, (groups + threads - 1) / threads, threads, pack_q8act_gemm_groups, &pack);
+    ql_parallel_for(w->n, ql_row_grain(w->n, base->padded_k * base->m, QL_GEMM_PANEL_ROWS, threads), threads,
+                    q8act_chunk_gemm_avx512, job);
+    release_call_buffer((float *)buffer);
+    return __atomic_load_n(base->status, __ATOMIC_RELAXED);
+}
 
 /* x is quantized once per call by the caller's thread (M x Kp values, against the N x Kp / 2 code
  * bytes the call reads), then the rows of W are split over the pool. The call buffer holds, 64-byte
@@ -300,6 +358,7 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     };
     float level_unit;
     ql_q8act_levels(w->codebook, job.levels, &level_unit);
+    if (vnni && m >= QL_Q8ACT_GEMM_MIN_M) return q8act_gemm(&job, level_unit, threads);
     const int64_t padded_k = job.base.padded_k;
     int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
     if (vnni || avx2) {

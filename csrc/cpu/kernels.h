@@ -175,7 +175,14 @@ typedef struct {
     const float *x_factor;   /* (M, Kp / A) float32: activation scale * level unit (likewise) */
     int8_t levels[16];       /* round(127 * codebook / max |codebook|) */
     const void *x_strips;    /* AVX-512 / AVX2: x in the kernel's strip records (ql_q8act_pack_avx512 / _avx2) */
+    const void *x_groups;    /* the GEMM: x quantized in groups of 16 rows (ql_q8act_gemm_pack_groups) */
+    const float *outlier_sums; /* the GEMM: (G, N, 16) float32, ql_q8act_gemm_outliers; NULL: no outliers */
 } ql_q8act_job;
+
+/* The int8 GEMM (gemm_q8act_avx512.c) from this many rows of x on, where the VNNI kernels run (the
+ * crossover with the GEMV kernel, one thread, loaded machine: 4096 x 4096 M = 16 0.45x, 24 1.11x, 32
+ * 1.55x; 11008 x 4096 0.63x, 1.05x, 1.36x the GEMV kernel's speed). */
+#define QL_Q8ACT_GEMM_MIN_M 24
 
 void ql_q8act_levels(const float *codebook, int8_t levels[16], float *level_unit);
 void ql_q8act_quantize_x(const void *x, int dtype, int64_t x_row_stride, int64_t m, int64_t k, int64_t padded_k,
@@ -192,5 +199,17 @@ int64_t ql_q8act_avx2_scratch_floats(const ql_q8act_job *job);
 /* x_q and x_factor (the rule's quantization of x) -> the kernel's records and strip table in x_strips */
 void ql_q8act_pack_avx2(const ql_q8act_job *job, void *x_strips);
 void ql_q8act_rows_avx2(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
+int64_t ql_q8act_gemm_x_bytes(const ql_q8act_job *job);
+int64_t ql_q8act_gemm_scratch_floats(const ql_q8act_job *job);
+/* groups [g_begin, g_end) of x -> x_groups (quantized by ql_q8act_pack_avx512); scratch: the
+ * thread's ql_q8act_gemm_scratch_floats */
+void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *x_groups, int64_t g_begin, int64_t g_end,
+                               float *scratch);
+/* groups of x the GEMM's pack job packs and then sums the outliers of together (their float x in
+ * L2; ql_q8act_gemm_outliers runs its chains side by side and decodes each entry once for them) */
+#define QL_Q8ACT_OUTLIER_GROUPS 4
+/* outlier_sums' groups [g_begin, g_end) against x_packed (the float GEMM's, kernels.h); the CSR checked before */
+void ql_q8act_gemm_outliers(const ql_q8act_job *job, const float *x_packed, float *outlier_sums, int64_t g_begin, int64_t g_end);
+void ql_q8act_gemm_rows_avx512(const ql_q8act_job *job, int64_t n_begin, int64_t n_end, int thread_index);
 
 #endif

@@ -28,8 +28,8 @@
  *     total[r][m] += float(acc) * (scale_vector[r] * factor[m])                  (float32)
  * then y = reduce(total) + the chunk's outlier sums (chunk.h: float x, as the default path).
  * Work partition: api.c hands chunks of QL_ROW_GRAIN weight rows to the pool; a chunk runs every
- * x tile over its rows (in L2 by then). Every M runs this kernel (no GEMM: the weight is decoded
- * once per x tile of 4 rows; prefill through it costs what docs/native.md measures). */
+ * x tile over its rows (in L2 by then). It runs below QL_Q8ACT_GEMM_MIN_M rows of x (the weight is
+ * decoded once per x tile of 4 rows); from there on the GEMM, gemm_q8act_avx512.c. */
 #pragma GCC target("avx512f,avx512bw,avx512vnni")
 #include <immintrin.h>
 #include <string.h>
