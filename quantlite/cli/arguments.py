@@ -71,11 +71,11 @@ def add_int8_activations(parser: argparse.ArgumentParser) -> None:
         "--int8-activations", action="store_true",
         help="opt-in, CPU with AVX2 or AVX-512 VNNI: the 4-bit layers multiply x quantized to int8 per block of "
              "32 (llama.cpp's Q8_0 way) instead of float32. Buys: a faster matmul kernel at decode (AVX-512 VNNI, "
-             "M=1: 1.3-1.5x at 4096x4096 and SmolLM2's shapes, one thread; two threads: 0.74-0.96 of DRAM bandwidth "
-             "against the default's 0.56-0.75, quiet machine; AVX2, M=1: 1.2-1.9x the AVX2 float kernel, one thread, "
-             "loaded machine; docs/native.md), also for batches up to 64 rows (AVX2: up to 32); with VNNI a prefill "
-             "from 24 rows runs an int8 GEMM, 1.9-2.6x the default's float GEMM at 64-512 rows (two threads, loaded "
-             "machine), on AVX2 a long prompt's prefill is slower (0.86-0.90x at 64 rows). Costs: perplexity +0.27%% "
+             "M=1: 1.3-1.5x at 4096x4096 and SmolLM2's shapes, one thread; two threads: 0.73-1.11 of DRAM bandwidth "
+             "against the default's 0.56-0.89, quiet machines; AVX2, M=1: 1.5-1.6x the AVX2 float kernel, one thread; "
+             "docs/native.md), also for batches up to 64 rows (AVX2: up to 16); with VNNI a prefill from 24 rows "
+             "runs an int8 GEMM, 1.9-3.6x the default's float GEMM at 64-512 rows (quiet machine), on AVX2 a long "
+             "prompt's prefill is slower (0.82-0.85x at 32-64 rows). Costs: perplexity +0.27%% "
              "on SmolLM2 (WikiText-2, 40 x 512) and +0.09%% on stories260K (docs/accuracy.md). Without AVX2 a "
              "portable C version runs, slower than "
              "the default. Default: float32 activations, exact.")
