@@ -522,8 +522,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, calibration_ids: C
         return {name[len(prefix):]: value if isinstance(value, QWeight) else value.float()
                 for name, value in loaded.items()}
 
-    layer_source = _ReadOnce(source, {name for names in plan.values() if LAYER_NAME.fullmatch(names[0]) for name in names})
-    layers = iter_layer_input_stats(layer_source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
+    layers = iter_layer_input_stats(source, ids, ctx=calibration["ctx"], max_windows=calibration["windows"],
                                     progress=False, forward_weights=as_written)  # convert's bar counts the layers
     prior = calibration.get("identity_prior")
     tune_steps = calibration.get("tune_steps", 0)
@@ -535,32 +534,7 @@ def _calibrated_layers(source, out: Path, settings: Settings, calibration_ids: C
             shared = {id(h): factor(h if prior is None else with_identity_prior(h, prior)) for h in stats.values()}
             stats = {name: shared[id(h)] for name, h in stats.items()}
             tune = (lambda tensors, entries: tune_shard(tensors, entries, source, layer, inputs, tune_steps, progress)) if tune_steps else None
-            yield file, write_shard(layer_source, out, settings, file, plan[file], importance=stats, tune=tune)
-        layer_source.forget()
-
-
-class _ReadOnce:
-    """`source` whose float32 reads of the tensors in `names` are kept until read again (once) or
-    forget(): the calibration's pass reads a layer, write_shard reads it again, and a GGUF's
-    dequantization is then done once (the pass holds that float32 tensor anyway, so keeping it costs
-    no memory beyond the one layer; reads in another dtype, which the pass copies to float32, are not kept)."""
-
-    def __init__(self, source, names: set[str]):
-        self.source, self.names, self.kept = source, names, {}
-
-    def __getattr__(self, attribute: str):
-        return getattr(self.source, attribute)
-
-    def read(self, name: str) -> torch.Tensor:
-        if name in self.kept:
-            return self.kept.pop(name)
-        tensor = self.source.read(name)
-        if name in self.names and tensor.dtype == torch.float32:
-            self.kept[name] = tensor
-        return tensor
-
-    def forget(self) -> None:
-        self.kept.clear()
+            yield file, write_shard(source, out, settings, file, plan[file], importance=stats, tune=tune)
 
 
 # --------------------------------------------------------------------------- plan, state, manifest
