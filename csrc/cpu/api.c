@@ -279,8 +279,6 @@ static void q8act_chunk_gemm_avx512(void *job, int64_t begin, int64_t end, int t
     ql_q8act_gemm_rows_avx512((const ql_q8act_job *)job, begin, end, thread_index);
 }
 
-static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
-
 /* The int8 GEMM's x: per group of 16 rows, its int8 record (gemm_q8act_avx512.c) and, with
  * outliers, its float32 columns (the float GEMM's x_packed) and at once, while they are in L2, the
  * group's outlier sums of every row of W; each thread a share of the groups. */
@@ -314,9 +312,9 @@ static int q8act_gemm(ql_q8act_job *job, float level_unit, int threads) {
     const int status = check_outliers(w, 0, w->n);
     if (status != QL_OK) return status;
     const int64_t group = QL_GEMM_AVX512_X_GROUP, groups = (base->m + group - 1) / group;
-    const int64_t records_bytes = aligned_bytes(ql_q8act_gemm_x_bytes(job));
-    const int64_t packed_bytes = w->nnz ? aligned_bytes(sizeof(float) * groups * group * base->padded_k) : 0;
-    const int64_t sums_bytes = w->nnz ? aligned_bytes(sizeof(float) * groups * group * w->n) : 0;
+    const int64_t records_bytes = ql_aligned_bytes(ql_q8act_gemm_x_bytes(job));
+    const int64_t packed_bytes = w->nnz ? ql_aligned_bytes(sizeof(float) * groups * group * base->padded_k) : 0;
+    const int64_t sums_bytes = w->nnz ? ql_aligned_bytes(sizeof(float) * groups * group * w->n) : 0;
     job->base.scratch_floats_per_thread = aligned_floats(ql_q8act_gemm_scratch_floats(job));
     const int64_t scratch_bytes = (int64_t)sizeof(float) * job->base.scratch_floats_per_thread * threads;
     char *buffer = (char *)call_buffer((size_t)(records_bytes + packed_bytes + sums_bytes + scratch_bytes));
@@ -362,17 +360,17 @@ int ql_cpu_qmatmul_q8act(const ql_weight *w, const void *x, int64_t m, int64_t x
     const int64_t padded_k = job.base.padded_k;
     int64_t x_q_bytes = 0, factor_bytes = 0, strip_bytes = 0, row_bytes = 0, columns_bytes = 0, scratch_bytes = 0;
     if (vnni || avx2) {
-        strip_bytes = aligned_bytes(vnni ? ql_q8act_avx512_strip_bytes(&job) : ql_q8act_avx2_strip_bytes(&job));
-        columns_bytes = aligned_bytes(sizeof(float) * m * w->k);
+        strip_bytes = ql_aligned_bytes(vnni ? ql_q8act_avx512_strip_bytes(&job) : ql_q8act_avx2_strip_bytes(&job));
+        columns_bytes = ql_aligned_bytes(sizeof(float) * m * w->k);
         job.base.scratch_floats_per_thread = aligned_floats(vnni ? ql_q8act_avx512_scratch_floats(&job)
                                                                  : ql_q8act_avx2_scratch_floats(&job));
         scratch_bytes = (int64_t)sizeof(float) * job.base.scratch_floats_per_thread * threads;
     }
     if (vnni) {
-        row_bytes = aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
+        row_bytes = ql_aligned_bytes(sizeof(float) * (padded_k + QL_AVX512_STRIP));
     } else {
-        x_q_bytes = aligned_bytes(m * padded_k);
-        factor_bytes = aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
+        x_q_bytes = ql_aligned_bytes(m * padded_k);
+        factor_bytes = ql_aligned_bytes(sizeof(float) * m * (padded_k / job.act_block));
     }
     char *buffer = (char *)call_buffer((size_t)(strip_bytes + row_bytes + columns_bytes + scratch_bytes + factor_bytes + x_q_bytes));
     if (buffer == NULL) return QL_ERR_OUT_OF_MEMORY;

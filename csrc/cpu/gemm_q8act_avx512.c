@@ -72,9 +72,7 @@ static int64_t group_bytes(const ql_q8act_job *job) {
 
 int64_t ql_q8act_gemm_x_bytes(const ql_q8act_job *job) { return groups_of(job) * group_bytes(job); }
 
-static int64_t aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
-
-static int64_t strips_of(const ql_q8act_job *job) { return (job->base.padded_k + 127) / 128; }
+static int64_t strips_of(const ql_q8act_job *job) { return (job->base.padded_k + QL_AVX512_STRIP - 1) / QL_AVX512_STRIP; }
 
 /* Group g's rows as a job of their own (ql_q8act_pack_avx512 packs base.m rows from base.x). */
 static ql_q8act_job group_job(const ql_q8act_job *job, int64_t g) {
@@ -90,7 +88,7 @@ static int64_t pack_scratch_bytes(const ql_q8act_job *job) {
     ql_q8act_job sixteen = *job;
     sixteen.base.m = GROUP;
     const int64_t kp = job->base.padded_k;
-    return 64 + aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)) + strips_of(job) * 128 * 4 + GROUP * kp +
+    return 64 + ql_aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)) + strips_of(job) * QL_AVX512_STRIP * 4 + GROUP * kp +
            GROUP * (kp / job->act_block) * 4;
 }
 
@@ -121,8 +119,8 @@ void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *
     ql_q8act_job sixteen = *job;
     sixteen.base.m = GROUP;
     uint8_t *records = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);  /* 256 bytes per (row, strip) */
-    float *row = (float *)(records + aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)));
-    int8_t *rows_q = (int8_t *)(row + strips * 128);                               /* (16, Kp) */
+    float *row = (float *)(records + ql_aligned_bytes(ql_q8act_avx512_strip_bytes(&sixteen)));
+    int8_t *rows_q = (int8_t *)(row + strips * QL_AVX512_STRIP);                               /* (16, Kp) */
     float *rows_factor = (float *)(rows_q + GROUP * kp);                           /* (16, Kp / A) */
     const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                   _mm512_set1_epi32((int)(kp / 4)));
@@ -137,10 +135,10 @@ void ql_q8act_gemm_pack_groups(const ql_q8act_job *job, float level_unit, void *
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t s = 0; s < strips; ++s) {
                 const uint8_t *strip = records + (i * strips + s) * 256;
-                const int64_t columns = kp - 128 * s < 128 ? kp - 128 * s : 128;
-                store_columns(_mm512_load_si512(strip), _mm512_load_si512(strip + 64), columns, (uint8_t *)rows_q + i * kp + 128 * s);
+                const int64_t columns = kp - QL_AVX512_STRIP * s < QL_AVX512_STRIP ? kp - QL_AVX512_STRIP * s : QL_AVX512_STRIP;
+                store_columns(_mm512_load_si512(strip), _mm512_load_si512(strip + 64), columns, (uint8_t *)rows_q + i * kp + QL_AVX512_STRIP * s);
                 const float *lane_factor = (const float *)(strip + 192);  /* lane l: the block of columns 8 l .. 8 l + 7 */
-                for (int64_t b = 0; b < columns / act; ++b) rows_factor[i * act_blocks + 128 * s / act + b] = lane_factor[b * act / 8];
+                for (int64_t b = 0; b < columns / act; ++b) rows_factor[i * act_blocks + QL_AVX512_STRIP * s / act + b] = lane_factor[b * act / 8];
             }
         const __mmask16 real = (__mmask16)((1u << rows) - 1);
         uint8_t *record = (uint8_t *)x_groups + g * group_bytes(job);

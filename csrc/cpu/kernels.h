@@ -61,6 +61,9 @@ static inline int64_t ql_packed_position(int64_t k, int64_t m, int64_t rows, int
  * min(8, M - 8t), stored as (strips, 8, x_rows, 16) with strips = ceil(Kp / 128); lane l of vector
  * v of strip s is column 128 s + 8 l + v, the order in which the kernel decodes a strip's codes. */
 #define QL_AVX512_X_TILE 8
+/* count rounded up to whole 64-byte lines (the call buffer's and scratch's alignment) */
+static inline int64_t ql_aligned_bytes(int64_t count) { return (count + 63) / 64 * 64; }
+
 #define QL_AVX512_STRIP 128
 
 static inline int64_t ql_avx512_x_position(int64_t k, int64_t m, int64_t rows, int64_t padded_k) {
