@@ -271,7 +271,8 @@ def bench_qmatmul(repeats: int, with_bnb: bool, batch_sizes: list[int], isa: str
     also_avx2 = ran != "avx2"
     forced = "" if isa == "auto" else ", forced"
     avx2_column = "; 'avx2' = the same call forced to AVX2" if also_avx2 else ""
-    with_int8 = ran == "avx512"  # the opt-in's VNNI kernels (elsewhere: the portable rule, far slower)
+    # the opt-in's VNNI kernels and GEMM (the AVX2 int8 kernel, which has no GEMM, is timed in --only bandwidth)
+    with_int8 = int8_kernel(isa) == "the AVX-512 VNNI kernel"
     int8_column = ("; 'int8' = the int8-activation opt-in (activations=\"int8\"; from M = 24 its VNNI GEMM), in the "
                    "same rounds, 'int8 vs' = the median over rounds of native / int8 and of torch / int8") if with_int8 else ""
     print(f"\n== qmatmul: ms per call (median over rounds; vs fp32 = the median over rounds of torch / native {ran}{forced}"
